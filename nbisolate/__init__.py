@@ -1,0 +1,61 @@
+"""nbisolate: run notebook cells in a clean, freshly spawned process.
+
+``%load_ext nbisolate`` registers ``%%isolate`` and ``%pickle_check``.  The
+package root stays import-light on purpose: the worker process imports
+``nbisolate.worker`` through it, and a worker must start fast, so everything
+heavier (IPython, widgets, the diagnosis engine) is loaded on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import (
+    IsolateError,
+    IsolateTimeout,
+    IsolateUsageError,
+    RemoteError,
+    ShipError,
+    WorkerCrashed,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IsolateError",
+    "IsolateTimeout",
+    "IsolateUsageError",
+    "RemoteError",
+    "ShipError",
+    "WorkerCrashed",
+    "load_ipython_extension",
+    "pickle_check",
+    "run_isolated",
+    "unload_ipython_extension",
+]
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """Called by ``%load_ext nbisolate``."""
+    from .magics import load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """Called by ``%unload_ext nbisolate``."""
+    from .magics import unload
+
+    unload(ipython)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "run_isolated":
+        from .runner import run_isolated
+
+        return run_isolated
+    if name == "pickle_check":
+        from .diagnose import pickle_check
+
+        return pickle_check
+    raise AttributeError(f"module 'nbisolate' has no attribute {name!r}")

@@ -1,0 +1,175 @@
+"""The IPython side: ``%%isolate`` and ``%pickle_check``.
+
+In a Jupyter kernel, a cell that starts with ``%%isolate`` is rewritten (by
+an input transformer) into an awaited call, so the kernel waits for the
+worker on its event loop: front-end messages such as a click on the panel's
+Stop button are handled while the cell runs, and "Run all" still waits for
+the cell.  Everywhere else (terminal IPython, ``run_cell_magic`` called by
+hand) the same magic runs and waits synchronously.
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from .errors import IsolateUsageError, ShipError
+from .runner import CellRun
+
+_TRANSFORM_MARK = "%%isolate"
+
+
+def _visible_names(shell: Any) -> set[str]:
+    """User variables: the namespace minus what IPython put there itself."""
+    hidden = shell.user_ns_hidden
+    ns = shell.user_ns
+    return {n for n in ns if n not in hidden or hidden[n] is not ns[n]}
+
+
+@magics_class
+class IsolateMagics(Magics):
+    """``%%isolate`` runs a cell in a fresh worker process; ``%pickle_check`` diagnoses."""
+
+    @magic_arguments()
+    @argument(
+        "names",
+        nargs="*",
+        help="Notebook variables to ship to the worker (default: the ones the cell reads).",
+    )
+    @argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="Kill the worker and everything it started after this many seconds.",
+    )
+    @argument(
+        "--out",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="Copy back only these names (default: every name the cell binds at top level).",
+    )
+    @argument(
+        "--mem",
+        default=None,
+        metavar="SIZE",
+        help="Cap the worker's memory, e.g. 500M or 2G.",
+    )
+    @argument("--quiet", action="store_true", help="No status panel; only the cell's own output.")
+    @cell_magic
+    def isolate(self, line: str, cell: str) -> Any:
+        """Run the cell in a freshly spawned worker process.
+
+        Usage::
+
+            %%isolate [NAME ...] [--timeout SECONDS] [--out NAME ...] [--mem SIZE] [--quiet]
+
+        The worker sees only the shipped variables; modules are re-imported
+        there, notebook functions and classes travel by value (dill).  On
+        success the names the cell binds come back; if it fails, times out or
+        crashes, nothing in the notebook changes.
+        """
+        return self._make_run(line, cell).run_sync()
+
+    def _make_run(self, line: str, cell: str) -> CellRun:
+        try:
+            args = parse_argstring(self.isolate, line)
+        except UsageError as exc:
+            raise UsageError(f"%%isolate: {exc}. Usage: {_usage()}") from None
+        shell = self.shell
+        assert shell is not None
+        if args.timeout is not None and not args.timeout > 0:
+            raise UsageError(
+                f"%%isolate: --timeout must be a number of seconds above zero, not {args.timeout:g}; "
+                "nothing ran."
+            )
+        available = _visible_names(shell)
+        try:
+            run = CellRun(
+                cell,
+                shell.user_ns,
+                inputs=args.names or None,
+                outputs=args.out,
+                timeout=args.timeout,
+                available=available,
+                line_offset=1,
+                display_source=f"%%isolate {line}".rstrip() + "\n" + cell,
+                mem=args.mem,
+                filename=f"<isolated cell {shell.execution_count}>",
+            )
+            run.prepare()
+        except IsolateUsageError as exc:
+            raise UsageError(f"%%isolate: {exc}") from None
+        except ShipError:
+            raise
+        return run
+
+    @line_magic
+    def pickle_check(self, line: str) -> Any:
+        """Tell whether notebook variables can cross a process boundary, and why not.
+
+        Usage: ``%pickle_check [NAME ...]`` (no names: every user variable).
+        """
+        from .diagnose import check_namespace
+
+        names = shlex.split(line)
+        shell = self.shell
+        assert shell is not None
+        unknown = [n for n in names if n not in shell.user_ns]
+        if unknown:
+            raise UsageError(
+                f"%pickle_check: no notebook variable named {', '.join(map(repr, unknown))}. "
+                "Usage: %pickle_check [NAME ...]"
+            )
+        if not names:
+            visible = _visible_names(shell)
+            ns = {n: v for n, v in shell.user_ns.items() if n in visible}
+            return check_namespace(ns, None)
+        return check_namespace(shell.user_ns, names)
+
+
+def _usage() -> str:
+    return "%%isolate [NAME ...] [--timeout SECONDS] [--out NAME ...] [--mem SIZE] [--quiet]"
+
+
+async def isolate_async(line: str, cell: str) -> Any:
+    """What a transformed ``%%isolate`` cell awaits in a kernel."""
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    magics = shell.magics_manager.registry["IsolateMagics"]
+    run = magics._make_run(line, cell)
+    return await run.run_async()
+
+
+def _transform(lines: list[str]) -> list[str]:
+    """Rewrite an ``%%isolate`` cell into an awaited call (kernels only, see module doc)."""
+    if not lines or not lines[0].startswith(_TRANSFORM_MARK):
+        return lines
+    first = lines[0][len(_TRANSFORM_MARK) :]
+    if first and not first[0].isspace():
+        return lines  # %%isolated or similar: not ours
+    line = first.strip()
+    cell = "".join(lines[1:])
+    return [
+        "await __import__('nbisolate.magics', fromlist=['isolate_async'])"
+        f".isolate_async({line!r}, {cell!r})\n"
+    ]
+
+
+def load(shell: Any) -> None:
+    """Register the magics, and in a kernel the async transformer and the status comm."""
+    shell.register_magics(IsolateMagics)
+    if getattr(shell, "kernel", None) is not None:
+        if _transform not in shell.input_transformers_cleanup:
+            shell.input_transformers_cleanup.append(_transform)
+
+
+def unload(shell: Any) -> None:
+    if _transform in shell.input_transformers_cleanup:
+        shell.input_transformers_cleanup.remove(_transform)

@@ -1,0 +1,310 @@
+"""Cell planning: which notebook variables a cell reads, and which it binds.
+
+A worker sees nothing of the notebook but what we ship, so the plan must find
+every name the cell needs from the notebook, and no more: shipping a variable
+the cell never mentions costs time (a 1 GB array) and can fail for nothing (an
+open connection). Planning is a pure function of the source text and the
+names that exist in the namespace; no process, no pickling.
+
+The rules, in order of the statements at module level:
+
+* a name read before the cell binds it for sure is an *input*, if the
+  notebook has it (``x = x + 1`` ships ``x``);
+* a name bound only inside a branch or a loop is not bound "for sure", so a
+  later read still ships the notebook's value as a fallback;
+* a name that a function, lambda, class body or comprehension of the cell
+  reads as a global is an input when the notebook has it: we cannot know
+  whether the cell binds it before the call, and shipping it is harmless;
+* builtins are never inputs unless the notebook shadows them.
+
+Outputs are the names the cell binds at top level (assignment, augmented
+assignment, ``for``/``with`` targets, walrus, imports, ``def``, ``class``,
+``match`` captures) plus names that its functions declare ``global`` and
+assign.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import symtable
+from collections.abc import Container, Iterable
+from dataclasses import dataclass
+
+from .errors import IsolateUsageError
+
+_BUILTINS = frozenset(dir(builtins))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a cell needs and gives back.
+
+    ``inputs`` are shipped to the worker, ``outputs`` copied back on success,
+    ``has_result`` tells whether the last statement is an expression whose
+    value becomes the cell's ``Out``.
+    """
+
+    source: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    has_result: bool
+    missing: tuple[str, ...] = ()
+
+
+def parse_cell(source: str, first_line: int = 1) -> ast.Module:
+    """Parse a cell, turning a ``SyntaxError`` into a usage error that names the line.
+
+    ``first_line`` is the line number, in the notebook cell, of the source's
+    first line (2 under a ``%%isolate`` line), so the message points at the
+    line the user sees.
+    """
+    try:
+        return ast.parse(source, filename="<isolated cell>", mode="exec")
+    except SyntaxError as exc:
+        line = (exc.lineno or 1) + first_line - 1
+        text = (exc.text or "").rstrip("\n")
+        where = f"cell line {line}"
+        snippet = f": {text.strip()}" if text.strip() else ""
+        raise IsolateUsageError(
+            f"syntax error at {where}{snippet} ({exc.msg}); nothing ran. Fix the line and run again."
+        ) from None
+
+
+class _ModuleScope(ast.NodeVisitor):
+    """Walks module-level code in execution order, tracking names bound for sure."""
+
+    def __init__(self) -> None:
+        self.bound: set[str] = set()
+        self.free: list[str] = []
+        self.binds: list[str] = []
+        self.nested: list[ast.AST] = []
+        self._depth = 0  # > 0 inside a branch, a loop or a try body
+
+    # -- helpers -------------------------------------------------------
+    def _read(self, name: str) -> None:
+        if name not in self.bound and name not in self.free:
+            self.free.append(name)
+
+    def _bind(self, name: str) -> None:
+        if name not in self.binds:
+            self.binds.append(name)
+        if self._depth == 0:
+            self.bound.add(name)
+
+    def _conditional(self, nodes: Iterable[ast.AST]) -> None:
+        self._depth += 1
+        for node in nodes:
+            self.visit(node)
+        self._depth -= 1
+
+    def _visit_all(self, nodes: Iterable[ast.AST | None]) -> None:
+        for node in nodes:
+            if node is not None:
+                self.visit(node)
+
+    # -- names ---------------------------------------------------------
+    def visit_Name(self, node: ast.Name) -> None:
+        if isinstance(node.ctx, ast.Load):
+            self._read(node.id)
+        elif isinstance(node.ctx, ast.Store):
+            self._bind(node.id)
+        else:  # del x needs x
+            self._read(node.id)
+
+    def visit_Assign(self, node: ast.Assign) -> None:
+        self.visit(node.value)
+        self._visit_all(node.targets)
+
+    def visit_AnnAssign(self, node: ast.AnnAssign) -> None:
+        self._visit_all([node.value, node.annotation])
+        if node.value is not None or not isinstance(node.target, ast.Name):
+            self.visit(node.target)
+
+    def visit_AugAssign(self, node: ast.AugAssign) -> None:
+        self.visit(node.value)
+        if isinstance(node.target, ast.Name):
+            self._read(node.target.id)
+            self._bind(node.target.id)
+        else:
+            self.visit(node.target)
+
+    def visit_NamedExpr(self, node: ast.NamedExpr) -> None:
+        self.visit(node.value)
+        self.visit(node.target)
+
+    # -- imports -------------------------------------------------------
+    def visit_Import(self, node: ast.Import) -> None:
+        for alias in node.names:
+            self._bind(alias.asname or alias.name.split(".")[0])
+
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+        for alias in node.names:
+            if alias.name != "*":
+                self._bind(alias.asname or alias.name)
+
+    # -- control flow --------------------------------------------------
+    def visit_If(self, node: ast.If) -> None:
+        self.visit(node.test)
+        self._conditional(node.body + node.orelse)
+
+    def visit_While(self, node: ast.While) -> None:
+        self._conditional([node.test, *node.body, *node.orelse])
+
+    def visit_For(self, node: ast.For) -> None:
+        self.visit(node.iter)
+        self._conditional([node.target, *node.body, *node.orelse])
+
+    visit_AsyncFor = visit_For
+
+    def visit_Try(self, node: ast.Try) -> None:
+        handlers: list[ast.AST] = []
+        for handler in node.handlers:
+            if handler.type is not None:
+                handlers.append(handler.type)
+            if handler.name:
+                handlers.append(ast.Name(id=handler.name, ctx=ast.Store()))
+            handlers.extend(handler.body)
+        self._conditional([*node.body, *handlers, *node.orelse])
+        self._visit_all(node.finalbody)
+
+    visit_TryStar = visit_Try
+
+    def visit_With(self, node: ast.With) -> None:
+        for item in node.items:
+            self.visit(item.context_expr)
+            if item.optional_vars is not None:
+                self.visit(item.optional_vars)
+        self._visit_all(node.body)
+
+    visit_AsyncWith = visit_With
+
+    def visit_Match(self, node: ast.Match) -> None:
+        self.visit(node.subject)
+        self._depth += 1
+        for case in node.cases:
+            for sub in ast.walk(case.pattern):
+                if isinstance(sub, ast.MatchAs | ast.MatchStar) and sub.name:
+                    self._bind(sub.name)
+                elif isinstance(sub, ast.MatchMapping) and sub.rest:
+                    self._bind(sub.rest)
+                elif isinstance(sub, ast.MatchValue | ast.MatchClass):
+                    self.visit(sub.value if isinstance(sub, ast.MatchValue) else sub.cls)
+            self._visit_all([case.guard, *case.body])
+        self._depth -= 1
+
+    # -- nested scopes: evaluate what runs now, defer the bodies -------
+    def _function(self, node: ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda) -> None:
+        args = node.args
+        self._visit_all([*args.defaults, *args.kw_defaults])
+        if not isinstance(node, ast.Lambda):
+            self._visit_all(node.decorator_list)
+            every = [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg]
+            self._visit_all(a.annotation for a in every if a is not None)
+            self._visit_all([node.returns])
+            self._bind(node.name)
+        self.nested.append(node)
+
+    visit_FunctionDef = _function
+    visit_AsyncFunctionDef = _function
+    visit_Lambda = _function
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> None:
+        self._visit_all([*node.decorator_list, *node.bases, *(k.value for k in node.keywords)])
+        self._bind(node.name)
+        self.nested.append(node)
+
+    def _comprehension(self, node: ast.AST) -> None:
+        generators = node.generators  # type: ignore[attr-defined]
+        self.visit(generators[0].iter)
+        self.nested.append(node)
+
+    visit_ListComp = _comprehension
+    visit_SetComp = _comprehension
+    visit_DictComp = _comprehension
+    visit_GeneratorExp = _comprehension
+
+    def visit_Global(self, node: ast.Global) -> None:
+        pass
+
+    visit_Nonlocal = visit_Global
+
+
+def _nested_globals(source: str) -> tuple[set[str], set[str]]:
+    """Names that nested scopes read as globals, and names they assign as ``global``.
+
+    ``symtable`` applies Python's own scoping rules (class bodies,
+    comprehensions, ``nonlocal``), which is more reliable than re-deriving them.
+    """
+    reads: set[str] = set()
+    writes: set[str] = set()
+    top = symtable.symtable(source, "<isolated cell>", "exec")
+    stack = list(top.get_children())
+    while stack:
+        table = stack.pop()
+        for sym in table.get_symbols():
+            if sym.is_global():
+                if sym.is_referenced():
+                    reads.add(sym.get_name())
+                if sym.is_declared_global() and sym.is_assigned():
+                    writes.add(sym.get_name())
+        stack.extend(table.get_children())
+    return reads, writes
+
+
+def last_expression(tree: ast.Module) -> ast.Expr | None:
+    """The last statement, when it is an expression statement."""
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        return tree.body[-1]
+    return None
+
+
+def plan_cell(
+    source: str,
+    available: Container[str],
+    inputs: Iterable[str] | None = None,
+    outputs: Iterable[str] | None = None,
+    first_line: int = 1,
+) -> Plan:
+    """Plan a cell against the names that exist in the notebook.
+
+    ``inputs`` overrides detection (only those are shipped); a named input
+    that does not exist is a usage error.  ``outputs`` narrows what comes back.
+    """
+    tree = parse_cell(source, first_line)
+    scope = _ModuleScope()
+    for stmt in tree.body:
+        scope.visit(stmt)
+    nested_reads, nested_writes = _nested_globals(source)
+
+    if inputs is not None:
+        chosen = tuple(dict.fromkeys(inputs))
+        missing = [n for n in chosen if n not in available]
+        if missing:
+            raise IsolateUsageError(
+                f"no notebook variable named {', '.join(repr(n) for n in missing)}; "
+                "nothing ran. Define it first, or leave the names out and let "
+                "%%isolate find the inputs itself."
+            )
+    else:
+        wanted = list(scope.free) + sorted(nested_reads - set(scope.free))
+        chosen = tuple(n for n in wanted if n in available)
+
+    binds = list(scope.binds) + sorted(nested_writes - set(scope.binds))
+    if outputs is not None:
+        out = tuple(dict.fromkeys(outputs))
+    else:
+        out = tuple(binds)
+
+    source_text = source.rstrip()
+    has_result = last_expression(tree) is not None and not source_text.endswith(";")
+    missing_reads = tuple(
+        n for n in scope.free if n not in available and n not in _BUILTINS and n not in binds
+    )
+    return Plan(
+        source=source,
+        inputs=chosen,
+        outputs=out,
+        has_result=has_result,
+        missing=missing_reads,
+    )

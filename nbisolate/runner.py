@@ -1,0 +1,421 @@
+"""Running one cell isolated: plan, ship, supervise, then apply or raise.
+
+This is the one place where the pieces meet, in the order data flows: cell
+text -> :func:`plan.plan_cell` -> :func:`ship.dumps` -> a supervised worker ->
+events -> the notebook namespace.  The magic and the Python API both use
+:class:`CellRun`; they differ only in how they wait:
+
+* :meth:`CellRun.run_sync` blocks the calling thread (terminal IPython, plain
+  Python, ``run_cell_magic`` called by hand); Ctrl-C stops the worker.
+* :meth:`CellRun.run_async` awaits on the kernel's event loop, so the kernel
+  keeps handling front-end messages (the panel's Stop button) while the cell
+  runs.  It installs its own SIGINT handler for the wait, because an
+  interrupt that merely cancels the awaiting task would leave the worker
+  running and, in current ipykernel, can take effect only when the awaited
+  call returns.
+
+Whatever happens, the namespace changes only after a result arrived and was
+rebuilt completely: a failing, timed-out, interrupted or crashed cell changes
+nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, MutableMapping
+from typing import Any
+
+from . import ship
+from .errors import IsolateTimeout, IsolateUsageError, RemoteError, WorkerCrashed
+from .plan import Plan, plan_cell
+from .supervisor import DEFAULT_MAX_OUTPUT, Event, Job
+from .worker import RESULT
+
+Listener = Callable[[Event], None]
+
+
+class RemoteTraceback(Exception):
+    """Carries the worker's formatted traceback as the ``__cause__`` of a rebuilt exception."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return "\n" + self.text
+
+
+class RemoteValue:
+    """The display of a last-expression value that could not travel back itself."""
+
+    def __init__(self, bundle: dict[str, Any]) -> None:
+        self.bundle = bundle
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        return self.bundle
+
+    def __repr__(self) -> str:
+        return str(self.bundle.get("text/plain", "<value computed in the worker>"))
+
+
+class StdSink:
+    """Where a cell's output goes: the kernel's own streams and display machinery."""
+
+    def stream(self, name: str, text: str) -> None:
+        stream = sys.stdout if name == "stdout" else sys.stderr
+        stream.write(text)
+        stream.flush()
+
+    def display(self, kind: str, data: dict[str, Any]) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            from IPython import get_ipython
+            from IPython.display import clear_output, publish_display_data
+        except ImportError:  # pragma: no cover - IPython is a dependency
+            get_ipython = None  # type: ignore[assignment]
+        if get_ipython is None or get_ipython() is None:
+            if kind != "clear_output":
+                print(data.get("data", {}).get("text/plain", ""))
+            return
+        if kind == "clear_output":
+            clear_output(wait=bool(data.get("wait")))
+            return
+        transient = data.get("transient") or {}
+        publish_display_data(
+            data=data.get("data", {}),
+            metadata=data.get("metadata") or {},
+            transient=transient or None,
+            update=kind == "update_display",
+        )
+
+
+def parse_size(text: str) -> int:
+    """``2G``, ``500M``, ``1.5GB``, ``1024`` (bytes) -> bytes; a clear error otherwise."""
+    units = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+    raw = str(text).strip().upper().removesuffix("IB").removesuffix("B")
+    number = raw.rstrip("KMGT")
+    unit = raw[len(number) :]
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise IsolateUsageError(
+            f"cannot read size {text!r}: use a number with K, M, G or T, like 500M or 2G; nothing ran."
+        ) from None
+    if value <= 0:
+        raise IsolateUsageError(f"size {text!r} must be more than zero; nothing ran.")
+    return int(value)
+
+
+def _label(source: str) -> str:
+    for line in source.splitlines():
+        if line.strip():
+            line = line.strip()
+            return line if len(line) <= 60 else line[:57] + "..."
+    return "(empty cell)"
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+class CellRun:
+    """One isolated execution of ``source`` against ``namespace``."""
+
+    def __init__(
+        self,
+        source: str,
+        namespace: MutableMapping[str, Any],
+        *,
+        inputs: Iterable[str] | None = None,
+        outputs: Iterable[str] | None = None,
+        timeout: float | None = None,
+        available: Iterable[str] | None = None,
+        label: str | None = None,
+        line_offset: int = 0,
+        display_source: str | None = None,
+        sink: Any = None,
+        max_output: int = DEFAULT_MAX_OUTPUT,
+        mem: int | str | None = None,
+        filename: str = "<isolated cell>",
+    ) -> None:
+        if timeout is not None and not (timeout > 0):
+            raise IsolateUsageError(
+                f"--timeout must be a number of seconds above zero, not {timeout!r}; nothing ran."
+            )
+        self.source = source
+        self.namespace = namespace
+        self.inputs = None if inputs is None else list(inputs)
+        self.outputs = None if outputs is None else list(outputs)
+        self.timeout = timeout
+        self.available = set(namespace) if available is None else set(available)
+        self.label = label or _label(source)
+        self.line_offset = line_offset
+        self.display_source = display_source
+        self.sink = sink if sink is not None else StdSink()
+        self.max_output = max_output
+        self.mem = parse_size(mem) if isinstance(mem, str) else mem
+        self.filename = filename
+        self.listeners: list[Listener] = []
+        self.phases: dict[str, float] = {}
+        self.plan: Plan | None = None
+        self.shipment: ship.Shipment | None = None
+        self.job: Job | None = None
+        self._start_clock = 0.0
+        self._final: Event | None = None
+        self._exit: Event | None = None
+        self.interrupted = False
+        self.skipped: dict[str, str] = {}
+        self.returned: list[str] = []
+
+    # -- stages ---------------------------------------------------------------
+    def prepare(self) -> None:
+        """Plan the cell and serialize its inputs; raises before any process exists."""
+        t0 = time.perf_counter()
+        self.plan = plan_cell(
+            self.source,
+            self.available,
+            inputs=self.inputs,
+            outputs=self.outputs,
+            first_line=self.line_offset + 1,
+        )
+        self.phases["plan"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self.shipment = ship.dumps({name: self.namespace[name] for name in self.plan.inputs})
+        self.phases["serialize"] = time.perf_counter() - t1
+
+    def _payload(self) -> dict[str, Any]:
+        assert self.plan is not None and self.shipment is not None
+        return {
+            "source": self.source,
+            "display_source": self.display_source or self.source,
+            "line_offset": self.line_offset,
+            "filename": self.filename,
+            "inputs": self.shipment.names,
+            "data": self.shipment.data,
+            "engine": self.shipment.engine,
+            "outputs": list(self.plan.outputs),
+            "has_result": self.plan.has_result,
+            "sys_path": list(sys.path),
+            "cwd": os.getcwd(),
+            "mem": self.mem,
+        }
+
+    def start(self, deliver: Callable[[Event], None]) -> Job:
+        """Start the worker; events are handed to ``deliver`` from the job's thread."""
+        if self.plan is None:
+            self.prepare()
+        assert self.shipment is not None
+        self._start_clock = time.perf_counter()
+        self.job = Job(
+            self._payload(),
+            self.shipment.buffers,
+            on_event=deliver,
+            timeout=self.timeout,
+            label=self.label,
+            max_output=self.max_output,
+        )
+        self.job.start()
+        return self.job
+
+    def handle(self, event: Event) -> bool:
+        """Process one event in the consumer's thread; True once the run is over."""
+        kind = event.kind
+        if kind == "stream":
+            self.sink.stream(*event.data)
+        elif kind in ("display", "update_display", "clear_output"):
+            self.sink.display(kind, event.data)
+        elif kind == "phase":
+            name, seconds = event.data
+            if name == "start":
+                self.phases["start"] = event.time - self._start_clock
+            else:
+                self.phases[name] = seconds
+        for listener in self.listeners:
+            listener(event)
+        if kind in ("result", "error"):
+            self._final = event
+            return True
+        if kind == "exit":
+            self._exit = event
+            return True
+        return False
+
+    def tick(self) -> None:
+        """Called a few times a second while waiting, for listeners that show time passing."""
+        tick = Event("tick")
+        for listener in self.listeners:
+            listener(tick)
+
+    # -- outcome ----------------------------------------------------------------
+    def outcome(self) -> Any:
+        """Apply the results to the namespace and return the cell's value, or raise."""
+        if self._final is None:
+            return self._raise_for_exit()
+        body = self._final.data
+        if self._final.kind == "error":
+            raise self._rebuild_error(body, self._final.buffers)
+        t0 = time.perf_counter()
+        values = ship.loads(body["names"], body["data"], self._final.buffers, body["engine"])
+        self.phases["return"] = body.get("dump_seconds", 0.0) + (time.perf_counter() - t0)
+        value = values.pop(RESULT, None)
+        if body.get("result_bundle") is not None:
+            value = RemoteValue(body["result_bundle"])
+        self.skipped = dict(body.get("skipped") or {})
+        for name, why in self.skipped.items():
+            self.sink.stream(
+                "stderr",
+                f"nbisolate: result {name!r} was not copied back: {why}. The other results "
+                "arrived; create such objects in a normal cell, or leave them out with --out.\n",
+            )
+        self.namespace.update(values)
+        self.returned = list(values)
+        return value
+
+    def _raise_for_exit(self) -> Any:
+        assert self._exit is not None
+        info = self._exit.data
+        reason = info["reason"]
+        if info.get("dropped"):
+            self._note_dropped(info)
+        if reason == "timeout":
+            raise IsolateTimeout(self.timeout or 0.0, info["elapsed"], info["pid"])
+        if reason in ("interrupt", "stop"):
+            interrupt = KeyboardInterrupt(
+                f"the isolated cell was interrupted; worker pid {info['pid']} and every process it "
+                "started were stopped. No notebook variable was changed."
+            )
+            interrupt._render_traceback_ = lambda: [f"KeyboardInterrupt: {interrupt}"]  # type: ignore[attr-defined]
+            raise interrupt
+        raise WorkerCrashed(info["returncode"], info["pid"], self._mem_hint(info))
+
+    def _mem_hint(self, info: dict[str, Any]) -> str:
+        if self.mem and info.get("returncode") == -signal.SIGKILL:
+            return f"It ran with --mem {_fmt_bytes(self.mem)}."
+        return ""
+
+    def _note_dropped(self, info: dict[str, Any]) -> None:
+        self.sink.stream(
+            "stderr",
+            f"\nnbisolate: {_fmt_bytes(info['dropped'])} of output was dropped: the limit is "
+            f"{_fmt_bytes(info['max_output'])} per cell. Write large output to a file instead.\n",
+        )
+
+    def _rebuild_error(self, body: dict[str, Any], buffers: list[Any]) -> BaseException:
+        exc: BaseException | None = None
+        if body.get("names"):
+            try:
+                exc = ship.loads(body["names"], body["data"], buffers, body["engine"]).get("exc")
+            except Exception:
+                exc = None
+        text = body.get("traceback", "")
+        if not isinstance(exc, BaseException):
+            exc = RemoteError(body["type"], body["message"], text)
+        lines = text.rstrip("\n").splitlines()
+        if body.get("stage") == "setup":
+            lines.append(
+                "nbisolate: the worker failed while preparing the cell (loading its inputs), "
+                "before any of the cell ran."
+            )
+
+        def render() -> list[str]:
+            return lines
+
+        try:
+            exc._render_traceback_ = render  # type: ignore[attr-defined]
+            exc.__cause__ = RemoteTraceback(text)
+        except (AttributeError, TypeError):
+            exc = RemoteError(body["type"], body["message"], text)
+            exc._render_traceback_ = render  # type: ignore[attr-defined]
+        return exc
+
+    # -- waiting ------------------------------------------------------------------
+    def run_sync(self) -> Any:
+        """Run and block until the cell is over; Ctrl-C stops the worker and raises."""
+        events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        job = self.start(events.put)
+        while True:
+            try:
+                event = events.get(timeout=0.25)
+            except queue.Empty:
+                self.tick()
+                continue
+            except KeyboardInterrupt:
+                self.interrupted = True
+                job.stop("interrupt")
+                continue
+            if self.handle(event):
+                break
+        return self.outcome()
+
+    async def run_async(self) -> Any:
+        """Run while awaiting on the running event loop; SIGINT stops the worker."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def deliver(event: Event) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the loop closed under us: nobody is waiting any more
+                pass
+
+        job = self.start(deliver)
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+
+            def on_sigint(signum: int, frame: Any) -> None:
+                self.interrupted = True
+                job.stop("interrupt")
+
+            previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(events.get(), 0.25)
+                except asyncio.TimeoutError:
+                    self.tick()
+                    continue
+                if self.handle(event):
+                    break
+        except asyncio.CancelledError:
+            job.stop("interrupt")
+            raise
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        return self.outcome()
+
+
+def run_isolated(
+    source: str,
+    namespace: MutableMapping[str, Any],
+    inputs: Iterable[str] | None = None,
+    outputs: Iterable[str] | None = None,
+    timeout: float | None = None,
+    **options: Any,
+) -> Any:
+    """Run ``source`` in a fresh worker process and copy its results into ``namespace``.
+
+    ``inputs`` names the variables to ship (default: the free names the code
+    reads that exist in ``namespace``); ``outputs`` narrows which bound names
+    come back (default: all top-level bindings).  Returns the value of a last
+    expression statement.  Raises what the cell raised (or
+    :class:`~nbisolate.RemoteError`), :class:`~nbisolate.IsolateTimeout`,
+    :class:`~nbisolate.WorkerCrashed`, :class:`~nbisolate.ShipError` or
+    :class:`~nbisolate.IsolateUsageError`; on any of them ``namespace`` is
+    unchanged.  ``options`` go to :class:`CellRun` (``mem``, ``max_output``,
+    ``sink``...).
+    """
+    run = CellRun(source, namespace, inputs=inputs, outputs=outputs, timeout=timeout, **options)
+    run.prepare()
+    return run.run_sync()

@@ -1,0 +1,450 @@
+"""Process supervision: start a worker, watch it, stop its whole tree.
+
+The supervisor knows processes, pipes and signals, and nothing of cells,
+magics, widgets or front ends: it turns a job (a payload for the worker) into
+a stream of :class:`Event` objects that whoever started the job consumes, and
+publishes "started"/"ended" through :data:`registry` for anything that wants
+to list running workers (the JupyterLab status item, for instance).
+
+Design points, each learned the hard way by users of process pools:
+
+* One reader thread per job watches the channel, both output pipes and the
+  process itself (a ``pidfd`` where the OS has one, else a waiter thread), so
+  a dead worker is noticed at once from the process, never by waiting on a
+  queue until some outer timeout fires.
+* Each worker starts a new session, so it and everything it starts share a
+  process group the kernel can signal as a unit, and an interrupt sent to
+  the kernel's own group never reaches workers by accident; interrupts are
+  relayed on purpose, once.
+* Stopping is SIGINT (interrupt) or SIGTERM (timeout), a short grace period,
+  then SIGKILL to the group, then a sweep, by pid, of descendants recorded
+  while the worker was alive (the ones that left the group).
+* Output floods are cut at a limit with a note saying how much was dropped,
+  so a cell printing 100 MB cannot bloat the kernel.
+"""
+
+from __future__ import annotations
+
+import codecs
+import itertools
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .wire import Channel, ChannelClosed
+
+GRACE_SECONDS = 2.0
+DEFAULT_MAX_OUTPUT = 10 * 1024 * 1024
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class JobInfo:
+    """What the outside world may know of a running worker."""
+
+    id: str
+    label: str
+    pid: int | None
+    started: float
+    timeout: float | None
+    host: str
+
+
+@dataclass
+class Event:
+    """One thing that happened to a job, in the order it happened.
+
+    Kinds: ``started`` (pid), ``phase`` ((name, seconds)), ``stream`` ((name,
+    text)), ``display``/``update_display``/``clear_output`` (dict), ``result``
+    and ``error`` (dict, with ``buffers``), and last of all ``exit``
+    (dict with ``returncode``, ``reason``, ``elapsed``, ``dropped``).
+    """
+
+    kind: str
+    data: Any = None
+    buffers: list[Any] = field(default_factory=list)
+    time: float = field(default_factory=time.perf_counter)
+
+
+class _Registry:
+    """Running jobs, and callbacks to tell when one starts or ends."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: dict[str, Job] = {}
+        self._subscribers: list[Callable[[str, JobInfo], None]] = []
+
+    def subscribe(self, callback: Callable[[str, JobInfo], None]) -> Callable[[], None]:
+        """Call ``callback(event, info)`` on "started"/"ended"; returns an unsubscribe function."""
+        with self._lock:
+            self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if callback in self._subscribers:
+                    self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def running(self) -> list[JobInfo]:
+        with self._lock:
+            return [job.info for job in self._jobs.values()]
+
+    def stop(self, job_id: str) -> bool:
+        """Stop a running job as an interrupt would; False when there is no such job."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            return False
+        job.stop("interrupt")
+        return True
+
+    def stop_all(self) -> None:
+        with self._lock:
+            jobs = list(self._jobs.values())
+        for job in jobs:
+            job.stop("interrupt")
+
+    def _announce(self, event: str, job: Job) -> None:
+        with self._lock:
+            if event == "started":
+                self._jobs[job.id] = job
+            else:
+                self._jobs.pop(job.id, None)
+            subscribers = list(self._subscribers)
+        for callback in subscribers:
+            try:
+                callback(event, job.info)
+            except Exception:  # a broken listener must not break the job
+                pass
+
+
+registry = _Registry()
+
+
+def _bootstrap_code(fd: int) -> str:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return f"import sys; sys.path.insert(0, {root!r}); from nbisolate.worker import main; main({fd})"
+
+
+def _descendants(pid: int) -> list[Any]:
+    try:
+        import psutil
+
+        return psutil.Process(pid).children(recursive=True)
+    except Exception:
+        return []
+
+
+class Job:
+    """One worker running one payload.
+
+    ``payload`` is the job dict the worker expects and ``buffers`` its
+    out-of-band parts. Events go to ``on_event``, called from the job's reader
+    thread: consumers hand them over to their own thread.
+    """
+
+    def __init__(
+        self,
+        payload: dict[str, Any],
+        buffers: Sequence[Any] = (),
+        *,
+        on_event: Callable[[Event], None],
+        timeout: float | None = None,
+        label: str = "",
+        env: dict[str, str] | None = None,
+        max_output: int = DEFAULT_MAX_OUTPUT,
+    ) -> None:
+        self.id = f"w{next(_ids)}-{os.getpid()}"
+        self.payload = payload
+        self.buffers = list(buffers)
+        self.on_event = on_event
+        self.timeout = timeout
+        self.label = label
+        self.env = env
+        self.max_output = max_output
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at = time.time()
+        self._t0 = time.perf_counter()
+        self._stop_reason: str | None = None
+        self._wake_r, self._wake_w = os.pipe()
+        self._known: list[Any] = []
+        self._output_bytes = 0
+        self._dropped = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def info(self) -> JobInfo:
+        return JobInfo(
+            id=self.id,
+            label=self.label,
+            pid=self.pid,
+            started=self.started_at,
+            timeout=self.timeout,
+            host=socket.gethostname(),
+        )
+
+    # -- control ---------------------------------------------------------
+    def start(self) -> None:
+        """Start the worker and its reader thread; returns at once."""
+        mine, theirs = socket.socketpair()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _bootstrap_code(theirs.fileno())],
+                stdin=subprocess.DEVNULL,
+                stdout=out_w,
+                stderr=err_w,
+                pass_fds=(theirs.fileno(),),
+                start_new_session=True,
+                cwd=self.payload.get("cwd"),
+                env=self.env,
+            )
+        finally:
+            theirs.close()
+            os.close(out_w)
+            os.close(err_w)
+        self.started_at = time.time()
+        self._emit("started", self.proc.pid)
+        registry._announce("started", self)
+        chan = Channel(mine)
+        thread = threading.Thread(
+            target=self._supervise, args=(chan, out_r, err_r), daemon=True, name=f"nbisolate-{self.id}"
+        )
+        thread.start()
+
+    def stop(self, reason: str = "interrupt") -> None:
+        """Ask the reader thread to stop the worker (thread- and signal-safe)."""
+        if self._stop_reason is None:
+            self._stop_reason = reason
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    # -- internals -----------------------------------------------------
+    def _emit(self, kind: str, data: Any = None, buffers: list[Any] | None = None) -> None:
+        self.on_event(Event(kind, data, buffers or []))
+
+    def _signal_group(self, sig: int) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _remember_descendants(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            seen = {p.pid for p in self._known}
+            self._known.extend(p for p in _descendants(self.proc.pid) if p.pid not in seen)
+
+    def _sweep(self) -> None:
+        """SIGKILL whatever is left of the tree: the group, then recorded escapees by pid."""
+        self._signal_group(signal.SIGKILL)
+        for proc in self._known:
+            try:
+                if proc.is_running():
+                    proc.kill()
+            except Exception:
+                pass
+        self._known = []
+
+    def _forward(self, name: str, text: str) -> None:
+        if not text:
+            return
+        room = self.max_output - self._output_bytes
+        size = len(text)
+        if room <= 0:
+            self._dropped += size
+            return
+        if size > room:
+            self._dropped += size - room
+            text = text[:room]
+        self._output_bytes += len(text)
+        self._emit("stream", (name, text))
+
+    def _supervise(self, chan: Channel, out_r: int, err_r: int) -> None:
+        assert self.proc is not None
+        proc = self.proc
+        sel = selectors.DefaultSelector()
+        decoders = {
+            out_r: ("stdout", codecs.getincrementaldecoder("utf-8")("replace")),
+            err_r: ("stderr", codecs.getincrementaldecoder("utf-8")("replace")),
+        }
+        for fd in decoders:
+            sel.register(fd, selectors.EVENT_READ, "pipe")
+        sel.register(chan.sock, selectors.EVENT_READ, "chan")
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        exit_fd = None
+        if hasattr(os, "pidfd_open"):
+            try:
+                exit_fd = os.pidfd_open(proc.pid)
+                sel.register(exit_fd, selectors.EVENT_READ, "exit")
+            except OSError:
+                exit_fd = None
+        if exit_fd is None:
+            waiter_r, waiter_w = os.pipe()
+            sel.register(waiter_r, selectors.EVENT_READ, "exit")
+
+            def wait_then_tell() -> None:
+                proc.wait()
+                os.write(waiter_w, b"x")
+
+            threading.Thread(target=wait_then_tell, daemon=True).start()
+
+        deadline = self._t0 + self.timeout if self.timeout else None
+        kill_at: float | None = None
+        reason: str | None = None
+        finished = False  # a result or an error arrived
+        exited = False
+        next_scan = time.perf_counter() + 0.5
+
+        def read_pipe(fd: int, final: bool = False) -> bool:
+            name, decoder = decoders[fd]
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                return False
+            except OSError:
+                data = b""
+            if not data:
+                sel.unregister(fd)
+                self._forward(name, decoder.decode(b"", final=True))
+                return False
+            self._forward(name, decoder.decode(data))
+            return True
+
+        def drain_pipes(wait: float = 0.0) -> None:
+            """Read what the pipes hold now; grandchildren may keep them open, so never wait for EOF."""
+            until = time.perf_counter() + wait
+            while True:
+                fds = [fd for fd in decoders if fd in sel.get_map()]
+                if not fds:
+                    return
+                ready = [k.fd for k, _ in sel.select(0) if k.fd in fds]
+                if not ready:
+                    if time.perf_counter() >= until:
+                        return
+                    time.sleep(0.002)
+                    continue
+                for fd in ready:
+                    read_pipe(fd)
+
+        def read_message() -> bool:
+            nonlocal finished
+            try:
+                kind, body, buffers = chan.recv()
+            except (ChannelClosed, OSError):
+                sel.unregister(chan.sock)
+                return False
+            if kind in ("result", "error"):
+                if reason is None:
+                    self._remember_descendants()
+                    drain_pipes(0.005)
+                    finished = True
+                    self._emit(kind, body, buffers)
+                return True
+            if kind == "stream":
+                self._forward(*body)
+            else:
+                self._emit(kind, body, buffers)
+            return True
+
+        try:
+            try:
+                chan.send("run", self.payload, self.buffers)
+            except OSError:
+                pass  # the worker died at start; the exit branch explains how
+            self.buffers = []
+            while True:
+                now = time.perf_counter()
+                if reason is None and self._stop_reason is not None and not finished:
+                    reason = self._stop_reason
+                    self._remember_descendants()
+                    if reason == "interrupt":
+                        self._signal_group(signal.SIGINT)
+                        kill_at = now + GRACE_SECONDS
+                    else:
+                        self._signal_group(signal.SIGTERM)
+                        kill_at = now + min(GRACE_SECONDS, 1.0)
+                if reason is None and not finished and deadline is not None and now >= deadline:
+                    reason = "timeout"
+                    self._remember_descendants()
+                    self._signal_group(signal.SIGTERM)
+                    kill_at = now + min(GRACE_SECONDS, 1.0)
+                if kill_at is not None and now >= kill_at:
+                    self._remember_descendants()
+                    self._sweep()
+                    kill_at = None
+                if exited:
+                    break
+                waits = [t - now for t in (deadline if not finished and reason is None else None, kill_at) if t]
+                if now >= next_scan and not finished:
+                    self._remember_descendants()
+                    next_scan = now + 0.5
+                waits.append(next_scan - now if not finished else 1.0)
+                for key, _ in sel.select(max(0.0, min(waits))):
+                    what = key.data
+                    if what == "pipe":
+                        read_pipe(key.fd)
+                    elif what == "chan":
+                        read_message()
+                    elif what == "wake":
+                        os.read(self._wake_r, 64)
+                    elif what == "exit":
+                        exited = True
+                if exited:
+                    # Take what the worker managed to say before it went.
+                    while chan.sock in sel.get_map() and any(
+                        key.fileobj is chan.sock for key, _ in sel.select(0)
+                    ):
+                        read_message()
+                    drain_pipes(0.01)
+            proc.wait()
+            self._sweep()
+        finally:
+            for fd in list(sel.get_map()):
+                try:
+                    sel.unregister(fd)
+                except (KeyError, ValueError):
+                    pass
+            sel.close()
+            chan.close()
+            for fd in (out_r, err_r, self._wake_r, self._wake_w, exit_fd):
+                if isinstance(fd, int):
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+            if exit_fd is None:
+                for fd in (waiter_r, waiter_w):
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+            registry._announce("ended", self)
+        self._emit(
+            "exit",
+            {
+                "returncode": proc.returncode,
+                "reason": reason or ("done" if finished else "crashed"),
+                "elapsed": time.perf_counter() - self._t0,
+                "dropped": self._dropped,
+                "max_output": self.max_output,
+                "pid": proc.pid,
+            },
+        )

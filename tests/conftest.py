@@ -1,0 +1,65 @@
+"""Shared fixtures: real kernels, and a check that no worker outlives the tests."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+from .kernel import Kernel
+
+WORKER_MARK = "nbisolate.worker"
+
+
+def worker_processes() -> list[psutil.Process]:
+    """Worker processes started from this test session's kernels, by their command line."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if WORKER_MARK in cmd and proc.pid != os.getpid():
+            found.append(proc)
+    return found
+
+
+def wait_until(predicate, timeout: float = 5.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+@pytest.fixture(scope="module")
+def kernel() -> Iterator[Kernel]:
+    """A kernel with the extension loaded, shared by the tests of one module."""
+    k = Kernel()
+    try:
+        k.run("%load_ext nbisolate")
+        yield k
+    finally:
+        k.shutdown()
+
+
+@pytest.fixture
+def fresh_kernel() -> Iterator[Kernel]:
+    """A kernel of its own, for tests that interrupt, restart or kill it."""
+    k = Kernel()
+    try:
+        k.run("%load_ext nbisolate")
+        yield k
+    finally:
+        k.shutdown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_stray_workers() -> Iterator[None]:
+    before = {p.pid for p in worker_processes()}
+    yield
+    assert wait_until(lambda: not [p for p in worker_processes() if p.pid not in before], 10), (
+        "worker processes outlived the tests: "
+        + ", ".join(str(p.pid) for p in worker_processes() if p.pid not in before)
+    )
