@@ -23,7 +23,7 @@ test: env lint
 	$(BIN)/python -m pytest -q -m "not soak"
 
 demo: env
-	$(BIN)/python -m nbisolate.demo notebooks build/notebooks
+	$(BIN)/python notebooks/run_demo.py notebooks build/notebooks
 
 bench: env
 	$(BIN)/python -m pip install -q -e '.[test,bench]'

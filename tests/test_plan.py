@@ -1,0 +1,82 @@
+"""Cell planning is a pure function: source text and available names in, plan out."""
+
+from __future__ import annotations
+
+import pytest
+
+from nbisolate.errors import IsolateUsageError
+from nbisolate.plan import plan_cell
+
+NS = {"x", "y", "df", "np", "helper", "total", "cfg", "print", "unused"}
+
+
+def test_reads_before_binding_are_inputs():
+    plan = plan_cell("x = x + 1\nz = y * 2\nw = z", NS)
+    assert plan.inputs == ("x", "y")
+    assert plan.outputs == ("x", "z", "w")
+
+
+def test_unused_and_missing_names_are_not_inputs():
+    plan = plan_cell("a = x + not_defined_anywhere", NS)
+    assert plan.inputs == ("x",)
+    assert plan.missing == ("not_defined_anywhere",)
+
+
+def test_builtins_are_not_inputs_unless_shadowed():
+    assert plan_cell("print(len([1]))", {"x"}).inputs == ()
+    assert plan_cell("print(1)", NS).inputs == ("print",)
+
+
+def test_function_bodies_and_comprehensions_read_globals():
+    src = "def f(a):\n    return helper(a) + a\nr = [v * total for v in df]\nf(1)"
+    plan = plan_cell(src, NS)
+    assert set(plan.inputs) == {"helper", "total", "df"}
+    assert plan.has_result
+
+
+def test_conditional_binding_still_ships_the_fallback():
+    plan = plan_cell("if cfg:\n    y = 1\nprint(y)", NS)
+    assert "y" in plan.inputs and "cfg" in plan.inputs
+    assert "y" in plan.outputs
+
+
+def test_imports_defs_for_with_and_walrus_are_outputs():
+    src = (
+        "import numpy as np2, os.path\nfrom math import sqrt as s\n"
+        "def f():\n    pass\nclass K:\n    pass\n"
+        "for i in range(3):\n    acc = i\nwith open('f') as fh:\n    pass\n(n := 5)\n"
+    )
+    plan = plan_cell(src, NS)
+    assert set(plan.outputs) >= {"np2", "os", "s", "f", "K", "i", "acc", "fh", "n"}
+
+
+def test_augmented_assignment_reads_first():
+    assert plan_cell("total += 1", NS).inputs == ("total",)
+    assert plan_cell("total = 0\ntotal += 1", NS).inputs == ()
+
+
+def test_global_declared_in_function_is_output():
+    plan = plan_cell("def bump():\n    global counter\n    counter = 1\nbump()", NS)
+    assert "counter" in plan.outputs
+
+
+def test_class_body_reads_globals():
+    plan = plan_cell("class A:\n    scale = cfg\n    def m(self):\n        return np.ones(2)", NS)
+    assert set(plan.inputs) == {"cfg", "np"}
+
+
+def test_named_inputs_override_and_must_exist():
+    assert plan_cell("z = x + y", NS, inputs=["x"]).inputs == ("x",)
+    with pytest.raises(IsolateUsageError, match="no_such"):
+        plan_cell("z = 1", NS, inputs=["no_such"])
+
+
+def test_out_narrows_and_semicolon_hides_result():
+    plan = plan_cell("a = 1\nb = 2\na + b;", NS, outputs=["b"])
+    assert plan.outputs == ("b",)
+    assert not plan.has_result
+
+
+def test_syntax_error_names_the_cell_line():
+    with pytest.raises(IsolateUsageError, match="line 3"):
+        plan_cell("a = 1\nb = (", NS, first_line=2)

@@ -1,0 +1,110 @@
+"""Shipping: the per-object choice of serializer, sharing, modules and failures."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import sqlite3
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from nbisolate import ship
+from nbisolate.errors import ShipError
+
+
+def roundtrip(values):
+    s = ship.dumps(values)
+    return s, ship.loads(s.names, s.data, s.buffers, s.engine)
+
+
+def test_plain_data_takes_the_c_pickler_and_keeps_sharing():
+    a = [1]
+    s, out = roundtrip({"a": a, "b": {"x": a}})
+    assert s.engine == "pickle"
+    assert out["b"]["x"] is out["a"]
+
+
+def test_modules_are_reimported_not_pickled():
+    holder = {"mod": json}
+    s, out = roundtrip({"json": json, "holder": holder})
+    assert out["json"] is json and out["holder"]["mod"] is json
+    assert s.how["json"] == "module (re-imported)"
+    assert s.sizes["json"] < 100
+
+
+def test_local_functions_and_classes_go_by_value_with_their_globals():
+    def make():
+        k = 3
+
+        class Local:
+            def get(self):
+                return k
+
+        return Local, (lambda v: v + k)
+
+    Local, fn = make()
+    s, out = roundtrip({"cls": Local, "obj": Local(), "fn": fn})
+    assert s.engine == "pickle" and s.how["fn"] == "dill (by value)"
+    assert out["obj"].get() == 3 and out["fn"](1) == 4
+    assert type(out["obj"]) is out["cls"]
+
+
+def test_arrays_travel_out_of_band_and_sizes_count_them():
+    arr = np.arange(100_000, dtype=np.float64)
+    s, out = roundtrip({"arr": arr})
+    assert len(s.buffers) == 1 and s.sizes["arr"] >= arr.nbytes
+    assert len(s.data) < 1000
+    np.testing.assert_array_equal(out["arr"], arr)
+
+
+def test_falls_back_to_dill_for_what_only_dill_can_do(tmp_path):
+    path = tmp_path / "f.txt"
+    path.write_text("hello")
+    with open(path) as fh:
+        s, out = roundtrip({"fh": fh})
+    assert s.engine == "dill"
+    assert out["fh"].read() == "hello"
+    out["fh"].close()
+
+
+def test_unshippable_raises_naming_the_variable():
+    with pytest.raises(ShipError, match="'conn'.*sqlite3.Connection"):
+        ship.dumps({"ok": 1, "conn": sqlite3.connect(":memory:")})
+
+
+def test_skip_failures_names_what_was_left_out():
+    s = ship.dumps({"ok": 1, "conn": sqlite3.connect(":memory:")}, skip_failures=True)
+    assert s.names == ["ok"] and "sqlite3.Connection" in s.skipped["conn"]
+
+
+def test_notebook_style_main_function_loads_in_a_fresh_interpreter(tmp_path):
+    """The spawn trap: a __main__ function must arrive by value, so a fresh child can load it."""
+    code = (
+        "import sys, pickle\n"
+        "from nbisolate import ship\n"
+        "def f(x):\n    return helper(x) * 2\n"
+        "def helper(x):\n    return x + 1\n"
+        "s = ship.dumps({'f': f})\n"
+        "sys.stdout.buffer.write(pickle.dumps((s.names, s.data, s.engine)))\n"
+    )
+    blob = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True).stdout
+    names, data, engine = pickle.loads(blob)
+    loader = (
+        "import sys, pickle\nfrom nbisolate import ship\n"
+        "names, data, engine = pickle.loads(sys.stdin.buffer.read())\n"
+        "print(ship.loads(names, data, [], engine)['f'](4))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", loader], input=pickle.dumps((names, data, engine)),
+        capture_output=True, check=True,
+    )
+    assert out.stdout.strip() == b"10"
+
+
+def test_bytesio_roundtrip_uses_fast_path():
+    s, out = roundtrip({"b": io.BytesIO(b"abc")})
+    assert out["b"].getvalue() == b"abc"
