@@ -1,0 +1,235 @@
+"""Kernel side of the JupyterLab status comm.
+
+The JupyterLab extension (``labextension/``) opens a comm with the target
+``nbisolate.status``.  On open and on every change of the supervisor's worker
+registry the kernel sends the list of running isolated workers::
+
+    {"workers": [{"id": str, "label": str, "pid": int | None, "started": float,
+                  "timeout": float | None, "host": str}, ...]}
+
+The front end may send ``{"action": "refresh"}`` or ``{"action": "stop", "id": ...}``.
+
+Registry events may come from any thread, and a "stop" request usually arrives
+while the main thread is busy running the very cell whose worker is to be stopped.
+So:
+
+* every snapshot is taken and sent by one publisher thread; sends go through the
+  kernel's IOPub socket, which queues them on the IOPub thread, so any thread may
+  send, and one sending thread keeps the snapshots in order;
+* messages from the front end are routed to whatever subshell the front end sent
+  them on (JupyterLab 4.6+ sends comm messages over a kernel subshell when the
+  kernel supports JEP 91, as ipykernel 7 does), so a "stop" is handled at once
+  instead of after the running cell.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+TARGET = "nbisolate.status"
+# A browser tab that goes away never closes its comm; keep only this many.
+MAX_COMMS = 16
+# Registry events closer together than this are sent as one snapshot.
+COALESCE_SECONDS = 0.02
+
+log = logging.getLogger(__name__)
+
+
+def _default_registry() -> Any:
+    from nbisolate.supervisor import registry
+
+    return registry
+
+
+def _worker_dict(job: Any) -> dict[str, Any]:
+    pid = getattr(job, "pid", None)
+    timeout = getattr(job, "timeout", None)
+    return {
+        "id": str(job.id),
+        "label": str(getattr(job, "label", "") or ""),
+        "pid": int(pid) if pid is not None else None,
+        "started": float(getattr(job, "started", 0.0) or 0.0),
+        "timeout": float(timeout) if timeout is not None else None,
+        "host": str(getattr(job, "host", "") or ""),
+    }
+
+
+def _route_by_header(data: Any, default: Any) -> Any:
+    """Handle a front end message on the subshell it was sent to.
+
+    ipykernel 7 otherwise routes comm messages to the subshell of the last
+    message this comm published, which for a publisher thread is the main shell:
+    a "stop" would then wait for the running cell to end.
+    """
+    return default
+
+
+class _Publisher:
+    """Keeps the open status comms and sends them registry snapshots.
+
+    Lock order: ``_sub_lock`` may be held while calling into the registry; ``_lock``
+    is never held while calling into the registry, since the registry may call
+    ``_on_event`` (which takes ``_lock``) while it holds a lock of its own.
+    """
+
+    def __init__(self, registry_getter: Callable[[], Any] = _default_registry) -> None:
+        self._registry_getter = registry_getter
+        self._pid = os.getpid()
+        self._sub_lock = threading.Lock()
+        self._registry: Any = None
+        self._unsubscribe: Callable[[], None] | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._comms: dict[str, Any] = {}
+        self._dirty = False
+        self._thread: threading.Thread | None = None
+
+    # -- comm target ------------------------------------------------------------------
+
+    def open(self, comm: Any, msg: dict[str, Any]) -> None:
+        """Comm target callback: a front end opened an ``nbisolate.status`` comm."""
+        self._subscribe(self._registry_getter())
+        comm._reply_subshell_for = _route_by_header
+        comm.on_msg(self._on_msg)
+        comm.on_close(self._on_close)
+        dropped = []
+        with self._lock:
+            self._comms[comm.comm_id] = comm
+            while len(self._comms) > MAX_COMMS:
+                dropped.append(self._comms.pop(next(iter(self._comms))))
+            self._start_thread()
+            self._mark_dirty()
+        for old in dropped:
+            try:
+                old.close()
+            except Exception:
+                log.debug("closing a stale status comm failed", exc_info=True)
+
+    def _subscribe(self, registry: Any) -> None:
+        # Subscribed once for the kernel's lifetime: an event with no comm open
+        # only sets a flag.
+        with self._sub_lock:
+            if registry is self._registry:
+                return
+            if self._unsubscribe is not None:
+                try:
+                    self._unsubscribe()
+                except Exception:
+                    log.debug("unsubscribing from the registry failed", exc_info=True)
+            self._unsubscribe = registry.subscribe(self._on_event)
+            self._registry = registry
+
+    def _on_msg(self, msg: dict[str, Any]) -> None:
+        data = msg.get("content", {}).get("data") or {}
+        action = data.get("action")
+        if action == "stop":
+            job_id = data.get("id")
+            if isinstance(job_id, str) and self._registry is not None:
+                try:
+                    self._registry.stop(job_id)
+                except Exception:
+                    log.exception("nbisolate: stopping worker %s failed", job_id)
+        elif action != "refresh":
+            log.warning("nbisolate: unknown status comm action %r", action)
+        with self._lock:
+            self._mark_dirty()
+
+    def _on_close(self, msg: dict[str, Any]) -> None:
+        comm_id = msg.get("content", {}).get("comm_id")
+        with self._lock:
+            self._comms.pop(comm_id, None)
+            self._wake.notify_all()
+
+    def _on_event(self, event: str, info: Any) -> None:
+        if os.getpid() != self._pid:  # a forked child inherited this object
+            return
+        with self._lock:
+            self._mark_dirty()
+
+    # -- publisher thread ---------------------------------------------------------------
+
+    def _mark_dirty(self) -> None:  # under _lock
+        self._dirty = True
+        self._wake.notify_all()
+
+    def _start_thread(self) -> None:  # under _lock
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="nbisolate-labcomm", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._dirty and self._comms:
+                    self._wake.wait()
+                if not self._comms:
+                    self._thread = None
+                    return
+            # Let a burst of events (a worker starting and ending at once) settle.
+            time.sleep(COALESCE_SECONDS)
+            with self._lock:
+                self._dirty = False
+                comms = list(self._comms.values())
+            payload = self.snapshot()
+            for comm in comms:
+                try:
+                    comm.send(payload)
+                except Exception:
+                    log.debug("sending on a status comm failed", exc_info=True)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The message the front end gets now."""
+        registry = self._registry
+        if registry is None:
+            return {"workers": []}
+        try:
+            jobs = list(registry.running())
+        except Exception:
+            log.exception("nbisolate: reading the worker registry failed")
+            jobs = []
+        return {"workers": [_worker_dict(job) for job in jobs]}
+
+
+_publisher = _Publisher()
+
+
+def register(shell: Any, registry: Any = None) -> None:
+    """Register the ``nbisolate.status`` comm target with the shell's kernel.
+
+    A no-op when there is no kernel (terminal IPython).  ``registry`` defaults to
+    ``nbisolate.supervisor.registry``; tests may pass another object with the same
+    ``subscribe``/``running``/``stop`` methods.
+    """
+    global _publisher
+    kernel = getattr(shell, "kernel", None)
+    if kernel is None:
+        return
+    manager = getattr(kernel, "comm_manager", None)
+    if manager is None:
+        try:
+            import comm
+
+            manager = comm.get_comm_manager()
+        except Exception:
+            log.debug("no comm manager: the JupyterLab status item stays off", exc_info=True)
+            return
+    if registry is not None:
+        _publisher = _Publisher(lambda: registry)
+    manager.register_target(TARGET, _publisher.open)
+
+
+def unregister(shell: Any) -> None:
+    """Remove the comm target again (for ``unload_ipython_extension``)."""
+    kernel = getattr(shell, "kernel", None)
+    manager = getattr(kernel, "comm_manager", None) if kernel is not None else None
+    if manager is not None:
+        try:
+            manager.unregister_target(TARGET, _publisher.open)
+        except Exception:
+            log.debug("unregistering the status comm target failed", exc_info=True)
