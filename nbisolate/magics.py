@@ -164,12 +164,21 @@ def _transform(lines: list[str]) -> list[str]:
 
 def load(shell: Any) -> None:
     """Register the magics, and in a kernel the async transformer and the status comm."""
+    import threading
+
+    from .supervisor import launcher
+
     shell.register_magics(IsolateMagics)
+    # Start the template now, in the background, so the first cell finds it warm.
+    threading.Thread(target=launcher.start, daemon=True, name="nbisolate-prestart").start()
     if getattr(shell, "kernel", None) is not None:
         if _transform not in shell.input_transformers_cleanup:
             shell.input_transformers_cleanup.append(_transform)
 
 
 def unload(shell: Any) -> None:
+    from .supervisor import launcher
+
+    launcher.close()
     if _transform in shell.input_transformers_cleanup:
         shell.input_transformers_cleanup.remove(_transform)

@@ -28,13 +28,14 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, MutableMapping
+import types
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 
 from . import ship
 from .errors import IsolateTimeout, IsolateUsageError, RemoteError, WorkerCrashed
 from .plan import Plan, plan_cell
-from .supervisor import DEFAULT_MAX_OUTPUT, Event, Job
+from .supervisor import DEFAULT_MAX_OUTPUT, Event, Job, launcher
 from .worker import RESULT
 
 Listener = Callable[[Event], None]
@@ -111,6 +112,38 @@ def parse_size(text: str) -> int:
     if value <= 0:
         raise IsolateUsageError(f"size {text!r} must be more than zero; nothing ran.")
     return int(value)
+
+
+# Packages a template must not import before forking: they start threads or
+# initialize devices at import, which a forked child cannot inherit safely, or
+# pick a GUI backend.  The worker imports them itself when the cell needs them.
+_NEVER_PRELOAD = frozenset(
+    {"torch", "tensorflow", "jax", "jaxlib", "cupy", "numba", "matplotlib", "ray", "dask",
+     "distributed", "IPython", "ipykernel", "ipywidgets", "nbisolate", "zmq", "tornado"}
+)
+
+
+def user_packages(namespace: Mapping[str, Any]) -> list[str]:
+    """Third-party top-level packages the notebook has imported (modules, or things from them).
+
+    Only what the user imported counts, never what the kernel itself loaded,
+    so the template imports nothing the user did not.
+    """
+    stdlib = getattr(sys, "stdlib_module_names", frozenset())
+    found: dict[str, None] = {}
+    for name, value in list(namespace.items()):
+        if name.startswith("_"):
+            continue
+        if isinstance(value, types.ModuleType):
+            module = value.__name__
+        else:
+            module = getattr(type(value), "__module__", None) if not callable(value) else getattr(value, "__module__", None)
+        if not isinstance(module, str):
+            continue
+        top = module.partition(".")[0]
+        if top and top not in stdlib and top not in _NEVER_PRELOAD and top != "__main__" and top != "builtins" and top in sys.modules:
+            found[top] = None
+    return list(found)
 
 
 def _label(source: str) -> str:
@@ -224,8 +257,12 @@ class CellRun:
             timeout=self.timeout,
             label=self.label,
             max_output=self.max_output,
+            # A memory cap must hold from the first byte: a fork of the template
+            # already carries its imports, so capped cells start from scratch.
+            use_template=self.mem is None,
         )
         self.job.start()
+        launcher.preload(user_packages(self.namespace))
         return self.job
 
     def handle(self, event: Event) -> bool:

@@ -131,9 +131,159 @@ class _Registry:
 registry = _Registry()
 
 
-def _bootstrap_code(fd: int) -> str:
+def _bootstrap(module: str, fd: int) -> str:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return f"import sys; sys.path.insert(0, {root!r}); from nbisolate.worker import main; main({fd})"
+    return f"import sys; sys.path.insert(0, {root!r}); from nbisolate.{module} import main; main({fd})"
+
+
+class _ForkedProcess:
+    """The ``Popen`` face of a worker forked by the template (not our child: it reports exits)."""
+
+    def __init__(self, pid: int, launcher: TemplateLauncher) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._launcher = launcher
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self._launcher.returncode(self.pid, 0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        if self.returncode is None:
+            self.returncode = self._launcher.returncode(self.pid, timeout)
+        return self.returncode
+
+
+class TemplateLauncher:
+    """Owns the template process (see :mod:`nbisolate.template`) and asks it for workers.
+
+    Started in the background when the extension loads, so the first cell
+    does not wait for it; if it cannot start or dies, jobs fall back to a
+    plain spawn.  ``preload`` makes it import the packages the notebook uses,
+    so a cell that uses them does not pay their import time.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+        self._forked: list[int] = []
+        self._status: dict[int, int] = {}
+        self._alive = False
+        self._preloaded: set[str] = set()
+
+    @property
+    def alive(self) -> bool:
+        return self._alive
+
+    def start(self) -> bool:
+        """Start the template if it is not running; False when it cannot be had."""
+        with self._lock:
+            if self._alive:
+                return True
+            mine, theirs = socket.socketpair()
+            try:
+                self._proc = subprocess.Popen(
+                    [sys.executable, "-c", _bootstrap("template", theirs.fileno())],
+                    stdin=subprocess.DEVNULL,
+                    pass_fds=(theirs.fileno(),),
+                    start_new_session=True,
+                )
+            except OSError:
+                mine.close()
+                return False
+            finally:
+                theirs.close()
+            self._sock = mine
+            self._alive = True
+            self._preloaded = set()
+            threading.Thread(target=self._read, args=(mine,), daemon=True, name="nbisolate-template").start()
+            return True
+
+    def _read(self, sock: socket.socket) -> None:
+        from .template import recv
+
+        try:
+            while True:
+                (kind, body), _ = recv(sock)
+                with self._cond:
+                    if kind == "forked":
+                        self._forked.append(body)
+                    elif kind == "exit":
+                        pid, code = body
+                        self._status[pid] = code
+                    self._cond.notify_all()
+        except (EOFError, OSError):
+            pass
+        with self._cond:
+            self._alive = False
+            self._cond.notify_all()
+        if self._proc is not None:
+            self._proc.wait()
+        sock.close()
+
+    def fork(self, fds: Sequence[int], env: dict[str, str]) -> int | None:
+        """A new worker process with ``fds`` as its channel, stdout and stderr; None on failure."""
+        from .template import send
+
+        if not self._alive and not self.start():
+            return None
+        with self._lock:
+            sock = self._sock
+            if sock is None or not self._alive:
+                return None
+            try:
+                send(sock, ("fork", {"env": env}), list(fds))
+            except OSError:
+                return None
+            with self._cond:
+                ok = self._cond.wait_for(lambda: self._forked or not self._alive, timeout=30)
+                if not ok or not self._forked:
+                    return None
+                return self._forked.pop(0)
+
+    def preload(self, names: Sequence[str]) -> None:
+        """Have the template import ``names`` (it answers later; forks queue behind it)."""
+        from .template import send
+
+        todo = [n for n in names if n not in self._preloaded]
+        if not todo or not self._alive:
+            return
+        with self._lock:
+            if self._sock is None:
+                return
+            try:
+                send(self._sock, ("preload", {"names": todo, "sys_path": list(sys.path)}))
+                self._preloaded.update(todo)
+            except OSError:
+                pass
+
+    def returncode(self, pid: int, timeout: float | None) -> int | None:
+        with self._cond:
+            self._cond.wait_for(lambda: pid in self._status or not self._alive, timeout=timeout)
+            return self._status.pop(pid, None)
+
+    def close(self) -> None:
+        """Stop the template (it kills the workers it still has)."""
+        with self._lock:
+            sock, proc = self._sock, self._proc
+            self._sock = None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if proc is not None:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+launcher = TemplateLauncher()
 
 
 def _descendants(pid: int) -> list[Any]:
@@ -163,8 +313,11 @@ class Job:
         label: str = "",
         env: dict[str, str] | None = None,
         max_output: int = DEFAULT_MAX_OUTPUT,
+        use_template: bool = True,
     ) -> None:
         self.id = f"w{next(_ids)}-{os.getpid()}"
+        self.use_template = use_template
+        self.how_started = ""
         self.payload = payload
         self.buffers = list(buffers)
         self.on_event = on_event
@@ -172,7 +325,7 @@ class Job:
         self.label = label
         self.env = env
         self.max_output = max_output
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: Any = None
         self.started_at = time.time()
         self._t0 = time.perf_counter()
         self._stop_reason: str | None = None
@@ -203,16 +356,25 @@ class Job:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", _bootstrap_code(theirs.fileno())],
-                stdin=subprocess.DEVNULL,
-                stdout=out_w,
-                stderr=err_w,
-                pass_fds=(theirs.fileno(),),
-                start_new_session=True,
-                cwd=self.payload.get("cwd"),
-                env=self.env,
-            )
+            pid = None
+            if self.use_template:
+                env = dict(os.environ if self.env is None else self.env)
+                pid = launcher.fork((theirs.fileno(), out_w, err_w), env)
+            if pid is not None:
+                self.proc = _ForkedProcess(pid, launcher)
+                self.how_started = "forked from template"
+            else:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-c", _bootstrap("worker", theirs.fileno())],
+                    stdin=subprocess.DEVNULL,
+                    stdout=out_w,
+                    stderr=err_w,
+                    pass_fds=(theirs.fileno(),),
+                    start_new_session=True,
+                    cwd=self.payload.get("cwd"),
+                    env=self.env,
+                )
+                self.how_started = "spawned"
         finally:
             theirs.close()
             os.close(out_w)

@@ -11,7 +11,7 @@ import pytest
 
 from .kernel import Kernel
 
-WORKER_MARK = "nbisolate.worker"
+WORKER_MARK = "from nbisolate."  # both the template and spawned workers
 
 
 def worker_processes() -> list[psutil.Process]:

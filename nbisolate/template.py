@@ -1,0 +1,171 @@
+"""The template process: forks a brand-new worker for every cell in milliseconds.
+
+Starting a Python interpreter and importing ``dill``, ``numpy`` and
+``pandas`` costs hundreds of milliseconds; ``fork()`` of a process that has
+already done it costs a few.  The kernel itself must never be forked (it has
+threads, sockets and user state), so nbisolate starts one small *template*
+process per kernel, from a clean interpreter, that imports what the notebook
+uses and then does nothing but fork on request.  Each fork becomes exactly one
+worker, runs exactly one cell and exits; the template never runs user code,
+so nothing leaks from one cell to the next (the multiprocessing
+``forkserver`` idea, applied per cell).
+
+The template stays single-threaded so that forking it is safe: it starts no
+threads, and imports only what the kernel asks for (the packages the
+notebook itself imported), never anything that initializes a GPU.
+
+Protocol, over a socketpair inherited from the kernel:
+
+* ``("fork", {"env": ...}, fds=[channel, stdout, stderr])`` -> ``("forked", pid)``
+* ``("preload", {"names": [...], "sys_path": [...]})`` -> ``("preloaded", {name: error})``
+* ``("exit", (pid, returncode))`` is sent whenever a worker is reaped.
+
+When the kernel's end closes, the template kills the process groups of the
+workers it still has and exits.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import pickle
+import select
+import signal
+import socket
+import struct
+import sys
+from typing import Any
+
+_HEAD = struct.Struct("!I")
+MAX_FDS = 8
+
+
+def send(sock: socket.socket, message: Any, fds: list[int] | tuple[int, ...] = ()) -> None:
+    """One pickled message, with file descriptors attached (SCM_RIGHTS) when given."""
+    data = pickle.dumps(message, protocol=5)
+    payload = _HEAD.pack(len(data)) + data
+    if fds:
+        sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    else:
+        sock.sendall(payload)
+
+
+def recv(sock: socket.socket) -> tuple[Any, list[int]]:
+    """Receive one message and any descriptors that came with it."""
+    fds: list[int] = []
+    head = b""
+    while len(head) < _HEAD.size:
+        chunk, ancdata, _flags, _addr = sock.recvmsg(
+            _HEAD.size - len(head), socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+        )
+        if not chunk:
+            raise EOFError("the other end closed the template channel")
+        head += chunk
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                got = array.array("i")
+                got.frombytes(data[: len(data) - (len(data) % got.itemsize)])
+                fds.extend(got)
+    (size,) = _HEAD.unpack(head)
+    body = bytearray()
+    while len(body) < size:
+        chunk = sock.recv(size - len(body))
+        if not chunk:
+            raise EOFError("the other end closed the template channel")
+        body += chunk
+    return pickle.loads(body), fds
+
+
+def _child(control: socket.socket, wake_fds: tuple[int, int], fds: list[int], job: dict[str, Any]) -> None:
+    """In the forked child: become a clean worker and run one cell (never returns)."""
+    try:
+        os.setsid()
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        control.close()
+        for fd in wake_fds:
+            os.close(fd)
+        chan_fd, out_fd, err_fd = fds
+        os.dup2(out_fd, 1)
+        os.dup2(err_fd, 2)
+        for fd in (out_fd, err_fd):
+            if fd > 2:
+                os.close(fd)
+        env = job.get("env")
+        if env is not None:
+            os.environ.clear()
+            os.environ.update(env)
+        from .worker import main
+
+        main(chan_fd)
+    finally:
+        os._exit(71)
+
+
+def main(fd: int) -> None:
+    """Entry point of the template process."""
+    os.set_inheritable(fd, False)
+    control = socket.socket(fileno=fd)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    os.set_blocking(wake_r, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    children: set[int] = set()
+    # The worker imports these anyway; paying for them once here is the point.
+    from . import ship, wire, worker  # noqa: F401
+
+    def reap() -> None:
+        while children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            children.discard(pid)
+            send(control, ("exit", (pid, os.waitstatus_to_exitcode(status))))
+
+    try:
+        while True:
+            ready, _, _ = select.select([control, wake_r], [], [])
+            if wake_r in ready:
+                try:
+                    while os.read(wake_r, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+                reap()
+            if control not in ready:
+                continue
+            (kind, body), fds = recv(control)
+            if kind == "fork":
+                pid = os.fork()
+                if pid == 0:
+                    _child(control, (wake_r, wake_w), fds, body)
+                for passed in fds:
+                    os.close(passed)
+                children.add(pid)
+                send(control, ("forked", pid))
+            elif kind == "preload":
+                outcome: dict[str, str | None] = {}
+                sys.path[:] = body["sys_path"]
+                for name in body["names"]:
+                    try:
+                        __import__(name)
+                        outcome[name] = None
+                    except BaseException as exc:  # a broken package must not kill the template
+                        outcome[name] = f"{type(exc).__name__}: {exc}"
+                send(control, ("preloaded", outcome))
+            elif kind == "ping":
+                send(control, ("pong", os.getpid()))
+    except (EOFError, OSError):
+        pass
+    for pid in list(children):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    sys.exit(0)
