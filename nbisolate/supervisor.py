@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .wire import Channel, ChannelClosed
+from .wire import SHM_THRESHOLD, Arena, Channel, ChannelClosed
 
 GRACE_SECONDS = 2.0
 DEFAULT_MAX_OUTPUT = 10 * 1024 * 1024
@@ -129,6 +129,59 @@ class _Registry:
 
 
 registry = _Registry()
+
+
+class _Arenas:
+    """Warm shared-memory arenas for inputs, kept a while between cells.
+
+    Reusing a pre-touched arena makes shipping a big array cost one memcpy;
+    keeping it forever would hold that memory in the kernel, so an arena
+    nobody took for ``IDLE_SECONDS`` is released.
+    """
+
+    IDLE_SECONDS = 30.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: list[tuple[float, Arena]] = []
+        self._timer: threading.Timer | None = None
+
+    def take(self) -> Arena:
+        with self._lock:
+            if self._free:
+                self._free.sort(key=lambda item: item[1].size)
+                return self._free.pop()[1]
+        return Arena()
+
+    def give_back(self, arena: Arena) -> None:
+        with self._lock:
+            self._free.append((time.monotonic(), arena))
+            while len(self._free) > 2:
+                self._free.sort(key=lambda item: item[1].size)
+                self._free.pop(0)[1].close()
+            if self._timer is None:
+                self._timer = threading.Timer(self.IDLE_SECONDS, self.trim)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def trim(self) -> None:
+        with self._lock:
+            self._timer = None
+            now = time.monotonic()
+            keep = []
+            for since, arena in self._free:
+                if now - since >= self.IDLE_SECONDS:
+                    arena.close()
+                else:
+                    keep.append((since, arena))
+            self._free = keep
+            if keep:
+                self._timer = threading.Timer(self.IDLE_SECONDS, self.trim)
+                self._timer.daemon = True
+                self._timer.start()
+
+
+_arenas = _Arenas()
 
 
 def _bootstrap(module: str, fd: int) -> str:
@@ -527,8 +580,9 @@ class Job:
             return True
 
         try:
+            arena = _arenas.take() if sum(memoryview(b).nbytes for b in self.buffers) >= SHM_THRESHOLD else None
             try:
-                chan.send("run", self.payload, self.buffers)
+                chan.send("run", self.payload, self.buffers, arena=arena)
             except OSError:
                 pass  # the worker died at start; the exit branch explains how
             self.buffers = []
@@ -598,6 +652,8 @@ class Job:
                         os.close(fd)
                     except OSError:
                         pass
+            if arena is not None:
+                _arenas.give_back(arena)
             registry._announce("ended", self)
         self._emit(
             "exit",

@@ -7,13 +7,26 @@ makes it safe to unpickle what arrives on it.
 
 A message is a small pickled ``(kind, body)`` pair plus any number of raw
 buffers (the out-of-band parts of a shipment), sent with one header that
-gives every length, so large arrays go through the socket without ever being
-copied into a pickle stream.  This module is shared by the worker and must
-import nothing but the standard library.
+gives every length, so large arrays never pass through a pickle stream.
+
+Large buffers do not go through the socket either: a socket copies twice
+(0.2-0.6 GB/s measured here), while a shared mapping costs one ``memcpy``.
+When a message's buffers add up to :data:`SHM_THRESHOLD` or more, they are
+copied into an anonymous ``memfd`` whose descriptor travels with the message
+(``SCM_RIGHTS``); the receiver maps it and hands out zero-copy views.  An
+anonymous memfd has no name in ``/dev/shm``, so a crash on either side cannot
+leak a segment: the memory is gone when the last mapping is.  The sender may
+pass an :class:`Arena` it keeps warm between messages, so the copy runs at
+memory speed instead of paying page faults every time.
+
+This module is shared by the worker and imports only the standard library.
 """
 
 from __future__ import annotations
 
+import array
+import mmap
+import os
 import pickle
 import socket
 import struct
@@ -21,12 +34,64 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-_HEAD = struct.Struct("!QI")
+_HEAD = struct.Struct("!QIB")
 _LEN = struct.Struct("!Q")
+SHM_THRESHOLD = 1 << 20
+_ALIGN = 64
+_MADV_POPULATE_WRITE = 23
+HAVE_MEMFD = hasattr(os, "memfd_create")
 
 
 class ChannelClosed(EOFError):
     """The other end went away."""
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _populate(mm: mmap.mmap) -> None:
+    """Fault the pages in at once, much faster than one fault per page during the copy."""
+    try:
+        mm.madvise(_MADV_POPULATE_WRITE)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+class Arena:
+    """A reusable, pre-touched memfd for outgoing buffers.
+
+    Not thread-safe: one message at a time, and the owner must not reuse it
+    while the receiver may still read the previous one (the supervisor gives
+    each running job its own arena and takes it back when the worker exits).
+    """
+
+    def __init__(self) -> None:
+        self.fd = -1
+        self.size = 0
+        self.map: mmap.mmap | None = None
+
+    def reserve(self, size: int) -> tuple[int, mmap.mmap]:
+        if size > self.size or self.map is None:
+            self.close()
+            self.size = max(size, 1 << 22)
+            self.fd = os.memfd_create("nbisolate", os.MFD_CLOEXEC)
+            os.ftruncate(self.fd, self.size)
+            self.map = mmap.mmap(self.fd, self.size)
+            _populate(self.map)
+        return self.fd, self.map
+
+    def close(self) -> None:
+        if self.map is not None:
+            try:
+                self.map.close()
+            except BufferError:  # a view is still out there; the GC frees it with the view
+                pass
+            self.map = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.size = 0
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytearray:
@@ -41,6 +106,29 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
     return buf
 
 
+def _recv_head(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """The fixed header, with any descriptor sent alongside it.
+
+    Every first read of a message uses ``recvmsg``: a plain ``recv`` would
+    silently drop a descriptor attached to those bytes.
+    """
+    fds: list[int] = []
+    head = b""
+    while len(head) < _HEAD.size:
+        chunk, ancdata, _flags, _addr = sock.recvmsg(
+            _HEAD.size - len(head), socket.CMSG_SPACE(4 * array.array("i").itemsize)
+        )
+        if not chunk:
+            raise ChannelClosed("the other end closed the channel")
+        head += chunk
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                got = array.array("i")
+                got.frombytes(data[: len(data) - (len(data) % got.itemsize)])
+                fds.extend(got)
+    return head, fds
+
+
 class Channel:
     """Send and receive framed ``(kind, body, buffers)`` messages; sends are thread-safe."""
 
@@ -48,21 +136,70 @@ class Channel:
         self.sock = sock
         self._lock = threading.Lock()
 
-    def send(self, kind: str, body: Any = None, buffers: Sequence[Any] = ()) -> None:
+    def send(
+        self, kind: str, body: Any = None, buffers: Sequence[Any] = (), arena: Arena | None = None
+    ) -> None:
         meta = pickle.dumps((kind, body), protocol=5)
         views = [memoryview(b).cast("B") for b in buffers]
-        header = _HEAD.pack(len(meta), len(views)) + b"".join(_LEN.pack(v.nbytes) for v in views)
-        with self._lock:
-            self.sock.sendall(header + meta)
+        total = sum(v.nbytes for v in views)
+        shared = HAVE_MEMFD and total >= SHM_THRESHOLD
+        header = _HEAD.pack(len(meta), len(views), 1 if shared else 0) + b"".join(
+            _LEN.pack(v.nbytes) for v in views
+        )
+        if not shared:
+            with self._lock:
+                self.sock.sendall(header + meta)
+                for view in views:
+                    self.sock.sendall(view)
+            return
+        size = sum(_aligned(v.nbytes) for v in views)
+        own = arena is None
+        if own:
+            fd = os.memfd_create("nbisolate", os.MFD_CLOEXEC)
+            os.ftruncate(fd, size)
+            mm = mmap.mmap(fd, size)
+            _populate(mm)
+        else:
+            assert arena is not None
+            fd, mm = arena.reserve(size)
+        try:
+            offset = 0
             for view in views:
-                self.sock.sendall(view)
+                mm[offset : offset + view.nbytes] = view
+                offset += _aligned(view.nbytes)
+            with self._lock:
+                fdarray = array.array("i", [fd])
+                self.sock.sendmsg(
+                    [header + meta], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fdarray)]
+                )
+        finally:
+            if own:
+                mm.close()
+                os.close(fd)
 
-    def recv(self) -> tuple[str, Any, list[bytearray]]:
-        size, nbuf = _HEAD.unpack(_recv_exact(self.sock, _HEAD.size))
-        lengths = [_LEN.unpack(_recv_exact(self.sock, _LEN.size))[0] for _ in range(nbuf)]
-        kind, body = pickle.loads(_recv_exact(self.sock, size))
-        buffers = [_recv_exact(self.sock, n) for n in lengths]
-        return kind, body, buffers
+    def recv(self) -> tuple[str, Any, list[Any]]:
+        head, fds = _recv_head(self.sock)
+        try:
+            size, nbuf, shared = _HEAD.unpack(head)
+            lengths = [_LEN.unpack(_recv_exact(self.sock, _LEN.size))[0] for _ in range(nbuf)]
+            kind, body = pickle.loads(_recv_exact(self.sock, size))
+            if not shared:
+                buffers: list[Any] = [_recv_exact(self.sock, n) for n in lengths]
+                return kind, body, buffers
+            if not fds:
+                raise ChannelClosed("a shared-memory message arrived without its descriptor")
+            total = sum(_aligned(n) for n in lengths)
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            mm = mmap.mmap(fds[0], total, flags=flags) if total else None
+            view = memoryview(mm) if mm is not None else memoryview(b"")
+            buffers, offset = [], 0
+            for n in lengths:
+                buffers.append(view[offset : offset + n])
+                offset += _aligned(n)
+            return kind, body, buffers
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def close(self) -> None:
         try:

@@ -108,3 +108,34 @@ def test_notebook_style_main_function_loads_in_a_fresh_interpreter(tmp_path):
 def test_bytesio_roundtrip_uses_fast_path():
     s, out = roundtrip({"b": io.BytesIO(b"abc")})
     assert out["b"].getvalue() == b"abc"
+
+
+def test_large_buffers_cross_a_real_channel_through_shared_memory():
+    """Above the threshold buffers travel in a memfd: zero-copy views, nothing in /dev/shm."""
+    import os
+    import socket
+
+    from nbisolate.wire import SHM_THRESHOLD, Arena, Channel
+
+    arr = np.arange(SHM_THRESHOLD // 8 * 3, dtype=np.float64)
+    s = ship.dumps({"arr": arr, "small": [1, 2]})
+    a, b = socket.socketpair()
+    before = set(os.listdir("/dev/shm"))
+    arena = Arena()
+    try:
+        sender, receiver = Channel(a), Channel(b)
+        import threading
+
+        t = threading.Thread(target=sender.send, args=("run", {"names": s.names}, s.buffers, arena))
+        t.start()
+        kind, body, buffers = receiver.recv()
+        t.join()
+        out = ship.loads(body["names"], s.data, buffers, s.engine)
+        np.testing.assert_array_equal(out["arr"], arr)
+        assert isinstance(buffers[0], memoryview) and out["small"] == [1, 2]
+        out["arr"][0] = -1.0  # the mapping is writable, like a normal array
+    finally:
+        arena.close()
+        a.close()
+        b.close()
+    assert set(os.listdir("/dev/shm")) == before
