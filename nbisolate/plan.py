@@ -69,6 +69,11 @@ def parse_cell(source: str, first_line: int = 1) -> ast.Module:
         raise IsolateUsageError(
             f"syntax error at {where}{snippet} ({exc.msg}); nothing ran. Fix the line and run again."
         ) from None
+    except RecursionError:
+        raise IsolateUsageError(
+            "the cell is nested too deeply for Python's parser; nothing ran. "
+            "Split long expressions into several statements."
+        ) from None
 
 
 class _ModuleScope(ast.NodeVisitor):
@@ -102,6 +107,16 @@ class _ModuleScope(ast.NodeVisitor):
         for node in nodes:
             if node is not None:
                 self.visit(node)
+
+    def generic_visit(self, node: ast.AST) -> None:
+        """Children in source order, without recursion: ``a + b + ... `` may nest thousands deep."""
+        stack = list(ast.iter_child_nodes(node))[::-1]
+        while stack:
+            child = stack.pop()
+            if hasattr(self, "visit_" + type(child).__name__):
+                self.visit(child)
+            else:
+                stack.extend(list(ast.iter_child_nodes(child))[::-1])
 
     # -- names ---------------------------------------------------------
     def visit_Name(self, node: ast.Name) -> None:

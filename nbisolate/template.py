@@ -115,6 +115,8 @@ def main(fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     children: set[int] = set()
     # The worker imports these anyway; paying for them once here is the point.
+    import ctypes  # noqa: F401  (the worker uses it for prctl and fflush)
+
     from . import ship, wire, worker  # noqa: F401
 
     def reap() -> None:

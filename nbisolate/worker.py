@@ -34,6 +34,7 @@ import traceback
 import types
 from typing import Any
 
+from . import display_worker
 from .wire import Channel, ChannelClosed
 
 RESULT = "\x00result"  # the reserved shipment name of the last expression's value
@@ -194,6 +195,31 @@ def _fallback_bundle(value: Any) -> dict[str, Any]:
     return bundle
 
 
+def _compile_cell(
+    source: str, filename: str, offset: int, has_result: bool
+) -> tuple[types.CodeType, types.CodeType | None]:
+    """Compile the cell, and its last expression separately when it has a value to show.
+
+    Compiling from text, not from the AST, keeps CPython's own (much deeper)
+    limits for long expressions; blank lines in front shift the line numbers
+    so tracebacks match the lines the user sees in the notebook cell.
+    """
+    flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+    pad = "\n" * offset
+    tree = ast.parse(source, filename=filename)
+    last = tree.body[-1] if has_result and tree.body else None
+    if not isinstance(last, ast.Expr):
+        return compile(pad + source, filename, "exec", flags=flags), None
+    lines = source.splitlines(True)
+    line = lines[last.lineno - 1]
+    cut = len(line.encode("utf-8")[: last.col_offset].decode("utf-8", "replace"))
+    head = "".join(lines[: last.lineno - 1]) + line[:cut]
+    rest = line[cut:] + "".join(lines[last.lineno :])
+    body = compile(pad + head, filename, "exec", flags=flags)
+    tail_pad = "\n" * (offset + last.lineno - 1)
+    return body, compile(tail_pad + rest.strip(), filename, "eval", flags=flags)
+
+
 def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
     from . import ship
 
@@ -217,15 +243,7 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
     offset = job.get("line_offset", 0)
     shown = job.get("display_source", job["source"])
     linecache.cache[filename] = (len(shown), None, shown.splitlines(True), filename)
-    tree = ast.parse(job["source"], filename=filename)
-    if offset:
-        ast.increment_lineno(tree, offset)
-    last = None
-    if job["has_result"] and tree.body and isinstance(tree.body[-1], ast.Expr):
-        last = ast.Expression(tree.body.pop().value)
-    flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
-    body = compile(tree, filename, "exec", flags=flags)
-    tail = compile(last, filename, "eval", flags=flags) if last is not None else None
+    body, tail = _compile_cell(job["source"], filename, offset, job["has_result"])
 
     t2 = time.perf_counter()
     value = None
@@ -236,6 +254,8 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
     except BaseException as exc:  # the cell's exception, including KeyboardInterrupt
         if isinstance(exc, SystemExit):
             raise
+        if not isinstance(exc, KeyboardInterrupt):
+            display_worker.end_of_cell()  # figures left open show even when the cell failed
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         _flush_c_stdio()
@@ -254,6 +274,7 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
             shipped.buffers,
         )
         return
+    display_worker.end_of_cell()  # show open figures (and close them, so none travels back live)
     run_seconds = time.perf_counter() - t2
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
@@ -266,8 +287,9 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
     if tail is not None and value is not None:
         out[RESULT] = value
     shipped = ship.dumps(out, skip_failures=True)
+    display_worker.explain_skipped(shipped.skipped, out)
     if RESULT in shipped.skipped:
-        bundle = _fallback_bundle(value)
+        bundle = display_worker.result_bundle(value)  # the kernel's formatter, or _fallback_bundle
         shipped.skipped.pop(RESULT)
     chan.send(
         "result",
@@ -314,6 +336,7 @@ def main(fd: int) -> None:
     threading.Thread(target=_watch_parent, args=(chan,), daemon=True, name="watch-parent").start()
     streams = [_Stream("stdout", chan, 1), _Stream("stderr", chan, 2)]
     sys.stdout, sys.stderr = streams
+    display_worker.install(chan)  # display(), plots, widgets: before inputs load (they may import)
     stop = threading.Event()
     threading.Thread(target=_flusher, args=(streams, stop), daemon=True, name="flusher").start()
     code = 0

@@ -80,3 +80,10 @@ def test_out_narrows_and_semicolon_hides_result():
 def test_syntax_error_names_the_cell_line():
     with pytest.raises(IsolateUsageError, match="line 3"):
         plan_cell("a = 1\nb = (", NS, first_line=2)
+
+
+def test_deeply_nested_expressions_do_not_overflow():
+    names = {f"v{i}" for i in range(1000)}
+    src = "k = " + " + ".join(f"len(v{i})" for i in range(1000))
+    plan = plan_cell(src, names)
+    assert len(plan.inputs) == 1000 and plan.inputs[0] == "v0"

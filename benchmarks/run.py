@@ -1,0 +1,296 @@
+"""``make bench``: nbisolate side by side with what a user would otherwise pick.
+
+Everything runs in one real IPython kernel (started with ``jupyter_client``),
+in one session, so the ratios compare like with like on a shared, noisy
+machine.  For each case the table gives the median wall time of each
+approach and the ratio of ``%%isolate`` to the naive per-cell spawn pool.
+
+Approaches: ``%%isolate`` (timed from the client: request to reply, so it
+includes the kernel's own messaging), the same code run directly in the
+kernel (also timed from the client), a stdlib ``multiprocessing`` spawn
+``Process`` per cell, a ``multiprocess`` spawn ``Pool`` per cell (the naive
+way), ``concurrent.futures.ProcessPoolExecutor`` with spawn per cell, loky's
+reusable executor (warm: not a fresh process), and Dask ``LocalCluster``
+submit (warm workers).
+
+Writes ``build/bench/results.json`` and ``build/bench/bench.png``, and copies
+both to ``benchmarks/results/`` for the README.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.kernel import Kernel  # noqa: E402
+
+REPEATS = int(os.environ.get("NBISOLATE_BENCH_REPEATS", "7"))
+QUICK = os.environ.get("NBISOLATE_BENCH_QUICK") == "1"
+
+# The kernel-side harness: each alternative runs the same workload function.
+SETUP = textwrap.dedent(
+    f"""
+    import sys, time, statistics, gc, json, pickle
+    sys.path.insert(0, {str(ROOT)!r})
+    import numpy as np, pandas as pd
+    from benchmarks import workloads as W
+    import multiprocessing, concurrent.futures
+    import multiprocess
+    ctx = multiprocessing.get_context("spawn")
+    mctx = multiprocess.get_context("spawn")
+
+    def _median(f, n):
+        times = []
+        for _ in range(n):
+            gc.collect()
+            t0 = time.perf_counter(); f(); times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    def _target(q, fn, args, kwargs):
+        q.put(fn(*args, **kwargs))
+
+    def mp_process(fn, *args, **kwargs):
+        q = ctx.SimpleQueue()
+        p = ctx.Process(target=_target, args=(q, fn, args, kwargs))
+        p.start(); r = q.get(); p.join(); return r
+
+    def mp_pool(fn, *args, **kwargs):
+        with mctx.Pool(1) as pool:
+            return pool.apply(fn, args, kwargs)
+
+    def cf_pool(fn, *args, **kwargs):
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as ex:
+            return ex.submit(fn, *args, **kwargs).result()
+
+    try:
+        from loky import get_reusable_executor
+        def loky_warm(fn, *args, **kwargs):
+            return get_reusable_executor(max_workers=1).submit(fn, *args, **kwargs).result()
+        loky_warm(W.trivial)
+    except ImportError:
+        loky_warm = None
+
+    try:
+        from distributed import Client, LocalCluster
+        _cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None)
+        _client = Client(_cluster)
+        def dask_submit(fn, *args, **kwargs):
+            return _client.submit(fn, *args, pure=False, **kwargs).result()
+        dask_submit(W.trivial)
+    except Exception:
+        dask_submit = None
+    """
+)
+
+APPROACHES = ["isolate", "direct", "mp_process", "mp_pool", "cf_pool", "loky_warm", "dask_submit"]
+
+
+def _cases(quick: bool) -> list[dict]:
+    big = 400 if not quick else 100
+    return [
+        {
+            "name": "trivial cell",
+            "setup": "",
+            "cell": "x = 1",
+            "call": "W.trivial()",
+            "n": REPEATS,
+            "target": ("mp_pool", 0.15),
+        },
+        {
+            "name": "pandas cell",
+            "setup": "import pandas as pd",
+            "cell": "frame = pd.DataFrame({'a': range(100), 'b': range(100)})\nr = int(frame.a.sum())",
+            "call": "W.pandas_cell()",
+            "n": REPEATS,
+            "target": ("mp_pool", 0.10),
+        },
+        {
+            "name": "100 MB array in",
+            "setup": "arr = np.random.rand(100 * 2**20 // 8)",
+            "cell": "s = float(arr[::4096].sum())",
+            "call": "W.array_in(arr)",
+            "n": 5,
+        },
+        {
+            "name": f"{big} MB array in",
+            "setup": f"arr = np.random.rand({big} * 2**20 // 8); dst = np.zeros_like(arr)",
+            "cell": "s = float(arr[::4096].sum())",
+            "call": "W.array_in(arr)",
+            "n": 3,
+            "baseline": "np.copyto(dst, arr)",
+            "target": ("baseline", 2.0),
+        },
+        {
+            "name": f"{big} MB array out",
+            "setup": f"n_out = {big} * 2**20 // 8",
+            "cell": "out = np.ones(n_out)",
+            "call": "W.array_out(n_out)",
+            "n": 3,
+            "target": ("direct", 4.0),
+        },
+        {
+            "name": "DataFrame in (1M rows)",
+            "setup": "frame = pd.DataFrame({'a': np.arange(10**6), 'b': np.random.rand(10**6), 'c': ['x%d' % (i % 100) for i in range(10**6)]})",
+            "cell": "k = len(frame)",
+            "call": "W.frame_in(frame)",
+            "n": 3,
+        },
+        {
+            "name": "200,000 small dicts in",
+            "setup": "rows = [{'id': i, 'v': i * 0.5, 'k': 'r%d' % i} for i in range(200_000)]",
+            "cell": "k = len(rows)",
+            "call": "W.dicts_in(rows)",
+            "n": 3,
+            "baseline": "pickle.loads(pickle.dumps(rows))",
+            "target": ("baseline", 3.0),
+        },
+        {
+            "name": "1,000 small variables in",
+            "setup": "_vals = {f'v{i}': [i, str(i), {'k': i}] for i in range(1000)}\nglobals().update(_vals)",
+            "cell": "k = sum(map(len, [" + ", ".join(f"v{i}" for i in range(1000)) + "]))",
+            "call": "W.many_in(**_vals)",
+            "n": 3,
+        },
+    ]
+
+
+def _time_client(kernel: Kernel, code: str, n: int) -> float:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        kernel.run(code, timeout=300)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> int:
+    quick = QUICK
+    kernel = Kernel(cwd=str(ROOT))
+    rows = []
+    try:
+        kernel.run(SETUP, timeout=300)
+        kernel.run("%load_ext nbisolate")
+        time.sleep(1.0)  # let the template start, as it does while a user reads
+        for case in _cases(quick):
+            print(f"- {case['name']}", flush=True)
+            if case["setup"]:
+                kernel.run(case["setup"], timeout=300)
+            n = case["n"]
+            row = {"case": case["name"]}
+            cell = case["cell"]
+            kernel.run("%%isolate\n" + cell, timeout=300)  # warm: the template learns the imports
+            time.sleep(0.5)
+            row["isolate"] = _time_client(kernel, "%%isolate --quiet\n" + cell, n)
+            row["direct"] = _time_client(kernel, cell, n)
+            if case.get("baseline"):
+                res = kernel.run(f"print(repr(_median(lambda: {case['baseline']}, {n})))", timeout=600)
+                row["baseline"] = float(res.stdout.strip())
+            for name in APPROACHES[2:]:
+                if quick and name in ("mp_process", "cf_pool"):
+                    continue
+                fn, _, args = case["call"].partition("(")
+                args = args[:-1]
+                call = f"{name}({fn}" + (f", {args})" if args else ")")
+                code = f"print(repr(_median(lambda: {call}, {n})) if {name} is not None else 'None')"
+                res = kernel.execute(code, timeout=600)
+                try:
+                    row[name] = float(res.stdout.strip()) if res.ok else None
+                except ValueError:
+                    row[name] = None
+                if not res.ok:
+                    print(f"  {name} failed: {res.error_text[-300:]}", flush=True)
+            if case.get("target"):
+                column, factor = case["target"]
+                row["target"] = f"isolate <= {factor:g} x {column}"
+                ref = row.get(column)
+                row["met"] = bool(ref) and row["isolate"] <= factor * ref
+            rows.append(row)
+            print("  " + ", ".join(f"{k}={v * 1000:.1f} ms" for k, v in row.items() if isinstance(v, float)), flush=True)
+        kernel.run("%pickle_check", timeout=300)  # warm
+        t0 = time.perf_counter()
+        kernel.run("%pickle_check", timeout=300)
+        check_seconds = time.perf_counter() - t0
+    finally:
+        kernel.execute("try:\n    _client.close(); _cluster.close()\nexcept Exception:\n    pass", timeout=60)
+        kernel.shutdown()
+    return _report(rows, check_seconds, quick)
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    if not a or not b:
+        return "-"
+    return f"{a / b:.2f}"
+
+
+def _report(rows: list[dict], check_seconds: float, quick: bool) -> int:
+    out = ROOT / "build" / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()} {platform.release()}",
+        "repeats": REPEATS,
+        "quick": quick,
+        "pickle_check_namespace_seconds": check_seconds,
+    }
+    header = ["case"] + APPROACHES + ["baseline", "isolate/mp_pool", "isolate/direct", "target", "met"]
+    lines = [" | ".join(header), " | ".join("---" for _ in header)]
+    for row in rows:
+        cells = [row["case"]] + [
+            f"{row[a] * 1000:.1f}" if isinstance(row.get(a), float) else "-" for a in APPROACHES
+        ]
+        cells += [
+            f"{row['baseline'] * 1000:.1f}" if isinstance(row.get("baseline"), float) else "-",
+            _ratio(row.get("isolate"), row.get("mp_pool")),
+            _ratio(row.get("isolate"), row.get("direct")),
+            row.get("target", "-"),
+            {True: "yes", False: "NO"}.get(row.get("met"), "-"),
+        ]
+        lines.append(" | ".join(cells))
+    table = "\n".join(lines)
+    print(f"\nmedian milliseconds, {meta['date']}, {meta['machine']}\n")
+    print(table)
+    print(f"\n%pickle_check over the whole benchmark namespace: {check_seconds:.2f} s")
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (out / "table.md").write_text(table + "\n")
+    _chart(rows, meta, out / "bench.png")
+    keep = ROOT / "benchmarks" / "results"
+    keep.mkdir(exist_ok=True)
+    for name in ("results.json", "table.md", "bench.png"):
+        shutil.copy(out / name, keep / name)
+    return 0
+
+
+def _chart(rows: list[dict], meta: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 5))
+    width = 0.8 / len(APPROACHES)
+    for i, approach in enumerate(APPROACHES):
+        values = [(row.get(approach) or 0) * 1000 for row in rows]
+        ax.bar([j + i * width for j in range(len(rows))], values, width, label=approach)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))])
+    ax.set_xticklabels([row["case"] for row in rows], rotation=20, ha="right", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("median ms (log)")
+    ax.set_title(f"nbisolate vs alternatives — {meta['date']} — {meta['machine']}", fontsize=9)
+    ax.legend(fontsize=8, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
