@@ -637,6 +637,37 @@ class _Finding:
     module: str = ""
 
 
+class _Abandon(BaseException):
+    """Unwinds the walk to a resource that holds a failing member.
+
+    A lock inside a ``threading.Thread``, a buffer inside a ``GzipFile``, a
+    pool inside a database engine: the useful answer is the thread, the
+    file, the engine (one problem, one fix), not their private parts -- and
+    walking on through their internals (a thread's ``_stderr`` leads into the
+    whole kernel) only produces noise. A BaseException, so that reducers'
+    ``except Exception`` don't stop it on the way.
+    """
+
+    def __init__(self, holder: Any, error: str) -> None:
+        super().__init__()
+        self.holder = holder
+        self.error = error
+
+
+_RESOURCE_BY_TYPE: dict[type, str | None] = {}
+
+
+def _resource_of(obj: Any) -> str | None:
+    t = type(obj)
+    try:
+        return _RESOURCE_BY_TYPE[t]
+    except KeyError:
+        found = _RESOURCE_BY_TYPE[t] = _resource_category(obj)
+        return found
+    except TypeError:  # unhashable metatype
+        return _resource_category(obj)
+
+
 class _TraceMixin:
     """Turns a pure-Python pickler into a culprit finder.
 
@@ -646,6 +677,11 @@ class _TraceMixin:
     so we record it with its path, write a placeholder (``None``) and return
     normally, letting the parent carry on with its other members. The stream
     we produce is never loaded, so a placeholder is harmless.
+
+    When the failing object sits inside a resource (see :class:`_Abandon`),
+    the walk instead unwinds to the outermost such resource, forgets what it
+    found inside it, and reports the resource, naming the failing member in
+    the error text.
     """
 
     _nb_by_value_main = False
@@ -663,6 +699,7 @@ class _TraceMixin:
         self._nb_check_refs = check_refs
         self._nb_stack: list[Any] = []
         self._nb_found: dict[int, _Finding] = {}
+        self._nb_undo: list[tuple[Any, ...]] = []
         self._nb_calls = 0
         self._nb_depth_paths: list[str] = []
         self._nb_labels = _LabelCache()
@@ -676,14 +713,11 @@ class _TraceMixin:
         stack = self._nb_stack
         seen = self._nb_found.get(id(obj))
         if seen is not None and seen.kind == "fail":
-            if len(seen.also) < 5:
-                stack.append(obj)
-                try:
-                    path = self._nb_path()
-                finally:
-                    stack.pop()
-                if path != seen.path and path not in seen.also:
-                    seen.also.append(path)
+            stack.append(obj)
+            try:
+                self._nb_also(seen)
+            finally:
+                stack.pop()
             self.write(pickle.NONE)
             return
         if len(stack) >= self._nb_max_depth:
@@ -691,17 +725,30 @@ class _TraceMixin:
                 stack.append(obj)
                 try:
                     self._nb_depth_paths.append(self._nb_path())
+                    self._nb_undo.append(("depth",))
                 finally:
                     stack.pop()
             self.write(pickle.NONE)
             return
+        mark = (len(self._nb_undo), len(self.memo)) if _resource_of(obj) else None
         stack.append(obj)
         try:
             super().save(obj, save_persistent_id)  # type: ignore[misc]
         except (_OutOfTime, RecursionError):
             raise
+        except _Abandon as abandon:
+            if abandon.holder is not obj or mark is None:
+                raise
+            self._nb_rollback(*mark)
+            self._nb_record(obj, "fail", abandon.error)
+            self.write(pickle.NONE)
         except Exception as exc:
-            self._nb_fail(obj, _exc_text(exc))
+            error = _exc_text(exc)
+            holder = next((o for o in stack[:-1] if _resource_of(o)), None)
+            if holder is not None:
+                where = f" (at {self._nb_path()}, a {_type_name(type(obj))})"
+                raise _Abandon(holder, error + where) from None
+            self._nb_record(obj, "fail", error)
             self.write(pickle.NONE)
         else:
             if self._nb_check_refs and _is(
@@ -735,47 +782,46 @@ class _TraceMixin:
             return
         self._nb_record(obj, "ref", status, module=modname)
 
-    def _nb_fail(self, obj: Any, error: str) -> None:
-        """Record a failure, at the resource that holds the culprit if there is one.
-
-        A lock inside a ``threading.Thread``, a buffer inside a ``GzipFile``,
-        a pool inside a database engine: the useful answer is the thread, the
-        file, the engine (one problem, one fix), not their private parts. The
-        member that really failed stays in the error text.
-        """
-        stack = self._nb_stack
-        depth = next(
-            (i for i, o in enumerate(stack[:-1]) if _resource_category(o) is not None), None
-        )
-        if depth is None:
-            self._nb_record(obj, "fail", error)
-            return
-        holder = stack[depth]
-        seen = self._nb_found.get(id(holder))
-        if seen is not None:
-            return
-        inner = self._nb_path()
-        self._nb_found[id(holder)] = _Finding(
-            obj=holder,
-            path=_render_path(self._nb_name, stack[: depth + 1], self._nb_labels),
-            kind="fail",
-            error=f"{error} (at {inner}, a {_type_name(type(obj))})",
-            serializer=self._nb_serializer,
-        )
-
     def _nb_record(self, obj: Any, kind: str, error: str, module: str = "") -> None:
         key = id(obj)
         seen = self._nb_found.get(key)
         if seen is not None:
-            if len(seen.also) < 5:
-                path = self._nb_path()
-                if path != seen.path and path not in seen.also:
-                    seen.also.append(path)
+            self._nb_also(seen)
             return
         self._nb_found[key] = _Finding(
             obj=obj, path=self._nb_path(), kind=kind, error=error,
             serializer=self._nb_serializer, module=module,
         )
+        self._nb_undo.append(("found", key))
+
+    def _nb_also(self, seen: _Finding) -> None:
+        """Note another path to an object already reported (shared objects, once)."""
+        if len(seen.also) >= 5:
+            return
+        path = self._nb_path()
+        if path != seen.path and path not in seen.also:
+            seen.also.append(path)
+            self._nb_undo.append(("also", seen))
+
+    def _nb_rollback(self, undo_len: int, memo_len: int) -> None:
+        """Forget what was found, and memoized, since a resource's walk began.
+
+        Memo entries go too: an object first met inside the abandoned
+        resource and met again outside it must be walked again there, or a
+        problem only reachable that way would be lost.
+        """
+        while len(self._nb_undo) > undo_len:
+            entry = self._nb_undo.pop()
+            if entry[0] == "found":
+                self._nb_found.pop(entry[1], None)
+            elif entry[0] == "also":
+                entry[1].also.pop()
+            else:
+                self._nb_depth_paths.pop()
+        memo = self.memo
+        if len(memo) > memo_len:
+            for key in list(memo)[memo_len:]:
+                del memo[key]
 
     def _nb_path(self) -> str:
         return _render_path(self._nb_name, self._nb_stack, self._nb_labels)
@@ -1621,8 +1667,7 @@ def _apply_findings(
         e["errors"].setdefault(sname, res.error or "failed")
         e["fails"].append(sname)
 
-    problems = [_make_problem(merged[k], report) for k in order]
-    problems.sort(key=lambda p: (p.severity != "error", len(p.fails_with) == 0))
+    problems = _sort_problems([_make_problem(merged[k], report) for k in order])
     if len(problems) > max_problems:
         report.omitted = len(problems) - max_problems
         problems = problems[:max_problems]
@@ -1631,6 +1676,28 @@ def _apply_findings(
             "(max_problems)"
         )
     report.problems = problems
+
+
+# Problems that only bite in a spawned child, or are advice: listed after
+# objects that can't be pickled at all.
+_SOFT_CATEGORIES = frozenset(
+    {"notebook-defined", "unimportable-module", "unverified-reference", "large"}
+)
+
+
+def _sort_problems(problems: list[Problem]) -> list[Problem]:
+    """Errors for %%isolate first, then hard failures, then spawn-only; kinds kept together."""
+    first: dict[str, int] = {}
+    for i, p in enumerate(problems):
+        first.setdefault(p.category, i)
+    ranked = sorted(
+        enumerate(problems),
+        key=lambda ip: (
+            ip[1].severity != "error", ip[1].category in _SOFT_CATEGORIES,
+            first[ip[1].category], ip[0],
+        ),
+    )
+    return [p for _, p in ranked]
 
 
 def _spawn_unverified(merged: dict[Any, dict[str, Any]]) -> set[str]:
@@ -1714,6 +1781,17 @@ def _is_user_variable(name: str, value: Any) -> bool:
     return True
 
 
+def _report_rank(report: Report) -> int:
+    """Order for a namespace: breaks %%isolate, fails somewhere, spawn-only/advice, clean."""
+    if report.errors or report.isolate_ok is False:
+        return 0
+    if any(p.category not in _SOFT_CATEGORIES for p in report.problems):
+        return 1
+    if report.problems or not report.ok:
+        return 2
+    return 3
+
+
 def check_namespace(
     user_ns: dict[str, Any],
     names: Sequence[str] | None = None,
@@ -1763,9 +1841,7 @@ def check_namespace(
             value, name=var, serializers=serializers,
             max_seconds=min(DEFAULT_MAX_SECONDS, left), _ctx=ctx,
         )
-    ordered = dict(
-        sorted(reports.items(), key=lambda kv: (kv[1].ok and not kv[1].problems, not kv[1].errors))
-    )
+    ordered = dict(sorted(reports.items(), key=lambda kv: _report_rank(kv[1])))
     return NamespaceReport(
         reports=ordered, modules=modules, seconds=time.perf_counter() - started, notes=notes
     )
@@ -1815,11 +1891,44 @@ def _report_text(report: Report) -> str:
     if report.problems:
         n = len(report.problems) + report.omitted
         lines.append(f"{n} problem{'s' if n != 1 else ''}:")
-        for p in report.problems:
-            lines.extend(_problem_text(p))
+        lines.extend(_problems_text(report.problems))
     for note in report.notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)
+
+
+def _groups(problems: list[Problem]) -> list[list[Problem]]:
+    """Runs of problems with the same kind and verdict: explained once, listed together."""
+    out: list[list[Problem]] = []
+    for p in problems:
+        if out and (out[-1][0].category, out[-1][0].fails_with, out[-1][0].severity) == (
+            p.category, p.fails_with, p.severity,
+        ) and p.category != "large":
+            out[-1].append(p)
+        else:
+            out.append([p])
+    return out
+
+
+def _problems_text(problems: list[Problem]) -> list[str]:
+    lines: list[str] = []
+    for group in _groups(problems):
+        if len(group) == 1:
+            lines.extend(_problem_text(group[0]))
+            continue
+        p0 = group[0]
+        fails = f"fails with {', '.join(p0.fails_with)}" if p0.fails_with else p0.severity
+        lines.append(f"  {len(group)} x {p0.title}; {fails}:")
+        width = max(len(p.path) for p in group)
+        for p in group:
+            what = f"  {p.what}" if p.what and p.what != p.type_name else ""
+            lines.append(f"    {p.path:<{width}}  [{p.type_name}]{what}")
+            if p.also_at:
+                lines.append(f"    {'':<{width}}  also reachable as: {', '.join(p.also_at)}")
+        why = _CATEGORIES[p0.category].why or p0.reason
+        lines.append(f"      why:  {why}")
+        lines.append(f"      fix:  {p0.fix}")
+    return lines
 
 
 def _problem_text(p: Problem) -> list[str]:
@@ -1834,11 +1943,20 @@ def _problem_text(p: Problem) -> list[str]:
     return out
 
 
-_CSS = (
-    "<style>.nbi-pc td,.nbi-pc th{text-align:left;vertical-align:top;padding:2px 8px}"
-    ".nbi-pc .ok{color:#1a7f37}.nbi-pc .bad{color:#cf222e;font-weight:bold}"
-    ".nbi-pc .warn{color:#9a6700}</style>"
-)
+# Inline styles: notebook front ends restyle tables (right-aligned cells) and
+# may strip <style> blocks from outputs, but keep simple style attributes.
+_CELL = "text-align:left;vertical-align:top;padding:2px 8px"
+_COLOR = {"ok": "color:#1a7f37", "bad": "color:#cf222e;font-weight:bold", "warn": "color:#9a6700"}
+
+
+def _td(content: str, kind: str | None = None, attrs: str = "") -> str:
+    style = _CELL + (";" + _COLOR[kind] if kind else "")
+    return f"<td style='{style}'{attrs}>{content}</td>"
+
+
+def _th_row(*names: str) -> str:
+    cells = "".join(f"<th style='{_CELL}'>{html.escape(n)}</th>" for n in names)
+    return f"<thead><tr>{cells}</tr></thead>"
 
 
 def _cell_class(verdict: str) -> str:
@@ -1848,19 +1966,27 @@ def _cell_class(verdict: str) -> str:
 def _problems_html(problems: list[Problem]) -> str:
     esc = html.escape
     rows = []
-    for p in problems:
-        fails = ", ".join(p.fails_with) or p.severity
-        cls = "bad" if p.severity == "error" else "warn"
-        also = f"<br><small>also: {esc(', '.join(p.also_at))}</small>" if p.also_at else ""
-        rows.append(
-            f"<tr><td><code>{esc(p.path)}</code>{also}</td><td><code>{esc(p.type_name)}</code>"
-            f"<br><small>{esc(p.what)}</small></td><td class='{cls}'>{esc(p.title)}"
-            f"<br><small>{esc(fails)}</small></td><td>{esc(p.reason)}</td>"
-            f"<td>{esc(p.fix)}</td></tr>"
-        )
+    for group in _groups(problems):
+        n = len(group)
+        for i, p in enumerate(group):
+            fails = ", ".join(p.fails_with) or p.severity
+            kind = "bad" if p.severity == "error" else "warn"
+            also = f"<br><small>also: {esc(', '.join(p.also_at))}</small>" if p.also_at else ""
+            cells = _td(f"<code>{esc(p.path)}</code>{also}") + _td(
+                f"<code>{esc(p.type_name)}</code><br><small>{esc(p.what)}</small>"
+            )
+            if i == 0:
+                why = p.reason if n == 1 else (_CATEGORIES[p.category].why or p.reason)
+                span = f" rowspan='{n}'" if n > 1 else ""
+                cells += (
+                    _td(f"{esc(p.title)}<br><small>{esc(fails)}</small>", kind, span)
+                    + _td(esc(why), None, span)
+                    + _td(esc(p.fix), None, span)
+                )
+            rows.append(f"<tr>{cells}</tr>")
     return (
-        "<table><thead><tr><th>member</th><th>type</th><th>problem</th><th>why</th>"
-        "<th>fix</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+        "<table>" + _th_row("member", "type", "problem", "why", "fix")
+        + "<tbody>" + "".join(rows) + "</tbody></table>"
     )
 
 
@@ -1868,17 +1994,19 @@ def _report_html(report: Report) -> str:
     esc = html.escape
     rows = []
     for r in report.results.values():
-        err = esc(r.error) if r.error and not r.ok else esc(r.note or "")
+        detail = esc(r.error) if r.error and not r.ok else esc(r.note or "")
         rows.append(
-            f"<tr><td>{esc(r.label)}<br><small>{esc(r.used_by)}</small></td>"
-            f"<td class='{_cell_class(r.verdict)}'>{esc(_MARK[r.verdict])}</td>"
-            f"<td>{_fmt_size(r.size)}</td><td>{_fmt_time(r.seconds)}</td><td>{err}</td></tr>"
+            "<tr>"
+            + _td(f"{esc(r.label)}<br><small>{esc(r.used_by)}</small>")
+            + _td(esc(_MARK[r.verdict]), _cell_class(r.verdict))
+            + _td(_fmt_size(r.size)) + _td(_fmt_time(r.seconds)) + _td(detail)
+            + "</tr>"
         )
     parts = [
-        _CSS, "<div class='nbi-pc'>",
+        "<div class='nbisolate-pickle-check'>",
         f"<p><b>{esc(_headline(report))}</b></p>",
-        "<table><thead><tr><th>serializer</th><th>result</th><th>size</th><th>time</th>"
-        "<th>detail</th></tr></thead><tbody>", "".join(rows), "</tbody></table>",
+        "<table>", _th_row("serializer", "result", "size", "time", "detail"),
+        "<tbody>", "".join(rows), "</tbody></table>",
     ]
     if report.problems:
         parts.append(_problems_html(report.problems))
@@ -1889,21 +2017,27 @@ def _report_html(report: Report) -> str:
 
 
 def _namespace_text(ns: NamespaceReport) -> str:
-    checked = len(ns.reports)
+    single = _single(ns)
+    if single is not None:
+        return _report_text(single)
     bad = [n for n, r in ns.reports.items() if r.problems or not r.ok]
     lines = [
-        f"pickle_check: {checked} variable{'s' if checked != 1 else ''} checked in "
+        f"pickle_check: {_plural(len(ns.reports), 'variable')} checked in "
         f"{_fmt_time(ns.seconds)}; {len(bad)} with problems"
     ]
     sers = list(next(iter(ns.reports.values())).results) if ns.reports else []
     if ns.reports:
-        width = max(len(n) for n in ns.reports)
-        tw = min(max(len(r.type_name) for r in ns.reports.values()), 30)
-        head = f"  {'name':<{width}}  {'type':<{tw}}  " + "  ".join(f"{s:<11}" for s in sers)
+        width = max(4, *(len(n) for n in ns.reports))
+        tw = max(4, min(max(len(r.type_name) for r in ns.reports.values()), 30))
+        labels = [_SERIALIZERS[s].label if s in _SERIALIZERS else s for s in sers]
+        cw = max(*(len(m) for m in _MARK.values()), *(len(lb) for lb in labels))
+        head = f"  {'name':<{width}}  {'type':<{tw}}  " + "  ".join(
+            f"{lb:<{cw}}" for lb in labels
+        )
         lines.append(head + "       size")
         for n, r in ns.reports.items():
             cols = "  ".join(
-                f"{_MARK[r.results[s].verdict][:11]:<11}" if s in r.results else " " * 11
+                f"{_MARK[r.results[s].verdict]:<{cw}}" if s in r.results else " " * cw
                 for s in sers
             )
             lines.append(f"  {n:<{width}}  {r.type_name[:tw]:<{tw}}  {cols}  {_fmt_size(r.size):>9}")
@@ -1916,8 +2050,7 @@ def _namespace_text(ns: NamespaceReport) -> str:
         r = ns.reports[n]
         if r.problems:
             lines.append(f"{n}:")
-            for p in r.problems:
-                lines.extend(_problem_text(p))
+            lines.extend(_problems_text(r.problems))
         for note in r.notes:
             lines.append(f"  note: {note}")
     for note in ns.notes:
@@ -1925,32 +2058,45 @@ def _namespace_text(ns: NamespaceReport) -> str:
     return "\n".join(lines)
 
 
+def _single(ns: NamespaceReport) -> Report | None:
+    """The one report of ``%pickle_check x``: shown in full rather than as a table row."""
+    if len(ns.reports) == 1 and not ns.modules and not ns.notes:
+        return next(iter(ns.reports.values()))
+    return None
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' if n != 1 else ''}"
+
+
 def _namespace_html(ns: NamespaceReport) -> str:
+    single = _single(ns)
+    if single is not None:
+        return _report_html(single)
     esc = html.escape
     sers = list(next(iter(ns.reports.values())).results) if ns.reports else []
-    labels = {s: _SERIALIZERS[s].label if s in _SERIALIZERS else s for s in sers}
+    labels = [_SERIALIZERS[s].label if s in _SERIALIZERS else s for s in sers]
     bad = [n for n, r in ns.reports.items() if r.problems or not r.ok]
     parts = [
-        _CSS, "<div class='nbi-pc'>",
-        f"<p><b>pickle_check: {len(ns.reports)} variables checked in "
+        "<div class='nbisolate-pickle-check'>",
+        f"<p><b>pickle_check: {_plural(len(ns.reports), 'variable')} checked in "
         f"{_fmt_time(ns.seconds)}; {len(bad)} with problems</b></p>",
     ]
     if ns.reports:
-        head = "".join(f"<th>{esc(labels[s])}</th>" for s in sers)
         rows = []
         for n, r in ns.reports.items():
             cells = "".join(
-                f"<td class='{_cell_class(r.results[s].verdict)}'>"
-                f"{esc(_MARK[r.results[s].verdict])}</td>" if s in r.results else "<td></td>"
+                _td(esc(_MARK[r.results[s].verdict]), _cell_class(r.results[s].verdict))
+                if s in r.results else _td("")
                 for s in sers
             )
             rows.append(
-                f"<tr><td><code>{esc(n)}</code></td><td><code>{esc(r.type_name)}</code></td>"
-                f"{cells}<td>{_fmt_size(r.size)}</td><td>{len(r.problems)}</td></tr>"
+                "<tr>" + _td(f"<code>{esc(n)}</code>") + _td(f"<code>{esc(r.type_name)}</code>")
+                + cells + _td(_fmt_size(r.size)) + _td(str(len(r.problems))) + "</tr>"
             )
         parts.append(
-            f"<table><thead><tr><th>name</th><th>type</th>{head}<th>size</th>"
-            f"<th>problems</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+            "<table>" + _th_row("name", "type", *labels, "size", "problems")
+            + "<tbody>" + "".join(rows) + "</tbody></table>"
         )
     if ns.modules:
         parts.append(
