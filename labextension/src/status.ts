@@ -1,0 +1,367 @@
+// Front end of the `nbisolate.status` comm: one IsolateStatus per notebook session.
+//
+// The kernel side (nbisolate/labcomm.py) sends {"workers": [...]} on open and on
+// every change; we send {"action": "refresh"} or {"action": "stop", "id": ...}.
+import type { ISessionContext } from '@jupyterlab/apputils';
+import type { Kernel, KernelMessage } from '@jupyterlab/services';
+import type { IDisposable } from '@lumino/disposable';
+import { ISignal, Signal } from '@lumino/signaling';
+
+export const COMM_TARGET = 'nbisolate.status';
+
+/** One running isolated worker, as the kernel describes it. */
+export interface IWorker {
+  id: string;
+  label: string;
+  pid: number | null;
+  /** Start time, epoch seconds (kernel host clock). */
+  started: number;
+  /** Timeout in seconds, or null for none. */
+  timeout: number | null;
+  host: string;
+}
+
+/** Python expression telling whether the extension is loaded in an IPython kernel. */
+const LOADED_EXPRESSION =
+  "'nbisolate' in getattr(get_ipython(), 'extension_manager').loaded";
+
+/** Code that mentions the extension may have loaded it: look again once it ran. */
+const MENTIONS_NBISOLATE = /nbisolate|%%isolate/;
+
+function isWorker(value: unknown): value is IWorker {
+  const w = value as IWorker;
+  return (
+    typeof w === 'object' &&
+    w !== null &&
+    typeof w.id === 'string' &&
+    typeof w.started === 'number'
+  );
+}
+
+/** Whether the comm's messages travel on a kernel subshell (JupyterLab >= 4.6). */
+function commSubshell(comm: Kernel.IComm): string | null {
+  return ((comm as any).subshellId as string | null | undefined) ?? null;
+}
+
+/**
+ * The isolated workers of one notebook's kernel.
+ *
+ * `available` is true while the status comm is open, i.e. nbisolate is loaded in
+ * the kernel.  The comm is opened again after a kernel restart or change, and when
+ * a cell that mentions nbisolate ran while it was closed.
+ */
+export class IsolateStatus implements IDisposable {
+  constructor(sessionContext: ISessionContext) {
+    this._sessionContext = sessionContext;
+    sessionContext.kernelChanged.connect(this._onKernelChanged, this);
+    sessionContext.statusChanged.connect(this._onStatusChanged, this);
+    sessionContext.iopubMessage.connect(this._onIOPub, this);
+    this._setKernel(sessionContext.session?.kernel ?? null);
+  }
+
+  get changed(): ISignal<this, void> {
+    return this._changed;
+  }
+
+  get available(): boolean {
+    return this._available;
+  }
+
+  get workers(): readonly IWorker[] {
+    return this._workers;
+  }
+
+  get isDisposed(): boolean {
+    return this._isDisposed;
+  }
+
+  get sessionContext(): ISessionContext {
+    return this._sessionContext;
+  }
+
+  dispose(): void {
+    if (this._isDisposed) {
+      return;
+    }
+    this._isDisposed = true;
+    this._closeComm();
+    Signal.clearData(this);
+  }
+
+  /**
+   * Load nbisolate in the kernel unless the status comm shows it is loaded.
+   *
+   * The silent `%load_ext` is sent at once, so it runs before whatever is sent
+   * next; the returned promise tells whether it worked.
+   */
+  ensureLoaded(): Promise<void> {
+    const kernel = this._kernel;
+    if (!kernel || this._comm) {
+      return Promise.resolve();
+    }
+    const future = kernel.requestExecute({
+      code: '%load_ext nbisolate',
+      silent: true,
+      store_history: false
+    });
+    return future.done.then(reply => {
+      const content = reply.content;
+      if (content.status === 'error') {
+        throw new Error(
+          `Could not load nbisolate in the kernel: ${content.ename}: ${content.evalue}`
+        );
+      }
+      if (!this._comm && kernel === this._kernel && !kernel.isDisposed) {
+        // Not a probe: that would queue behind the cell about to run.
+        void this._openComm(kernel);
+      }
+    });
+  }
+
+  /** Ask the kernel whether nbisolate is loaded, and open the comm if so. */
+  probe(): Promise<boolean> {
+    if (this._comm) {
+      return Promise.resolve(true);
+    }
+    if (this._probing) {
+      return this._probing;
+    }
+    const kernel = this._kernel;
+    if (!kernel || kernel.isDisposed) {
+      return Promise.resolve(false);
+    }
+    const probing = (async () => {
+      try {
+        const reply = await kernel.requestExecute(
+          {
+            code: '',
+            silent: true,
+            store_history: false,
+            user_expressions: { nbisolate: LOADED_EXPRESSION }
+          },
+          true
+        ).done;
+        if (kernel !== this._kernel || this._isDisposed) {
+          return false;
+        }
+        const content = reply.content as KernelMessage.IExecuteReplyMsg['content'];
+        if (content.status !== 'ok') {
+          return false;
+        }
+        const result = (content.user_expressions ?? {})['nbisolate'] as any;
+        const loaded =
+          result?.status === 'ok' && result?.data?.['text/plain'] === 'True';
+        if (loaded && !this._comm) {
+          await this._openComm(kernel);
+        }
+        return loaded;
+      } catch (reason) {
+        console.debug('nbisolate: probing the kernel failed', reason);
+        return false;
+      } finally {
+        this._probing = null;
+      }
+    })();
+    this._probing = probing;
+    return probing;
+  }
+
+  /** Ask the kernel for a fresh list. */
+  refresh(): void {
+    if (this._comm && !this._comm.isDisposed) {
+      this._comm.send({ action: 'refresh' });
+    } else {
+      void this.probe();
+    }
+  }
+
+  /**
+   * Stop one worker.
+   *
+   * With a kernel subshell the request is handled at once.  Without one, the
+   * kernel reads it only after the running cell; if the kernel is busy, that
+   * cell is the one waiting on the worker, so interrupt it, as the kernel side's
+   * stop would.
+   */
+  async stop(id: string): Promise<void> {
+    const comm = this._comm;
+    const kernel = this._kernel;
+    if (!comm || comm.isDisposed || !kernel) {
+      return;
+    }
+    comm.send({ action: 'stop', id });
+    if (!commSubshell(comm) && kernel.status === 'busy') {
+      await kernel.interrupt();
+    }
+  }
+
+  private _onKernelChanged(
+    _sender: ISessionContext,
+    args: { newValue: Kernel.IKernelConnection | null }
+  ): void {
+    this._setKernel(args.newValue);
+  }
+
+  private _setKernel(kernel: Kernel.IKernelConnection | null): void {
+    this._closeComm();
+    this._mentioning.clear();
+    this._kernel = kernel;
+    this._setState(false, []);
+    if (kernel) {
+      // Extensions loaded at kernel start-up (IPython config) show up here.
+      void kernel.info.then(() => this.probe()).catch(() => undefined);
+    }
+  }
+
+  private _onStatusChanged(
+    _sender: ISessionContext,
+    status: Kernel.Status
+  ): void {
+    switch (status) {
+      case 'restarting':
+      case 'autorestarting':
+      case 'terminating':
+      case 'dead':
+        // The kernel's comms are gone; its workers were stopped with it.
+        this._closeComm(false);
+        this._setState(false, []);
+        this._probeWhenIdle = status !== 'dead' && status !== 'terminating';
+        break;
+      case 'idle':
+        if (this._probeWhenIdle) {
+          this._probeWhenIdle = false;
+          void this.probe();
+        }
+        break;
+      default:
+        break;
+    }
+  }
+
+  private _onIOPub(
+    _sender: ISessionContext,
+    msg: KernelMessage.IMessage
+  ): void {
+    if (this._comm) {
+      this._mentioning.clear();
+      return;
+    }
+    const type = msg.header.msg_type;
+    if (type === 'execute_input') {
+      const code = (msg as unknown as KernelMessage.IExecuteInputMsg).content.code ?? '';
+      const parent = (msg.parent_header as KernelMessage.IHeader).msg_id;
+      if (parent && MENTIONS_NBISOLATE.test(code)) {
+        this._mentioning.add(parent);
+      }
+    } else if (type === 'status') {
+      const state = (msg as unknown as KernelMessage.IStatusMsg).content.execution_state;
+      const parent = (msg.parent_header as KernelMessage.IHeader).msg_id;
+      if (state === 'idle' && parent && this._mentioning.delete(parent) && this._kernel) {
+        // That cell may have loaded nbisolate.  Open the comm right away rather
+        // than probe: a probe would wait for the cells queued after it, while
+        // comm messages are handled as soon as they arrive.
+        void this._openComm(this._kernel);
+      }
+    }
+  }
+
+  private async _openComm(kernel: Kernel.IKernelConnection): Promise<void> {
+    if (this._comm) {
+      return;
+    }
+    let comm: Kernel.IComm;
+    try {
+      comm = kernel.createComm(COMM_TARGET);
+    } catch (reason) {
+      console.warn('nbisolate: cannot open the status comm', reason);
+      return;
+    }
+    this._comm = comm;
+    comm.onMsg = msg => {
+      if (this._comm !== comm) {
+        return;
+      }
+      const workers = (msg.content.data as any)?.workers;
+      if (Array.isArray(workers)) {
+        this._setState(true, workers.filter(isWorker));
+      }
+    };
+    comm.onClose = () => {
+      if (this._comm === comm) {
+        this._comm = null;
+        this._setState(false, []);
+      }
+    };
+    // JupyterLab 4.6+ sends comm messages over a kernel subshell, so that the
+    // kernel handles them while a cell runs; open the comm there too.
+    const subshellStarted = (comm as any).subshellStarted as
+      | Promise<void>
+      | undefined;
+    if (subshellStarted && (kernel as any).supportsSubshells) {
+      await Promise.race([
+        subshellStarted,
+        new Promise(resolve => setTimeout(resolve, 5000))
+      ]).catch(() => undefined);
+    }
+    if (this._comm !== comm || comm.isDisposed || kernel.isDisposed) {
+      return;
+    }
+    comm.open({});
+  }
+
+  private _closeComm(tellKernel = true): void {
+    const comm = this._comm;
+    this._comm = null;
+    if (!comm || comm.isDisposed) {
+      return;
+    }
+    try {
+      if (tellKernel) {
+        comm.close();
+      }
+    } catch {
+      // The kernel connection is already gone.
+    }
+    if (!comm.isDisposed) {
+      comm.dispose();
+    }
+  }
+
+  private _setState(available: boolean, workers: IWorker[]): void {
+    if (
+      available === this._available &&
+      workers.length === 0 &&
+      this._workers.length === 0
+    ) {
+      return;
+    }
+    this._available = available;
+    this._workers = workers;
+    this._changed.emit();
+  }
+
+  private _sessionContext: ISessionContext;
+  private _kernel: Kernel.IKernelConnection | null = null;
+  private _comm: Kernel.IComm | null = null;
+  private _probing: Promise<boolean> | null = null;
+  private _probeWhenIdle = false;
+  private _mentioning = new Set<string>();
+  private _available = false;
+  private _workers: IWorker[] = [];
+  private _isDisposed = false;
+  private _changed = new Signal<this, void>(this);
+}
+
+/** "m:ss" or "h:mm:ss". */
+export function formatDuration(seconds: number): string {
+  const s = Math.max(0, Math.floor(seconds));
+  const h = Math.floor(s / 3600);
+  const m = Math.floor((s % 3600) / 60);
+  const sec = String(s % 60).padStart(2, '0');
+  return h > 0 ? `${h}:${String(m).padStart(2, '0')}:${sec}` : `${m}:${sec}`;
+}
+
+/** Seconds a worker has run, by the browser's clock. */
+export function elapsed(worker: IWorker, now = Date.now() / 1000): number {
+  return Math.max(0, now - worker.started);
+}

@@ -1,0 +1,230 @@
+// Status-bar item: the current notebook kernel's isolated workers, and a popup
+// listing each one with a Stop button.
+import type { INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
+import { Popup, showPopup } from '@jupyterlab/statusbar';
+import { ISignal, Signal } from '@lumino/signaling';
+import { Widget } from '@lumino/widgets';
+
+import {
+  elapsed,
+  formatDuration,
+  IsolateStatus,
+  IWorker
+} from './status';
+
+const TICK_MS = 1000;
+
+function plural(n: number, word: string): string {
+  return `${n} ${word}${n === 1 ? '' : 's'}`;
+}
+
+export class IsolateStatusItem extends Widget {
+  constructor(
+    tracker: INotebookTracker,
+    statusFor: (panel: NotebookPanel) => IsolateStatus
+  ) {
+    super({ node: document.createElement('div') });
+    this.addClass('nbisolate-status');
+    this.addClass('jp-mod-highlighted');
+    this.node.title = 'Isolated workers of this notebook’s kernel';
+    this._text = document.createElement('span');
+    this._text.className = 'jp-StatusBar-TextItem nbisolate-status-text';
+    this.node.appendChild(this._text);
+    this.node.addEventListener('click', () => this.openPopup());
+    this._tracker = tracker;
+    this._statusFor = statusFor;
+    tracker.currentChanged.connect(this._onCurrentChanged, this);
+    this._onCurrentChanged();
+  }
+
+  /** Whether there is anything to show (nbisolate loaded in the kernel). */
+  get hasContent(): boolean {
+    return this._status?.available ?? false;
+  }
+
+  get contentChanged(): ISignal<this, void> {
+    return this._contentChanged;
+  }
+
+  get status(): IsolateStatus | null {
+    return this._status;
+  }
+
+  openPopup(): void {
+    const status = this._status;
+    if (!status) {
+      return;
+    }
+    this._popup?.dispose();
+    status.refresh();
+    const body = new WorkerList(status);
+    this._popup = showPopup({ body, anchor: this, align: 'left' });
+    this._popup.disposed.connect(() => {
+      body.dispose();
+      this._popup = null;
+    });
+  }
+
+  dispose(): void {
+    if (this.isDisposed) {
+      return;
+    }
+    window.clearInterval(this._timer);
+    this._popup?.dispose();
+    Signal.clearData(this);
+    super.dispose();
+  }
+
+  private _onCurrentChanged(): void {
+    const panel = this._tracker.currentWidget;
+    const status = panel ? this._statusFor(panel) : null;
+    if (status === this._status) {
+      return;
+    }
+    this._status?.changed.disconnect(this._render, this);
+    this._status = status;
+    status?.changed.connect(this._render, this);
+    this._popup?.dispose();
+    this._render();
+  }
+
+  private _render(): void {
+    const status = this._status;
+    const had = this._hadContent;
+    this._hadContent = this.hasContent;
+    const workers = status?.workers ?? [];
+    this.node.dataset.count = String(workers.length);
+    this.node.classList.toggle('nbisolate-mod-running', workers.length > 0);
+    if (!status || !status.available) {
+      this._text.textContent = '';
+    } else if (workers.length === 0) {
+      this._text.textContent = 'isolate: idle';
+    } else {
+      const longest = Math.max(...workers.map(w => elapsed(w)));
+      this._text.textContent = `isolate: ${workers.length} running · ${formatDuration(longest)}`;
+    }
+    if (workers.length > 0 && this._timer === 0) {
+      this._timer = window.setInterval(() => this._render(), TICK_MS);
+    } else if (workers.length === 0 && this._timer !== 0) {
+      window.clearInterval(this._timer);
+      this._timer = 0;
+    }
+    if (had !== this._hadContent) {
+      this._contentChanged.emit();
+    }
+  }
+
+  private _tracker: INotebookTracker;
+  private _statusFor: (panel: NotebookPanel) => IsolateStatus;
+  private _status: IsolateStatus | null = null;
+  private _text: HTMLSpanElement;
+  private _timer = 0;
+  private _hadContent = false;
+  private _popup: Popup | null = null;
+  private _contentChanged = new Signal<this, void>(this);
+}
+
+/** The popup body: one row per worker, with a Stop button. */
+class WorkerList extends Widget {
+  constructor(status: IsolateStatus) {
+    super();
+    this.addClass('nbisolate-popup');
+    this._status = status;
+    status.changed.connect(this._render, this);
+    this._timer = window.setInterval(() => this._tick(), TICK_MS);
+    this._render();
+  }
+
+  dispose(): void {
+    if (this.isDisposed) {
+      return;
+    }
+    window.clearInterval(this._timer);
+    this._status.changed.disconnect(this._render, this);
+    super.dispose();
+  }
+
+  private _render(): void {
+    const node = this.node;
+    node.replaceChildren();
+    const status = this._status;
+    const header = document.createElement('div');
+    header.className = 'nbisolate-popup-header';
+    const workers = status.workers;
+    header.textContent = !status.available
+      ? 'nbisolate is not loaded in this kernel'
+      : workers.length === 0
+        ? 'No isolated worker is running'
+        : `${plural(workers.length, 'isolated worker')} running`;
+    node.appendChild(header);
+    if (!workers.length) {
+      return;
+    }
+    const table = document.createElement('table');
+    table.className = 'nbisolate-workers';
+    const head = table.createTHead().insertRow();
+    for (const title of ['Cell', 'PID', 'Elapsed', 'Timeout', '']) {
+      const th = document.createElement('th');
+      th.textContent = title;
+      head.appendChild(th);
+    }
+    const body = table.createTBody();
+    for (const worker of workers) {
+      body.appendChild(this._row(worker));
+    }
+    node.appendChild(table);
+  }
+
+  private _row(worker: IWorker): HTMLTableRowElement {
+    const row = document.createElement('tr');
+    row.className = 'nbisolate-worker';
+    row.dataset.id = worker.id;
+    const cells = [
+      worker.label || worker.id,
+      worker.pid === null ? '–' : String(worker.pid),
+      formatDuration(elapsed(worker)),
+      worker.timeout === null ? 'none' : formatDuration(worker.timeout)
+    ];
+    const classes = [
+      'nbisolate-worker-label',
+      'nbisolate-worker-pid',
+      'nbisolate-worker-elapsed',
+      'nbisolate-worker-timeout'
+    ];
+    cells.forEach((text, i) => {
+      const td = row.insertCell();
+      td.className = classes[i];
+      td.textContent = text;
+      if (i === 0) {
+        td.title = worker.host ? `${text} (${worker.host})` : text;
+      }
+    });
+    const button = document.createElement('button');
+    button.className = 'jp-Button jp-mod-styled jp-mod-warn nbisolate-stop';
+    button.textContent = 'Stop';
+    button.title = `Stop worker ${worker.pid ?? worker.id}`;
+    button.addEventListener('click', event => {
+      event.stopPropagation();
+      button.disabled = true;
+      button.textContent = 'Stopping…';
+      void this._status.stop(worker.id);
+    });
+    row.insertCell().appendChild(button);
+    return row;
+  }
+
+  private _tick(): void {
+    const now = Date.now() / 1000;
+    for (const worker of this._status.workers) {
+      const row = this.node.querySelector(
+        `tr.nbisolate-worker[data-id="${CSS.escape(worker.id)}"] .nbisolate-worker-elapsed`
+      );
+      if (row) {
+        row.textContent = formatDuration(elapsed(worker, now));
+      }
+    }
+  }
+
+  private _status: IsolateStatus;
+  private _timer: number;
+}
