@@ -1,0 +1,227 @@
+"""A real ``jupyter lab`` server for browser tests, on a free loopback port.
+
+Everything the server writes (settings, workspaces, runtime files, IPython
+profile) goes to a temporary directory, and nothing reaches the network: no
+news feed, no update check.  :meth:`LabServer.stop` shuts the server down
+through its API (which stops its kernels, and so their isolated workers) and then
+kills its process group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def notebook(cells: list[str], path: Path) -> Path:
+    """Write a Python 3 notebook with these code cells."""
+    nb = {
+        "cells": [
+            {
+                "cell_type": "code",
+                "execution_count": None,
+                "id": f"cell-{i}",
+                "metadata": {},
+                "outputs": [],
+                "source": source,
+            }
+            for i, source in enumerate(cells)
+        ],
+        "metadata": {
+            "kernelspec": {
+                "display_name": "Python 3 (ipykernel)",
+                "language": "python",
+                "name": "python3",
+            },
+            "language_info": {"name": "python"},
+        },
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    }
+    path.write_text(json.dumps(nb, indent=1))
+    return path
+
+
+def jupyter_command(*args: str) -> list[str]:
+    """Run a jupyter subcommand from this Python's environment."""
+    return [sys.executable, "-m", "jupyter", *args]
+
+
+def labextension_list() -> str:
+    """`jupyter labextension list` output (it prints to stderr), without colours."""
+    proc = subprocess.run(
+        jupyter_command("labextension", "list"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    return ANSI.sub("", proc.stdout + proc.stderr)
+
+
+class LabServer:
+    def __init__(self, root_dir: Path, state_dir: Path) -> None:
+        self.root_dir = root_dir
+        self.state_dir = state_dir
+        self.port = free_port()
+        self.token = secrets.token_hex(16)
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = state_dir / "jupyter-lab.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def url(self, path: str) -> str:
+        sep = "&" if "?" in path else "?"
+        return f"{self.base_url}/{path.lstrip('/')}{sep}token={self.token}"
+
+    def start(self, timeout: float = 90.0) -> None:
+        env = dict(os.environ)
+        for name, sub in [
+            ("JUPYTER_CONFIG_DIR", "config"),
+            ("JUPYTER_RUNTIME_DIR", "runtime"),
+            ("JUPYTER_DATA_DIR", "data"),
+            ("JUPYTERLAB_SETTINGS_DIR", "lab-settings"),
+            ("JUPYTERLAB_WORKSPACES_DIR", "lab-workspaces"),
+            ("IPYTHONDIR", "ipython"),
+        ]:
+            path = self.state_dir / sub
+            path.mkdir(parents=True, exist_ok=True)
+            env[name] = str(path)
+        env.pop("JUPYTER_TOKEN", None)
+        cmd = jupyter_command(
+            "lab",
+            "--no-browser",
+            "--allow-root",
+            "--ServerApp.ip=127.0.0.1",
+            f"--ServerApp.port={self.port}",
+            "--ServerApp.port_retries=0",
+            f"--IdentityProvider.token={self.token}",
+            f"--ServerApp.root_dir={self.root_dir}",
+            "--ServerApp.open_browser=False",
+            "--LabApp.news_url=None",
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+            "--LabApp.expose_app_in_browser=True",
+            "--LabApp.extension_manager=readonly",
+        )
+        log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=self.root_dir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"jupyter lab exited early:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(self.url("api/status"), timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"jupyter lab did not answer within {timeout} s:\n{self.log()}")
+
+    def api(self, path: str, method: str = "GET", body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url(path), data=data, method=method)
+        req.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            raw = resp.read()
+        return json.loads(raw) if raw else None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-20000:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        import psutil
+
+        proc = self.proc
+        if proc is None:
+            return
+        self.proc = None
+        try:
+            # Kernels (and the workers they started) run in sessions of their own.
+            descendants = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            descendants = []
+        if proc.poll() is None:
+            try:
+                # Stops the kernels properly, so they stop their workers.
+                self.api("api/shutdown", method="POST")
+            except (urllib.error.URLError, OSError):
+                pass
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                continue
+        proc.wait(timeout=5)
+        # Anything the server started and that is still there after a grace period.
+        _, alive = psutil.wait_procs(descendants, timeout=5)
+        for leftover in alive:
+            try:
+                leftover.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+
+
+def find_chromium() -> str | None:
+    """The system Chromium (Debian's ``chromium`` package); NBISOLATE_CHROMIUM overrides."""
+    candidates = [os.environ.get("NBISOLATE_CHROMIUM", "")] + [
+        shutil.which(name) or "" for name in ("chromium", "chromium-browser", "google-chrome")
+    ]
+    for path in candidates:
+        if path and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
