@@ -1,0 +1,61 @@
+"""Big data through a real kernel: shared memory both ways, nothing left behind."""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+
+from .conftest import wait_until
+
+
+def shm_names() -> set[str]:
+    return set(os.listdir("/dev/shm"))
+
+
+def test_big_arrays_round_trip_through_shared_memory(kernel):
+    before = shm_names()
+    kernel.run("import numpy as np\nbig = np.random.rand(6_000_000)\nchecksum = float(big.sum())")
+    res = kernel.run(
+        "%%isolate\ninside = float(big.sum())\nback = big * 2\nfresh = np.arange(3_000_000, dtype=np.int64)"
+    )
+    assert res.ok
+    assert kernel.value("inside == checksum") is True
+    assert kernel.value("bool((back == big * 2).all()) and int(fresh[-1])") == 2_999_999
+    assert kernel.value("back.flags.writeable") is True
+    assert shm_names() == before
+
+
+def test_worker_crash_with_big_input_leaks_nothing(kernel):
+    kernel.run("import numpy as np\npayload = np.ones(4_000_000)")
+    kproc = psutil.Process(kernel.pid)
+    kernel.run("%%isolate\nwarm = float(payload[0])")  # warm the arena and the template
+    fds_before = kproc.num_fds()
+    shm_before = shm_names()
+    for _ in range(3):
+        res = kernel.execute("%%isolate\nimport os\nx = float(payload.sum())\nos._exit(9)")
+        assert res.error["ename"] == "WorkerCrashed" and "exit code 9" in res.error["evalue"]
+    assert wait_until(lambda: kproc.num_fds() <= fds_before + 2)
+    assert shm_names() == shm_before
+
+
+def test_workers_are_forked_from_a_template_not_from_the_kernel(kernel):
+    res = kernel.run("%%isolate\nimport os\nparent = os.getppid()\nme = os.getpid()")
+    assert res.ok
+    parent, me = kernel.value("(parent, me)")
+    template = psutil.Process(parent)
+    assert parent != kernel.pid
+    assert template.ppid() == kernel.pid  # the template is the kernel's own child
+    assert "nbisolate.template" in " ".join(template.cmdline())
+    assert not psutil.pid_exists(me) or psutil.Process(me).status() == psutil.STATUS_ZOMBIE
+
+
+def test_template_learns_the_notebooks_imports(kernel):
+    """After the notebook imports a package, later isolated cells find it already imported."""
+    kernel.run("import json, decimal\nimport numpy as np")
+    kernel.run("%%isolate\nimport sys\nfirst = 'numpy' in sys.modules\nnp.zeros(1)")
+    res = kernel.run("%%isolate\nimport sys\nwarm = 'numpy' in sys.modules")
+    assert res.ok and kernel.value("warm") is True
+    # ...but never a package the notebook did not import.
+    res = kernel.run("%%isolate\nimport sys\nforeign = 'sqlite3' in sys.modules or 'pandas' in sys.modules")
+    assert kernel.value("foreign") is False
