@@ -36,6 +36,9 @@ from tests.kernel import Kernel  # noqa: E402
 
 REPEATS = int(os.environ.get("NBISOLATE_BENCH_REPEATS", "7"))
 QUICK = os.environ.get("NBISOLATE_BENCH_QUICK") == "1"
+# --smoke: two cases, three approaches, one repeat; for the test that checks the harness works.
+SMOKE_CASES = ("trivial cell", "100 MB array in")
+SMOKE_APPROACHES = ("isolate", "direct", "mp_pool")
 
 # The kernel-side harness: each alternative runs the same workload function.
 SETUP = textwrap.dedent(
@@ -81,6 +84,8 @@ SETUP = textwrap.dedent(
         loky_warm = None
 
     try:
+        if SMOKE_FLAG:
+            raise ImportError("not in a smoke run")
         from distributed import Client, LocalCluster
         _cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None)
         _client = Client(_cluster)
@@ -173,15 +178,28 @@ def _time_client(kernel: Kernel, code: str, n: int) -> float:
     return statistics.median(times)
 
 
-def main() -> int:
-    quick = QUICK
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="a quick run that only checks the harness")
+    parser.add_argument("--out", default=str(ROOT / "build" / "bench"), help="where results go")
+    args = parser.parse_args(argv)
+    quick = QUICK or args.smoke
+    global REPEATS
+    if args.smoke:
+        REPEATS = 1
     kernel = Kernel(cwd=str(ROOT))
     rows = []
     try:
-        kernel.run(SETUP, timeout=300)
+        kernel.run(SETUP.replace("SMOKE_FLAG", repr(args.smoke)), timeout=300)
         kernel.run("%load_ext nbisolate")
         time.sleep(1.0)  # let the template start, as it does while a user reads
         for case in _cases(quick):
+            if args.smoke:
+                if case["name"] not in SMOKE_CASES:
+                    continue
+                case["n"] = 1
             print(f"- {case['name']}", flush=True)
             if case["setup"]:
                 kernel.run(case["setup"], timeout=300)
@@ -196,11 +214,11 @@ def main() -> int:
                 res = kernel.run(f"print(repr(_median(lambda: {case['baseline']}, {n})))", timeout=600)
                 row["baseline"] = float(res.stdout.strip())
             for name in APPROACHES[2:]:
-                if quick and name in ("mp_process", "cf_pool"):
+                if (quick and name in ("mp_process", "cf_pool")) or (args.smoke and name not in SMOKE_APPROACHES):
                     continue
-                fn, _, args = case["call"].partition("(")
-                args = args[:-1]
-                call = f"{name}({fn}" + (f", {args})" if args else ")")
+                fn, _, call_args = case["call"].partition("(")
+                call_args = call_args[:-1]
+                call = f"{name}({fn}" + (f", {call_args})" if call_args else ")")
                 code = f"print(repr(_median(lambda: {call}, {n})) if {name} is not None else 'None')"
                 res = kernel.execute(code, timeout=600)
                 try:
@@ -223,7 +241,7 @@ def main() -> int:
     finally:
         kernel.execute("try:\n    _client.close(); _cluster.close()\nexcept Exception:\n    pass", timeout=60)
         kernel.shutdown()
-    return _report(rows, check_seconds, quick)
+    return _report(rows, check_seconds, quick, Path(args.out), keep=not args.smoke)
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -232,8 +250,7 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}"
 
 
-def _report(rows: list[dict], check_seconds: float, quick: bool) -> int:
-    out = ROOT / "build" / "bench"
+def _report(rows: list[dict], check_seconds: float, quick: bool, out: Path, keep: bool) -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -263,10 +280,11 @@ def _report(rows: list[dict], check_seconds: float, quick: bool) -> int:
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     (out / "table.md").write_text(table + "\n")
     _chart(rows, meta, out / "bench.png")
-    keep = ROOT / "benchmarks" / "results"
-    keep.mkdir(exist_ok=True)
-    for name in ("results.json", "table.md", "bench.png"):
-        shutil.copy(out / name, keep / name)
+    if keep:
+        kept = ROOT / "benchmarks" / "results"
+        kept.mkdir(exist_ok=True)
+        for name in ("results.json", "table.md", "bench.png"):
+            shutil.copy(out / name, kept / name)
     return 0
 
 
