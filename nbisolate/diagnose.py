@@ -52,7 +52,9 @@ import contextlib
 import html
 import importlib
 import importlib.machinery
+import inspect
 import io
+import logging
 import os
 import pickle
 import re
@@ -391,6 +393,44 @@ def _pickle_loads(data: bytes, buffers: list[Any]) -> Any:
     return pickle.loads(data, buffers=buffers)
 
 
+def _untracked(make_skeleton: Callable[..., Any]) -> Callable[..., Any]:
+    """cloudpickle's class factory, made to always build a new class.
+
+    Loading a class pickled by value in the process that pickled it,
+    cloudpickle finds the original class through its class tracker and sets
+    the unpickled attributes *on it*: after one check, the notebook's class
+    would carry copies of its methods (whose file is ``<dynamic-code>``).
+    Without a tracker id the loader builds a fresh class, as a worker would.
+    """
+    signature = inspect.signature(make_skeleton)
+
+    def build(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        if "class_tracker_id" in bound.arguments:
+            bound.arguments["class_tracker_id"] = None
+        return make_skeleton(*bound.args, **bound.kwargs)
+
+    return build
+
+
+class _CloudUnpickler(pickle.Unpickler):
+    _swaps: dict[tuple[str, str], Callable[..., Any]] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        key = (module, name)
+        if key in self._swaps:
+            return self._swaps[key]
+        found = super().find_class(module, name)
+        if module.startswith("cloudpickle") and name.startswith("_make_skeleton"):
+            self._swaps[key] = _untracked(found)
+            return self._swaps[key]
+        return found
+
+
+def _cloudpickle_loads(data: bytes, buffers: list[Any]) -> Any:
+    return _CloudUnpickler(io.BytesIO(data), buffers=buffers).load()
+
+
 def _dump_pickle(obj: Any, sink: Any, cb: Callable[[Any], Any], deadline: float) -> None:
     pickle.Pickler(sink, PROTOCOL, buffer_callback=cb).dump(obj)
 
@@ -425,7 +465,7 @@ _SERIALIZERS: dict[str, _Serializer] = {
 if _cloudpickle is not None:
     _SERIALIZERS["cloudpickle"] = _Serializer(
         "cloudpickle", "cloudpickle", "loky, joblib, Dask, Ray", True, _dump_cloudpickle,
-        _pickle_loads,
+        _cloudpickle_loads,
     )
 
 
@@ -1016,6 +1056,8 @@ def _child_labels(anchor: Any) -> dict[int, str]:
                 add(v, _attr_label(k))
             for i, base in enumerate(anchor.__bases__):
                 add(base, f".__bases__[{i}]")
+        else:
+            _library_labels(anchor, add)
     with contextlib.suppress(Exception):
         if not _is(anchor, type):
             attrs = getattr(anchor, "__dict__", None)
@@ -1040,6 +1082,45 @@ def _child_labels(anchor: Any) -> dict[int, str]:
                 add(value, "." + dname)
         add(cls, ".__class__")
     return labels
+
+
+_ELEMENT_LIMIT = 1_000_000
+
+
+def _library_labels(anchor: Any, add: Callable[[Any, str], None]) -> None:
+    """Elements of object-dtype numpy arrays and pandas objects, by index.
+
+    Both pickle their Python objects inside what ``__reduce__`` returns (a
+    block manager, a flat list in the state), so without this the path to a
+    lock in a DataFrame cell would read ``df._mgr.blocks[1].values<reduce>[4][0]``
+    instead of ``df['col'].iloc[0]``.
+    """
+    t = type(anchor)
+    module = _module_of(t)
+    if module.startswith("numpy") and t.__name__ == "ndarray":
+        if anchor.dtype.hasobject and anchor.size <= _ELEMENT_LIMIT:
+            import numpy
+
+            for index in numpy.ndindex(anchor.shape):
+                label = ", ".join(map(str, index))
+                add(anchor[index], f"[{label}]")
+    elif module.startswith("pandas") and t.__name__ == "DataFrame":
+        if anchor.size <= _ELEMENT_LIMIT:
+            for col in anchor.columns:
+                column = anchor[col]
+                if getattr(getattr(column, "dtype", None), "kind", "") == "O":
+                    for i, v in enumerate(column.to_numpy()):
+                        add(v, f"[{_key_repr(col)}].iloc[{i}]")
+    elif module.startswith("pandas") and t.__name__ == "Series":
+        if anchor.dtype.kind == "O" and anchor.size <= _ELEMENT_LIMIT:
+            for i, v in enumerate(anchor.to_numpy()):
+                add(v, f".iloc[{i}]")
+
+
+def _public_shortcut(anchor: Any) -> bool:
+    """Anchors whose pickled internals are private: name culprits from the outside."""
+    t = type(anchor)
+    return _module_of(t).startswith("pandas") and t.__name__ in ("DataFrame", "Series")
 
 
 class _LabelCache:
@@ -1071,8 +1152,14 @@ def _render_path(root_name: str, stack: Sequence[Any], labels: _LabelCache) -> s
     if not stack:
         return root_name
     anchor = prev = stack[0]
+    culprit = stack[-1]
     tail: list[str] = []  # labels inside what the anchor's __reduce__ made
     for obj in stack[1:]:
+        if _public_shortcut(anchor) and obj is not culprit:
+            direct = labels.find(anchor, culprit)
+            if direct is not None:
+                parts.append(direct)
+                return "".join(parts)
         label = labels.find(anchor, obj)
         if label is not None:
             parts.append(label)
@@ -1147,6 +1234,13 @@ _CATEGORIES: dict[str, _Category] = {
         "a thread, pool or executor is a running activity of this process, not data.",
         "Start threads, pools and executors inside the worker; pass only the settings "
         "needed to create them.",
+    ),
+    "logging": _Category(
+        "logging handler",
+        "a logging handler holds a stream or file and a lock of this process.",
+        "Set up logging inside the worker (`logging.basicConfig(...)`, or add the handler "
+        "there); pass the logger's name, not the logger's handlers. A logger without "
+        "handlers pickles by name.",
     ),
     "generator": _Category(
         "generator or iterator",
@@ -1323,6 +1417,8 @@ def _resource_category(obj: Any) -> str | None:
         return "open-file"
     if _is(obj, threading.Thread) or _in_modules(mod, _POOL_MODULES):
         return "thread"
+    if _is(obj, logging.Handler):
+        return "logging"
     if _in_modules(mod, _SOCKET_MODULES):
         return "socket"
     return None
@@ -1480,6 +1576,13 @@ def _trace(
     return out
 
 
+def _abbreviate(path: str, limit: int = 120) -> str:
+    if len(path) <= limit:
+        return path
+    keep = limit // 2 - 2
+    return f"{path[:keep]} ... {path[-keep:]}"
+
+
 def _frames_in_use() -> list[Any]:
     frames = []
     frame = sys._getframe()
@@ -1548,6 +1651,7 @@ def pickle_check(
                 load_failures[sname] = outcome.load_error
 
         to_trace = [s for s in names if outcomes[s].needs_trace or outcomes[s].needs_refs]
+        depth_hits: list[tuple[str, str]] = []
         for i, sname in enumerate(to_trace):
             ser = _SERIALIZERS[sname]
             now = time.perf_counter()
@@ -1563,12 +1667,14 @@ def pickle_check(
                 )
             if tr.depth_paths:
                 report.truncated = True
-                report.notes.append(
-                    f"{sname}: did not descend below depth {max_depth} (max_depth), e.g. at "
-                    f"{tr.depth_paths[0]}"
-                )
+                depth_hits.append((sname, tr.depth_paths[0]))
             for finding in tr.findings:
                 collected.append((finding, sname))
+        if depth_hits:
+            report.notes.append(
+                f"{', '.join(s for s, _ in depth_hits)}: did not descend deeper than "
+                f"{max_depth} levels (max_depth), e.g. at {_abbreviate(depth_hits[0][1])}"
+            )
 
     _apply_findings(report, obj, collected, load_failures, ctx, max_problems)
     _add_large(report, large_bytes)
@@ -1663,7 +1769,7 @@ def _apply_findings(
             category = "load-fails"
         else:
             category = _classify(root, res.error or "")
-        e = entry(("root", sname, category), None, category, root, report.name)  # type: ignore[arg-type]
+        e = entry(("root", category), None, category, root, report.name)  # type: ignore[arg-type]
         e["errors"].setdefault(sname, res.error or "failed")
         e["fails"].append(sname)
 

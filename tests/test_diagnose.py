@@ -387,6 +387,56 @@ def test_closure_and_global_of_a_function_are_followed_for_dill(notebook_main):
     assert problem_at(report, "read.<closure fh>").type_name == "_thread.lock"
 
 
+def test_checking_leaves_notebook_classes_untouched(notebook_main):
+    # loading in-process, cloudpickle would set unpickled copies of the
+    # methods on the original class; a diagnosis must not change the notebook
+    ns = notebook_main("class Scorer:\n    def score(self, x):\n        return x + 1\n")
+    scorer_cls = ns["Scorer"]
+    method = scorer_cls.score
+    report = pickle_check({"s": scorer_cls(), "cls": scorer_cls}, "models")
+    assert report.results["cloudpickle"].ok and report.results["dill"].ok
+    assert scorer_cls.score is method
+    assert scorer_cls.score.__code__.co_filename == "<notebook cell>"
+
+
+def test_dataframe_and_object_array_cells_get_public_paths():
+    import pandas as pd
+
+    lock = threading.Lock()
+    df = pd.DataFrame({"price": [1.0, 2.0], "guard": ["free", lock]})
+    report = pickle_check(df, "df", serializers=["pickle"])
+    assert [p.path for p in report.problems] == ["df['guard'].iloc[1]"]
+    arr = np.array([[1, 2], [3, lock]], dtype=object)
+    report = pickle_check(arr, "arr", serializers=["pickle"])
+    assert [p.path for p in report.problems] == ["arr[1, 1]"]
+
+
+def test_logging_handler_is_one_problem(tmp_path):
+    import logging
+
+    handler = logging.FileHandler(tmp_path / "run.log")
+    try:
+        report = pickle_check({"log": handler}, "cfg", serializers=["pickle"])
+        (p,) = report.problems
+        assert (p.path, p.type_name, p.category) == ("cfg['log']", "logging.FileHandler", "logging")
+        assert "_thread.RLock" in p.reason or "TextIOWrapper" in p.reason
+    finally:
+        handler.close()
+
+
+def test_too_deep_for_the_pickler_is_one_recursion_problem():
+    deep: list = []
+    cur = deep
+    for _ in range(50_000):
+        cur.append([])
+        cur = cur[0]
+    report = pickle_check(deep, "deep")
+    (p,) = report.problems
+    assert p.category == "recursion" and p.path == "deep"
+    assert set(p.fails_with) == {"pickle", "dill", "cloudpickle"}
+    assert report.truncated and any(" ... " in n for n in report.notes)
+
+
 # --- bounds ---------------------------------------------------------------------
 
 
