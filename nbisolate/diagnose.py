@@ -727,11 +727,10 @@ class _TraceMixin:
     _nb_by_value_main = False
 
     def _nb_setup(
-        self, name: str, root: Any, serializer: str, ctx: _Context, deadline: float,
+        self, name: str, serializer: str, ctx: _Context, deadline: float,
         max_depth: int, check_refs: bool,
     ) -> None:
         self._nb_name = name
-        self._nb_root = root
         self._nb_serializer = serializer
         self._nb_ctx = ctx
         self._nb_deadline = deadline
@@ -1551,7 +1550,7 @@ def _trace(
     if cls is None:
         return _TraceResult([], unavailable=True)
     tracer = cls(_NullSink(), PROTOCOL, buffer_callback=lambda buf: None)
-    tracer._nb_setup(name, obj, ser.name, ctx, deadline, max_depth, check_refs)
+    tracer._nb_setup(name, ser.name, ctx, deadline, max_depth, check_refs)
     out = _TraceResult([])
     old_limit = sys.getrecursionlimit()
     # Each level of the pure-Python pickler costs a handful of Python frames;
@@ -1609,9 +1608,14 @@ def pickle_check(
     ``name`` is how the object is called in paths (``name.attr[0]``).
     ``serializers`` picks from :func:`available_serializers` (default: all of
     them: ``pickle``, ``dill`` as ``%%isolate`` uses it, ``cloudpickle``).
-    ``max_seconds`` bounds the search for culprits (the first dump of each
-    serializer runs to the end: it is what gives the verdict and the size);
-    ``max_depth`` bounds how deep the search descends. ``verify_spawn``, e.g.
+    ``max_seconds`` bounds the search for culprits. The first dump of each
+    serializer gives the verdict and the size: with the C picklers it runs to
+    the end, dill's (pure Python) gets at most another ``max_seconds`` and is
+    reported as unknown past that. ``max_depth`` bounds how deep the search
+    descends (each attribute, item or reduce step is a level).
+    ``max_problems`` caps the listing (the rest is counted in ``omitted``);
+    objects pickling to ``large_bytes`` or more get a cost warning.
+    ``verify_spawn``, e.g.
     :func:`nbisolate.probe.spawn_loads`, is called with a small pickle when
     the static check can't tell whether a spawned child could load a
     reference; it returns None or the child's error text.
@@ -1881,10 +1885,8 @@ _IPYTHON_NAMES = frozenset(
 )
 
 
-def _is_user_variable(name: str, value: Any) -> bool:
-    if name in _IPYTHON_NAMES or name.startswith("_"):
-        return False
-    return True
+def _is_user_variable(name: str) -> bool:
+    return name not in _IPYTHON_NAMES and not name.startswith("_")
 
 
 def _report_rank(report: Report) -> int:
@@ -1926,7 +1928,7 @@ def check_namespace(
             raise UnknownNameError(missing)
         chosen = list(dict.fromkeys(names))  # type: ignore[arg-type]
     else:
-        chosen = [n for n, v in list(user_ns.items()) if _is_user_variable(n, v)]
+        chosen = [n for n in list(user_ns) if _is_user_variable(n)]
     ctx = _Context(verify_spawn)
     reports: dict[str, Report] = {}
     modules: list[str] = []
