@@ -225,3 +225,13 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--disable-dev-shm-usage",
 ]
+
+
+def browser_env(home: Path) -> dict[str, str]:
+    """Environment for Chromium that keeps its config and crash reports in ``home``."""
+    env = dict(os.environ)
+    for name, sub in [("XDG_CONFIG_HOME", "config"), ("XDG_CACHE_HOME", "cache")]:
+        path = home / sub
+        path.mkdir(parents=True, exist_ok=True)
+        env[name] = str(path)
+    return env

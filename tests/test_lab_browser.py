@@ -16,7 +16,14 @@ from typing import Any
 
 import pytest
 
-from .lab_server import CHROMIUM_ARGS, LabServer, find_chromium, labextension_list, notebook
+from .lab_server import (
+    CHROMIUM_ARGS,
+    LabServer,
+    browser_env,
+    find_chromium,
+    labextension_list,
+    notebook,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -82,12 +89,15 @@ def lab(tmp_path_factory: pytest.TempPathFactory, chromium: str) -> Iterator[Lab
 
 
 @pytest.fixture(scope="module")
-def page(lab: LabServer, chromium: str) -> Iterator[Any]:
+def page(lab: LabServer, chromium: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    env = browser_env(tmp_path_factory.mktemp("browser-home"))
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
+        browser = pw.chromium.launch(
+            executable_path=chromium, args=CHROMIUM_ARGS, headless=True, env=env
+        )
         try:
             context = browser.new_context(viewport={"width": 1400, "height": 900})
             page = context.new_page()
