@@ -1,0 +1,577 @@
+"""Rich output in the worker: an isolated cell looks the same as an ordinary one.
+
+In a kernel, ``display()``, ``IPython.display`` objects, ``_repr_*_``
+methods, matplotlib's inline backend, warnings and logging all end up as
+IOPub messages.  The worker has no kernel and no ``InteractiveShell``, so
+left alone ``IPython.display.display`` would merely ``print`` and a plot would
+try to open a window.  This module (installed by :func:`nbisolate.worker.main`
+before any input is loaded) makes the worker behave like the kernel:
+
+* ``display`` is a builtin, as IPython makes it in a kernel; it formats
+  objects and sends ``("display", {"data", "metadata", "transient"})`` over
+  the worker's channel, after flushing ``sys.stdout``/``sys.stderr`` so text
+  and displays arrive in the order the cell produced them.  The kernel side
+  (:class:`nbisolate.runner.StdSink`) publishes them as ``display_data``,
+  ``update_display_data`` and ``clear_output`` messages.
+* Objects are formatted with IPython's own ``DisplayFormatter`` when IPython
+  is importable, so ``_repr_html_``/``_repr_png_``/``_repr_mimebundle_`` and
+  IPython's display types give the bundles the kernel would give; matplotlib
+  figures get the inline backend's PNG printer (``bbox_inches='tight'``).
+* The worker stays light: nothing here imports IPython, matplotlib, pandas or
+  ipywidgets.  A ``sys.meta_path`` hook adapts those modules right after the
+  cell (or an input being unpickled) imports them: IPython's ``display``,
+  ``update_display``, ``clear_output`` and ``publish_display_data`` are routed
+  to the channel; matplotlib gets the Agg backend (no window ever opens) and
+  ``plt.show()`` displays figures as the inline backend does; figures still
+  open when the cell ends are shown by :func:`end_of_cell`; pandas gets the
+  column limit it has in a notebook; ``getpass`` explains that there is no
+  terminal; widgets say clearly that they cannot live in a worker.
+
+The worker runs exactly one cell and exits, so patching these modules in
+place changes nothing outside that one cell.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import sys
+import threading
+from binascii import b2a_hex
+from collections.abc import Callable, Iterable
+from typing import Any
+
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+WIDGET_ADVICE = (
+    "widgets need the kernel's comm channel, and this cell runs in a separate worker "
+    "process. Create widgets in a normal cell; compute values in the isolated one."
+)
+# The inline backend's defaults (matplotlib_inline.config.InlineBackend):
+# figure_formats={"png"}, print_figure_kwargs={"bbox_inches": "tight"},
+# close_figures=True, and no rc overrides.
+PRINT_FIGURE_KWARGS: dict[str, Any] = {"bbox_inches": "tight"}
+# pandas' display.max_columns when it runs in a notebook kernel; see _adapt_pandas.
+NOTEBOOK_MAX_COLUMNS = 20
+
+_chan: Any = None
+_streams: list[Any] = []
+_formatter: Any = None  # IPython's DisplayFormatter; False when IPython cannot be imported
+_warned_widgets: set[str] = set()
+_local = threading.local()
+
+
+# -- sending ------------------------------------------------------------------
+def _flush_streams() -> None:
+    """Send pending text first, so a display never overtakes what was printed before it."""
+    seen: list[Any] = []
+    for stream in (*_streams, sys.stdout, sys.stderr):
+        if stream is None or any(stream is s for s in seen):
+            continue
+        seen.append(stream)
+        try:
+            stream.flush()
+        except Exception:
+            pass
+
+
+def _note(text: str) -> None:
+    """A one-line explanation on the cell's stderr, as the runner writes its own notes."""
+    _flush_streams()
+    sys.stderr.write(f"nbisolate: {text}\n")
+    sys.stderr.flush()
+
+
+def _send(kind: str, body: dict[str, Any]) -> None:
+    _flush_streams()
+    if _chan is None:  # not in a worker (used by hand): show the text form, as IPython would
+        if kind != "clear_output":
+            print(body.get("data", {}).get("text/plain", ""))
+        return
+    try:
+        _chan.send(kind, body)
+    except OSError:
+        pass  # the kernel went away; the worker's watchdog ends the process
+    except Exception as exc:  # only the pickling of the message can fail before sending
+        mimes = ", ".join(sorted(body.get("data") or {})) or "no data"
+        raise TypeError(
+            f"{kind}(): the display data ({mimes}) cannot be sent from the isolated cell to "
+            f"the notebook: {type(exc).__name__}: {exc}. Display data must be JSON-like "
+            "(str, bytes, numbers, lists, dicts); convert the value before displaying it."
+        ) from None
+
+
+def _drop_widget_view(data: dict[str, Any], obj: Any = None) -> dict[str, Any]:
+    """Remove a widget view (it would point at a model the kernel never had) and say why."""
+    if WIDGET_MIME not in data:
+        return data
+    data = {k: v for k, v in data.items() if k != WIDGET_MIME}
+    name = type(obj).__name__ if obj is not None and not isinstance(obj, dict) else "a widget"
+    shown = "only its text form is shown" if data else "nothing is shown"
+    _note(f"cannot display {name} from an isolated cell ({shown}): {WIDGET_ADVICE}")
+    return data
+
+
+# -- formatting -----------------------------------------------------------------
+def _ipython_formatter() -> Any:
+    """IPython's DisplayFormatter, set up as the inline backend sets the kernel's; None without IPython."""
+    global _formatter
+    if _formatter is None:
+        try:
+            from functools import partial
+
+            from IPython.core.formatters import DisplayFormatter
+            from IPython.core.pylabtools import print_figure
+        except Exception:
+            _formatter = False
+            return None
+        formatter = DisplayFormatter()
+        # What select_figure_formats(shell, {"png"}, bbox_inches="tight") registers in
+        # the kernel, by name so that matplotlib is not imported until a figure exists.
+        formatter.formatters["image/png"].for_type_by_name(
+            "matplotlib.figure",
+            "Figure",
+            partial(print_figure, fmt="png", base64=True, **PRINT_FIGURE_KWARGS),
+        )
+        _formatter = formatter
+    return _formatter or None
+
+
+def _figure_png(fig: Any) -> str | None:
+    """The inline backend's PNG of a figure, without IPython (base64 text; None when empty)."""
+    import base64
+    import io
+
+    if not fig.axes and not fig.lines:
+        return None
+    buf = io.BytesIO()
+    fig.canvas.print_figure(
+        buf,
+        format="png",
+        facecolor=fig.get_facecolor(),
+        edgecolor=fig.get_edgecolor(),
+        dpi=fig.dpi,
+        **PRINT_FIGURE_KWARGS,
+    )
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _plain_format(obj: Any) -> dict[str, Any]:
+    """Without IPython: the ``_repr_*_`` methods and repr, plus figures as PNG."""
+    from .worker import _fallback_bundle
+
+    data = _fallback_bundle(obj)
+    figure_module = sys.modules.get("matplotlib.figure")
+    if (
+        figure_module is not None
+        and isinstance(obj, figure_module.Figure)
+        and "image/png" not in data
+    ):
+        png = _figure_png(obj)
+        if png is not None:
+            data["image/png"] = png
+    return data
+
+
+def format_object(
+    obj: Any, include: Iterable[str] | None = None, exclude: Iterable[str] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ``(data, metadata)`` display bundle of ``obj``, as the kernel would compute it.
+
+    Empty data means the object displayed itself (``_ipython_display_``).
+    """
+    formatter = _ipython_formatter()
+    if formatter is not None:
+        data, metadata = formatter.format(obj, include=include, exclude=exclude)
+    else:
+        data, metadata = _plain_format(obj), {}
+        if include:
+            data = {k: v for k, v in data.items() if k in include}
+        if exclude:
+            data = {k: v for k, v in data.items() if k not in exclude}
+    return _drop_widget_view(data, obj), metadata
+
+
+def result_bundle(value: Any) -> dict[str, Any]:
+    """The display of a last-expression value that cannot travel back to the kernel."""
+    try:
+        data, _ = format_object(value)
+    except Exception as exc:
+        data = {"text/plain": f"<{type(value).__qualname__} object; formatting failed: {exc!r}>"}
+    return data or {"text/plain": ""}
+
+
+# -- the display API (IPython's signatures and semantics) ----------------------
+def _new_id() -> str:
+    return b2a_hex(os.urandom(16)).decode("ascii")
+
+
+def _merge(d1: Any, d2: Any) -> Any:
+    """Like IPython's: update ``d1`` in place, merging sub-dicts instead of replacing them."""
+    if not isinstance(d2, dict) or not isinstance(d1, dict):
+        return d2
+    for key, value in d2.items():
+        d1[key] = _merge(d1.get(key), value)
+    return d1
+
+
+class DisplayHandle:
+    """A handle on an updatable display, used until the cell imports IPython's own."""
+
+    def __init__(self, display_id: str | None = None) -> None:
+        self.display_id = display_id if display_id is not None else _new_id()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} display_id={self.display_id}>"
+
+    def display(self, obj: Any, **kwargs: Any) -> None:
+        """Make a new display with this id, updating existing instances."""
+        display(obj, display_id=self.display_id, **kwargs)
+
+    def update(self, obj: Any, **kwargs: Any) -> None:
+        """Update the existing displays with this id."""
+        update_display(obj, display_id=self.display_id, **kwargs)
+
+
+def _handle(display_id: str) -> Any:
+    functions = sys.modules.get("IPython.core.display_functions")
+    cls = getattr(functions, "DisplayHandle", None) or DisplayHandle
+    return cls(display_id)
+
+
+def publish_display_data(
+    data: dict[str, Any],
+    metadata: dict[str, Any] | None = None,
+    *,
+    transient: dict[str, Any] | None = None,
+    update: bool = False,
+    source: Any = None,
+) -> None:
+    """Send display data to the cell's output in the notebook (``update`` replaces by id)."""
+    if not isinstance(data, dict):
+        raise TypeError(
+            f"publish_display_data(): data must be a dict of mime type -> data, not "
+            f"{type(data).__name__}, in the isolated cell"
+        )
+    data = _drop_widget_view(data)
+    if not data and not (transient or {}).get("display_id"):
+        return
+    _send(
+        "update_display" if update else "display",
+        {"data": data, "metadata": metadata or {}, "transient": transient or {}},
+    )
+
+
+def display(
+    *objs: Any,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    metadata: dict[str, Any] | None = None,
+    transient: dict[str, Any] | None = None,
+    display_id: str | bool | None = None,
+    raw: bool = False,
+    clear: bool = False,
+    **kwargs: Any,
+) -> Any:
+    """Display objects in the isolated cell's output, as IPython's ``display`` does in a kernel.
+
+    Returns a display handle when ``display_id`` is given (``True`` makes a new id).
+    """
+    unknown = set(kwargs) - {"update"}
+    if unknown:
+        raise TypeError(f"display() got an unexpected keyword argument {sorted(unknown)[0]!r}")
+    transient = {} if transient is None else dict(transient)
+    metadata = {} if metadata is None else metadata
+    if display_id:
+        if display_id is True:
+            display_id = _new_id()
+        transient["display_id"] = display_id
+    update = bool(kwargs.get("update"))
+    if update and "display_id" not in transient:
+        raise TypeError("display_id required for update_display")
+    if not objs and display_id:
+        # No object but an id: an empty output that can be updated later.
+        objs = ({},)
+        raw = True
+    if clear:
+        clear_output(wait=True)
+    for obj in objs:
+        if raw:
+            publish_display_data(obj, metadata, transient=transient, update=update)
+            continue
+        data, md = format_object(obj, include=include, exclude=exclude)
+        if not data:
+            continue  # nothing to show (the object displayed itself)
+        if metadata:
+            _merge(md, metadata)
+        publish_display_data(data, md, transient=transient, update=update)
+    if display_id:
+        return _handle(str(display_id))
+    return None
+
+
+def update_display(obj: Any, *, display_id: str, **kwargs: Any) -> None:
+    """Replace the display with ``display_id`` by ``obj``."""
+    kwargs["update"] = True
+    display(obj, display_id=display_id, **kwargs)
+
+
+def clear_output(wait: bool = False) -> None:
+    """Clear the cell's output (with ``wait``, when the next output arrives)."""
+    _send("clear_output", {"wait": bool(wait)})
+
+
+# -- matplotlib ---------------------------------------------------------------------
+def _figure_metadata(fig: Any) -> dict[str, Any] | None:
+    """The inline backend's metadata: which background a transparent figure needs."""
+    from matplotlib import colors
+
+    if colors.to_rgba(fig.get_facecolor())[3] < 0.5:
+        labels = [
+            label.get_color()
+            for axes in fig.axes
+            for axis in (axes.xaxis, axes.yaxis)
+            for label in axis.get_ticklabels()
+        ]
+        light = colors.to_rgba_array(labels)[:, :3].dot((0.299, 0.587, 0.114)) > 0.5
+        if light.size and (light == light[0]).all():
+            return {"needs_background": "dark" if light[0] else "light"}
+    return None
+
+
+def show(close: bool | None = None, block: bool | None = None) -> None:
+    """``plt.show()`` in the worker: display every open figure, then close them (inline backend)."""
+    from matplotlib import pyplot
+    from matplotlib._pylab_helpers import Gcf
+
+    close = True if close is None else close
+    try:
+        for manager in Gcf.get_all_fig_managers():
+            figure = manager.canvas.figure
+            display(figure, metadata=_figure_metadata(figure))
+    finally:
+        if close and Gcf.get_all_fig_managers():
+            pyplot.close("all")
+
+
+def end_of_cell() -> None:
+    """Show the figures the cell left open, as the inline backend does after every cell."""
+    if "matplotlib.pyplot" not in sys.modules:
+        return
+    try:
+        from matplotlib._pylab_helpers import Gcf
+
+        if Gcf.get_all_fig_managers():
+            show(close=True)
+    except Exception as exc:
+        import traceback
+
+        _flush_streams()
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+        _note(f"the figures this cell left open could not be drawn ({type(exc).__name__}: {exc}).")
+
+
+def _adapt_matplotlib(matplotlib: Any) -> None:
+    # The kernel hands its MPLBACKEND (the inline backend) to the worker; Agg draws
+    # the same pixels without a kernel and never opens a window.  A backend the cell
+    # chooses itself (matplotlib.use) still wins, as it comes later.
+    if "matplotlib.pyplot" in sys.modules:
+        sys.modules["matplotlib.pyplot"].switch_backend("agg")
+    else:
+        matplotlib.rcParams["backend"] = "agg"
+
+
+def _adapt_pyplot(pyplot: Any) -> None:
+    pyplot.show = show
+    from matplotlib.figure import Figure
+
+    if getattr(Figure.show, "_nbisolate", False):
+        return
+    original = Figure.show
+
+    def figure_show(self: Any, warn: bool = True) -> None:
+        # As the inline backend: fig.show() displays a pyplot figure (and leaves it open).
+        if getattr(self.canvas, "manager", None) is None:
+            return original(self, warn)
+        display(self, metadata=_figure_metadata(self))
+        return None
+
+    figure_show._nbisolate = True  # type: ignore[attr-defined]
+    figure_show.__doc__ = original.__doc__
+    Figure.show = figure_show
+
+
+# -- other libraries ------------------------------------------------------------------
+def _adapt_ipython_display(module: Any) -> None:
+    for name, func in (
+        ("display", display),
+        ("update_display", update_display),
+        ("clear_output", clear_output),
+        ("publish_display_data", publish_display_data),
+    ):
+        if hasattr(module, name):
+            setattr(module, name, func)
+
+
+def _adapt_pandas(pandas: Any) -> None:
+    # pandas picks display.max_columns at import: 20 in a notebook kernel (it finds
+    # get_ipython() there), 0 = "fit the terminal" elsewhere, which would make a
+    # wide frame render differently in an isolated cell than in a normal one.
+    try:
+        if pandas.get_option("display.max_columns") == 0:
+            pandas.set_option("display.max_columns", NOTEBOOK_MAX_COLUMNS)
+    except Exception:
+        pass
+
+
+def _getpass(prompt: str = "Password: ", stream: Any = None) -> str:
+    from .worker import NoStdinError
+
+    raise NoStdinError(
+        "getpass() is not available in an isolated cell: the worker process has no terminal "
+        "and no stdin. Ask for the secret in a normal cell (getpass works there) and use that "
+        "variable here, where it arrives as an input; or read it from an environment variable."
+    )
+
+
+def _adapt_getpass(module: Any) -> None:
+    module.getpass = _getpass
+
+
+def _adapt_widgets(module: Any) -> None:
+    widget_cls = getattr(module, "Widget", None)
+    if widget_cls is None or getattr(widget_cls.__init__, "_nbisolate", False):
+        return
+    original_init = widget_cls.__init__
+
+    def __init__(self: Any, **kwargs: Any) -> None:
+        depth = getattr(_local, "widget_depth", 0)
+        name = type(self).__name__
+        if depth == 0 and name not in _warned_widgets:  # not for the Layout a slider makes
+            _warned_widgets.add(name)
+            _note(
+                f"{name} widget created in an isolated cell: it cannot be shown or used "
+                f"here, because {WIDGET_ADVICE}"
+            )
+        _local.widget_depth = depth + 1
+        try:
+            original_init(self, **kwargs)
+        finally:
+            _local.widget_depth = depth
+
+    def __reduce_ex__(self: Any, protocol: Any) -> Any:
+        raise TypeError(
+            f"the {type(self).__name__} widget made in an isolated cell cannot be copied to "
+            f"the notebook: {WIDGET_ADVICE}"
+        )
+
+    __init__._nbisolate = True  # type: ignore[attr-defined]
+    __init__.__doc__ = original_init.__doc__
+    widget_cls.__init__ = __init__
+    widget_cls.__reduce_ex__ = __reduce_ex__
+
+
+def explain_skipped(skipped: dict[str, str], values: dict[str, Any]) -> None:
+    """Say plainly why a widget did not come back, instead of generic pickling advice."""
+    module = sys.modules.get("ipywidgets.widgets.widget")
+    widget_cls = getattr(module, "Widget", None)
+    if widget_cls is None:
+        return
+    for name in skipped:
+        value = values.get(name)
+        if isinstance(value, widget_cls):
+            kind = type(value)
+            # No final period: the runner's note goes on after the reason.
+            skipped[name] = (
+                f"{kind.__module__}.{kind.__qualname__} is a widget made in the worker; widgets "
+                "need the kernel's comm channel, and this cell runs in a separate worker process "
+                "(create widgets in a normal cell; compute values in the isolated one)"
+            )
+
+
+# -- the import hook -------------------------------------------------------------------
+ADAPTERS: dict[str, Callable[[Any], None]] = {
+    "IPython.core.display_functions": _adapt_ipython_display,
+    "IPython.core.display": _adapt_ipython_display,
+    "IPython.display": _adapt_ipython_display,
+    "matplotlib": _adapt_matplotlib,
+    "matplotlib.pyplot": _adapt_pyplot,
+    "pandas": _adapt_pandas,
+    "getpass": _adapt_getpass,
+    "ipywidgets.widgets.widget": _adapt_widgets,
+}
+
+
+def _adapt(name: str, module: Any) -> None:
+    try:
+        ADAPTERS[name](module)
+    except Exception as exc:  # never break the cell's import over a nicety
+        _note(f"could not adapt {name} to the isolated cell ({type(exc).__name__}: {exc}).")
+
+
+class _AdaptingLoader:
+    """Wraps a module's real loader; runs its adapter right after the module has executed."""
+
+    def __init__(self, loader: Any, name: str) -> None:
+        self._loader = loader
+        self._name = name
+
+    def create_module(self, spec: Any) -> Any:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        # The module sees its own loader, not this wrapper (importlib.resources, inspect...).
+        spec = getattr(module, "__spec__", None)
+        if spec is not None and spec.loader is self:
+            spec.loader = self._loader
+        if getattr(module, "__loader__", None) is self:
+            module.__loader__ = self._loader
+        self._loader.exec_module(module)
+        _adapt(self._name, module)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)
+
+
+class AdaptOnImport:
+    """A ``sys.meta_path`` finder that adapts a few modules as soon as they are imported.
+
+    It finds nothing itself: for the watched names it asks the finders after
+    it and wraps the loader they return; every other import is untouched.
+    """
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname not in ADAPTERS:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or isinstance(finder, AdaptOnImport):
+                continue
+            find = getattr(finder, "find_spec", None)
+            if find is None:
+                continue
+            spec = find(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _AdaptingLoader(spec.loader, fullname)
+        return spec
+
+
+def install(chan: Any) -> None:
+    """Make the worker's output behave like the kernel's; call before the job's inputs load.
+
+    ``chan`` is the worker's :class:`nbisolate.wire.Channel`; displays go
+    through it, interleaved in order with the ``stream`` messages of the
+    current ``sys.stdout``/``sys.stderr``.
+    """
+    global _chan
+    _chan = chan
+    _streams[:] = [sys.stdout, sys.stderr]
+    builtins.display = display  # type: ignore[attr-defined]
+    if not any(isinstance(finder, AdaptOnImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, AdaptOnImport())
+    for name in ADAPTERS:
+        module = sys.modules.get(name)
+        if module is not None:
+            _adapt(name, module)

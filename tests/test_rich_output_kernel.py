@@ -1,0 +1,410 @@
+"""An isolated cell's output looks like an ordinary cell's: displays, plots, warnings.
+
+Every check is on the IOPub messages a front end receives from a real
+kernel, and where it can be, against what the same code produces when it
+runs in the kernel itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+
+
+def cell(code: str) -> str:
+    return textwrap.dedent(code).strip("\n")
+
+
+def own_messages(res) -> list[dict]:
+    """IOPub messages of the cell's own output, without nbisolate's status panel.
+
+    The panel is a display whose text starts with ``nbisolate:`` (and the
+    updates of that display id) plus the comm traffic of its widgets.
+    """
+    panel_ids = set()
+    for msg in res.messages:
+        content = msg["content"]
+        text = str(content.get("data", {}).get("text/plain", ""))
+        if msg["msg_type"] == "display_data" and text.startswith("nbisolate:"):
+            panel_ids.add((content.get("transient") or {}).get("display_id", id(msg)))
+    mine = []
+    for msg in res.messages:
+        content = msg["content"]
+        if msg["msg_type"].startswith("comm_"):
+            continue
+        if msg["msg_type"] in ("display_data", "update_display_data"):
+            text = str(content.get("data", {}).get("text/plain", ""))
+            display_id = (content.get("transient") or {}).get("display_id")
+            if text.startswith("nbisolate:") or (display_id and display_id in panel_ids):
+                continue
+        mine.append(msg)
+    return mine
+
+
+def displays(res) -> list[dict]:
+    """The ``display_data`` contents the cell itself produced."""
+    return [m["content"] for m in own_messages(res) if m["msg_type"] == "display_data"]
+
+
+def outputs(res) -> list[tuple[str, object]]:
+    """The cell's visible outputs in order; consecutive stream texts joined, as a front end shows them."""
+    shown: list[tuple[str, object]] = []
+    for msg in own_messages(res):
+        kind, content = msg["msg_type"], msg["content"]
+        if kind == "stream":
+            key = f"stream:{content['name']}"
+            if shown and shown[-1][0] == key:
+                shown[-1] = (key, shown[-1][1] + content["text"])
+            else:
+                shown.append((key, content["text"]))
+        elif kind in ("display_data", "update_display_data", "execute_result"):
+            shown.append((kind, content["data"]))
+        elif kind == "clear_output":
+            shown.append((kind, content["wait"]))
+    return shown
+
+
+def png_size(data: str) -> tuple[int, int]:
+    """Width and height from a base64 PNG's IHDR chunk."""
+    raw = base64.b64decode(data)
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    return struct.unpack(">II", raw[16:24])
+
+
+def test_worker_stays_light_until_the_cell_needs_more(kernel):
+    res = kernel.run(
+        cell(
+            """
+            %%isolate
+            import builtins, sys
+            heavy = sorted(m for m in ('IPython', 'matplotlib', 'pandas', 'ipywidgets') if m in sys.modules)
+            has_display = callable(getattr(builtins, 'display', None))
+            """
+        )
+    )
+    assert res.ok
+    assert kernel.value("(heavy, has_display)") == ([], True)
+
+
+def test_text_and_displays_arrive_in_the_order_the_cell_made_them(kernel):
+    res = kernel.run(
+        cell(
+            """
+            %%isolate
+            from IPython.display import HTML, Markdown
+            print('before')
+            display(HTML('<b>bold</b>'))
+            print('partial line, no newline', end='')
+            display(Markdown('*md*'))
+            print('after')
+            """
+        )
+    )
+    shown = outputs(res)
+    assert [kind for kind, _ in shown] == [
+        "stream:stdout",
+        "display_data",
+        "stream:stdout",
+        "display_data",
+        "stream:stdout",
+    ]
+    assert shown[0][1] == "before\n"
+    assert shown[1][1]["text/html"] == "<b>bold</b>"
+    assert shown[2][1] == "partial line, no newline"
+    assert shown[3][1]["text/markdown"] == "*md*"
+    assert shown[4][1] == "after\n"
+
+
+# A 1x1 PNG, so the cell can display an image without drawing one.
+PNG_1X1 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYPj/HwADAgH/Vp1bGwAAAABJRU5ErkJggg=="
+
+
+def test_repr_methods_and_ipython_types_give_the_kernels_bundles(kernel):
+    kernel.run(
+        cell(
+            f"""
+            import base64
+            from IPython.display import HTML, JSON, SVG, Image, Latex, Markdown
+            PNG = base64.b64decode({PNG_1X1!r})
+            class Rich:
+                def __repr__(self):
+                    return 'Rich()'
+                def _repr_html_(self):
+                    return '<p>rich</p>'
+                def _repr_png_(self):
+                    return PNG
+                def _repr_latex_(self):
+                    return r'$x^2$'
+            class Bundle:
+                def __repr__(self):
+                    return 'Bundle()'
+                def _repr_mimebundle_(self, include=None, exclude=None):
+                    return ({{'text/plain': 'bundle text', 'application/vnd.custom+json': {{'k': 1}}}},
+                            {{'application/vnd.custom+json': {{'expanded': True}}}})
+            rich_objects = [
+                Rich(), Bundle(), HTML('<i>h</i>'), Markdown('**m**'), JSON({{'a': [1, 2]}}),
+                Image(data=PNG), SVG('<svg xmlns="http://www.w3.org/2000/svg"></svg>'),
+                Latex(r'$\\alpha$'), {{'nested': list(range(30))}}, 42,
+            ]
+            """
+        )
+    )
+    show = cell(
+        """
+        for obj in rich_objects:
+            display(obj)
+        display({'text/plain': 'raw', 'text/html': '<u>raw</u>'}, raw=True)
+        display(Rich(), metadata={'text/html': {'isolated': False}})
+        """
+    )
+    in_kernel = kernel.run(show)
+    isolated = kernel.run("%%isolate rich_objects Rich\n" + show)
+    expected = [(d["data"], d["metadata"]) for d in displays(in_kernel)]
+    got = [(d["data"], d["metadata"]) for d in displays(isolated)]
+    assert len(got) == 12
+    assert got == expected
+    assert got[0][0]["image/png"] == PNG_1X1
+
+
+def test_update_display_and_clear_output(kernel):
+    res = kernel.run(
+        cell(
+            """
+            %%isolate
+            from IPython.display import HTML, clear_output, update_display
+            handle = display(HTML('<p>one</p>'), display_id=True)
+            handle.update(HTML('<p>two</p>'))
+            display('fixed 1', display_id='fixed-id')
+            update_display('fixed 2', display_id='fixed-id')
+            print('first')
+            clear_output(wait=True)
+            print('second')
+            display('fresh', clear=True)
+            """
+        )
+    )
+    shown = outputs(res)
+    assert [kind for kind, _ in shown] == [
+        "display_data",
+        "update_display_data",
+        "display_data",
+        "update_display_data",
+        "stream:stdout",
+        "clear_output",
+        "stream:stdout",
+        "clear_output",
+        "display_data",
+    ]
+    ids = [
+        m["content"]["transient"]["display_id"]
+        for m in own_messages(res)
+        if m["msg_type"] in ("display_data", "update_display_data")
+        and m["content"].get("transient")
+    ]
+    assert len(ids) == 4 and ids[0] == ids[1] and ids[2] == ids[3] == "fixed-id"
+    assert shown[1][1]["text/html"] == "<p>two</p>"
+    assert shown[3][1] == {"text/plain": "'fixed 2'"}
+    assert shown[5][1] is True
+    assert shown[8][1] == {"text/plain": "'fresh'"}
+
+
+PLOT = cell(
+    """
+    import matplotlib.pyplot as plt
+    plt.plot([1, 4, 9])
+    plt.title('squares')
+    plt.show()
+    fig, ax = plt.subplots()
+    ax.bar(['a', 'b'], [3, 5])
+    print('drawn')
+    """
+)
+
+
+def test_matplotlib_figures_show_as_the_inline_backend_shows_them(kernel):
+    in_kernel = kernel.run(PLOT)
+    isolated = kernel.run("%%isolate\n" + PLOT)
+    # plt.show() displays at once; the figure still open at the end shows after the text.
+    assert [kind for kind, _ in outputs(isolated)] == [
+        "display_data",
+        "stream:stdout",
+        "display_data",
+    ]
+    assert [kind for kind, _ in outputs(in_kernel)] == [
+        "display_data",
+        "stream:stdout",
+        "display_data",
+    ]
+    sizes = [png_size(d["data"]["image/png"]) for d in displays(isolated)]
+    # Same default size, DPI and tight bounding box as the kernel's inline backend.
+    assert sizes == [png_size(d["data"]["image/png"]) for d in displays(in_kernel)]
+    for width, height in sizes:
+        assert 400 < width <= 640 and 300 < height <= 480  # 6.4 x 4.8 in at 100 dpi, cropped
+    assert displays(isolated)[0]["data"]["text/plain"] == "<Figure size 640x480 with 1 Axes>"
+    # The figure that came back as a variable is closed: the kernel does not show it again.
+    assert kernel.run("print(type(fig).__name__)").stdout.strip() == "Figure"
+    assert (
+        kernel.run("import matplotlib.pyplot as plt\nprint(plt.get_fignums())").stdout.strip()
+        == "[]"
+    )
+
+
+def test_worker_draws_with_agg_whatever_backend_the_kernel_hands_down(kernel):
+    res = kernel.run(
+        cell(
+            """
+            %%isolate
+            import os, matplotlib
+            import matplotlib.pyplot as plt
+            kernel_backend = os.environ.get('MPLBACKEND')
+            worker_backend = matplotlib.get_backend()
+            """
+        )
+    )
+    assert res.ok and not displays(res)  # no figure, nothing shown
+    kernel_backend, worker_backend = kernel.value("(kernel_backend, worker_backend)")
+    assert "inline" in kernel_backend
+    assert worker_backend.lower() == "agg"
+
+
+def test_figures_left_open_show_even_when_the_cell_fails(kernel):
+    res = kernel.execute(
+        cell(
+            """
+            %%isolate
+            import matplotlib.pyplot as plt
+            plt.plot([3, 1, 2])
+            raise ValueError('after plotting')
+            """
+        )
+    )
+    assert res.error["ename"] == "ValueError"
+    assert len(displays(res)) == 1 and "image/png" in displays(res)[0]["data"]
+    kinds = [m["msg_type"] for m in own_messages(res)]
+    assert kinds.index("display_data") < kinds.index("error")
+
+
+def test_dataframe_result_and_display_match_the_kernel(kernel):
+    res = kernel.run(
+        cell(
+            """
+            %%isolate
+            import pandas as pd
+            pd.DataFrame({'a': [1, 2], 'b': ['x', 'y']})
+            """
+        )
+    )
+    assert "<table" in res.result["text/html"] and "dataframe" in res.result["text/html"]
+    assert "a  b" in res.result["text/plain"]
+    # A wide frame (pandas limits the columns it shows) renders as in a normal cell.
+    kernel.run(
+        "import numpy as np, pandas as pd\nwide = pd.DataFrame(np.arange(120).reshape(3, 40))"
+    )
+    in_kernel = kernel.run("display(wide)")
+    isolated = kernel.run("%%isolate wide\ndisplay(wide)")
+    made_inside = kernel.run(
+        "%%isolate\nimport numpy as np, pandas as pd\ndisplay(pd.DataFrame(np.arange(120).reshape(3, 40)))"
+    )
+    assert displays(isolated)[0]["data"] == displays(in_kernel)[0]["data"]
+    assert displays(made_inside)[0]["data"] == displays(in_kernel)[0]["data"]
+
+
+def test_unpicklable_value_with_repr_html_is_the_cells_result(kernel):
+    res = kernel.run(
+        cell(
+            """
+            %%isolate
+            import threading
+            class Report:
+                def __init__(self):
+                    self.lock = threading.Lock()
+                def __repr__(self):
+                    return 'Report()'
+                def _repr_html_(self):
+                    return '<h3>report</h3>'
+            Report()
+            """
+        )
+    )
+    assert [kind for kind, _ in outputs(res)] == ["execute_result"]
+    assert res.result == {"text/plain": "Report()", "text/html": "<h3>report</h3>"}
+
+
+def test_warnings_and_logging_reach_stderr(kernel):
+    res = kernel.run(
+        cell(
+            """
+            %%isolate
+            import logging, warnings
+            warnings.warn('mind the gap')
+            logging.warning('disk almost full')
+            logging.getLogger('app').error('app failed')
+            print('done')
+            """
+        )
+    )
+    assert "UserWarning: mind the gap" in res.stderr
+    assert "<isolated cell" in res.stderr  # the warning points at the cell
+    assert "disk almost full" in res.stderr and "app failed" in res.stderr
+    assert res.stdout == "done\n"
+
+
+def test_input_and_getpass_explain_there_is_no_stdin(kernel):
+    res = kernel.execute("%%isolate\nname = input('name? ')")
+    assert res.error["ename"] == "NoStdinError"
+    assert "input() is not available in an isolated cell" in res.error["evalue"]
+    assert "normal cell" in res.error["evalue"]
+    res = kernel.execute("%%isolate\nimport getpass\nsecret = getpass.getpass()")
+    assert res.error["ename"] == "NoStdinError"
+    assert "getpass() is not available in an isolated cell" in res.error["evalue"]
+    assert "normal cell" in res.error["evalue"]
+    assert "GetPassWarning" not in res.stderr
+
+
+def test_widgets_say_they_cannot_live_in_the_worker(kernel):
+    res = kernel.run(
+        cell(
+            """
+            %%isolate
+            import ipywidgets as widgets
+            slider = widgets.IntSlider(value=3)
+            display(slider)
+            doubled = slider.value * 2
+            """
+        )
+    )
+    assert res.ok
+    err = res.stderr
+    assert "IntSlider widget created in an isolated cell" in err
+    assert "cannot display IntSlider from an isolated cell" in err
+    assert "comm channel" in err and "Create widgets in a normal cell" in err
+    assert "result 'slider' was not copied back" in err
+    assert all(WIDGET_MIME not in d["data"] for d in displays(res))
+    assert displays(res)[0]["data"] == {"text/plain": "IntSlider(value=3)"}
+    assert kernel.value("doubled") == 6
+    assert kernel.value("'slider' in globals()") is False
+    # A widget as the cell's value shows its text, never a view of a model the kernel lacks.
+    res = kernel.run("%%isolate\nimport ipywidgets\nipywidgets.Button(description='go')")
+    assert WIDGET_MIME not in res.result
+    assert "Button" in res.result["text/plain"]
+    assert "cannot display Button" in res.stderr
+
+
+def test_display_outside_a_kernel_prints_the_text_form():
+    """run_isolated from a plain Python process: displays fall back to their text, in order."""
+    script = (
+        "from nbisolate import run_isolated\n"
+        "run_isolated(\"print('a')\\ndisplay({'k': 1})\\nprint('b')\", {})\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "a\n{'k': 1}\nb\n"
