@@ -408,3 +408,50 @@ def test_display_outside_a_kernel_prints_the_text_form():
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "a\n{'k': 1}\nb\n"
+
+
+FORMAT_SCRIPT = """
+import base64, json, struct, sys
+if sys.argv[1] == "no-ipython":
+    sys.modules["IPython"] = None  # as if IPython were not installed
+import matplotlib
+matplotlib.use("agg")
+import matplotlib.pyplot as plt
+from nbisolate import display_worker
+
+class Rich:
+    def __repr__(self):
+        return "Rich()"
+    def _repr_html_(self):
+        return "<p>rich</p>"
+
+fig = plt.figure()
+plt.plot([1, 4, 9])
+png = display_worker.format_object(fig)[0]["image/png"]
+print(json.dumps({
+    "rich": display_worker.format_object(Rich())[0],
+    "png_size": struct.unpack(">II", base64.b64decode(png)[16:24]),
+    "ipython": "IPython.core.formatters" in sys.modules,
+}))
+"""
+
+
+def test_formatting_without_ipython_gives_the_same_bundles_and_figure_size():
+    """The fallback formatter (no IPython in the worker's environment) matches IPython's."""
+    import json
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    got = {}
+    for mode in ("ipython", "no-ipython"):
+        done = subprocess.run(
+            [sys.executable, "-c", FORMAT_SCRIPT, mode],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        got[mode] = json.loads(done.stdout)
+    assert got["ipython"]["ipython"] is True and got["no-ipython"]["ipython"] is False
+    assert got["no-ipython"]["rich"] == got["ipython"]["rich"]
+    assert got["no-ipython"]["png_size"] == got["ipython"]["png_size"]
