@@ -340,3 +340,12 @@ def test_status_item_follows_a_kernel_restart(page: Any) -> None:
     page.locator(".nbisolate-popup .nbisolate-stop").click()
     wait_status_text(page, r"isolate: idle", timeout=15)
     page.keyboard.press("Escape")
+
+
+def test_status_item_after_a_page_reload(page: Any, lab: LabServer) -> None:
+    """A page opened on a kernel that already loaded nbisolate finds it by itself."""
+    page.reload()
+    page.wait_for_selector(".jp-Notebook .jp-Cell")
+    wait_kernel_idle(page, timeout=60_000)
+    wait_status_text(page, r"isolate: idle", timeout=30)
+    shot(page, "09-after-reload")

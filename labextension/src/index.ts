@@ -144,6 +144,14 @@ const plugin: JupyterFrontEndPlugin<void> = {
       return status;
     };
     tracker.forEach(panel => statusFor(panel));
+    // Tell the kernels this page is gone, so they stop sending it updates.
+    window.addEventListener('pagehide', event => {
+      if (event.persisted) {
+        return;
+      }
+      statuses.forEach(status => status.dispose());
+      statuses.clear();
+    });
     tracker.widgetAdded.connect((_, panel) => {
       statusFor(panel);
     });

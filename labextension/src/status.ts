@@ -277,19 +277,27 @@ export class IsolateStatus implements IDisposable {
       return;
     }
     this._comm = comm;
+    let worked = false;
     comm.onMsg = msg => {
       if (this._comm !== comm) {
         return;
       }
       const workers = (msg.content.data as any)?.workers;
       if (Array.isArray(workers)) {
+        worked = true;
         this._setState(true, workers.filter(isWorker));
       }
     };
     comm.onClose = () => {
-      if (this._comm === comm) {
-        this._comm = null;
-        this._setState(false, []);
+      if (this._comm !== comm) {
+        return;
+      }
+      this._comm = null;
+      this._setState(false, []);
+      if (worked && !this._isDisposed) {
+        // The kernel dropped a comm that worked (it keeps only so many, and a
+        // closed browser tab never closes its own): ask again.
+        setTimeout(() => void this.probe(), 1000);
       }
     };
     // JupyterLab 4.6+ sends comm messages over a kernel subshell, so that the
