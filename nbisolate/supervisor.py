@@ -528,7 +528,9 @@ class Job:
         exited = False
         next_scan = time.perf_counter() + 0.5
 
-        def read_pipe(fd: int, final: bool = False) -> bool:
+        def read_pipe(fd: int) -> bool:
+            if fd not in sel.get_map():  # reached EOF earlier in this same round
+                return False
             name, decoder = decoders[fd]
             try:
                 data = os.read(fd, 65536)
@@ -561,6 +563,8 @@ class Job:
 
         def read_message() -> bool:
             nonlocal finished
+            if chan.sock not in sel.get_map():
+                return False
             try:
                 kind, body, buffers = chan.recv()
             except (ChannelClosed, OSError):
