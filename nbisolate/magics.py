@@ -60,7 +60,11 @@ class IsolateMagics(Magics):
         metavar="SIZE",
         help="Cap the worker's memory, e.g. 500M or 2G.",
     )
-    @argument("--quiet", action="store_true", help="No status panel; only the cell's own output.")
+    @argument(
+        "--quiet",
+        action="store_true",
+        help="No live status panel: only the cell's own output and one summary line at the end.",
+    )
     @cell_magic
     def isolate(self, line: str, cell: str) -> Any:
         """Run the cell in a freshly spawned worker process.
@@ -76,7 +80,7 @@ class IsolateMagics(Magics):
         """
         return self._make_run(line, cell).run_sync()
 
-    def _make_run(self, line: str, cell: str) -> CellRun:
+    def _make_run(self, line: str, cell: str, interactive: bool = False) -> CellRun:
         try:
             args = parse_argstring(self.isolate, line)
         except UsageError as exc:
@@ -102,6 +106,11 @@ class IsolateMagics(Magics):
                 mem=args.mem,
                 filename=f"<isolated cell {shell.execution_count}>",
             )
+            # Shown before prepare(), so a slow or failing serialization is visible;
+            # the panel only listens to the run (see nbisolate.panel).
+            from .panel import attach
+
+            attach(run, quiet=args.quiet, interactive=interactive)
             run.prepare()
         except IsolateUsageError as exc:
             raise UsageError(f"%%isolate: {exc}") from None
@@ -132,6 +141,23 @@ class IsolateMagics(Magics):
             return check_namespace(ns, None)
         return check_namespace(shell.user_ns, names)
 
+    @line_magic
+    def isolate_config(self, line: str) -> None:
+        """Show or change how isolated cells report: ``%isolate_config [panel=auto|widget|text|off]``.
+
+        ``auto`` (the default, or $NBISOLATE_PANEL) shows the live widget panel in a
+        Jupyter kernel and plain text lines elsewhere; ``text`` forces the lines
+        (for front ends without the widget manager); ``off`` shows nothing.
+        """
+        from .panel import configure
+
+        try:
+            current = configure(line)
+        except ValueError as exc:
+            raise UsageError(f"%isolate_config: {exc}") from None
+        if not line.strip():
+            print(current)
+
 
 def _usage() -> str:
     return "%%isolate [NAME ...] [--timeout SECONDS] [--out NAME ...] [--mem SIZE] [--quiet]"
@@ -143,7 +169,7 @@ async def isolate_async(line: str, cell: str) -> Any:
 
     shell = get_ipython()
     magics = shell.magics_manager.registry["IsolateMagics"]
-    run = magics._make_run(line, cell)
+    run = magics._make_run(line, cell, interactive=True)
     return await run.run_async()
 
 

@@ -22,6 +22,7 @@ nothing.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import queue
 import signal
@@ -39,6 +40,9 @@ from .supervisor import DEFAULT_MAX_OUTPUT, Event, Job, launcher
 from .worker import RESULT
 
 Listener = Callable[[Event], None]
+
+# Listeners get Event("tick") this often while a cell runs, even while output streams.
+TICK_SECONDS = 0.25
 
 
 class RemoteTraceback(Exception):
@@ -210,22 +214,34 @@ class CellRun:
         self.interrupted = False
         self.skipped: dict[str, str] = {}
         self.returned: list[str] = []
+        self._done_sent = False
 
     # -- stages ---------------------------------------------------------------
     def prepare(self) -> None:
-        """Plan the cell and serialize its inputs; raises before any process exists."""
-        t0 = time.perf_counter()
-        self.plan = plan_cell(
-            self.source,
-            self.available,
-            inputs=self.inputs,
-            outputs=self.outputs,
-            first_line=self.line_offset + 1,
-        )
-        self.phases["plan"] = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        self.shipment = ship.dumps({name: self.namespace[name] for name in self.plan.inputs})
-        self.phases["serialize"] = time.perf_counter() - t1
+        """Plan the cell and serialize its inputs; raises before any process exists.
+
+        Listeners hear a ``phase`` event as planning and as serializing end (so
+        a panel can name the inputs while a large one is still being pickled),
+        and ``done`` with the exception if either fails.
+        """
+        try:
+            t0 = time.perf_counter()
+            self.plan = plan_cell(
+                self.source,
+                self.available,
+                inputs=self.inputs,
+                outputs=self.outputs,
+                first_line=self.line_offset + 1,
+            )
+            self.phases["plan"] = time.perf_counter() - t0
+            self._notify(Event("phase", ("plan", self.phases["plan"])))
+            t1 = time.perf_counter()
+            self.shipment = ship.dumps({name: self.namespace[name] for name in self.plan.inputs})
+            self.phases["serialize"] = time.perf_counter() - t1
+            self._notify(Event("phase", ("serialize", self.phases["serialize"])))
+        except BaseException as exc:
+            self._done(exc)
+            raise
 
     def _payload(self) -> dict[str, Any]:
         assert self.plan is not None and self.shipment is not None
@@ -278,8 +294,7 @@ class CellRun:
                 self.phases["start"] = event.time - self._start_clock
             else:
                 self.phases[name] = seconds
-        for listener in self.listeners:
-            listener(event)
+        self._notify(event)
         if kind in ("result", "error"):
             self._final = event
             return True
@@ -289,10 +304,22 @@ class CellRun:
         return False
 
     def tick(self) -> None:
-        """Called a few times a second while waiting, for listeners that show time passing."""
-        tick = Event("tick")
-        for listener in self.listeners:
-            listener(tick)
+        """Called every TICK_SECONDS while waiting, for listeners that show time passing."""
+        self._notify(Event("tick"))
+
+    def _notify(self, event: Event) -> None:
+        """Hand ``event`` to every listener; a broken listener is logged, never fatal to the cell."""
+        for listener in list(self.listeners):
+            try:
+                listener(event)
+            except Exception:
+                logging.getLogger(__name__).exception("nbisolate: a run listener failed")
+
+    def _done(self, error: BaseException | None) -> None:
+        """Tell listeners, once, that the run is over: ``Event("done", exception or None)``."""
+        if not self._done_sent:
+            self._done_sent = True
+            self._notify(Event("done", error))
 
     # -- outcome ----------------------------------------------------------------
     def outcome(self) -> Any:
@@ -378,14 +405,30 @@ class CellRun:
 
     # -- waiting ------------------------------------------------------------------
     def run_sync(self) -> Any:
-        """Run and block until the cell is over; Ctrl-C stops the worker and raises."""
+        """Run and block until the cell is over; Ctrl-C stops the worker and raises.
+
+        Listeners get ``tick`` every TICK_SECONDS, and ``done`` at the very end.
+        """
+        try:
+            value = self._wait_sync()
+        except BaseException as exc:
+            self._done(exc)
+            raise
+        self._done(None)
+        return value
+
+    def _wait_sync(self) -> Any:
         events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         job = self.start(events.put)
+        next_tick = time.perf_counter() + TICK_SECONDS
         while True:
-            try:
-                event = events.get(timeout=0.25)
-            except queue.Empty:
+            now = time.perf_counter()
+            if now >= next_tick:
                 self.tick()
+                next_tick = now + TICK_SECONDS
+            try:
+                event = events.get(timeout=next_tick - now)
+            except queue.Empty:
                 continue
             except KeyboardInterrupt:
                 self.interrupted = True
@@ -396,7 +439,19 @@ class CellRun:
         return self.outcome()
 
     async def run_async(self) -> Any:
-        """Run while awaiting on the running event loop; SIGINT stops the worker."""
+        """Run while awaiting on the running event loop; SIGINT stops the worker.
+
+        Listeners get ``tick`` every TICK_SECONDS, and ``done`` at the very end.
+        """
+        try:
+            value = await self._wait_async()
+        except BaseException as exc:
+            self._done(exc)
+            raise
+        self._done(None)
+        return value
+
+    async def _wait_async(self) -> Any:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -416,11 +471,15 @@ class CellRun:
 
             previous = signal.signal(signal.SIGINT, on_sigint)
         try:
+            next_tick = time.perf_counter() + TICK_SECONDS
             while True:
-                try:
-                    event = await asyncio.wait_for(events.get(), 0.25)
-                except asyncio.TimeoutError:
+                now = time.perf_counter()
+                if now >= next_tick:
                     self.tick()
+                    next_tick = now + TICK_SECONDS
+                try:
+                    event = await asyncio.wait_for(events.get(), next_tick - now)
+                except asyncio.TimeoutError:
                     continue
                 if self.handle(event):
                     break
