@@ -202,6 +202,7 @@ class Watch:
         self.failed_input: str | None = None
         self.stopping = False
         self.got_result = False
+        self.sweep: dict[str, Any] | None = None  # progress of a --over sweep (nbisolate.sweep)
 
     # -- events ------------------------------------------------------------------
     def observe(self, event: Any) -> None:
@@ -211,6 +212,8 @@ class Watch:
             self.job_t0 = event.time
         elif kind == "result":
             self.got_result = True
+        elif kind == "sweep":
+            self.sweep = dict(event.data or {})
         elif kind == "error":
             raw = str((event.data or {}).get("type", "Exception"))
             self.error_type = raw.removeprefix("builtins.")
@@ -280,6 +283,8 @@ class Watch:
         pid = f" pid {self.pid}" if self.pid is not None else ""
         if self.stopping:
             return f"stopping{pid}…"
+        if self.sweep is not None:
+            return self._sweep_text()
         if self.error_type is not None:
             return f"the cell raised {self.error_type}"
         phase = self.current_phase()
@@ -299,6 +304,17 @@ class Watch:
         if phase == "return":
             return f"returning results from{pid}…"
         return "finishing…"
+
+    def _sweep_text(self) -> str:
+        sweep = self.sweep or {}
+        text = f"sweep: {sweep.get('done', 0)} of {sweep.get('total', '?')} runs done"
+        if sweep.get("failed"):
+            text += f", {sweep['failed']} failed"
+        if sweep.get("running"):
+            text += f", {sweep['running']} running"
+        if sweep.get("host"):
+            text += f" (latest on {sweep['host']})"
+        return text
 
     def start_line(self) -> str:
         """One line for text mode, once the inputs are known."""
@@ -321,6 +337,9 @@ class Watch:
         exc = self.outcome
         took = clock(fmt_seconds(self.elapsed()))
         pid = f" in pid {self.pid}" if self.pid is not None else ""
+        if self.sweep is not None and not isinstance(exc, ShipError):
+            ending = "" if exc is None else "; " + ("stopped" if self.stopping else type(exc).__name__)
+            return f"{self._sweep_text()} in {took}{ending}"
         if exc is None:
             names = self.inputs()
             shipment = run.shipment
