@@ -65,6 +65,26 @@ class IsolateMagics(Magics):
         action="store_true",
         help="No live status panel: only the cell's own output and one summary line at the end.",
     )
+    @argument(
+        "--backend",
+        default=None,
+        choices=("local", "dask"),
+        help="Where the worker runs: here (local, the default) or on a Dask cluster (dask).",
+    )
+    @argument(
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help="The Dask scheduler to use (implies --backend dask), e.g. tcp://10.0.0.5:8786.",
+    )
+    @argument(
+        "--over",
+        default=None,
+        metavar="NAME=EXPR",
+        help="Run the cell once per value of EXPR (up to the next --option), in parallel, with NAME "
+        "bound to the value; "
+        "each bound name comes back as a list.",
+    )
     @cell_magic
     def isolate(self, line: str, cell: str) -> Any:
         """Run the cell in a freshly spawned worker process.
@@ -72,6 +92,7 @@ class IsolateMagics(Magics):
         Usage::
 
             %%isolate [NAME ...] [--timeout SECONDS] [--out NAME ...] [--mem SIZE] [--quiet]
+                      [--backend local|dask] [--scheduler ADDRESS] [--over NAME=EXPR]
 
         The worker sees only the shipped variables; modules are re-imported
         there, notebook functions and classes travel by value (dill).  On
@@ -81,8 +102,12 @@ class IsolateMagics(Magics):
         return self._make_run(line, cell).run_sync()
 
     def _make_run(self, line: str, cell: str, interactive: bool = False) -> CellRun:
+        from .sweep import split_over
+
+        # --over takes the rest of its option unsplit, so `--over x=[1, 2]` needs no quotes.
+        options, over_spec = split_over(line)
         try:
-            args = parse_argstring(self.isolate, line)
+            args = parse_argstring(self.isolate, options)
         except UsageError as exc:
             raise UsageError(f"%%isolate: {exc}. Usage: {_usage()}") from None
         shell = self.shell
@@ -94,6 +119,14 @@ class IsolateMagics(Magics):
             )
         available = _visible_names(shell)
         try:
+            over = None
+            if over_spec is not None:  # nbisolate.sweep: one run per value
+                from .sweep import parse_over
+
+                over = parse_over(over_spec, shell.user_ns)
+            from .dask_backend import choose_backend
+
+            backend = choose_backend(args.backend, args.scheduler)  # None: run here
             run = CellRun(
                 cell,
                 shell.user_ns,
@@ -105,12 +138,19 @@ class IsolateMagics(Magics):
                 display_source=f"%%isolate {line}".rstrip() + "\n" + cell,
                 mem=args.mem,
                 filename=f"<isolated cell {shell.execution_count}>",
+                backend=backend,
             )
             # Shown before prepare(), so a slow or failing serialization is visible;
             # the panel only listens to the run (see nbisolate.panel).
             from .panel import attach
 
             attach(run, quiet=args.quiet, interactive=interactive)
+            if over is not None:
+                from .sweep import Sweep
+
+                sweep = Sweep(run, *over)
+                sweep.prepare()
+                return sweep  # type: ignore[return-value]  # runs like a CellRun
             run.prepare()
         except IsolateUsageError as exc:
             raise UsageError(f"%%isolate: {exc}") from None
@@ -148,19 +188,28 @@ class IsolateMagics(Magics):
         ``auto`` (the default, or $NBISOLATE_PANEL) shows the live widget panel in a
         Jupyter kernel and plain text lines elsewhere; ``text`` forces the lines
         (for front ends without the widget manager); ``off`` shows nothing.
+
+        Scale-out settings (nbisolate.dask_backend): ``backend=local|dask`` (the
+        default of --backend), ``scheduler=ADDRESS`` (the default Dask scheduler;
+        ``scheduler=`` clears it), ``connect_timeout=SECONDS``.
         """
+        from .dask_backend import describe_config, split_config
         from .panel import configure
 
         try:
+            line, dask_settings = split_config(line)  # backend=, scheduler=, connect_timeout=
             current = configure(line)
         except ValueError as exc:
             raise UsageError(f"%isolate_config: {exc}") from None
-        if not line.strip():
-            print(current)
+        if not line.strip() and not dask_settings:
+            print(f"{current} {describe_config()}")
 
 
 def _usage() -> str:
-    return "%%isolate [NAME ...] [--timeout SECONDS] [--out NAME ...] [--mem SIZE] [--quiet]"
+    return (
+        "%%isolate [NAME ...] [--timeout SECONDS] [--out NAME ...] [--mem SIZE] [--quiet] "
+        "[--backend local|dask] [--scheduler ADDRESS] [--over NAME=EXPR]"
+    )
 
 
 async def isolate_async(line: str, cell: str) -> Any:

@@ -185,6 +185,7 @@ class CellRun:
         max_output: int = DEFAULT_MAX_OUTPUT,
         mem: int | str | None = None,
         filename: str = "<isolated cell>",
+        backend: Any = None,
     ) -> None:
         if timeout is not None and not (timeout > 0):
             raise IsolateUsageError(
@@ -203,6 +204,10 @@ class CellRun:
         self.max_output = max_output
         self.mem = parse_size(mem) if isinstance(mem, str) else mem
         self.filename = filename
+        # Where the worker runs when not here: an object whose ``start(run, deliver)``
+        # returns a job-like object (``stop``, ``pid``) feeding the same events to
+        # ``deliver`` (nbisolate.dask_backend). prepare/handle/outcome stay shared.
+        self.backend = backend
         self.listeners: list[Listener] = []
         self.phases: dict[str, float] = {}
         self.plan: Plan | None = None
@@ -266,6 +271,9 @@ class CellRun:
             self.prepare()
         assert self.shipment is not None
         self._start_clock = time.perf_counter()
+        if self.backend is not None:
+            self.job = self.backend.start(self, deliver)
+            return self.job
         self.job = Job(
             self._payload(),
             self.shipment.buffers,

@@ -76,8 +76,77 @@ def module_is_importable(module: types.ModuleType) -> bool:
     return bool(name) and name != "__main__" and sys.modules.get(name) is module
 
 
+_STRING_OPS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING",
+                         "SHORT_BINSTRING", "BINSTRING"})
+_BYTES_OPS = frozenset({"SHORT_BINBYTES", "BINBYTES", "BINBYTES8"})
+_IMPORTERS = frozenset({("nbisolate.ship", "_import_module"), ("dill._dill", "_import_module")})
+
+
+def modules_in_pickle(data: bytes | memoryview) -> set[str]:
+    """Module names a pickle stream imports when loaded (globals, re-imported modules).
+
+    Looks inside embedded pickles too (the dill blobs of by-value functions).
+    Used where the loading side is another machine, to check before sending
+    that it can import them. A stream it cannot read gives what was found so far.
+    """
+    return _scan_pickle(data, strict=False) or set()
+
+
+def _scan_pickle(data: bytes | memoryview, strict: bool) -> set[str] | None:
+    """The modules of a stream of pickles; with ``strict``, None unless it is valid throughout."""
+    import io
+    import pickletools
+
+    found: set[str] = set()
+    memo: dict[int, Any] = {}  # one memo for the whole stream, as ship.loads reads it
+    file = io.BytesIO(data)
+    size = len(file.getbuffer())
+    try:
+        while file.tell() < size:
+            recent: list[Any] = [None, None]  # what the last two pushing opcodes pushed
+            want_module = False
+            for op, arg, _ in pickletools.genops(file):
+                name = op.name
+                if name in ("MEMOIZE", "BINPUT", "LONG_BINPUT", "PUT"):
+                    memo[len(memo) if name == "MEMOIZE" else int(arg)] = recent[-1]
+                    continue
+                if name in ("FRAME", "PROTO"):
+                    continue
+                pushed: Any = None
+                if name in _STRING_OPS:
+                    pushed = arg
+                elif name in _BYTES_OPS and isinstance(arg, bytes) and arg[:1] == b"\x80":
+                    # a dill blob inside; code objects' line tables can start with 0x80 too
+                    found |= _scan_pickle(arg, strict=True) or set()
+                elif name in ("BINGET", "LONG_BINGET", "GET"):
+                    pushed = memo.get(int(arg))
+                elif name in ("GLOBAL", "INST"):
+                    module, _, attr = str(arg).partition(" ")
+                    pushed = ("global", module, attr)
+                elif name == "STACK_GLOBAL" and isinstance(recent[-2], str):
+                    pushed = ("global", recent[-2], recent[-1])
+                if want_module and isinstance(pushed, str):
+                    found.add(pushed)  # the argument of _import_module(name)
+                    want_module = False
+                if isinstance(pushed, tuple):
+                    found.add(pushed[1])
+                    want_module = pushed[1:] in _IMPORTERS
+                recent = [recent[-1], pushed]
+    except Exception:
+        return None if strict else found
+    return found
+
+
 class _FastPickler(pickle.Pickler):
-    """The C pickler, with dill only for what the C pickler would get wrong."""
+    """The C pickler, with dill only for what the C pickler would get wrong.
+
+    It also notes the modules the stream will import on the other side
+    (``modules``): a remote worker must be able to import every one of them.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.modules: set[str] = set()
 
     def reducer_override(self, obj: Any) -> Any:
         kind = type(obj)
@@ -86,11 +155,18 @@ class _FastPickler(pickle.Pickler):
                 raise pickle.PicklingError(
                     f"module {getattr(obj, '__name__', obj)!r} cannot be re-imported by name"
                 )
+            self.modules.add(obj.__name__)
             return _import_module, (obj.__name__,)
-        if (kind is types.FunctionType or isinstance(obj, type)) and needs_value(obj):
-            import dill
+        if kind is types.FunctionType or kind is types.BuiltinFunctionType or isinstance(obj, type):
+            if kind is not types.BuiltinFunctionType and needs_value(obj):
+                import dill
 
-            return _load_dill, (dill.dumps(obj, recurse=True),)
+                blob = dill.dumps(obj, recurse=True)
+                self.modules |= modules_in_pickle(blob)
+                return _load_dill, (blob,)
+            module = getattr(obj, "__module__", None)
+            if isinstance(module, str):
+                self.modules.add(module)
         return NotImplemented
 
 
@@ -100,7 +176,9 @@ class Shipment:
 
     ``sizes`` (bytes, stream share plus buffers), ``seconds`` and ``how`` are
     per variable, for the live panel; ``skipped`` names what could not be
-    serialized (only when skipping was asked for) and why.
+    serialized (only when skipping was asked for) and why. ``modules`` are the
+    modules loading the shipment imports (re-imported modules, and those of
+    classes and functions sent by reference), for checking a remote worker.
     """
 
     names: list[str]
@@ -111,6 +189,7 @@ class Shipment:
     seconds: dict[str, float] = field(default_factory=dict)
     how: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    modules: set[str] = field(default_factory=set)
 
     @property
     def nbytes(self) -> int:
@@ -170,6 +249,8 @@ def _attempt(
         sizes=sizes,
         seconds=seconds,
     )
+    noted = getattr(pickler, "modules", None)
+    shipment.modules = set(noted) if noted is not None else modules_in_pickle(shipment.data)
     return shipment, None, None
 
 

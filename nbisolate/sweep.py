@@ -1,0 +1,501 @@
+"""``%%isolate --over NAME=EXPR``: one cell, run once per value, in parallel.
+
+Each value gets its own fresh worker process (here, at most ``os.cpu_count()``
+at a time; with ``--backend dask``, as many at a time as the cluster has
+threads) with ``NAME`` bound to that value and the same inputs as a plain
+``%%isolate`` would ship.  Every other option means what it means for one
+run: ``--timeout`` limits each run, ``--out`` narrows what each returns.
+
+What comes back, decided for the person who runs a 2-hour sweep and sees one
+value fail:
+
+* every name the cell binds becomes a **list in the order of the values**,
+  and the cell's last expression value (``Out``) too; a module the cell
+  imports comes back as the module (not a list of the same module);
+* a failed run (exception, timeout, crash) leaves ``None`` at its position,
+  so the successful runs are never thrown away; ``NAME`` itself is never
+  rebound in the notebook;
+* after binding, if any run failed, the cell **raises** :class:`SweepError`,
+  listing every failure (``seed=3: ZeroDivisionError: division by zero``)
+  and showing the first one's remote traceback, so "Run all" stops and the
+  failure cannot go unnoticed.  ``err.errors`` maps each failed position to
+  its exception; ``err.results`` is the list ``Out`` would have been;
+* if every run failed, nothing is bound;
+* an interrupt (Ctrl-C, the Stop button) stops every run and binds nothing.
+
+Output of parallel runs is interleaved line by line, each line prefixed with
+``[NAME=value]``.  Progress goes to the listeners of the cell's run (the live
+panel) as ``Event("sweep", {...})`` with ``total``, ``done``, ``failed``,
+``running``, ``index``, ``value`` (a short repr), ``state`` (``started``,
+``done``, ``failed``) and ``host`` where known; the ``started`` events of the
+runs are forwarded too, so the panel shows where the latest one runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import queue
+import re
+import signal
+import threading
+import time
+import types
+from collections import ChainMap
+from collections.abc import Callable
+from typing import Any
+
+from .errors import IsolateError, IsolateUsageError
+from .plan import plan_cell
+from .runner import CellRun
+from .supervisor import Event
+
+MAX_VALUES = 10_000
+TICK_SECONDS = 0.25
+
+
+class SweepError(IsolateError):
+    """Some runs of an ``--over`` sweep failed; the others' results were bound.
+
+    ``errors`` maps the position of each failed value to its exception (with
+    its remote traceback), ``labels`` gives ``NAME=value`` per position, and
+    ``results`` is the list the cell's value would have been.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        labels: list[str],
+        errors: dict[int, BaseException],
+        bound: list[str],
+        results: list[Any] | None = None,
+    ) -> None:
+        total = len(labels)
+        lines = [f"  {labels[i]}: {_one_line(exc)}" for i, exc in sorted(errors.items())]
+        if len(errors) < total:
+            others = total - len(errors)
+            kept = (
+                f"The results of the other {others} run{'s' if others > 1 else ''} were bound as "
+                "lists in the order of the values, with None where a run failed "
+                f"({', '.join(bound) or 'no names'})."
+            )
+        else:
+            kept = "No notebook variable was changed."
+        super().__init__(
+            f"{len(errors)} of {total} runs of --over {name} failed:\n"
+            + "\n".join(lines)
+            + f"\n{kept} Each failure's exception is in .errors (e.g. sys.last_value.errors); "
+            "fix the cell and rerun, or rerun only the failed values with --over."
+        )
+        self.name = name
+        self.labels = labels
+        self.errors = errors
+        self.bound = bound
+        self.results = results
+
+    def _render_traceback_(self) -> list[str]:
+        lines = [f"SweepError: {self}"]
+        first = min(self.errors)
+        exc = self.errors[first]
+        render = getattr(exc, "_render_traceback_", None)
+        detail: list[str] = []
+        if callable(render):
+            try:
+                detail = list(render())
+            except Exception:
+                detail = []
+        if detail:
+            lines.append(f"\n--- {self.labels[first]} ---")
+            lines.extend(detail)
+        return lines
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    if len(first) > 200:
+        first = first[:197] + "..."
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _short(value: Any) -> str:
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<{type(value).__qualname__}>"
+    return text if len(text) <= 30 else text[:27] + "..."
+
+
+_OVER = re.compile(r"(?:^|\s)--over(?:=|\s+)(.*?)(?=\s+--[A-Za-z]|\s*$)")
+
+
+def split_over(line: str) -> tuple[str, str | None]:
+    """Take ``--over SPEC`` out of a magic line: (the rest, SPEC or None).
+
+    SPEC runs to the next ``--option`` or the end of the line, so an
+    expression with spaces (``--over lr=[0.1, 0.01]``) needs no quotes;
+    surrounding quotes are removed.
+    """
+    match = _OVER.search(line)
+    if match is None:
+        return line, None
+    spec = match.group(1).strip()
+    if len(spec) >= 2 and spec[0] == spec[-1] and spec[0] in "'\"":
+        spec = spec[1:-1]
+    return (line[: match.start()] + " " + line[match.end() :]).strip(), spec
+
+
+def parse_over(spec: str, namespace: dict[str, Any]) -> tuple[str, list[Any]]:
+    """``NAME=EXPR`` -> (NAME, the values of EXPR evaluated in the notebook); usage errors name the problem."""
+    name, sep, expr = spec.partition("=")
+    name, expr = name.strip(), expr.strip()
+    if not sep or not name.isidentifier() or not expr:
+        raise IsolateUsageError(
+            f"--over {spec!r}: write NAME=EXPR, e.g. --over seed=range(8) or "
+            "--over lr=[0.1, 0.01] (EXPR runs to the next --option); nothing ran."
+        )
+    try:
+        values = eval(expr, namespace)  # the notebook's own expression, in its namespace
+    except Exception as exc:
+        raise IsolateUsageError(
+            f"--over {name}={expr}: evaluating {expr!r} in the notebook raised "
+            f"{type(exc).__name__}: {exc}; nothing ran."
+        ) from None
+    if isinstance(values, (str, bytes)):
+        raise IsolateUsageError(
+            f"--over {name}={expr} is a string, which would sweep its characters; give a list "
+            f"instead, e.g. --over {name}=[{expr}]; nothing ran."
+        )
+    try:
+        items = list(itertools.islice(iter(values), MAX_VALUES + 1))
+    except TypeError:
+        raise IsolateUsageError(
+            f"--over {name}={expr}: a {type(values).__name__} is not a collection of values; "
+            "give a list, range or other iterable; nothing ran."
+        ) from None
+    if not items:
+        raise IsolateUsageError(f"--over {name}={expr} has no values; nothing ran.")
+    if len(items) > MAX_VALUES:
+        raise IsolateUsageError(
+            f"--over {name}={expr} has more than {MAX_VALUES} values (or never ends); sweep a "
+            "smaller set, or loop inside the cell; nothing ran."
+        )
+    return name, items
+
+
+class _PrefixSink:
+    """Writes a run's output through the cell's sink, each line prefixed with ``[NAME=value]``."""
+
+    def __init__(self, sink: Any, prefix: str) -> None:
+        self.sink = sink
+        self.prefix = prefix
+        self._partial: dict[str, str] = {}
+
+    def stream(self, name: str, text: str) -> None:
+        text = self._partial.pop(name, "") + text
+        lines = text.split("\n")
+        tail = lines.pop()
+        if lines:
+            self.sink.stream(name, "".join(f"{self.prefix}{line}\n" for line in lines))
+        if tail:
+            self._partial[name] = tail
+
+    def display(self, kind: str, data: dict[str, Any]) -> None:
+        self.flush()
+        self.sink.display(kind, data)
+
+    def flush(self) -> None:
+        for name, tail in list(self._partial.items()):
+            self.sink.stream(name, f"{self.prefix}{tail}\n")
+        self._partial.clear()
+
+
+class Sweep:
+    """Runs ``template`` (a prepared-to-be :class:`CellRun`) once per value of ``NAME``.
+
+    ``template`` carries the cell, the notebook namespace, the options and the
+    listeners (the panel); it is never run itself.  Built by the magic for
+    ``--over``; :meth:`run_sync` / :meth:`run_async` mirror ``CellRun``'s.
+    """
+
+    def __init__(self, template: CellRun, name: str, values: list[Any]) -> None:
+        self.template = template
+        self.name = name
+        self.values = values
+        self.labels = [f"{name}={_short(v)}" for v in values]
+        self.backend = template.backend
+        cpus = os.cpu_count() or 1
+        self.concurrency = len(values) if self.backend is not None else max(1, min(cpus, len(values)))
+        self.runs: list[CellRun] = []
+        self.locals: list[dict[str, Any]] = []
+        self.sinks: list[_PrefixSink] = []
+        self.results: list[Any] = [None] * len(values)
+        self.ok = [False] * len(values)
+        self.errors: dict[int, BaseException] = {}
+        self.hosts: dict[int, str] = {}
+        self.outputs: list[str] = []
+        self.has_result = False
+        self.interrupted = False
+        self._pending: list[int] = []
+        self._running: set[int] = set()
+        self._settled: set[int] = set()
+        self.seconds = 0.0
+
+    @property
+    def listeners(self) -> list[Callable[[Event], None]]:
+        return self.template.listeners
+
+    # -- preparing ------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Plan once, ship once per value, check the cluster: every usage or shipping error
+        is raised here, before any process exists."""
+        t = self.template
+        try:
+            available = set(t.available) | {self.name}
+            inputs = None if t.inputs is None else list(dict.fromkeys([*t.inputs, self.name]))
+            t0 = time.perf_counter()
+            plan = plan_cell(
+                t.source, available, inputs=inputs, outputs=t.outputs, first_line=t.line_offset + 1
+            )
+            if self.name not in plan.inputs:
+                raise IsolateUsageError(
+                    f"--over {self.name}=...: the cell never reads {self.name!r}, so every run "
+                    f"would be the same; use {self.name} in the cell; nothing ran."
+                )
+            t.plan = plan
+            t.phases["plan"] = time.perf_counter() - t0
+            self._notify(Event("phase", ("plan", t.phases["plan"])))
+            self.outputs = [o for o in plan.outputs if o != self.name]
+            self.has_result = plan.has_result
+            t1 = time.perf_counter()
+            for i, value in enumerate(self.values):
+                local: dict[str, Any] = {self.name: value}
+                sink = _PrefixSink(t.sink, f"[{self.labels[i]}] ")
+                run = CellRun(
+                    t.source,
+                    ChainMap(local, t.namespace),
+                    inputs=inputs,
+                    outputs=self.outputs,
+                    timeout=t.timeout,
+                    available=available,
+                    label=f"{t.label} [{self.labels[i]}]",
+                    line_offset=t.line_offset,
+                    display_source=t.display_source,
+                    sink=sink,
+                    max_output=t.max_output,
+                    mem=t.mem,
+                    filename=t.filename,
+                    backend=t.backend,
+                )
+                run.prepare()
+                self.runs.append(run)
+                self.locals.append(local)
+                self.sinks.append(sink)
+            t.shipment = self.runs[0].shipment
+            t.phases["serialize"] = time.perf_counter() - t1
+            self._notify(Event("phase", ("serialize", t.phases["serialize"])))
+            if self.backend is not None:
+                self.backend.check(self.runs[0])  # a cluster that cannot run it fails now
+        except BaseException as exc:
+            self._done(exc)
+            raise
+
+    # -- events --------------------------------------------------------------------------
+    def _notify(self, event: Event) -> None:
+        notify = getattr(self.template, "_notify", None)
+        if callable(notify):
+            notify(event)
+            return
+        for listener in list(self.listeners):
+            try:
+                listener(event)
+            except Exception:
+                pass
+
+    def _done(self, error: BaseException | None) -> None:
+        done = getattr(self.template, "_done", None)
+        if callable(done):
+            done(error)
+        else:
+            self._notify(Event("done", error))
+
+    def _progress(self, index: int, state: str) -> None:
+        self._notify(
+            Event(
+                "sweep",
+                {
+                    "total": len(self.values),
+                    "done": len(self._settled),
+                    "failed": len(self.errors),
+                    "running": len(self._running),
+                    "index": index,
+                    "value": self.labels[index],
+                    "state": state,
+                    "host": self.hosts.get(index, ""),
+                },
+            )
+        )
+
+    def _launch(self, put: Callable[[int, Event], None]) -> None:
+        while self._pending and len(self._running) < self.concurrency and not self.interrupted:
+            i = self._pending.pop(0)
+            self._running.add(i)
+            try:
+                self.runs[i].start(lambda event, i=i: put(i, event))
+            except Exception as exc:
+                self._running.discard(i)
+                self._settled.add(i)
+                self.errors[i] = exc
+                self._progress(i, "failed")
+
+    def _on_event(self, i: int, event: Event, put: Callable[[int, Event], None]) -> None:
+        if i in self._settled:
+            return
+        if event.kind == "started":
+            self.hosts[i] = str(getattr(event.data, "host", "") or "")
+            self._notify(event)
+            self._progress(i, "started")
+        if not self.runs[i].handle(event):
+            return
+        self._running.discard(i)
+        self._settled.add(i)
+        try:
+            self.results[i] = self.runs[i].outcome()
+            self.ok[i] = True
+        except BaseException as exc:  # this value's failure; the others go on
+            self.errors[i] = exc
+        finally:
+            self.sinks[i].flush()
+        self._progress(i, "done" if self.ok[i] else "failed")
+        self._launch(put)
+
+    def _interrupt(self) -> None:
+        self.interrupted = True
+        self._pending.clear()
+        for i in list(self._running):
+            job = self.runs[i].job
+            if job is not None:
+                job.stop("interrupt")
+
+    @property
+    def _busy(self) -> bool:
+        return bool(self._running) or (bool(self._pending) and not self.interrupted)
+
+    # -- waiting -------------------------------------------------------------------------
+    def run_sync(self) -> Any:
+        """Run every value, blocking; Ctrl-C stops them all. See the module doc for results."""
+        try:
+            value = self._wait_sync()
+        except BaseException as exc:
+            self._done(exc)
+            raise
+        self._done(None)
+        return value
+
+    def _wait_sync(self) -> Any:
+        if not self.runs:
+            self.prepare()
+        t0 = time.perf_counter()
+        events: queue.SimpleQueue[tuple[int, Event]] = queue.SimpleQueue()
+
+        def put(i: int, event: Event) -> None:
+            events.put((i, event))
+
+        self._pending = list(range(len(self.runs)))
+        self._launch(put)
+        while self._busy:
+            try:
+                i, event = events.get(timeout=TICK_SECONDS)
+            except queue.Empty:
+                self._notify(Event("tick"))
+                continue
+            except KeyboardInterrupt:
+                self._interrupt()
+                continue
+            self._on_event(i, event, put)
+        self.seconds = time.perf_counter() - t0
+        return self._finish()
+
+    async def run_async(self) -> Any:
+        """Run every value while awaiting on the kernel's loop; SIGINT stops them all."""
+        try:
+            value = await self._wait_async()
+        except BaseException as exc:
+            self._done(exc)
+            raise
+        self._done(None)
+        return value
+
+    async def _wait_async(self) -> Any:
+        if not self.runs:
+            self.prepare()
+        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+
+        def put(i: int, event: Event) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, (i, event))
+            except RuntimeError:  # the loop closed: nobody waits any more
+                pass
+
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+
+            def on_sigint(signum: int, frame: Any) -> None:
+                self._interrupt()
+
+            previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            self._pending = list(range(len(self.runs)))
+            self._launch(put)
+            while self._busy:
+                try:
+                    i, event = await asyncio.wait_for(events.get(), TICK_SECONDS)
+                except asyncio.TimeoutError:
+                    self._notify(Event("tick"))
+                    continue
+                self._on_event(i, event, put)
+        except asyncio.CancelledError:
+            self._interrupt()
+            raise
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        self.seconds = time.perf_counter() - t0
+        return self._finish()
+
+    # -- the outcome ---------------------------------------------------------------------
+    def _finish(self) -> Any:
+        n = len(self.values)
+        if self.interrupted:
+            finished = sum(self.ok)
+            interrupt = KeyboardInterrupt(
+                f"the sweep over {self.name} was interrupted after {finished} of {n} runs had "
+                "finished; the running ones and every process they started were stopped, the "
+                "others never started. No notebook variable was changed."
+            )
+            interrupt._render_traceback_ = lambda: [f"KeyboardInterrupt: {interrupt}"]  # type: ignore[attr-defined]
+            raise interrupt
+        good = [i for i in range(n) if self.ok[i]]
+        bound: list[str] = []
+        results: list[Any] | None = None
+        if good:
+            for out in self.outputs:
+                present = [self.locals[i][out] for i in good if out in self.locals[i]]
+                if not present:
+                    continue
+                if all(isinstance(v, types.ModuleType) and v is present[0] for v in present):
+                    self.template.namespace[out] = present[0]  # `import x` in the cell: x, not [x, x]
+                else:
+                    self.template.namespace[out] = [
+                        self.locals[i].get(out) if self.ok[i] else None for i in range(n)
+                    ]
+                bound.append(out)
+            if self.has_result:
+                results = [self.results[i] if self.ok[i] else None for i in range(n)]
+        self.template.returned = bound
+        if self.errors:
+            raise SweepError(self.name, self.labels, dict(self.errors), bound, results)
+        return results
