@@ -255,5 +255,10 @@ def unload(shell: Any) -> None:
     from .supervisor import launcher
 
     launcher.close()
+    import sys
+
+    panel = sys.modules.get("nbisolate.panel")  # loaded only if a cell ran
+    if panel is not None:
+        panel.release_widgets()
     if _transform in shell.input_transformers_cleanup:
         shell.input_transformers_cleanup.remove(_transform)

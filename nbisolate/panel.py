@@ -23,11 +23,13 @@ How it is shown depends on where the cell runs (``choose_mode``):
     In a Jupyter kernel, a panel of standard ipywidgets (no front-end code of
     our own).  At the end the widget output is *replaced*, through its display
     id, by a static HTML/text summary (a ``<details>`` element that expands to
-    the phases and variables) and the widgets are closed: a saved notebook
-    keeps a readable summary instead of a dead widget, and the kernel keeps
-    no widget per cell ever run.  A front end without the widget manager
-    (nbclient, nbconvert, some editors) shows the display's ``text/plain``:
-    a start line, then the summary line.
+    the phases and variables): a saved or reopened notebook shows a readable
+    summary instead of a dead widget.  The cell's Stop button is then closed
+    (a late click can never reach another cell); the other widgets, no longer
+    shown anywhere, wait for the next cell's panel, which sends only what
+    changed, so the kernel holds one idle set of them, not one per cell.  A
+    front end without the widget manager (nbclient, nbconvert, some editors)
+    shows the display's ``text/plain``: a start line, then the summary line.
 ``text``
     Terminal IPython, ``run_cell_magic`` without a kernel, or
     ``%isolate_config panel=text``: a start line when the inputs are known,
@@ -201,7 +203,6 @@ class Watch:
         self.problems: tuple[Problem, ...] = ()
         self.failed_input: str | None = None
         self.stopping = False
-        self.got_result = False
         self.sweep: dict[str, Any] | None = None  # progress of a --over sweep (nbisolate.sweep)
 
     # -- events ------------------------------------------------------------------
@@ -210,8 +211,6 @@ class Watch:
         if kind == "started":
             self.pid = event.data
             self.job_t0 = event.time
-        elif kind == "result":
-            self.got_result = True
         elif kind == "sweep":
             self.sweep = dict(event.data or {})
         elif kind == "error":
@@ -490,16 +489,11 @@ def final_bundle(watch: Watch) -> dict[str, str]:
     """What the panel collapses to: a ``<details>`` summary, and the same as text."""
     ok = watch.outcome is None
     sign = "✓" if ok else "✗"
-    summary = watch.summary(clock=lambda t: f"<span class='nbisolate-elapsed'>{_e(t)}</span>")
-    # summary() escapes nothing itself; everything but the clock markup is plain text.
-    parts = summary.split("<span class='nbisolate-elapsed'>", 1)
-    if len(parts) == 2:
-        clock, rest = parts[1].split("</span>", 1)
-        summary_html = (
-            f"{_e(parts[0])}<span class='nbisolate-elapsed'>{clock}</span>{_e(rest)}"
-        )
-    else:
-        summary_html = _e(summary)
+    # The summary is plain text; mark the clock, escape the text, then turn the marks into markup.
+    marked = watch.summary(clock=lambda t: f"\x00{t}\x01")
+    summary_html = (
+        _e(marked).replace("\x00", "<span class='nbisolate-elapsed'>").replace("\x01", "</span>")
+    )
     opened = " open" if watch.problems else ""
     page = (
         f"<details class='nbisolate-panel nbisolate-done'{opened} "
@@ -529,8 +523,8 @@ def _display(bundle: dict[str, Any], display_id: str | None = None, update: bool
     display(bundle, raw=True, display_id=display_id, update=update)
 
 
-class _Base:
-    """A run listener that never lets a failure of its own reach the cell."""
+class Panel:
+    """A run listener showing a :class:`Watch`; never lets a failure of its own reach the cell."""
 
     def __init__(self, run: Any) -> None:
         self.watch = Watch(run)
@@ -557,7 +551,7 @@ class _Base:
         """Release what the panel holds (widgets, threads)."""
 
 
-class TextPanel(_Base):
+class TextPanel(Panel):
     """Plain lines: a start line when the inputs are known (unless quiet), the summary at the end."""
 
     def __init__(self, run: Any, quiet: bool = False, in_kernel: bool | None = None) -> None:
@@ -685,7 +679,7 @@ def release_widgets() -> None:
         parts.close()
 
 
-class WidgetPanel(_Base):
+class WidgetPanel(Panel):
     """The live panel: a few standard ipywidgets, replaced by a static summary at the end.
 
     ``interactive`` shows the Stop button; it is only useful when the cell
@@ -904,9 +898,6 @@ class WidgetPanel(_Base):
     def on_broken(self) -> None:
         with self._lock:
             self._discard()
-
-
-Panel = _Base
 
 
 def choose_mode(quiet: bool = False, in_kernel: bool | None = None) -> str:

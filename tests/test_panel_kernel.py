@@ -442,3 +442,12 @@ def test_durations_read_well(seconds, text):
     from nbisolate.panel import fmt_seconds
 
     assert fmt_seconds(seconds) == text
+
+
+def test_unloading_the_extension_closes_the_idle_widgets(fresh_kernel):
+    first = fresh_kernel.run("%%isolate\nx = 1")
+    models = Models(first)
+    kept = set(models.state) - models.closed
+    assert kept, "the panel keeps its widgets for the next cell"
+    res = fresh_kernel.run("%unload_ext nbisolate")
+    assert {m["content"]["comm_id"] for m in res.of("comm_close")} == kept
