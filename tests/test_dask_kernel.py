@@ -206,7 +206,7 @@ def test_timeout_kills_the_remote_subprocess_and_its_children(dask_kernel, clust
     assert wait_until(lambda: not cluster.isolated_workers(), 10)
 
 
-def test_interrupt_stops_the_remote_subprocess(fresh_kernel, cluster):
+def test_interrupt_stops_the_remote_subprocesses_of_a_cell_and_of_a_sweep(fresh_kernel, cluster):
     k = fresh_kernel
     timer = threading.Timer(2.5, k.interrupt)
     timer.start()
@@ -227,6 +227,30 @@ def test_interrupt_stops_the_remote_subprocess(fresh_kernel, cluster):
     pid = int(res.stdout.split()[0])
     assert wait_until(lambda: gone(pid), 10)
     assert k.run(f"%%isolate --scheduler {cluster.address}\nafter = 'fine'").ok
+
+    # A sweep: every running value is stopped, the queued ones never start, nothing is bound.
+    timer = threading.Timer(3.0, k.interrupt)
+    timer.start()
+    res = k.execute(
+        cell(
+            f"""
+            %%isolate --scheduler {cluster.address} --over n=range(5)
+            import os, time
+            print(os.getpid(), flush=True)
+            time.sleep(600)
+            swept = n
+            """
+        ),
+        timeout=60,
+    )
+    timer.join()
+    assert res.error["ename"] == "KeyboardInterrupt", res.error_text
+    assert "0 of 5 runs had finished" in res.error["evalue"]
+    pids = [int(line.split()[-1]) for line in res.stdout.splitlines() if line.strip()]
+    assert len(pids) == 2  # two worker threads: two runs started, three never did
+    assert wait_until(lambda: all(gone(p) for p in pids), 10)
+    assert wait_until(lambda: not cluster.isolated_workers(), 10)
+    assert k.value("'swept' in globals()") is False
 
 
 def test_module_only_the_kernel_has_is_named_with_the_worker_before_running(dask_kernel, cluster):
@@ -410,6 +434,25 @@ def test_over_values_are_parsed_in_the_notebook_namespace():
     for bad in ("lr", "1x=[1]", "s='abc'", "e=[]", "z=5"):
         with pytest.raises(IsolateUsageError):
             parse_over(bad, {})
+
+
+def test_scheduler_precedence_and_unreachable_environment_scheduler(monkeypatch):
+    from nbisolate import dask_backend as db
+
+    bad_env = f"tcp://127.0.0.1:{free_port()}"
+    bad_flag = f"tcp://127.0.0.1:{free_port()}"
+    monkeypatch.setenv(db.ENV_SCHEDULER, bad_env)
+    monkeypatch.setitem(db.config, "connect_timeout", 1.0)
+    monkeypatch.setitem(db.config, "scheduler", None)
+    with pytest.raises(db.DaskBackendError, match=r"\$NBISOLATE_SCHEDULER") as info:
+        db.get_client()
+    assert bad_env in str(info.value)
+    with pytest.raises(db.DaskBackendError, match="--scheduler") as info:
+        db.get_client(bad_flag)  # --scheduler wins over the environment
+    assert bad_flag in str(info.value)
+    assert db.choose_backend("local", None) is None
+    with pytest.raises(db.IsolateUsageError):
+        db.choose_backend("local", bad_flag)
 
 
 def test_remote_pid_reads_as_a_pid_and_names_the_host():
