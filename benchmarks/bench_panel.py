@@ -13,6 +13,9 @@ updates go through ipykernel's real session and IOPub machinery:
   target is under 5 ms.
 * ``first_widget_ms``: the first panel of a kernel, which also imports
   ipywidgets.
+* ``in_panel_per_real_cell_ms``: time spent inside the panel's listener calls
+  during a real trivial ``%%isolate`` cell (median): the panel's cost where it
+  happens, without the worker's noise.
 * ``kernel_cell_panel_ms`` / ``kernel_cell_off_ms``: a trivial isolated cell
   (``x = 1``) timed inside the kernel, awaited as a transformed ``%%isolate``
   cell is, with the panel and with ``panel=off``; ``client_cell_*_ms``: the
@@ -122,19 +125,34 @@ def _updates(res: Any) -> tuple[int, float]:
     return len(times), round(max(gaps), 3) if gaps else float("nan")
 
 
-def _cells(k: Kernel, repeats: int = 15) -> dict[str, Any]:
+def _cells(k: Kernel, repeats: int = 40) -> dict[str, Any]:
     inside = k.run(
         textwrap.dedent(
             f"""
             from nbisolate.magics import isolate_async as _isolate_async
-            _k = {{"auto": [], "off": []}}
-            for _i in range({repeats}):
-                for _m in ("auto", "off"):
-                    _P.settings["panel"] = _m
-                    _t0 = time.perf_counter()
-                    await _isolate_async("", "x = 1")
-                    _k[_m].append(time.perf_counter() - _t0)
-            _P.settings["panel"] = "auto"
+            _spent = []
+            _listen = _P.Panel.__call__
+            def _timed(self, event):
+                _t = time.perf_counter()
+                try:
+                    _listen(self, event)
+                finally:
+                    _spent.append(time.perf_counter() - _t)
+            _P.Panel.__call__ = _timed
+            _k = {{"auto": [], "off": [], "inside": []}}
+            try:
+                for _i in range({repeats}):
+                    for _m in ("auto", "off"):
+                        _P.settings["panel"] = _m
+                        _spent.clear()
+                        _t0 = time.perf_counter()
+                        await _isolate_async("", "x = 1")
+                        _k[_m].append(time.perf_counter() - _t0)
+                        if _m == "auto":
+                            _k["inside"].append(sum(_spent))
+            finally:
+                _P.Panel.__call__ = _listen
+                _P.settings["panel"] = "auto"
             print(json.dumps({{m: statistics.median(v) * 1000 for m, v in _k.items()}}))
             """
         ),
@@ -142,13 +160,14 @@ def _cells(k: Kernel, repeats: int = 15) -> dict[str, Any]:
     )
     kernel_side = json.loads(inside.stdout.strip().splitlines()[-1])
     panel, off = [], []
-    for _ in range(repeats):
+    for _ in range(repeats // 2):
         k.run("%isolate_config panel=auto")
         panel.append(k.run("%%isolate\nx = 1").reply_time)
         k.run("%isolate_config panel=off")
         off.append(k.run("%%isolate\nx = 1").reply_time)
     k.run("%isolate_config panel=auto")
     out: dict[str, Any] = {
+        "in_panel_per_real_cell_ms": round(kernel_side["inside"], 2),
         "kernel_cell_panel_ms": round(kernel_side["auto"], 1),
         "kernel_cell_off_ms": round(kernel_side["off"], 1),
         "client_cell_panel_ms": round(statistics.median(panel) * 1000, 1),
