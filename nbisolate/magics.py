@@ -175,11 +175,13 @@ class IsolateMagics(Magics):
                 f"%pickle_check: no notebook variable named {', '.join(map(repr, unknown))}. "
                 "Usage: %pickle_check [NAME ...]"
             )
+        from .probe import spawn_loads
+
         if not names:
             visible = _visible_names(shell)
             ns = {n: v for n, v in shell.user_ns.items() if n in visible}
-            return check_namespace(ns, None)
-        return check_namespace(shell.user_ns, names)
+            return check_namespace(ns, None, verify_spawn=spawn_loads)
+        return check_namespace(shell.user_ns, names, verify_spawn=spawn_loads)
 
     @line_magic
     def isolate_config(self, line: str) -> None:
@@ -249,12 +251,17 @@ def load(shell: Any) -> None:
     if getattr(shell, "kernel", None) is not None:
         if _transform not in shell.input_transformers_cleanup:
             shell.input_transformers_cleanup.append(_transform)
+        from . import labcomm
+
+        labcomm.register(shell)
 
 
 def unload(shell: Any) -> None:
+    from . import labcomm
     from .supervisor import launcher
 
     launcher.close()
+    labcomm.unregister(shell)
     import sys
 
     panel = sys.modules.get("nbisolate.panel")  # loaded only if a cell ran
