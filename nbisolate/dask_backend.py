@@ -892,7 +892,10 @@ class DaskJob:
             self._over.set()
             if result["final"] is not None:
                 kind, body, buffers = result["final"]
-                self.deliver(Event(kind, body, list(buffers)))
+                # Dask hands frames over read-only; arrays rebuilt on them must be writable,
+                # as they are after a local run.
+                writable = [b if not memoryview(b).readonly else bytearray(b) for b in buffers]
+                self.deliver(Event(kind, body, writable))
             info = dict(result["exit"] or {})
             if info.get("pid") is not None:
                 info["pid"] = RemotePid(info["pid"], result.get("host", ""), result.get("worker", ""))

@@ -134,6 +134,7 @@ def test_cell_runs_on_a_dask_worker_with_results_and_live_output(dask_kernel, cl
                 time.sleep(0.4)
             total = sum(data) + int(arr.sum())
             where = (os.getpid(), os.getppid())
+            doubled = arr * 2
             total * 2
             """
         ),
@@ -148,6 +149,11 @@ def test_cell_runs_on_a_dask_worker_with_results_and_live_output(dask_kernel, cl
     assert total == expected
     assert parent in cluster.worker_pids()  # a subprocess of a Dask worker process
     assert pid not in (k.pid, parent)
+    # Arrays that came back are ordinary, writable arrays.
+    assert k.run("doubled[0] = -1\nprint(int(doubled[0]), int(doubled[-1]))").stdout.split() == [
+        "-1",
+        str(2 * 199_999),
+    ]
     # The panel's end line (it replaces the panel's display) says where it ran.
     shown = " ".join(
         str(m["content"]["data"].get("text/plain", ""))
