@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections.abc import Iterator
 
 import psutil
@@ -12,14 +13,25 @@ import pytest
 from .kernel import Kernel
 
 WORKER_MARK = "from nbisolate."  # both the template and spawned workers
+# Kernels inherit the test session's environment, and so do their templates and
+# workers: this marker tells this session's processes from any other on the machine.
+SESSION_MARK = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+os.environ["NBISOLATE_TEST_SESSION"] = SESSION_MARK
+
+
+def _ours(proc: psutil.Process) -> bool:
+    try:
+        return proc.environ().get("NBISOLATE_TEST_SESSION") == SESSION_MARK
+    except (psutil.Error, OSError):
+        return False
 
 
 def worker_processes() -> list[psutil.Process]:
-    """Worker processes started from this test session's kernels, by their command line."""
+    """Templates and workers started from this test session's kernels."""
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmd = " ".join(proc.info["cmdline"] or [])
-        if WORKER_MARK in cmd and proc.pid != os.getpid():
+        if WORKER_MARK in cmd and proc.pid != os.getpid() and _ours(proc):
             found.append(proc)
     return found
 
