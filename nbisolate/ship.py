@@ -204,15 +204,17 @@ def _how(value: Any, engine: str) -> str:
     return engine
 
 
-def _describe_failure(name: str, value: Any, exc: BaseException) -> tuple[str, str | None]:
-    """A one-paragraph reason naming the member path, from the diagnosis engine when it helps."""
+def _describe_failure(name: str, value: Any, exc: BaseException) -> tuple[str, str | None, Any]:
+    """A one-paragraph reason naming the member path, and the diagnosis report behind it."""
     path = None
+    report = None
     detail = f"{type(exc).__name__}: {exc}"
     try:
         from .diagnose import pickle_check
 
-        report = pickle_check(value, name=name)
-        problems = [p for p in getattr(report, "problems", []) if getattr(p, "path", None)]
+        report = pickle_check(value, name=name, serializers=["dill"])
+        found = getattr(report, "errors", None) or getattr(report, "problems", [])
+        problems = [p for p in found if getattr(p, "path", None)]
         if problems:
             first = problems[0]
             path = first.path
@@ -221,7 +223,7 @@ def _describe_failure(name: str, value: Any, exc: BaseException) -> tuple[str, s
                 detail += f" (+{len(problems) - 1} more; run %pickle_check {name})"
     except Exception:  # diagnosis is a help, never a second failure
         pass
-    return detail, path
+    return detail, path, report
 
 
 def _attempt(
@@ -258,10 +260,36 @@ def _fast(file: io.BytesIO, buffer_callback: Any = None) -> pickle.Pickler:
     return _FastPickler(file, protocol=PROTOCOL, buffer_callback=buffer_callback)
 
 
-def _dill(file: io.BytesIO, buffer_callback: Any = None) -> pickle.Pickler:
-    import dill
+_dill_pickler_class: Any = None
 
-    return dill.Pickler(file, protocol=PROTOCOL, recurse=True, buffer_callback=buffer_callback)
+
+def _is_exact_ndarray(obj: Any) -> bool:
+    kind = type(obj)
+    return kind.__name__ == "ndarray" and kind.__module__ == "numpy"
+
+
+def _dill(file: io.BytesIO, buffer_callback: Any = None) -> pickle.Pickler:
+    """dill for the whole shipment, keeping the two promises the fast path makes.
+
+    Plain dill pickles a module that is not installed (a ``.py`` next to the
+    notebook) by value, namespace and all, and copies numpy arrays in-band
+    (it reduces them without protocol 5).  Modules are re-imported by name and
+    exact arrays keep their out-of-band buffers here too.
+    """
+    global _dill_pickler_class
+    if _dill_pickler_class is None:
+        import dill
+
+        class _DillPickler(dill.Pickler):  # type: ignore[misc]
+            def reducer_override(self, obj: Any) -> Any:
+                if type(obj) is types.ModuleType and module_is_importable(obj):
+                    return _import_module, (obj.__name__,)
+                if _is_exact_ndarray(obj):
+                    return obj.__reduce_ex__(PROTOCOL)
+                return NotImplemented
+
+        _dill_pickler_class = _DillPickler
+    return _dill_pickler_class(file, protocol=PROTOCOL, recurse=True, buffer_callback=buffer_callback)
 
 
 def dumps(values: Mapping[str, Any], *, skip_failures: bool = False) -> Shipment:
@@ -286,17 +314,19 @@ def dumps(values: Mapping[str, Any], *, skip_failures: bool = False) -> Shipment
             assert failed is not None and exc is not None
             if engine == "pickle":
                 break  # redo everything with dill, which handles more kinds
-            detail, path = _describe_failure(failed, values[failed], exc)
+            detail, path, report = _describe_failure(failed, values[failed], exc)
             if not skip_failures:
                 value = values[failed]
-                raise ShipError(
+                error = ShipError(
                     f"cannot send variable {failed!r} ({type(value).__module__}."
                     f"{type(value).__qualname__}) to the worker: {detail}. Nothing ran. "
                     f"Create it inside the isolated cell instead, or leave it out of the "
                     f"inputs; `%pickle_check {failed}` shows every problem in it.",
                     name=failed,
                     path=path,
-                ) from exc
+                )
+                error.report = report  # the panel lists every problem without diagnosing again
+                raise error from exc
             skipped[failed] = f"{type(values[failed]).__module__}.{type(values[failed]).__qualname__}: {detail}"
             todo = [n for n in todo if n != failed]
     raise AssertionError("unreachable")  # pragma: no cover

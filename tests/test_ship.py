@@ -139,3 +139,18 @@ def test_large_buffers_cross_a_real_channel_through_shared_memory():
         a.close()
         b.close()
     assert set(os.listdir("/dev/shm")) == before
+
+
+def test_dill_fallback_reimports_local_modules_and_keeps_arrays_out_of_band(tmp_path, monkeypatch):
+    (tmp_path / "local_helper_mod.py").write_text("VALUE = 7\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import local_helper_mod
+
+    arr = np.arange(50_000, dtype=np.float64)
+    with open(tmp_path / "local_helper_mod.py") as fh:  # only dill can ship an open file
+        s, out = roundtrip({"fh": fh, "holder": {"mod": local_helper_mod, "arr": arr}})
+    assert s.engine == "dill"
+    assert out["holder"]["mod"] is local_helper_mod  # re-imported, not rebuilt by value
+    assert len(s.buffers) == 1 and len(s.data) < arr.nbytes
+    np.testing.assert_array_equal(out["holder"]["arr"], arr)
+    out["fh"].close()
