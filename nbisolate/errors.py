@@ -88,9 +88,15 @@ def describe_exit(returncode: int | None) -> str:
 
 
 class WorkerCrashed(IsolateError):
-    """The worker process died before it reported a result."""
+    """The worker process died before it reported a result.
 
-    def __init__(self, returncode: int | None, pid: int | None, detail: str = "") -> None:
+    ``cause``, when the worker said why before it went (the cell called
+    ``sys.exit``), replaces the guess from the exit code or signal.
+    """
+
+    def __init__(
+        self, returncode: int | None, pid: int | None, detail: str = "", cause: str | None = None
+    ) -> None:
         how = describe_exit(returncode)
         signame = None
         if returncode is not None and returncode < 0:
@@ -106,9 +112,10 @@ class WorkerCrashed(IsolateError):
                 likely = "the cell ended the process (sys.exit(0) or os._exit(0))"
             else:
                 likely = "unknown"
+        said = f"cause: {cause}" if cause else f"likely cause: {likely}"
         msg = (
-            f"the isolated worker (pid {pid}) died with {how} before it returned; likely cause: "
-            f"{likely}. No notebook variable was changed; the kernel is fine and the next cell "
+            f"the isolated worker (pid {pid}) died with {how} before it returned; {said}. "
+            "No notebook variable was changed; the kernel is fine and the next cell "
             "gets a fresh worker."
         )
         if detail:

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 
 from . import ship
-from .errors import IsolateTimeout, IsolateUsageError, RemoteError, WorkerCrashed
+from .errors import IsolateError, IsolateTimeout, IsolateUsageError, RemoteError, WorkerCrashed
 from .plan import Plan, plan_cell
 from .supervisor import DEFAULT_MAX_OUTPUT, Event, Job, launcher
 from .worker import RESULT
@@ -101,6 +101,11 @@ class StdSink:
         )
 
 
+# A worker needs about 30 MB of data just to run Python and load nbisolate;
+# a --mem below this could only end in a confusing crash.
+MIN_MEM = 32 * 1024 * 1024
+
+
 def parse_size(text: str) -> int:
     """``2G``, ``500M``, ``1.5GB``, ``1024`` (bytes) -> bytes; a clear error otherwise."""
     units = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
@@ -150,6 +155,12 @@ def user_packages(namespace: Mapping[str, Any]) -> list[str]:
     return list(found)
 
 
+def _one_paragraph(exc: BaseException) -> BaseException:
+    """Show ``exc`` in IPython as its message alone: nbisolate's own frames would only bury it."""
+    exc._render_traceback_ = lambda: [f"{type(exc).__name__}: {exc}"]  # type: ignore[attr-defined]
+    return exc
+
+
 def _label(source: str) -> str:
     for line in source.splitlines():
         if line.strip():
@@ -186,6 +197,7 @@ class CellRun:
         mem: int | str | None = None,
         filename: str = "<isolated cell>",
         backend: Any = None,
+        max_result: int | str | None = None,
     ) -> None:
         if timeout is not None and not (timeout > 0):
             raise IsolateUsageError(
@@ -203,6 +215,16 @@ class CellRun:
         self.sink = sink if sink is not None else StdSink()
         self.max_output = max_output
         self.mem = parse_size(mem) if isinstance(mem, str) else mem
+        if self.mem is not None and self.mem < MIN_MEM:
+            raise IsolateUsageError(
+                f"--mem {mem} is too small: a worker needs about 30 MB just to run Python; "
+                "use 32M or more. Nothing ran."
+            )
+        # Results larger than this are left out (named, like unpicklable ones); None: no limit
+        # but the memory the machine has available.
+        self.max_result = parse_size(max_result) if isinstance(max_result, str) else max_result
+        self._sysexit: dict[str, Any] | None = None
+        self._noted_dropped = False
         self.filename = filename
         # Where the worker runs when not here: an object whose ``start(run, deliver)``
         # returns a job-like object (``stop``, ``pid``) feeding the same events to
@@ -263,6 +285,10 @@ class CellRun:
             "sys_path": list(sys.path),
             "cwd": os.getcwd(),
             "mem": self.mem,
+            "max_result": self.max_result,
+            # The worker watches this process (not its parent, which may be the
+            # template) and kills its own tree when the kernel is gone.
+            "kernel_pid": os.getpid(),
         }
 
     def start(self, deliver: Callable[[Event], None]) -> Job:
@@ -285,7 +311,14 @@ class CellRun:
             # already carries its imports, so capped cells start from scratch.
             use_template=self.mem is None,
         )
-        self.job.start()
+        try:
+            self.job.start()
+        except OSError as exc:
+            raise IsolateError(
+                f"could not start the isolated worker process ({type(exc).__name__}: {exc}); "
+                "nothing ran. Check that the working directory still exists and the machine "
+                "has free memory and process slots, then run the cell again."
+            ) from exc
         launcher.preload(user_packages(self.namespace))
         return self.job
 
@@ -302,6 +335,10 @@ class CellRun:
                 self.phases["start"] = event.time - self._start_clock
             else:
                 self.phases[name] = seconds
+        elif kind == "dropped":
+            self._note_dropped(event.data)
+        elif kind == "sysexit":
+            self._sysexit = event.data
         self._notify(event)
         if kind in ("result", "error"):
             self._final = event
@@ -338,16 +375,27 @@ class CellRun:
         if self._final.kind == "error":
             raise self._rebuild_error(body, self._final.buffers)
         t0 = time.perf_counter()
-        values = ship.loads(body["names"], body["data"], self._final.buffers, body["engine"])
+        try:
+            values = ship.loads(body["names"], body["data"], self._final.buffers, body["engine"])
+        except MemoryError:
+            raise _one_paragraph(
+                MemoryError(
+                    "the isolated cell finished, but the kernel ran out of memory rebuilding its "
+                    f"results ({', '.join(body['names']) or 'none'}). No notebook variable was "
+                    "changed. Copy back less (--out NAME), or save large results to a file in "
+                    "the cell and load what you need here."
+                )
+            ) from None
         self.phases["return"] = body.get("dump_seconds", 0.0) + (time.perf_counter() - t0)
         value = values.pop(RESULT, None)
         if body.get("result_bundle") is not None:
             value = RemoteValue(body["result_bundle"])
         self.skipped = dict(body.get("skipped") or {})
         for name, why in self.skipped.items():
+            what = "the value of the last expression" if name == RESULT else f"result {name!r}"
             self.sink.stream(
                 "stderr",
-                f"nbisolate: result {name!r} was not copied back: {why}. The other results "
+                f"nbisolate: {what} was not copied back: {why}. The other results "
                 "arrived; create such objects in a normal cell, or leave them out with --out.\n",
             )
         self.namespace.update(values)
@@ -358,7 +406,7 @@ class CellRun:
         assert self._exit is not None
         info = self._exit.data
         reason = info["reason"]
-        if info.get("dropped"):
+        if info.get("dropped") and not self._noted_dropped:
             self._note_dropped(info)
         if reason == "timeout":
             raise IsolateTimeout(self.timeout or 0.0, info["elapsed"], info["pid"])
@@ -369,14 +417,39 @@ class CellRun:
             )
             interrupt._render_traceback_ = lambda: [f"KeyboardInterrupt: {interrupt}"]  # type: ignore[attr-defined]
             raise interrupt
-        raise WorkerCrashed(info["returncode"], info["pid"], self._mem_hint(info))
+        if reason == "error":
+            raise IsolateError(
+                f"nbisolate failed while supervising the isolated cell ({info.get('error')}); "
+                f"worker pid {info['pid']} and every process it started were stopped. No "
+                "notebook variable was changed. Run the cell again; please report this if it "
+                "happens again."
+            )
+        cause = None
+        if self._sysexit is not None:
+            code = self._sysexit.get("code", "")
+            cause = f"the cell called sys.exit({'' if code == 'None' else code})"
+        raise WorkerCrashed(info["returncode"], info["pid"], self._mem_hint(info), cause=cause)
 
     def _mem_hint(self, info: dict[str, Any]) -> str:
-        if self.mem and info.get("returncode") == -signal.SIGKILL:
-            return f"It ran with --mem {_fmt_bytes(self.mem)}."
+        """Point at --mem when the worker died the way programs die when memory runs out."""
+        dying = (-signal.SIGKILL, -signal.SIGABRT, -signal.SIGSEGV, -signal.SIGBUS)
+        if self.mem and self._sysexit is None and info.get("returncode") in dying:
+            return (
+                f"It ran capped at {_fmt_bytes(self.mem)} by --mem: code that cannot get memory "
+                "may die like this instead of raising MemoryError. Raise --mem and run it again."
+            )
         return ""
 
+    def _memory_message(self, original: str) -> str:
+        assert self.mem is not None
+        return (
+            f"the isolated cell ran out of memory: it is capped at {_fmt_bytes(self.mem)} by "
+            "--mem; raise --mem, or make the cell use less memory. No notebook variable was "
+            "changed." + (f" ({original})" if original else "")
+        )
+
     def _note_dropped(self, info: dict[str, Any]) -> None:
+        self._noted_dropped = True
         self.sink.stream(
             "stderr",
             f"\nnbisolate: {_fmt_bytes(info['dropped'])} of output was dropped: the limit is "
@@ -391,13 +464,27 @@ class CellRun:
             except Exception:
                 exc = None
         text = body.get("traceback", "")
+        stage = body.get("stage")
+        if stage == "receive":
+            return self._receive_error(body)
         if not isinstance(exc, BaseException):
             exc = RemoteError(body["type"], body["message"], text)
         lines = text.rstrip("\n").splitlines()
-        if body.get("stage") == "setup":
+        if self.mem and (isinstance(exc, MemoryError) or body["type"] == "builtins.MemoryError"):
+            message = self._memory_message(str(exc) if isinstance(exc, MemoryError) else "")
+            cause = exc
+            exc = MemoryError(message)
+            exc.__context__ = cause
+            lines.append(f"MemoryError: {message}")
+        if stage == "setup":
             lines.append(
                 "nbisolate: the worker failed while preparing the cell (loading its inputs), "
                 "before any of the cell ran."
+            )
+        elif stage == "return":
+            lines.append(
+                "nbisolate: the cell ran, but sending its results back failed; no notebook "
+                "variable was changed."
             )
 
         def render() -> list[str]:
@@ -410,6 +497,23 @@ class CellRun:
             exc = RemoteError(body["type"], body["message"], text)
             exc._render_traceback_ = render  # type: ignore[attr-defined]
         return exc
+
+    def _receive_error(self, body: dict[str, Any]) -> BaseException:
+        """The kernel could not take the worker's results in (out of memory, a broken channel)."""
+        what = f"{body['type'].rpartition('.')[2]}: {body['message']}".rstrip(": ")
+        if body["type"] == "builtins.MemoryError":
+            return _one_paragraph(
+                MemoryError(
+                    "the isolated cell finished, but the kernel ran out of memory receiving its "
+                    "results, so none was copied back and no notebook variable was changed. "
+                    "Copy back less (--out NAME), or save large results to a file in the cell "
+                    "and load what you need here."
+                )
+            )
+        return IsolateError(
+            f"the isolated cell finished, but its results could not be received ({what}); the "
+            "worker was stopped and no notebook variable was changed. Run the cell again."
+        )
 
     # -- waiting ------------------------------------------------------------------
     def run_sync(self) -> Any:

@@ -17,8 +17,14 @@ Design points, each learned the hard way by users of process pools:
   the kernel's own group never reaches workers by accident; interrupts are
   relayed on purpose, once.
 * Stopping is SIGINT (interrupt) or SIGTERM (timeout), a short grace period,
-  then SIGKILL to the group, then a sweep, by pid, of descendants recorded
-  while the worker was alive (the ones that left the group).
+  then SIGSTOP to the group (nothing forks while we look), a listing of every
+  descendant (the worker is their subreaper, so even ones that left the group
+  are found), SIGKILL to the group and to each of them by pid.  The worker
+  itself kills what the cell left running when it ends normally, and its
+  watchdog does the same when the kernel dies.
+* Whatever goes wrong in here (a result the kernel cannot allocate, a garbled
+  message, a bug), the consumer still gets an ``error`` or ``exit`` event:
+  a cell never waits for ever.
 * Output floods are cut at a limit with a note saying how much was dropped,
   so a cell printing 100 MB cannot bloat the kernel.
 """
@@ -339,13 +345,14 @@ class TemplateLauncher:
 launcher = TemplateLauncher()
 
 
-def _descendants(pid: int) -> list[Any]:
+def _process(pid: int) -> Any:
+    """A psutil handle on ``pid`` taken while it surely is our worker, or None."""
     try:
         import psutil
 
-        return psutil.Process(pid).children(recursive=True)
+        return psutil.Process(pid)
     except Exception:
-        return []
+        return None
 
 
 class Job:
@@ -383,6 +390,11 @@ class Job:
         self._t0 = time.perf_counter()
         self._stop_reason: str | None = None
         self._wake_r, self._wake_w = os.pipe()
+        # Guards the wake pipe: once the job is over its descriptors are closed, and a
+        # late stop() must not write to a number the kernel has since reused for a file.
+        self._wake_lock = threading.RLock()
+        self._closed = False
+        self._ps: Any = None  # psutil.Process of the worker, identity-checked (pid reuse)
         self._known: list[Any] = []
         self._output_bytes = 0
         self._dropped = 0
@@ -408,6 +420,7 @@ class Job:
         mine, theirs = socket.socketpair()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
+        started = False
         try:
             pid = None
             if self.use_template:
@@ -428,10 +441,18 @@ class Job:
                     env=self.env,
                 )
                 self.how_started = "spawned"
+            started = True
         finally:
             theirs.close()
             os.close(out_w)
             os.close(err_w)
+            if not started:  # nothing will ever read these: close them now, not never
+                mine.close()
+                self._close_fds(out_r, err_r)
+                with self._wake_lock:
+                    self._closed = True
+                    self._close_fds(self._wake_r, self._wake_w)
+        self._ps = _process(self.proc.pid)
         self.started_at = time.time()
         self._emit("started", self.proc.pid)
         registry._announce("started", self)
@@ -445,10 +466,13 @@ class Job:
         """Ask the reader thread to stop the worker (thread- and signal-safe)."""
         if self._stop_reason is None:
             self._stop_reason = reason
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
+        with self._wake_lock:
+            if self._closed:
+                return
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass
 
     # -- internals -----------------------------------------------------
     def _emit(self, kind: str, data: Any = None, buffers: list[Any] | None = None) -> None:
@@ -462,13 +486,50 @@ class Job:
         except (ProcessLookupError, PermissionError):
             pass
 
+    @staticmethod
+    def _close_fds(*fds: int | None) -> None:
+        for fd in fds:
+            if isinstance(fd, int) and fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    def _worker_alive(self) -> bool:
+        """True while the worker runs: not exited, its pid not reused (psutil checks identity)."""
+        ps = self._ps
+        try:
+            return ps is not None and ps.is_running() and ps.status() != "zombie"
+        except Exception:
+            return False
+
     def _remember_descendants(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        # Never by pid alone: once the worker is reaped its pid may belong to a stranger.
+        if self._worker_alive():
             seen = {p.pid for p in self._known}
-            self._known.extend(p for p in _descendants(self.proc.pid) if p.pid not in seen)
+            try:
+                found = self._ps.children(recursive=True)
+            except Exception:
+                found = []
+            self._known.extend(p for p in found if p.pid not in seen)
 
     def _sweep(self) -> None:
-        """SIGKILL whatever is left of the tree: the group, then recorded escapees by pid."""
+        """SIGKILL whatever is left of the tree, leaving nothing the cell started alive.
+
+        While the worker lives it is stopped first (SIGSTOP to its group), so no
+        process of the tree can fork while we list it; the listing then finds
+        every descendant, including those that left the group (``setsid``, a
+        double fork: the worker is their subreaper).  Then SIGKILL to the group
+        and to each recorded descendant by pid, identity-checked by psutil.
+        """
+        if self._worker_alive():
+            self._signal_group(signal.SIGSTOP)
+            for proc in list(self._known):
+                try:
+                    proc.suspend()
+                except Exception:
+                    pass
+            self._remember_descendants()
         self._signal_group(signal.SIGKILL)
         for proc in self._known:
             try:
@@ -570,11 +631,35 @@ class Job:
             except (ChannelClosed, OSError):
                 sel.unregister(chan.sock)
                 return False
+            except Exception as exc:
+                # MemoryError: a result the kernel cannot allocate; anything else: a garbled
+                # frame.  The channel is unusable either way: closing it makes the worker's
+                # watchdog end its tree, and the cell gets an error instead of a hang.
+                sel.unregister(chan.sock)
+                chan.close()
+                if reason is None and not finished:
+                    finished = True
+                    self._emit(
+                        "error",
+                        {
+                            "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+                            "message": str(exc),
+                            "traceback": "",
+                            "stage": "receive",
+                            "names": [],
+                            "data": b"",
+                            "engine": "pickle",
+                        },
+                    )
+                return False
             if kind in ("result", "error"):
                 if reason is None:
                     self._remember_descendants()
                     drain_pipes(0.005)
                     finished = True
+                    if self._dropped:  # the note goes after the output, before the outcome
+                        dropped = {"dropped": self._dropped, "max_output": self.max_output}
+                        self._emit("dropped", dropped)
                     self._emit(kind, body, buffers)
                 return True
             if kind == "stream":
@@ -583,6 +668,8 @@ class Job:
                 self._emit(kind, body, buffers)
             return True
 
+        arena = None
+        failure: BaseException | None = None
         try:
             arena = _arenas.take() if sum(memoryview(b).nbytes for b in self.buffers) >= SHM_THRESHOLD else None
             try:
@@ -634,8 +721,15 @@ class Job:
                     ):
                         read_message()
                     drain_pipes(0.01)
+            self._sweep()  # before reaping: a zombie's pid (the group id) cannot be reused
             proc.wait()
-            self._sweep()
+        except Exception as exc:  # a bug here must never leave the cell waiting for ever
+            failure = exc
+            try:
+                self._sweep()
+                proc.wait(timeout=5)
+            except Exception:
+                pass
         finally:
             for fd in list(sel.get_map()):
                 try:
@@ -644,6 +738,8 @@ class Job:
                     pass
             sel.close()
             chan.close()
+            with self._wake_lock:
+                self._closed = True
             for fd in (out_r, err_r, self._wake_r, self._wake_w, exit_fd):
                 if isinstance(fd, int):
                     try:
@@ -663,7 +759,8 @@ class Job:
             "exit",
             {
                 "returncode": proc.returncode,
-                "reason": reason or ("done" if finished else "crashed"),
+                "reason": "error" if failure else reason or ("done" if finished else "crashed"),
+                "error": f"{type(failure).__name__}: {failure}" if failure else None,
                 "elapsed": time.perf_counter() - self._t0,
                 "dropped": self._dropped,
                 "max_output": self.max_output,

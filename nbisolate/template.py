@@ -166,8 +166,7 @@ def main(fd: int) -> None:
     except (EOFError, OSError):
         pass
     for pid in list(children):
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except OSError:
-            pass
+        # The group, and descendants that left it (setsid, double fork): a plain
+        # killpg here would also kill the worker before its own watchdog could.
+        worker.kill_tree(pid)
     sys.exit(0)

@@ -15,9 +15,11 @@ What it does, in order: receive the job; rebuild the inputs into a fresh
 ``__main__`` namespace; run the cell with ``sys.stdout``/``sys.stderr``
 streamed to the kernel as they are written; send back the names the cell
 bound and the value of its last expression, or the exception with a
-traceback in the cell's own line numbers; exit.  A watchdog thread exits the
-whole process group as soon as the kernel's end of the channel closes, so a
-worker never outlives its kernel.
+traceback in the cell's own line numbers; kill whatever the cell started and
+is still running; exit.  A watchdog thread kills the whole tree and exits as
+soon as the kernel's end of the channel closes or the kernel process exits,
+so a worker never outlives its kernel.  ``--mem`` becomes an rlimit applied
+before the inputs load.
 """
 
 from __future__ import annotations
@@ -38,6 +40,12 @@ from . import display_worker
 from .wire import Channel, ChannelClosed
 
 RESULT = "\x00result"  # the reserved shipment name of the last expression's value
+# Results bigger than this are checked against the memory the machine has available.
+_CHECK_AVAILABLE_ABOVE = 64 * 1024 * 1024
+
+# What the worker is doing, for errors that are not the cell's own: "setup"
+# (loading inputs), "run" (the cell) or "return" (sending results back).
+_stage = "setup"
 
 
 class NoStdinError(EOFError):
@@ -60,21 +68,117 @@ class _NoStdin(io.TextIOBase):
         raise io.UnsupportedOperation("the isolated worker has no stdin")
 
 
+class _WorkerChannel(Channel):
+    """The worker's end of the channel: a send is never cut in half by a signal handler.
+
+    Python runs signal handlers in the main thread between bytecodes, so a
+    ``KeyboardInterrupt`` (the kernel relays "Interrupt" as SIGINT) raised in
+    the middle of ``sendall`` would leave half a frame on the socket and garble
+    every message after it.  The main thread blocks asynchronous signals for
+    the length of one send; they are delivered the moment it ends.
+
+    Any message other than stream text first sends the text still pending,
+    so a display, a result or an error never overtakes what was printed
+    before it.
+    """
+
+    output: _Output | None = None
+
+    _BLOCK = frozenset(
+        s
+        for s in signal.valid_signals()
+        if s
+        not in {
+            signal.SIGKILL,
+            signal.SIGSTOP,
+            signal.SIGSEGV,
+            signal.SIGBUS,
+            signal.SIGFPE,
+            signal.SIGILL,
+            signal.SIGABRT,
+        }
+    )
+
+    def send(self, kind: str, body: Any = None, buffers: Any = ()) -> None:
+        if kind != "stream" and self.output is not None:
+            self.output.flush()
+        if threading.current_thread() is not threading.main_thread():
+            return super().send(kind, body, buffers)
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, self._BLOCK)
+        try:
+            super().send(kind, body, buffers)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class _Output:
+    """Pending text of both streams, in the order it was written, sent as few messages as possible.
+
+    A line is sent at once when nothing was sent in the last ``SOON`` seconds
+    (so ``print`` then a long computation shows at once); otherwise it waits
+    for the flusher thread (50 ms) or for ``BATCH`` characters to gather, so a
+    cell printing a million short lines costs a few hundred messages, not a
+    million.  Messages are cut at ``CHUNK`` characters, so the kernel never has
+    to hold one huge string to find out it is over its output limit.
+    """
+
+    SOON = 0.02
+    BATCH = 64 * 1024
+    CHUNK = 1024 * 1024
+
+    def __init__(self, chan: Channel) -> None:
+        self._chan = chan
+        self._parts: list[tuple[str, list[str]]] = []
+        self._size = 0
+        self._last = 0.0
+        # Reentrant: a signal handler in the cell may print while the main thread is here.
+        self._lock = threading.RLock()
+
+    def write(self, name: str, text: str) -> None:
+        with self._lock:
+            if self._parts and self._parts[-1][0] == name:
+                self._parts[-1][1].append(text)
+            else:
+                self._parts.append((name, [text]))
+            self._size += len(text)
+            due = self._size >= self.BATCH or (
+                "\n" in text and time.monotonic() - self._last >= self.SOON
+            )
+            if due:
+                self.flush()
+
+    def flush(self, soon: bool = False) -> None:
+        """Send the pending text; with ``soon``, leave it to the flusher if we sent just now."""
+        with self._lock:
+            if not self._parts:
+                return
+            if soon and time.monotonic() - self._last < self.SOON:
+                return
+            parts, self._parts, self._size = self._parts, [], 0
+            self._last = time.monotonic()
+            for name, pieces in parts:
+                text = "".join(pieces)
+                for start in range(0, len(text), self.CHUNK):
+                    try:
+                        self._chan.send("stream", (name, text[start : start + self.CHUNK]))
+                    except OSError:
+                        return
+
+
 class _Stream(io.TextIOBase):
     """``sys.stdout``/``sys.stderr`` of the worker: text goes to the kernel as it is written.
 
-    Whole lines are sent at once; a partial line (a progress bar) is sent by a
-    flusher thread within 50 ms, so output is live without one message per
-    ``write`` call.  ``fileno()`` is the real descriptor, whose pipe the kernel
-    also reads, so subprocesses given ``sys.stdout`` still reach the cell.
+    Both streams share one :class:`_Output`, so stdout and stderr text keep
+    their relative order; a partial line (a progress bar) is sent by a flusher
+    thread within 50 ms, so output is live without one message per ``write``
+    call.  ``fileno()`` is the real descriptor, whose pipe the kernel also
+    reads, so subprocesses given ``sys.stdout`` still reach the cell.
     """
 
-    def __init__(self, name: str, chan: Channel, fd: int) -> None:
+    def __init__(self, name: str, output: _Output, fd: int) -> None:
         self.name_ = name
-        self._chan = chan
+        self._output = output
         self._fd = fd
-        self._parts: list[str] = []
-        self._lock = threading.Lock()
 
     @property
     def encoding(self) -> str:  # type: ignore[override]
@@ -93,33 +197,172 @@ class _Stream(io.TextIOBase):
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
         if text:
-            with self._lock:
-                self._parts.append(text)
-            if "\n" in text or len(text) > 8192:
-                self.flush()
+            self._output.write(self.name_, text)
         return len(text)
 
     def flush(self) -> None:
-        with self._lock:
-            if not self._parts:
-                return
-            text, self._parts = "".join(self._parts), []
+        # print(..., flush=True) in a loop must not mean one message per line; the
+        # text still arrives within 50 ms, and before any display or result.
+        self._output.flush(soon=True)
+
+
+def _descendant_pids(root: int) -> list[int]:
+    """Live (non-zombie) descendants of ``root``, read from /proc; [] where there is none."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+            fields = stat[stat.rindex(b")") + 2 :].split()
+        except (OSError, ValueError):
+            continue
+        if fields[0] in (b"Z", b"X"):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    found: list[int] = []
+    todo = [root]
+    while todo:
+        for pid in children.get(todo.pop(), ()):
+            found.append(pid)
+            todo.append(pid)
+    return found
+
+
+def _stop_descendants(root: int) -> list[int]:
+    """SIGSTOP every descendant of ``root``, repeating until no new one appears; their pids.
+
+    A stopped process cannot fork, so once a round finds nothing new the list
+    is complete, and the pids stay valid (stopped processes do not exit) for
+    the SIGKILL that follows.
+    """
+    stopped: list[int] = []
+    seen: set[int] = set()
+    for _ in range(50):
+        new = [pid for pid in _descendant_pids(root) if pid not in seen]
+        if not new:
+            break
+        for pid in new:
+            seen.add(pid)
             try:
-                self._chan.send("stream", (self.name_, text))
+                os.kill(pid, signal.SIGSTOP)
+                stopped.append(pid)
             except OSError:
                 pass
+    return stopped
 
 
-def _watch_parent(chan: Channel) -> None:
-    """Exit the whole process group the moment the kernel's end of the channel closes."""
+def _kill_descendants() -> None:
+    """SIGKILL every process this worker started, including ones that left its process group.
+
+    The worker is a child subreaper, so a descendant whose parent died (a
+    double fork, a daemon) is re-parented to the worker and still found here.
+    Cheap when the cell started nothing: one ``waitpid`` says there is no child.
+    """
     try:
-        while chan.sock.recv(4096):
-            pass
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass  # reap exited children; what is left is alive
+    except ChildProcessError:
+        return  # no child at all, hence no descendant (orphans would be our children)
     except OSError:
         pass
-    if os.getpgrp() == os.getpid():
-        os.killpg(os.getpid(), signal.SIGKILL)
-    os._exit(70)
+    for pid in _stop_descendants(os.getpid()):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL worker ``pid``, its process group and every descendant, even those that left it.
+
+    For whoever started the worker and has to end it without its help (the
+    template when its kernel is gone): the worker is stopped first, so it stays
+    the subreaper holding its tree together while the tree is listed.  Call it
+    before the worker is reaped, while ``pid`` surely is that worker.
+    """
+    try:
+        os.kill(pid, signal.SIGSTOP)
+    except OSError:
+        pass
+    victims = _stop_descendants(pid)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
+    for victim in (*victims, pid):
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _watch_parent(chan: Channel, kernel_pid: int | None) -> None:
+    """Kill everything the cell started and exit, the moment the kernel is gone.
+
+    Two signs, whichever comes first: the kernel's end of the channel closes
+    (EOF), or the kernel process exits (a ``pidfd``, which also works when
+    the kernel process forked and a child of it still holds the channel open,
+    or when the worker's parent is not the kernel itself).  Without pidfds the
+    parent pid is polled instead.
+    """
+    import select
+
+    parent = os.getppid()
+    pidfd = None
+    if kernel_pid and hasattr(os, "pidfd_open"):
+        try:
+            pidfd = os.pidfd_open(kernel_pid)
+        except ProcessLookupError:
+            pidfd = -1  # the kernel is gone already
+        except OSError:
+            pidfd = None
+    try:
+        while pidfd != -1:
+            watched = [chan.sock] + ([pidfd] if pidfd is not None else [])
+            ready, _, _ = select.select(watched, [], [], 0.25 if pidfd is None else None)
+            if pidfd is not None and pidfd in ready:
+                break
+            if chan.sock in ready and not chan.sock.recv(4096):
+                break
+            if pidfd is None and os.getppid() != parent:
+                break
+    except OSError:
+        pass
+    try:
+        _kill_descendants()
+    finally:
+        if os.getpgrp() == os.getpid():
+            os.killpg(os.getpid(), signal.SIGKILL)
+        os._exit(70)
+
+
+def _limit_memory(limit: int | None) -> None:
+    """Apply ``--mem``: cap the memory the worker (and each process it starts) may allocate.
+
+    On Linux this is ``RLIMIT_DATA``: heap, anonymous mappings and thread
+    stacks, i.e. what the cell allocates, but not shared libraries or address
+    space merely reserved, so ``import numpy`` costs ~90 MB of it rather than
+    the ~140 MB of address space it maps.  Elsewhere ``RLIMIT_AS``.  Both the
+    soft and hard limits are set, so the cell cannot lift its own cap.  Going
+    over it makes allocations fail: Python raises ``MemoryError``, which the
+    kernel reports naming the limit.
+    """
+    if not limit:
+        return
+    import resource
+
+    which = resource.RLIMIT_DATA if sys.platform.startswith("linux") else resource.RLIMIT_AS
+    limit = int(limit)
+    _, hard = resource.getrlimit(which)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(which, (limit, limit))
 
 
 def _flusher(streams: list[_Stream], stop: threading.Event) -> None:
@@ -220,7 +463,67 @@ def _compile_cell(
     return body, compile(tail_pad + rest.strip(), filename, "eval", flags=flags)
 
 
+def _fmt_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def _available_memory() -> int | None:
+    """MemAvailable of this machine in bytes (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _fit_result(
+    values: dict[str, Any], shipped: Any, max_result: int | None
+) -> tuple[Any, set[str]]:
+    """Leave out the largest results until the rest fits the limit; returns the names left out.
+
+    The limit is ``max_result`` (``CellRun(max_result=...)``) and, for a large
+    shipment, the memory the machine has available: the kernel needs that much
+    to receive it, and a kernel pushed into the out-of-memory killer is the one
+    outcome worse than a missing result.  Left-out names are reported like
+    results that cannot be pickled: the others still arrive.
+    """
+    from . import ship
+
+    limits: list[tuple[int, str]] = []
+    if max_result:
+        why = f"over the result limit of {_fmt_size(max_result)} (max_result)"
+        limits.append((int(max_result), why))
+    if shipped.nbytes > _CHECK_AVAILABLE_ABOVE:
+        available = _available_memory()
+        if available is not None:
+            why = f"more than the {_fmt_size(available)} of memory the machine has available"
+            limits.append((available, why))
+    if not limits:
+        return shipped, set()
+    limit, why = min(limits)
+    left_out: set[str] = set()
+    while shipped.nbytes > limit and shipped.names:
+        total = shipped.nbytes
+        name = max(shipped.names, key=lambda n: shipped.sizes.get(n, 0))
+        left_out.add(name)
+        skipped = dict(shipped.skipped)
+        size = _fmt_size(shipped.sizes.get(name, 0))
+        skipped[name] = f"its {size} (of {_fmt_size(total)} in all) is {why}"
+        rest = {n: v for n, v in values.items() if n in shipped.names and n != name}
+        shipped = ship.dumps(rest, skip_failures=True)
+        shipped.skipped = {**skipped, **shipped.skipped}
+    return shipped, left_out
+
+
 def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
+    global _stage
     from . import ship
 
     t0 = time.perf_counter()
@@ -247,6 +550,7 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
 
     t2 = time.perf_counter()
     value = None
+    _stage = "run"
     try:
         value = _execute(body, ns)
         if tail is not None:
@@ -282,13 +586,15 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
     chan.send("phase", ("run", run_seconds))
 
     t3 = time.perf_counter()
+    _stage = "return"
     out = {name: ns[name] for name in job["outputs"] if name in ns}
     bundle = None
     if tail is not None and value is not None:
         out[RESULT] = value
     shipped = ship.dumps(out, skip_failures=True)
+    shipped, too_big = _fit_result(out, shipped, job.get("max_result"))
     display_worker.explain_skipped(shipped.skipped, out)
-    if RESULT in shipped.skipped:
+    if RESULT in shipped.skipped and RESULT not in too_big:
         bundle = display_worker.result_bundle(value)  # the kernel's formatter, or _fallback_bundle
         shipped.skipped.pop(RESULT)
     chan.send(
@@ -324,7 +630,7 @@ def main(fd: int) -> None:
     import socket
 
     os.set_inheritable(fd, False)
-    chan = Channel(socket.socket(fileno=fd))
+    chan = _WorkerChannel(socket.socket(fileno=fd))
     _become_subreaper()
     sys.stdin = _NoStdin()
     try:
@@ -333,19 +639,30 @@ def main(fd: int) -> None:
         os._exit(0)
     if kind != "run":
         os._exit(2)
-    threading.Thread(target=_watch_parent, args=(chan,), daemon=True, name="watch-parent").start()
-    streams = [_Stream("stdout", chan, 1), _Stream("stderr", chan, 2)]
+    watchdog = threading.Thread(
+        target=_watch_parent, args=(chan, job.get("kernel_pid")), daemon=True, name="watch-parent"
+    )
+    watchdog.start()
+    output = _Output(chan)
+    chan.output = output
+    streams = [_Stream("stdout", output, 1), _Stream("stderr", output, 2)]
     sys.stdout, sys.stderr = streams
     display_worker.install(chan)  # display(), plots, widgets: before inputs load (they may import)
     stop = threading.Event()
     threading.Thread(target=_flusher, args=(streams, stop), daemon=True, name="flusher").start()
     code = 0
     try:
+        _limit_memory(job.get("mem"))  # before the inputs load: they count against --mem
         _run(chan, job, buffers)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if exc.code is not None and not isinstance(exc.code, int):
             sys.stderr.write(f"{exc.code}\n")
+        try:  # so the kernel can say "the cell called sys.exit(...)" rather than guess
+            output.flush()
+            chan.send("sysexit", {"code": repr(exc.code), "status": code})
+        except OSError:
+            pass
     except BaseException:
         # Our own failure (a bad input, an import error while loading inputs):
         # report it as the cell's error, so the kernel shows it instead of a crash.
@@ -358,7 +675,7 @@ def main(fd: int) -> None:
                     "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
                     "message": str(exc),
                     "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-                    "stage": "setup",
+                    "stage": _stage,
                     "names": [],
                     "data": b"",
                     "engine": "pickle",
@@ -367,7 +684,7 @@ def main(fd: int) -> None:
         except OSError:
             pass
     stop.set()
-    for stream in streams:
-        stream.flush()
+    output.flush()
     _flush_c_stdio()
+    _kill_descendants()  # nothing the cell started outlives it, even on success
     os._exit(code)
