@@ -308,8 +308,9 @@ class CellRun:
             label=self.label,
             max_output=self.max_output,
             # A memory cap must hold from the first byte: a fork of the template
-            # already carries its imports, so capped cells start from scratch.
-            use_template=self.mem is None,
+            # already carries its imports, so a capped cell gets a new interpreter
+            # (exec'd by the template, which still kills it if the kernel dies).
+            fresh=self.mem is not None,
         )
         try:
             self.job.start()

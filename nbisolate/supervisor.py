@@ -45,6 +45,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .template import bootstrap
 from .wire import SHM_THRESHOLD, Arena, Channel, ChannelClosed
 
 GRACE_SECONDS = 2.0
@@ -190,9 +191,6 @@ class _Arenas:
 _arenas = _Arenas()
 
 
-def _bootstrap(module: str, fd: int) -> str:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return f"import sys; sys.path.insert(0, {root!r}); from nbisolate.{module} import main; main({fd})"
 
 
 class _ForkedProcess:
@@ -245,7 +243,7 @@ class TemplateLauncher:
             mine, theirs = socket.socketpair()
             try:
                 self._proc = subprocess.Popen(
-                    [sys.executable, "-c", _bootstrap("template", theirs.fileno())],
+                    [sys.executable, "-c", bootstrap("template", theirs.fileno())],
                     stdin=subprocess.DEVNULL,
                     pass_fds=(theirs.fileno(),),
                     start_new_session=True,
@@ -283,8 +281,14 @@ class TemplateLauncher:
             self._proc.wait()
         sock.close()
 
-    def fork(self, fds: Sequence[int], env: dict[str, str]) -> int | None:
-        """A new worker process with ``fds`` as its channel, stdout and stderr; None on failure."""
+    def fork(
+        self, fds: Sequence[int], env: dict[str, str], fresh: bool = False, cwd: str | None = None
+    ) -> int | None:
+        """A new worker process with ``fds`` as its channel, stdout and stderr; None on failure.
+
+        ``fresh`` makes the child exec a new interpreter instead of running on
+        the template's imports (for ``--mem``), still as the template's child.
+        """
         from .template import send
 
         if not self._alive and not self.start():
@@ -294,7 +298,7 @@ class TemplateLauncher:
             if sock is None or not self._alive:
                 return None
             try:
-                send(sock, ("fork", {"env": env}), list(fds))
+                send(sock, ("fork", {"env": env, "fresh": fresh, "cwd": cwd}), list(fds))
             except OSError:
                 return None
             with self._cond:
@@ -374,9 +378,11 @@ class Job:
         env: dict[str, str] | None = None,
         max_output: int = DEFAULT_MAX_OUTPUT,
         use_template: bool = True,
+        fresh: bool = False,
     ) -> None:
         self.id = f"w{next(_ids)}-{os.getpid()}"
         self.use_template = use_template
+        self.fresh = fresh
         self.how_started = ""
         self.payload = payload
         self.buffers = list(buffers)
@@ -425,13 +431,15 @@ class Job:
             pid = None
             if self.use_template:
                 env = dict(os.environ if self.env is None else self.env)
-                pid = launcher.fork((theirs.fileno(), out_w, err_w), env)
+                pid = launcher.fork(
+                    (theirs.fileno(), out_w, err_w), env, fresh=self.fresh, cwd=self.payload.get("cwd")
+                )
             if pid is not None:
                 self.proc = _ForkedProcess(pid, launcher)
-                self.how_started = "forked from template"
+                self.how_started = "fresh interpreter" if self.fresh else "forked from template"
             else:
                 self.proc = subprocess.Popen(
-                    [sys.executable, "-c", _bootstrap("worker", theirs.fileno())],
+                    [sys.executable, "-c", bootstrap("worker", theirs.fileno())],
                     stdin=subprocess.DEVNULL,
                     stdout=out_w,
                     stderr=err_w,

@@ -16,7 +16,8 @@ notebook itself imported), never anything that initializes a GPU.
 
 Protocol, over a socketpair inherited from the kernel:
 
-* ``("fork", {"env": ...}, fds=[channel, stdout, stderr])`` -> ``("forked", pid)``
+* ``("fork", {"env": ..., "fresh": bool, "cwd": ...}, fds=[channel, stdout, stderr])``
+  -> ``("forked", pid)``; with ``fresh`` the child execs a new interpreter
 * ``("preload", {"names": [...], "sys_path": [...]})`` -> ``("preloaded", {name: error})``
 * ``("exit", (pid, returncode))`` is sent whenever a worker is reaped.
 
@@ -96,11 +97,25 @@ def _child(control: socket.socket, wake_fds: tuple[int, int], fds: list[int], jo
         if env is not None:
             os.environ.clear()
             os.environ.update(env)
+        if job.get("fresh"):
+            # A fresh interpreter (a --mem cell must not start with the template's
+            # imports), still the template's child: if the kernel dies while this
+            # worker's main thread is stuck in C code, the template kills it.
+            os.set_inheritable(chan_fd, True)
+            if job.get("cwd"):
+                os.chdir(job["cwd"])
+            os.execv(sys.executable, [sys.executable, "-c", bootstrap("worker", chan_fd)])
         from .worker import main
 
         main(chan_fd)
     finally:
         os._exit(71)
+
+
+def bootstrap(module: str, fd: int) -> str:
+    """The ``-c`` code that starts ``nbisolate.<module>.main(fd)`` in a new interpreter."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return f"import sys; sys.path.insert(0, {root!r}); from nbisolate.{module} import main; main({fd})"
 
 
 def main(fd: int) -> None:

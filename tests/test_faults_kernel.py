@@ -434,19 +434,31 @@ def test_mem_caps_the_worker_and_overflow_is_a_clear_memory_error(kernel):
 
 # -- the worker never outlives its kernel ----------------------------------------------
 @pytest.mark.parametrize(
-    "how, options",
-    [("kill", ""), ("kill", "--mem 1G"), ("restart", "")],
-    ids=["SIGKILL kernel, forked worker", "SIGKILL kernel, spawned worker", "restart kernel"],
+    "how, options, body",
+    [
+        ("kill", "", "time.sleep(120)"),
+        ("kill", "--mem 1G", "time.sleep(120)"),
+        ("kill", "--mem 1G", "sum(range(10**13))"),
+        ("restart", "", "time.sleep(120)"),
+    ],
+    ids=[
+        "SIGKILL kernel, forked worker",
+        "SIGKILL kernel, fresh-interpreter worker",
+        "SIGKILL kernel, fresh-interpreter worker stuck in C holding the GIL",
+        "restart kernel",
+    ],
 )
-def test_workers_exit_when_their_kernel_goes(fresh_kernel, how, options):
-    """A sleeping cell with a child and a daemon: all of it goes when the kernel does.
+def test_workers_exit_when_their_kernel_goes(fresh_kernel, how, options, body):
+    """A busy cell with a child and a daemon: all of it goes when the kernel does.
 
-    ``--mem`` makes the worker a direct child of the kernel (spawned), without
-    it the worker is forked by the template: both paths must clean up alone.
+    Without ``--mem`` the worker is a fork of the template; with it, the
+    template execs a fresh interpreter. Either way the worker's watchdog, or
+    the template when the worker's main thread holds the GIL in C code (so
+    its watchdog thread cannot run), cleans up alone.
     """
     k = fresh_kernel
     mark = new_mark()
-    start_cell(k, tree_cell(mark, options, "time.sleep(120)"), mark)
+    start_cell(k, tree_cell(mark, options, body), mark)
     tree = [p for p in workers_of(k)]
     assert len(tree) >= 3, tree  # the worker, its child and the daemon (now the worker's child)
     t0 = time.perf_counter()
