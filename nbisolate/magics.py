@@ -61,6 +61,12 @@ class IsolateMagics(Magics):
         help="Cap the worker's memory, e.g. 500M or 2G.",
     )
     @argument(
+        "--max-result",
+        default=None,
+        metavar="SIZE",
+        help="Leave out (and name) results larger than this, e.g. 1G; the others still arrive.",
+    )
+    @argument(
         "--quiet",
         action="store_true",
         help="No live status panel: only the cell's own output and one summary line at the end.",
@@ -137,6 +143,7 @@ class IsolateMagics(Magics):
                 line_offset=1,
                 display_source=f"%%isolate {line}".rstrip() + "\n" + cell,
                 mem=args.mem,
+                max_result=args.max_result,
                 filename=f"<isolated cell {shell.execution_count}>",
                 backend=backend,
             )

@@ -683,3 +683,12 @@ def test_bad_input_is_a_one_line_usage_error_and_nothing_runs(kernel, name):
         assert text in lines[0], lines[0]
     assert not started, f"a worker started: {started}"
     assert kernel.value("'x' in globals()") is False
+
+
+def test_max_result_flag_of_the_magic(kernel):
+    kernel.run("mr_small = 'before'")
+    res = kernel.run("%%isolate --max-result 1M\nmr_huge = bytearray(4 << 20)\nmr_small = 'after'")
+    assert "result 'mr_huge' was not copied back" in res.stderr and "(max_result)" in res.stderr
+    assert kernel.value("(mr_small, 'mr_huge' in globals())") == ("after", False)
+    bad = kernel.execute("%%isolate --max-result lots\nx = 1")
+    assert not bad.ok and "cannot read size 'lots'" in bad.stderr
