@@ -319,7 +319,7 @@ def dumps(values: Mapping[str, Any], *, skip_failures: bool = False) -> Shipment
                 value = values[failed]
                 error = ShipError(
                     f"cannot send variable {failed!r} ({type(value).__module__}."
-                    f"{type(value).__qualname__}) to the worker: {detail}. Nothing ran. "
+                    f"{type(value).__qualname__}) to the worker: {detail.rstrip('.')}. Nothing ran. "
                     f"Create it inside the isolated cell instead, or leave it out of the "
                     f"inputs; `%pickle_check {failed}` shows every problem in it.",
                     name=failed,
