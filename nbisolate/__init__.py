@@ -27,6 +27,7 @@ __all__ = [
     "IsolateUsageError",
     "RemoteError",
     "ShipError",
+    "SweepError",
     "WorkerCrashed",
     "load_ipython_extension",
     "pickle_check",
@@ -58,4 +59,8 @@ def __getattr__(name: str) -> Any:
         from .diagnose import pickle_check
 
         return pickle_check
+    if name == "SweepError":
+        from .sweep import SweepError
+
+        return SweepError
     raise AttributeError(f"module 'nbisolate' has no attribute {name!r}")
