@@ -396,7 +396,7 @@ class CellRun:
             what = "the value of the last expression" if name == RESULT else f"result {name!r}"
             self.sink.stream(
                 "stderr",
-                f"nbisolate: {what} was not copied back: {why.rstrip(".")}. The other results "
+                f"nbisolate: {what} was not copied back: {why.rstrip('.')}. The other results "
                 "arrived; create such objects in a normal cell, or leave them out with --out.\n",
             )
         self.namespace.update(values)
