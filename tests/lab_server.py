@@ -9,6 +9,7 @@ kills its process group.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -235,3 +237,105 @@ def browser_env(home: Path) -> dict[str, str]:
         path.mkdir(parents=True, exist_ok=True)
         env[name] = str(path)
     return env
+
+
+# -- what every browser test module shares ------------------------------------------------
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "build" / "screenshots"
+
+# JupyterLab settings for the test server: no news or update checks.
+LAB_SETTINGS = {
+    "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {
+        "fetchNews": "false",
+        "checkForUpdates": False,
+    },
+}
+
+# JavaScript, run in the page (the server exposes window.jupyterapp): the kernel's status.
+KERNEL_JS = """() => {
+  const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+  const k = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel;
+  return k ? k.status : null;
+}"""
+
+
+def require_chromium() -> str:
+    """Chromium's path, or skip the calling tests saying what is missing (never a silent pass)."""
+    import pytest
+
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"browser tests need the playwright package: {exc}")
+    path = find_chromium()
+    if path is None:
+        pytest.skip(
+            "browser tests need Chromium: `apt-get install -y chromium`"
+            " (or set NBISOLATE_CHROMIUM to a Chromium binary)"
+        )
+    pytest.importorskip("jupyterlab", reason="browser tests need jupyterlab")
+    return path
+
+
+@contextlib.contextmanager
+def running_lab(root: Path, state: Path, cells: list[str], name: str) -> Iterator[LabServer]:
+    """A lab server on ``root`` with one notebook of ``cells``, stopped (with its kernels) after."""
+    notebook(cells, root / name)
+    for setting, values in LAB_SETTINGS.items():
+        path = state / "lab-settings" / setting
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(values))
+    server = LabServer(root, state)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def lab_page(
+    lab: LabServer, chromium: str, name: str, home: Path, width: int = 1400, height: int = 900
+) -> Iterator[Any]:
+    """Headless Chromium with the notebook ``name`` open and its kernel idle."""
+    from playwright.sync_api import sync_playwright
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=chromium, args=CHROMIUM_ARGS, headless=True, env=browser_env(home)
+        )
+        try:
+            context = browser.new_context(viewport={"width": width, "height": height})
+            page = context.new_page()
+            page.set_default_timeout(30_000)
+            page.console_messages_seen = []
+            page.on("console", lambda msg: page.console_messages_seen.append(msg.text))
+            page.goto(lab.url(f"lab/tree/{name}") + "&reset")
+            page.wait_for_selector(".jp-Notebook .jp-Cell")
+            wait_kernel_idle(page, timeout=60_000)
+            yield page
+        finally:
+            browser.close()
+
+
+def wait_kernel_idle(page: Any, timeout: float = 30_000) -> None:
+    page.wait_for_function(f"() => ({KERNEL_JS})() === 'idle'", timeout=timeout)
+
+
+def cell(page: Any, index: int) -> Any:
+    """The ``index``-th cell of the notebook in view."""
+    return page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-Cell").nth(index)
+
+
+def select_cell(page: Any, index: int) -> None:
+    """Make the cell active, in command mode."""
+    page.evaluate(
+        """(index) => {
+             const nb = window.jupyterapp.shell.currentWidget.content;
+             nb.activeCellIndex = index;
+             nb.deselectAll();
+             nb.mode = 'command';
+             nb.node.focus();
+           }""",
+        index,
+    )

@@ -7,27 +7,27 @@ Without Chromium or the ``playwright`` package the tests are skipped, saying why
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from .lab_server import (
-    CHROMIUM_ARGS,
+    SCREENSHOTS,
     LabServer,
-    browser_env,
-    find_chromium,
+    cell,
+    lab_page,
     labextension_list,
-    notebook,
+    require_chromium,
+    running_lab,
+    select_cell,
+    wait_kernel_idle,
 )
 
 pytestmark = pytest.mark.browser
 
-SCREENSHOTS = Path(__file__).resolve().parents[1] / "build" / "screenshots"
 NOTEBOOK = "isolate-test.ipynb"
 CELLS = [
     "import os; print('KERNEL', os.getpid())",
@@ -38,104 +38,26 @@ CELLS = [
 ]
 KERNEL_CELL, WORKER_CELL, SLEEP_CELL, TOGGLE_CELL, PANEL_CELL = range(5)
 
-# JupyterLab settings for the test server: no news or update checks.
-LAB_SETTINGS = {
-    "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {
-        "fetchNews": "false",
-        "checkForUpdates": False,
-    },
-}
-
-# JavaScript helpers, run in the page (the server exposes window.jupyterapp).
-KERNEL_JS = """() => {
-  const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
-  const k = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel;
-  return k ? k.status : null;
-}"""
-
-
 @pytest.fixture(scope="module")
 def chromium() -> str:
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError as exc:
-        pytest.skip(f"browser tests need the playwright package: {exc}")
-    path = find_chromium()
-    if path is None:
-        pytest.skip(
-            "browser tests need Chromium: `apt-get install -y chromium`"
-            " (or set NBISOLATE_CHROMIUM to a Chromium binary)"
-        )
-    return path
+    return require_chromium()
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory, chromium: str) -> Iterator[LabServer]:
-    pytest.importorskip("jupyterlab", reason="browser tests need jupyterlab")
     root = tmp_path_factory.mktemp("lab-root")
-    state = tmp_path_factory.mktemp("lab-state")
-    notebook(CELLS, root / NOTEBOOK)
-    settings = state / "lab-settings"
-    for name, values in LAB_SETTINGS.items():
-        path = settings / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(values))
-    server = LabServer(root, state)
-    server.start()
-    try:
+    with running_lab(root, tmp_path_factory.mktemp("lab-state"), CELLS, NOTEBOOK) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
 def page(lab: LabServer, chromium: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    env = browser_env(tmp_path_factory.mktemp("browser-home"))
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=chromium, args=CHROMIUM_ARGS, headless=True, env=env
-        )
-        try:
-            context = browser.new_context(viewport={"width": 1400, "height": 900})
-            page = context.new_page()
-            page.set_default_timeout(30_000)
-            page.console_messages_seen = []  # type: ignore[attr-defined]
-            page.on("console", lambda msg: page.console_messages_seen.append(msg.text))  # type: ignore[attr-defined]
-            page.goto(lab.url(f"lab/tree/{NOTEBOOK}") + "&reset")
-            page.wait_for_selector(".jp-Notebook .jp-Cell")
-            wait_kernel_idle(page, timeout=60_000)
-            yield page
-        finally:
-            browser.close()
+    with lab_page(lab, chromium, NOTEBOOK, tmp_path_factory.mktemp("browser-home")) as page:
+        yield page
 
 
 def shot(page: Any, name: str) -> None:
     page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
-
-
-def wait_kernel_idle(page: Any, timeout: float = 30_000) -> None:
-    page.wait_for_function(f"() => ({KERNEL_JS})() === 'idle'", timeout=timeout)
-
-
-def cell(page: Any, index: int) -> Any:
-    return page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-Cell").nth(index)
-
-
-def select_cell(page: Any, index: int) -> None:
-    """Make the cell active, in command mode."""
-    page.evaluate(
-        """(index) => {
-             const nb = window.jupyterapp.shell.currentWidget.content;
-             nb.activeCellIndex = index;
-             nb.deselectAll();
-             nb.mode = 'command';
-             nb.node.focus();
-           }""",
-        index,
-    )
 
 
 def cell_source(page: Any, index: int) -> str:

@@ -7,20 +7,25 @@ Chromium or the ``playwright`` package the tests are skipped, saying why.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .lab_server import CHROMIUM_ARGS, LabServer, find_chromium, notebook
+from .lab_server import (
+    SCREENSHOTS,
+    LabServer,
+    cell,
+    lab_page,
+    require_chromium,
+    running_lab,
+    select_cell,
+)
 
 pytestmark = pytest.mark.browser
 
-SCREENSHOTS = Path(__file__).resolve().parents[1] / "build" / "screenshots"
 NOTEBOOK = "panel-test.ipynb"
 CELLS = [
     "%load_ext nbisolate\nimport json, sqlite3\n"
@@ -36,88 +41,28 @@ CELLS = [
 ]
 SETUP, LIVE, STOPPED, DEFINE, UNSHIPPABLE = range(5)
 
-LAB_SETTINGS = {
-    "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {
-        "fetchNews": "false",
-        "checkForUpdates": False,
-    },
-}
-
-KERNEL_JS = """() => {
-  const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
-  const k = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel;
-  return k ? k.status : null;
-}"""
-
-
 @pytest.fixture(scope="module")
 def chromium() -> str:
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError as exc:
-        pytest.skip(f"browser tests need the playwright package: {exc}")
-    path = find_chromium()
-    if path is None:
-        pytest.skip(
-            "browser tests need Chromium: `apt-get install -y chromium`"
-            " (or set NBISOLATE_CHROMIUM to a Chromium binary)"
-        )
-    return path
+    return require_chromium()
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory, chromium: str) -> Iterator[LabServer]:
-    pytest.importorskip("jupyterlab", reason="browser tests need jupyterlab")
     root = tmp_path_factory.mktemp("panel-lab-root")
-    state = tmp_path_factory.mktemp("panel-lab-state")
-    notebook(CELLS, root / NOTEBOOK)
-    for name, values in LAB_SETTINGS.items():
-        path = state / "lab-settings" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(values))
-    server = LabServer(root, state)
-    server.start()
-    try:
+    with running_lab(root, tmp_path_factory.mktemp("panel-lab-state"), CELLS, NOTEBOOK) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
-def page(lab: LabServer, chromium: str) -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
-        try:
-            context = browser.new_context(viewport={"width": 1280, "height": 900})
-            page = context.new_page()
-            page.set_default_timeout(30_000)
-            page.goto(lab.url(f"lab/tree/{NOTEBOOK}") + "&reset")
-            page.wait_for_selector(".jp-Notebook .jp-Cell")
-            page.wait_for_function(f"() => ({KERNEL_JS})() === 'idle'", timeout=60_000)
-            yield page
-        finally:
-            browser.close()
-
-
-def cell(page: Any, index: int) -> Any:
-    return page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-Cell").nth(index)
+def page(lab: LabServer, chromium: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    home = tmp_path_factory.mktemp("panel-browser-home")
+    with lab_page(lab, chromium, NOTEBOOK, home, width=1280) as page:
+        yield page
 
 
 def run_cell(page: Any, index: int) -> None:
     """Select the cell in command mode and run it in place (Ctrl+Enter), as a person would."""
-    page.evaluate(
-        """(index) => {
-             const nb = window.jupyterapp.shell.currentWidget.content;
-             nb.activeCellIndex = index;
-             nb.deselectAll();
-             nb.mode = 'command';
-             nb.node.focus();
-           }""",
-        index,
-    )
+    select_cell(page, index)
     page.keyboard.press("Control+Enter")
 
 
