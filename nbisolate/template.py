@@ -52,29 +52,12 @@ def send(sock: socket.socket, message: Any, fds: list[int] | tuple[int, ...] = (
 
 
 def recv(sock: socket.socket) -> tuple[Any, list[int]]:
-    """Receive one message and any descriptors that came with it."""
-    fds: list[int] = []
-    head = b""
-    while len(head) < _HEAD.size:
-        chunk, ancdata, _flags, _addr = sock.recvmsg(
-            _HEAD.size - len(head), socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
-        )
-        if not chunk:
-            raise EOFError("the other end closed the template channel")
-        head += chunk
-        for level, kind, data in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                got = array.array("i")
-                got.frombytes(data[: len(data) - (len(data) % got.itemsize)])
-                fds.extend(got)
+    """Receive one message and any descriptors that came with it (``EOFError`` at the end)."""
+    from .wire import recv_exact, recv_with_fds
+
+    head, fds = recv_with_fds(sock, _HEAD.size, MAX_FDS)
     (size,) = _HEAD.unpack(head)
-    body = bytearray()
-    while len(body) < size:
-        chunk = sock.recv(size - len(body))
-        if not chunk:
-            raise EOFError("the other end closed the template channel")
-        body += chunk
-    return pickle.loads(body), fds
+    return pickle.loads(recv_exact(sock, size)), fds
 
 
 def _child(control: socket.socket, wake_fds: tuple[int, int], fds: list[int], job: dict[str, Any]) -> None:

@@ -94,7 +94,7 @@ class Arena:
         self.size = 0
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytearray:
+def recv_exact(sock: socket.socket, n: int) -> bytearray:
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
@@ -106,17 +106,17 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
     return buf
 
 
-def _recv_head(sock: socket.socket) -> tuple[bytes, list[int]]:
-    """The fixed header, with any descriptor sent alongside it.
+def recv_with_fds(sock: socket.socket, size: int, max_fds: int = 4) -> tuple[bytes, list[int]]:
+    """Exactly ``size`` bytes, with any descriptors sent alongside them (``SCM_RIGHTS``).
 
-    Every first read of a message uses ``recvmsg``: a plain ``recv`` would
-    silently drop a descriptor attached to those bytes.
+    Every first read of a message must use ``recvmsg``: a plain ``recv``
+    would silently drop a descriptor attached to those bytes.
     """
     fds: list[int] = []
     head = b""
-    while len(head) < _HEAD.size:
+    while len(head) < size:
         chunk, ancdata, _flags, _addr = sock.recvmsg(
-            _HEAD.size - len(head), socket.CMSG_SPACE(4 * array.array("i").itemsize)
+            size - len(head), socket.CMSG_SPACE(max_fds * array.array("i").itemsize)
         )
         if not chunk:
             raise ChannelClosed("the other end closed the channel")
@@ -178,13 +178,13 @@ class Channel:
                 os.close(fd)
 
     def recv(self) -> tuple[str, Any, list[Any]]:
-        head, fds = _recv_head(self.sock)
+        head, fds = recv_with_fds(self.sock, _HEAD.size)
         try:
             size, nbuf, shared = _HEAD.unpack(head)
-            lengths = [_LEN.unpack(_recv_exact(self.sock, _LEN.size))[0] for _ in range(nbuf)]
-            kind, body = pickle.loads(_recv_exact(self.sock, size))
+            lengths = [_LEN.unpack(recv_exact(self.sock, _LEN.size))[0] for _ in range(nbuf)]
+            kind, body = pickle.loads(recv_exact(self.sock, size))
             if not shared:
-                buffers: list[Any] = [_recv_exact(self.sock, n) for n in lengths]
+                buffers: list[Any] = [recv_exact(self.sock, n) for n in lengths]
                 return kind, body, buffers
             if not fds:
                 raise ChannelClosed("a shared-memory message arrived without its descriptor")
