@@ -47,6 +47,7 @@ from typing import Any
 
 from .template import bootstrap
 from .wire import SHM_THRESHOLD, Arena, Channel, ChannelClosed
+from .worker import sync_mark
 
 GRACE_SECONDS = 2.0
 DEFAULT_MAX_OUTPUT = 10 * 1024 * 1024
@@ -381,6 +382,7 @@ class Job:
         fresh: bool = False,
     ) -> None:
         self.id = f"w{next(_ids)}-{os.getpid()}"
+        self.sync = os.urandom(8).hex()
         self.use_template = use_template
         self.fresh = fresh
         self.how_started = ""
@@ -597,6 +599,10 @@ class Job:
         exited = False
         next_scan = time.perf_counter() + 0.5
 
+        mark = sync_mark(self.sync)
+        pending = {out_r: b"", err_r: b""}  # a tail that may be the start of the mark
+        marked: set[str] = set()  # the streams whose mark has been read
+
         def read_pipe(fd: int) -> bool:
             if fd not in sel.get_map():  # reached EOF earlier in this same round
                 return False
@@ -609,10 +615,38 @@ class Job:
                 data = b""
             if not data:
                 sel.unregister(fd)
-                self._forward(name, decoder.decode(b"", final=True))
+                self._forward(name, decoder.decode(pending[fd], final=True))
+                pending[fd] = b""
                 return False
+            data = pending[fd] + data
+            pending[fd] = b""
+            at = data.find(mark)
+            if at >= 0:
+                marked.add(name)
+                data = data[:at] + data[at + len(mark) :]
+            else:  # keep a possible beginning of the mark for the next read
+                for keep in range(min(len(mark) - 1, len(data)), 0, -1):
+                    if mark.startswith(data[-keep:]):
+                        pending[fd], data = data[-keep:], data[:-keep]
+                        break
             self._forward(name, decoder.decode(data))
             return True
+
+        def wait_for_marks(expected: dict[str, bool] | None) -> None:
+            """Read the pipes up to the worker's sync marks: all its output, and no waiting after."""
+            if not expected:  # a worker that could not mark: give stragglers a moment
+                drain_pipes(0.005)
+                return
+            want = {name for name, ok in expected.items() if ok}
+            until = time.perf_counter() + 2.0
+            while want - marked and time.perf_counter() < until:
+                fds = [fd for fd in decoders if fd in sel.get_map()]
+                if not fds:
+                    return
+                for key, _ in sel.select(max(0.0, until - time.perf_counter())):
+                    if key.fd in fds:
+                        read_pipe(key.fd)
+            drain_pipes(0.0)
 
         def drain_pipes(wait: float = 0.0) -> None:
             """Read what the pipes hold now; grandchildren may keep them open, so never wait for EOF."""
@@ -662,13 +696,14 @@ class Job:
                 return False
             if kind in ("result", "error"):
                 if reason is None:
-                    self._remember_descendants()
-                    drain_pipes(0.005)
+                    wait_for_marks(body.get("marked") if isinstance(body, dict) else None)
                     finished = True
                     if self._dropped:  # the note goes after the output, before the outcome
                         dropped = {"dropped": self._dropped, "max_output": self.max_output}
                         self._emit("dropped", dropped)
                     self._emit(kind, body, buffers)
+                    # A safety net behind the worker's own cleanup, off the critical path.
+                    self._remember_descendants()
                 return True
             if kind == "stream":
                 self._forward(*body)
@@ -681,7 +716,7 @@ class Job:
         try:
             arena = _arenas.take() if sum(memoryview(b).nbytes for b in self.buffers) >= SHM_THRESHOLD else None
             try:
-                chan.send("run", self.payload, self.buffers, arena=arena)
+                chan.send("run", dict(self.payload, sync=self.sync), self.buffers, arena=arena)
             except OSError:
                 pass  # the worker died at start; the exit branch explains how
             self.buffers = []

@@ -391,6 +391,32 @@ def _flush_c_stdio() -> None:
         pass
 
 
+def _mark_pipes(token: str | None) -> dict[str, bool]:
+    """Write the job's sync mark on fd 1 and 2, after everything the worker itself wrote there.
+
+    A pipe keeps order, so when the kernel has read the mark it has read all
+    the worker's C-level output before it, and can hand the result over at once
+    instead of waiting a while for stragglers.  Returns which marks went out
+    (a cell may have closed its descriptors).
+    """
+    _flush_c_stdio()
+    marked = {"stdout": False, "stderr": False}
+    if not token:
+        return marked
+    mark = sync_mark(token)
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        try:
+            marked[name] = os.write(fd, mark) == len(mark)
+        except OSError:
+            pass
+    return marked
+
+
+def sync_mark(token: str) -> bytes:
+    """The bytes the worker writes to its output pipes before its result (see ``_mark_pipes``)."""
+    return b"\x1b[nbisolate-sync " + token.encode("ascii") + b"]"
+
+
 def _cell_traceback(exc: BaseException, filename: str) -> str:
     """The traceback from the cell's first frame on; the worker's own frames are noise."""
     tb = exc.__traceback__
@@ -562,11 +588,12 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
             display_worker.end_of_cell()  # figures left open show even when the cell failed
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
-        _flush_c_stdio()
         shipped = ship.dumps({"exc": exc}, skip_failures=True)
+        marked = _mark_pipes(job.get("sync"))
         chan.send(
             "error",
             {
+                "marked": marked,
                 "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
                 "message": str(exc),
                 "traceback": _cell_traceback(exc, filename),
@@ -597,9 +624,13 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
     if RESULT in shipped.skipped and RESULT not in too_big:
         bundle = display_worker.result_bundle(value)  # the kernel's formatter, or _fallback_bundle
         shipped.skipped.pop(RESULT)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    marked = _mark_pipes(job.get("sync"))
     chan.send(
         "result",
         {
+            "marked": marked,
             "names": shipped.names,
             "data": shipped.data,
             "engine": shipped.engine,

@@ -365,3 +365,12 @@ def test_python_api_in_the_kernel(kernel):
         )
     )
     assert res.stdout.split() == ["42", "21"]
+
+
+def test_fd_output_written_last_arrives_whole_and_before_the_result(kernel):
+    """The worker marks its pipes before the result: nothing is lost, no mark shows."""
+    res = kernel.run("%%isolate\nimport os\nos.write(1, b'z' * 300_000 + b'|end\\n')\n'value'")
+    assert res.stdout.count("z") == 300_000 and res.stdout.endswith("|end\n")
+    assert "nbisolate-sync" not in res.stdout + res.stderr
+    kinds = [m["msg_type"] for m in res.messages if m["msg_type"] in ("stream", "execute_result")]
+    assert kinds[-1] == "execute_result" and "stream" in kinds
