@@ -59,13 +59,15 @@ SETUP = textwrap.dedent(
             t0 = time.perf_counter(); f(); times.append(time.perf_counter() - t0)
         return statistics.median(times)
 
-    def _target(q, fn, args, kwargs):
-        q.put(fn(*args, **kwargs))
-
     def mp_process(fn, *args, **kwargs):
-        q = ctx.SimpleQueue()
-        p = ctx.Process(target=_target, args=(q, fn, args, kwargs))
-        p.start(); r = q.get(); p.join(); return r
+        # Never wait on a pipe for a child that died: that is the hang users know too well.
+        mine, theirs = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=W.run_target, args=(theirs, fn, args, kwargs))
+        p.start(); theirs.close()
+        while not mine.poll(0.1):
+            if not p.is_alive():
+                raise RuntimeError(f"the child died with exit code {{p.exitcode}}")
+        r = mine.recv(); p.join(); return r
 
     def mp_pool(fn, *args, **kwargs):
         with mctx.Pool(1) as pool:

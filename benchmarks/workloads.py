@@ -43,3 +43,9 @@ def many_in(**values) -> int:
     return len(values)
 
 
+
+
+def run_target(conn, fn, args, kwargs) -> None:
+    """The target of the one-``Process``-per-cell approach: it must be importable under spawn."""
+    conn.send(fn(*args, **kwargs))
+    conn.close()
