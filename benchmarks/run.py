@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["met"] = bool(ref) and row["isolate"] <= factor * ref
             rows.append(row)
             print("  " + ", ".join(f"{k}={v * 1000:.1f} ms" for k, v in row.items() if isinstance(v, float)), flush=True)
+        memory = None if quick else _peak_memory(kernel)
         kernel.run("%pickle_check", timeout=300)  # warm
         t0 = time.perf_counter()
         kernel.run("%pickle_check", timeout=300)
@@ -243,7 +244,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         kernel.execute("try:\n    _client.close(); _cluster.close()\nexcept Exception:\n    pass", timeout=60)
         kernel.shutdown()
-    return _report(rows, check_seconds, quick, Path(args.out), keep=not args.smoke)
+    extras: dict = {}
+    if not args.smoke:
+        from benchmarks import bench_panel, bench_pickle_check
+
+        print("- %pickle_check engine (1,000 ordinary variables, a 1 GB array)", flush=True)
+        extras["pickle_check"] = bench_pickle_check.run()
+        print("- the live panel's cost per cell", flush=True)
+        extras["panel"] = bench_panel.run()
+    return _report(
+        rows, check_seconds, quick, Path(args.out), keep=not args.smoke, memory=memory, extras=extras
+    )
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -252,7 +263,44 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}"
 
 
-def _report(rows: list[dict], check_seconds: float, quick: bool, out: Path, keep: bool) -> int:
+def _peak_memory(kernel: Kernel) -> float:
+    """GB by which the kernel's resident memory peaks above a 1 GB array while shipping it."""
+    import threading
+
+    import psutil
+
+    kernel.run("big = np.random.rand(2**30 // 8)", timeout=300)
+    proc = psutil.Process(kernel.pid)
+    base = proc.memory_info().rss
+    peak = [base]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.002):
+            peak[0] = max(peak[0], proc.memory_info().rss)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        kernel.run("%%isolate --quiet\ns = float(big[::4096].sum())", timeout=300)
+    finally:
+        stop.set()
+        thread.join()
+    kernel.run("del big", timeout=60)
+    grown = (peak[0] - base) / 2**30
+    print(f"- shipping a 1 GB array: the kernel's memory peaked {grown:.2f} GB above it", flush=True)
+    return grown
+
+
+def _report(
+    rows: list[dict],
+    check_seconds: float,
+    quick: bool,
+    out: Path,
+    keep: bool,
+    memory: float | None = None,
+    extras: dict | None = None,
+) -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -260,6 +308,8 @@ def _report(rows: list[dict], check_seconds: float, quick: bool, out: Path, keep
         "repeats": REPEATS,
         "quick": quick,
         "pickle_check_namespace_seconds": check_seconds,
+        "peak_kernel_gb_above_1gb_array": memory,
+        **(extras or {}),
     }
     header = ["case"] + APPROACHES + ["baseline", "isolate/mp_pool", "isolate/direct", "target", "met"]
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
@@ -279,6 +329,15 @@ def _report(rows: list[dict], check_seconds: float, quick: bool, out: Path, keep
     print(f"\nmedian milliseconds, {meta['date']}, {meta['machine']}\n")
     print(table)
     print(f"\n%pickle_check over the whole benchmark namespace: {check_seconds:.2f} s")
+    if memory is not None:
+        verdict = "yes" if memory <= 1.2 else "NO"
+        line = f"peak kernel memory shipping a 1 GB array: {memory:.2f} GB above the array (target <= 1.2: {verdict})"
+        print(line)
+        table += "\n\n" + line
+    for name, values in (extras or {}).items():
+        line = f"{name}: " + ", ".join(f"{k}={v}" for k, v in values.items())
+        print(line)
+        table += "\n\n" + line
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     (out / "table.md").write_text(table + "\n")
     _chart(rows, meta, out / "bench.png")

@@ -75,11 +75,17 @@ class StdSink:
     def stream(self, name: str, text: str) -> None:
         stream = sys.stdout if name == "stdout" else sys.stderr
         stream.write(text)
-        stream.flush()
+        # A kernel's stream publishes on its own within 0.2 s, and a flush there is a
+        # round trip to its IO thread (about 1 ms): flush only real files.
+        if getattr(stream, "pub_thread", None) is None:
+            stream.flush()
 
     def display(self, kind: str, data: dict[str, Any]) -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        # Text written before a display must show before it; in a kernel,
+        # publishing a display flushes the streams itself.
+        if getattr(sys.stdout, "pub_thread", None) is None:
+            sys.stdout.flush()
+            sys.stderr.flush()
         try:
             from IPython import get_ipython
             from IPython.display import clear_output, publish_display_data
