@@ -66,6 +66,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .units import format_bytes
+
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "widget", "text", "off")
@@ -131,13 +133,6 @@ def fmt_clock(seconds: float) -> str:
     return fmt_seconds(seconds)
 
 
-def fmt_bytes(n: float) -> str:
-    """``512 B``, ``1.3 MB``."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"  # pragma: no cover
 
 
 def type_name(value: Any) -> str:
@@ -343,7 +338,7 @@ class Watch:
             names = self.inputs()
             shipment = run.shipment
             ins = f"{len(names)} in" + (
-                f" ({fmt_bytes(shipment.nbytes)})" if names and shipment is not None else ""
+                f" ({format_bytes(shipment.nbytes)})" if names and shipment is not None else ""
             )
             line = f"ran {took}{pid}; {ins}, {len(run.returned)} out"
             skipped = getattr(run, "skipped", {}) or {}
@@ -451,7 +446,7 @@ def rows_html(watch: Watch) -> str:
         cells = (
             f"<b>{_e(row.name)}</b>{mark}",
             _e(row.type_name),
-            _e(fmt_bytes(row.size)) if row.size is not None else "—",
+            _e(format_bytes(row.size)) if row.size is not None else "—",
             _e(row.how) if row.how else ("cannot be sent" if row.problems else "…"),
             _e(fmt_seconds(row.seconds)) if row.seconds is not None else "—",
         )

@@ -37,6 +37,7 @@ from . import ship
 from .errors import IsolateError, IsolateTimeout, IsolateUsageError, RemoteError, WorkerCrashed
 from .plan import Plan, plan_cell
 from .supervisor import DEFAULT_MAX_OUTPUT, Event, Job, launcher
+from .units import format_bytes
 from .worker import RESULT
 
 Listener = Callable[[Event], None]
@@ -175,12 +176,6 @@ def _label(source: str) -> str:
     return "(empty cell)"
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
 
 
 class CellRun:
@@ -442,7 +437,7 @@ class CellRun:
         dying = (-signal.SIGKILL, -signal.SIGABRT, -signal.SIGSEGV, -signal.SIGBUS)
         if self.mem and self._sysexit is None and info.get("returncode") in dying:
             return (
-                f"It ran capped at {_fmt_bytes(self.mem)} by --mem: code that cannot get memory "
+                f"It ran capped at {format_bytes(self.mem)} by --mem: code that cannot get memory "
                 "may die like this instead of raising MemoryError. Raise --mem and run it again."
             )
         return ""
@@ -450,7 +445,7 @@ class CellRun:
     def _memory_message(self, original: str) -> str:
         assert self.mem is not None
         return (
-            f"the isolated cell ran out of memory: it is capped at {_fmt_bytes(self.mem)} by "
+            f"the isolated cell ran out of memory: it is capped at {format_bytes(self.mem)} by "
             "--mem; raise --mem, or make the cell use less memory. No notebook variable was "
             "changed." + (f" ({original})" if original else "")
         )
@@ -459,8 +454,8 @@ class CellRun:
         self._noted_dropped = True
         self.sink.stream(
             "stderr",
-            f"\nnbisolate: {_fmt_bytes(info['dropped'])} of output was dropped: the limit is "
-            f"{_fmt_bytes(info['max_output'])} per cell. Write large output to a file instead.\n",
+            f"\nnbisolate: {format_bytes(info['dropped'])} of output was dropped: the limit is "
+            f"{format_bytes(info['max_output'])} per cell. Write large output to a file instead.\n",
         )
 
     def _rebuild_error(self, body: dict[str, Any], buffers: list[Any]) -> BaseException:

@@ -37,6 +37,7 @@ import types
 from typing import Any
 
 from . import display_worker
+from .units import format_bytes
 from .wire import Channel, ChannelClosed
 
 RESULT = "\x00result"  # the reserved shipment name of the last expression's value
@@ -489,12 +490,6 @@ def _compile_cell(
     return body, compile(tail_pad + rest.strip(), filename, "eval", flags=flags)
 
 
-def _fmt_size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
 
 
 def _available_memory() -> int | None:
@@ -524,12 +519,12 @@ def _fit_result(
 
     limits: list[tuple[int, str]] = []
     if max_result:
-        why = f"over the result limit of {_fmt_size(max_result)} (max_result)"
+        why = f"over the result limit of {format_bytes(max_result)} (max_result)"
         limits.append((int(max_result), why))
     if shipped.nbytes > _CHECK_AVAILABLE_ABOVE:
         available = _available_memory()
         if available is not None:
-            why = f"more than the {_fmt_size(available)} of memory the machine has available"
+            why = f"more than the {format_bytes(available)} of memory the machine has available"
             limits.append((available, why))
     if not limits:
         return shipped, set()
@@ -540,8 +535,8 @@ def _fit_result(
         name = max(shipped.names, key=lambda n: shipped.sizes.get(n, 0))
         left_out.add(name)
         skipped = dict(shipped.skipped)
-        size = _fmt_size(shipped.sizes.get(name, 0))
-        skipped[name] = f"its {size} (of {_fmt_size(total)} in all) is {why}"
+        size = format_bytes(shipped.sizes.get(name, 0))
+        skipped[name] = f"its {size} (of {format_bytes(total)} in all) is {why}"
         rest = {n: v for n, v in values.items() if n in shipped.names and n != name}
         shipped = ship.dumps(rest, skip_failures=True)
         shipped.skipped = {**skipped, **shipped.skipped}
