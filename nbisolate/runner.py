@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 
 from . import ship
@@ -176,6 +176,30 @@ def _label(source: str) -> str:
     return "(empty cell)"
 
 
+
+
+def finish(wait: Callable[[], Any], done: Callable[[BaseException | None], None]) -> Any:
+    """``wait()``, then ``done`` with the exception that ended it, or None: listeners always hear."""
+    try:
+        value = wait()
+    except BaseException as exc:
+        done(exc)
+        raise
+    done(None)
+    return value
+
+
+async def finish_async(
+    wait: Callable[[], Awaitable[Any]], done: Callable[[BaseException | None], None]
+) -> Any:
+    """:func:`finish` for a coroutine."""
+    try:
+        value = await wait()
+    except BaseException as exc:
+        done(exc)
+        raise
+    done(None)
+    return value
 
 
 class CellRun:
@@ -523,13 +547,7 @@ class CellRun:
 
         Listeners get ``tick`` every TICK_SECONDS, and ``done`` at the very end.
         """
-        try:
-            value = self._wait_sync()
-        except BaseException as exc:
-            self._done(exc)
-            raise
-        self._done(None)
-        return value
+        return finish(self._wait_sync, self._done)
 
     def _wait_sync(self) -> Any:
         events: queue.SimpleQueue[Event] = queue.SimpleQueue()
@@ -557,13 +575,7 @@ class CellRun:
 
         Listeners get ``tick`` every TICK_SECONDS, and ``done`` at the very end.
         """
-        try:
-            value = await self._wait_async()
-        except BaseException as exc:
-            self._done(exc)
-            raise
-        self._done(None)
-        return value
+        return await finish_async(self._wait_async, self._done)
 
     async def _wait_async(self) -> Any:
         loop = asyncio.get_running_loop()

@@ -48,7 +48,7 @@ from typing import Any
 
 from .errors import IsolateError, IsolateUsageError
 from .plan import plan_cell
-from .runner import CellRun
+from .runner import CellRun, finish, finish_async
 from .supervisor import Event
 
 MAX_VALUES = 10_000
@@ -385,13 +385,7 @@ class Sweep:
     # -- waiting -------------------------------------------------------------------------
     def run_sync(self) -> Any:
         """Run every value, blocking; Ctrl-C stops them all. See the module doc for results."""
-        try:
-            value = self._wait_sync()
-        except BaseException as exc:
-            self._done(exc)
-            raise
-        self._done(None)
-        return value
+        return finish(self._wait_sync, self._done)
 
     def _wait_sync(self) -> Any:
         if not self.runs:
@@ -419,13 +413,7 @@ class Sweep:
 
     async def run_async(self) -> Any:
         """Run every value while awaiting on the kernel's loop; SIGINT stops them all."""
-        try:
-            value = await self._wait_async()
-        except BaseException as exc:
-            self._done(exc)
-            raise
-        self._done(None)
-        return value
+        return await finish_async(self._wait_async, self._done)
 
     async def _wait_async(self) -> Any:
         if not self.runs:
