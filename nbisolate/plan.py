@@ -230,8 +230,29 @@ class _ModuleScope(ast.NodeVisitor):
         self.nested.append(node)
 
     def _comprehension(self, node: ast.AST) -> None:
+        """Reads of a comprehension, minus its own loop variables.
+
+        Walked here rather than left to ``symtable``: from Python 3.12 on,
+        comprehensions are inlined (PEP 709) and have no scope of their own
+        there, so their reads would be missed.
+        """
         generators = node.generators  # type: ignore[attr-defined]
         self.visit(generators[0].iter)
+        local: set[str] = set()
+        reads: list[str] = []
+        stack: list[ast.AST] = [node]
+        while stack:
+            sub = stack.pop()
+            if isinstance(sub, ast.Lambda | ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                continue  # their own scopes: symtable reports their globals
+            if isinstance(sub, ast.comprehension):
+                local.update(n.id for n in ast.walk(sub.target) if isinstance(n, ast.Name))
+            elif isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Load):
+                reads.append(sub.id)
+            stack.extend(ast.iter_child_nodes(sub))
+        for name in reads:
+            if name not in local:
+                self._read(name)
         self.nested.append(node)
 
     visit_ListComp = _comprehension

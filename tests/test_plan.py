@@ -87,3 +87,11 @@ def test_deeply_nested_expressions_do_not_overflow():
     src = "k = " + " + ".join(f"len(v{i})" for i in range(1000))
     plan = plan_cell(src, names)
     assert len(plan.inputs) == 1000 and plan.inputs[0] == "v0"
+
+
+def test_comprehension_reads_are_inputs_and_loop_variables_are_not():
+    """Python 3.12+ inlines comprehensions (no scope of their own): found all the same."""
+    plan = plan_cell("traces = [helper(i) for i in range(3) if i < total]\nd = {k: cfg for k in df}", NS)
+    assert set(plan.inputs) == {"helper", "total", "cfg", "df"}
+    assert plan_cell("r = [x for x in range(3)]", NS).inputs == ()
+    assert plan_cell("r = [y + 1 for y in x]", NS).inputs == ("x",)
