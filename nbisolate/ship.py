@@ -141,12 +141,15 @@ class _FastPickler(pickle.Pickler):
     """The C pickler, with dill only for what the C pickler would get wrong.
 
     It also notes the modules the stream will import on the other side
-    (``modules``): a remote worker must be able to import every one of them.
+    (``modules``, plus whatever the ``dill_blobs`` import): a remote worker
+    must be able to import every one of them.  The blobs are kept, not
+    scanned: only the Dask backend asks, so the per-cell path does not pay.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.modules: set[str] = set()
+        self.dill_blobs: list[bytes] = []
 
     def reducer_override(self, obj: Any) -> Any:
         kind = type(obj)
@@ -162,7 +165,7 @@ class _FastPickler(pickle.Pickler):
                 import dill
 
                 blob = dill.dumps(obj, recurse=True)
-                self.modules |= modules_in_pickle(blob)
+                self.dill_blobs.append(blob)
                 return _load_dill, (blob,)
             module = getattr(obj, "__module__", None)
             if isinstance(module, str):
@@ -176,9 +179,8 @@ class Shipment:
 
     ``sizes`` (bytes, stream share plus buffers), ``seconds`` and ``how`` are
     per variable, for the live panel; ``skipped`` names what could not be
-    serialized (only when skipping was asked for) and why. ``modules`` are the
-    modules loading the shipment imports (re-imported modules, and those of
-    classes and functions sent by reference), for checking a remote worker.
+    serialized (only when skipping was asked for) and why. :attr:`modules`
+    are the modules loading the shipment imports, for checking a remote worker.
     """
 
     names: list[str]
@@ -189,11 +191,27 @@ class Shipment:
     seconds: dict[str, float] = field(default_factory=dict)
     how: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
-    modules: set[str] = field(default_factory=set)
+    module_refs: set[str] | None = None  # noted while pickling; None: scan the stream
+    dill_blobs: list[bytes] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
         return len(self.data) + sum(b.nbytes for b in self.buffers)
+
+    @property
+    def modules(self) -> set[str]:
+        """Modules loading this shipment imports: re-imported modules, and those of classes
+        and functions sent by reference, also inside by-value ones. Computed on first use."""
+        found = getattr(self, "_modules", None)
+        if found is None:
+            if self.module_refs is None:
+                found = modules_in_pickle(self.data)
+            else:
+                found = set(self.module_refs)
+                for blob in self.dill_blobs:
+                    found |= modules_in_pickle(blob)
+            self._modules = found
+        return found
 
 
 def _how(value: Any, engine: str) -> str:
@@ -251,8 +269,8 @@ def _attempt(
         sizes=sizes,
         seconds=seconds,
     )
-    noted = getattr(pickler, "modules", None)
-    shipment.modules = set(noted) if noted is not None else modules_in_pickle(shipment.data)
+    shipment.module_refs = getattr(pickler, "modules", None)
+    shipment.dill_blobs = getattr(pickler, "dill_blobs", [])
     return shipment, None, None
 
 
