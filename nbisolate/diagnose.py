@@ -72,6 +72,8 @@ from typing import Any
 
 import dill
 
+from .units import short_repr
+
 try:  # cloudpickle is optional: compared when installed
     import cloudpickle as _cloudpickle
 except ImportError:  # pragma: no cover - exercised only without cloudpickle
@@ -973,11 +975,7 @@ def _main_ref_loads_in_child(obj: Any) -> bool:
 
 
 def _key_repr(key: Any) -> str:
-    try:
-        text = repr(key)
-    except Exception:
-        text = f"<{_type_name(type(key))}>"
-    return text if len(text) <= 60 else text[:57] + "..."
+    return short_repr(key, 60, f"<{_type_name(type(key))}>")
 
 
 def _attr_label(name: Any) -> str:

@@ -37,7 +37,7 @@ from . import ship
 from .errors import IsolateError, IsolateTimeout, IsolateUsageError, RemoteError, WorkerCrashed
 from .plan import Plan, plan_cell
 from .supervisor import DEFAULT_MAX_OUTPUT, Event, Job, launcher
-from .units import format_bytes
+from .units import format_bytes, shorten
 from .worker import RESULT
 
 Listener = Callable[[Event], None]
@@ -171,8 +171,7 @@ def _one_paragraph(exc: BaseException) -> BaseException:
 def _label(source: str) -> str:
     for line in source.splitlines():
         if line.strip():
-            line = line.strip()
-            return line if len(line) <= 60 else line[:57] + "..."
+            return shorten(line.strip(), 60)
     return "(empty cell)"
 
 

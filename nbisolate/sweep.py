@@ -50,6 +50,7 @@ from .errors import IsolateError, IsolateUsageError
 from .plan import plan_cell
 from .runner import CellRun, finish, finish_async
 from .supervisor import Event
+from .units import short_repr
 
 MAX_VALUES = 10_000
 TICK_SECONDS = 0.25
@@ -120,11 +121,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _short(value: Any) -> str:
-    try:
-        text = repr(value)
-    except Exception:
-        text = f"<{type(value).__qualname__}>"
-    return text if len(text) <= 30 else text[:27] + "..."
+    return short_repr(value, 30)
 
 
 _OVER = re.compile(r"(?:^|\s)--over(?:=|\s+)(.*?)(?=\s+--[A-Za-z]|\s*$)")
