@@ -113,9 +113,9 @@ def main(fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     children: set[int] = set()
     # The worker imports these anyway; paying for them once here is the point.
-    import ctypes  # noqa: F401  (the worker uses it for prctl and fflush)
-
     from . import ship, wire, worker  # noqa: F401
+
+    worker._c_library()  # the C library handle for prctl and fflush, inherited by every fork
 
     def reap() -> None:
         while children:

@@ -372,22 +372,31 @@ def _flusher(streams: list[_Stream], stop: threading.Event) -> None:
             stream.flush()
 
 
+_libc: Any = None
+
+
+def _c_library() -> Any:
+    """The C library, loaded once (the worker calls into it two or three times per cell)."""
+    global _libc
+    if _libc is None:
+        import ctypes
+
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
 def _become_subreaper() -> None:
     """Keep double-forked descendants in our tree, so the kernel can find and stop them."""
     if sys.platform.startswith("linux"):
         try:
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+            _c_library().prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
         except Exception:
             pass
 
 
 def _flush_c_stdio() -> None:
     try:
-        import ctypes
-
-        ctypes.CDLL(None).fflush(None)
+        _c_library().fflush(None)
     except Exception:
         pass
 
