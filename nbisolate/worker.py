@@ -258,7 +258,7 @@ def _stop_descendants(root: int) -> list[int]:
     return stopped
 
 
-def _kill_descendants() -> None:
+def _kill_descendants() -> int:
     """SIGKILL every process this worker started, including ones that left its process group.
 
     The worker is a child subreaper, so a descendant whose parent died (a
@@ -269,14 +269,16 @@ def _kill_descendants() -> None:
         while os.waitpid(-1, os.WNOHANG)[0] > 0:
             pass  # reap exited children; what is left is alive
     except ChildProcessError:
-        return  # no child at all, hence no descendant (orphans would be our children)
+        return 0  # no child at all, hence no descendant (orphans would be our children)
     except OSError:
         pass
-    for pid in _stop_descendants(os.getpid()):
+    victims = _stop_descendants(os.getpid())
+    for pid in victims:
         try:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+    return len(victims)
 
 
 def kill_tree(pid: int) -> None:
@@ -336,7 +338,12 @@ def _watch_parent(chan: Channel, kernel_pid: int | None) -> None:
     except OSError:
         pass
     try:
-        _kill_descendants()
+        # The cell's thread may still be starting processes while this one kills:
+        # repeat until a round finds none (bounded), so a late one is caught too.
+        for _ in range(20):
+            if not _kill_descendants():
+                break
+            time.sleep(0.01)
     finally:
         if os.getpgrp() == os.getpid():
             os.killpg(os.getpid(), signal.SIGKILL)

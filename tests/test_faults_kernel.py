@@ -56,6 +56,14 @@ def gone(pid: int) -> bool:
         return True
 
 
+def describe(proc: psutil.Process) -> str:
+    """A survivor, with what it takes to tell who should have killed it."""
+    try:
+        return f"{proc.pid} ppid={proc.ppid()} {proc.status()} {' '.join(proc.cmdline())[-120:]!r}"
+    except psutil.Error as exc:
+        return f"{proc.pid} ({exc})"
+
+
 def workers_of(k: Kernel) -> list[psutil.Process]:
     """The kernel's descendants except the template process: workers and what they started."""
     try:
@@ -157,9 +165,25 @@ def run_and_act(
 
 
 def start_cell(k: Kernel, code: str, mark: str, processes: int = 2) -> str:
-    """Send ``code`` without waiting; return once ``processes`` marked processes run."""
+    """Send a :func:`tree_cell` without waiting; return once its whole tree is in place.
+
+    Marked processes alone are not enough: the daemon's intermediate process
+    carries the mark too, so the count can be reached before the daemon exists.
+    The cell prints ``worker PID`` only after both grandchildren reported in.
+    """
     msg_id = k.kc.execute(code)
-    assert wait_until(lambda: len(marked(mark)) >= processes, 30), "the cell's processes never started"
+    deadline = time.monotonic() + 30
+    while True:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, "the cell's processes never started"
+        msg = k.kc.get_iopub_msg(timeout=remaining)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "error":
+            raise AssertionError(f"the cell failed before its tree was in place: {msg['content']}")
+        if msg["msg_type"] == "stream" and "worker " in msg["content"]["text"]:
+            break
+    assert len(marked(mark)) >= processes, "the cell's processes never started"
     return msg_id
 
 
@@ -467,7 +491,7 @@ def test_workers_exit_when_their_kernel_goes(fresh_kernel, how, options, body):
     else:
         k.km.restart_kernel(now=False)
     assert wait_until(lambda: not marked(mark) and all(gone(p.pid) for p in tree), 10), [
-        p.pid for p in tree if not gone(p.pid)
+        describe(p) for p in tree if not gone(p.pid)
     ]
     elapsed = time.perf_counter() - t0
     print(f"\n{how} ({options or 'forked'}): the whole tree was gone {elapsed:.2f} s after")
