@@ -52,7 +52,7 @@ HARNESS = textwrap.dedent(
     """
     import gc, time, statistics, json
     from nbisolate.runner import CellRun
-    from nbisolate.supervisor import Event
+    from nbisolate.events import Event
     from nbisolate import panel as _P
 
     def _lifecycle(mode):

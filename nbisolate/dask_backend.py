@@ -74,7 +74,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .errors import IsolateError, IsolateUsageError
-from .supervisor import GRACE_SECONDS, Event, JobInfo, registry
+from .events import Event
+from .supervisor import GRACE_SECONDS, JobInfo, registry
 
 INSTALL_HINT = "pip install 'nbisolate[dask]'"
 ENV_SCHEDULER = "NBISOLATE_SCHEDULER"

@@ -35,8 +35,9 @@ from typing import Any
 
 from . import ship
 from .errors import IsolateError, IsolateTimeout, IsolateUsageError, RemoteError, WorkerCrashed
+from .events import Event
 from .plan import Plan, plan_cell
-from .supervisor import DEFAULT_MAX_OUTPUT, Event, Job, launcher
+from .supervisor import DEFAULT_MAX_OUTPUT, Job, launcher
 from .units import format_bytes, shorten
 from .worker import RESULT
 

@@ -42,9 +42,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from .events import Event
 from .template import bootstrap
 from .wire import SHM_THRESHOLD, Arena, Channel, ChannelClosed
 from .worker import sync_mark
@@ -65,22 +66,6 @@ class JobInfo:
     started: float
     timeout: float | None
     host: str
-
-
-@dataclass
-class Event:
-    """One thing that happened to a job, in the order it happened.
-
-    Kinds: ``started`` (pid), ``phase`` ((name, seconds)), ``stream`` ((name,
-    text)), ``display``/``update_display``/``clear_output`` (dict), ``result``
-    and ``error`` (dict, with ``buffers``), and last of all ``exit``
-    (dict with ``returncode``, ``reason``, ``elapsed``, ``dropped``).
-    """
-
-    kind: str
-    data: Any = None
-    buffers: list[Any] = field(default_factory=list)
-    time: float = field(default_factory=time.perf_counter)
 
 
 class _Registry:

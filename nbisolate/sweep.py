@@ -47,9 +47,9 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import IsolateError, IsolateUsageError
+from .events import Event
 from .plan import plan_cell
 from .runner import CellRun, finish, finish_async
-from .supervisor import Event
 from .units import short_repr
 
 MAX_VALUES = 10_000
