@@ -64,13 +64,12 @@ HARNESS = textwrap.dedent(
         run.prepare()
         run._notify(Event("started", 4711))
         for name, secs in (("start", 0.015), ("load", 0.0004), ("run", 0.0002)):
-            run.phases[name] = secs
             run._notify(Event("phase", (name, secs)))
         run.tick()
         run._notify(Event("result", {}))
-        run.phases["return"] = 0.0003
-        run.returned = ["x"]
-        run._done(None)
+        run._notify(Event("phase", ("return", 0.0003)))
+        run._notify(Event("applied", {"returned": ["x"], "skipped": {}}))
+        run.done(None)
         return time.perf_counter() - t0
     """
 )

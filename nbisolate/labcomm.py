@@ -41,9 +41,9 @@ log = logging.getLogger(__name__)
 
 
 def _default_registry() -> Any:
-    from nbisolate.supervisor import registry
+    from nbisolate.backends import running
 
-    return registry
+    return running
 
 
 def _worker_dict(job: Any) -> dict[str, Any]:
@@ -203,7 +203,7 @@ def register(shell: Any, registry: Any = None) -> None:
     """Register the ``nbisolate.status`` comm target with the shell's kernel.
 
     A no-op when there is no kernel (terminal IPython).  ``registry`` defaults to
-    ``nbisolate.supervisor.registry``; tests may pass another object with the same
+    ``nbisolate.backends.running``; tests may pass another object with the same
     ``subscribe``/``running``/``stop`` methods.
     """
     global _publisher

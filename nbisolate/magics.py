@@ -17,7 +17,9 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from .errors import IsolateUsageError, ShipError
+from . import backends
+from .errors import IsolateUsageError
+from .options import RunOptions
 from .runner import CellRun
 
 _TRANSFORM_MARK = "%%isolate"
@@ -74,8 +76,9 @@ class IsolateMagics(Magics):
     @argument(
         "--backend",
         default=None,
-        choices=("local", "dask"),
-        help="Where the worker runs: here (local, the default) or on a Dask cluster (dask).",
+        metavar="NAME",
+        help="Where the worker runs: " + ", ".join(f"{n} ({h})" for n, h in backends.described())
+        + "; default: local, or `%%isolate_config backend=NAME`.",
     )
     @argument(
         "--scheduler",
@@ -108,50 +111,50 @@ class IsolateMagics(Magics):
         return self._make_run(line, cell).run_sync()
 
     def _make_run(self, line: str, cell: str, interactive: bool = False) -> CellRun:
+        """Parse the line into :class:`RunOptions` (validated there, once), attach the panel,
+        and prepare the run (or the sweep): every usage or shipping error is raised here,
+        before any process exists."""
         from .sweep import split_over
 
         # --over takes the rest of its option unsplit, so `--over x=[1, 2]` needs no quotes.
-        options, over_spec = split_over(line)
+        options_line, over_spec = split_over(line)
         try:
-            args = parse_argstring(self.isolate, options)
+            args = parse_argstring(self.isolate, options_line)
         except UsageError as exc:
             raise UsageError(f"%%isolate: {exc}. Usage: {_usage()}") from None
         shell = self.shell
         assert shell is not None
-        if args.timeout is not None and not args.timeout > 0:
-            raise UsageError(
-                f"%%isolate: --timeout must be a number of seconds above zero, not {args.timeout:g}; "
-                "nothing ran."
-            )
-        available = _visible_names(shell)
         try:
+            options = RunOptions(
+                inputs=args.names or None,
+                outputs=args.out,
+                timeout=args.timeout,
+                mem=args.mem,
+                max_result=args.max_result,
+                quiet=args.quiet,
+                backend=args.backend,
+                scheduler=args.scheduler,
+            )
+            backends.chosen_name(options)  # an unknown --backend fails before anything else
             over = None
             if over_spec is not None:  # nbisolate.sweep: one run per value
                 from .sweep import parse_over
 
                 over = parse_over(over_spec, shell.user_ns)
-            from .dask_backend import choose_backend
-
-            backend = choose_backend(args.backend, args.scheduler)  # None: run here
             run = CellRun(
                 cell,
                 shell.user_ns,
-                inputs=args.names or None,
-                outputs=args.out,
-                timeout=args.timeout,
-                available=available,
+                options,
+                available=_visible_names(shell),
                 line_offset=1,
                 display_source=f"%%isolate {line}".rstrip() + "\n" + cell,
-                mem=args.mem,
-                max_result=args.max_result,
                 filename=f"<isolated cell {shell.execution_count}>",
-                backend=backend,
             )
             # Shown before prepare(), so a slow or failing serialization is visible;
-            # the panel only listens to the run (see nbisolate.panel).
+            # the panel only listens to the run's events (see nbisolate.panel).
             from .panel import attach
 
-            attach(run, quiet=args.quiet, interactive=interactive)
+            attach(run, quiet=options.quiet, interactive=interactive)
             if over is not None:
                 from .sweep import Sweep
 
@@ -161,8 +164,6 @@ class IsolateMagics(Magics):
             run.prepare()
         except IsolateUsageError as exc:
             raise UsageError(f"%%isolate: {exc}") from None
-        except ShipError:
-            raise
         return run
 
     @line_magic
@@ -192,26 +193,36 @@ class IsolateMagics(Magics):
 
     @line_magic
     def isolate_config(self, line: str) -> None:
-        """Show or change how isolated cells report: ``%isolate_config [panel=auto|widget|text|off]``.
+        """Show or change settings: ``%isolate_config [panel=...] [backend=...] [scheduler=...]``.
 
-        ``auto`` (the default, or $NBISOLATE_PANEL) shows the live widget panel in a
-        Jupyter kernel and plain text lines elsewhere; ``text`` forces the lines
-        (for front ends without the widget manager); ``off`` shows nothing.
+        ``panel=auto|widget|text|off``: ``auto`` (the default, or $NBISOLATE_PANEL)
+        shows the live widget panel in a Jupyter kernel and plain text lines
+        elsewhere; ``text`` forces the lines (for front ends without the widget
+        manager); ``off`` shows nothing.
 
-        Scale-out settings (nbisolate.dask_backend): ``backend=local|dask`` (the
-        default of --backend), ``scheduler=ADDRESS`` (the default Dask scheduler;
-        ``scheduler=`` clears it), ``connect_timeout=SECONDS``.
+        ``backend=NAME``: the default of ``--backend`` (see ``%%isolate?``).
+        Dask settings (nbisolate.backends.dask): ``scheduler=ADDRESS`` (the
+        default Dask scheduler; ``scheduler=`` clears it),
+        ``connect_timeout=SECONDS``.
         """
-        from .dask_backend import describe_config, split_config
+        from .backends import dask as dask_settings
         from .panel import configure
 
+        asked = line.split()
+        rest = []
         try:
-            line, dask_settings = split_config(line)  # backend=, scheduler=, connect_timeout=
+            for item in asked:
+                key, sep, value = item.partition("=")
+                if sep and key.strip().lower() == "backend":
+                    backends.set_default(value)
+                else:
+                    rest.append(item)
+            line, _ = dask_settings.split_config(" ".join(rest))
             current = configure(line)
         except ValueError as exc:
             raise UsageError(f"%isolate_config: {exc}") from None
-        if not line.strip() and not dask_settings:
-            print(f"{current} {describe_config()}")
+        if not asked:  # no settings given: show them all
+            print(f"{current} backend={backends.settings['backend']} {dask_settings.describe_config()}")
 
 
 def _usage() -> str:

@@ -135,14 +135,6 @@ def fmt_clock(seconds: float) -> str:
 
 
 
-def type_name(value: Any) -> str:
-    """``list``, ``pandas.DataFrame``, ``__main__.Experiment``: builtins short, the rest qualified."""
-    kind = type(value)
-    module = getattr(kind, "__module__", "") or ""
-    qualname = getattr(kind, "__qualname__", kind.__name__)
-    return qualname if module == "builtins" else f"{module}.{qualname}"
-
-
 def _names(names: Sequence[str], limit: int = 6) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f", … (+{len(names) - limit})" if len(names) > limit else "")
@@ -177,18 +169,27 @@ _PENDING: Any = object()
 
 
 class Watch:
-    """Everything the panel knows about one run, gathered from the run's events.
+    """Everything the panel knows about one run, gathered from the run's events only.
 
     Kept apart from any way of showing it, so the widget panel, the text
     lines and the benchmark share one source of truth for rows, status and
     summary.
     """
 
-    def __init__(self, run: Any, clock: Callable[[], float] = time.perf_counter) -> None:
-        self.run = run
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self.clock = clock
         self.t0 = clock()
         self.t_end: float | None = None
+        self.planned = False
+        self.inputs_: list[str] = []
+        self.outputs_: list[str] = []
+        self.types: dict[str, str] = {}
+        self.timeout: float | None = None
+        self.phases: dict[str, float] = {}
+        self.shipped: dict[str, dict[str, Any]] = {}
+        self.nbytes: int | None = None
+        self.returned: list[str] = []
+        self.skipped: dict[str, str] = {}
         self.pid: int | None = None
         self.job_t0: float | None = None
         self.error_type: str | None = None
@@ -203,27 +204,44 @@ class Watch:
     # -- events ------------------------------------------------------------------
     def observe(self, event: Any) -> None:
         kind = event.kind
-        if kind == "started":
-            self.pid = event.data
+        data = event.data
+        if kind == "planned":
+            self.planned = True
+            self.inputs_ = list(data.get("inputs") or [])
+            self.outputs_ = list(data.get("outputs") or [])
+            self.types = dict(data.get("types") or {})
+            self.timeout = getattr(data.get("options"), "timeout", None)
+        elif kind == "phase":
+            name, seconds = data
+            self.phases[name] = seconds
+        elif kind == "shipped":
+            self.nbytes = data.get("nbytes")
+            self.shipped = {row["name"]: row for row in data.get("rows") or []}
+        elif kind == "applied":
+            self.returned = list(data.get("returned") or [])
+            self.skipped = dict(data.get("skipped") or {})
+            self.phases.update(data.get("phases") or {})  # "return" ends with the apply
+        elif kind == "started":
+            self.pid = data
             self.job_t0 = event.time
         elif kind == "sweep":
-            self.sweep = dict(event.data or {})
+            self.sweep = dict(data or {})
         elif kind == "error":
-            raw = str((event.data or {}).get("type", "Exception"))
+            raw = str((data or {}).get("type", "Exception"))
             self.error_type = raw.removeprefix("builtins.")
         elif kind == "exit":
-            data = event.data or {}
+            data = data or {}
             self.exit_reason = data.get("reason")
             self.returncode = data.get("returncode")
             self.pid = data.get("pid", self.pid)
         elif kind == "done":
-            self.outcome = event.data
+            self.outcome = data
             self.t_end = event.time
             from .errors import ShipError
 
-            if isinstance(event.data, ShipError):
-                self.failed_input = event.data.name
-                self.problems = tuple(diagnose_input(self.run, event.data))
+            if isinstance(data, ShipError):
+                self.failed_input = data.name
+                self.problems = tuple(diagnose_input(data, self.types))
 
     # -- derived ------------------------------------------------------------------
     @property
@@ -244,29 +262,27 @@ class Watch:
     def current_phase(self) -> str | None:
         if self.done:
             return None
-        phases = self.run.phases
+        phases = self.phases
         for key, _label in PHASES:
             if key not in phases:
                 return key
         return None
 
     def inputs(self) -> list[str]:
-        plan = self.run.plan
-        return list(plan.inputs) if plan is not None else []
+        return list(self.inputs_)
 
     def outputs(self) -> list[str]:
-        plan = self.run.plan
-        return list(plan.outputs) if plan is not None else []
+        return list(self.outputs_)
 
     def rows(self) -> list[Row]:
-        shipment = self.run.shipment
         rows = []
         for name in self.inputs():
-            row = Row(name, type_name(self.run.namespace.get(name)))
-            if shipment is not None:
-                row.size = shipment.sizes.get(name)
-                row.how = shipment.how.get(name)
-                row.seconds = shipment.seconds.get(name)
+            row = Row(name, self.types.get(name, "?"))
+            shipped = self.shipped.get(name)
+            if shipped is not None:
+                row.size = shipped.get("size")
+                row.how = shipped.get("how")
+                row.seconds = shipped.get("seconds")
             if name == self.failed_input:
                 row.problems = self.problems
             rows.append(row)
@@ -319,15 +335,14 @@ class Watch:
             + f", {len(outs)} out"
             + (f" ({_names(outs)})" if outs else "")
         )
-        if getattr(self.run, "timeout", None):
-            line += f"; --timeout {self.run.timeout:g} s"
+        if self.timeout:
+            line += f"; --timeout {self.timeout:g} s"
         return line
 
     def summary(self, clock: Callable[[str], str] = str) -> str:
         """The one-line outcome; ``clock`` may wrap the elapsed time (HTML markup)."""
         from .errors import IsolateTimeout, ShipError, WorkerCrashed, describe_exit
 
-        run = self.run
         exc = self.outcome
         took = clock(fmt_seconds(self.elapsed()))
         pid = f" in pid {self.pid}" if self.pid is not None else ""
@@ -336,12 +351,11 @@ class Watch:
             return f"{self._sweep_text()} in {took}{ending}"
         if exc is None:
             names = self.inputs()
-            shipment = run.shipment
             ins = f"{len(names)} in" + (
-                f" ({format_bytes(shipment.nbytes)})" if names and shipment is not None else ""
+                f" ({format_bytes(self.nbytes)})" if names and self.nbytes is not None else ""
             )
-            line = f"ran {took}{pid}; {ins}, {len(run.returned)} out"
-            skipped = getattr(run, "skipped", {}) or {}
+            line = f"ran {took}{pid}; {ins}, {len(self.returned)} out"
+            skipped = self.skipped
             if skipped:
                 what = ", ".join(f"{n} ({why.split(':', 1)[0]})" for n, why in skipped.items())
                 line += f"; {len(skipped)} result{'s' if len(skipped) != 1 else ''} skipped: {what}"
@@ -353,7 +367,7 @@ class Watch:
         if self.pid is None:
             return f"nothing ran: {type(exc).__name__} (see the error below)"
         if isinstance(exc, IsolateTimeout) or self.exit_reason == "timeout":
-            limit = getattr(run, "timeout", None)
+            limit = self.timeout or 0.0
             return f"timed out after {took}{pid} (--timeout {limit:g} s); nothing changed"
         if self.exit_reason in ("interrupt", "stop"):
             how = " (Stop button)" if self.stopping else ""
@@ -376,29 +390,22 @@ class Watch:
         return lines
 
 
-def diagnose_input(run: Any, exc: Any) -> list[Problem]:
+def diagnose_input(exc: Any, types: dict[str, str]) -> list[Problem]:
     """Every problem that keeps the input named by a ``ShipError`` from being shipped.
 
-    ``ship.dumps`` names only the first culprit; the panel lists them all, from
-    the ``%pickle_check`` engine, checked the way ``%%isolate`` ships (dill).
-    If the engine is unavailable or fails, the error's own path and message
-    are the one problem shown.
+    ``ship.dumps`` attaches the ``%pickle_check`` engine's report to the
+    error (checked the way ``%%isolate`` ships); the panel lists every error
+    in it.  Without a report (the engine failed), the error's own path and
+    message are the one problem shown.
     """
     name = getattr(exc, "name", None) or "?"
-    value = run.namespace.get(name) if hasattr(run, "namespace") else None
-    problems: list[Problem] = []
     report = getattr(exc, "report", None)
-    try:
-        if report is None:
-            from .diagnose import pickle_check
-
-            report = pickle_check(value, name=name, serializers=["dill"], max_seconds=2.0)
+    problems: list[Problem] = []
+    if report is not None:
         found = [p for p in report.problems if getattr(p, "severity", "error") == "error"]
         problems = [Problem(p.path, p.type_name, p.reason, p.fix) for p in found]
-    except Exception:
-        log.debug("nbisolate: diagnosing %r for the panel failed", name, exc_info=True)
     if not problems:
-        problems = [Problem(getattr(exc, "path", None) or name, type_name(value), str(exc), "")]
+        problems = [Problem(getattr(exc, "path", None) or name, types.get(name, "?"), str(exc), "")]
     return problems
 
 
@@ -417,7 +424,7 @@ def _e(text: Any) -> str:
 
 def phases_html(watch: Watch) -> str:
     """``plan 0.4 ms · serialize 2 ms · start 15 ms · run …``: done, current, still to come."""
-    phases = watch.run.phases
+    phases = watch.phases
     current = watch.current_phase()
     parts = []
     for key, what in PHASES:
@@ -521,8 +528,9 @@ def _display(bundle: dict[str, Any], display_id: str | None = None, update: bool
 class Panel:
     """A run listener showing a :class:`Watch`; never lets a failure of its own reach the cell."""
 
-    def __init__(self, run: Any) -> None:
-        self.watch = Watch(run)
+    def __init__(self, stop: Callable[[str], None] | None = None) -> None:
+        self.watch = Watch()
+        self.stop_run = stop  # what the Stop button calls; the panel never touches the run
         self.broken = False
 
     def __call__(self, event: Any) -> None:
@@ -549,8 +557,13 @@ class Panel:
 class TextPanel(Panel):
     """Plain lines: a start line when the inputs are known (unless quiet), the summary at the end."""
 
-    def __init__(self, run: Any, quiet: bool = False, in_kernel: bool | None = None) -> None:
-        super().__init__(run)
+    def __init__(
+        self,
+        stop: Callable[[str], None] | None = None,
+        quiet: bool = False,
+        in_kernel: bool | None = None,
+    ) -> None:
+        super().__init__(stop)
         self.quiet = quiet
         self.in_kernel = _in_kernel() if in_kernel is None else in_kernel
         self.lines: list[str] = []
@@ -566,9 +579,11 @@ class TextPanel(Panel):
 
     def on_event(self, event: Any) -> None:
         kind = event.kind
-        if kind == "phase" and event.data[0] == "plan" and not self.quiet:
+        if kind == "planned" and not self.quiet:
             self.emit(f"nbisolate: {self.watch.start_line()}")
-        elif kind == "done" and self.watch.run.plan is not None:  # else a usage error says it all
+        elif kind == "note" and not self.quiet:
+            self.emit(str(event.data).rstrip("\n"))
+        elif kind == "done" and self.watch.planned:  # else a usage error says it all
             lines = [f"nbisolate: {self.watch.summary()}"]
             if not self.quiet:
                 lines += self.watch.problem_lines()
@@ -684,8 +699,8 @@ class WidgetPanel(Panel):
     can never stop the next cell's worker.
     """
 
-    def __init__(self, run: Any, interactive: bool = True) -> None:
-        super().__init__(run)
+    def __init__(self, stop: Callable[[str], None] | None = None, interactive: bool = True) -> None:
+        super().__init__(stop)
         self.interactive = interactive
         self.display_id = uuid.uuid4().hex
         self.parts: _Parts | None = None
@@ -703,7 +718,7 @@ class WidgetPanel(Panel):
 
     # -- construction --------------------------------------------------------------
     def _build(self) -> None:
-        timeout = getattr(self.watch.run, "timeout", None)
+        timeout = self.watch.timeout
         self.parts = parts = _take_parts(bool(timeout))
         children = parts.base
         if self.interactive:
@@ -754,7 +769,7 @@ class WidgetPanel(Panel):
 
     def _elapsed_html(self) -> str:
         text = fmt_clock(self.watch.elapsed())
-        timeout = getattr(self.watch.run, "timeout", None)
+        timeout = self.watch.timeout
         if timeout:
             text += f" of {timeout:g} s"
         return (
@@ -789,6 +804,9 @@ class WidgetPanel(Panel):
                 return
             if self._closed:
                 return
+            if kind == "note":  # from nbisolate itself (a backend): on the cell's stderr
+                sys.stderr.write(str(event.data))
+                return
             if not self._shown_panel:
                 if kind == "done":
                     self._closed = True  # planning failed: the error says it all
@@ -798,7 +816,7 @@ class WidgetPanel(Panel):
                 except Exception:
                     log.warning("nbisolate: the widget panel failed; text instead", exc_info=True)
                     self._discard()
-                    self._fallback = TextPanel(self.watch.run, in_kernel=True)
+                    self._fallback = TextPanel(self.stop_run, in_kernel=True)
                     self._fallback.watch = self.watch
                     self._fallback.on_event(event)
                     return
@@ -849,10 +867,9 @@ class WidgetPanel(Panel):
         with self._lock:
             if self._closed:
                 return
-            job = getattr(self.watch.run, "job", None)
             self.watch.stopping = True
-            if job is not None:
-                job.stop("interrupt")
+            if self.stop_run is not None:
+                self.stop_run("interrupt")
             if self.stop is not None:
                 self.stop.disabled = True
                 self.stop.description = "Stopping…"
@@ -929,10 +946,11 @@ def attach(
     if mode == "off":
         return None
     panel: Panel
+    stop = getattr(run, "stop", None)
     if mode == "widget":
-        panel = WidgetPanel(run, interactive=interactive)
+        panel = WidgetPanel(stop, interactive=interactive)
     else:
-        panel = TextPanel(run, quiet=mode == "quiet")
+        panel = TextPanel(stop, quiet=mode == "quiet")
     run.listeners.append(panel)
     return panel
 

@@ -28,8 +28,11 @@ from __future__ import annotations
 import ast
 import builtins
 import symtable
-from collections.abc import Container, Iterable
+import sys
+import types
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import IsolateUsageError
 
@@ -344,3 +347,43 @@ def plan_cell(
         has_result=has_result,
         missing=missing_reads,
     )
+
+
+# Packages a template must not import before forking: they start threads or
+# initialize devices at import, which a forked child cannot inherit safely, or
+# pick a GUI backend.  The worker imports them itself when the cell needs them.
+_NEVER_PRELOAD = frozenset(
+    {"torch", "tensorflow", "jax", "jaxlib", "cupy", "numba", "matplotlib", "ray", "dask",
+     "distributed", "IPython", "ipykernel", "ipywidgets", "nbisolate", "zmq", "tornado"}
+)
+
+
+def user_packages(namespace: Mapping[str, Any]) -> list[str]:
+    """Third-party top-level packages the notebook has imported (modules, or things from them).
+
+    Only what the user imported counts, never what the kernel itself loaded,
+    so the template imports nothing the user did not.
+    """
+    stdlib = getattr(sys, "stdlib_module_names", frozenset())
+    found: dict[str, None] = {}
+    for name, value in list(namespace.items()):
+        if name.startswith("_"):
+            continue
+        if isinstance(value, types.ModuleType):
+            module = value.__name__
+        elif callable(value):
+            module = getattr(value, "__module__", None)
+        else:
+            module = getattr(type(value), "__module__", None)
+        if not isinstance(module, str):
+            continue
+        top = module.partition(".")[0]
+        if (
+            top
+            and top not in stdlib
+            and top not in _NEVER_PRELOAD
+            and top not in ("__main__", "builtins")
+            and top in sys.modules
+        ):
+            found[top] = None
+    return list(found)

@@ -1,18 +1,17 @@
-"""Running one cell isolated: plan, ship, supervise, then apply or raise.
+"""Running one cell isolated: plan, ship, start on a backend, then apply or raise.
 
-This is the one place where the pieces meet, in the order data flows: cell
-text -> :func:`plan.plan_cell` -> :func:`ship.dumps` -> a supervised worker ->
-events -> the notebook namespace.  The magic and the Python API both use
-:class:`CellRun`; they differ only in how they wait:
+This is the one place where the pieces meet, in the order data flows::
 
-* :meth:`CellRun.run_sync` blocks the calling thread (terminal IPython, plain
-  Python, ``run_cell_magic`` called by hand); Ctrl-C stops the worker.
-* :meth:`CellRun.run_async` awaits on the kernel's event loop, so the kernel
-  keeps handling front-end messages (the panel's Stop button) while the cell
-  runs.  It installs its own SIGINT handler for the wait, because an
-  interrupt that merely cancels the awaiting task would leave the worker
-  running and, in current ipykernel, can take effect only when the awaited
-  call returns.
+    cell text --plan.plan_cell--> Plan (inputs, outputs)
+              --ship.dumps-----> Shipment --> Launch (payload, buffers, RunOptions)
+              --backend.start--> RunHandle: events from the worker
+              --feed / outcome-> the notebook namespace, and the listeners
+
+:class:`CellRun` is a state machine over :class:`~nbisolate.events.Event`
+objects; :mod:`nbisolate.wait` drives it (blocking or awaiting), and
+:class:`nbisolate.sweep.Sweep` drives many.  Listeners (the panel, a test)
+learn everything from events: ``planned``, ``phase``, ``shipped``, the
+worker's own, ``applied`` and ``done`` last.
 
 Whatever happens, the namespace changes only after a result arrived and was
 rebuilt completely: a failing, timed-out, interrupted or crashed cell changes
@@ -21,30 +20,52 @@ nothing.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
-import queue
 import signal
 import sys
-import threading
 import time
-import types
-from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from dataclasses import replace
 from typing import Any
 
-from . import ship
-from .errors import IsolateError, IsolateTimeout, IsolateUsageError, RemoteError, WorkerCrashed
+from . import backends, ship
+from .backends import Backend, Launch, RunHandle
+from .errors import IsolateError, IsolateTimeout, RemoteError, WorkerCrashed
 from .events import Event
-from .plan import Plan, plan_cell
-from .supervisor import DEFAULT_MAX_OUTPUT, Job, launcher
+from .options import RunOptions
+from .plan import Plan, plan_cell, user_packages
 from .units import format_bytes, shorten
+from .wait import wait_async, wait_sync
 from .worker import RESULT
 
 Listener = Callable[[Event], None]
 
-# Listeners get Event("tick") this often while a cell runs, even while output streams.
-TICK_SECONDS = 0.25
+
+def type_name(value: Any) -> str:
+    """``list``, ``pandas.DataFrame``, ``__main__.Experiment``: builtins short, the rest qualified."""
+    kind = type(value)
+    module = getattr(kind, "__module__", "") or ""
+    qualname = getattr(kind, "__qualname__", kind.__name__)
+    return qualname if module == "builtins" else f"{module}.{qualname}"
+
+
+def _shipped(shipment: ship.Shipment, namespace: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``shipped`` event's data: per input its type, size, how it travels, seconds."""
+    return {
+        "nbytes": shipment.nbytes,
+        "engine": shipment.engine,
+        "rows": [
+            {
+                "name": name,
+                "type": type_name(namespace.get(name)),
+                "size": shipment.sizes.get(name),
+                "how": shipment.how.get(name),
+                "seconds": shipment.seconds.get(name),
+            }
+            for name in shipment.names
+        ],
+    }
 
 
 class RemoteTraceback(Exception):
@@ -109,60 +130,6 @@ class StdSink:
         )
 
 
-# A worker needs about 30 MB of data just to run Python and load nbisolate;
-# a --mem below this could only end in a confusing crash.
-MIN_MEM = 32 * 1024 * 1024
-
-
-def parse_size(text: str) -> int:
-    """``2G``, ``500M``, ``1.5GB``, ``1024`` (bytes) -> bytes; a clear error otherwise."""
-    units = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-    raw = str(text).strip().upper().removesuffix("IB").removesuffix("B")
-    number = raw.rstrip("KMGT")
-    unit = raw[len(number) :]
-    try:
-        value = float(number) * units[unit]
-    except (ValueError, KeyError):
-        raise IsolateUsageError(
-            f"cannot read size {text!r}: use a number with K, M, G or T, like 500M or 2G; nothing ran."
-        ) from None
-    if value <= 0:
-        raise IsolateUsageError(f"size {text!r} must be more than zero; nothing ran.")
-    return int(value)
-
-
-# Packages a template must not import before forking: they start threads or
-# initialize devices at import, which a forked child cannot inherit safely, or
-# pick a GUI backend.  The worker imports them itself when the cell needs them.
-_NEVER_PRELOAD = frozenset(
-    {"torch", "tensorflow", "jax", "jaxlib", "cupy", "numba", "matplotlib", "ray", "dask",
-     "distributed", "IPython", "ipykernel", "ipywidgets", "nbisolate", "zmq", "tornado"}
-)
-
-
-def user_packages(namespace: Mapping[str, Any]) -> list[str]:
-    """Third-party top-level packages the notebook has imported (modules, or things from them).
-
-    Only what the user imported counts, never what the kernel itself loaded,
-    so the template imports nothing the user did not.
-    """
-    stdlib = getattr(sys, "stdlib_module_names", frozenset())
-    found: dict[str, None] = {}
-    for name, value in list(namespace.items()):
-        if name.startswith("_"):
-            continue
-        if isinstance(value, types.ModuleType):
-            module = value.__name__
-        else:
-            module = getattr(type(value), "__module__", None) if not callable(value) else getattr(value, "__module__", None)
-        if not isinstance(module, str):
-            continue
-        top = module.partition(".")[0]
-        if top and top not in stdlib and top not in _NEVER_PRELOAD and top != "__main__" and top != "builtins" and top in sys.modules:
-            found[top] = None
-    return list(found)
-
-
 def _one_paragraph(exc: BaseException) -> BaseException:
     """Show ``exc`` in IPython as its message alone: nbisolate's own frames would only bury it."""
     exc._render_traceback_ = lambda: [f"{type(exc).__name__}: {exc}"]  # type: ignore[attr-defined]
@@ -176,127 +143,126 @@ def _label(source: str) -> str:
     return "(empty cell)"
 
 
-
-
-def finish(wait: Callable[[], Any], done: Callable[[BaseException | None], None]) -> Any:
-    """``wait()``, then ``done`` with the exception that ended it, or None: listeners always hear."""
-    try:
-        value = wait()
-    except BaseException as exc:
-        done(exc)
-        raise
-    done(None)
-    return value
-
-
-async def finish_async(
-    wait: Callable[[], Awaitable[Any]], done: Callable[[BaseException | None], None]
-) -> Any:
-    """:func:`finish` for a coroutine."""
-    try:
-        value = await wait()
-    except BaseException as exc:
-        done(exc)
-        raise
-    done(None)
-    return value
-
-
 class CellRun:
-    """One isolated execution of ``source`` against ``namespace``."""
+    """One isolated execution of ``source`` against ``namespace``, with :class:`RunOptions`.
+
+    ``options`` may also be given as keywords (``timeout=5``, ``mem="2G"``...),
+    as :func:`run_isolated` does; ``backend`` is a :class:`~nbisolate.backends.Backend`
+    to use instead of the one the options choose (a sweep shares one).
+    """
 
     def __init__(
         self,
         source: str,
         namespace: MutableMapping[str, Any],
+        options: RunOptions | None = None,
         *,
-        inputs: Iterable[str] | None = None,
-        outputs: Iterable[str] | None = None,
-        timeout: float | None = None,
         available: Iterable[str] | None = None,
         label: str | None = None,
         line_offset: int = 0,
         display_source: str | None = None,
         sink: Any = None,
-        max_output: int = DEFAULT_MAX_OUTPUT,
-        mem: int | str | None = None,
         filename: str = "<isolated cell>",
-        backend: Any = None,
-        max_result: int | str | None = None,
+        backend: Backend | None = None,
+        **option_values: Any,
     ) -> None:
-        if timeout is not None and not (timeout > 0):
-            raise IsolateUsageError(
-                f"--timeout must be a number of seconds above zero, not {timeout!r}; nothing ran."
-            )
+        if options is None:
+            options = RunOptions(**option_values)
+        elif option_values:
+            options = replace(options, **option_values)
+        self.options = options
         self.source = source
         self.namespace = namespace
-        self.inputs = None if inputs is None else list(inputs)
-        self.outputs = None if outputs is None else list(outputs)
-        self.timeout = timeout
         self.available = set(namespace) if available is None else set(available)
         self.label = label or _label(source)
         self.line_offset = line_offset
         self.display_source = display_source
         self.sink = sink if sink is not None else StdSink()
-        self.max_output = max_output
-        self.mem = parse_size(mem) if isinstance(mem, str) else mem
-        if self.mem is not None and self.mem < MIN_MEM:
-            raise IsolateUsageError(
-                f"--mem {mem} is too small: a worker needs about 30 MB just to run Python; "
-                "use 32M or more. Nothing ran."
-            )
-        # Results larger than this are left out (named, like unpicklable ones); None: no limit
-        # but the memory the machine has available.
-        self.max_result = parse_size(max_result) if isinstance(max_result, str) else max_result
-        self._sysexit: dict[str, Any] | None = None
-        self._noted_dropped = False
         self.filename = filename
-        # Where the worker runs when not here: an object whose ``start(run, deliver)``
-        # returns a job-like object (``stop``, ``pid``) feeding the same events to
-        # ``deliver`` (nbisolate.dask_backend). prepare/handle/outcome stay shared.
         self.backend = backend
         self.listeners: list[Listener] = []
         self.phases: dict[str, float] = {}
         self.plan: Plan | None = None
         self.shipment: ship.Shipment | None = None
-        self.job: Job | None = None
-        self._start_clock = 0.0
-        self._final: Event | None = None
-        self._exit: Event | None = None
+        self.launch: Launch | None = None
+        self.handle: RunHandle | None = None
         self.interrupted = False
         self.skipped: dict[str, str] = {}
         self.returned: list[str] = []
+        self._start_clock = 0.0
+        self._final: Event | None = None
+        self._exit: Event | None = None
+        self._sysexit: dict[str, Any] | None = None
+        self._noted_dropped = False
         self._done_sent = False
 
     # -- stages ---------------------------------------------------------------
-    def prepare(self) -> None:
-        """Plan the cell and serialize its inputs; raises before any process exists.
+    def prepare(self, check: bool = True) -> None:
+        """Choose the backend, plan the cell, serialize its inputs; raises before any process exists.
 
-        Listeners hear a ``phase`` event as planning and as serializing end (so
-        a panel can name the inputs while a large one is still being pickled),
-        and ``done`` with the exception if either fails.
+        Listeners hear ``planned`` and ``phase`` as planning ends, ``phase`` and
+        ``shipped`` as serializing ends (so a panel can name the inputs while a
+        large one is still being pickled), and ``done`` with the exception if
+        anything fails.  ``check=False`` leaves the backend's check to the
+        caller (a sweep checks once for all its values).
         """
         try:
-            t0 = time.perf_counter()
-            self.plan = plan_cell(
-                self.source,
-                self.available,
-                inputs=self.inputs,
-                outputs=self.outputs,
-                first_line=self.line_offset + 1,
+            if self.backend is None:
+                self.backend = backends.choose(self.options, self.note)
+            self.plan = self._plan()
+            self.shipment = self._ship(self.plan)
+            self.launch = Launch(
+                payload=self._payload(),
+                buffers=list(self.shipment.buffers),
+                options=self.options,
+                label=self.label,
+                shipment=self.shipment,
+                packages=user_packages(self.namespace),
             )
-            self.phases["plan"] = time.perf_counter() - t0
-            self._notify(Event("phase", ("plan", self.phases["plan"])))
-            t1 = time.perf_counter()
-            self.shipment = ship.dumps({name: self.namespace[name] for name in self.plan.inputs})
-            self.phases["serialize"] = time.perf_counter() - t1
-            self._notify(Event("phase", ("serialize", self.phases["serialize"])))
+            if check:
+                self.backend.check(self.launch)
         except BaseException as exc:
-            self._done(exc)
+            self.done(exc)
             raise
+
+    def _plan(self) -> Plan:
+        t0 = time.perf_counter()
+        opts = self.options
+        plan = plan_cell(
+            self.source,
+            self.available,
+            inputs=None if opts.inputs is None else list(opts.inputs),
+            outputs=None if opts.outputs is None else list(opts.outputs),
+            first_line=self.line_offset + 1,
+        )
+        self.phases["plan"] = time.perf_counter() - t0
+        types = {name: type_name(self.namespace.get(name)) for name in plan.inputs}
+        self._notify(
+            Event(
+                "planned",
+                {
+                    "label": self.label,
+                    "inputs": list(plan.inputs),
+                    "outputs": list(plan.outputs),
+                    "types": types,
+                    "options": self.options,
+                },
+            )
+        )
+        self._notify(Event("phase", ("plan", self.phases["plan"])))
+        return plan
+
+    def _ship(self, plan: Plan) -> ship.Shipment:
+        t1 = time.perf_counter()
+        shipment = ship.dumps({name: self.namespace[name] for name in plan.inputs})
+        self.phases["serialize"] = time.perf_counter() - t1
+        self._notify(Event("phase", ("serialize", self.phases["serialize"])))
+        self._notify(Event("shipped", _shipped(shipment, self.namespace)))
+        return shipment
 
     def _payload(self) -> dict[str, Any]:
         assert self.plan is not None and self.shipment is not None
+        opts = self.options
         return {
             "source": self.source,
             "display_source": self.display_source or self.source,
@@ -309,47 +275,30 @@ class CellRun:
             "has_result": self.plan.has_result,
             "sys_path": list(sys.path),
             "cwd": os.getcwd(),
-            "mem": self.mem,
-            "max_result": self.max_result,
+            "mem": opts.mem,
+            "max_result": opts.max_result,
             # The worker watches this process (not its parent, which may be the
             # template) and kills its own tree when the kernel is gone.
             "kernel_pid": os.getpid(),
         }
 
-    def start(self, deliver: Callable[[Event], None]) -> Job:
-        """Start the worker; events are handed to ``deliver`` from the job's thread."""
-        if self.plan is None:
+    def start(self, deliver: Callable[[Event], None]) -> RunHandle:
+        """Start the worker; events are handed to ``deliver`` from the backend's threads."""
+        if self.launch is None:
             self.prepare()
-        assert self.shipment is not None
+        assert self.launch is not None and self.backend is not None
         self._start_clock = time.perf_counter()
-        if self.backend is not None:
-            self.job = self.backend.start(self, deliver)
-            return self.job
-        self.job = Job(
-            self._payload(),
-            self.shipment.buffers,
-            on_event=deliver,
-            timeout=self.timeout,
-            label=self.label,
-            max_output=self.max_output,
-            # A memory cap must hold from the first byte: a fork of the template
-            # already carries its imports, so a capped cell gets a new interpreter
-            # (exec'd by the template, which still kills it if the kernel dies).
-            fresh=self.mem is not None,
-        )
-        try:
-            self.job.start()
-        except OSError as exc:
-            raise IsolateError(
-                f"could not start the isolated worker process ({type(exc).__name__}: {exc}); "
-                "nothing ran. Check that the working directory still exists and the machine "
-                "has free memory and process slots, then run the cell again."
-            ) from exc
-        launcher.preload(user_packages(self.namespace))
-        return self.job
+        self.handle = backends.start_tracked(self.backend, self.launch, deliver)
+        return self.handle
 
-    def handle(self, event: Event) -> bool:
-        """Process one event in the consumer's thread; True once the run is over."""
+    def stop(self, reason: str = "interrupt") -> None:
+        """Stop the worker and everything it started (the panel's Stop, an interrupt)."""
+        self.interrupted = True
+        if self.handle is not None:
+            self.handle.stop(reason)
+
+    def feed(self, event: Event) -> None:
+        """Process one event in the waiting thread; :attr:`busy` turns False once the run is over."""
         kind = event.kind
         if kind == "stream":
             self.sink.stream(*event.data)
@@ -357,10 +306,10 @@ class CellRun:
             self.sink.display(kind, event.data)
         elif kind == "phase":
             name, seconds = event.data
-            if name == "start":
-                self.phases["start"] = event.time - self._start_clock
-            else:
-                self.phases[name] = seconds
+            if name == "start":  # as the kernel saw it: from asking for a worker to its first word
+                seconds = event.time - self._start_clock
+                event.data = (name, seconds)
+            self.phases[name] = seconds
         elif kind == "dropped":
             self._note_dropped(event.data)
         elif kind == "sysexit":
@@ -368,15 +317,28 @@ class CellRun:
         self._notify(event)
         if kind in ("result", "error"):
             self._final = event
-            return True
-        if kind == "exit":
+        elif kind == "exit":
             self._exit = event
-            return True
-        return False
+
+    @property
+    def busy(self) -> bool:
+        return self._final is None and self._exit is None
+
+    # -- what nbisolate.wait drives ------------------------------------------------
+    def begin(self, put: Callable[[Event], None]) -> None:
+        self.start(put)
+
+    def interrupt(self) -> None:
+        self.stop("interrupt")
 
     def tick(self) -> None:
         """Called every TICK_SECONDS while waiting, for listeners that show time passing."""
         self._notify(Event("tick"))
+
+    def note(self, text: str) -> None:
+        """A message from nbisolate itself (a backend's) for the user: an event, so the
+        listeners decide how to show it (``--quiet`` and ``panel=off`` hide it)."""
+        self._notify(Event("note", text))
 
     def _notify(self, event: Event) -> None:
         """Hand ``event`` to every listener; a broken listener is logged, never fatal to the cell."""
@@ -386,7 +348,7 @@ class CellRun:
             except Exception:
                 logging.getLogger(__name__).exception("nbisolate: a run listener failed")
 
-    def _done(self, error: BaseException | None) -> None:
+    def done(self, error: BaseException | None) -> None:
         """Tell listeners, once, that the run is over: ``Event("done", exception or None)``."""
         if not self._done_sent:
             self._done_sent = True
@@ -426,6 +388,9 @@ class CellRun:
             )
         self.namespace.update(values)
         self.returned = list(values)
+        self._notify(
+            Event("applied", {"returned": self.returned, "skipped": self.skipped, "phases": self.phases})
+        )
         return value
 
     def _raise_for_exit(self) -> Any:
@@ -435,7 +400,7 @@ class CellRun:
         if info.get("dropped") and not self._noted_dropped:
             self._note_dropped(info)
         if reason == "timeout":
-            raise IsolateTimeout(self.timeout or 0.0, info["elapsed"], info["pid"])
+            raise IsolateTimeout(self.options.timeout or 0.0, info["elapsed"], info["pid"])
         if reason in ("interrupt", "stop"):
             interrupt = KeyboardInterrupt(
                 f"the isolated cell was interrupted; worker pid {info['pid']} and every process it "
@@ -459,17 +424,17 @@ class CellRun:
     def _mem_hint(self, info: dict[str, Any]) -> str:
         """Point at --mem when the worker died the way programs die when memory runs out."""
         dying = (-signal.SIGKILL, -signal.SIGABRT, -signal.SIGSEGV, -signal.SIGBUS)
-        if self.mem and self._sysexit is None and info.get("returncode") in dying:
+        if self.options.mem and self._sysexit is None and info.get("returncode") in dying:
             return (
-                f"It ran capped at {format_bytes(self.mem)} by --mem: code that cannot get memory "
+                f"It ran capped at {format_bytes(self.options.mem)} by --mem: code that cannot get memory "
                 "may die like this instead of raising MemoryError. Raise --mem and run it again."
             )
         return ""
 
     def _memory_message(self, original: str) -> str:
-        assert self.mem is not None
+        assert self.options.mem is not None
         return (
-            f"the isolated cell ran out of memory: it is capped at {format_bytes(self.mem)} by "
+            f"the isolated cell ran out of memory: it is capped at {format_bytes(self.options.mem)} by "
             "--mem; raise --mem, or make the cell use less memory. No notebook variable was "
             "changed." + (f" ({original})" if original else "")
         )
@@ -496,7 +461,7 @@ class CellRun:
         if not isinstance(exc, BaseException):
             exc = RemoteError(body["type"], body["message"], text)
         lines = text.rstrip("\n").splitlines()
-        if self.mem and (isinstance(exc, MemoryError) or body["type"] == "builtins.MemoryError"):
+        if self.options.mem and (isinstance(exc, MemoryError) or body["type"] == "builtins.MemoryError"):
             message = self._memory_message(str(exc) if isinstance(exc, MemoryError) else "")
             cause = exc
             exc = MemoryError(message)
@@ -543,79 +508,12 @@ class CellRun:
 
     # -- waiting ------------------------------------------------------------------
     def run_sync(self) -> Any:
-        """Run and block until the cell is over; Ctrl-C stops the worker and raises.
-
-        Listeners get ``tick`` every TICK_SECONDS, and ``done`` at the very end.
-        """
-        return finish(self._wait_sync, self._done)
-
-    def _wait_sync(self) -> Any:
-        events: queue.SimpleQueue[Event] = queue.SimpleQueue()
-        job = self.start(events.put)
-        next_tick = time.perf_counter() + TICK_SECONDS
-        while True:
-            now = time.perf_counter()
-            if now >= next_tick:
-                self.tick()
-                next_tick = now + TICK_SECONDS
-            try:
-                event = events.get(timeout=next_tick - now)
-            except queue.Empty:
-                continue
-            except KeyboardInterrupt:
-                self.interrupted = True
-                job.stop("interrupt")
-                continue
-            if self.handle(event):
-                break
-        return self.outcome()
+        """Run and block until the cell is over; Ctrl-C stops the worker and raises."""
+        return wait_sync(self)
 
     async def run_async(self) -> Any:
-        """Run while awaiting on the running event loop; SIGINT stops the worker.
-
-        Listeners get ``tick`` every TICK_SECONDS, and ``done`` at the very end.
-        """
-        return await finish_async(self._wait_async, self._done)
-
-    async def _wait_async(self) -> Any:
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
-
-        def deliver(event: Event) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the loop closed under us: nobody is waiting any more
-                pass
-
-        job = self.start(deliver)
-        previous = None
-        if threading.current_thread() is threading.main_thread():
-
-            def on_sigint(signum: int, frame: Any) -> None:
-                self.interrupted = True
-                job.stop("interrupt")
-
-            previous = signal.signal(signal.SIGINT, on_sigint)
-        try:
-            next_tick = time.perf_counter() + TICK_SECONDS
-            while True:
-                now = time.perf_counter()
-                if now >= next_tick:
-                    self.tick()
-                    next_tick = now + TICK_SECONDS
-                try:
-                    event = await asyncio.wait_for(events.get(), next_tick - now)
-                except asyncio.TimeoutError:
-                    continue
-                if self.handle(event):
-                    break
-        except asyncio.CancelledError:
-            job.stop("interrupt")
-            raise
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
-        return self.outcome()
+        """Run while awaiting on the running event loop; SIGINT stops the worker."""
+        return await wait_async(self)
 
 
 def run_isolated(

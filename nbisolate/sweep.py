@@ -33,27 +33,25 @@ runs are forwarded too, so the panel shows where the latest one runs.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
-import os
-import queue
 import re
-import signal
-import threading
 import time
 import types
 from collections import ChainMap
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
+from . import backends
 from .errors import IsolateError, IsolateUsageError
 from .events import Event
+from .options import RunOptions
 from .plan import plan_cell
-from .runner import CellRun, finish, finish_async
+from .runner import CellRun, _shipped, type_name
 from .units import short_repr
+from .wait import wait_async, wait_sync
 
 MAX_VALUES = 10_000
-TICK_SECONDS = 0.25
 
 
 class SweepError(IsolateError):
@@ -209,11 +207,13 @@ class _PrefixSink:
 
 
 class Sweep:
-    """Runs ``template`` (a prepared-to-be :class:`CellRun`) once per value of ``NAME``.
+    """Runs the cell of ``template`` (a :class:`CellRun`, never run itself) once per value of ``NAME``.
 
     ``template`` carries the cell, the notebook namespace, the options and the
-    listeners (the panel); it is never run itself.  Built by the magic for
-    ``--over``; :meth:`run_sync` / :meth:`run_async` mirror ``CellRun``'s.
+    listeners (the panel).  Each value gets a :class:`CellRun` whose options
+    are the template's with the inputs and outputs of the sweep
+    (``dataclasses.replace``), so every option holds for every value.  Driven
+    by :mod:`nbisolate.wait` like a single run.
     """
 
     def __init__(self, template: CellRun, name: str, values: list[Any]) -> None:
@@ -221,9 +221,6 @@ class Sweep:
         self.name = name
         self.values = values
         self.labels = [f"{name}={_short(v)}" for v in values]
-        self.backend = template.backend
-        cpus = os.cpu_count() or 1
-        self.concurrency = len(values) if self.backend is not None else max(1, min(cpus, len(values)))
         self.runs: list[CellRun] = []
         self.locals: list[dict[str, Any]] = []
         self.sinks: list[_PrefixSink] = []
@@ -234,26 +231,39 @@ class Sweep:
         self.outputs: list[str] = []
         self.has_result = False
         self.interrupted = False
+        self.concurrency = 1
         self._pending: list[int] = []
         self._running: set[int] = set()
         self._settled: set[int] = set()
+        self._put: Callable[[tuple[int, Event]], None] | None = None
+        self._t0 = 0.0
         self.seconds = 0.0
 
     @property
     def listeners(self) -> list[Callable[[Event], None]]:
         return self.template.listeners
 
+    @property
+    def options(self) -> RunOptions:
+        return self.template.options
+
     # -- preparing ------------------------------------------------------------------------
     def prepare(self) -> None:
-        """Plan once, ship once per value, check the cluster: every usage or shipping error
-        is raised here, before any process exists."""
+        """Plan once, ship once per value, check the backend once: every usage or shipping
+        error is raised here, before any process exists."""
         t = self.template
         try:
+            if t.backend is None:
+                t.backend = backends.choose(t.options, t.note)
             available = set(t.available) | {self.name}
-            inputs = None if t.inputs is None else list(dict.fromkeys([*t.inputs, self.name]))
+            inputs = None if t.options.inputs is None else (*dict.fromkeys([*t.options.inputs, self.name]),)
             t0 = time.perf_counter()
             plan = plan_cell(
-                t.source, available, inputs=inputs, outputs=t.outputs, first_line=t.line_offset + 1
+                t.source,
+                available,
+                inputs=None if inputs is None else list(inputs),
+                outputs=None if t.options.outputs is None else list(t.options.outputs),
+                first_line=t.line_offset + 1,
             )
             if self.name not in plan.inputs:
                 raise IsolateUsageError(
@@ -262,9 +272,25 @@ class Sweep:
                 )
             t.plan = plan
             t.phases["plan"] = time.perf_counter() - t0
+            types = {n: type_name(t.namespace.get(n)) for n in plan.inputs}
+            types[self.name] = type_name(self.values[0])
+            self._notify(
+                Event(
+                    "planned",
+                    {
+                        "label": t.label,
+                        "inputs": list(plan.inputs),
+                        "outputs": list(plan.outputs),
+                        "types": types,
+                        "options": t.options,
+                        "over": {"name": self.name, "count": len(self.values)},
+                    },
+                )
+            )
             self._notify(Event("phase", ("plan", t.phases["plan"])))
             self.outputs = [o for o in plan.outputs if o != self.name]
             self.has_result = plan.has_result
+            options = replace(t.options, inputs=inputs, outputs=tuple(self.outputs))
             t1 = time.perf_counter()
             for i, value in enumerate(self.values):
                 local: dict[str, Any] = {self.name: value}
@@ -272,50 +298,38 @@ class Sweep:
                 run = CellRun(
                     t.source,
                     ChainMap(local, t.namespace),
-                    inputs=inputs,
-                    outputs=self.outputs,
-                    timeout=t.timeout,
+                    options,
                     available=available,
                     label=f"{t.label} [{self.labels[i]}]",
                     line_offset=t.line_offset,
                     display_source=t.display_source,
                     sink=sink,
-                    max_output=t.max_output,
-                    mem=t.mem,
                     filename=t.filename,
                     backend=t.backend,
                 )
-                run.prepare()
+                run.prepare(check=False)
                 self.runs.append(run)
                 self.locals.append(local)
                 self.sinks.append(sink)
-            t.shipment = self.runs[0].shipment
+            first = self.runs[0]
+            t.shipment = first.shipment
             t.phases["serialize"] = time.perf_counter() - t1
             self._notify(Event("phase", ("serialize", t.phases["serialize"])))
-            if self.backend is not None:
-                self.backend.check(self.runs[0])  # a cluster that cannot run it fails now
+            if first.shipment is not None:
+                self._notify(Event("shipped", _shipped(first.shipment, first.namespace)))
+            assert first.launch is not None
+            t.backend.check(first.launch)  # a cluster that cannot run it fails now, once
+            self.concurrency = t.backend.concurrency(len(self.runs))
         except BaseException as exc:
-            self._done(exc)
+            self.done(exc)
             raise
 
     # -- events --------------------------------------------------------------------------
     def _notify(self, event: Event) -> None:
-        notify = getattr(self.template, "_notify", None)
-        if callable(notify):
-            notify(event)
-            return
-        for listener in list(self.listeners):
-            try:
-                listener(event)
-            except Exception:
-                pass
+        self.template._notify(event)
 
-    def _done(self, error: BaseException | None) -> None:
-        done = getattr(self.template, "_done", None)
-        if callable(done):
-            done(error)
-        else:
-            self._notify(Event("done", error))
+    def done(self, error: BaseException | None) -> None:
+        self.template.done(error)
 
     def _progress(self, index: int, state: str) -> None:
         self._notify(
@@ -334,125 +348,81 @@ class Sweep:
             )
         )
 
-    def _launch(self, put: Callable[[int, Event], None]) -> None:
+    def _launch(self) -> None:
+        put = self._put
+        assert put is not None
         while self._pending and len(self._running) < self.concurrency and not self.interrupted:
             i = self._pending.pop(0)
             self._running.add(i)
             try:
-                self.runs[i].start(lambda event, i=i: put(i, event))
+                self.runs[i].start(lambda event, i=i: put((i, event)))
             except Exception as exc:
                 self._running.discard(i)
                 self._settled.add(i)
                 self.errors[i] = exc
                 self._progress(i, "failed")
 
-    def _on_event(self, i: int, event: Event, put: Callable[[int, Event], None]) -> None:
+    # -- what nbisolate.wait drives ------------------------------------------------------
+    def begin(self, put: Callable[[tuple[int, Event]], None]) -> None:
+        if not self.runs:
+            self.prepare()
+        self._t0 = time.perf_counter()
+        self._put = put
+        self._pending = list(range(len(self.runs)))
+        self._launch()
+
+    def feed(self, item: tuple[int, Event]) -> None:
+        i, event = item
         if i in self._settled:
             return
+        run = self.runs[i]
         if event.kind == "started":
             self.hosts[i] = str(getattr(event.data, "host", "") or "")
             self._notify(event)
             self._progress(i, "started")
-        if not self.runs[i].handle(event):
+        run.feed(event)
+        if run.busy:
             return
         self._running.discard(i)
         self._settled.add(i)
         try:
-            self.results[i] = self.runs[i].outcome()
+            self.results[i] = run.outcome()
             self.ok[i] = True
         except BaseException as exc:  # this value's failure; the others go on
             self.errors[i] = exc
         finally:
             self.sinks[i].flush()
         self._progress(i, "done" if self.ok[i] else "failed")
-        self._launch(put)
+        self._launch()
 
-    def _interrupt(self) -> None:
+    @property
+    def busy(self) -> bool:
+        return bool(self._running) or (bool(self._pending) and not self.interrupted)
+
+    def tick(self) -> None:
+        self._notify(Event("tick"))
+
+    def interrupt(self) -> None:
         self.interrupted = True
         self._pending.clear()
         for i in list(self._running):
-            job = self.runs[i].job
-            if job is not None:
-                job.stop("interrupt")
+            self.runs[i].stop("interrupt")
 
-    @property
-    def _busy(self) -> bool:
-        return bool(self._running) or (bool(self._pending) and not self.interrupted)
+    def stop(self, reason: str = "interrupt") -> None:
+        """Stop every run (the panel's Stop button)."""
+        self.interrupt()
 
-    # -- waiting -------------------------------------------------------------------------
     def run_sync(self) -> Any:
         """Run every value, blocking; Ctrl-C stops them all. See the module doc for results."""
-        return finish(self._wait_sync, self._done)
-
-    def _wait_sync(self) -> Any:
-        if not self.runs:
-            self.prepare()
-        t0 = time.perf_counter()
-        events: queue.SimpleQueue[tuple[int, Event]] = queue.SimpleQueue()
-
-        def put(i: int, event: Event) -> None:
-            events.put((i, event))
-
-        self._pending = list(range(len(self.runs)))
-        self._launch(put)
-        while self._busy:
-            try:
-                i, event = events.get(timeout=TICK_SECONDS)
-            except queue.Empty:
-                self._notify(Event("tick"))
-                continue
-            except KeyboardInterrupt:
-                self._interrupt()
-                continue
-            self._on_event(i, event, put)
-        self.seconds = time.perf_counter() - t0
-        return self._finish()
+        return wait_sync(self)
 
     async def run_async(self) -> Any:
         """Run every value while awaiting on the kernel's loop; SIGINT stops them all."""
-        return await finish_async(self._wait_async, self._done)
-
-    async def _wait_async(self) -> Any:
-        if not self.runs:
-            self.prepare()
-        t0 = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
-
-        def put(i: int, event: Event) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, (i, event))
-            except RuntimeError:  # the loop closed: nobody waits any more
-                pass
-
-        previous = None
-        if threading.current_thread() is threading.main_thread():
-
-            def on_sigint(signum: int, frame: Any) -> None:
-                self._interrupt()
-
-            previous = signal.signal(signal.SIGINT, on_sigint)
-        try:
-            self._pending = list(range(len(self.runs)))
-            self._launch(put)
-            while self._busy:
-                try:
-                    i, event = await asyncio.wait_for(events.get(), TICK_SECONDS)
-                except asyncio.TimeoutError:
-                    self._notify(Event("tick"))
-                    continue
-                self._on_event(i, event, put)
-        except asyncio.CancelledError:
-            self._interrupt()
-            raise
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
-        self.seconds = time.perf_counter() - t0
-        return self._finish()
+        return await wait_async(self)
 
     # -- the outcome ---------------------------------------------------------------------
-    def _finish(self) -> Any:
+    def outcome(self) -> Any:
+        self.seconds = time.perf_counter() - self._t0
         n = len(self.values)
         if self.interrupted:
             finished = sum(self.ok)
@@ -481,6 +451,7 @@ class Sweep:
             if self.has_result:
                 results = [self.results[i] if self.ok[i] else None for i in range(n)]
         self.template.returned = bound
+        self._notify(Event("applied", {"returned": bound, "skipped": {}, "phases": self.template.phases}))
         if self.errors:
             raise SweepError(self.name, self.labels, dict(self.errors), bound, results)
         return results

@@ -433,7 +433,7 @@ def test_shipment_names_the_modules_it_imports():
 
 
 def test_version_and_module_problems_are_explained():
-    from nbisolate.dask_backend import _kernel_versions, _problems
+    from nbisolate.backends.dask import _kernel_versions, _problems
 
     mine = _kernel_versions()
     ok = {"python": mine["python"], "dill": mine["dill"], "nbisolate": mine["nbisolate"], "missing": []}
@@ -456,7 +456,7 @@ def test_over_values_are_parsed_in_the_notebook_namespace():
 
 
 def test_scheduler_precedence_and_unreachable_environment_scheduler(monkeypatch):
-    from nbisolate import dask_backend as db
+    from nbisolate.backends import dask as db
 
     bad_env = f"tcp://127.0.0.1:{free_port()}"
     bad_flag = f"tcp://127.0.0.1:{free_port()}"
@@ -469,13 +469,16 @@ def test_scheduler_precedence_and_unreachable_environment_scheduler(monkeypatch)
     with pytest.raises(db.DaskBackendError, match="--scheduler") as info:
         db.get_client(bad_flag)  # --scheduler wins over the environment
     assert bad_flag in str(info.value)
-    assert db.choose_backend("local", None) is None
-    with pytest.raises(db.IsolateUsageError):
-        db.choose_backend("local", bad_flag)
+    from nbisolate import backends
+    from nbisolate.options import RunOptions
+
+    assert backends.chosen_name(RunOptions(backend="local")) == "local"
+    with pytest.raises(db.IsolateUsageError, match="--scheduler needs --backend dask"):
+        backends.chosen_name(RunOptions(backend="local", scheduler=bad_flag))
 
 
 def test_remote_pid_reads_as_a_pid_and_names_the_host():
-    from nbisolate.dask_backend import RemotePid
+    from nbisolate.backends.dask import RemotePid
 
     pid = RemotePid(4711, "node7", "tcp://10.0.0.7:4242")
     assert pid == 4711 and int(pid) == 4711 and f"{pid:d}" == "4711"
@@ -484,7 +487,7 @@ def test_remote_pid_reads_as_a_pid_and_names_the_host():
 
 
 def test_cluster_is_not_needed_to_import_the_backend():
-    code = "import sys; sys.modules['distributed'] = None; import nbisolate.dask_backend as d\n"
+    code = "import sys; sys.modules['distributed'] = None; import nbisolate.backends.dask as d\n"
     code += "try:\n    d.get_client()\nexcept d.DaskBackendError as e:\n    print(e)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "pip install 'nbisolate[dask]'" in out.stdout and "nothing ran" in out.stdout

@@ -1,19 +1,20 @@
 """Running isolated cells on a Dask cluster: ``%%isolate --backend dask``.
 
 When one machine is not enough, the cell should not change: the same payload
-(``CellRun._payload()``: source, inputs shipped by pickle/dill, modules
-re-imported by name) runs the same way, only on a node of a Dask cluster the
+(the run's :class:`~nbisolate.backends.Launch`: source, inputs shipped by
+pickle/dill, modules re-imported by name) runs the same way, only on a node of a Dask cluster the
 user already has.  nbisolate does not bring its own cluster.
 
 How one cell runs (kernel on the left, a Dask worker on the right)::
 
-    CellRun.prepare()           plan + ship, unchanged
-    DaskBackend.start()         check the workers  ->  probe(): versions, modules, paths
+    CellRun.prepare()           plan + ship, unchanged; backend_for() connects
+    DaskBackend.check()         check the workers  ->  probe(): versions, modules, paths
+    DaskBackend.start()
                                 scatter the shipment, submit _remote_run
                                                     _remote_run(): supervisor.Job spawns
                                                     a fresh nbisolate worker subprocess
                                                     (own session, timeout, tree kill)
-    events -> CellRun.handle()  <- Worker.log_event  live started/phase/stream/display
+    events -> CellRun.feed()    <- Worker.log_event  live started/phase/stream/display
     result/error + exit         <- the task's return value (with every event again)
     CellRun.outcome()           apply results or raise the remote exception, unchanged
 
@@ -34,7 +35,7 @@ Choices, and why:
   delivers whatever the live path did not, in order, so no output is lost
   even if a live message is late or dropped.
 * **Stopping** (``--timeout`` is enforced on the node by ``Job`` itself;
-  interrupt, the panel's Stop, ``registry.stop``): ``Client.run`` calls
+  interrupt, the panel's Stop, ``backends.running.stop``): ``Client.run`` calls
   :func:`_stop_job` in the worker process, which stops the ``Job`` as an
   interrupt does (SIGINT to its group, grace, SIGKILL, sweep); a run not
   started yet is cancelled.  As a backstop the task also stops its subprocess
@@ -56,7 +57,8 @@ Where the scheduler comes from, first match wins: ``--scheduler``,
 ``%isolate_config scheduler=ADDRESS``, ``$NBISOLATE_SCHEDULER``, a
 ``distributed.Client`` already created in the notebook
 (``distributed.default_client()``), else a ``LocalCluster`` (2 worker
-processes x 1 thread) started once per kernel, which is said on stderr.
+processes x 1 thread) started once per kernel, which is said in a ``note``
+event (the cell's stderr, unless ``--quiet``).
 """
 
 from __future__ import annotations
@@ -73,18 +75,19 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .errors import IsolateError, IsolateUsageError
-from .events import Event
-from .supervisor import GRACE_SECONDS, JobInfo, registry
+from ..errors import IsolateError, IsolateUsageError
+from ..events import Event
+from ..options import RunOptions
+from ..supervisor import GRACE_SECONDS
+from . import HandleInfo, Launch
 
 INSTALL_HINT = "pip install 'nbisolate[dask]'"
 ENV_SCHEDULER = "NBISOLATE_SCHEDULER"
-BACKENDS = ("local", "dask")
 SCATTER_BYTES = 64 * 1024
 """Shipment parts at least this big are scattered (sent once, zero-copy); smaller ones ride
 in the task itself."""
 
-config: dict[str, Any] = {"backend": "local", "scheduler": None, "connect_timeout": 10.0}
+config: dict[str, Any] = {"scheduler": None, "connect_timeout": 10.0}
 """``%isolate_config`` settings of this module: the default backend, the default scheduler
 address, and how long to wait for a scheduler or its workers to answer (seconds)."""
 
@@ -125,14 +128,10 @@ class RemotePid(int):
 
 
 def configure(settings: dict[str, str]) -> None:
-    """Apply ``%isolate_config`` settings that belong here (``backend``, ``scheduler``,
+    """Apply ``%isolate_config`` settings that belong here (``scheduler``,
     ``connect_timeout``); raises :class:`IsolateUsageError` naming a bad value."""
     for key, value in settings.items():
-        if key == "backend":
-            if value not in BACKENDS:
-                raise IsolateUsageError(f"backend={value!r} is not one of {', '.join(BACKENDS)}")
-            config["backend"] = value
-        elif key == "scheduler":
+        if key == "scheduler":
             config["scheduler"] = value or None
         elif key == "connect_timeout":
             try:
@@ -159,8 +158,8 @@ def split_config(line: str) -> tuple[str, dict[str, str]]:
     for item in line.split():
         key, sep, value = item.partition("=")
         key = key.strip().lower()
-        if sep and key in ("backend", "scheduler", "connect_timeout"):
-            mine[key] = value.strip().lower() if key == "backend" else value.strip()
+        if sep and key in ("scheduler", "connect_timeout"):
+            mine[key] = value.strip()
         else:
             rest.append(item)
     configure(mine)
@@ -171,7 +170,6 @@ def describe_config() -> str:
     """The settings as ``key=value`` text, with where the scheduler would come from."""
     scheduler = config["scheduler"] or ""
     parts = [
-        f"backend={config['backend']}",
         f"scheduler={scheduler}",
         f"connect_timeout={config['connect_timeout']:g}",
     ]
@@ -181,24 +179,14 @@ def describe_config() -> str:
     return " ".join(parts)
 
 
-def choose_backend(backend: str | None, scheduler: str | None) -> DaskBackend | None:
-    """The backend for one cell: None to run here, or a connected :class:`DaskBackend`.
+def backend_for(options: RunOptions, note: Callable[[str], None]) -> DaskBackend:
+    """The ``dask`` backend for one cell (the registry's factory, see :mod:`nbisolate.backends`).
 
-    ``--scheduler`` implies ``--backend dask``; without ``--backend`` the configured
-    default applies. Raises :class:`DaskBackendError` (nothing ran) when the cluster
-    cannot be had.
+    Connects now, so an unreachable cluster fails before anything runs
+    (:class:`DaskBackendError`); ``note`` tells the user of a cluster started here.
     """
-    if backend is not None and backend not in BACKENDS:
-        raise IsolateUsageError(f"--backend {backend!r} is not one of {', '.join(BACKENDS)}")
-    chosen = backend or ("dask" if scheduler else config["backend"])
-    if chosen == "local":
-        if scheduler:
-            raise IsolateUsageError(
-                "--scheduler needs --backend dask (or no --backend): a local run has no scheduler"
-            )
-        return None
-    client, source = get_client(scheduler)
-    return DaskBackend(client, source)
+    client, source = get_client(options.scheduler, note)
+    return DaskBackend(client, source, note)
 
 
 # -- clients and clusters -----------------------------------------------------------------
@@ -225,7 +213,9 @@ def _alive(client: Any) -> bool:
     return getattr(client, "status", None) in ("running", "newly-created", "connecting")
 
 
-def get_client(scheduler: str | None = None) -> tuple[Any, str]:
+def get_client(
+    scheduler: str | None = None, note: Callable[[str], None] | None = None
+) -> tuple[Any, str]:
     """A connected client and a few words on where its scheduler came from (see module doc)."""
     distributed = _distributed()
     for address, source in (
@@ -241,7 +231,7 @@ def get_client(scheduler: str | None = None) -> tuple[Any, str]:
         client = None
     if client is not None and _alive(client):
         return client, "the notebook's distributed.Client"
-    return _local_client(distributed), "a local cluster started by nbisolate"
+    return _local_client(distributed, note), "a local cluster started by nbisolate"
 
 
 def _connect(distributed: Any, address: str, source: str) -> Any:
@@ -264,7 +254,7 @@ def _connect(distributed: Any, address: str, source: str) -> Any:
         return client
 
 
-def _local_client(distributed: Any) -> Any:
+def _local_client(distributed: Any, note: Callable[[str], None] | None = None) -> Any:
     with _lock:
         client = _local.get("client")
         if client is not None and _alive(client):
@@ -276,7 +266,7 @@ def _local_client(distributed: Any) -> Any:
         client = distributed.Client(cluster, set_as_default=False)
         _local.update(cluster=cluster, client=client)
         link = getattr(cluster, "dashboard_link", "") or ""
-        sys.stderr.write(
+        (note or _stderr)(
             "nbisolate: no Dask scheduler was given (--scheduler, `%isolate_config scheduler=`, "
             f"${ENV_SCHEDULER} or a distributed.Client in the notebook), so a local Dask cluster "
             f"was started: 2 worker processes x 1 thread, scheduler {cluster.scheduler_address}"
@@ -284,8 +274,12 @@ def _local_client(distributed: Any) -> Any:
             + f" ({time.perf_counter() - t0:.1f} s). Later --backend dask cells use it; it "
             "stops with the kernel.\n"
         )
-        sys.stderr.flush()
         return client
+
+
+def _stderr(text: str) -> None:
+    sys.stderr.write(text)
+    sys.stderr.flush()
 
 
 def close() -> None:
@@ -421,7 +415,7 @@ def _remote_run(
     from distributed import get_worker
     from distributed.worker import thread_state
 
-    from .supervisor import Job
+    from ..supervisor import Job
 
     worker = get_worker()
     key = getattr(thread_state, "key", None)
@@ -558,7 +552,7 @@ def _kernel_versions() -> dict[str, Any]:
         dill_version = dill.__version__
     except ImportError:  # pragma: no cover - dill is a dependency
         dill_version = None
-    from . import __version__
+    from .. import __version__
 
     return {"python": list(sys.version_info[:3]), "dill": dill_version, "nbisolate": __version__}
 
@@ -588,7 +582,7 @@ def _within(seconds: float, what: str, fn: Callable[[], Any]) -> Any:
 
 def _error_event(exc: BaseException) -> Event:
     """An ``error`` event that makes ``CellRun.outcome()`` raise ``exc`` itself."""
-    from . import ship
+    from .. import ship
 
     shipped = ship.dumps({"exc": exc}, skip_failures=True)
     body = {
@@ -603,31 +597,41 @@ def _error_event(exc: BaseException) -> Event:
 
 
 class DaskBackend:
-    """Runs the :class:`~nbisolate.runner.CellRun` objects of one cell on a Dask cluster.
+    """Runs the launches of one cell on a Dask cluster (a :class:`~nbisolate.backends.Backend`).
 
     One per cell (a sweep shares it): it remembers which workers passed the
     check and which large input buffers it already scattered, so a sweep
     checks once and sends a big array once, not once per value.
     """
 
-    def __init__(self, client: Any, source: str = "") -> None:
+    name = "dask"
+
+    def __init__(self, client: Any, source: str = "", note: Callable[[str], None] | None = None) -> None:
         self.client = client
         self.source = source
+        self.note = note or _stderr
         self.address = getattr(getattr(client, "scheduler", None), "address", None) or "?"
         self._checked: dict[Any, list[str] | None] = {}
         self._scattered: dict[tuple[int, int], tuple[Any, Any]] = {}
         self._lock = threading.Lock()
 
     # -- before running -----------------------------------------------------------------
-    def check(self, run: Any) -> list[str] | None:
-        """Check the workers for ``run``; the workers to use (None: any), or raise.
+    def concurrency(self, runs: int) -> int:
+        """Every run of a sweep is submitted at once: the scheduler queues what does not fit."""
+        return max(1, runs)
+
+    def check(self, launch: Launch) -> None:
+        """Raise :class:`DaskBackendError` (nothing ran) if no worker can run ``launch``."""
+        self.workers_for(launch)
+
+    def workers_for(self, launch: Launch) -> list[str] | None:
+        """Check the workers for ``launch``; the workers to use (None: any), or raise.
 
         See the module doc for what is checked. Workers failing the check are
-        named on stderr and left out, as long as one passes.
+        named in a note and left out, as long as one passes.
         """
-        shipment = run.shipment
         modules = sorted(
-            {m.partition(".")[0] for m in shipment.modules} - {"builtins", "__main__", ""}
+            {m.partition(".")[0] for m in launch.modules} - {"builtins", "__main__", ""}
         )
         paths = project_paths(sys.path)
         cwd = os.getcwd()
@@ -667,7 +671,7 @@ class DaskBackend:
         chosen: list[str] | None = None
         if bad:
             chosen = good
-            sys.stderr.write(
+            self.note(
                 f"nbisolate: running only on {len(good)} of {len(answers)} Dask workers; the "
                 "others cannot run this cell:\n" + _describe(bad) + "\n"
             )
@@ -676,10 +680,10 @@ class DaskBackend:
         return chosen
 
     # -- running ---------------------------------------------------------------------------
-    def start(self, run: Any, deliver: Callable[[Event], None]) -> DaskJob:
-        """Check, send and submit ``run``; returns the job (the ``CellRun.start`` seam)."""
-        workers = self.check(run)
-        job = DaskJob(self, run, deliver)
+    def start(self, launch: Launch, deliver: Callable[[Event], None]) -> DaskJob:
+        """Send and submit ``launch`` (to the workers that passed the check); returns its handle."""
+        workers = self.workers_for(launch)  # checked already: answered from the cache
+        job = DaskJob(self, launch, deliver)
         job.start(workers)
         return job
 
@@ -770,19 +774,19 @@ def _fixes(bad: dict[str, list[str]]) -> str:
 
 
 class DaskJob:
-    """The kernel side of one cell on the cluster; looks like a :class:`supervisor.Job`
-    to the runner (``stop``, ``pid``, ``id``) and to the registry (``info``)."""
+    """The kernel side of one cell on the cluster: a :class:`~nbisolate.backends.RunHandle`."""
 
     _ids = itertools.count(1)
 
-    def __init__(self, backend: DaskBackend, run: Any, deliver: Callable[[Event], None]) -> None:
+    def __init__(self, backend: DaskBackend, launch: Launch, deliver: Callable[[Event], None]) -> None:
         self.backend = backend
-        self.run = run
+        self.launch = launch
         self.deliver = deliver
         self.id = f"d{next(self._ids)}-{os.getpid()}"
         self.run_id = uuid.uuid4().hex
-        self.label = run.label
-        self.timeout = run.timeout
+        self.label = launch.label
+        self.timeout = launch.options.timeout
+        self.max_output = launch.options.max_output
         self.pid: RemotePid | None = None
         self.host = ""
         self.worker = ""
@@ -792,13 +796,12 @@ class DaskJob:
         self._next = 0  # the sequence number of the next live event to deliver
         self._pending: dict[int, dict[str, Any]] = {}
         self._over = threading.Event()
-        self._announced = False
         self._stop_reason: str | None = None
         self._topic: _Topic | None = None
 
     @property
-    def info(self) -> JobInfo:
-        return JobInfo(
+    def info(self) -> HandleInfo:
+        return HandleInfo(
             id=self.id,
             label=self.label,
             pid=int(self.pid) if self.pid is not None else None,
@@ -808,11 +811,11 @@ class DaskJob:
         )
 
     def start(self, workers: list[str] | None) -> None:
-        run = self.run
-        payload = run._payload()
+        launch = self.launch
+        payload = dict(launch.payload)
         data = payload.pop("data")
         payload.pop("sys_path", None)  # decided on the node: see _remote_run
-        parts = self.backend._parts(data, run.shipment.buffers, workers)
+        parts = self.backend._parts(data, launch.buffers, workers)
         self._topic = _topic_for(self.backend.client)
         self._topic.jobs[self.run_id] = self
         try:
@@ -823,9 +826,9 @@ class DaskJob:
                 payload,
                 parts,
                 project_paths(sys.path),
-                run.timeout,
-                run.label,
-                run.max_output,
+                self.timeout,
+                self.label,
+                self.max_output,
                 key=f"nbisolate-cell-{self.run_id}",
                 pure=False,
                 workers=workers,
@@ -849,9 +852,6 @@ class DaskJob:
             self.started_at = time.time()
             data = self.pid
             self.deliver(Event("started", data))
-            if not self._announced:
-                self._announced = True
-                registry._announce("started", self)  # the status item lists it, Stop works
             return
         self.deliver(Event(kind, data))
 
@@ -879,8 +879,6 @@ class DaskJob:
             self._over.set()
             if self._topic is not None:
                 self._topic.jobs.pop(self.run_id, None)
-            if self._announced:
-                registry._announce("ended", self)
             self.future = None
 
     def _finish(self, result: dict[str, Any]) -> None:
@@ -906,30 +904,34 @@ class DaskJob:
         with self._lock:
             self._over.set()
             cancelled = self.future is not None and getattr(self.future, "status", "") == "cancelled"
-            if cancelled or self._stop_reason is not None:
-                reason = self._stop_reason or "interrupt"
+            stopped = cancelled or self._stop_reason is not None
+            if not stopped:
+                where = f"Dask worker {self.worker}" if self.worker else "the Dask cluster"
                 self.deliver(
-                    Event(
-                        "exit",
-                        {
-                            "returncode": None,
-                            "reason": reason,
-                            "elapsed": time.time() - self.started_at,
-                            "dropped": 0,
-                            "max_output": self.run.max_output,
-                            "pid": self.pid,
-                        },
+                    _error_event(
+                        DaskBackendError(
+                            f"the cell's task failed on {where} (scheduler {self.backend.address}) "
+                            f"outside the cell: {type(exc).__name__}: {exc}. A KilledWorker means "
+                            "the Dask worker process itself died (see its log; the cell may have "
+                            "run more than once). No notebook variable was changed."
+                        )
                     )
                 )
-                return
-            where = f"Dask worker {self.worker}" if self.worker else "the Dask cluster"
-            error = DaskBackendError(
-                f"the cell's task failed on {where} (scheduler {self.backend.address}) outside the "
-                f"cell: {type(exc).__name__}: {exc}. A KilledWorker means the Dask worker process "
-                "itself died (see its log; the cell may have run more than once). No notebook "
-                "variable was changed."
+            # Always last, as from every handle: whoever lists running workers drops this one.
+            self.deliver(
+                Event(
+                    "exit",
+                    {
+                        "returncode": None,
+                        "reason": (self._stop_reason or "interrupt") if stopped else "error",
+                        "error": None if stopped else f"{type(exc).__name__}: {exc}",
+                        "elapsed": time.time() - self.started_at,
+                        "dropped": 0,
+                        "max_output": self.max_output,
+                        "pid": self.pid,
+                    },
+                )
             )
-            self.deliver(_error_event(error))
 
     # -- stopping ------------------------------------------------------------------------
     def stop(self, reason: str = "interrupt") -> None:

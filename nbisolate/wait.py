@@ -1,0 +1,131 @@
+"""The wait: one loop for every way a run is waited on.
+
+A single cell and a sweep of many values wait the same way: events arrive
+from backend threads into a queue; the waiting thread hands each to the run,
+ticks the listeners every :data:`TICK_SECONDS` (even while output streams, so
+a clock keeps moving), turns an interrupt into a stop of everything the run
+started, and at the end asks the run for its outcome.  Only *how* the thread
+waits differs:
+
+* :func:`wait_sync` blocks the calling thread (terminal IPython, plain Python,
+  ``run_cell_magic`` by hand); Ctrl-C arrives as ``KeyboardInterrupt``.
+* :func:`wait_async` awaits on the running event loop, so a kernel keeps
+  serving front-end messages (the panel's Stop button) meanwhile.  It installs
+  its own SIGINT handler for the wait: an interrupt that merely cancelled the
+  awaiting task would leave the worker running, and in current ipykernel can
+  take effect only when the awaited call returns.
+
+Either way the run's listeners hear ``done`` exactly once, last, with the
+exception that ended the wait or None (:meth:`Waitable.done`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import signal
+import threading
+import time
+from typing import Any, Protocol
+
+TICK_SECONDS = 0.25
+"""Listeners get ``Event("tick")`` this often while a run is waited on."""
+
+
+class Waitable(Protocol):
+    """What :func:`wait_sync` and :func:`wait_async` drive (a ``CellRun`` or a ``Sweep``)."""
+
+    def begin(self, put: Any) -> None:
+        """Start the work; ``put(item)`` may be called from any thread with each event."""
+
+    def feed(self, item: Any) -> None:
+        """Handle one item that ``put`` received, in the waiting thread."""
+
+    @property
+    def busy(self) -> bool:
+        """True while more items are expected."""
+
+    def tick(self) -> None:
+        """Time passed with nothing else to say."""
+
+    def interrupt(self) -> None:
+        """Stop everything started (Ctrl-C, the kernel's interrupt, a cancelled task)."""
+
+    def outcome(self) -> Any:
+        """The value, or raise; called once the run is no longer busy."""
+
+    def done(self, error: BaseException | None) -> None:
+        """Tell the listeners, once, that the run is over."""
+
+
+def wait_sync(run: Waitable) -> Any:
+    """Run ``run`` to its end in this thread; Ctrl-C stops it (and raises its outcome)."""
+    try:
+        items: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        run.begin(items.put)
+        next_tick = time.perf_counter() + TICK_SECONDS
+        while run.busy:
+            now = time.perf_counter()
+            if now >= next_tick:
+                run.tick()
+                next_tick = now + TICK_SECONDS
+            try:
+                item = items.get(timeout=max(0.0, next_tick - now))
+            except queue.Empty:
+                continue
+            except KeyboardInterrupt:
+                run.interrupt()
+                continue
+            run.feed(item)
+        value = run.outcome()
+    except BaseException as exc:
+        run.done(exc)
+        raise
+    run.done(None)
+    return value
+
+
+async def wait_async(run: Waitable) -> Any:
+    """Run ``run`` to its end while awaiting on the running loop; SIGINT stops it."""
+    try:
+        value = await _wait_async(run)
+    except BaseException as exc:
+        run.done(exc)
+        raise
+    run.done(None)
+    return value
+
+
+async def _wait_async(run: Waitable) -> Any:
+    loop = asyncio.get_running_loop()
+    items: asyncio.Queue[Any] = asyncio.Queue()
+
+    def put(item: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(items.put_nowait, item)
+        except RuntimeError:  # the loop closed under us: nobody is waiting any more
+            pass
+
+    run.begin(put)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: run.interrupt())
+    try:
+        next_tick = time.perf_counter() + TICK_SECONDS
+        while run.busy:
+            now = time.perf_counter()
+            if now >= next_tick:
+                run.tick()
+                next_tick = now + TICK_SECONDS
+            try:
+                item = await asyncio.wait_for(items.get(), max(0.0, next_tick - now))
+            except asyncio.TimeoutError:
+                continue
+            run.feed(item)
+    except asyncio.CancelledError:
+        run.interrupt()
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    return run.outcome()
