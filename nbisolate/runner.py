@@ -35,6 +35,7 @@ from .errors import IsolateError, IsolateTimeout, RemoteError, WorkerCrashed
 from .events import Event
 from .options import RunOptions
 from .plan import Plan, plan_cell, user_packages
+from .sink import StdSink
 from .units import format_bytes, shorten
 from .wait import wait_async, wait_sync
 from .worker import RESULT
@@ -90,44 +91,6 @@ class RemoteValue:
 
     def __repr__(self) -> str:
         return str(self.bundle.get("text/plain", "<value computed in the worker>"))
-
-
-class StdSink:
-    """Where a cell's output goes: the kernel's own streams and display machinery."""
-
-    def stream(self, name: str, text: str) -> None:
-        stream = sys.stdout if name == "stdout" else sys.stderr
-        stream.write(text)
-        # A kernel's stream publishes on its own within 0.2 s, and a flush there is a
-        # round trip to its IO thread (about 1 ms): flush only real files.
-        if getattr(stream, "pub_thread", None) is None:
-            stream.flush()
-
-    def display(self, kind: str, data: dict[str, Any]) -> None:
-        # Text written before a display must show before it; in a kernel,
-        # publishing a display flushes the streams itself.
-        if getattr(sys.stdout, "pub_thread", None) is None:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        try:
-            from IPython import get_ipython
-            from IPython.display import clear_output, publish_display_data
-        except ImportError:  # pragma: no cover - IPython is a dependency
-            get_ipython = None  # type: ignore[assignment]
-        if get_ipython is None or get_ipython() is None:
-            if kind != "clear_output":
-                print(data.get("data", {}).get("text/plain", ""))
-            return
-        if kind == "clear_output":
-            clear_output(wait=bool(data.get("wait")))
-            return
-        transient = data.get("transient") or {}
-        publish_display_data(
-            data=data.get("data", {}),
-            metadata=data.get("metadata") or {},
-            transient=transient or None,
-            update=kind == "update_display",
-        )
 
 
 def _one_paragraph(exc: BaseException) -> BaseException:
