@@ -250,7 +250,7 @@ class TemplateLauncher:
 
         try:
             while True:
-                (kind, body), _ = recv(sock)
+                kind, body, _ = recv(sock)
                 with self._cond:
                     if kind == "forked":
                         self._forked.append(body)
@@ -284,7 +284,7 @@ class TemplateLauncher:
             if sock is None or not self._alive:
                 return None
             try:
-                send(sock, ("fork", {"env": env, "fresh": fresh, "cwd": cwd}), list(fds))
+                send(sock, "fork", {"env": env, "fresh": fresh, "cwd": cwd}, list(fds))
             except OSError:
                 return None
             with self._cond:
@@ -304,7 +304,7 @@ class TemplateLauncher:
             if self._sock is None:
                 return
             try:
-                send(self._sock, ("preload", {"names": todo, "sys_path": list(sys.path)}))
+                send(self._sock, "preload", {"names": todo, "sys_path": list(sys.path)})
                 self._preloaded.update(todo)
             except OSError:
                 pass
