@@ -37,9 +37,9 @@ from . import ship
 from .errors import IsolateError, IsolateTimeout, IsolateUsageError, RemoteError, WorkerCrashed
 from .events import Event
 from .plan import Plan, plan_cell
+from .protocol import RESULT
 from .supervisor import DEFAULT_MAX_OUTPUT, Job, launcher
 from .units import format_bytes, shorten
-from .worker import RESULT
 
 Listener = Callable[[Event], None]
 

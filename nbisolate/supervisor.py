@@ -46,9 +46,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .events import Event
+from .protocol import error_body, sync_mark
 from .template import bootstrap
 from .wire import SHM_THRESHOLD, Arena, Channel, ChannelClosed
-from .worker import sync_mark
 
 GRACE_SECONDS = 2.0
 DEFAULT_MAX_OUTPUT = 10 * 1024 * 1024
@@ -666,18 +666,7 @@ class Job:
                 chan.close()
                 if reason is None and not finished:
                     finished = True
-                    self._emit(
-                        "error",
-                        {
-                            "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-                            "message": str(exc),
-                            "traceback": "",
-                            "stage": "receive",
-                            "names": [],
-                            "data": b"",
-                            "engine": "pickle",
-                        },
-                    )
+                    self._emit("error", error_body(exc, stage="receive"))
                 return False
             if kind in ("result", "error"):
                 if reason is None:

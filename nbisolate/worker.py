@@ -37,20 +37,17 @@ import types
 from typing import Any
 
 from . import display_worker
+from .protocol import RESULT, NoStdinError, error_body, sync_mark
 from .units import format_bytes
 from .wire import Channel, ChannelClosed
 
-RESULT = "\x00result"  # the reserved shipment name of the last expression's value
+__all__ = ["RESULT", "NoStdinError", "main", "sync_mark"]
 # Results bigger than this are checked against the memory the machine has available.
 _CHECK_AVAILABLE_ABOVE = 64 * 1024 * 1024
 
 # What the worker is doing, for errors that are not the cell's own: "setup"
 # (loading inputs), "run" (the cell) or "return" (sending results back).
 _stage = "setup"
-
-
-class NoStdinError(EOFError):
-    """Raised by ``input()`` in a worker, which has no stdin to read from."""
 
 
 class _NoStdin(io.TextIOBase):
@@ -429,56 +426,12 @@ def _mark_pipes(token: str | None) -> dict[str, bool]:
     return marked
 
 
-def sync_mark(token: str) -> bytes:
-    """The bytes the worker writes to its output pipes before its result (see ``_mark_pipes``)."""
-    return b"\x1b[nbisolate-sync " + token.encode("ascii") + b"]"
-
-
 def _cell_traceback(exc: BaseException, filename: str) -> str:
     """The traceback from the cell's first frame on; the worker's own frames are noise."""
     tb = exc.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename != filename:
         tb = tb.tb_next
     return "".join(traceback.format_exception(type(exc), exc, tb or exc.__traceback__))
-
-
-def _fallback_bundle(value: Any) -> dict[str, Any]:
-    """A display bundle for a value that cannot travel back: its ``_repr_*_`` methods and repr."""
-    bundle: dict[str, Any] = {}
-    mimebundle = getattr(value, "_repr_mimebundle_", None)
-    if callable(mimebundle):
-        try:
-            got = mimebundle()
-            if isinstance(got, tuple):
-                got = got[0]
-            bundle.update(got or {})
-        except Exception:
-            pass
-    for mime, attr in (
-        ("text/html", "_repr_html_"),
-        ("text/markdown", "_repr_markdown_"),
-        ("image/png", "_repr_png_"),
-        ("image/svg+xml", "_repr_svg_"),
-        ("text/latex", "_repr_latex_"),
-        ("application/json", "_repr_json_"),
-    ):
-        method = getattr(value, attr, None)
-        if mime not in bundle and callable(method):
-            try:
-                got = method()
-            except Exception:
-                continue
-            if got is not None:
-                if mime == "image/png" and isinstance(got, bytes):
-                    import base64
-
-                    got = base64.b64encode(got).decode("ascii")
-                bundle[mime] = got
-    try:
-        bundle["text/plain"] = repr(value)
-    except Exception as exc:
-        bundle["text/plain"] = f"<{type(value).__qualname__} object; repr failed: {exc!r}>"
-    return bundle
 
 
 def _compile_cell(
@@ -601,20 +554,16 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
             stream.flush()
         shipped = ship.dumps({"exc": exc}, skip_failures=True)
         marked = _mark_pipes(job.get("sync"))
-        chan.send(
-            "error",
-            {
-                "marked": marked,
-                "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-                "message": str(exc),
-                "traceback": _cell_traceback(exc, filename),
-                "seconds": time.perf_counter() - t2,
-                "names": shipped.names,
-                "data": shipped.data,
-                "engine": shipped.engine,
-            },
-            shipped.buffers,
+        body = error_body(
+            exc,
+            traceback=_cell_traceback(exc, filename),
+            names=shipped.names,
+            data=shipped.data,
+            engine=shipped.engine,
+            seconds=time.perf_counter() - t2,
+            marked=marked,
         )
+        chan.send("error", body, shipped.buffers)
         return
     display_worker.end_of_cell()  # show open figures (and close them, so none travels back live)
     run_seconds = time.perf_counter() - t2
@@ -711,18 +660,8 @@ def main(fd: int) -> None:
         exc = sys.exc_info()[1]
         assert exc is not None
         try:
-            chan.send(
-                "error",
-                {
-                    "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-                    "message": str(exc),
-                    "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-                    "stage": _stage,
-                    "names": [],
-                    "data": b"",
-                    "engine": "pickle",
-                },
-            )
+            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            chan.send("error", error_body(exc, traceback=text, stage=_stage))
         except OSError:
             pass
     stop.set()
