@@ -103,7 +103,7 @@ def main(fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     children: set[int] = set()
     # The worker imports these anyway; paying for them once here is the point.
-    from . import ship, wire, worker  # noqa: F401
+    from . import proctree, ship, wire, worker  # noqa: F401
 
     worker._c_library()  # the C library handle for prctl and fflush, inherited by every fork
 
@@ -156,5 +156,5 @@ def main(fd: int) -> None:
     for pid in list(children):
         # The group, and descendants that left it (setsid, double fork): a plain
         # killpg here would also kill the worker before its own watchdog could.
-        worker.kill_tree(pid)
+        proctree.kill_tree(pid)
     sys.exit(0)

@@ -36,7 +36,7 @@ import traceback
 import types
 from typing import Any
 
-from . import display_worker
+from . import display_worker, proctree
 from .protocol import RESULT, NoStdinError, error_body, sync_mark
 from .units import format_bytes
 from .wire import Channel, ChannelClosed
@@ -204,104 +204,6 @@ class _Stream(io.TextIOBase):
         self._output.flush(soon=True)
 
 
-def _descendant_pids(root: int) -> list[int]:
-    """Live (non-zombie) descendants of ``root``, read from /proc; [] where there is none."""
-    children: dict[int, list[int]] = {}
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return []
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-            fields = stat[stat.rindex(b")") + 2 :].split()
-        except (OSError, ValueError):
-            continue
-        if fields[0] in (b"Z", b"X"):
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry))
-    found: list[int] = []
-    todo = [root]
-    while todo:
-        for pid in children.get(todo.pop(), ()):
-            found.append(pid)
-            todo.append(pid)
-    return found
-
-
-def _stop_descendants(root: int) -> list[int]:
-    """SIGSTOP every descendant of ``root``, repeating until no new one appears; their pids.
-
-    A stopped process cannot fork, so once a round finds nothing new the list
-    is complete, and the pids stay valid (stopped processes do not exit) for
-    the SIGKILL that follows.
-    """
-    stopped: list[int] = []
-    seen: set[int] = set()
-    for _ in range(50):
-        new = [pid for pid in _descendant_pids(root) if pid not in seen]
-        if not new:
-            break
-        for pid in new:
-            seen.add(pid)
-            try:
-                os.kill(pid, signal.SIGSTOP)
-                stopped.append(pid)
-            except OSError:
-                pass
-    return stopped
-
-
-def _kill_descendants() -> int:
-    """SIGKILL every process this worker started, including ones that left its process group.
-
-    The worker is a child subreaper, so a descendant whose parent died (a
-    double fork, a daemon) is re-parented to the worker and still found here.
-    Cheap when the cell started nothing: one ``waitpid`` says there is no child.
-    """
-    try:
-        while os.waitpid(-1, os.WNOHANG)[0] > 0:
-            pass  # reap exited children; what is left is alive
-    except ChildProcessError:
-        return 0  # no child at all, hence no descendant (orphans would be our children)
-    except OSError:
-        pass
-    victims = _stop_descendants(os.getpid())
-    for pid in victims:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-    return len(victims)
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL worker ``pid``, its process group and every descendant, even those that left it.
-
-    For whoever started the worker and has to end it without its help (the
-    template when its kernel is gone): the worker is stopped first, so it stays
-    the subreaper holding its tree together while the tree is listed.  Call it
-    before the worker is reaped, while ``pid`` surely is that worker.
-    """
-    try:
-        os.kill(pid, signal.SIGSTOP)
-    except OSError:
-        pass
-    victims = _stop_descendants(pid)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except OSError:
-        pass
-    for victim in (*victims, pid):
-        try:
-            os.kill(victim, signal.SIGKILL)
-        except OSError:
-            pass
-
-
 def _watch_parent(chan: Channel, kernel_pid: int | None) -> None:
     """Kill everything the cell started and exit, the moment the kernel is gone.
 
@@ -337,10 +239,7 @@ def _watch_parent(chan: Channel, kernel_pid: int | None) -> None:
     try:
         # The cell's thread may still be starting processes while this one kills:
         # repeat until a round finds none (bounded), so a late one is caught too.
-        for _ in range(20):
-            if not _kill_descendants():
-                break
-            time.sleep(0.01)
+        proctree.kill_own_descendants_until_quiet()
     finally:
         if os.getpgrp() == os.getpid():
             os.killpg(os.getpid(), signal.SIGKILL)
@@ -667,5 +566,5 @@ def main(fd: int) -> None:
     stop.set()
     output.flush()
     _flush_c_stdio()
-    _kill_descendants()  # nothing the cell started outlives it, even on success
+    proctree.kill_own_descendants()  # nothing the cell started outlives it, even on success
     os._exit(code)
