@@ -51,7 +51,7 @@ from typing import Any
 
 from . import proctree
 from .events import Event
-from .protocol import error_body, sync_mark
+from .protocol import MSG_ERROR, MSG_RESULT, MSG_RUN, MSG_STREAM, error_body, sync_mark
 from .template import bootstrap
 from .wire import SHM_THRESHOLD, Arena, Channel, ChannelClosed
 
@@ -590,7 +590,7 @@ class _Supervision:
         if sum(memoryview(b).nbytes for b in job.buffers) >= SHM_THRESHOLD:
             self.arena = _arenas.take()
         try:
-            self.chan.send("run", dict(job.payload, sync=job.sync), job.buffers, arena=self.arena)
+            self.chan.send(MSG_RUN, dict(job.payload, sync=job.sync), job.buffers, arena=self.arena)
         except OSError:
             pass  # the worker died at start; the exit step explains how
         job.buffers = []
@@ -807,11 +807,11 @@ class _Supervision:
         except Exception as exc:
             self.fail_receive(exc)
             return False
-        if kind in ("result", "error"):
+        if kind in (MSG_RESULT, MSG_ERROR):
             if self.reason is None:
                 self.deliver_outcome(kind, body, buffers)
             return True
-        if kind == "stream":
+        if kind == MSG_STREAM:
             self.forward(*body)
         else:
             self.job._emit(kind, body, buffers)
@@ -838,4 +838,4 @@ class _Supervision:
         self.chan.close()
         if self.reason is None and not self.finished:
             self.finished = True
-            self.job._emit("error", error_body(exc, stage="receive"))
+            self.job._emit(MSG_ERROR, error_body(exc, stage="receive"))

@@ -37,7 +37,18 @@ import types
 from typing import Any
 
 from . import display_worker, proctree
-from .protocol import RESULT, NoStdinError, error_body, sync_mark
+from .protocol import (
+    MSG_ERROR,
+    MSG_PHASE,
+    MSG_RESULT,
+    MSG_RUN,
+    MSG_STREAM,
+    MSG_SYSEXIT,
+    RESULT,
+    NoStdinError,
+    error_body,
+    sync_mark,
+)
 from .units import format_bytes
 from .wire import Channel, ChannelClosed
 
@@ -98,7 +109,7 @@ class _WorkerChannel(Channel):
     )
 
     def send(self, kind: str, body: Any = None, buffers: Any = ()) -> None:
-        if kind != "stream" and self.output is not None:
+        if kind != MSG_STREAM and self.output is not None:
             self.output.flush()
         if threading.current_thread() is not threading.main_thread():
             return super().send(kind, body, buffers)
@@ -158,7 +169,7 @@ class _Output:
                 text = "".join(pieces)
                 for start in range(0, len(text), self.CHUNK):
                     try:
-                        self._chan.send("stream", (name, text[start : start + self.CHUNK]))
+                        self._chan.send(MSG_STREAM, (name, text[start : start + self.CHUNK]))
                     except OSError:
                         return
 
@@ -424,12 +435,12 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
     ns = main.__dict__
     for hook in job.get("startup", ()):
         __import__(hook)
-    chan.send("phase", ("start", time.perf_counter() - t0))
+    chan.send(MSG_PHASE, ("start", time.perf_counter() - t0))
 
     t1 = time.perf_counter()
     ns.update(ship.loads(job["inputs"], job["data"], buffers, job["engine"]))
     del buffers
-    chan.send("phase", ("load", time.perf_counter() - t1))
+    chan.send(MSG_PHASE, ("load", time.perf_counter() - t1))
 
     filename = job["filename"]
     offset = job.get("line_offset", 0)
@@ -462,14 +473,14 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
             seconds=time.perf_counter() - t2,
             marked=marked,
         )
-        chan.send("error", body, shipped.buffers)
+        chan.send(MSG_ERROR, body, shipped.buffers)
         return
     display_worker.end_of_cell()  # show open figures (and close them, so none travels back live)
     run_seconds = time.perf_counter() - t2
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     _flush_c_stdio()
-    chan.send("phase", ("run", run_seconds))
+    chan.send(MSG_PHASE, ("run", run_seconds))
 
     t3 = time.perf_counter()
     _stage = "return"
@@ -487,7 +498,7 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
         stream.flush()
     marked = _mark_pipes(job.get("sync"))
     chan.send(
-        "result",
+        MSG_RESULT,
         {
             "marked": marked,
             "names": shipped.names,
@@ -527,7 +538,7 @@ def main(fd: int) -> None:
         kind, job, buffers = chan.recv()
     except ChannelClosed:
         os._exit(0)
-    if kind != "run":
+    if kind != MSG_RUN:
         os._exit(2)
     watchdog = threading.Thread(
         target=_watch_parent, args=(chan, job.get("kernel_pid")), daemon=True, name="watch-parent"
@@ -550,7 +561,7 @@ def main(fd: int) -> None:
             sys.stderr.write(f"{exc.code}\n")
         try:  # so the kernel can say "the cell called sys.exit(...)" rather than guess
             output.flush()
-            chan.send("sysexit", {"code": repr(exc.code), "status": code})
+            chan.send(MSG_SYSEXIT, {"code": repr(exc.code), "status": code})
         except OSError:
             pass
     except BaseException:
@@ -560,7 +571,7 @@ def main(fd: int) -> None:
         assert exc is not None
         try:
             text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-            chan.send("error", error_body(exc, traceback=text, stage=_stage))
+            chan.send(MSG_ERROR, error_body(exc, traceback=text, stage=_stage))
         except OSError:
             pass
     stop.set()
