@@ -127,3 +127,37 @@ def test_no_stdin_error_rebuilds_in_a_process_that_never_imported_the_worker():
     # It travels pickled by reference: its module must be one the kernel may import.
     assert protocol.NoStdinError.__module__ == "nbisolate.protocol"
     assert issubclass(protocol.NoStdinError, EOFError)
+
+
+def _kinds_sent(module_file: str) -> set[str]:
+    """The message kinds a module passes to ``send``/``_send``, read from its source."""
+    import ast
+
+    def values(node: ast.expr) -> list[str]:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return [node.value]
+        if isinstance(node, ast.Name) and node.id.startswith("MSG_"):
+            return [getattr(protocol, node.id)]
+        if isinstance(node, ast.IfExp):
+            return values(node.body) + values(node.orelse)
+        return []  # a variable: a relay (super().send(kind, ...)), not a sender
+
+    with open(module_file, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and node.args:
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if name in ("send", "_send"):
+                found.update(values(node.args[0]))
+    return found
+
+
+def test_every_kind_a_worker_sends_is_in_the_protocol():
+    from nbisolate import display_worker, supervisor, worker
+
+    sent = _kinds_sent(worker.__file__) | _kinds_sent(display_worker.__file__)
+    assert {"stream", "phase", "result", "error", "sysexit", "display", "clear_output"} <= sent
+    assert sent <= set(protocol.KINDS), sorted(sent - set(protocol.KINDS))
+    assert _kinds_sent(supervisor.__file__) & set(protocol.KINDS) == {protocol.MSG_RUN}
