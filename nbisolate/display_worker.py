@@ -11,7 +11,7 @@ before any input is loaded) makes the worker behave like the kernel:
   objects and sends ``("display", {"data", "metadata", "transient"})`` over
   the worker's channel, after flushing ``sys.stdout``/``sys.stderr`` so text
   and displays arrive in the order the cell produced them.  The kernel side
-  (:class:`nbisolate.runner.StdSink`) publishes them as ``display_data``,
+  (:class:`nbisolate.sink.StdSink`) publishes them as ``display_data``,
   ``update_display_data`` and ``clear_output`` messages.
 * Objects are formatted with IPython's own ``DisplayFormatter`` when IPython
   is importable, so ``_repr_html_``/``_repr_png_``/``_repr_mimebundle_`` and
@@ -40,6 +40,8 @@ import threading
 from binascii import b2a_hex
 from collections.abc import Callable, Iterable
 from typing import Any
+
+from .protocol import NoStdinError
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 WIDGET_ADVICE = (
@@ -155,10 +157,47 @@ def _figure_png(fig: Any) -> str | None:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _fallback_bundle(value: Any) -> dict[str, Any]:
+    """A display bundle for a value that cannot travel back: its ``_repr_*_`` methods and repr."""
+    bundle: dict[str, Any] = {}
+    mimebundle = getattr(value, "_repr_mimebundle_", None)
+    if callable(mimebundle):
+        try:
+            got = mimebundle()
+            if isinstance(got, tuple):
+                got = got[0]
+            bundle.update(got or {})
+        except Exception:
+            pass
+    for mime, attr in (
+        ("text/html", "_repr_html_"),
+        ("text/markdown", "_repr_markdown_"),
+        ("image/png", "_repr_png_"),
+        ("image/svg+xml", "_repr_svg_"),
+        ("text/latex", "_repr_latex_"),
+        ("application/json", "_repr_json_"),
+    ):
+        method = getattr(value, attr, None)
+        if mime not in bundle and callable(method):
+            try:
+                got = method()
+            except Exception:
+                continue
+            if got is not None:
+                if mime == "image/png" and isinstance(got, bytes):
+                    import base64
+
+                    got = base64.b64encode(got).decode("ascii")
+                bundle[mime] = got
+    try:
+        bundle["text/plain"] = repr(value)
+    except Exception as exc:
+        bundle["text/plain"] = f"<{type(value).__qualname__} object; repr failed: {exc!r}>"
+    return bundle
+
+
 def _plain_format(obj: Any) -> dict[str, Any]:
     """Without IPython: the ``_repr_*_`` methods and repr, plus figures as PNG."""
-    from .worker import _fallback_bundle
-
     data = _fallback_bundle(obj)
     figure_module = sys.modules.get("matplotlib.figure")
     if (
@@ -424,8 +463,6 @@ def _adapt_pandas(pandas: Any) -> None:
 
 
 def _getpass(prompt: str = "Password: ", stream: Any = None) -> str:
-    from .worker import NoStdinError
-
     raise NoStdinError(
         "getpass() is not available in an isolated cell: the worker process has no terminal "
         "and no stdin. Ask for the secret in a normal cell (getpass works there) and use that "

@@ -22,6 +22,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .protocol import KINDS as WORKER_KINDS
+from .protocol import MSG_RUN
+
 KINDS: dict[str, str] = {
     # -- from the run, in the kernel -------------------------------------------------
     "planned": "RunInfo-like dict: label, inputs, outputs, options (RunOptions), available "
@@ -40,15 +43,11 @@ KINDS: dict[str, str] = {
     "dropped": "dict (dropped, max_output): output over the limit was cut",
     "exit": "dict (returncode, reason, error, elapsed, dropped, max_output, pid): the worker "
     "is gone; the last event of a handle",
-    # -- from the worker, forwarded --------------------------------------------------
-    "stream": "(name, text): stdout or stderr",
-    "display": "dict: a display_data bundle (data, metadata, transient)",
-    "update_display": "dict: an update of an earlier display by its display id",
-    "clear_output": "dict (wait): clear the cell's output",
-    "sysexit": "dict (code, status): the cell called sys.exit()",
-    "result": "dict with buffers: the cell's results, serialized",
-    "error": "dict with buffers: the cell (or the worker's setup, or the return) raised",
+    "error": "dict with buffers: the cell (or the worker's setup, or the return) raised; also "
+    "from a handle that failed itself (stage receive, a remote task that failed outside the cell)",
 }
+# -- from the worker, forwarded unchanged: the wire protocol's kinds (but "run") ------------
+KINDS.update({k: what for k, what in WORKER_KINDS.items() if k not in KINDS and k != MSG_RUN})
 
 
 @dataclass

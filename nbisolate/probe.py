@@ -22,6 +22,8 @@ import signal
 import subprocess
 import sys
 
+from . import proctree
+
 __all__ = ["spawn_loads"]
 
 # What the child runs. It reads the pickle from stdin, loads it, and reports
@@ -70,20 +72,14 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
-    """Kill the child and anything it started (it leads its own session).
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """Kill whatever is left in the child's process group (it leads its own session).
 
     Called even after the child exited: loading a pickle runs arbitrary
     reducers, which may have started processes of their own, and those stay
-    in the child's process group.
+    in the child's process group, which keeps the group's id from reuse.
     """
-    try:
-        if hasattr(os, "killpg"):
-            os.killpg(proc.pid, signal.SIGKILL)
-        else:  # pragma: no cover - nbisolate targets POSIX
-            proc.kill()
-    except (ProcessLookupError, PermissionError):
-        pass
+    proctree.signal_group(proc.pid, signal.SIGKILL)
 
 
 def spawn_loads(data: bytes, timeout: float = 10.0, *, module: str = "pickle") -> str | None:
@@ -116,7 +112,7 @@ def spawn_loads(data: bytes, timeout: float = 10.0, *, module: str = "pickle") -
         try:
             _, err = proc.communicate(input=data, timeout=timeout)
         except subprocess.TimeoutExpired:
-            _kill_tree(proc)
+            proctree.kill_tree(proc.pid)  # not reaped yet: the pid surely is our child
             proc.communicate()
             return (
                 f"a fresh Python process was still loading the pickle after {timeout:g} s "
@@ -138,7 +134,10 @@ def spawn_loads(data: bytes, timeout: float = 10.0, *, module: str = "pickle") -
             f": {tail}" if tail else ""
         )
     finally:
-        _kill_tree(proc)
+        if proc.returncode is None:  # interrupted: not reaped, so the pid surely is our child
+            proctree.kill_tree(proc.pid)
+        else:
+            _kill_group(proc)
         if proc.poll() is None:  # pragma: no cover - killed just above
             proc.wait()
         for stream in (proc.stdin, proc.stderr):

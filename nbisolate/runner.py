@@ -35,10 +35,10 @@ from .errors import IsolateError, IsolateTimeout, RemoteError, WorkerCrashed
 from .events import Event
 from .options import RunOptions
 from .plan import Plan, plan_cell, user_packages
+from .protocol import RESULT
 from .sink import StdSink
 from .units import format_bytes, shorten
 from .wait import wait_async, wait_sync
-from .worker import RESULT
 
 Listener = Callable[[Event], None]
 

@@ -2,9 +2,9 @@
 
 The supervisor knows processes, pipes and signals, and nothing of cells,
 magics, widgets or front ends: it turns a job (a payload for the worker) into
-a stream of :class:`Event` objects that whoever started the job consumes, and
-publishes "started"/"ended" through :data:`registry` for anything that wants
-to list running workers (the JupyterLab status item, for instance).
+a stream of :class:`Event` objects that whoever started the job consumes
+(the ``local`` backend, :mod:`nbisolate.backends.local`, hands them to the run;
+``backends.running`` lists running jobs for the JupyterLab status item).
 
 Design points, each learned the hard way by users of process pools:
 
@@ -17,11 +17,15 @@ Design points, each learned the hard way by users of process pools:
   the kernel's own group never reaches workers by accident; interrupts are
   relayed on purpose, once.
 * Stopping is SIGINT (interrupt) or SIGTERM (timeout), a short grace period,
-  then SIGSTOP to the group (nothing forks while we look), a listing of every
-  descendant (the worker is their subreaper, so even ones that left the group
-  are found), SIGKILL to the group and to each of them by pid.  The worker
-  itself kills what the cell left running when it ends normally, and its
-  watchdog does the same when the kernel dies.
+  then the sweep of :class:`nbisolate.proctree.Tree`: SIGSTOP to the group
+  (nothing forks while we look), a listing of every descendant (the worker is
+  their subreaper, so even ones that left the group are found), SIGKILL to the
+  group and to each of them, identity-checked.  The worker itself kills what
+  the cell left running when it ends normally, and its watchdog does the same
+  when the kernel dies.
+* Each job's reader thread is one :class:`_Supervision`: a loop of named
+  steps (check requests, escalate, wait, take last words, stop the tree,
+  reap, emit ``exit``), its state in one place.
 * Whatever goes wrong in here (a result the kernel cannot allocate, a garbled
   message, a bug), the consumer still gets an ``error`` or ``exit`` event:
   a cell never waits for ever.
@@ -42,86 +46,19 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
+from . import proctree
+from .backends import HandleInfo
 from .events import Event
+from .options import DEFAULT_MAX_OUTPUT
+from .protocol import MSG_ERROR, MSG_RESULT, MSG_RUN, MSG_STREAM, error_body, sync_mark
 from .template import bootstrap
 from .wire import SHM_THRESHOLD, Arena, Channel, ChannelClosed
-from .worker import sync_mark
 
 GRACE_SECONDS = 2.0
-DEFAULT_MAX_OUTPUT = 10 * 1024 * 1024
 
 _ids = itertools.count(1)
-
-
-@dataclass
-class JobInfo:
-    """What the outside world may know of a running worker."""
-
-    id: str
-    label: str
-    pid: int | None
-    started: float
-    timeout: float | None
-    host: str
-
-
-class _Registry:
-    """Running jobs, and callbacks to tell when one starts or ends."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._jobs: dict[str, Job] = {}
-        self._subscribers: list[Callable[[str, JobInfo], None]] = []
-
-    def subscribe(self, callback: Callable[[str, JobInfo], None]) -> Callable[[], None]:
-        """Call ``callback(event, info)`` on "started"/"ended"; returns an unsubscribe function."""
-        with self._lock:
-            self._subscribers.append(callback)
-
-        def unsubscribe() -> None:
-            with self._lock:
-                if callback in self._subscribers:
-                    self._subscribers.remove(callback)
-
-        return unsubscribe
-
-    def running(self) -> list[JobInfo]:
-        with self._lock:
-            return [job.info for job in self._jobs.values()]
-
-    def stop(self, job_id: str) -> bool:
-        """Stop a running job as an interrupt would; False when there is no such job."""
-        with self._lock:
-            job = self._jobs.get(job_id)
-        if job is None:
-            return False
-        job.stop("interrupt")
-        return True
-
-    def stop_all(self) -> None:
-        with self._lock:
-            jobs = list(self._jobs.values())
-        for job in jobs:
-            job.stop("interrupt")
-
-    def _announce(self, event: str, job: Job) -> None:
-        with self._lock:
-            if event == "started":
-                self._jobs[job.id] = job
-            else:
-                self._jobs.pop(job.id, None)
-            subscribers = list(self._subscribers)
-        for callback in subscribers:
-            try:
-                callback(event, job.info)
-            except Exception:  # a broken listener must not break the job
-                pass
-
-
-registry = _Registry()
 
 
 class _Arenas:
@@ -250,7 +187,7 @@ class TemplateLauncher:
 
         try:
             while True:
-                (kind, body), _ = recv(sock)
+                kind, body, _ = recv(sock)
                 with self._cond:
                     if kind == "forked":
                         self._forked.append(body)
@@ -284,7 +221,7 @@ class TemplateLauncher:
             if sock is None or not self._alive:
                 return None
             try:
-                send(sock, ("fork", {"env": env, "fresh": fresh, "cwd": cwd}), list(fds))
+                send(sock, "fork", {"env": env, "fresh": fresh, "cwd": cwd}, list(fds))
             except OSError:
                 return None
             with self._cond:
@@ -304,7 +241,7 @@ class TemplateLauncher:
             if self._sock is None:
                 return
             try:
-                send(self._sock, ("preload", {"names": todo, "sys_path": list(sys.path)}))
+                send(self._sock, "preload", {"names": todo, "sys_path": list(sys.path)})
                 self._preloaded.update(todo)
             except OSError:
                 pass
@@ -333,16 +270,6 @@ class TemplateLauncher:
 
 
 launcher = TemplateLauncher()
-
-
-def _process(pid: int) -> Any:
-    """A psutil handle on ``pid`` taken while it surely is our worker, or None."""
-    try:
-        import psutil
-
-        return psutil.Process(pid)
-    except Exception:
-        return None
 
 
 class Job:
@@ -387,18 +314,15 @@ class Job:
         # late stop() must not write to a number the kernel has since reused for a file.
         self._wake_lock = threading.RLock()
         self._closed = False
-        self._ps: Any = None  # psutil.Process of the worker, identity-checked (pid reuse)
-        self._known: list[Any] = []
-        self._output_bytes = 0
-        self._dropped = 0
+        self.tree: proctree.Tree | None = None  # set once the worker exists
 
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
     @property
-    def info(self) -> JobInfo:
-        return JobInfo(
+    def info(self) -> HandleInfo:
+        return HandleInfo(
             id=self.id,
             label=self.label,
             pid=self.pid,
@@ -447,13 +371,12 @@ class Job:
                 with self._wake_lock:
                     self._closed = True
                     self._close_fds(self._wake_r, self._wake_w)
-        self._ps = _process(self.proc.pid)
+        self.tree = proctree.Tree(self.proc.pid)
         self.started_at = time.time()
         self._emit("started", self.proc.pid)
-        registry._announce("started", self)
         chan = Channel(mine)
         thread = threading.Thread(
-            target=self._supervise, args=(chan, out_r, err_r), daemon=True, name=f"nbisolate-{self.id}"
+            target=_Supervision.start, args=(self, chan, out_r, err_r), daemon=True, name=f"nbisolate-{self.id}"
         )
         thread.start()
 
@@ -473,14 +396,6 @@ class Job:
     def _emit(self, kind: str, data: Any = None, buffers: list[Any] | None = None) -> None:
         self.on_event(Event(kind, data, buffers or []))
 
-    def _signal_group(self, sig: int) -> None:
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
     @staticmethod
     def _close_fds(*fds: int | None) -> None:
         for fd in fds:
@@ -490,308 +405,367 @@ class Job:
                 except OSError:
                     pass
 
-    def _worker_alive(self) -> bool:
-        """True while the worker runs: not exited, its pid not reused (psutil checks identity)."""
-        ps = self._ps
-        try:
-            return ps is not None and ps.is_running() and ps.status() != "zombie"
-        except Exception:
-            return False
 
-    def _remember_descendants(self) -> None:
-        # Never by pid alone: once the worker is reaped its pid may belong to a stranger.
-        if self._worker_alive():
-            seen = {p.pid for p in self._known}
-            try:
-                found = self._ps.children(recursive=True)
-            except Exception:
-                found = []
-            self._known.extend(p for p in found if p.pid not in seen)
+class _Supervision:
+    """The reader thread of one job, from sending ``run`` to emitting ``exit``.
 
-    def _sweep(self) -> None:
-        """SIGKILL whatever is left of the tree, leaving nothing the cell started alive.
+    Like the manager thread of a process pool executor, it is a loop of a few
+    named steps, each a method: act on a stop request or a passed deadline
+    (:meth:`check_requests`), end the tree when the grace period is over
+    (:meth:`escalate`), wait for something and handle it (:meth:`wait`: pipe
+    bytes, a message, a wake-up, the worker's exit), and once the worker is
+    gone take its last words, stop the tree, reap and emit ``exit``
+    (:meth:`run`).  All its state lives here, read and written by this one
+    thread; :meth:`Job.stop` only sets a reason and writes the wake pipe.
+    """
 
-        While the worker lives it is stopped first (SIGSTOP to its group), so no
-        process of the tree can fork while we list it; the listing then finds
-        every descendant, including those that left the group (``setsid``, a
-        double fork: the worker is their subreaper).  Then SIGKILL to the group
-        and to each recorded descendant by pid, identity-checked by psutil.
-        """
-        if self._worker_alive():
-            self._signal_group(signal.SIGSTOP)
-            for proc in list(self._known):
-                try:
-                    proc.suspend()
-                except Exception:
-                    pass
-            self._remember_descendants()
-        self._signal_group(signal.SIGKILL)
-        for proc in self._known:
-            try:
-                if proc.is_running():
-                    proc.kill()
-            except Exception:
-                pass
-        self._known = []
+    SCAN_SECONDS = 0.5
+    """How often the tree's descendants are remembered while the cell runs."""
 
-    def _forward(self, name: str, text: str) -> None:
-        if not text:
-            return
-        room = self.max_output - self._output_bytes
-        size = len(text)
-        if room <= 0:
-            self._dropped += size
-            return
-        if size > room:
-            self._dropped += size - room
-            text = text[:room]
-        self._output_bytes += len(text)
-        self._emit("stream", (name, text))
-
-    def _supervise(self, chan: Channel, out_r: int, err_r: int) -> None:
-        assert self.proc is not None
-        proc = self.proc
-        sel = selectors.DefaultSelector()
-        decoders = {
+    def __init__(self, job: Job, chan: Channel, out_r: int, err_r: int) -> None:
+        assert job.proc is not None and job.tree is not None
+        self.job = job
+        self.proc = job.proc
+        self.tree = job.tree
+        self.chan = chan
+        self.out_r, self.err_r = out_r, err_r
+        self.sel = selectors.DefaultSelector()
+        self.decoders = {
             out_r: ("stdout", codecs.getincrementaldecoder("utf-8")("replace")),
             err_r: ("stderr", codecs.getincrementaldecoder("utf-8")("replace")),
         }
-        for fd in decoders:
-            sel.register(fd, selectors.EVENT_READ, "pipe")
-        sel.register(chan.sock, selectors.EVENT_READ, "chan")
-        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-        exit_fd = None
+        self.mark = sync_mark(job.sync)
+        self.pending = {out_r: b"", err_r: b""}  # a tail that may be the start of the mark
+        self.marked: set[str] = set()  # the streams whose mark has been read
+        self.deadline = job._t0 + job.timeout if job.timeout else None
+        self.kill_at: float | None = None
+        self.reason: str | None = None
+        self.finished = False  # a result or an error arrived
+        self.exited = False
+        self.next_scan = time.perf_counter() + self.SCAN_SECONDS
+        self.output_bytes = 0
+        self.dropped = 0
+        self.arena: Arena | None = None
+        self.exit_fd: int | None = None
+        self.waiter: tuple[int, int] | None = None
+        for fd in self.decoders:
+            self.sel.register(fd, selectors.EVENT_READ, "pipe")
+        self.sel.register(chan.sock, selectors.EVENT_READ, "chan")
+        self.sel.register(job._wake_r, selectors.EVENT_READ, "wake")
+        self._watch_exit()
+
+    def _watch_exit(self) -> None:
+        """Be woken the moment the worker exits: a ``pidfd``, else a thread blocked in ``wait``.
+
+        Noticing death from the process itself, not from a silent channel, is
+        what makes a crashed worker reported at once instead of at a timeout.
+        """
         if hasattr(os, "pidfd_open"):
             try:
-                exit_fd = os.pidfd_open(proc.pid)
-                sel.register(exit_fd, selectors.EVENT_READ, "exit")
-            except OSError:
-                exit_fd = None
-        if exit_fd is None:
-            waiter_r, waiter_w = os.pipe()
-            sel.register(waiter_r, selectors.EVENT_READ, "exit")
-
-            def wait_then_tell() -> None:
-                proc.wait()
-                os.write(waiter_w, b"x")
-
-            threading.Thread(target=wait_then_tell, daemon=True).start()
-
-        deadline = self._t0 + self.timeout if self.timeout else None
-        kill_at: float | None = None
-        reason: str | None = None
-        finished = False  # a result or an error arrived
-        exited = False
-        next_scan = time.perf_counter() + 0.5
-
-        mark = sync_mark(self.sync)
-        pending = {out_r: b"", err_r: b""}  # a tail that may be the start of the mark
-        marked: set[str] = set()  # the streams whose mark has been read
-
-        def read_pipe(fd: int) -> bool:
-            if fd not in sel.get_map():  # reached EOF earlier in this same round
-                return False
-            name, decoder = decoders[fd]
-            try:
-                data = os.read(fd, 65536)
-            except BlockingIOError:
-                return False
-            except OSError:
-                data = b""
-            if not data:
-                sel.unregister(fd)
-                self._forward(name, decoder.decode(pending[fd], final=True))
-                pending[fd] = b""
-                return False
-            data = pending[fd] + data
-            pending[fd] = b""
-            at = data.find(mark)
-            if at >= 0:
-                marked.add(name)
-                data = data[:at] + data[at + len(mark) :]
-            else:  # keep a possible beginning of the mark for the next read
-                for keep in range(min(len(mark) - 1, len(data)), 0, -1):
-                    if mark.startswith(data[-keep:]):
-                        pending[fd], data = data[-keep:], data[:-keep]
-                        break
-            self._forward(name, decoder.decode(data))
-            return True
-
-        def wait_for_marks(expected: dict[str, bool] | None) -> None:
-            """Read the pipes up to the worker's sync marks: all its output, and no waiting after."""
-            if not expected:  # a worker that could not mark: give stragglers a moment
-                drain_pipes(0.005)
+                self.exit_fd = os.pidfd_open(self.proc.pid)
+                self.sel.register(self.exit_fd, selectors.EVENT_READ, "exit")
                 return
-            want = {name for name, ok in expected.items() if ok}
-            until = time.perf_counter() + 2.0
-            while want - marked and time.perf_counter() < until:
-                fds = [fd for fd in decoders if fd in sel.get_map()]
-                if not fds:
-                    return
-                for key, _ in sel.select(max(0.0, until - time.perf_counter())):
-                    if key.fd in fds:
-                        read_pipe(key.fd)
-            drain_pipes(0.0)
+            except OSError:
+                self.exit_fd = None
+        waiter_r, waiter_w = os.pipe()
+        self.waiter = (waiter_r, waiter_w)
+        self.sel.register(waiter_r, selectors.EVENT_READ, "exit")
+        proc = self.proc
 
-        def drain_pipes(wait: float = 0.0) -> None:
-            """Read what the pipes hold now; grandchildren may keep them open, so never wait for EOF."""
-            until = time.perf_counter() + wait
-            while True:
-                fds = [fd for fd in decoders if fd in sel.get_map()]
-                if not fds:
-                    return
-                ready = [k.fd for k, _ in sel.select(0) if k.fd in fds]
-                if not ready:
-                    if time.perf_counter() >= until:
-                        return
-                    time.sleep(0.002)
-                    continue
-                for fd in ready:
-                    read_pipe(fd)
+        def wait_then_tell() -> None:
+            proc.wait()
+            os.write(waiter_w, b"x")
 
-        def read_message() -> bool:
-            nonlocal finished
-            if chan.sock not in sel.get_map():
-                return False
-            try:
-                kind, body, buffers = chan.recv()
-            except (ChannelClosed, OSError):
-                sel.unregister(chan.sock)
-                return False
-            except Exception as exc:
-                # MemoryError: a result the kernel cannot allocate; anything else: a garbled
-                # frame.  The channel is unusable either way: closing it makes the worker's
-                # watchdog end its tree, and the cell gets an error instead of a hang.
-                sel.unregister(chan.sock)
-                chan.close()
-                if reason is None and not finished:
-                    finished = True
-                    self._emit(
-                        "error",
-                        {
-                            "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-                            "message": str(exc),
-                            "traceback": "",
-                            "stage": "receive",
-                            "names": [],
-                            "data": b"",
-                            "engine": "pickle",
-                        },
-                    )
-                return False
-            if kind in ("result", "error"):
-                if reason is None:
-                    wait_for_marks(body.get("marked") if isinstance(body, dict) else None)
-                    finished = True
-                    if self._dropped:  # the note goes after the output, before the outcome
-                        dropped = {"dropped": self._dropped, "max_output": self.max_output}
-                        self._emit("dropped", dropped)
-                    self._emit(kind, body, buffers)
-                    # A safety net behind the worker's own cleanup, off the critical path.
-                    self._remember_descendants()
-                return True
-            if kind == "stream":
-                self._forward(*body)
-            else:
-                self._emit(kind, body, buffers)
-            return True
+        threading.Thread(target=wait_then_tell, daemon=True).start()
 
-        arena = None
+    @classmethod
+    def start(cls, job: Job, chan: Channel, out_r: int, err_r: int) -> None:
+        """The body of the job's reader thread (set up there, so ``Job.start`` returns at once)."""
+        cls(job, chan, out_r, err_r).run()
+
+    # -- the loop ---------------------------------------------------------------
+    def run(self) -> None:
+        """Send the job, loop until the worker is gone, end its tree, reap it, emit ``exit``.
+
+        Whatever fails in here, the consumer still gets ``exit`` (with reason
+        ``error``): a cell never waits for ever on a bug of ours.
+        """
         failure: BaseException | None = None
         try:
-            arena = _arenas.take() if sum(memoryview(b).nbytes for b in self.buffers) >= SHM_THRESHOLD else None
-            try:
-                chan.send("run", dict(self.payload, sync=self.sync), self.buffers, arena=arena)
-            except OSError:
-                pass  # the worker died at start; the exit branch explains how
-            self.buffers = []
+            self.send_run()
             while True:
                 now = time.perf_counter()
-                if reason is None and self._stop_reason is not None and not finished:
-                    reason = self._stop_reason
-                    self._remember_descendants()
-                    if reason == "interrupt":
-                        self._signal_group(signal.SIGINT)
-                        kill_at = now + GRACE_SECONDS
-                    else:
-                        self._signal_group(signal.SIGTERM)
-                        kill_at = now + min(GRACE_SECONDS, 1.0)
-                if reason is None and not finished and deadline is not None and now >= deadline:
-                    reason = "timeout"
-                    self._remember_descendants()
-                    self._signal_group(signal.SIGTERM)
-                    kill_at = now + min(GRACE_SECONDS, 1.0)
-                if kill_at is not None and now >= kill_at:
-                    self._remember_descendants()
-                    self._sweep()
-                    kill_at = None
-                if exited:
+                self.check_requests(now)
+                self.escalate(now)
+                if self.exited:
                     break
-                waits = [t - now for t in (deadline if not finished and reason is None else None, kill_at) if t]
-                if now >= next_scan and not finished:
-                    self._remember_descendants()
-                    next_scan = now + 0.5
-                waits.append(next_scan - now if not finished else 1.0)
-                for key, _ in sel.select(max(0.0, min(waits))):
-                    what = key.data
-                    if what == "pipe":
-                        read_pipe(key.fd)
-                    elif what == "chan":
-                        read_message()
-                    elif what == "wake":
-                        os.read(self._wake_r, 64)
-                    elif what == "exit":
-                        exited = True
-                if exited:
-                    # Take what the worker managed to say before it went.
-                    while chan.sock in sel.get_map() and any(
-                        key.fileobj is chan.sock for key, _ in sel.select(0)
-                    ):
-                        read_message()
-                    drain_pipes(0.01)
-            self._sweep()  # before reaping: a zombie's pid (the group id) cannot be reused
-            proc.wait()
+                self.wait(now)
+                if self.exited:
+                    self.take_last_words()
+            self.stop_tree()
+            self.proc.wait()
         except Exception as exc:  # a bug here must never leave the cell waiting for ever
             failure = exc
             try:
-                self._sweep()
-                proc.wait(timeout=5)
+                self.stop_tree()
+                self.proc.wait(timeout=5)
             except Exception:
                 pass
         finally:
-            for fd in list(sel.get_map()):
-                try:
-                    sel.unregister(fd)
-                except (KeyError, ValueError):
-                    pass
-            sel.close()
-            chan.close()
-            with self._wake_lock:
-                self._closed = True
-            for fd in (out_r, err_r, self._wake_r, self._wake_w, exit_fd):
-                if isinstance(fd, int):
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        pass
-            if exit_fd is None:
-                for fd in (waiter_r, waiter_w):
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        pass
-            if arena is not None:
-                _arenas.give_back(arena)
-            registry._announce("ended", self)
-        self._emit(
+            self.close()
+        self.emit_exit(failure)
+
+    def send_run(self) -> None:
+        """Send the payload, its buffers in a warm arena when they are large (one memcpy)."""
+        job = self.job
+        if sum(memoryview(b).nbytes for b in job.buffers) >= SHM_THRESHOLD:
+            self.arena = _arenas.take()
+        try:
+            self.chan.send(MSG_RUN, dict(job.payload, sync=job.sync), job.buffers, arena=self.arena)
+        except OSError:
+            pass  # the worker died at start; the exit step explains how
+        job.buffers = []
+
+    def check_requests(self, now: float) -> None:
+        """Start stopping on a stop request or a passed deadline, unless the outcome is in.
+
+        An interrupt is relayed as SIGINT to the group (the cell sees
+        ``KeyboardInterrupt`` and may clean up); a timeout or any other
+        reason is SIGTERM; either way :meth:`escalate` kills after a grace.
+        """
+        if self.reason is not None or self.finished:
+            return
+        requested = self.job._stop_reason
+        if requested is not None:
+            self.reason = requested
+            self.tree.remember()
+            if requested == "interrupt":
+                self.tree.signal(signal.SIGINT)
+                self.kill_at = now + GRACE_SECONDS
+            else:
+                self.tree.signal(signal.SIGTERM)
+                self.kill_at = now + min(GRACE_SECONDS, 1.0)
+            return
+        if self.deadline is not None and now >= self.deadline:
+            self.reason = "timeout"
+            self.tree.remember()
+            self.tree.signal(signal.SIGTERM)
+            self.kill_at = now + min(GRACE_SECONDS, 1.0)
+
+    def escalate(self, now: float) -> None:
+        """The grace period is over: kill the whole tree, whatever the worker is doing."""
+        if self.kill_at is not None and now >= self.kill_at:
+            self.tree.remember()
+            self.tree.sweep()
+            self.kill_at = None
+
+    def wait(self, now: float) -> None:
+        """Sleep until something happens or the next deadline, then handle what happened.
+
+        While the cell runs, the tree's descendants are remembered every
+        :data:`SCAN_SECONDS`, so that processes that leave the group are known
+        even if the worker dies before they could be listed from it.
+        """
+        deadline = self.deadline if not self.finished and self.reason is None else None
+        waits = [t - now for t in (deadline, self.kill_at) if t]
+        if now >= self.next_scan and not self.finished:
+            self.tree.remember()
+            self.next_scan = now + self.SCAN_SECONDS
+        waits.append(self.next_scan - now if not self.finished else 1.0)
+        for key, _ in self.sel.select(max(0.0, min(waits))):
+            what = key.data
+            if what == "pipe":
+                self.read_pipe(key.fd)
+            elif what == "chan":
+                self.read_message()
+            elif what == "wake":
+                os.read(self.job._wake_r, 64)
+            elif what == "exit":
+                self.exited = True
+
+    def take_last_words(self) -> None:
+        """The worker is gone: read what it managed to send and write before it went."""
+        while self.chan.sock in self.sel.get_map() and any(
+            key.fileobj is self.chan.sock for key, _ in self.sel.select(0)
+        ):
+            self.read_message()
+        self.drain_pipes(0.01)
+
+    def stop_tree(self) -> None:
+        """Kill what is left of the tree before reaping: a zombie's pid (the group id) cannot be reused."""
+        self.tree.sweep()
+
+    def close(self) -> None:
+        """Release every descriptor and the arena."""
+        for fd in list(self.sel.get_map()):
+            try:
+                self.sel.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+        self.sel.close()
+        self.chan.close()
+        job = self.job
+        with job._wake_lock:
+            job._closed = True
+        Job._close_fds(self.out_r, self.err_r, job._wake_r, job._wake_w, self.exit_fd)
+        if self.waiter is not None:
+            Job._close_fds(*self.waiter)
+        if self.arena is not None:
+            _arenas.give_back(self.arena)
+
+    def emit_exit(self, failure: BaseException | None) -> None:
+        """The last event of the job: how it ended, and how much output was dropped."""
+        if failure:
+            reason = "error"
+        else:
+            reason = self.reason or ("done" if self.finished else "crashed")
+        self.job._emit(
             "exit",
             {
-                "returncode": proc.returncode,
-                "reason": "error" if failure else reason or ("done" if finished else "crashed"),
+                "returncode": self.proc.returncode,
+                "reason": reason,
                 "error": f"{type(failure).__name__}: {failure}" if failure else None,
-                "elapsed": time.perf_counter() - self._t0,
-                "dropped": self._dropped,
-                "max_output": self.max_output,
-                "pid": proc.pid,
+                "elapsed": time.perf_counter() - self.job._t0,
+                "dropped": self.dropped,
+                "max_output": self.job.max_output,
+                "pid": self.proc.pid,
             },
         )
+
+    # -- reading ------------------------------------------------------------------
+    def forward(self, name: str, text: str) -> None:
+        """Emit output text, cut at the job's limit; what is cut is counted for a note."""
+        if not text:
+            return
+        room = self.job.max_output - self.output_bytes
+        size = len(text)
+        if room <= 0:
+            self.dropped += size
+            return
+        if size > room:
+            self.dropped += size - room
+            text = text[:room]
+        self.output_bytes += len(text)
+        self.job._emit("stream", (name, text))
+
+    def read_pipe(self, fd: int) -> bool:
+        """Read one chunk of a pipe, minus the sync mark; False at EOF or when nothing was there.
+
+        The pipes carry what bypasses ``sys.stdout`` (C code, subprocesses).  A
+        tail that may be the start of the mark is kept for the next read, so
+        a mark split across two reads is still found.
+        """
+        if fd not in self.sel.get_map():  # reached EOF earlier in this same round
+            return False
+        name, decoder = self.decoders[fd]
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return False
+        except OSError:
+            data = b""
+        if not data:
+            self.sel.unregister(fd)
+            self.forward(name, decoder.decode(self.pending[fd], final=True))
+            self.pending[fd] = b""
+            return False
+        data = self.pending[fd] + data
+        self.pending[fd] = b""
+        mark = self.mark
+        at = data.find(mark)
+        if at >= 0:
+            self.marked.add(name)
+            data = data[:at] + data[at + len(mark) :]
+        else:  # keep a possible beginning of the mark for the next read
+            for keep in range(min(len(mark) - 1, len(data)), 0, -1):
+                if mark.startswith(data[-keep:]):
+                    self.pending[fd], data = data[-keep:], data[:-keep]
+                    break
+        self.forward(name, decoder.decode(data))
+        return True
+
+    def _open_pipes(self) -> list[int]:
+        return [fd for fd in self.decoders if fd in self.sel.get_map()]
+
+    def wait_for_marks(self, expected: dict[str, bool] | None) -> None:
+        """Read the pipes up to the worker's sync marks: all its output, and no waiting after."""
+        if not expected:  # a worker that could not mark: give stragglers a moment
+            self.drain_pipes(0.005)
+            return
+        want = {name for name, ok in expected.items() if ok}
+        until = time.perf_counter() + 2.0
+        while want - self.marked and time.perf_counter() < until:
+            fds = self._open_pipes()
+            if not fds:
+                return
+            for key, _ in self.sel.select(max(0.0, until - time.perf_counter())):
+                if key.fd in fds:
+                    self.read_pipe(key.fd)
+        self.drain_pipes(0.0)
+
+    def drain_pipes(self, wait: float = 0.0) -> None:
+        """Read what the pipes hold now; grandchildren may keep them open, so never wait for EOF."""
+        until = time.perf_counter() + wait
+        while True:
+            fds = self._open_pipes()
+            if not fds:
+                return
+            ready = [k.fd for k, _ in self.sel.select(0) if k.fd in fds]
+            if not ready:
+                if time.perf_counter() >= until:
+                    return
+                time.sleep(0.002)
+                continue
+            for fd in ready:
+                self.read_pipe(fd)
+
+    def read_message(self) -> bool:
+        """Read one message and pass it on; False when the channel is finished.
+
+        ``result``/``error`` is the outcome: the pipes are read up to the
+        marks first, so every line the cell printed arrives before it.  A
+        message that cannot be read ends the channel with an ``error``.
+        """
+        chan = self.chan
+        if chan.sock not in self.sel.get_map():
+            return False
+        try:
+            kind, body, buffers = chan.recv()
+        except (ChannelClosed, OSError):
+            self.sel.unregister(chan.sock)
+            return False
+        except Exception as exc:
+            self.fail_receive(exc)
+            return False
+        if kind in (MSG_RESULT, MSG_ERROR):
+            if self.reason is None:
+                self.deliver_outcome(kind, body, buffers)
+            return True
+        if kind == MSG_STREAM:
+            self.forward(*body)
+        else:
+            self.job._emit(kind, body, buffers)
+        return True
+
+    def deliver_outcome(self, kind: str, body: Any, buffers: list[Any]) -> None:
+        """Emit the result or error after all output (and the dropped-output note)."""
+        self.wait_for_marks(body.get("marked") if isinstance(body, dict) else None)
+        self.finished = True
+        if self.dropped:  # the note goes after the output, before the outcome
+            self.job._emit("dropped", {"dropped": self.dropped, "max_output": self.job.max_output})
+        self.job._emit(kind, body, buffers)
+        # A safety net behind the worker's own cleanup, off the critical path.
+        self.tree.remember()
+
+    def fail_receive(self, exc: BaseException) -> None:
+        """A message could not be read: close the channel and give the cell an ``error``.
+
+        MemoryError: a result the kernel cannot allocate; anything else: a
+        garbled frame.  The channel is unusable either way: closing it makes the
+        worker's watchdog end its tree, and the cell gets an error, not a hang.
+        """
+        self.sel.unregister(self.chan.sock)
+        self.chan.close()
+        if self.reason is None and not self.finished:
+            self.finished = True
+            self.job._emit(MSG_ERROR, error_body(exc, stage="receive"))

@@ -14,7 +14,8 @@ The template stays single-threaded so that forking it is safe: it starts no
 threads, and imports only what the kernel asks for (the packages the
 notebook itself imported), never anything that initializes a GPU.
 
-Protocol, over a socketpair inherited from the kernel:
+Protocol, over a socketpair inherited from the kernel, in the frames of
+:mod:`nbisolate.wire` (kinds listed in :data:`nbisolate.protocol.TEMPLATE_KINDS`):
 
 * ``("fork", {"env": ..., "fresh": bool, "cwd": ...}, fds=[channel, stdout, stderr])``
   -> ``("forked", pid)``; with ``fresh`` the child execs a new interpreter
@@ -27,37 +28,26 @@ workers it still has and exits.
 
 from __future__ import annotations
 
-import array
 import os
-import pickle
 import select
 import signal
 import socket
-import struct
 import sys
+from collections.abc import Sequence
 from typing import Any
 
-_HEAD = struct.Struct("!I")
-MAX_FDS = 8
+from .wire import recv_frame, send_frame
 
 
-def send(sock: socket.socket, message: Any, fds: list[int] | tuple[int, ...] = ()) -> None:
-    """One pickled message, with file descriptors attached (SCM_RIGHTS) when given."""
-    data = pickle.dumps(message, protocol=5)
-    payload = _HEAD.pack(len(data)) + data
-    if fds:
-        sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-    else:
-        sock.sendall(payload)
+def send(sock: socket.socket, kind: str, body: Any = None, fds: Sequence[int] = ()) -> None:
+    """One control message, with file descriptors attached (SCM_RIGHTS) when given."""
+    send_frame(sock, kind, body, fds=fds)
 
 
-def recv(sock: socket.socket) -> tuple[Any, list[int]]:
-    """Receive one message and any descriptors that came with it (``EOFError`` at the end)."""
-    from .wire import recv_exact, recv_with_fds
-
-    head, fds = recv_with_fds(sock, _HEAD.size, MAX_FDS)
-    (size,) = _HEAD.unpack(head)
-    return pickle.loads(recv_exact(sock, size)), fds
+def recv(sock: socket.socket) -> tuple[str, Any, list[int]]:
+    """One control message and the descriptors that came with it (``EOFError`` at the end)."""
+    kind, body, _, fds = recv_frame(sock)
+    return kind, body, fds
 
 
 def _child(control: socket.socket, wake_fds: tuple[int, int], fds: list[int], job: dict[str, Any]) -> None:
@@ -113,7 +103,7 @@ def main(fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     children: set[int] = set()
     # The worker imports these anyway; paying for them once here is the point.
-    from . import ship, wire, worker  # noqa: F401
+    from . import proctree, ship, wire, worker  # noqa: F401
 
     worker._c_library()  # the C library handle for prctl and fflush, inherited by every fork
 
@@ -126,7 +116,7 @@ def main(fd: int) -> None:
             if pid == 0:
                 return
             children.discard(pid)
-            send(control, ("exit", (pid, os.waitstatus_to_exitcode(status))))
+            send(control, "exit", (pid, os.waitstatus_to_exitcode(status)))
 
     try:
         while True:
@@ -140,7 +130,7 @@ def main(fd: int) -> None:
                 reap()
             if control not in ready:
                 continue
-            (kind, body), fds = recv(control)
+            kind, body, fds = recv(control)
             if kind == "fork":
                 pid = os.fork()
                 if pid == 0:
@@ -148,7 +138,7 @@ def main(fd: int) -> None:
                 for passed in fds:
                     os.close(passed)
                 children.add(pid)
-                send(control, ("forked", pid))
+                send(control, "forked", pid)
             elif kind == "preload":
                 outcome: dict[str, str | None] = {}
                 sys.path[:] = body["sys_path"]
@@ -158,13 +148,13 @@ def main(fd: int) -> None:
                         outcome[name] = None
                     except BaseException as exc:  # a broken package must not kill the template
                         outcome[name] = f"{type(exc).__name__}: {exc}"
-                send(control, ("preloaded", outcome))
+                send(control, "preloaded", outcome)
             elif kind == "ping":
-                send(control, ("pong", os.getpid()))
+                send(control, "pong", os.getpid())
     except (EOFError, OSError):
         pass
     for pid in list(children):
         # The group, and descendants that left it (setsid, double fork): a plain
         # killpg here would also kill the worker before its own watchdog could.
-        worker.kill_tree(pid)
+        proctree.kill_tree(pid)
     sys.exit(0)

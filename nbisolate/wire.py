@@ -1,4 +1,9 @@
-"""The framed message channel between the kernel and one worker.
+"""The framing of every message between nbisolate's processes, and the worker's channel.
+
+One frame format serves both sockets: the channel between the kernel and a
+worker (:class:`Channel`) and the template's control socket
+(:mod:`nbisolate.template`); :func:`send_frame` and :func:`recv_frame` are its
+one implementation.  What the messages mean is :mod:`nbisolate.protocol`'s.
 
 Both ends are the two halves of a ``socketpair`` the kernel created before
 starting the worker, so the channel is local, needs no port, and nobody but
@@ -32,6 +37,7 @@ import socket
 import struct
 import threading
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 _HEAD = struct.Struct("!QIB")
@@ -40,6 +46,7 @@ SHM_THRESHOLD = 1 << 20
 _ALIGN = 64
 _MADV_POPULATE_WRITE = 23
 HAVE_MEMFD = hasattr(os, "memfd_create")
+MAX_FDS = 8  # descriptors a frame may carry besides its shared-memory one
 
 
 class ChannelClosed(EOFError):
@@ -129,6 +136,106 @@ def recv_with_fds(sock: socket.socket, size: int, max_fds: int = 4) -> tuple[byt
     return head, fds
 
 
+def send_frame(
+    sock: socket.socket,
+    kind: str,
+    body: Any = None,
+    buffers: Sequence[Any] = (),
+    *,
+    fds: Sequence[int] = (),
+    arena: Arena | None = None,
+    lock: AbstractContextManager[Any] | None = None,
+) -> None:
+    """Send one framed ``(kind, body)`` message with its ``buffers`` and descriptors ``fds``.
+
+    The frame is a header (pickle length, buffer count, shared flag), each
+    buffer's length, the pickled pair, then the buffers themselves or, when
+    they add up to :data:`SHM_THRESHOLD`, nothing: they go into a memfd whose
+    descriptor is sent first among the frame's descriptors.  ``lock`` is held
+    only while bytes go out, so the copy into shared memory runs outside it.
+    """
+    meta = pickle.dumps((kind, body), protocol=5)
+    views = [memoryview(b).cast("B") for b in buffers]
+    total = sum(v.nbytes for v in views)
+    shared = HAVE_MEMFD and total >= SHM_THRESHOLD
+    header = _HEAD.pack(len(meta), len(views), 1 if shared else 0) + b"".join(
+        _LEN.pack(v.nbytes) for v in views
+    )
+    guard = lock if lock is not None else nullcontext()
+    if not shared:
+        with guard:
+            if fds:
+                sock.sendmsg(
+                    [header + meta], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                )
+            else:
+                sock.sendall(header + meta)
+            for view in views:
+                sock.sendall(view)
+        return
+    size = sum(_aligned(v.nbytes) for v in views)
+    own = arena is None
+    if own:
+        fd = os.memfd_create("nbisolate", os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+        mm = mmap.mmap(fd, size)
+        _populate(mm)
+    else:
+        assert arena is not None
+        fd, mm = arena.reserve(size)
+    try:
+        offset = 0
+        for view in views:
+            mm[offset : offset + view.nbytes] = view
+            offset += _aligned(view.nbytes)
+        with guard:
+            fdarray = array.array("i", [fd, *fds])
+            sock.sendmsg([header + meta], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fdarray)])
+    finally:
+        if own:
+            mm.close()
+            os.close(fd)
+
+
+def recv_frame(sock: socket.socket, max_fds: int = MAX_FDS) -> tuple[str, Any, list[Any], list[int]]:
+    """Receive one frame of :func:`send_frame`: ``(kind, body, buffers, fds)``.
+
+    ``fds`` are the descriptors the sender passed, now the caller's to close;
+    shared-memory buffers are zero-copy views of a mapping that lives as long
+    as they do.  Raises :class:`ChannelClosed` at the end of the stream.
+    """
+    head, fds = recv_with_fds(sock, _HEAD.size, max_fds + 1)
+    keep = False
+    try:
+        size, nbuf, shared = _HEAD.unpack(head)
+        lengths = [_LEN.unpack(recv_exact(sock, _LEN.size))[0] for _ in range(nbuf)]
+        kind, body = pickle.loads(recv_exact(sock, size))
+        if not shared:
+            buffers: list[Any] = [recv_exact(sock, n) for n in lengths]
+            keep = True
+            return kind, body, buffers, fds
+        if not fds:
+            raise ChannelClosed("a shared-memory message arrived without its descriptor")
+        memfd = fds.pop(0)
+        try:
+            total = sum(_aligned(n) for n in lengths)
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            mm = mmap.mmap(memfd, total, flags=flags) if total else None
+        finally:
+            os.close(memfd)
+        view = memoryview(mm) if mm is not None else memoryview(b"")
+        buffers, offset = [], 0
+        for n in lengths:
+            buffers.append(view[offset : offset + n])
+            offset += _aligned(n)
+        keep = True
+        return kind, body, buffers, fds
+    finally:
+        if not keep:
+            for fd in fds:
+                os.close(fd)
+
+
 class Channel:
     """Send and receive framed ``(kind, body, buffers)`` messages; sends are thread-safe."""
 
@@ -139,67 +246,13 @@ class Channel:
     def send(
         self, kind: str, body: Any = None, buffers: Sequence[Any] = (), arena: Arena | None = None
     ) -> None:
-        meta = pickle.dumps((kind, body), protocol=5)
-        views = [memoryview(b).cast("B") for b in buffers]
-        total = sum(v.nbytes for v in views)
-        shared = HAVE_MEMFD and total >= SHM_THRESHOLD
-        header = _HEAD.pack(len(meta), len(views), 1 if shared else 0) + b"".join(
-            _LEN.pack(v.nbytes) for v in views
-        )
-        if not shared:
-            with self._lock:
-                self.sock.sendall(header + meta)
-                for view in views:
-                    self.sock.sendall(view)
-            return
-        size = sum(_aligned(v.nbytes) for v in views)
-        own = arena is None
-        if own:
-            fd = os.memfd_create("nbisolate", os.MFD_CLOEXEC)
-            os.ftruncate(fd, size)
-            mm = mmap.mmap(fd, size)
-            _populate(mm)
-        else:
-            assert arena is not None
-            fd, mm = arena.reserve(size)
-        try:
-            offset = 0
-            for view in views:
-                mm[offset : offset + view.nbytes] = view
-                offset += _aligned(view.nbytes)
-            with self._lock:
-                fdarray = array.array("i", [fd])
-                self.sock.sendmsg(
-                    [header + meta], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fdarray)]
-                )
-        finally:
-            if own:
-                mm.close()
-                os.close(fd)
+        send_frame(self.sock, kind, body, buffers, arena=arena, lock=self._lock)
 
     def recv(self) -> tuple[str, Any, list[Any]]:
-        head, fds = recv_with_fds(self.sock, _HEAD.size)
-        try:
-            size, nbuf, shared = _HEAD.unpack(head)
-            lengths = [_LEN.unpack(recv_exact(self.sock, _LEN.size))[0] for _ in range(nbuf)]
-            kind, body = pickle.loads(recv_exact(self.sock, size))
-            if not shared:
-                buffers: list[Any] = [recv_exact(self.sock, n) for n in lengths]
-                return kind, body, buffers
-            if not fds:
-                raise ChannelClosed("a shared-memory message arrived without its descriptor")
-            total = sum(_aligned(n) for n in lengths)
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-            mm = mmap.mmap(fds[0], total, flags=flags) if total else None
-            view = memoryview(mm) if mm is not None else memoryview(b"")
-            buffers, offset = [], 0
-            for n in lengths:
-                buffers.append(view[offset : offset + n])
-                offset += _aligned(n)
-            return kind, body, buffers
-        finally:
-            for fd in fds:
-                os.close(fd)
+        kind, body, buffers, fds = recv_frame(self.sock)
+        for fd in fds:  # a channel message carries no descriptor of its own
+            os.close(fd)
+        return kind, body, buffers
 
     def close(self) -> None:
         try:

@@ -36,21 +36,29 @@ import traceback
 import types
 from typing import Any
 
-from . import display_worker
+from . import display_worker, proctree
+from .protocol import (
+    MSG_ERROR,
+    MSG_PHASE,
+    MSG_RESULT,
+    MSG_RUN,
+    MSG_STREAM,
+    MSG_SYSEXIT,
+    RESULT,
+    NoStdinError,
+    error_body,
+    sync_mark,
+)
 from .units import format_bytes
 from .wire import Channel, ChannelClosed
 
-RESULT = "\x00result"  # the reserved shipment name of the last expression's value
+__all__ = ["RESULT", "NoStdinError", "main", "sync_mark"]
 # Results bigger than this are checked against the memory the machine has available.
 _CHECK_AVAILABLE_ABOVE = 64 * 1024 * 1024
 
 # What the worker is doing, for errors that are not the cell's own: "setup"
 # (loading inputs), "run" (the cell) or "return" (sending results back).
 _stage = "setup"
-
-
-class NoStdinError(EOFError):
-    """Raised by ``input()`` in a worker, which has no stdin to read from."""
 
 
 class _NoStdin(io.TextIOBase):
@@ -101,7 +109,7 @@ class _WorkerChannel(Channel):
     )
 
     def send(self, kind: str, body: Any = None, buffers: Any = ()) -> None:
-        if kind != "stream" and self.output is not None:
+        if kind != MSG_STREAM and self.output is not None:
             self.output.flush()
         if threading.current_thread() is not threading.main_thread():
             return super().send(kind, body, buffers)
@@ -161,7 +169,7 @@ class _Output:
                 text = "".join(pieces)
                 for start in range(0, len(text), self.CHUNK):
                     try:
-                        self._chan.send("stream", (name, text[start : start + self.CHUNK]))
+                        self._chan.send(MSG_STREAM, (name, text[start : start + self.CHUNK]))
                     except OSError:
                         return
 
@@ -207,104 +215,6 @@ class _Stream(io.TextIOBase):
         self._output.flush(soon=True)
 
 
-def _descendant_pids(root: int) -> list[int]:
-    """Live (non-zombie) descendants of ``root``, read from /proc; [] where there is none."""
-    children: dict[int, list[int]] = {}
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return []
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-            fields = stat[stat.rindex(b")") + 2 :].split()
-        except (OSError, ValueError):
-            continue
-        if fields[0] in (b"Z", b"X"):
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry))
-    found: list[int] = []
-    todo = [root]
-    while todo:
-        for pid in children.get(todo.pop(), ()):
-            found.append(pid)
-            todo.append(pid)
-    return found
-
-
-def _stop_descendants(root: int) -> list[int]:
-    """SIGSTOP every descendant of ``root``, repeating until no new one appears; their pids.
-
-    A stopped process cannot fork, so once a round finds nothing new the list
-    is complete, and the pids stay valid (stopped processes do not exit) for
-    the SIGKILL that follows.
-    """
-    stopped: list[int] = []
-    seen: set[int] = set()
-    for _ in range(50):
-        new = [pid for pid in _descendant_pids(root) if pid not in seen]
-        if not new:
-            break
-        for pid in new:
-            seen.add(pid)
-            try:
-                os.kill(pid, signal.SIGSTOP)
-                stopped.append(pid)
-            except OSError:
-                pass
-    return stopped
-
-
-def _kill_descendants() -> int:
-    """SIGKILL every process this worker started, including ones that left its process group.
-
-    The worker is a child subreaper, so a descendant whose parent died (a
-    double fork, a daemon) is re-parented to the worker and still found here.
-    Cheap when the cell started nothing: one ``waitpid`` says there is no child.
-    """
-    try:
-        while os.waitpid(-1, os.WNOHANG)[0] > 0:
-            pass  # reap exited children; what is left is alive
-    except ChildProcessError:
-        return 0  # no child at all, hence no descendant (orphans would be our children)
-    except OSError:
-        pass
-    victims = _stop_descendants(os.getpid())
-    for pid in victims:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-    return len(victims)
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL worker ``pid``, its process group and every descendant, even those that left it.
-
-    For whoever started the worker and has to end it without its help (the
-    template when its kernel is gone): the worker is stopped first, so it stays
-    the subreaper holding its tree together while the tree is listed.  Call it
-    before the worker is reaped, while ``pid`` surely is that worker.
-    """
-    try:
-        os.kill(pid, signal.SIGSTOP)
-    except OSError:
-        pass
-    victims = _stop_descendants(pid)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except OSError:
-        pass
-    for victim in (*victims, pid):
-        try:
-            os.kill(victim, signal.SIGKILL)
-        except OSError:
-            pass
-
-
 def _watch_parent(chan: Channel, kernel_pid: int | None) -> None:
     """Kill everything the cell started and exit, the moment the kernel is gone.
 
@@ -340,10 +250,7 @@ def _watch_parent(chan: Channel, kernel_pid: int | None) -> None:
     try:
         # The cell's thread may still be starting processes while this one kills:
         # repeat until a round finds none (bounded), so a late one is caught too.
-        for _ in range(20):
-            if not _kill_descendants():
-                break
-            time.sleep(0.01)
+        proctree.kill_own_descendants_until_quiet()
     finally:
         if os.getpgrp() == os.getpid():
             os.killpg(os.getpid(), signal.SIGKILL)
@@ -429,56 +336,12 @@ def _mark_pipes(token: str | None) -> dict[str, bool]:
     return marked
 
 
-def sync_mark(token: str) -> bytes:
-    """The bytes the worker writes to its output pipes before its result (see ``_mark_pipes``)."""
-    return b"\x1b[nbisolate-sync " + token.encode("ascii") + b"]"
-
-
 def _cell_traceback(exc: BaseException, filename: str) -> str:
     """The traceback from the cell's first frame on; the worker's own frames are noise."""
     tb = exc.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename != filename:
         tb = tb.tb_next
     return "".join(traceback.format_exception(type(exc), exc, tb or exc.__traceback__))
-
-
-def _fallback_bundle(value: Any) -> dict[str, Any]:
-    """A display bundle for a value that cannot travel back: its ``_repr_*_`` methods and repr."""
-    bundle: dict[str, Any] = {}
-    mimebundle = getattr(value, "_repr_mimebundle_", None)
-    if callable(mimebundle):
-        try:
-            got = mimebundle()
-            if isinstance(got, tuple):
-                got = got[0]
-            bundle.update(got or {})
-        except Exception:
-            pass
-    for mime, attr in (
-        ("text/html", "_repr_html_"),
-        ("text/markdown", "_repr_markdown_"),
-        ("image/png", "_repr_png_"),
-        ("image/svg+xml", "_repr_svg_"),
-        ("text/latex", "_repr_latex_"),
-        ("application/json", "_repr_json_"),
-    ):
-        method = getattr(value, attr, None)
-        if mime not in bundle and callable(method):
-            try:
-                got = method()
-            except Exception:
-                continue
-            if got is not None:
-                if mime == "image/png" and isinstance(got, bytes):
-                    import base64
-
-                    got = base64.b64encode(got).decode("ascii")
-                bundle[mime] = got
-    try:
-        bundle["text/plain"] = repr(value)
-    except Exception as exc:
-        bundle["text/plain"] = f"<{type(value).__qualname__} object; repr failed: {exc!r}>"
-    return bundle
 
 
 def _compile_cell(
@@ -572,12 +435,12 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
     ns = main.__dict__
     for hook in job.get("startup", ()):
         __import__(hook)
-    chan.send("phase", ("start", time.perf_counter() - t0))
+    chan.send(MSG_PHASE, ("start", time.perf_counter() - t0))
 
     t1 = time.perf_counter()
     ns.update(ship.loads(job["inputs"], job["data"], buffers, job["engine"]))
     del buffers
-    chan.send("phase", ("load", time.perf_counter() - t1))
+    chan.send(MSG_PHASE, ("load", time.perf_counter() - t1))
 
     filename = job["filename"]
     offset = job.get("line_offset", 0)
@@ -601,27 +464,23 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
             stream.flush()
         shipped = ship.dumps({"exc": exc}, skip_failures=True)
         marked = _mark_pipes(job.get("sync"))
-        chan.send(
-            "error",
-            {
-                "marked": marked,
-                "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-                "message": str(exc),
-                "traceback": _cell_traceback(exc, filename),
-                "seconds": time.perf_counter() - t2,
-                "names": shipped.names,
-                "data": shipped.data,
-                "engine": shipped.engine,
-            },
-            shipped.buffers,
+        body = error_body(
+            exc,
+            traceback=_cell_traceback(exc, filename),
+            names=shipped.names,
+            data=shipped.data,
+            engine=shipped.engine,
+            seconds=time.perf_counter() - t2,
+            marked=marked,
         )
+        chan.send(MSG_ERROR, body, shipped.buffers)
         return
     display_worker.end_of_cell()  # show open figures (and close them, so none travels back live)
     run_seconds = time.perf_counter() - t2
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     _flush_c_stdio()
-    chan.send("phase", ("run", run_seconds))
+    chan.send(MSG_PHASE, ("run", run_seconds))
 
     t3 = time.perf_counter()
     _stage = "return"
@@ -639,7 +498,7 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
         stream.flush()
     marked = _mark_pipes(job.get("sync"))
     chan.send(
-        "result",
+        MSG_RESULT,
         {
             "marked": marked,
             "names": shipped.names,
@@ -679,7 +538,7 @@ def main(fd: int) -> None:
         kind, job, buffers = chan.recv()
     except ChannelClosed:
         os._exit(0)
-    if kind != "run":
+    if kind != MSG_RUN:
         os._exit(2)
     watchdog = threading.Thread(
         target=_watch_parent, args=(chan, job.get("kernel_pid")), daemon=True, name="watch-parent"
@@ -702,7 +561,7 @@ def main(fd: int) -> None:
             sys.stderr.write(f"{exc.code}\n")
         try:  # so the kernel can say "the cell called sys.exit(...)" rather than guess
             output.flush()
-            chan.send("sysexit", {"code": repr(exc.code), "status": code})
+            chan.send(MSG_SYSEXIT, {"code": repr(exc.code), "status": code})
         except OSError:
             pass
     except BaseException:
@@ -711,22 +570,12 @@ def main(fd: int) -> None:
         exc = sys.exc_info()[1]
         assert exc is not None
         try:
-            chan.send(
-                "error",
-                {
-                    "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-                    "message": str(exc),
-                    "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-                    "stage": _stage,
-                    "names": [],
-                    "data": b"",
-                    "engine": "pickle",
-                },
-            )
+            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            chan.send(MSG_ERROR, error_body(exc, traceback=text, stage=_stage))
         except OSError:
             pass
     stop.set()
     output.flush()
     _flush_c_stdio()
-    _kill_descendants()  # nothing the cell started outlives it, even on success
+    proctree.kill_own_descendants()  # nothing the cell started outlives it, even on success
     os._exit(code)

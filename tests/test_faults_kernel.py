@@ -308,7 +308,7 @@ def test_nothing_the_cell_started_survives(kernel, how):
     elif how == "timeout":
         code = tree_cell(mark, "--timeout 2", "time.sleep(60)")
     else:
-        kernel.run("import threading, nbisolate.supervisor as _sup\nthreading.Timer(2.0, _sup.registry.stop_all).start()")
+        kernel.run("import threading, nbisolate.backends as _b\nthreading.Timer(2.0, _b.running.stop_all).start()")
         code = tree_cell(mark, "", "time.sleep(60)")
     res = kernel.execute(code)
     pids = pids_in(res.stdout)

@@ -583,16 +583,16 @@ def _within(seconds: float, what: str, fn: Callable[[], Any]) -> Any:
 def _error_event(exc: BaseException) -> Event:
     """An ``error`` event that makes ``CellRun.outcome()`` raise ``exc`` itself."""
     from .. import ship
+    from ..protocol import error_body
 
     shipped = ship.dumps({"exc": exc}, skip_failures=True)
-    body = {
-        "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-        "message": str(exc),
-        "traceback": f"{type(exc).__name__}: {exc}\n",
-        "names": shipped.names,
-        "data": shipped.data,
-        "engine": shipped.engine,
-    }
+    body = error_body(
+        exc,
+        traceback=f"{type(exc).__name__}: {exc}\n",
+        names=shipped.names,
+        data=shipped.data,
+        engine=shipped.engine,
+    )
     return Event("error", body, list(shipped.buffers))
 
 

@@ -1,0 +1,218 @@
+"""What the kernel and a worker say to each other: the one vocabulary of the channel.
+
+:mod:`nbisolate.wire` moves frames (bytes, buffers, descriptors); this module
+says what a frame *means*: the message kinds, who sends each, the shape of
+their bodies, and the few constants both sides must agree on.  Both sides
+import it, so it imports only the standard library: nothing of IPython, the
+widgets, the magics or the runner may reach a worker through here, and nothing
+of the worker may reach the kernel.
+
+Messages stay plain ``(kind, body)`` pairs on the wire; the ``TypedDict``
+classes below describe the dicts, they are not new types, so any consumer that
+reads ``body["names"]`` keeps working.  Every ``error`` body is built by
+:func:`error_body`, so the worker's cell errors, its own setup failures and
+the supervisor's receive failures all carry the same keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+# -- message kinds --------------------------------------------------------------------
+MSG_RUN = "run"
+MSG_STREAM = "stream"
+MSG_PHASE = "phase"
+MSG_DISPLAY = "display"
+MSG_UPDATE_DISPLAY = "update_display"
+MSG_CLEAR_OUTPUT = "clear_output"
+MSG_SYSEXIT = "sysexit"
+MSG_RESULT = "result"
+MSG_ERROR = "error"
+
+KINDS: dict[str, str] = {
+    MSG_RUN: "kernel -> worker, once, first: the job (RunPayload) and the inputs' buffers",
+    MSG_STREAM: "worker -> kernel: (name, text), stdout or stderr text as the cell writes it",
+    MSG_PHASE: "worker -> kernel: (name, seconds), a phase ended (start, load, run)",
+    MSG_DISPLAY: "worker -> kernel: a display_data bundle (data, metadata, transient)",
+    MSG_UPDATE_DISPLAY: "worker -> kernel: an update of an earlier display by its display id",
+    MSG_CLEAR_OUTPUT: "worker -> kernel: {wait}, clear the cell's output",
+    MSG_SYSEXIT: "worker -> kernel: SysExitBody, the cell called sys.exit()",
+    MSG_RESULT: "worker -> kernel, last: ResultBody with the results' buffers",
+    MSG_ERROR: "worker (or the supervisor, stage 'receive') -> kernel, last: ErrorBody",
+}
+"""Every kind a worker's channel carries, with its sender and its body."""
+
+TEMPLATE_KINDS: dict[str, str] = {
+    "fork": "kernel -> template: {env, fresh, cwd} with fds [channel, stdout, stderr]",
+    "forked": "template -> kernel: the pid of the new worker",
+    "preload": "kernel -> template: {names, sys_path}, modules to import once for every fork",
+    "preloaded": "template -> kernel: {name: error or None}",
+    "ping": "kernel -> template: are you there",
+    "pong": "template -> kernel: its pid",
+    "exit": "template -> kernel: (pid, returncode) of a worker it reaped",
+}
+"""Every kind of the template's control socket (see :mod:`nbisolate.template`)."""
+
+# -- constants both sides agree on ------------------------------------------------------
+RESULT = "\x00result"
+"""The reserved shipment name of the value of the cell's last expression."""
+
+STAGES = ("setup", "run", "return", "receive")
+"""Where an error that is not the cell's own happened: loading inputs (``setup``),
+running the cell (``run``), sending results back (``return``), or the kernel
+receiving a message it could not read (``receive``)."""
+
+
+def sync_mark(token: str) -> bytes:
+    """The bytes a worker writes to its stdout and stderr pipes right before its outcome.
+
+    A pipe keeps order, so once the kernel has read the mark on a pipe it has
+    read everything the worker wrote there before: it hands the outcome over
+    at once instead of waiting a while for stragglers.  ``token`` is the job's
+    random ``sync`` value, so no output of the cell can forge it.
+    """
+    return b"\x1b[nbisolate-sync " + token.encode("ascii") + b"]"
+
+
+class NoStdinError(EOFError):
+    """Raised by ``input()`` or ``getpass()`` in a worker, which has no stdin to read from.
+
+    Defined here, not in the worker, because it travels back pickled by
+    reference: the kernel rebuilding it must not have to import the worker.
+    """
+
+
+# -- typed bodies ---------------------------------------------------------------------------
+class _RunRequired(TypedDict):
+    source: str
+    filename: str
+    inputs: list[str]
+    data: bytes
+    engine: str
+    outputs: list[str]
+    has_result: bool
+    sys_path: list[str]
+    cwd: str
+
+
+class RunPayload(_RunRequired, total=False):
+    """The body of ``run``: one cell and its inputs, built by the kernel.
+
+    ``inputs``/``data``/``engine`` are the shipment (its buffers travel beside
+    the body); ``outputs`` are the names to send back; ``display_source`` and
+    ``line_offset`` make tracebacks show the lines the user sees; ``mem`` and
+    ``max_result`` are limits in bytes (None: none); ``kernel_pid`` is the
+    process the worker's watchdog follows; ``sync`` is the token of
+    :func:`sync_mark`, added by the supervisor; ``startup`` are modules to
+    import before the inputs load.
+    """
+
+    display_source: str
+    line_offset: int
+    mem: int | None
+    max_result: int | None
+    kernel_pid: int | None
+    sync: str
+    startup: list[str]
+
+
+class ResultBody(TypedDict):
+    """The body of ``result``: the names the cell bound (and ``RESULT``), serialized.
+
+    ``marked`` says on which pipes the sync mark went out; ``skipped`` maps a
+    name that could not travel to why; ``result_bundle`` is the display bundle
+    of a last value that could not travel itself.
+    """
+
+    marked: dict[str, bool]
+    names: list[str]
+    data: bytes
+    engine: str
+    sizes: dict[str, int]
+    skipped: dict[str, str]
+    result_bundle: dict[str, Any] | None
+    dump_seconds: float
+
+
+class _ErrorRequired(TypedDict):
+    type: str
+    message: str
+    traceback: str
+    names: list[str]
+    data: bytes
+    engine: str
+
+
+class ErrorBody(_ErrorRequired, total=False):
+    """The body of ``error``: what was raised, where, and the exception itself if it travels.
+
+    ``type`` is the qualified name of the exception type; ``names``/``data``/
+    ``engine`` are a shipment holding it as ``"exc"`` (empty when it cannot be
+    sent); ``stage`` is absent for the cell's own exception and one of
+    :data:`STAGES` otherwise; ``seconds`` is how long the cell ran and
+    ``marked`` as in :class:`ResultBody`.
+    """
+
+    stage: str
+    seconds: float
+    marked: dict[str, bool]
+
+
+class SysExitBody(TypedDict):
+    """The body of ``sysexit``: the argument of ``sys.exit`` (its repr) and the exit status."""
+
+    code: str
+    status: int
+
+
+StreamBody = tuple[str, str]
+"""The body of ``stream``: ``("stdout" | "stderr", text)`` (a pair, not a dict, on the wire)."""
+
+
+def qualified_name(cls: type) -> str:
+    """``module.QualName`` of an exception type, as ``ErrorBody["type"]`` holds it."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def error_body(
+    exc: BaseException | str,
+    message: str | None = None,
+    traceback: str = "",
+    stage: str | None = None,
+    *,
+    names: list[str] | None = None,
+    data: bytes = b"",
+    engine: str = "pickle",
+    seconds: float | None = None,
+    marked: dict[str, bool] | None = None,
+) -> ErrorBody:
+    """The one way to build an ``error`` body.
+
+    ``exc`` is the exception (its type and ``str`` fill ``type`` and
+    ``message``) or, when there is none at hand, the qualified type name with
+    ``message`` given.  ``names``/``data``/``engine`` are the shipment of the
+    exception when it was serialized (``ship.dumps({"exc": exc})``), else the
+    empty shipment.  Optional keys left as None are left out of the body, so
+    a cell's own error has no ``stage``, as consumers expect.
+    """
+    if isinstance(exc, BaseException):
+        type_name = qualified_name(type(exc))
+        text = str(exc) if message is None else message
+    else:
+        type_name = exc
+        text = "" if message is None else message
+    body: ErrorBody = {
+        "type": type_name,
+        "message": text,
+        "traceback": traceback,
+        "names": [] if names is None else names,
+        "data": data,
+        "engine": engine,
+    }
+    if stage is not None:
+        body["stage"] = stage
+    if seconds is not None:
+        body["seconds"] = seconds
+    if marked is not None:
+        body["marked"] = marked
+    return body
