@@ -167,7 +167,7 @@ class FastPickler(pickle.Pickler):
         kind = type(obj)
         if not (
             kind is _ModuleType or kind is _FunctionType or kind is _BuiltinType
-            or isinstance(obj, type)
+            or issubclass(kind, type)  # not isinstance: a weak proxy would forward it
         ):
             return NotImplemented
         how = route(obj)

@@ -165,12 +165,12 @@ def route(obj: Any) -> Route:
     function and class it meets. ``DILL`` means the fast pickler refuses the
     object and the whole shipment goes to dill.
     """
-    kind = type(obj)
+    kind = type(obj)  # the real type: isinstance() would ask a weak proxy's referent
     if kind is _ModuleType:
         return _MODULE if module_is_importable(obj) else _DILL
     if kind is _BuiltinType:
         return _REFERENCE
-    if kind is _FunctionType or isinstance(obj, type):
+    if kind is _FunctionType or issubclass(kind, type):
         hit = _lookup(obj)
         if hit is None or hit[1] is not obj:
             return _DILL_VALUE
@@ -179,9 +179,9 @@ def route(obj: Any) -> Route:
         if hit[0] == "__main__" and kind is not _FunctionType and issubclass(obj, _Enum):
             return _REFERENCE  # a notebook Enum: dill can't send it by value either; see above
         return _DILL_VALUE
-    if isinstance(obj, _Enum):
+    if issubclass(kind, _Enum):
         return route(kind)
-    if NAMED_INSTANCE_TYPES and isinstance(obj, NAMED_INSTANCE_TYPES):
+    if NAMED_INSTANCE_TYPES and issubclass(kind, NAMED_INSTANCE_TYPES):
         hit = _lookup(obj)
         return _REFERENCE if hit is not None and hit[1] is obj else _DILL
     return _PICKLE
@@ -193,7 +193,10 @@ def refers_to_main(obj: Any) -> bool:
     What ``%pickle_check`` looks for under ``%%isolate``: notebook functions and
     most classes go by value, but a notebook Enum or TypeVar goes by name.
     """
-    return getattr(obj, "__module__", None) == "__main__" and route(obj) is Route.REFERENCE
+    if route(obj) is not _REFERENCE:
+        return False
+    target = type(obj) if issubclass(type(obj), _Enum) else obj
+    return getattr(target, "__module__", None) == "__main__"
 
 
 class Travel(NamedTuple):
@@ -220,7 +223,7 @@ class Travel(NamedTuple):
 
 def reference_name(obj: Any) -> str | None:
     """``module.qualname`` of an object that travels by reference (its class, for an Enum member)."""
-    target = type(obj) if isinstance(obj, enum.Enum) else obj
+    target = type(obj) if issubclass(type(obj), enum.Enum) else obj
     module = getattr(target, "__module__", None)
     qualname = getattr(target, "__qualname__", None) or getattr(target, "__name__", None)
     if isinstance(module, str) and isinstance(qualname, str):

@@ -139,6 +139,16 @@ _CATEGORIES: dict[str, _Category] = {
         "(dill). For plain multiprocessing, move it into a .py module next to the notebook "
         "and import it from there.",
     ),
+    "notebook-by-reference": _Category(
+        "defined in the notebook, sent by name",
+        "an Enum class or a TypeVar is pickled as a reference to `__main__` (module and name), "
+        "even by %%isolate, which sends other notebook classes and functions by value. A "
+        "worker's `__main__` is not the notebook, so loading fails there with \"Can't get "
+        "attribute\"; so does a spawned multiprocessing child.",
+        "Move it into a .py module next to the notebook and import it from there (the worker "
+        "then imports it by name too), or define it inside the isolated cell. Plain values "
+        "(an Enum member's `.value`, a string) travel anywhere.",
+    ),
     "not-findable": _Category(
         "class or function not findable by name",
         "pickle stores classes and functions as module plus name, and this one can't be "
@@ -321,5 +331,5 @@ _C_REFUSAL = re.compile(
 # Problems that only bite in a spawned child, or are advice: listed after
 # objects that can't be pickled at all.
 _SOFT_CATEGORIES = frozenset(
-    {"notebook-defined", "unimportable-module", "unverified-reference", "large"}
+    {"notebook-defined", "notebook-by-reference", "unimportable-module", "unverified-reference", "large"}
 )

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..travel import Route, route
 from .categories import (
     _CATEGORIES,
     _SOFT_CATEGORIES,
@@ -84,6 +85,38 @@ class _Sink:
     def value(self) -> bytes | None:
         return b"".join(self.chunks) if self.kept else None
 
+    def reset(self) -> None:
+        """Forget everything written: a serializer is starting over (``%%isolate``'s dill retry)."""
+        self.size = 0
+        self.chunks = []
+        self.kept = True
+        self.hit = False
+        self._tail = b""
+
+
+class _Kept:
+    """The ``buffer_callback`` of a check: keeps out-of-band buffers for the load, counts them."""
+
+    __slots__ = ("buffers", "oob")
+
+    def __init__(self) -> None:
+        self.buffers: list[Any] = []
+        self.oob = 0
+
+    def __call__(self, buf: Any) -> None:
+        self.oob += memoryview(buf).nbytes
+        self.buffers.append(buf)
+
+    def reset(self) -> None:
+        self.release()
+        self.buffers = []
+        self.oob = 0
+
+    def release(self) -> None:
+        for buf in self.buffers:
+            with contextlib.suppress(Exception):
+                buf.release()
+
 
 class _NullSink:
     def write(self, data: Any) -> int:
@@ -104,19 +137,12 @@ def _fast(ser: _Serializer, obj: Any, ctx: _Context, deadline: float) -> _Outcom
     """Dump with the real (fast) serializer, counting bytes; load back if small enough."""
     # Serializers that send __main__ by value only need the module-name scan.
     sink = _Sink(ctx.pattern_refs if ser.by_value_main else ctx.pattern_all)
-    buffers: list[Any] = []
-    oob = 0
-
-    def keep(buf: Any) -> None:
-        nonlocal oob
-        oob += memoryview(buf).nbytes
-        buffers.append(buf)
-
+    keep = _Kept()
     res = SerializerResult(ser.name, ser.label, ser.used_by, ok=None, dumps_ok=None)
     t0 = time.perf_counter()
     try:
         try:
-            ser.dump(obj, sink, keep, deadline)
+            dumped = ser.dump(obj, sink, keep, deadline)
         except _OutOfTime:
             res.seconds = time.perf_counter() - t0
             res.note = "stopped: out of time before the pickle was complete"
@@ -128,15 +154,15 @@ def _fast(ser: _Serializer, obj: Any, ctx: _Context, deadline: float) -> _Outcom
             res.error = _exc_text(exc)
             return _Outcome(res, needs_trace=True, needs_refs=False)
         res.dumps_ok = True
-        res.size = sink.size + oob
-        res.oob_bytes = oob
+        res.size = sink.size + keep.oob
+        res.oob_bytes = keep.oob
         data = sink.value()
         load_error = None
         if data is None:
             res.note = "not loaded back here: pickle too large to keep for the check"
         else:
             try:
-                ser.loads(data, buffers)
+                ser.loads(data, keep.buffers, dumped.engine)
                 res.loads_ok = True
             except Exception as exc:
                 res.loads_ok = False
@@ -145,11 +171,11 @@ def _fast(ser: _Serializer, obj: Any, ctx: _Context, deadline: float) -> _Outcom
         res.ok = res.loads_ok is not False
         if res.loads_ok is None:
             res.ok = True
-        return _Outcome(res, needs_trace=False, needs_refs=sink.hit, load_error=load_error)
+        return _Outcome(
+            res, needs_trace=False, needs_refs=sink.hit or dumped.main_refs, load_error=load_error
+        )
     finally:
-        for buf in buffers:
-            with contextlib.suppress(Exception):
-                buf.release()
+        keep.release()
 
 
 @dataclass
@@ -342,7 +368,8 @@ def _apply_findings(
                 f"AttributeError: Can't get attribute {getattr(obj, '__qualname__', '?')!r} "
                 "on <module '__main__'>"
             )
-            category = "notebook-defined"
+            by_name = route(obj) is Route.REFERENCE  # an Enum or TypeVar: by name even for %%isolate
+            category = "notebook-by-reference" if by_name else "notebook-defined"
         else:
             qual = getattr(obj, "__qualname__", getattr(obj, "__name__", "?"))
             probe = ctx.verify(obj, finding.module, qual)

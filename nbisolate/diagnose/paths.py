@@ -10,6 +10,7 @@ Only used after a failure, so it may be slow.
 from __future__ import annotations
 
 import contextlib
+import enum
 import types
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -55,6 +56,10 @@ def _child_labels(anchor: Any) -> dict[int, str]:
     def add(child: Any, label: str) -> None:
         labels.setdefault(id(child), label)
 
+    if _is(anchor, enum.Enum):
+        # a member reduces to (its class, (value,)); it also holds the class as
+        # __objclass__, but the class is what a user recognises
+        add(type(anchor), ".__class__")
     with contextlib.suppress(Exception):
         if _is(anchor, types.FunctionType):
             code = anchor.__code__

@@ -3,28 +3,29 @@
 A verdict is only worth something if it comes from the same code that will
 really pickle the object: ``pickle`` is the C pickler multiprocessing uses,
 ``cloudpickle`` the one of loky, joblib, Dask and Ray, and ``dill`` is
-``%%isolate``'s own dill pickler, imported from :mod:`nbisolate.ship` (modules
-re-imported by name, arrays out of band) rather than re-stated here, so the two
-cannot drift apart. The loaders guard the in-process load check against side
+``%%isolate`` itself: :mod:`nbisolate.ship`'s fast pickler (C pickler, dill
+only for notebook functions and classes, routes from
+:func:`nbisolate.travel.route`) and, when that fails, ship's whole-value dill
+pickler -- imported from ship, subclassed only to note references into
+``__main__``, never re-stated here, so the two cannot drift apart. The loaders guard the in-process load check against side
 effects a check must never have (truncating a file, editing a notebook class).
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.machinery
 import inspect
 import io
 import os
 import pickle
-import sys
 import time
-import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import dill
+
+from ..ship import FastPickler, dill_pickler_class
+from ..travel import refers_to_main
 
 try:  # cloudpickle is optional: compared when installed
     import cloudpickle as _cloudpickle
@@ -35,8 +36,6 @@ PROTOCOL = 5
 """Protocol used for every check: the first with out-of-band buffers."""
 
 
-
-
 class _OutOfTime(BaseException):
     """Raised inside a walk when ``max_seconds`` is used up.
 
@@ -45,42 +44,27 @@ class _OutOfTime(BaseException):
     """
 
 
-class _IsolateDillPickler(dill.Pickler):
-    """dill the way ``%%isolate`` ships inputs: ``recurse=True``, modules by name.
+class _IsolateDillPickler(dill_pickler_class()):  # type: ignore[misc]
+    """``%%isolate``'s dill fallback pickler, made as :func:`nbisolate.ship.dill_pickler` makes it.
 
-    Plain dill pickles a module that is not in the standard library or
-    site-packages *by value*, with its whole namespace; ``%%isolate``
-    re-imports every module by name in the worker instead, which is what we
-    must judge.
+    The class is ship's own (modules re-imported by name when a worker can
+    import them, exact numpy arrays out of band), so judging and tracing with
+    it judges what ``%%isolate`` really does; only ``recurse=True``, the
+    option ship passes, is defaulted here. It also notes a reference into
+    ``__main__`` (:func:`nbisolate.travel.refers_to_main`), the one thing that
+    pickles and loads here yet fails in the worker.
     """
+
+    main_refs = False
 
     def __init__(self, file: Any, protocol: int = PROTOCOL, **kwds: Any) -> None:
         kwds.setdefault("recurse", True)
         super().__init__(file, protocol, **kwds)
 
-    def save(self, obj: Any, save_persistent_id: bool = True) -> None:
-        t = type(obj)
-        if t is types.ModuleType:
-            hit = self.memo.get(id(obj))
-            if hit is not None:
-                self.write(self.get(hit[0]))
-                return
-            self.save_reduce(importlib.import_module, (obj.__name__,), obj=obj)
-            return
-        numpy = sys.modules.get("numpy")
-        if numpy is not None and t is numpy.ndarray:
-            # dill registers its own saver for ndarray that calls
-            # ``__reduce__()``: always in-band, a full copy of the data.
-            # numpy's protocol-5 reduction hands the buffer to
-            # buffer_callback instead, so sizing a 1 GB array copies nothing.
-            # Same bytes counted, same verdict.
-            hit = self.memo.get(id(obj))
-            if hit is not None:
-                self.write(self.get(hit[0]))
-                return
-            self.save_reduce(*obj.__reduce_ex__(self.proto), obj=obj)
-            return
-        super().save(obj, save_persistent_id)
+    def reducer_override(self, obj: Any) -> Any:
+        if not self.main_refs and refers_to_main(obj):
+            self.main_refs = True
+        return super().reducer_override(obj)
 
 
 class _TimedIsolateDill(_IsolateDillPickler):
@@ -96,6 +80,17 @@ class _TimedIsolateDill(_IsolateDillPickler):
         if not self._nb_calls & 255 and time.perf_counter() > self._nb_deadline:
             raise _OutOfTime
         super().save(obj, save_persistent_id)
+
+
+class _IsolateFastPickler(FastPickler):
+    """``%%isolate``'s fast path (:class:`nbisolate.ship.FastPickler`), noting references to ``__main__``."""
+
+    main_refs = False
+
+    def reducer_override(self, obj: Any) -> Any:
+        if not self.main_refs and refers_to_main(obj):
+            self.main_refs = True
+        return super().reducer_override(obj)
 
 
 def _guarded_create_filehandle(
@@ -133,11 +128,14 @@ class _SafeDillUnpickler(dill.Unpickler):
         return super().find_class(module, name)
 
 
-def _dill_loads(data: bytes, buffers: list[Any]) -> Any:
-    return _SafeDillUnpickler(io.BytesIO(data), buffers=buffers).load()
+def _isolate_loads(data: bytes, buffers: list[Any], engine: str = "pickle") -> Any:
+    """Load as :func:`nbisolate.ship.loads` does, with dill's file re-opener guarded."""
+    if engine == "dill":
+        return _SafeDillUnpickler(io.BytesIO(data), buffers=buffers, ignore=True).load()
+    return pickle.Unpickler(io.BytesIO(data), buffers=buffers).load()
 
 
-def _pickle_loads(data: bytes, buffers: list[Any]) -> Any:
+def _pickle_loads(data: bytes, buffers: list[Any], engine: str = "pickle") -> Any:
     return pickle.loads(data, buffers=buffers)
 
 
@@ -175,20 +173,50 @@ class _CloudUnpickler(pickle.Unpickler):
         return found
 
 
-def _cloudpickle_loads(data: bytes, buffers: list[Any]) -> Any:
+def _cloudpickle_loads(data: bytes, buffers: list[Any], engine: str = "pickle") -> Any:
     return _CloudUnpickler(io.BytesIO(data), buffers=buffers).load()
 
 
-def _dump_pickle(obj: Any, sink: Any, cb: Callable[[Any], Any], deadline: float) -> None:
+@dataclass(frozen=True)
+class _Dumped:
+    """What a dump found out beyond its bytes: the engine that wrote them, and spawn hints."""
+
+    engine: str = "pickle"
+    main_refs: bool = False
+
+
+_PLAIN = _Dumped()
+
+
+def _dump_pickle(obj: Any, sink: Any, cb: Any, deadline: float) -> _Dumped:
     pickle.Pickler(sink, PROTOCOL, buffer_callback=cb).dump(obj)
+    return _PLAIN
 
 
-def _dump_dill(obj: Any, sink: Any, cb: Callable[[Any], Any], deadline: float) -> None:
-    _TimedIsolateDill(sink, PROTOCOL, deadline, buffer_callback=cb).dump(obj)
+def _dump_isolate(obj: Any, sink: Any, cb: Any, deadline: float) -> _Dumped:
+    """``%%isolate``'s two tries, as :func:`nbisolate.ship.dumps` makes them for one value.
+
+    First the fast path (the C pickler with ship's per-object routes); if that
+    raises, ship redoes the whole shipment with dill, so the check starts over
+    with ship's dill pickler (``sink.reset()`` and ``cb.reset()`` forget the
+    first try's bytes and buffers). Only the dill try checks the clock: the
+    fast path runs at C speed.
+    """
+    fast = _IsolateFastPickler(sink, protocol=PROTOCOL, buffer_callback=cb)
+    try:
+        fast.dump(obj)
+        return _Dumped("pickle", fast.main_refs)
+    except Exception:
+        sink.reset()
+        cb.reset()
+    slow = _TimedIsolateDill(sink, PROTOCOL, deadline, buffer_callback=cb)
+    slow.dump(obj)
+    return _Dumped("dill", slow.main_refs)
 
 
-def _dump_cloudpickle(obj: Any, sink: Any, cb: Callable[[Any], Any], deadline: float) -> None:
+def _dump_cloudpickle(obj: Any, sink: Any, cb: Any, deadline: float) -> _Dumped:
     _cloudpickle.Pickler(sink, protocol=PROTOCOL, buffer_callback=cb).dump(obj)
+    return _PLAIN
 
 
 @dataclass(frozen=True)
@@ -197,8 +225,8 @@ class _Serializer:
     label: str
     used_by: str
     by_value_main: bool  # pickles functions/classes of __main__ by value
-    dump: Callable[[Any, Any, Callable[[Any], Any], float], None]
-    loads: Callable[[bytes, list[Any]], Any]
+    dump: Callable[[Any, Any, Any, float], _Dumped]
+    loads: Callable[[bytes, list[Any], str], Any]
 
 
 _SERIALIZERS: dict[str, _Serializer] = {
@@ -207,7 +235,8 @@ _SERIALIZERS: dict[str, _Serializer] = {
         False, _dump_pickle, _pickle_loads,
     ),
     "dill": _Serializer(
-        "dill", "dill (%%isolate)", "%%isolate, multiprocess", True, _dump_dill, _dill_loads,
+        "dill", "dill (%%isolate)", "%%isolate, multiprocess", True, _dump_isolate,
+        _isolate_loads,
     ),
 }
 if _cloudpickle is not None:

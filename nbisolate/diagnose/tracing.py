@@ -15,6 +15,7 @@ import types
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..travel import NAMED_INSTANCE_TYPES, refers_to_main
 from .categories import _exc_text, _is, _resource_category, _type_name
 from .paths import _LabelCache, _render_path
 from .serializers import PROTOCOL, _cloudpickle, _IsolateDillPickler, _OutOfTime
@@ -63,6 +64,13 @@ def _resource_of(obj: Any) -> str | None:
         return _resource_category(obj)
 
 
+# What pickle writes as a module-and-name reference: classes, functions and
+# modules, and the instances whose __reduce__ returns a bare name (TypeVars).
+_BY_NAME: tuple[type, ...] = (
+    type, types.FunctionType, types.BuiltinFunctionType, types.ModuleType, *NAMED_INSTANCE_TYPES
+)
+
+
 class _TraceMixin:
     """Turns a pure-Python pickler into a culprit finder.
 
@@ -80,6 +88,7 @@ class _TraceMixin:
     """
 
     _nb_by_value_main = False
+    _nb_routes = False  # %%isolate: travel.route says what still goes by name
 
     def _nb_setup(
         self, name: str, serializer: str, ctx: _Context, deadline: float,
@@ -145,9 +154,7 @@ class _TraceMixin:
             self._nb_record(obj, "fail", error)
             self.write(pickle.NONE)
         else:
-            if self._nb_check_refs and _is(
-                obj, (type, types.FunctionType, types.BuiltinFunctionType, types.ModuleType)
-            ):
+            if self._nb_check_refs and _is(obj, _BY_NAME):
                 self._nb_check_ref(obj)
         finally:
             stack.pop()
@@ -163,9 +170,14 @@ class _TraceMixin:
             if not isinstance(modname, str):
                 return
         if modname == "__main__":
-            if self._nb_by_value_main or _is(obj, types.ModuleType):
+            if _is(obj, types.ModuleType):
                 return
-            if _main_ref_loads_in_child(obj):
+            if self._nb_routes:
+                # a worker's __main__ is never the notebook (nor a script)
+                if refers_to_main(obj):
+                    self._nb_record(obj, "main", "")
+                return
+            if self._nb_by_value_main or _main_ref_loads_in_child(obj):
                 return
             self._nb_record(obj, "main", "")
             return
@@ -255,6 +267,7 @@ class _PickleTracer(_TraceMixin, pickle._Pickler):  # type: ignore[misc]
 
 class _DillTracer(_TraceMixin, _IsolateDillPickler):
     _nb_by_value_main = True
+    _nb_routes = True
 
 
 _CloudTracer: type | None = None
