@@ -539,7 +539,7 @@ def test_large_object_gets_a_cost_warning_not_an_error():
     assert report.ok
     (p,) = report.problems
     assert p.category == "large" and p.severity == "warning"
-    assert "80.0 kB" in p.reason and "per run" in p.reason
+    assert "78.2 KB" in p.reason and "per run" in p.reason  # binary units, as everywhere
 
 
 # --- API surface --------------------------------------------------------------------

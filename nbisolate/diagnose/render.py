@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import html
 
+from ..units import format_bytes
 from .categories import _CATEGORIES
 from .report import NamespaceReport, Problem, Report
 from .serializers import _SERIALIZERS
 
 
 def _fmt_size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
+    """A size as the rest of nbisolate prints it (:func:`nbisolate.units.format_bytes`); ``-`` if unknown."""
+    return "-" if n is None else format_bytes(n)
 
 
 def _fmt_time(s: float) -> str:
