@@ -5,13 +5,15 @@ A pickling error names a type and never a place: ``TypeError: cannot pickle
 attributes holds the file. Worse, some objects pickle fine in the kernel and
 only fail in the child: functions and classes defined in the notebook are
 stored as a reference to ``__main__``, which a freshly spawned interpreter
-does not have. This module answers three questions, side by side for the
+does not have. This package answers three questions, side by side for the
 serializers a notebook user actually meets:
 
 * does it work? (``pickle``: multiprocessing, concurrent.futures, PyTorch
-  DataLoader workers; ``dill`` the way ``%%isolate`` uses it; ``cloudpickle``:
-  loky, joblib, Dask, Ray) -- judged by really dumping *and* loading, so there
-  are no false verdicts;
+  DataLoader workers; ``dill``: ``%%isolate`` itself, with
+  :mod:`nbisolate.ship`'s own picklers -- C pickler, dill for what must go by
+  value, dill for everything when that fails; ``cloudpickle``: loky, joblib,
+  Dask, Ray) -- judged by really dumping *and* loading, so there are no false
+  verdicts;
 * where is every culprit? -- the access path from the root
   (``model.loader.dataset._fh``), the culprit's type, a category;
 * what to do about it? -- a fix worded for someone in the middle of a
@@ -39,7 +41,10 @@ How it works, and why this way:
 3. **The spawn trap.** A stdlib pickle that refers to ``__main__`` (or to a
    module a fresh interpreter can't import) loads in the kernel and fails in
    a spawned child. A cheap scan of the pickled bytes tells when to look; the
-   tracer then finds which member is stored that way. When static reasoning
+   tracer then finds which member is stored that way. ``%%isolate`` sends
+   notebook functions and classes by value, but a notebook Enum or TypeVar
+   still goes by name (:func:`nbisolate.travel.route` says which): the
+   ``%%isolate`` column flags those too. When static reasoning
    is not conclusive, ``verify_spawn`` (see :func:`nbisolate.probe.spawn_loads`)
    asks a fresh interpreter -- injected, so this module never starts a process.
 
