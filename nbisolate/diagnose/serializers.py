@@ -44,6 +44,12 @@ class _OutOfTime(BaseException):
     """
 
 
+# Types that never refer to __main__ by name: skipped before asking travel.route,
+# since the pure-Python dill pickler asks about every object it writes.
+_PLAIN_TYPES = frozenset({int, float, complex, str, bytes, bytearray, bool, type(None), list,
+                          tuple, dict, set, frozenset})
+
+
 class _IsolateDillPickler(dill_pickler_class()):  # type: ignore[misc]
     """``%%isolate``'s dill fallback pickler, made as :func:`nbisolate.ship.dill_pickler` makes it.
 
@@ -62,7 +68,7 @@ class _IsolateDillPickler(dill_pickler_class()):  # type: ignore[misc]
         super().__init__(file, protocol, **kwds)
 
     def reducer_override(self, obj: Any) -> Any:
-        if not self.main_refs and refers_to_main(obj):
+        if not self.main_refs and type(obj) not in _PLAIN_TYPES and refers_to_main(obj):
             self.main_refs = True
         return super().reducer_override(obj)
 
@@ -88,7 +94,7 @@ class _IsolateFastPickler(FastPickler):
     main_refs = False
 
     def reducer_override(self, obj: Any) -> Any:
-        if not self.main_refs and refers_to_main(obj):
+        if not self.main_refs and type(obj) not in _PLAIN_TYPES and refers_to_main(obj):
             self.main_refs = True
         return super().reducer_override(obj)
 
