@@ -39,7 +39,7 @@ The routes, and the CPython/pickle behaviour behind each:
     ``memfd_create``, :class:`nbisolate.wire.Channel` sends them through one
     shared anonymous memfd instead of the socket: such a value is labelled
     ``SHARED_MEMORY``. That depends on the whole shipment, so it is decided
-    after serialization (:func:`label_shipment`), never guessed per value.
+    after serialization (``Shipment.routes``), never guessed per value.
 ``DILL_VALUE``
     A function or class a fresh interpreter cannot find by name -- defined in
     the notebook (``__main__``), a lambda, a closure, a class made inside a
