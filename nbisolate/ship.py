@@ -9,13 +9,18 @@ C pickler, ~1.9 s with dill).
 
 So the fast path is the C ``pickle.Pickler`` with a ``reducer_override`` that
 makes a per-object choice (the idea of choosing the serializer per object, as
-some experiment recorders do per class):
+some experiment recorders do per class). The choice itself is
+:func:`nbisolate.travel.route`, the one place that decides how a value
+travels; the pickler only carries it out, and :class:`Shipment` records per
+variable the route taken (:attr:`Shipment.travel`), so what the panel shows
+is what happened:
 
 * a module becomes ``importlib.import_module(name)`` in the worker;
 * a function or class the worker could not import by name (defined in the
   notebook, a lambda, a nested function) is handed to ``dill`` with
   ``recurse=True``, so the globals it uses travel with it (dill's default
   would silently drop them and the worker would hit ``NameError``);
+* a function or class found by name (importable, or an Enum) goes by reference;
 * everything else takes the C pickler's own path, including protocol-5
   out-of-band buffers, so arrays are never copied into the stream.
 
@@ -30,7 +35,6 @@ from __future__ import annotations
 import importlib
 import io
 import pickle
-import sys
 import time
 import types
 from collections.abc import Iterable, Mapping, Sequence
@@ -38,6 +42,32 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ShipError
+from .travel import (
+    LABELS,
+    Route,
+    Travel,
+    module_is_importable,
+    needs_value,
+    reference_name,
+    route,
+)
+from .wire import HAVE_MEMFD, SHM_THRESHOLD
+
+__all__ = [
+    "PROTOCOL",
+    "FastPickler",
+    "Route",
+    "Shipment",
+    "Travel",
+    "dill_pickler",
+    "dill_pickler_class",
+    "dumps",
+    "fast_pickler",
+    "loads",
+    "module_is_importable",
+    "modules_in_pickle",
+    "needs_value",
+]
 
 PROTOCOL = 5
 
@@ -50,30 +80,6 @@ def _load_dill(data: bytes) -> Any:
     import dill
 
     return dill.loads(data)
-
-
-def needs_value(obj: Any) -> bool:
-    """True when a function or class cannot be found by name in a fresh interpreter."""
-    module = getattr(obj, "__module__", None)
-    qualname = getattr(obj, "__qualname__", None)
-    if not module or not qualname or module == "__main__" or module.startswith("__"):
-        return True
-    if "<lambda>" in qualname or "<locals>" in qualname:
-        return True
-    found: Any = sys.modules.get(module)
-    if found is None:
-        return True
-    for part in qualname.split("."):
-        found = getattr(found, part, None)
-        if found is None:
-            return True
-    return found is not obj
-
-
-def module_is_importable(module: types.ModuleType) -> bool:
-    """A module a worker can import again by its name."""
-    name = getattr(module, "__name__", None)
-    return bool(name) and name != "__main__" and sys.modules.get(name) is module
 
 
 _STRING_OPS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING",
@@ -137,8 +143,14 @@ def _scan_pickle(data: bytes | memoryview, strict: bool) -> set[str] | None:
     return found
 
 
-class _FastPickler(pickle.Pickler):
+class FastPickler(pickle.Pickler):
     """The C pickler, with dill only for what the C pickler would get wrong.
+
+    ``reducer_override`` is called by the C pickler for objects of every type
+    but the handful it writes itself (None, bools, ints, floats, str, bytes...),
+    and it must stay cheap: only modules, functions and classes reach
+    :func:`nbisolate.travel.route`; everything else is left to the pickler's
+    own ``__reduce_ex__`` path at once.
 
     It also notes the modules the stream will import on the other side
     (``modules``, plus whatever the ``dill_blobs`` import): a remote worker
@@ -153,23 +165,28 @@ class _FastPickler(pickle.Pickler):
 
     def reducer_override(self, obj: Any) -> Any:
         kind = type(obj)
-        if kind is types.ModuleType:
-            if not module_is_importable(obj):
-                raise pickle.PicklingError(
-                    f"module {getattr(obj, '__name__', obj)!r} cannot be re-imported by name"
-                )
+        if not (
+            kind is _ModuleType or kind is _FunctionType or kind is _BuiltinType
+            or issubclass(kind, type)  # not isinstance: a weak proxy would forward it
+        ):
+            return NotImplemented
+        how = route(obj)
+        if how is _MODULE:
             self.modules.add(obj.__name__)
             return _import_module, (obj.__name__,)
-        if kind is types.FunctionType or kind is types.BuiltinFunctionType or isinstance(obj, type):
-            if kind is not types.BuiltinFunctionType and needs_value(obj):
-                import dill
+        if how is _DILL:  # a module nobody can import by name: dill, for everything
+            raise pickle.PicklingError(
+                f"module {getattr(obj, '__name__', obj)!r} cannot be re-imported by name"
+            )
+        if how is _DILL_VALUE:
+            import dill
 
-                blob = dill.dumps(obj, recurse=True)
-                self.dill_blobs.append(blob)
-                return _load_dill, (blob,)
-            module = getattr(obj, "__module__", None)
-            if isinstance(module, str):
-                self.modules.add(module)
+            blob = dill.dumps(obj, recurse=True)
+            self.dill_blobs.append(blob)
+            return _load_dill, (blob,)
+        module = getattr(obj, "__module__", None)  # Route.REFERENCE: the pickler's save_global
+        if isinstance(module, str):
+            self.modules.add(module)
         return NotImplemented
 
 
@@ -181,6 +198,18 @@ class Shipment:
     per variable, for the live panel; ``skipped`` names what could not be
     serialized (only when skipping was asked for) and why. :attr:`modules`
     are the modules loading the shipment imports, for checking a remote worker.
+
+    ``routes`` records, while serializing, the route each variable really
+    took (:class:`nbisolate.travel.Route`); ``buffer_bytes`` its out-of-band
+    bytes and ``by_value`` how many functions or classes inside it went by
+    value (both list only variables that have any), ``references`` the name a
+    by-reference variable is looked up by. :attr:`travel` gathers them per
+    variable and :attr:`how` gives the routes as short labels (``pickle``,
+    ``pickle + shared memory``, ``by reference``, ``dill (by value)``,
+    ``module (re-imported)``, ``dill (whole shipment)``), both built on first
+    use, off the per-cell path. Shared memory is decided from the whole
+    shipment's buffers exactly as :meth:`nbisolate.wire.Channel.send` decides
+    it, so the label says what the local channel does with them.
     """
 
     names: list[str]
@@ -189,14 +218,50 @@ class Shipment:
     engine: str = "pickle"
     sizes: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
-    how: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    routes: dict[str, Route] = field(default_factory=dict)
+    by_value: dict[str, int] = field(default_factory=dict)
+    buffer_bytes: dict[str, int] = field(default_factory=dict)
+    references: dict[str, str | None] = field(default_factory=dict)
     module_refs: set[str] | None = None  # noted while pickling; None: scan the stream
     dill_blobs: list[bytes] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
         return len(self.data) + sum(b.nbytes for b in self.buffers)
+
+    @property
+    def shared_memory(self) -> bool:
+        """True when the local channel sends these buffers through a memfd, not the socket."""
+        return HAVE_MEMFD and sum(b.nbytes for b in self.buffers) >= SHM_THRESHOLD
+
+    def label(self, name: str) -> str | None:
+        """How variable ``name`` travelled, as a short label; None if it was not shipped."""
+        found = self.routes.get(name)
+        return LABELS[found] if found is not None else None
+
+    @property
+    def how(self) -> dict[str, str]:
+        """Per variable, how it travelled as a short label (:data:`nbisolate.travel.LABELS`)."""
+        found = self.__dict__.get("_how")
+        if found is None:
+            found = self.__dict__["_how"] = {name: LABELS[r] for name, r in self.routes.items()}
+        return found
+
+    @how.setter
+    def how(self, labels: dict[str, str]) -> None:
+        self.__dict__["_how"] = labels
+
+    @property
+    def travel(self) -> dict[str, Travel]:
+        """Per variable, a :class:`nbisolate.travel.Travel`: route, size, buffers, by-value count."""
+        return {
+            name: Travel(
+                taken, self.sizes.get(name, 0), self.buffer_bytes.get(name, 0),
+                self.by_value.get(name, 0), self.references.get(name),
+            )
+            for name, taken in self.routes.items()
+        }
 
     @property
     def modules(self) -> set[str]:
@@ -212,14 +277,6 @@ class Shipment:
                     found |= modules_in_pickle(blob)
             self._modules = found
         return found
-
-
-def _how(value: Any, engine: str) -> str:
-    if isinstance(value, types.ModuleType):
-        return "module (re-imported)"
-    if (isinstance(value, types.FunctionType) or isinstance(value, type)) and needs_value(value):
-        return "dill (by value)"
-    return engine
 
 
 def _describe_failure(name: str, value: Any, exc: BaseException) -> tuple[str, str | None, Any]:
@@ -245,37 +302,83 @@ def _describe_failure(name: str, value: Any, exc: BaseException) -> tuple[str, s
 
 
 def _attempt(
-    pickler_factory: Any, values: Mapping[str, Any], names: Sequence[str]
+    pickler_factory: Any, values: Mapping[str, Any], names: Sequence[str], engine: str = "pickle"
 ) -> tuple[Shipment | None, str | None, BaseException | None]:
+    """Serialize ``names`` in one pickler; on failure, the name that failed and why.
+
+    Each value's route is noted as it is written: :func:`nbisolate.travel.route`
+    of the value (the call the fast pickler itself makes for modules,
+    functions and classes), ``DILL`` for all but modules under the dill engine,
+    and ``SHARED_MEMORY`` for values with buffers once the total is known.
+    """
     file = io.BytesIO()
     buffers: list[pickle.PickleBuffer] = []
     pickler = pickler_factory(file, buffer_callback=buffers.append)
     sizes: dict[str, int] = {}
     seconds: dict[str, float] = {}
+    oob: dict[str, int] = {}
+    blobs: list[bytes] = getattr(pickler, "dill_blobs", [])
+    by_value: dict[str, int] = {}
+    routes: dict[str, Route] = {}
+    references: dict[str, str | None] = {}
+    blob_count = 0
     for name in names:
+        value = values[name]
         start_pos, start_buf, t0 = file.tell(), len(buffers), time.perf_counter()
         try:
-            pickler.dump(values[name])
+            pickler.dump(value)
         except Exception as exc:
             return None, name, exc
         seconds[name] = time.perf_counter() - t0
-        sizes[name] = (file.tell() - start_pos) + sum(
-            b.raw().nbytes for b in buffers[start_buf:]
-        )
+        if len(buffers) > start_buf:
+            oob[name] = nbytes = sum(b.raw().nbytes for b in buffers[start_buf:])
+        else:
+            nbytes = 0
+        sizes[name] = (file.tell() - start_pos) + nbytes
+        if len(blobs) != blob_count:
+            by_value[name] = len(blobs) - blob_count
+            blob_count = len(blobs)
+        taken = _PICKLE if type(value) in _PLAIN else route(value)
+        if engine == "dill" and taken is not _MODULE:
+            taken = _DILL
+        elif taken is _REFERENCE:
+            references[name] = reference_name(value)
+        routes[name] = taken
+    raw = [b.raw() for b in buffers]
+    if raw and HAVE_MEMFD and sum(oob.values()) >= SHM_THRESHOLD:  # as wire.Channel.send decides
+        for name in oob:
+            if routes[name] is _PICKLE:
+                routes[name] = _SHARED_MEMORY
     shipment = Shipment(
         names=list(names),
         data=file.getvalue(),
-        buffers=[b.raw() for b in buffers],
+        buffers=raw,
         sizes=sizes,
         seconds=seconds,
+        routes=routes,
+        by_value=by_value,
+        buffer_bytes=oob,
+        references=references,
     )
     shipment.module_refs = getattr(pickler, "modules", None)
     shipment.dill_blobs = getattr(pickler, "dill_blobs", [])
     return shipment, None, None
 
 
-def _fast(file: io.BytesIO, buffer_callback: Any = None) -> pickle.Pickler:
-    return _FastPickler(file, protocol=PROTOCOL, buffer_callback=buffer_callback)
+# Members read once (an enum member lookup costs ~50 ns), and the types whose
+# route is PICKLE without asking: the per-cell path runs through here.
+_MODULE, _PICKLE, _DILL, _DILL_VALUE = Route.MODULE, Route.PICKLE, Route.DILL, Route.DILL_VALUE
+_REFERENCE, _SHARED_MEMORY = Route.REFERENCE, Route.SHARED_MEMORY
+_ModuleType, _BuiltinType, _FunctionType = (
+    types.ModuleType, types.BuiltinFunctionType, types.FunctionType
+)
+_PLAIN = frozenset({int, float, complex, str, bytes, bytearray, bool, type(None), list, tuple,
+                    dict, set, frozenset})
+
+
+def fast_pickler(file: Any, buffer_callback: Any = None) -> pickle.Pickler:
+    """The pickler of the fast path (:class:`FastPickler`, protocol 5) writing to ``file``."""
+    return FastPickler(file, protocol=PROTOCOL, buffer_callback=buffer_callback)
 
 
 _dill_pickler_class: Any = None
@@ -286,28 +389,38 @@ def _is_exact_ndarray(obj: Any) -> bool:
     return kind.__name__ == "ndarray" and kind.__module__ == "numpy"
 
 
-def _dill(file: io.BytesIO, buffer_callback: Any = None) -> pickle.Pickler:
-    """dill for the whole shipment, keeping the two promises the fast path makes.
+def dill_pickler_class() -> type:
+    """The pickler of the dill fallback, keeping the two promises the fast path makes.
 
     Plain dill pickles a module that is not installed (a ``.py`` next to the
     notebook) by value, namespace and all, and copies numpy arrays in-band
     (it reduces them without protocol 5).  Modules are re-imported by name and
-    exact arrays keep their out-of-band buffers here too.
+    exact arrays keep their out-of-band buffers here too. A class made on
+    first use, because importing dill costs time a worker should not pay
+    unless it needs it; ``%pickle_check`` subclasses it to judge (and trace)
+    exactly what ``%%isolate`` does.
     """
     global _dill_pickler_class
     if _dill_pickler_class is None:
         import dill
 
-        class _DillPickler(dill.Pickler):  # type: ignore[misc]
+        class DillPickler(dill.Pickler):  # type: ignore[misc]
             def reducer_override(self, obj: Any) -> Any:
-                if type(obj) is types.ModuleType and module_is_importable(obj):
+                if type(obj) is types.ModuleType and route(obj) is Route.MODULE:
                     return _import_module, (obj.__name__,)
                 if _is_exact_ndarray(obj):
                     return obj.__reduce_ex__(PROTOCOL)
                 return NotImplemented
 
-        _dill_pickler_class = _DillPickler
-    return _dill_pickler_class(file, protocol=PROTOCOL, recurse=True, buffer_callback=buffer_callback)
+        _dill_pickler_class = DillPickler
+    return _dill_pickler_class
+
+
+def dill_pickler(file: Any, buffer_callback: Any = None) -> pickle.Pickler:
+    """The pickler of the dill fallback (``recurse=True``, protocol 5) writing to ``file``."""
+    return dill_pickler_class()(
+        file, protocol=PROTOCOL, recurse=True, buffer_callback=buffer_callback
+    )
 
 
 def dumps(values: Mapping[str, Any], *, skip_failures: bool = False) -> Shipment:
@@ -320,14 +433,13 @@ def dumps(values: Mapping[str, Any], *, skip_failures: bool = False) -> Shipment
     """
     names = list(values)
     skipped: dict[str, str] = {}
-    for engine, factory in (("pickle", _fast), ("dill", _dill)):
+    for engine, factory in (("pickle", fast_pickler), ("dill", dill_pickler)):
         todo = [n for n in names if n not in skipped]
         while True:
-            shipment, failed, exc = _attempt(factory, values, todo)
+            shipment, failed, exc = _attempt(factory, values, todo, engine)
             if shipment is not None:
                 shipment.engine = engine
                 shipment.skipped = skipped
-                shipment.how = {n: _how(values[n], engine) for n in shipment.names}
                 return shipment
             assert failed is not None and exc is not None
             if engine == "pickle":

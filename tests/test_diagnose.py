@@ -31,6 +31,7 @@ import numpy as np
 import psutil
 import pytest
 
+from nbisolate import ship
 from nbisolate.diagnose import (
     NamespaceReport,
     Problem,
@@ -248,6 +249,46 @@ def test_notebook_function_is_flagged_though_pickle_dumps_succeeds(notebook_main
     error = spawn_loads(data)
     assert error is not None and "Can't get attribute 'work'" in error
     assert spawn_loads(pickle.dumps(os.path.join)) is None
+
+
+def test_notebook_enum_and_typevar_break_isolate_because_they_travel_by_name(notebook_main):
+    """%%isolate sends notebook functions by value, but an Enum or a TypeVar by name."""
+    ns = notebook_main(
+        "import enum, typing\n"
+        "class Side(enum.Enum):\n    BUY = 1\n    SELL = -1\n"
+        "T = typing.TypeVar('T')\n"
+        "def work(x):\n    return x\n"
+    )
+    report = pickle_check({"side": ns["Side"].BUY, "T": ns["T"], "fn": ns["work"]}, "cfg")
+    assert report.results["dill"].verdict == "spawn" and report.isolate_ok is False
+    assert report.results["cloudpickle"].ok  # cloudpickle sends both by value
+    side = problem_at(report, "cfg['side']")
+    assert side.category == "notebook-by-reference" and side.severity == "error"
+    assert side.type_name == "__main__.Side" and "dill" in side.fails_with
+    typevar = problem_at(report, "cfg['T']")
+    assert typevar.category == "notebook-by-reference" and "dill" in typevar.fails_with
+    assert "by value" not in side.fix and ".py module" in side.fix
+    fn = problem_at(report, "cfg['fn']")
+    assert fn.category == "notebook-defined" and fn.fails_with == ("pickle",)
+    # what the report says is what ship.dumps does
+    shipped = ship.dumps({"side": ns["Side"], "T": ns["T"], "fn": ns["work"]})
+    assert shipped.how == {"side": "by reference", "T": "by reference", "fn": "dill (by value)"}
+    assert spawn_loads(pickle.dumps(ns["Side"].BUY)) is not None
+
+
+def test_the_isolate_column_judges_ships_own_two_tries(tmp_path):
+    """Its size is what ship.dumps writes, and an open file makes it redo the value with dill."""
+    arr = np.arange(10_000, dtype=np.float64)
+    report = pickle_check({"arr": arr, "n": [1, 2]}, "x", serializers=["dill"])
+    shipped = ship.dumps({"x": {"arr": arr, "n": [1, 2]}})
+    assert report.results["dill"].size == shipped.sizes["x"]
+    assert report.results["dill"].oob_bytes == arr.nbytes
+    path = tmp_path / "notes.txt"
+    path.write_text("kept")
+    with open(path) as fh:
+        report = pickle_check({"fh": fh}, "h", serializers=["dill"])
+        assert report.isolate_ok and ship.dumps({"h": {"fh": fh}}).engine == "dill"
+    assert path.read_text() == "kept"
 
 
 def test_instances_of_a_notebook_class_are_reported_once_at_the_instance(notebook_main):
@@ -498,7 +539,7 @@ def test_large_object_gets_a_cost_warning_not_an_error():
     assert report.ok
     (p,) = report.problems
     assert p.category == "large" and p.severity == "warning"
-    assert "80.0 kB" in p.reason and "per run" in p.reason
+    assert "78.2 KB" in p.reason and "per run" in p.reason  # binary units, as everywhere
 
 
 # --- API surface --------------------------------------------------------------------
@@ -611,8 +652,9 @@ def _really(serializer: str, obj: object) -> tuple[bool, str]:
     try:
         if serializer == "pickle":
             _KEEP_ALIVE.append(pickle.loads(pickle.dumps(obj, protocol=5)))
-        elif serializer == "dill":
-            _KEEP_ALIVE.append(dill.loads(dill.dumps(obj, protocol=5, recurse=True)))
+        elif serializer == "dill":  # %%isolate: ship's fast path, else dill for all of it
+            s = ship.dumps({"obj": obj})
+            _KEEP_ALIVE.append(ship.loads(s.names, s.data, s.buffers, s.engine))
         else:
             _KEEP_ALIVE.append(pickle.loads(cloudpickle.dumps(obj, protocol=5)))
     except Exception as exc:

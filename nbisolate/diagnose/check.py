@@ -1,0 +1,515 @@
+"""``pickle_check``: the check of one object, from fast verdict to located culprits.
+
+Each serializer first dumps the object at C speed into a counting sink (large
+buffers out of band, so sizing a 1 GB array copies nothing) and loads it back;
+only a failure, or a hint of a reference a spawned child can't resolve, pays
+for the tracing walk. The findings of all walks are merged into one
+:class:`~.report.Problem` per culprit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..travel import Route, route
+from .categories import (
+    _CATEGORIES,
+    _SOFT_CATEGORIES,
+    _classify,
+    _describe,
+    _exc_text,
+    _is,
+    _type_name,
+)
+from .render import _fmt_size
+from .report import Problem, Report, SerializerResult
+from .serializers import _SERIALIZERS, PROTOCOL, _OutOfTime, _Serializer, available_serializers
+from .spawn import _Context, _VerifySpawn
+from .tracing import _TRACERS, _Finding
+
+DEFAULT_MAX_SECONDS = 5.0
+DEFAULT_MAX_DEPTH = 100
+DEFAULT_MAX_PROBLEMS = 50
+LARGE_BYTES = 100_000_000
+"""Objects whose pickle is at least this big get a "large object" warning."""
+
+_KEEP_LIMIT = 64 * 2**20
+"""In-band bytes kept for the in-process load check; beyond this we only count."""
+
+
+
+
+class _Sink:
+    """A write-only file that counts bytes, keeps them while small, and greps them.
+
+    The grep looks for module names that make a by-reference pickle fail in a
+    spawned child (``__main__``, modules a fresh interpreter can't import).
+    Pickles store such names as plain strings, so a byte search tells us
+    cheaply whether the slow walk is needed at all. False hits only cost time.
+    """
+
+    __slots__ = ("size", "chunks", "kept", "pattern", "hit", "_tail")
+
+    def __init__(self, pattern: re.Pattern[bytes] | None) -> None:
+        self.size = 0
+        self.chunks: list[bytes] = []
+        self.kept = True
+        self.pattern = pattern
+        self.hit = False
+        self._tail = b""
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        n = view.nbytes
+        self.size += n
+        if self.kept:
+            if self.size <= _KEEP_LIMIT:
+                self.chunks.append(bytes(view))
+            else:
+                self.kept = False
+                self.chunks = []
+        if self.pattern is not None and not self.hit and n <= 4 * 2**20:
+            chunk = bytes(view) if not isinstance(data, bytes) else data
+            if self.pattern.search(self._tail + chunk[:256]) or self.pattern.search(chunk):
+                self.hit = True
+            self._tail = chunk[-256:]
+        return n
+
+    def value(self) -> bytes | None:
+        return b"".join(self.chunks) if self.kept else None
+
+    def reset(self) -> None:
+        """Forget everything written: a serializer is starting over (``%%isolate``'s dill retry)."""
+        self.size = 0
+        self.chunks = []
+        self.kept = True
+        self.hit = False
+        self._tail = b""
+
+
+class _Kept:
+    """The ``buffer_callback`` of a check: keeps out-of-band buffers for the load, counts them."""
+
+    __slots__ = ("buffers", "oob")
+
+    def __init__(self) -> None:
+        self.buffers: list[Any] = []
+        self.oob = 0
+
+    def __call__(self, buf: Any) -> None:
+        self.oob += memoryview(buf).nbytes
+        self.buffers.append(buf)
+
+    def reset(self) -> None:
+        self.release()
+        self.buffers = []
+        self.oob = 0
+
+    def release(self) -> None:
+        for buf in self.buffers:
+            with contextlib.suppress(Exception):
+                buf.release()
+
+
+class _NullSink:
+    def write(self, data: Any) -> int:
+        return memoryview(data).nbytes
+
+
+
+
+@dataclass
+class _Outcome:
+    result: SerializerResult
+    needs_trace: bool
+    needs_refs: bool
+    load_error: str | None = None
+
+
+def _fast(ser: _Serializer, obj: Any, ctx: _Context, deadline: float) -> _Outcome:
+    """Dump with the real (fast) serializer, counting bytes; load back if small enough."""
+    # Serializers that send __main__ by value only need the module-name scan.
+    sink = _Sink(ctx.pattern_refs if ser.by_value_main else ctx.pattern_all)
+    keep = _Kept()
+    res = SerializerResult(ser.name, ser.label, ser.used_by, ok=None, dumps_ok=None)
+    t0 = time.perf_counter()
+    try:
+        try:
+            dumped = ser.dump(obj, sink, keep, deadline)
+        except _OutOfTime:
+            res.seconds = time.perf_counter() - t0
+            res.note = "stopped: out of time before the pickle was complete"
+            return _Outcome(res, needs_trace=False, needs_refs=False)
+        except Exception as exc:
+            res.seconds = time.perf_counter() - t0
+            res.dumps_ok = False
+            res.ok = False
+            res.error = _exc_text(exc)
+            return _Outcome(res, needs_trace=True, needs_refs=False)
+        res.dumps_ok = True
+        res.size = sink.size + keep.oob
+        res.oob_bytes = keep.oob
+        data = sink.value()
+        load_error = None
+        if data is None:
+            res.note = "not loaded back here: pickle too large to keep for the check"
+        else:
+            try:
+                ser.loads(data, keep.buffers, dumped.engine)
+                res.loads_ok = True
+            except Exception as exc:
+                res.loads_ok = False
+                load_error = res.error = _exc_text(exc)
+        res.seconds = time.perf_counter() - t0
+        res.ok = res.loads_ok is not False
+        if res.loads_ok is None:
+            res.ok = True
+        return _Outcome(
+            res, needs_trace=False, needs_refs=sink.hit or dumped.main_refs, load_error=load_error
+        )
+    finally:
+        keep.release()
+
+
+@dataclass
+class _TraceResult:
+    findings: list[_Finding]
+    out_of_time: bool = False
+    depth_paths: list[str] = field(default_factory=list)
+    unavailable: bool = False
+
+
+def _trace(
+    ser: _Serializer, obj: Any, name: str, ctx: _Context, deadline: float, max_depth: int,
+    check_refs: bool,
+) -> _TraceResult:
+    cls = _TRACERS.get(ser.name)
+    if cls is None:
+        return _TraceResult([], unavailable=True)
+    tracer = cls(_NullSink(), PROTOCOL, buffer_callback=lambda buf: None)
+    tracer._nb_setup(name, ser.name, ctx, deadline, max_depth, check_refs)
+    out = _TraceResult([])
+    old_limit = sys.getrecursionlimit()
+    # Each level of the pure-Python pickler costs a handful of Python frames;
+    # make room for max_depth levels, and put the limit back afterwards.
+    needed = len(_frames_in_use()) + 12 * max_depth + 200
+    if needed > old_limit:
+        sys.setrecursionlimit(needed)
+    try:
+        tracer.dump(obj)
+    except _OutOfTime:
+        out.out_of_time = True
+    except RecursionError:
+        out.depth_paths.append(f"{name} (Python's recursion limit)")
+    except Exception as exc:  # a failure outside any save(): blame the root
+        tracer._nb_stack[:] = [obj]
+        tracer._nb_record(obj, "fail", _exc_text(exc))
+    finally:
+        if needed > old_limit:
+            sys.setrecursionlimit(old_limit)
+    out.findings = list(tracer._nb_found.values())
+    out.depth_paths.extend(tracer._nb_depth_paths)
+    return out
+
+
+def _abbreviate(path: str, limit: int = 120) -> str:
+    if len(path) <= limit:
+        return path
+    keep = limit // 2 - 2
+    return f"{path[:keep]} ... {path[-keep:]}"
+
+
+def _frames_in_use() -> list[Any]:
+    frames = []
+    frame = sys._getframe()
+    while frame is not None:
+        frames.append(frame)
+        frame = frame.f_back
+    return frames
+
+
+def pickle_check(
+    obj: Any,
+    name: str = "obj",
+    *,
+    serializers: Sequence[str] | None = None,
+    max_seconds: float = DEFAULT_MAX_SECONDS,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    verify_spawn: _VerifySpawn | None = None,
+    max_problems: int = DEFAULT_MAX_PROBLEMS,
+    large_bytes: int = LARGE_BYTES,
+    _ctx: _Context | None = None,
+) -> Report:
+    """Check whether ``obj`` can be sent to another process, and name every culprit.
+
+    ``name`` is how the object is called in paths (``name.attr[0]``).
+    ``serializers`` picks from :func:`available_serializers` (default: all of
+    them: ``pickle``, ``dill`` as ``%%isolate`` uses it, ``cloudpickle``).
+    ``max_seconds`` bounds the search for culprits. The first dump of each
+    serializer gives the verdict and the size: with the C picklers it runs to
+    the end, dill's (pure Python) gets at most another ``max_seconds`` and is
+    reported as unknown past that. ``max_depth`` bounds how deep the search
+    descends (each attribute, item or reduce step is a level).
+    ``max_problems`` caps the listing (the rest is counted in ``omitted``);
+    objects pickling to ``large_bytes`` or more get a cost warning.
+    ``verify_spawn``, e.g.
+    :func:`nbisolate.probe.spawn_loads`, is called with a small pickle when
+    the static check can't tell whether a spawned child could load a
+    reference; it returns None or the child's error text.
+
+    The verdict per serializer comes from really dumping and loading (no
+    guessing), the culprits from a walk that follows exactly what pickling
+    follows; see the module docstring for the details.
+    """
+    started = time.perf_counter()
+    deadline = started + max_seconds
+    names = list(serializers) if serializers is not None else available_serializers()
+    unknown = [n for n in names if n not in _SERIALIZERS]
+    if unknown:
+        raise ValueError(
+            f"unknown serializer(s) {', '.join(map(repr, unknown))}; "
+            f"choose from {', '.join(available_serializers())}"
+        )
+    ctx = _ctx if _ctx is not None else _Context(verify_spawn)
+    if verify_spawn is not None and ctx.verify_spawn is None:
+        ctx.verify_spawn = verify_spawn
+    report = Report(name=name, type_name=_type_name(type(obj)), results={}, problems=[])
+    collected: list[tuple[_Finding, str]] = []  # (finding, serializer)
+    load_failures: dict[str, str] = {}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outcomes = {}
+        for sname in names:
+            ser = _SERIALIZERS[sname]
+            outcome = _fast(ser, obj, ctx, deadline + max_seconds)
+            outcomes[sname] = outcome
+            report.results[sname] = outcome.result
+            if outcome.result.ok is None:
+                report.truncated = True
+                report.notes.append(f"{sname}: {outcome.result.note}")
+            if outcome.load_error:
+                load_failures[sname] = outcome.load_error
+
+        to_trace = [s for s in names if outcomes[s].needs_trace or outcomes[s].needs_refs]
+        depth_hits: list[tuple[str, str]] = []
+        for i, sname in enumerate(to_trace):
+            ser = _SERIALIZERS[sname]
+            now = time.perf_counter()
+            share = max(deadline - now, 0.0) / (len(to_trace) - i)
+            tr = _trace(ser, obj, name, ctx, now + max(share, 0.05), max_depth, check_refs=True)
+            if tr.unavailable:
+                report.notes.append(f"{sname}: no tracing pickler available; culprits not located")
+            if tr.out_of_time:
+                report.truncated = True
+                report.notes.append(
+                    f"{sname}: stopped looking for culprits after the time limit "
+                    f"(max_seconds={max_seconds:g}); the problems listed are real, more may exist"
+                )
+            if tr.depth_paths:
+                report.truncated = True
+                depth_hits.append((sname, tr.depth_paths[0]))
+            for finding in tr.findings:
+                collected.append((finding, sname))
+        if depth_hits:
+            report.notes.append(
+                f"{', '.join(s for s, _ in depth_hits)}: did not descend deeper than "
+                f"{max_depth} levels (max_depth), e.g. at {_abbreviate(depth_hits[0][1])}"
+            )
+
+    _apply_findings(report, obj, collected, load_failures, ctx, max_problems)
+    _add_large(report, large_bytes)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _apply_findings(
+    report: Report, root: Any, collected: list[tuple[_Finding, str]],
+    load_failures: dict[str, str], ctx: _Context, max_problems: int,
+) -> None:
+    """Merge the walks' findings into one problem per culprit; settle spawn verdicts."""
+    merged: dict[Any, dict[str, Any]] = {}
+    order: list[Any] = []
+
+    def entry(key: Any, finding: _Finding, category: str, obj: Any, path: str) -> dict[str, Any]:
+        if key not in merged:
+            merged[key] = {
+                "obj": obj, "path": path, "category": category, "errors": {},
+                "also": [], "fails": [], "finding": finding,
+            }
+            order.append(key)
+        return merged[key]
+
+    for finding, sname in collected:
+        obj = finding.obj
+        path = finding.path
+        if finding.kind == "fail":
+            category = _classify(obj, finding.error)
+            e = entry(("obj", id(obj)), finding, category, obj, path)
+            e["errors"].setdefault(sname, finding.error)
+            if sname not in e["fails"]:
+                e["fails"].append(sname)
+            for p in finding.also:
+                if p != e["path"] and p not in e["also"]:
+                    e["also"].append(p)
+            continue
+        # a by-reference spawn problem: report it at the instance when the
+        # reference is the class of an instance
+        instance_path = path[: -len(".__class__")] if path.endswith(".__class__") else None
+        if finding.kind == "main":
+            verdict: str | None = (
+                f"AttributeError: Can't get attribute {getattr(obj, '__qualname__', '?')!r} "
+                "on <module '__main__'>"
+            )
+            by_name = route(obj) is Route.REFERENCE  # an Enum or TypeVar: by name even for %%isolate
+            category = "notebook-by-reference" if by_name else "notebook-defined"
+        else:
+            qual = getattr(obj, "__qualname__", getattr(obj, "__name__", "?"))
+            probe = ctx.verify(obj, finding.module, qual)
+            if probe is None:
+                continue  # a fresh interpreter loads it: no problem after all
+            if probe is False:
+                if finding.error == "missing":
+                    verdict = f"a fresh interpreter can't find module {finding.module!r}"
+                    category = "unimportable-module"
+                else:
+                    verdict = None
+                    category = "unverified-reference"
+            else:
+                verdict = str(probe)
+                category = "unimportable-module"
+        e = entry(("ref", id(obj)), finding, category, obj, instance_path or path)
+        if instance_path is not None:
+            e["instance_of"] = True
+        e["errors"].setdefault(sname, verdict or "not verified")
+        if verdict is not None and sname not in e["fails"]:
+            e["fails"].append(sname)
+            res = report.results.get(sname)
+            if res is not None:
+                res.spawn_ok = False
+                res.ok = False
+                if res.error is None:
+                    res.error = f"fails in a spawned child: {verdict}"
+        for p in finding.also:
+            if p.endswith(".__class__"):
+                p = p[: -len(".__class__")]
+            if p != e["path"] and p not in e["also"]:
+                e["also"].append(p)
+
+    for sname, res in report.results.items():
+        if res.dumps_ok and res.loads_ok and res.spawn_ok is None:
+            res.spawn_ok = True if sname not in _spawn_unverified(merged) else None
+
+    # failures the walk could not pin on a member: blame the root, honestly
+    for sname, res in report.results.items():
+        if res.ok is not False:
+            continue
+        located = any(sname in e["fails"] for e in merged.values())
+        if located:
+            continue
+        if sname in load_failures:
+            category = "load-fails"
+        else:
+            category = _classify(root, res.error or "")
+        e = entry(("root", category), None, category, root, report.name)  # type: ignore[arg-type]
+        e["errors"].setdefault(sname, res.error or "failed")
+        e["fails"].append(sname)
+
+    problems = _sort_problems([_make_problem(merged[k], report) for k in order])
+    if len(problems) > max_problems:
+        report.omitted = len(problems) - max_problems
+        problems = problems[:max_problems]
+        report.notes.append(
+            f"listed the first {max_problems} problems; {report.omitted} more not shown "
+            "(max_problems)"
+        )
+    report.problems = problems
+
+
+
+def _sort_problems(problems: list[Problem]) -> list[Problem]:
+    """Errors for %%isolate first, then hard failures, then spawn-only; kinds kept together."""
+    first: dict[str, int] = {}
+    for i, p in enumerate(problems):
+        first.setdefault(p.category, i)
+    ranked = sorted(
+        enumerate(problems),
+        key=lambda ip: (
+            ip[1].severity != "error", ip[1].category in _SOFT_CATEGORIES,
+            first[ip[1].category], ip[0],
+        ),
+    )
+    return [p for _, p in ranked]
+
+
+def _spawn_unverified(merged: dict[Any, dict[str, Any]]) -> set[str]:
+    out: set[str] = set()
+    for e in merged.values():
+        if e["category"] == "unverified-reference":
+            out.update(e["errors"])
+    return out
+
+
+def _make_problem(e: dict[str, Any], report: Report) -> Problem:
+    obj = e["obj"]
+    category = e["category"]
+    cat = _CATEGORIES[category]
+    fails = tuple(s for s in report.results if s in e["fails"])
+    if e.get("instance_of"):
+        type_name = _type_name(obj) if _is(obj, type) else _type_name(type(obj))
+        what = f"instance of class {type_name}"
+    else:
+        type_name = _type_name(type(obj))
+        what = _describe(obj)
+    # An error breaks %%isolate only if the dill column fails; with no dill
+    # column we can't say it doesn't.
+    breaks_isolate = "dill" in fails or ("dill" not in report.results and bool(fails))
+    severity = "error" if breaks_isolate else "warning"
+    errors = dict(e["errors"])
+    distinct: dict[str, list[str]] = {}
+    for sname, text in errors.items():
+        distinct.setdefault(text, []).append(sname)
+    said = "; ".join(f"{'/'.join(ss)}: {text}" for text, ss in distinct.items())
+    reason = f"{cat.why} ({said})" if cat.why else said
+    if e.get("instance_of"):
+        reason = f"its class {type_name}: {reason}"
+    return Problem(
+        path=e["path"], type_name=type_name, category=category, title=cat.title,
+        reason=reason, fix=cat.fix, fails_with=fails, severity=severity, what=what,
+        also_at=tuple(e["also"][:5]), errors=errors,
+    )
+
+
+def _add_large(report: Report, large_bytes: int) -> None:
+    size = report.size
+    if size is None or size < large_bytes:
+        return
+    res = report.results.get("dill") or next(iter(report.results.values()))
+    est = res.seconds + size / 1e9
+    oob = res.oob_bytes
+    how = (
+        f"{_fmt_size(oob)} of it as raw buffers (arrays), which pickle without copying here "
+        "but are still copied to the worker"
+        if oob
+        else "all of it pickled byte by byte"
+    )
+    reason = (
+        f"{_fmt_size(size)} would be copied into the worker on every run ({how}); expect "
+        f"roughly {est:.1f} s per run to pickle, send and load it, and as much memory again "
+        "in the worker while it runs."
+    )
+    cat = _CATEGORIES["large"]
+    report.problems.append(
+        Problem(
+            path=report.name, type_name=report.type_name, category="large", title=cat.title,
+            reason=reason, fix=cat.fix, fails_with=(), severity="warning",
+            what=f"{_fmt_size(size)} pickled",
+        )
+    )

@@ -1,0 +1,92 @@
+"""``check_namespace``: ``%pickle_check`` over a notebook's variables.
+
+Picks the user's variables (not IPython's own), shares one spawn context and
+one time budget across them, lists modules apart (``%%isolate`` re-imports
+them by name) and orders the reports so variables with problems come first.
+"""
+
+from __future__ import annotations
+
+import time
+import types
+from collections.abc import Sequence
+from typing import Any
+
+from .categories import _SOFT_CATEGORIES, _is
+from .check import DEFAULT_MAX_SECONDS, pickle_check
+from .report import NamespaceReport, Report, UnknownNameError
+from .spawn import _Context, _VerifySpawn
+
+_IPYTHON_NAMES = frozenset(
+    {"In", "Out", "_", "__", "___", "_oh", "_ih", "_dh", "exit", "quit", "get_ipython"}
+)
+
+
+def _is_user_variable(name: str) -> bool:
+    return name not in _IPYTHON_NAMES and not name.startswith("_")
+
+
+def _report_rank(report: Report) -> int:
+    """Order for a namespace: breaks %%isolate, fails somewhere, spawn-only/advice, clean."""
+    if report.errors or report.isolate_ok is False:
+        return 0
+    if any(p.category not in _SOFT_CATEGORIES for p in report.problems):
+        return 1
+    if report.problems or not report.ok:
+        return 2
+    return 3
+
+
+def check_namespace(
+    user_ns: dict[str, Any],
+    names: Sequence[str] | None = None,
+    *,
+    serializers: Sequence[str] | None = None,
+    max_seconds: float = 30.0,
+    verify_spawn: _VerifySpawn | None = None,
+) -> NamespaceReport:
+    """Check notebook variables; with no ``names``, every user variable.
+
+    Skips IPython's own names (``In``, ``Out``, ``_``, ``_i3``, ``exit``,
+    ...) and anything starting with ``_``. Variables that hold modules are
+    listed as fine: ``%%isolate`` re-imports them by name instead of
+    pickling them. Names asked for explicitly are always checked (a module
+    asked for by name gets a full report) and raise :class:`UnknownNameError`
+    when missing. ``max_seconds`` is the budget for the whole namespace; each
+    variable gets at most :data:`DEFAULT_MAX_SECONDS` of it for the search for
+    culprits. Variables with problems come first in the result.
+    """
+    started = time.perf_counter()
+    deadline = started + max_seconds
+    explicit = names is not None and len(names) > 0
+    if explicit:
+        missing = [n for n in names if n not in user_ns]  # type: ignore[union-attr]
+        if missing:
+            raise UnknownNameError(missing)
+        chosen = list(dict.fromkeys(names))  # type: ignore[arg-type]
+    else:
+        chosen = [n for n in list(user_ns) if _is_user_variable(n)]
+    ctx = _Context(verify_spawn)
+    reports: dict[str, Report] = {}
+    modules: list[str] = []
+    notes: list[str] = []
+    for i, var in enumerate(chosen):
+        value = user_ns[var]
+        if not explicit and _is(value, types.ModuleType):
+            modules.append(var)
+            continue
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            notes.append(
+                f"stopped after {max_seconds:g} s (max_seconds): {len(chosen) - i} variables "
+                f"not checked: {', '.join(chosen[i:i + 10])}{' ...' if len(chosen) - i > 10 else ''}"
+            )
+            break
+        reports[var] = pickle_check(
+            value, name=var, serializers=serializers,
+            max_seconds=min(DEFAULT_MAX_SECONDS, left), _ctx=ctx,
+        )
+    ordered = dict(sorted(reports.items(), key=lambda kv: _report_rank(kv[1])))
+    return NamespaceReport(
+        reports=ordered, modules=modules, seconds=time.perf_counter() - started, notes=notes
+    )
