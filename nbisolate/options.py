@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import IsolateUsageError
+from .units import parse_size
 
 DEFAULT_MAX_OUTPUT = 10 * 1024 * 1024
 """Output (stdout and stderr together) kept per run; the rest is dropped, and said so."""
@@ -24,29 +25,6 @@ DEFAULT_MAX_OUTPUT = 10 * 1024 * 1024
 MIN_MEM = 32 * 1024 * 1024
 """A worker needs about 30 MB just to run Python and load nbisolate; a ``--mem`` below this
 could only end in a confusing crash."""
-
-_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-
-
-def parse_size(text: str | int | float) -> int:
-    """``2G``, ``500M``, ``1.5GB``, ``1024`` (bytes) -> bytes; a clear error otherwise."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value = float(text)
-    else:
-        raw = str(text).strip().upper().removesuffix("IB").removesuffix("B")
-        number = raw.rstrip("KMGT")
-        unit = raw[len(number) :]
-        try:
-            value = float(number) * _SIZE_UNITS[unit]
-        except (ValueError, KeyError):
-            raise IsolateUsageError(
-                f"cannot read size {text!r}: use a number with K, M, G or T, like 500M or 2G; "
-                "nothing ran."
-            ) from None
-    if not value > 0 or math.isinf(value):
-        raise IsolateUsageError(f"size {text!r} must be more than zero; nothing ran.")
-    return int(value)
-
 
 def _names(value: Iterable[str] | str | None, option: str) -> tuple[str, ...] | None:
     if value is None:
