@@ -53,6 +53,9 @@ class Plan:
     outputs: tuple[str, ...]
     has_result: bool
     missing: tuple[str, ...] = ()
+    names: frozenset[str] = frozenset()
+    """Every identifier and attribute name the code mentions (``xml``, ``dom``, ``minidom``):
+    the submodules of a shipped module that the cell reaches are the ones it names."""
 
 
 def parse_cell(source: str, first_line: int = 1) -> ast.Module:
@@ -346,6 +349,11 @@ def plan_cell(
         outputs=out,
         has_result=has_result,
         missing=missing_reads,
+        names=frozenset(
+            node.id if isinstance(node, ast.Name) else node.attr
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Name, ast.Attribute))
+        ),
     )
 
 

@@ -25,6 +25,7 @@ import os
 import signal
 import sys
 import time
+from collections import ChainMap
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import replace
 from typing import Any
@@ -136,6 +137,9 @@ class CellRun:
         self.options = options
         self.source = source
         self.namespace = namespace
+        # The notebook's own namespace (a sweep reads through a ChainMap over it): the
+        # globals of its functions, which functions coming back are rebuilt on.
+        self.main_namespace = namespace.maps[-1] if isinstance(namespace, ChainMap) else namespace
         self.available = set(namespace) if available is None else set(available)
         self.label = label or _label(source)
         self.line_offset = line_offset
@@ -217,7 +221,11 @@ class CellRun:
 
     def _ship(self, plan: Plan) -> ship.Shipment:
         t1 = time.perf_counter()
-        shipment = ship.dumps({name: self.namespace[name] for name in plan.inputs})
+        shipment = ship.dumps(
+            {name: self.namespace[name] for name in plan.inputs},
+            main=self.main_namespace,
+            uses=plan.names,
+        )
         self.phases["serialize"] = time.perf_counter() - t1
         self._notify(Event("phase", ("serialize", self.phases["serialize"])))
         self._notify(Event("shipped", _shipped(shipment, self.namespace)))
@@ -327,7 +335,9 @@ class CellRun:
             raise self._rebuild_error(body, self._final.buffers)
         t0 = time.perf_counter()
         try:
-            values = ship.loads(body["names"], body["data"], self._final.buffers, body["engine"])
+            values = ship.loads(
+                body["names"], body["data"], self._final.buffers, body["engine"], self.main_namespace
+            )
         except MemoryError:
             raise _one_paragraph(
                 MemoryError(
@@ -414,7 +424,9 @@ class CellRun:
         exc: BaseException | None = None
         if body.get("names"):
             try:
-                exc = ship.loads(body["names"], body["data"], buffers, body["engine"]).get("exc")
+                exc = ship.loads(
+                    body["names"], body["data"], buffers, body["engine"], self.main_namespace
+                ).get("exc")
             except Exception:
                 exc = None
         text = body.get("traceback", "")

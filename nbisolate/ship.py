@@ -7,20 +7,22 @@ name. Why not plain ``dill``: it is built on the pure-Python pickler and is an
 order of magnitude slower on ordinary data (100k small dicts: ~50 ms with the
 C pickler, ~1.9 s with dill).
 
-So the fast path is the C ``pickle.Pickler`` with a ``reducer_override`` that
-makes a per-object choice (the idea of choosing the serializer per object, as
-some experiment recorders do per class). The choice itself is
+So the fast path is the C ``pickle.Pickler`` (by way of cloudpickle's
+subclass, :class:`nbisolate.byvalue.Pickler`) with a ``reducer_override``
+that makes a per-object choice (the idea of choosing the serializer per
+object, as some experiment recorders do per class). The choice itself is
 :func:`nbisolate.travel.route`, the one place that decides how a value
 travels; the pickler only carries it out, and :class:`Shipment` records per
 variable the route taken (:attr:`Shipment.travel`), so what the panel shows
 is what happened:
 
-* a module becomes ``importlib.import_module(name)`` in the worker;
+* a module becomes ``importlib.import_module(name)`` in the worker, with the
+  submodules the notebook imported that the code names;
 * a function or class the worker could not import by name (defined in the
-  notebook, a lambda, a nested function) is handed to ``dill`` with
-  ``recurse=True``, so the globals it uses travel with it (dill's default
-  would silently drop them and the worker would hit ``NameError``);
-* a function or class found by name (importable, or an Enum) goes by reference;
+  notebook, a lambda, a nested function, a notebook Enum) travels by value
+  (:mod:`nbisolate.byvalue`): cloudpickle's copy, rebuilt on the worker's
+  ``__main__``, and sent back as the notebook's own original;
+* a function or class found by name goes by reference;
 * everything else takes the C pickler's own path, including protocol-5
   out-of-band buffers, so arrays are never copied into the stream.
 
@@ -32,15 +34,15 @@ variables stay shared on the other side (``b['x'] is a`` still holds).
 
 from __future__ import annotations
 
-import importlib
 import io
 import pickle
 import time
 import types
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import byvalue
 from .errors import ShipError
 from .travel import (
     LABELS,
@@ -72,26 +74,17 @@ __all__ = [
 PROTOCOL = 5
 
 
-def _import_module(name: str) -> types.ModuleType:
-    return importlib.import_module(name)
-
-
-def _load_dill(data: bytes) -> Any:
-    import dill
-
-    return dill.loads(data)
+_import_module = byvalue._import_module  # the dill fallback re-imports modules the same way
 
 
 _STRING_OPS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING",
                          "SHORT_BINSTRING", "BINSTRING"})
-_BYTES_OPS = frozenset({"SHORT_BINBYTES", "BINBYTES", "BINBYTES8"})
-_IMPORTERS = frozenset({("nbisolate.ship", "_import_module"), ("dill._dill", "_import_module")})
+_IMPORTERS = frozenset({("nbisolate.byvalue", "_import_module"), ("dill._dill", "_import_module")})
 
 
 def modules_in_pickle(data: bytes | memoryview) -> set[str]:
     """Module names a pickle stream imports when loaded (globals, re-imported modules).
 
-    Looks inside embedded pickles too (the dill blobs of by-value functions).
     Used where the loading side is another machine, to check before sending
     that it can import them. A stream it cannot read gives what was found so far.
     """
@@ -121,9 +114,6 @@ def _scan_pickle(data: bytes | memoryview, strict: bool) -> set[str] | None:
                 pushed: Any = None
                 if name in _STRING_OPS:
                     pushed = arg
-                elif name in _BYTES_OPS and isinstance(arg, bytes) and arg[:1] == b"\x80":
-                    # a dill blob inside; code objects' line tables can start with 0x80 too
-                    found |= _scan_pickle(arg, strict=True) or set()
                 elif name in ("BINGET", "LONG_BINGET", "GET"):
                     pushed = memo.get(int(arg))
                 elif name in ("GLOBAL", "INST"):
@@ -143,51 +133,42 @@ def _scan_pickle(data: bytes | memoryview, strict: bool) -> set[str] | None:
     return found
 
 
-class FastPickler(pickle.Pickler):
-    """The C pickler, with dill only for what the C pickler would get wrong.
+class FastPickler(byvalue.Pickler):
+    """The C pickler, carrying out :func:`nbisolate.travel.route` for modules, functions, classes.
 
     ``reducer_override`` is called by the C pickler for objects of every type
-    but the handful it writes itself (None, bools, ints, floats, str, bytes...),
-    and it must stay cheap: only modules, functions and classes reach
-    :func:`nbisolate.travel.route`; everything else is left to the pickler's
-    own ``__reduce_ex__`` path at once.
+    but the handful it writes itself (None, bools, ints, floats, str, bytes,
+    dict, list...), and it must stay cheap: only modules, functions and
+    classes reach :func:`~nbisolate.travel.route`; everything else goes to the
+    dispatch table (cloudpickle's reducers: TypeVars, code objects,
+    memoryviews...) or its own ``__reduce_ex__`` at once.
 
     It also notes the modules the stream will import on the other side
-    (``modules``, plus whatever the ``dill_blobs`` import): a remote worker
-    must be able to import every one of them.  The blobs are kept, not
-    scanned: only the Dask backend asks, so the per-cell path does not pay.
+    (``modules``): a remote worker must be able to import every one of them;
+    and how many functions and classes it sent by value (``copied``).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.modules: set[str] = set()
-        self.dill_blobs: list[bytes] = []
+    copied = 0
 
     def reducer_override(self, obj: Any) -> Any:
         kind = type(obj)
-        if not (
-            kind is _ModuleType or kind is _FunctionType or kind is _BuiltinType
-            or issubclass(kind, type)  # not isinstance: a weak proxy would forward it
-        ):
+        if kind is _FunctionType or issubclass(kind, type):  # not isinstance: a weak proxy would forward it
+            back = self.sent_back(obj)
+            if back is not None:  # it came from the other side: it goes back as itself
+                return back
+        elif kind is not _ModuleType and kind is not _BuiltinType:
             return NotImplemented
         how = route(obj)
         if how is _MODULE:
-            self.modules.add(obj.__name__)
-            return _import_module, (obj.__name__,)
-        if how is _DILL:  # a module nobody can import by name: dill, for everything
-            raise pickle.PicklingError(
-                f"module {getattr(obj, '__name__', obj)!r} cannot be re-imported by name"
-            )
-        if how is _DILL_VALUE:
-            import dill
-
-            blob = dill.dumps(obj, recurse=True)
-            self.dill_blobs.append(blob)
-            return _load_dill, (blob,)
-        module = getattr(obj, "__module__", None)  # Route.REFERENCE: the pickler's save_global
+            return self.module_by_name(obj)
+        if how is _BY_VALUE:
+            if kind is not _ModuleType:
+                self.copied += 1
+            return self.by_value(obj)
+        module = getattr(obj, "__module__", None)  # Route.REFERENCE
         if isinstance(module, str):
             self.modules.add(module)
-        return NotImplemented
+        return self.by_name(obj)
 
 
 @dataclass
@@ -205,7 +186,7 @@ class Shipment:
     value (both list only variables that have any), ``references`` the name a
     by-reference variable is looked up by. :attr:`travel` gathers them per
     variable and :attr:`how` gives the routes as short labels (``pickle``,
-    ``pickle + shared memory``, ``by reference``, ``dill (by value)``,
+    ``pickle + shared memory``, ``by reference``, ``by value``,
     ``module (re-imported)``, ``dill (whole shipment)``), both built on first
     use, off the per-cell path. Shared memory is decided from the whole
     shipment's buffers exactly as :meth:`nbisolate.wire.Channel.send` decides
@@ -224,7 +205,6 @@ class Shipment:
     buffer_bytes: dict[str, int] = field(default_factory=dict)
     references: dict[str, str | None] = field(default_factory=dict)
     module_refs: set[str] | None = None  # noted while pickling; None: scan the stream
-    dill_blobs: list[bytes] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
@@ -269,12 +249,7 @@ class Shipment:
         and functions sent by reference, also inside by-value ones. Computed on first use."""
         found = getattr(self, "_modules", None)
         if found is None:
-            if self.module_refs is None:
-                found = modules_in_pickle(self.data)
-            else:
-                found = set(self.module_refs)
-                for blob in self.dill_blobs:
-                    found |= modules_in_pickle(blob)
+            found = modules_in_pickle(self.data) if self.module_refs is None else set(self.module_refs)
             self._modules = found
         return found
 
@@ -317,11 +292,10 @@ def _attempt(
     sizes: dict[str, int] = {}
     seconds: dict[str, float] = {}
     oob: dict[str, int] = {}
-    blobs: list[bytes] = getattr(pickler, "dill_blobs", [])
     by_value: dict[str, int] = {}
     routes: dict[str, Route] = {}
     references: dict[str, str | None] = {}
-    blob_count = 0
+    copied = 0  # functions and classes the pickler sent by value so far
     for name in names:
         value = values[name]
         start_pos, start_buf, t0 = file.tell(), len(buffers), time.perf_counter()
@@ -335,9 +309,9 @@ def _attempt(
         else:
             nbytes = 0
         sizes[name] = (file.tell() - start_pos) + nbytes
-        if len(blobs) != blob_count:
-            by_value[name] = len(blobs) - blob_count
-            blob_count = len(blobs)
+        now = getattr(pickler, "copied", 0)
+        if now != copied:
+            by_value[name], copied = now - copied, now
         taken = _PICKLE if type(value) in _PLAIN else route(value)
         if engine == "dill" and taken is not _MODULE:
             taken = _DILL
@@ -361,13 +335,12 @@ def _attempt(
         references=references,
     )
     shipment.module_refs = getattr(pickler, "modules", None)
-    shipment.dill_blobs = getattr(pickler, "dill_blobs", [])
     return shipment, None, None
 
 
 # Members read once (an enum member lookup costs ~50 ns), and the types whose
 # route is PICKLE without asking: the per-cell path runs through here.
-_MODULE, _PICKLE, _DILL, _DILL_VALUE = Route.MODULE, Route.PICKLE, Route.DILL, Route.DILL_VALUE
+_MODULE, _PICKLE, _DILL, _BY_VALUE = Route.MODULE, Route.PICKLE, Route.DILL, Route.BY_VALUE
 _REFERENCE, _SHARED_MEMORY = Route.REFERENCE, Route.SHARED_MEMORY
 _ModuleType, _BuiltinType, _FunctionType = (
     types.ModuleType, types.BuiltinFunctionType, types.FunctionType
@@ -376,9 +349,18 @@ _PLAIN = frozenset({int, float, complex, str, bytes, bytearray, bool, type(None)
                     dict, set, frozenset})
 
 
-def fast_pickler(file: Any, buffer_callback: Any = None) -> pickle.Pickler:
-    """The pickler of the fast path (:class:`FastPickler`, protocol 5) writing to ``file``."""
-    return FastPickler(file, protocol=PROTOCOL, buffer_callback=buffer_callback)
+def fast_pickler(
+    file: Any,
+    buffer_callback: Any = None,
+    main: MutableMapping[str, Any] | None = None,
+    names: Iterable[str] = (),
+) -> pickle.Pickler:
+    """The pickler of the fast path (:class:`FastPickler`, protocol 5) writing to ``file``.
+
+    ``main`` is the notebook namespace (see :mod:`nbisolate.byvalue`), ``names``
+    the identifiers the code uses (submodules it reaches come along).
+    """
+    return FastPickler(file, main=main, names=names, buffer_callback=buffer_callback)
 
 
 _dill_pickler_class: Any = None
@@ -423,17 +405,32 @@ def dill_pickler(file: Any, buffer_callback: Any = None) -> pickle.Pickler:
     )
 
 
-def dumps(values: Mapping[str, Any], *, skip_failures: bool = False) -> Shipment:
+def dumps(
+    values: Mapping[str, Any],
+    *,
+    skip_failures: bool = False,
+    main: MutableMapping[str, Any] | None = None,
+    uses: Iterable[str] = (),
+) -> Shipment:
     """Serialize named values in one pass, preserving sharing between them.
 
     With ``skip_failures`` (used for results coming back) a variable that
     cannot be serialized is left out and named in ``skipped``; otherwise the
     first such variable raises :class:`ShipError` naming it and, when the
-    diagnosis engine finds it, the member path and the fix.
+    diagnosis engine finds it, the member path and the fix.  ``main`` is the
+    namespace the values come from (the notebook's, or the worker's
+    ``__main__``): functions defined there are rebuilt on the other side's.
+    ``uses``: the identifiers the code uses, so re-imported modules bring the
+    submodules it names.
     """
     names = list(values)
     skipped: dict[str, str] = {}
-    for engine, factory in (("pickle", fast_pickler), ("dill", dill_pickler)):
+    uses = frozenset(uses)
+
+    def fast(file: Any, buffer_callback: Any = None) -> pickle.Pickler:
+        return fast_pickler(file, buffer_callback, main=main, names=uses)
+
+    for engine, factory in (("pickle", fast), ("dill", dill_pickler)):
         todo = [n for n in names if n not in skipped]
         while True:
             shipment, failed, exc = _attempt(factory, values, todo, engine)
@@ -463,9 +460,18 @@ def dumps(values: Mapping[str, Any], *, skip_failures: bool = False) -> Shipment
 
 
 def loads(
-    names: Iterable[str], data: bytes | memoryview, buffers: Sequence[Any], engine: str = "pickle"
+    names: Iterable[str],
+    data: bytes | memoryview,
+    buffers: Sequence[Any],
+    engine: str = "pickle",
+    main: MutableMapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Rebuild the values written by :func:`dumps`, in order and with one memo."""
+    """Rebuild the values written by :func:`dumps`, in order and with one memo.
+
+    ``main`` is the namespace notebook functions are rebuilt on (the worker's
+    ``__main__``, or the notebook's when results come back); by default this
+    interpreter's ``__main__``.
+    """
     file = io.BytesIO(data)
     if engine == "dill":
         import dill
@@ -473,4 +479,5 @@ def loads(
         unpickler: Any = dill.Unpickler(file, buffers=buffers, ignore=True)
     else:
         unpickler = pickle.Unpickler(file, buffers=buffers)
-    return {name: unpickler.load() for name in names}
+    with byvalue.loads_into(main):
+        return {name: unpickler.load() for name in names}

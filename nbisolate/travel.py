@@ -20,16 +20,8 @@ The routes, and the CPython/pickle behaviour behind each:
     fresh interpreter can find the object by that name (:func:`found_by_name`,
     the same test as cloudpickle's ``_should_pickle_by_reference``: the name
     must lead back to the very same object). Builtin functions always reduce to
-    a name. ``typing.TypeVar``/``ParamSpec``/``TypeVarTuple`` reduce to their
-    name too (their ``__reduce__`` returns ``__name__``), and so does an
-    ``Enum`` member (``__reduce_ex__`` gives ``(its class, (value,))``) -- its
-    class then decides. An ``Enum`` class that is found by name also goes by
-    reference, even from the notebook's ``__main__``: dill cannot send one by
-    value (its members refer back to the class by name, so dill's copy still
-    needs ``__main__.<Enum>`` on the other side), so today a notebook Enum or
-    TypeVar reaches the worker as a name the worker's ``__main__`` does not
-    have, and loading fails with "Can't get attribute". :func:`route` says so
-    truthfully; ``%pickle_check`` reports it.
+    a name, and so do importable ``typing.TypeVar``/``ParamSpec``/``TypeVarTuple``
+    objects and the members of an importable ``Enum``.
 ``PICKLE`` / ``SHARED_MEMORY``
     Everything else takes the C pickler's own path (``__reduce_ex__(5)``).
     Objects that support protocol 5 (numpy arrays, pandas blocks) hand their
@@ -40,17 +32,17 @@ The routes, and the CPython/pickle behaviour behind each:
     shared anonymous memfd instead of the socket: such a value is labelled
     ``SHARED_MEMORY``. That depends on the whole shipment, so it is decided
     after serialization (``Shipment.routes``), never guessed per value.
-``DILL_VALUE``
-    A function or class a fresh interpreter cannot find by name -- defined in
-    the notebook (``__main__``), a lambda, a closure, a class made inside a
-    function -- is handed to ``dill.dumps(obj, recurse=True)`` and travels by
-    value with the globals it uses (``recurse`` sends only the globals the
-    code refers to; without it dill would drop them and the worker would hit
-    ``NameError``).
+``BY_VALUE``
+    What a fresh interpreter cannot find by name -- a function or class
+    defined in the notebook (``__main__``), a lambda, a closure, a class made
+    inside a function, a notebook ``Enum`` or ``TypeVar``, a module made at
+    run time -- travels by value through :mod:`nbisolate.byvalue`
+    (cloudpickle, with the notebook namespace as the worker's ``__main__`` and
+    identity kept both ways), in the same stream and memo as everything else:
+    a factory and the class it builds arrive as one.
 ``DILL``
-    When the C pickler cannot serialize something at all (an open file, a
-    module that cannot be re-imported), the *whole* shipment is redone with
-    dill alone (:func:`nbisolate.ship.dumps`), which is slower but handles
+    When the fast path cannot serialize something at all (an open file, which
+    dill re-opens by name), the *whole* shipment is redone with dill alone (:func:`nbisolate.ship.dumps`), which is slower but handles
     more kinds; modules are still re-imported and arrays still out of band.
 
 Standard library only at import (dill and numpy are never imported here), as
@@ -73,7 +65,7 @@ class Route(str, enum.Enum):
     REFERENCE = "by reference"
     PICKLE = "pickle"
     SHARED_MEMORY = "pickle + shared memory"
-    DILL_VALUE = "dill (by value)"
+    BY_VALUE = "by value"
     DILL = "dill (whole shipment)"
 
     def __str__(self) -> str:
@@ -148,55 +140,63 @@ def needs_value(obj: Any) -> bool:
 # Members read once: ``Route.MODULE`` goes through the enum metaclass (~50 ns),
 # and route() runs for every module, function and class a shipment holds.
 _MODULE, _REFERENCE, _PICKLE = Route.MODULE, Route.REFERENCE, Route.PICKLE
-_DILL_VALUE, _DILL = Route.DILL_VALUE, Route.DILL
+_BY_VALUE, _DILL = Route.BY_VALUE, Route.DILL
 _ModuleType, _BuiltinType, _FunctionType = (
     types.ModuleType, types.BuiltinFunctionType, types.FunctionType
 )
 _Enum = enum.Enum
 _modules = sys.modules
+_BUILTIN_MODULES = frozenset({"builtins", "types"})
 
 
 def route(obj: Any) -> Route:
     """How ``obj`` itself is written by :func:`nbisolate.ship.dumps`'s fast pickler.
 
     Only the object, not what it contains: a list holding a lambda is
-    ``PICKLE`` (the lambda inside is ``DILL_VALUE``). Cheap (type tests and at
+    ``PICKLE`` (the lambda inside is ``BY_VALUE``). Cheap (type tests and at
     most one attribute walk), so the pickler calls it for every module,
-    function and class it meets. ``DILL`` means the fast pickler refuses the
-    object and the whole shipment goes to dill.
+    function and class it meets.
     """
     kind = type(obj)  # the real type: isinstance() would ask a weak proxy's referent
     if kind is _ModuleType:
-        return _MODULE if module_is_importable(obj) else _DILL
+        return _MODULE if module_is_importable(obj) else _BY_VALUE
     if kind is _BuiltinType:
         return _REFERENCE
     if kind is _FunctionType or issubclass(kind, type):
         hit = _lookup(obj)
-        if hit is None or hit[1] is not obj:
-            return _DILL_VALUE
-        if not hit[0].startswith("__"):
-            return _REFERENCE  # importable: pickle's own save_global
-        if hit[0] == "__main__" and kind is not _FunctionType and issubclass(obj, _Enum):
-            return _REFERENCE  # a notebook Enum: dill can't send it by value either; see above
-        return _DILL_VALUE
+        if hit is None or hit[1] is not obj or hit[0].startswith("__"):
+            if kind is not _FunctionType and getattr(obj, "__module__", None) in _BUILTIN_MODULES:
+                return _REFERENCE  # types.CodeType and its kin: named by the types module
+            return _BY_VALUE
+        return _REFERENCE  # importable: pickle's own save_global
     if issubclass(kind, _Enum):
         return route(kind)
     if NAMED_INSTANCE_TYPES and issubclass(kind, NAMED_INSTANCE_TYPES):
         hit = _lookup(obj)
-        return _REFERENCE if hit is not None and hit[1] is obj else _DILL
+        found = hit is not None and hit[1] is obj and not hit[0].startswith("__")
+        return _REFERENCE if found else _BY_VALUE
     return _PICKLE
 
 
 def refers_to_main(obj: Any) -> bool:
-    """True when ``obj`` is written as a reference into ``__main__``, which a worker lacks.
+    """True when the dill fallback writes ``obj`` as a name in ``__main__``, which a worker lacks.
 
-    What ``%pickle_check`` looks for under ``%%isolate``: notebook functions and
-    most classes go by value, but a notebook Enum or TypeVar goes by name.
+    The fast path sends every notebook object by value; dill, the fallback for
+    what the fast path cannot serialize, still writes a notebook ``Enum`` (and
+    its members) and a notebook ``TypeVar`` by name. ``%pickle_check`` looks
+    for exactly that.
     """
-    if route(obj) is not _REFERENCE:
+    kind = type(obj)
+    if issubclass(kind, _Enum):
+        target: Any = kind
+    elif kind is not _FunctionType and issubclass(kind, type) and issubclass(obj, _Enum):
+        target = obj
+    elif NAMED_INSTANCE_TYPES and issubclass(kind, NAMED_INSTANCE_TYPES):
+        target = obj
+    else:
         return False
-    target = type(obj) if issubclass(type(obj), _Enum) else obj
-    return getattr(target, "__module__", None) == "__main__"
+    hit = _lookup(target)
+    return hit is not None and hit[0] == "__main__" and hit[1] is target
 
 
 class Travel(NamedTuple):
@@ -205,7 +205,7 @@ class Travel(NamedTuple):
     ``route`` is the path its top-level object took (see the module
     docstring), ``size`` the bytes it added (its share of the stream plus its
     out-of-band buffers), ``buffer_bytes`` the out-of-band part, ``by_value``
-    how many functions and classes inside it were sent by value with dill, and
+    how many functions and classes inside it were sent by value, and
     ``reference`` the ``module.qualname`` a ``REFERENCE`` is looked up by.
     """
 
@@ -217,7 +217,7 @@ class Travel(NamedTuple):
 
     @property
     def label(self) -> str:
-        """Short text for a table: ``pickle + shared memory``, ``dill (by value)``..."""
+        """Short text for a table: ``pickle + shared memory``, ``by value``..."""
         return LABELS[self.route]
 
 

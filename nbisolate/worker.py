@@ -384,7 +384,7 @@ def _available_memory() -> int | None:
 
 
 def _fit_result(
-    values: dict[str, Any], shipped: Any, max_result: int | None
+    values: dict[str, Any], shipped: Any, max_result: int | None, main: dict[str, Any] | None = None
 ) -> tuple[Any, set[str]]:
     """Leave out the largest results until the rest fits the limit; returns the names left out.
 
@@ -417,7 +417,7 @@ def _fit_result(
         size = format_bytes(shipped.sizes.get(name, 0))
         skipped[name] = f"its {size} (of {format_bytes(total)} in all) is {why}"
         rest = {n: v for n, v in values.items() if n in shipped.names and n != name}
-        shipped = ship.dumps(rest, skip_failures=True)
+        shipped = ship.dumps(rest, skip_failures=True, main=main)
         shipped.skipped = {**skipped, **shipped.skipped}
     return shipped, left_out
 
@@ -438,7 +438,7 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
     chan.send(MSG_PHASE, ("start", time.perf_counter() - t0))
 
     t1 = time.perf_counter()
-    ns.update(ship.loads(job["inputs"], job["data"], buffers, job["engine"]))
+    ns.update(ship.loads(job["inputs"], job["data"], buffers, job["engine"], ns))
     del buffers
     chan.send(MSG_PHASE, ("load", time.perf_counter() - t1))
 
@@ -462,7 +462,7 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
             display_worker.end_of_cell()  # figures left open show even when the cell failed
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
-        shipped = ship.dumps({"exc": exc}, skip_failures=True)
+        shipped = ship.dumps({"exc": exc}, skip_failures=True, main=ns)
         marked = _mark_pipes(job.get("sync"))
         body = error_body(
             exc,
@@ -488,8 +488,8 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
     bundle = None
     if tail is not None and value is not None:
         out[RESULT] = value
-    shipped = ship.dumps(out, skip_failures=True)
-    shipped, too_big = _fit_result(out, shipped, job.get("max_result"))
+    shipped = ship.dumps(out, skip_failures=True, main=ns)
+    shipped, too_big = _fit_result(out, shipped, job.get("max_result"), ns)
     display_worker.explain_skipped(shipped.skipped, out)
     if RESULT in shipped.skipped and RESULT not in too_big:
         bundle = display_worker.result_bundle(value)  # the kernel's formatter, or _fallback_bundle

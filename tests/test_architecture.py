@@ -111,14 +111,16 @@ PROCESSES = ("subprocess", "multiprocessing", "multiprocess", "concurrent.future
 
 
 def test_wall_1_the_worker_side_loads_nothing_of_the_kernel_side():
-    worker_side = _modules("worker", "display_worker", "protocol", "wire", "proctree", "ship", "travel")
+    worker_side = _modules(
+        "worker", "display_worker", "protocol", "wire", "proctree", "ship", "byvalue", "travel"
+    )
     assert worker_side
     bad = _violations(worker_side, (*KERNEL_SIDE, "IPython", "ipywidgets", "ipykernel"), top_level_only=True)
     assert not bad, f"worker-side modules import the kernel side at import time: {bad}"
 
 
 def test_wall_2_planning_shipping_and_diagnosis_start_no_processes():
-    planning = _modules("plan", "ship", "travel", "options", "units", "diagnose")
+    planning = _modules("plan", "ship", "byvalue", "travel", "options", "units", "diagnose")
     assert planning
     bad = _violations(planning, PROCESSES)
     assert not bad, f"planning/shipping/diagnosis modules import process machinery: {bad}"

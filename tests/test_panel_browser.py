@@ -89,7 +89,7 @@ def test_live_panel_renders_ticks_and_collapses_to_its_summary(page: Any) -> Non
     elapsed = panel.locator(".nbisolate-elapsed")
     elapsed.first.wait_for(timeout=20_000)
     # The variables the cell reads are listed with how they travel, once serialized.
-    panel.locator("tr.nbisolate-var", has_text="dill (by value)").wait_for()
+    panel.locator("tr.nbisolate-var", has_text="by value").wait_for()
     text = panel.first.inner_text()
     assert "prices" in text and "pickle" in text and "module (re-imported)" in text, text
     assert panel.locator(".nbisolate-panel-stop button, button.nbisolate-panel-stop").count() == 1

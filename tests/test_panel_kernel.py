@@ -167,7 +167,7 @@ def test_rows_give_name_type_size_and_how_each_input_travels(kernel):
     assert set(live) == {"prices", "score", "vendor"}
     assert live["prices"][1:2] == ["list"] and live["prices"][3] == "pickle"
     assert re.fullmatch(r"[\d.]+ KB", live["prices"][2]), live["prices"]
-    assert live["score"][1] == "function" and live["score"][3] == "dill (by value)"
+    assert live["score"][1] == "function" and live["score"][3] == "by value"
     assert live["vendor"][1] == "module" and live["vendor"][3] == "module (re-imported)"
     # ... and so does the summary it collapses to, with every phase timed.
     html = final(res)["text/html"]

@@ -48,7 +48,7 @@ def test_local_functions_and_classes_go_by_value_with_their_globals():
 
     Local, fn = make()
     s, out = roundtrip({"cls": Local, "obj": Local(), "fn": fn})
-    assert s.engine == "pickle" and s.how["fn"] == "dill (by value)"
+    assert s.engine == "pickle" and s.how["fn"] == "by value"
     assert out["obj"].get() == 3 and out["fn"](1) == 4
     assert type(out["obj"]) is out["cls"]
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import dill
 
+from ..byvalue import loads_into
 from ..ship import FastPickler, dill_pickler_class
 from ..travel import refers_to_main
 
@@ -89,14 +90,13 @@ class _TimedIsolateDill(_IsolateDillPickler):
 
 
 class _IsolateFastPickler(FastPickler):
-    """``%%isolate``'s fast path (:class:`nbisolate.ship.FastPickler`), noting references to ``__main__``."""
+    """``%%isolate``'s fast path (:class:`nbisolate.ship.FastPickler`) as it is.
+
+    It never writes a reference into ``__main__`` (notebook objects go by
+    value), so ``main_refs`` stays False; only the dill fallback can.
+    """
 
     main_refs = False
-
-    def reducer_override(self, obj: Any) -> Any:
-        if not self.main_refs and type(obj) not in _PLAIN_TYPES and refers_to_main(obj):
-            self.main_refs = True
-        return super().reducer_override(obj)
 
 
 def _guarded_create_filehandle(
@@ -135,10 +135,17 @@ class _SafeDillUnpickler(dill.Unpickler):
 
 
 def _isolate_loads(data: bytes, buffers: list[Any], engine: str = "pickle") -> Any:
-    """Load as :func:`nbisolate.ship.loads` does, with dill's file re-opener guarded."""
+    """Load as :func:`nbisolate.ship.loads` does in a worker, changing nothing here.
+
+    dill's file re-opener is guarded; by-value classes are built new (as in a
+    worker) instead of being found, and overwritten, through cloudpickle's
+    class tracker; by-value functions are rebuilt on a scratch namespace, not
+    on the notebook's.
+    """
     if engine == "dill":
         return _SafeDillUnpickler(io.BytesIO(data), buffers=buffers, ignore=True).load()
-    return pickle.Unpickler(io.BytesIO(data), buffers=buffers).load()
+    with loads_into({}):
+        return _CloudUnpickler(io.BytesIO(data), buffers=buffers).load()
 
 
 def _pickle_loads(data: bytes, buffers: list[Any], engine: str = "pickle") -> Any:
@@ -241,7 +248,7 @@ _SERIALIZERS: dict[str, _Serializer] = {
         False, _dump_pickle, _pickle_loads,
     ),
     "dill": _Serializer(
-        "dill", "dill (%%isolate)", "%%isolate, multiprocess", True, _dump_isolate,
+        "dill", "%%isolate", "%%isolate (by value; dill for files)", True, _dump_isolate,
         _isolate_loads,
     ),
 }

@@ -1,0 +1,317 @@
+"""Notebook functions and classes by value, keeping Python's meaning across the boundary.
+
+A worker has no notebook ``__main__``: what the notebook defined must travel
+*by value*.  :mod:`cloudpickle` does that best of the well-kept libraries
+(it keeps dynamic classes and enums as one class per class, shares the globals
+of functions pickled together, handles ``TypeVar``, run-time modules,
+memoryviews and submodules), and :class:`Pickler` builds on it, adding the
+three things a notebook needs that a general library cannot know:
+
+**The notebook namespace is the worker's ``__main__``.**  A function defined
+in the notebook has the notebook's namespace as its globals.  cloudpickle
+would give it a fresh dict of just the globals it uses; here a function whose
+globals *are* the namespace being shipped (``main``) is rebuilt with the
+loading side's namespace instead (:data:`_MAIN` stands for it in the stream,
+:func:`loads_into` says which dict it is).  So two functions sharing a global
+(``bump()`` writing ``counter``, ``read()`` reading it) share it in the
+worker, and the cell sees it too, as in the kernel.  The globals a function
+uses are added to that namespace only where the name is not bound yet
+(:func:`_function_setstate`): loading never overwrites a variable.
+
+**What came from the notebook goes back as itself.**  Each function or class
+sent by value gets a token (:func:`_token`); the loading side remembers the
+token of what it rebuilt (:data:`_ARRIVED`).  When such an object is
+serialized again on the way back, it is written as the token, and the kernel
+finds its own original (:data:`_SENT`): ``type(result) is P``,
+``isinstance``, ``==`` and ``match`` on enum members hold, and the notebook's
+class is never redefined by a copy.  (cloudpickle's class tracker alone would
+find the original class too, but then re-apply the copy's attributes to it.)
+
+**Classes the cell defines come back once.**  All results go through one
+pickler, so two instances of a new class share one class object, the one
+bound under its name.
+
+Modules are never pickled: :func:`_import_module` re-imports them by name in
+the worker, with the submodules the notebook had imported that the code names
+(``xml.dom.minidom`` after ``import xml.dom.minidom``), found in the kernel's
+``sys.modules`` (never a scan of the package, never a module the notebook did
+not import).
+"""
+
+from __future__ import annotations
+
+import builtins
+import copyreg
+import importlib
+import itertools
+import os
+import pickle
+import sys
+import threading
+import types
+import weakref
+from collections.abc import Iterable, MutableMapping
+from contextlib import contextmanager
+from typing import Any
+
+import cloudpickle
+from cloudpickle import cloudpickle as _cp
+
+PROTOCOL = 5
+
+# -- identity across the boundary --------------------------------------------------------
+
+_SENT: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+"""token -> the object this process sent by value (weakly: a deleted class may go)."""
+_TOKENS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+"""object -> its token, so an object sent twice keeps one token."""
+_ARRIVED: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+"""object rebuilt here -> the token it came with: sent back by token, not by value."""
+_counter = itertools.count(1)
+_prefix = f"{os.getpid()}-{os.urandom(4).hex()}-"
+_lock = threading.Lock()
+
+
+def _token(obj: Any) -> str | None:
+    """The token of ``obj`` (made on first use); None for an object that cannot be tracked."""
+    try:
+        with _lock:
+            token = _TOKENS.get(obj)
+            if token is None:
+                token = f"{_prefix}{next(_counter)}"
+                _TOKENS[obj] = token
+                _SENT[token] = obj
+        return token
+    except TypeError:  # unhashable or not weakly referenceable: it still travels, untracked
+        return None
+
+
+def _arrived(obj: Any, token: str | None) -> Any:
+    if token is not None:
+        try:
+            _ARRIVED[obj] = token
+        except TypeError:
+            pass
+    return obj
+
+
+def _sent_object(token: str, what: str) -> Any:
+    """The original of something this process sent by value (the reconstructor on the way back)."""
+    found = _SENT.get(token)
+    if found is None:
+        raise pickle.UnpicklingError(
+            f"{what} came from this notebook, but it no longer exists here (it was deleted); "
+            "define it again and rerun the cell"
+        )
+    return found
+
+
+def arrived_token(obj: Any) -> str | None:
+    """The token ``obj`` arrived with, if it was rebuilt here from another process."""
+    try:
+        return _ARRIVED.get(obj)
+    except TypeError:
+        return None
+
+
+# -- the notebook namespace ----------------------------------------------------------------
+
+_loading = threading.local()
+
+
+class _MainNamespace:
+    """Stands in a stream for "the loading side's notebook namespace"."""
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return _main_namespace, ()
+
+
+_MAIN = _MainNamespace()
+
+
+def _main_namespace() -> MutableMapping[str, Any]:
+    main = getattr(_loading, "main", None)
+    if main is None:  # loaded outside loads_into: this interpreter's __main__
+        main = sys.modules["__main__"].__dict__
+    return main
+
+
+@contextmanager
+def loads_into(main: MutableMapping[str, Any] | None):
+    """Within this block, functions that belong to the notebook namespace are rebuilt on ``main``."""
+    previous = getattr(_loading, "main", None)
+    _loading.main = main
+    try:
+        yield
+    finally:
+        _loading.main = previous
+
+
+def _rebuild_function(token: str | None, *args: Any) -> types.FunctionType:
+    return _arrived(_cp._make_function(*args), token)
+
+
+def _rebuild_class(token: str | None, maker: Any, *args: Any) -> type:
+    return _arrived(maker(*args), token)
+
+
+def _function_setstate(func: types.FunctionType, state: tuple[dict, dict]) -> None:
+    """cloudpickle's function state, applied without overwriting the notebook's variables.
+
+    A function rebuilt on the notebook namespace adds the globals it uses
+    only where the name is unbound (a worker's fresh ``__main__``; in the
+    kernel, a name the notebook does not have).  Any other function gets its
+    globals as cloudpickle gives them.
+    """
+    attrs, slots = state
+    func.__dict__.update(attrs)
+    used = slots.pop("__globals__")
+    closure = slots.pop("__closure__")
+    slots.pop("_cloudpickle_submodules", None)  # loading them imported them: done
+    target = func.__globals__
+    if target is _main_namespace():
+        for name, value in used.items():
+            target.setdefault(name, value)
+    else:
+        target.update(used)
+        target.setdefault("__builtins__", builtins.__dict__)
+    if closure is not None:
+        for i, cell in enumerate(closure):
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell: a variable not bound yet when pickled
+                continue
+            func.__closure__[i].cell_contents = value  # type: ignore[index]
+    for name, value in slots.items():
+        setattr(func, name, value)
+
+
+# -- modules ------------------------------------------------------------------------------------
+
+
+def _import_module(name: str, submodules: tuple[str, ...] = ()) -> types.ModuleType:
+    module = importlib.import_module(name)
+    for sub in submodules:
+        importlib.import_module(sub)
+    return module
+
+
+def submodules_used(name: str, names: Iterable[str] | frozenset[str]) -> tuple[str, ...]:
+    """Submodules of ``name`` the notebook imported whose every part ``names`` mentions.
+
+    ``xml.dom.minidom`` for ``xml`` when the code says ``xml.dom.minidom``:
+    the same rule as cloudpickle's for functions (a submodule is needed when
+    the code names it), read from ``sys.modules`` so nothing the notebook did
+    not import is ever imported.
+    """
+    names = names if isinstance(names, frozenset) else frozenset(names)
+    if not names:
+        return ()
+    prefix = name + "."
+    return tuple(
+        sorted(
+            m
+            for m in list(sys.modules)
+            if m.startswith(prefix) and names.issuperset(m[len(prefix) :].split("."))
+        )
+    )
+
+
+# cloudpickle's reducers, but for open files: cloudpickle sends a text file's contents as a
+# StringIO (no longer a file, and a binary file not at all); the dill fallback re-opens it by
+# name at its position, which keeps its meaning.
+_REDUCERS = {
+    kind: reduce
+    for kind, reduce in cloudpickle.Pickler._dispatch_table.items()
+    if reduce is not _cp._file_reduce
+}
+
+# Only these make a new class on the loading side; only a new class is tracked by a token.
+_CLASS_MAKERS = (_cp._make_skeleton_class, _cp._make_skeleton_enum)
+
+
+# -- the pickler -----------------------------------------------------------------------------------
+
+
+class Pickler(cloudpickle.Pickler):
+    """cloudpickle's pickler with the notebook's meaning (see the module docstring).
+
+    ``main`` is the namespace whose functions are rebuilt on the other side's
+    namespace; ``names`` the identifiers the code uses (for submodules).
+    *When* a value goes by value is not decided here but by
+    :func:`nbisolate.travel.route`, which :class:`nbisolate.ship.FastPickler`
+    asks; this class provides the reductions it chooses from.
+    """
+
+    def __init__(
+        self,
+        file: Any,
+        protocol: int = PROTOCOL,
+        *,
+        main: MutableMapping[str, Any] | None = None,
+        names: Iterable[str] = (),
+        buffer_callback: Any = None,
+    ) -> None:
+        # Before the C pickler's __init__, which reads it once. A plain dict: the C pickler
+        # looks it up for every non-basic object, and cloudpickle's ChainMap costs a
+        # Python call each time; copyreg's current entries, so later registrations count.
+        self.dispatch_table = {**copyreg.dispatch_table, **_REDUCERS}
+        super().__init__(file, protocol=protocol, buffer_callback=buffer_callback)
+        self.main = main
+        self.names = frozenset(names)
+        self.modules: set[str] = set()
+
+    # cloudpickle's hooks for dynamic functions --------------------------------------------------
+    def _function_getnewargs(self, func: types.FunctionType) -> tuple[Any, ...]:
+        code, base_globals, name, defaults, closure = super()._function_getnewargs(func)
+        if self.main is not None and func.__globals__ is self.main:
+            base_globals = _MAIN
+        return code, base_globals, name, defaults, closure
+
+    def _dynamic_function_reduce(self, func: types.FunctionType) -> tuple[Any, ...]:
+        newargs = self._function_getnewargs(func)
+        state = _cp._function_getstate(func)
+        return (_rebuild_function, (_token(func), *newargs), state, None, None, _function_setstate)
+
+    # the three reductions :class:`nbisolate.ship.FastPickler` chooses from ---------------------
+    def module_by_name(self, module: types.ModuleType) -> tuple[Any, ...]:
+        """``import_module(name)`` in the worker, with the submodules the code names."""
+        name = module.__name__
+        self.modules.add(name)
+        return _import_module, (name, submodules_used(name, self.names))
+
+    def by_value(self, obj: Any) -> Any:
+        """A function or class as cloudpickle copies it, tokened; anything else: NotImplemented
+        (cloudpickle's dispatch table then copies run-time modules, TypeVars...)."""
+        if type(obj) is types.FunctionType:
+            return self._dynamic_function_reduce(obj)
+        if not issubclass(type(obj), type):
+            return NotImplemented
+        reduced = _cp._class_reduce(obj)
+        if not isinstance(reduced, tuple) or reduced[0] not in _CLASS_MAKERS:
+            return reduced  # e.g. types.CodeType: a name of cloudpickle's, not a copy
+        maker, args, *rest = reduced
+        if obj.__dict__.get("__slots__") and maker is _cp._make_skeleton_class:
+            # cloudpickle sets __slots__ after making the class, which leaves its instances
+            # a __dict__ (and no slots): the copy's instances would not fit the original
+            # class on the way back. Slots must exist when the class is made.
+            type_kwargs = dict(args[3], __slots__=obj.__dict__["__slots__"])
+            args = (*args[:3], type_kwargs, *args[4:])
+        return (_rebuild_class, (_token(obj), maker, *args), *rest)
+
+    @staticmethod
+    def by_name(obj: Any) -> Any:
+        """A class found by name: pickle's own ``save_global`` (NotImplemented), or, for the
+        interpreter's own types that no module exports under their name (``types.CodeType``
+        is ``builtins.code``), cloudpickle's lookup through the ``types`` module."""
+        if issubclass(type(obj), type) and obj in _cp._BUILTIN_TYPE_NAMES:
+            return _cp._class_reduce(obj)
+        return NotImplemented
+
+    @staticmethod
+    def sent_back(obj: Any) -> tuple[Any, ...] | None:
+        """For an object that arrived from the other side: how to send it back as itself."""
+        token = arrived_token(obj)
+        if token is None:
+            return None
+        return _sent_object, (token, getattr(obj, "__qualname__", None) or repr(obj))

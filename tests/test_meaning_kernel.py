@@ -1,0 +1,376 @@
+"""An isolated cell means what the same cell means in the notebook, both ways.
+
+Each test defines something in the notebook the way a user would, runs an
+isolated cell that checks identity *inside the worker* (an assert there fails
+the cell), and checks identity again back in the kernel.
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+
+def cell(code: str) -> str:
+    return textwrap.dedent(code).strip("\n")
+
+
+def isolated(kernel, code: str, timeout: float = 60.0):
+    res = kernel.execute("%%isolate\n" + cell(code), timeout=timeout)
+    assert res.ok, res.error_text + res.stderr
+    return res
+
+
+# -- one class per class, both ways ------------------------------------------------------
+
+
+def test_results_refer_to_the_notebooks_own_classes(kernel):
+    kernel.run(
+        cell(
+            """
+            from dataclasses import dataclass
+            @dataclass
+            class Cfg:
+                lr: float
+            class P:
+                def __init__(self, v): self.v = v
+                def __eq__(self, o): return isinstance(o, P) and o.v == self.v
+            """
+        )
+    )
+    isolated(kernel, "p1 = P(2)\nc1 = Cfg(0.1)\nassert isinstance(p1, P) and type(c1) is Cfg")
+    assert kernel.value(
+        "(isinstance(p1, P), p1 == P(2), type(p1) is P, isinstance(c1, Cfg), c1 == Cfg(0.1))"
+    ) == (True, True, True, True, True)
+    # The notebook's class is the same object after the round trip: nothing was redefined.
+    kernel.run("_P_before = P; _init_before = P.__init__")
+    isolated(kernel, "p2 = P(3)")
+    assert kernel.value("(P is _P_before, P.__init__ is _init_before, type(p2) is P)") == (
+        True,
+        True,
+        True,
+    )
+
+
+def test_an_enum_travels_and_its_members_keep_identity(kernel):
+    kernel.run(
+        cell(
+            """
+            import enum
+            class Color(enum.Enum):
+                RED = 1
+                GREEN = 2
+            favourite = Color.GREEN
+            """
+        )
+    )
+    isolated(
+        kernel,
+        """
+        assert favourite is Color.GREEN and Color(1) is Color.RED
+        match favourite:
+            case Color.GREEN:
+                seen = "green"
+            case _:
+                seen = "other"
+        back = Color.RED
+        """,
+    )
+    assert kernel.value("(seen, back is Color.RED, favourite is Color.GREEN)") == ("green", True, True)
+    res = kernel.run(
+        cell(
+            """
+            match back:
+                case Color.RED:
+                    print("matched")
+            """
+        )
+    )
+    assert res.stdout.strip() == "matched"
+
+
+def test_a_factory_and_its_class_arrive_as_one(kernel):
+    kernel.run(
+        cell(
+            """
+            class Base:
+                pass
+            class Thing(Base):
+                pass
+            def make():
+                return Thing()
+            """
+        )
+    )
+    isolated(
+        kernel,
+        """
+        t = make()
+        assert isinstance(t, Thing) and isinstance(t, Base) and Thing.__mro__[1] is Base
+        ok = True
+        """,
+    )
+    assert kernel.value("(ok, type(t) is Thing)") == (True, True)
+
+
+def test_functions_sharing_a_global_share_it_in_the_worker(kernel):
+    kernel.run(
+        cell(
+            """
+            counter = 0
+            def bump():
+                global counter
+                counter += 1
+            def read():
+                return counter
+            """
+        )
+    )
+    isolated(kernel, "bump(); bump()\nseen = read()")
+    assert kernel.value("seen") == 2
+    assert kernel.value("counter") == 0  # the notebook's own counter is untouched
+
+
+def test_classes_the_cell_defines_come_back_once(kernel):
+    isolated(
+        kernel,
+        """
+        class Point:
+            def __init__(self, x): self.x = x
+        a = Point(1)
+        b = Point(2)
+        """,
+    )
+    assert kernel.value("(type(a) is type(b), type(a) is Point, isinstance(b, Point))") == (
+        True,
+        True,
+        True,
+    )
+
+
+def test_functions_from_the_notebook_come_back_as_themselves(kernel):
+    kernel.run("def double(x):\n    return 2 * x")
+    isolated(kernel, "fn = double\nassert fn(4) == 8")
+    assert kernel.value("fn is double") is True
+
+
+# -- the zoo ----------------------------------------------------------------------------------
+
+ZOO = {
+    "int_enum_and_flag": (
+        """
+        import enum
+        class Level(enum.IntEnum):
+            LOW = 1
+            HIGH = 2
+        class Perm(enum.Flag):
+            R = 1
+            W = 2
+        """,
+        "assert Level.HIGH > Level.LOW and (Perm.R | Perm.W) & Perm.W is Perm.W\nz = Level.HIGH",
+        "z is Level.HIGH",
+    ),
+    "typevar_generic_protocol": (
+        """
+        from typing import Generic, Protocol, TypeVar
+        T = TypeVar("T")
+        class Box(Generic[T]):
+            def __init__(self, item: T): self.item = item
+        class HasLen(Protocol):
+            def __len__(self) -> int: ...
+        """,
+        "b = Box[int](3)\nassert isinstance(b, Box) and T.__name__ == 'T'\nz = b",
+        "type(z) is Box and z.item == 3",
+    ),
+    "frozen_and_slots_dataclasses": (
+        """
+        from dataclasses import dataclass
+        @dataclass(frozen=True)
+        class Frozen:
+            a: int
+        @dataclass(slots=True)
+        class Slotted:
+            b: int
+        """,
+        "z = (Frozen(1), Slotted(2))\nassert hash(z[0]) == hash(Frozen(1))",
+        "z == (Frozen(1), Slotted(2)) and type(z[1]) is Slotted",
+    ),
+    "namedtuple_and_typeddict": (
+        """
+        from typing import NamedTuple, TypedDict
+        class Pair(NamedTuple):
+            x: int
+            y: int
+        class Movie(TypedDict):
+            title: str
+        """,
+        "z = (Pair(1, 2), Movie(title='x'))\nassert z[0].y == 2",
+        "type(z[0]) is Pair and z[0] == Pair(1, 2) and z[1] == {'title': 'x'}",
+    ),
+    "abc_with_a_registered_virtual_subclass": (
+        """
+        import abc
+        class Shape(abc.ABC):
+            @abc.abstractmethod
+            def area(self): ...
+        class Square(Shape):
+            def area(self): return 4
+        class Foreign:
+            pass
+        Shape.register(Foreign)
+        """,
+        "assert issubclass(Foreign, Shape) and Square().area() == 4\nz = Square()",
+        "isinstance(z, Shape) and type(z) is Square",
+    ),
+    "metaclass_init_subclass_properties_slots": (
+        """
+        class Meta(type):
+            def describe(cls): return cls.__name__.lower()
+        class Plugin(metaclass=Meta):
+            registry = []
+            def __init_subclass__(cls, **kw):
+                super().__init_subclass__(**kw)
+                Plugin.registry.append(cls.__name__)
+        class Tight:
+            __slots__ = ("v",)
+            def __init__(self, v): self.v = v
+            @property
+            def twice(self): return 2 * self.v
+            @classmethod
+            def make(cls): return cls(5)
+            @staticmethod
+            def unit(): return 1
+        """,
+        """
+        class Sub(Plugin):
+            pass
+        assert Sub.describe() == "sub" and "Sub" in Plugin.registry
+        t = Tight.make()
+        assert t.twice == 10 and Tight.unit() == 1
+        z = t
+        """,
+        "type(z) is Tight and z.twice == 10",
+    ),
+    "self_referential_class": (
+        """
+        class Conf:
+            def __init__(self, n=0): self.n = n
+        Conf.DEFAULT = Conf(7)
+        """,
+        "assert Conf.DEFAULT.n == 7 and type(Conf.DEFAULT) is Conf\nz = Conf.DEFAULT",
+        "type(z) is Conf and z.n == 7",
+    ),
+    "recursive_and_mutually_recursive_nested_functions": (
+        """
+        def outer():
+            def fact(n):
+                return 1 if n <= 1 else n * fact(n - 1)
+            def even(n):
+                return True if n == 0 else odd(n - 1)
+            def odd(n):
+                return False if n == 0 else even(n - 1)
+            return fact, even
+        fact, even = outer()
+        """,
+        "assert fact(5) == 120 and even(10)\nz = fact(6)",
+        "z == 720",
+    ),
+    "partials_memoryviews_and_runtime_modules": (
+        """
+        import functools, types
+        def power(base, exp): return base ** exp
+        square = functools.partial(power, exp=2)
+        view = memoryview(b"abc")
+        runtime = types.ModuleType("runtime")
+        exec("def hello():\\n    return 'hi'", runtime.__dict__)
+        """,
+        "z = (square(9), bytes(view), runtime.hello())",
+        "z == (81, b'abc', 'hi')",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ZOO))
+def test_the_zoo_means_the_same(kernel, case):
+    define, body, check = ZOO[case]
+    kernel.run(cell(define))
+    isolated(kernel, body)
+    assert kernel.value(check) is True, case
+
+
+def test_a_closure_from_a_package_with_a_relative_import(tmp_path):
+    from .kernel import Kernel
+
+    pkg = tmp_path / "mypkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "helpers.py").write_text("def scale(x):\n    return 10 * x\n")
+    (pkg / "core.py").write_text(
+        "from .helpers import scale\n\ndef make(k):\n    def f(x):\n        return scale(x) + k\n    return f\n"
+    )
+    k = Kernel(cwd=str(tmp_path))
+    try:
+        k.run("%load_ext nbisolate")
+        k.run("import mypkg.core\nf = mypkg.core.make(1)")
+        isolated(k, "z = f(2)")
+        assert k.value("z") == 21
+    finally:
+        k.shutdown()
+
+
+# -- submodules follow their package ----------------------------------------------------------
+
+
+def test_submodules_the_notebook_imported_follow_their_package(kernel):
+    kernel.run("import xml.dom.minidom\nimport email.mime.text")
+    isolated(
+        kernel,
+        """
+        doc = xml.dom.minidom.parseString("<a><b/></a>")
+        tag = doc.documentElement.tagName
+        msg = email.mime.text.MIMEText("hi")["Content-Type"]
+        import sys
+        loaded = sorted(m for m in ("xml.dom.minidom", "email.mime.text", "xml.sax") if m in sys.modules)
+        del sys
+        """,
+    )
+    assert kernel.value("tag") == "a"
+    assert kernel.value("msg").startswith("text/plain")
+    # What the cell reaches is imported; what the notebook never imported is not.
+    assert kernel.value("loaded") == ["email.mime.text", "xml.dom.minidom"]
+
+
+def test_a_shipped_function_that_uses_a_submodule(kernel):
+    kernel.run("import xml.dom.minidom\ndef root(text):\n    return xml.dom.minidom.parseString(text).documentElement.tagName")
+    isolated(kernel, "r = root('<top/>')")
+    assert kernel.value("r") == "top"
+
+
+# -- what the panel and %pickle_check say ------------------------------------------------
+
+
+def test_travels_as_names_the_path_taken(kernel):
+    kernel.run(
+        cell(
+            """
+            import enum, typing
+            class Mood(enum.Enum):
+                OK = 1
+            T2 = typing.TypeVar("T2")
+            def helper(): return 1
+            """
+        )
+    )
+    res = kernel.execute("%%isolate\nz = (Mood.OK, T2, helper())")
+    assert res.ok, res.error_text
+    html = "".join(
+        str(m["content"]["data"].get("text/html", ""))
+        for m in res.messages
+        if m["msg_type"] in ("display_data", "update_display_data")
+    )
+    rows = {name: html.split(f"data-name='{name}'", 1)[1].split("</tr>", 1)[0] for name in ("Mood", "T2", "helper")}
+    for name, row in rows.items():
+        assert "by value" in row and "dill" not in row, (name, row)
+    check = kernel.execute("%pickle_check Mood T2 helper")
+    assert check.ok and "cannot" not in check.stdout.lower()
