@@ -104,7 +104,7 @@ class IsolateMagics(Magics):
                       [--backend local|dask] [--scheduler ADDRESS] [--over NAME=EXPR]
 
         The worker sees only the shipped variables; modules are re-imported
-        there, notebook functions and classes travel by value (dill).  On
+        there, notebook functions and classes travel by value.  On
         success the names the cell binds come back; if it fails, times out or
         crashes, nothing in the notebook changes.
         """

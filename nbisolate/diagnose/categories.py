@@ -118,14 +118,14 @@ _CATEGORIES: dict[str, _Category] = {
         "another one can't be found that way (\"Can't get local object\").",
         "Move the function to the top level of a .py module next to the notebook and import "
         "it (a top-level notebook cell is not enough under spawn); pass extra data with "
-        "`functools.partial`. %%isolate (dill) and cloudpickle (joblib, loky) send it by "
+        "`functools.partial`. %%isolate and cloudpickle (joblib, loky) send it by "
         "value, so it works there.",
     ),
     "local-class": _Category(
         "class defined inside a function",
         "standard pickle stores a class by its module and name; a class defined inside a "
         "function can't be found that way.",
-        "Define the class at the top level of a .py module and import it. %%isolate (dill) "
+        "Define the class at the top level of a .py module and import it. %%isolate "
         "and cloudpickle send it by value, so it works there.",
     ),
     "notebook-defined": _Category(
@@ -136,7 +136,7 @@ _CATEGORIES: dict[str, _Category] = {
         "under spawn) is a fresh interpreter whose `__main__` has no such name: loading "
         "fails with \"Can't get attribute\".",
         "Fine with %%isolate, which sends notebook-defined functions and classes by value "
-        "(dill). For plain multiprocessing, move it into a .py module next to the notebook "
+        "(by value). For plain multiprocessing, move it into a .py module next to the notebook "
         "and import it from there.",
     ),
     "notebook-by-reference": _Category(
@@ -153,7 +153,7 @@ _CATEGORIES: dict[str, _Category] = {
         "class or function not findable by name",
         "pickle stores classes and functions as module plus name, and this one can't be "
         "found under its name (it was created at run time, or renamed).",
-        "Define it at the top level of an importable .py module. dill (%%isolate) and "
+        "Define it at the top level of an importable .py module. %%isolate and "
         "cloudpickle can send some such classes by value.",
     ),
     "unimportable-module": _Category(
