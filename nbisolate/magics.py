@@ -19,6 +19,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 
 from . import backends
 from .errors import IsolateUsageError
+from .kernel_comms import let_comms_through
 from .options import RunOptions
 from .runner import CellRun
 
@@ -239,7 +240,13 @@ async def isolate_async(line: str, cell: str) -> Any:
     shell = get_ipython()
     magics = shell.magics_manager.registry["IsolateMagics"]
     run = magics._make_run(line, cell, interactive=True)
-    return await run.run_async()
+    # The panel's Stop and the status item's stop are comm messages: kernels older than
+    # ipykernel 7.4 would queue them behind this very cell (nbisolate.kernel_comms).
+    release_comms = let_comms_through()
+    try:
+        return await run.run_async()
+    finally:
+        release_comms()
 
 
 def _transform(lines: list[str]) -> list[str]:
