@@ -77,7 +77,7 @@ _LIKELY = {
 def describe_exit(returncode: int | None) -> str:
     """Turn a ``Popen.returncode`` into words: ``exit code 3`` or ``signal SIGSEGV (11)``."""
     if returncode is None:
-        return "an unknown way"
+        return "an exit status nbisolate could not learn"
     if returncode < 0:
         try:
             name = signal.Signals(-returncode).name

@@ -43,10 +43,10 @@ KINDS: dict[str, str] = {
 """Every kind a worker's channel carries, with its sender and its body."""
 
 TEMPLATE_KINDS: dict[str, str] = {
-    "fork": "kernel -> template: {env, fresh, cwd} with fds [channel, stdout, stderr]",
-    "forked": "template -> kernel: the pid of the new worker",
+    "fork": "kernel -> template: {id, env, fresh, cwd} with fds [channel, stdout, stderr]",
+    "forked": "template -> kernel: {id, pid, fresh, threads}: the request's id and the new worker",
     "preload": "kernel -> template: {names, sys_path}, modules to import once for every fork",
-    "preloaded": "template -> kernel: {name: error or None}",
+    "preloaded": "template -> kernel: {errors: {name: error or None}, threads: package or None}",
     "ping": "kernel -> template: are you there",
     "pong": "template -> kernel: its pid",
     "exit": "template -> kernel: (pid, returncode) of a worker it reaped",

@@ -382,6 +382,11 @@ class CellRun:
         if self._sysexit is not None:
             code = self._sysexit.get("code", "")
             cause = f"the cell called sys.exit({'' if code == 'None' else code})"
+        elif info.get("returncode") is None:
+            cause = (
+                f"unknown, because {info['lost']}" if info.get("lost")
+                else "unknown: nothing reported how the worker ended"
+            )
         raise WorkerCrashed(info["returncode"], info["pid"], self._mem_hint(info), cause=cause)
 
     def _mem_hint(self, info: dict[str, Any]) -> str:

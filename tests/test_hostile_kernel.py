@@ -1,0 +1,136 @@
+"""Hostile and unlucky cells, through real kernels: none wedges the kernel, loses an
+interrupt, leaves a process behind or touches a notebook variable it does not use.
+
+Each test states the situation a user met, then checks from outside the kernel:
+the kernel answers the next cell, the message says what happened, the namespace
+is as it was, and no worker is left (the session's ``no_stray_workers`` fixture,
+plus :func:`workers_of` per test).
+"""
+
+from __future__ import annotations
+
+import textwrap
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from .conftest import wait_until
+from .kernel import Kernel
+from .test_faults_kernel import run_and_act, workers_of
+
+
+def cell(code: str) -> str:
+    return textwrap.dedent(code).strip("\n")
+
+
+@pytest.fixture
+def pkg_kernel(tmp_path) -> Iterator[Kernel]:
+    """A kernel of its own whose sys.path has a directory for the test's notebook packages."""
+    k = Kernel()
+    try:
+        k.run(f"%load_ext nbisolate\nimport sys\nsys.path.insert(0, {str(tmp_path)!r})\nguard = 'kept'")
+        yield k
+    finally:
+        k.shutdown()
+
+
+def template_pid(k: Kernel) -> int:
+    return k.value("__import__('nbisolate.supervisor', fromlist=['x']).launcher.pid")
+
+
+def still_fine(k: Kernel) -> None:
+    """The kernel answers, isolated cells work, the namespace is intact, nothing is left."""
+    res = k.execute("%%isolate\n6 * 7", timeout=30)
+    assert res.result == {"text/plain": "42"}, res.error_text + res.stderr
+    assert k.value("guard") == "kept"
+    assert wait_until(lambda: not workers_of(k), 10), workers_of(k)
+
+
+# -- the template -----------------------------------------------------------------------
+def test_a_stopped_template_is_detected_killed_and_replaced(pkg_kernel):
+    k = pkg_kernel
+    k.run("%%isolate\n1")  # the template is up
+    old = template_pid(k)
+    res = k.execute("%%isolate\nimport os, signal\nos.kill(os.getppid(), signal.SIGSTOP)\nstopped = 1", timeout=30)
+    assert res.ok, res.error_text
+    # The cell's supervision ends (its exit is not waited on for ever): the status list empties.
+    assert wait_until(lambda: k.value("len(__import__('nbisolate.backends', fromlist=['x']).running.running())") == 0, 15)
+    t0 = time.monotonic()
+    res = k.execute("%%isolate\nafter = 'fine'\nafter", timeout=30)
+    assert res.result == {"text/plain": "'fine'"}, res.error_text
+    assert time.monotonic() - t0 < 15  # no 30 s wait blamed on --timeout
+    assert f"template process (pid {old}) that starts workers was found stopped" in res.stderr
+    assert "killed and a new one replaces it" in res.stderr
+    assert wait_until(lambda: template_pid(k) not in (None, old), 10)
+    still_fine(k)
+    assert k.value("stopped") == 1
+
+
+def test_a_package_that_resets_sigchld_does_not_hide_exits(pkg_kernel, tmp_path):
+    (tmp_path / "sigpkg.py").write_text("import signal\nsignal.signal(signal.SIGCHLD, signal.SIG_DFL)\n")
+    k = pkg_kernel
+    k.run("import sigpkg")
+    k.run("%%isolate\nsigpkg.__name__")  # the template preloads sigpkg after this cell
+    time.sleep(1)
+    res = k.execute("%%isolate\nimport os\nguard = 'lost'\nos._exit(3)", timeout=30)
+    assert res.error["ename"] == "WorkerCrashed", res.error_text
+    assert "exit code 3" in res.error["evalue"]
+    res = k.execute("%%isolate --timeout 1\nimport time\nguard = 'lost'\ntime.sleep(60)", timeout=30)
+    assert res.error["ename"] == "IsolateTimeout", res.error_text
+    res, fired = run_and_act(
+        k, "%%isolate\nimport time\nprint('running', flush=True)\nguard = 'lost'\ntime.sleep(60)", "running",
+        lambda _: k.interrupt(), timeout=30,
+    )
+    assert res.error["ename"] == "KeyboardInterrupt", res.error_text
+    still_fine(k)
+
+
+def test_a_late_fork_reply_is_never_handed_to_the_next_cell(pkg_kernel, tmp_path):
+    """The template is busy importing a slow package when a cell asks for a worker: that cell
+    starts a fresh interpreter, and the worker forked late is killed, not given to a later cell."""
+    (tmp_path / "slowpkg.py").write_text("import time\ntime.sleep(8)\n")
+    k = pkg_kernel
+    k.run("import slowpkg", timeout=30)
+    k.run("%%isolate\n1")  # after it, the template imports the notebook's slowpkg for 8 s
+    res = k.execute("%%isolate\nimport os\nfirst = os.getpid()", timeout=30)
+    assert res.ok, res.error_text
+    assert "template process was busy" in res.stderr and "fresh interpreter" in res.stderr
+    time.sleep(5)  # the late reply has arrived by now
+    for _ in range(3):
+        res = k.execute("%%isolate\nimport os\nme = os.getpid()\nme", timeout=30)
+        assert res.ok, res.error_text
+        assert k.value("me") == int(res.result["text/plain"])
+    res = k.execute("%%isolate\nimport os\nos._exit(7)", timeout=30)
+    assert "exit code 7" in res.error["evalue"], res.error_text
+    still_fine(k)
+
+
+def test_a_package_that_starts_a_thread_at_import_never_deadlocks_a_fork(pkg_kernel, tmp_path):
+    (tmp_path / "lockpkg.py").write_text(
+        textwrap.dedent(
+            """
+            import threading, time
+            lock = threading.Lock()
+            def _hold():
+                while True:
+                    with lock:
+                        time.sleep(0.05)
+            threading.Thread(target=_hold, daemon=True).start()
+            def work():
+                with lock:
+                    return 'worked'
+            """
+        )
+    )
+    k = pkg_kernel
+    k.run("import lockpkg")
+    k.run("%%isolate\nlockpkg.work()")
+    time.sleep(1)  # the template has preloaded lockpkg
+    notes = ""
+    for _ in range(5):
+        res = k.execute("%%isolate --timeout 20\nlockpkg.work()", timeout=40)
+        assert res.result == {"text/plain": "'worked'"}, res.error_text
+        notes += res.stderr
+    assert notes.count("importing 'lockpkg' starts a thread") == 1, notes
+    still_fine(k)
