@@ -52,9 +52,10 @@ class RemoteError(IsolateError):
 class IsolateTimeout(IsolateError, TimeoutError):
     """The cell ran longer than ``--timeout``; its process tree was killed."""
 
-    def __init__(self, timeout: float, elapsed: float, pid: int | None) -> None:
+    def __init__(self, timeout: float, elapsed: float, pid: int | None, message: str | None = None) -> None:
         super().__init__(
-            f"the isolated cell was stopped after {elapsed:.1f} s: it exceeded --timeout "
+            message
+            or f"the isolated cell was stopped after {elapsed:.1f} s: it exceeded --timeout "
             f"{timeout:g} s (worker pid {pid} and every process it started were killed). "
             "No notebook variable was changed. Raise --timeout, or make the cell do less."
         )

@@ -24,6 +24,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import replace
@@ -31,7 +32,7 @@ from typing import Any
 
 from . import backends, ship
 from .backends import Backend, Launch, RunHandle
-from .errors import IsolateError, IsolateTimeout, RemoteError, WorkerCrashed
+from .errors import IsolateError, IsolateTimeout, RemoteError, ShipError, WorkerCrashed
 from .events import Event
 from .options import RunOptions
 from .plan import Plan, plan_cell, user_packages
@@ -41,6 +42,41 @@ from .units import format_bytes, shorten
 from .wait import wait_async, wait_sync
 
 Listener = Callable[[Event], None]
+
+INSPECT_SECONDS = 5.0
+"""How long looking at one input may take before it is named as one that cannot be inspected.
+
+Looking means what any serialization does first (its type, ``__reduce_ex__``):
+instant for real data, for ever for a proxy whose server is gone."""
+
+
+def inspect_value(name: str, value: Any) -> None:
+    """Touch ``value`` the way serializing it will, raising a :class:`ShipError` naming ``name``.
+
+    A lazy proxy whose ``__class__`` raises, or whose attribute access raises,
+    fails here with its own exception named; one whose access blocks is caught
+    by the caller's deadline (:meth:`CellRun.prepare`, :mod:`nbisolate.wait`).
+    """
+    try:
+        value.__class__  # noqa: B018 - isinstance() reads it, so every pickler does
+        value.__reduce_ex__  # noqa: B018 - the first thing a pickler asks for
+    except Exception as exc:
+        raise ShipError(
+            f"notebook variable {name!r} cannot be inspected: looking at it raised "
+            f"{type(exc).__name__}: {exc} (a lazy proxy or remote object that cannot be "
+            f"loaded?). Nothing ran. Load or rebuild {name!r} in a normal cell, or leave it "
+            "out of this cell.",
+            name=name,
+        ) from None
+
+
+def _blocked(name: str, seconds: float) -> ShipError:
+    return ShipError(
+        f"notebook variable {name!r} did not answer within {seconds:g} s when nbisolate looked "
+        "at it to send it to the worker (a proxy whose server is gone?). Nothing ran and no "
+        f"worker was started. Rebuild {name!r} in a normal cell, or leave it out of this cell.",
+        name=name,
+    )
 
 
 def type_name(value: Any) -> str:
@@ -67,6 +103,13 @@ def _shipped(shipment: ship.Shipment, namespace: Mapping[str, Any]) -> dict[str,
             for name in shipment.names
         ],
     }
+
+
+class _Failed:
+    """An item for the wait: preparing in the background failed with ``exc``."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
 
 
 class RemoteTraceback(Exception):
@@ -158,9 +201,16 @@ class CellRun:
         self._sysexit: dict[str, Any] | None = None
         self._noted_dropped = False
         self._done_sent = False
+        # Preparing in the background (the magic in a kernel): what is being done since
+        # when, and the exception that ended the run before a worker said anything.
+        self._lock = threading.Lock()
+        self._began = 0.0
+        self._spent = 0.0  # seconds spent inspecting and serializing the inputs
+        self._stage: tuple[str, str | None, float] | None = None
+        self._failed: BaseException | None = None
 
     # -- stages ---------------------------------------------------------------
-    def prepare(self, check: bool = True) -> None:
+    def prepare(self, check: bool = True, ship: bool = True) -> None:
         """Choose the backend, plan the cell, serialize its inputs; raises before any process exists.
 
         Listeners hear ``planned`` and ``phase`` as planning ends, ``phase`` and
@@ -168,25 +218,64 @@ class CellRun:
         large one is still being pickled), and ``done`` with the exception if
         anything fails.  ``check=False`` leaves the backend's check to the
         caller (a sweep checks once for all its values).
+
+        ``ship=False`` only plans: the inputs are then inspected and serialized
+        when the run begins, in a thread of their own, so that the wait covers
+        them: ``--timeout`` counts their time and an interrupt stops them (the
+        magic in a kernel does this).  Either way an input that cannot be looked
+        at within :data:`INSPECT_SECONDS` is named before any worker starts.
         """
         try:
             if self.backend is None:
                 self.backend = backends.choose(self.options, self.note)
             self.plan = self._plan()
-            self.shipment = self._ship(self.plan)
-            self.launch = Launch(
-                payload=self._payload(),
-                buffers=list(self.shipment.buffers),
-                options=self.options,
-                label=self.label,
-                shipment=self.shipment,
-                packages=user_packages(self.namespace),
-            )
-            if check:
-                self.backend.check(self.launch)
+            if ship:
+                t0 = time.perf_counter()
+                self._inspect_within(INSPECT_SECONDS)
+                self._finish_preparing(check, self._notify)
+                self._spent = time.perf_counter() - t0
         except BaseException as exc:
             self.done(exc)
             raise
+
+    def _inspect_within(self, seconds: float) -> None:
+        """Inspect every input (:func:`inspect_value`) in a helper thread, each within ``seconds``."""
+        assert self.plan is not None
+        where: list[Any] = [None, time.perf_counter()]
+        failure: list[BaseException] = []
+
+        def look() -> None:
+            try:
+                for name in self.plan.inputs:  # type: ignore[union-attr]
+                    where[:] = [name, time.perf_counter()]
+                    inspect_value(name, self.namespace[name])
+            except BaseException as exc:
+                failure.append(exc)
+
+        thread = threading.Thread(target=look, daemon=True, name="nbisolate-inspect")
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.05)
+            name, since = where
+            if thread.is_alive() and name is not None and time.perf_counter() - since > seconds:
+                raise _blocked(name, seconds)
+        if failure:
+            raise failure[0]
+
+    def _finish_preparing(self, check: bool, tell: Callable[[Event], None]) -> None:
+        """Serialize the inputs and build the launch; events go to ``tell``."""
+        assert self.plan is not None and self.backend is not None
+        self.shipment = self._ship(self.plan, tell)
+        self.launch = Launch(
+            payload=self._payload(),
+            buffers=list(self.shipment.buffers),
+            options=self.options,
+            label=self.label,
+            shipment=self.shipment,
+            packages=user_packages(self.namespace),
+        )
+        if check:
+            self.backend.check(self.launch)
 
     def _plan(self) -> Plan:
         t0 = time.perf_counter()
@@ -215,12 +304,13 @@ class CellRun:
         self._notify(Event("phase", ("plan", self.phases["plan"])))
         return plan
 
-    def _ship(self, plan: Plan) -> ship.Shipment:
+    def _ship(self, plan: Plan, tell: Callable[[Event], None] | None = None) -> ship.Shipment:
+        tell = tell or self._notify
         t1 = time.perf_counter()
         shipment = ship.dumps({name: self.namespace[name] for name in plan.inputs})
         self.phases["serialize"] = time.perf_counter() - t1
-        self._notify(Event("phase", ("serialize", self.phases["serialize"])))
-        self._notify(Event("shipped", _shipped(shipment, self.namespace)))
+        tell(Event("phase", ("serialize", self.phases["serialize"])))
+        tell(Event("shipped", _shipped(shipment, self.namespace)))
         return shipment
 
     def _payload(self) -> dict[str, Any]:
@@ -246,22 +336,102 @@ class CellRun:
         }
 
     def start(self, deliver: Callable[[Event], None]) -> RunHandle:
-        """Start the worker; events are handed to ``deliver`` from the backend's threads."""
+        """Start the worker; events are handed to ``deliver`` from the backend's threads.
+
+        The time spent serializing the inputs counts against ``--timeout``: the
+        worker gets what is left of it.
+        """
         if self.launch is None:
             self.prepare()
         assert self.launch is not None and self.backend is not None
+        launch = self.launch
+        if self.options.timeout:
+            left = self.options.timeout - self._spent
+            if left <= 0:
+                raise self._timed_out("serializing its inputs")
+            launch = replace(launch, options=replace(self.options, timeout=left))
         self._start_clock = time.perf_counter()
-        self.handle = backends.start_tracked(self.backend, self.launch, deliver)
-        return self.handle
+        handle = backends.start_tracked(self.backend, launch, deliver)
+        with self._lock:
+            self.handle = handle
+            stop = self._failed is not None
+        if stop:  # interrupted while it started: it must not run on
+            handle.stop("interrupt")
+        return handle
+
+    def _timed_out(self, doing: str) -> IsolateTimeout:
+        timeout = self.options.timeout or 0.0
+        return IsolateTimeout(
+            timeout,
+            self._spent,
+            None,
+            message=(
+                f"the isolated cell was stopped after {timeout:g} s while {doing}: it exceeded "
+                f"--timeout {timeout:g} s, which counts that time too; no worker ran and no "
+                "notebook variable was changed. Raise --timeout, or ship less (name the inputs, "
+                "or build large values in the cell)."
+            ),
+        )
+
+    def _begin_in_background(self, put: Callable[[Any], None]) -> None:
+        """Inspect, serialize and start in a thread, so the wait covers every phase."""
+
+        def work() -> None:
+            assert self.plan is not None
+            try:
+                for name in self.plan.inputs:
+                    self._stage = ("inspect", name, time.perf_counter())
+                    inspect_value(name, self.namespace[name])
+                self._stage = ("serialize", None, time.perf_counter())
+                self._finish_preparing(True, put)
+                self._spent = time.perf_counter() - self._began
+                self._stage = ("start", None, time.perf_counter())
+                if self._failed is None:
+                    self.start(put)
+            except BaseException as exc:
+                put(_Failed(exc))
+
+        threading.Thread(target=work, daemon=True, name="nbisolate-prepare").start()
+
+    def _abandon(self, exc: BaseException) -> None:
+        """End the run before its worker said anything; a worker that starts later is stopped."""
+        with self._lock:
+            if self._failed is None:
+                self._failed = exc
+            handle = self.handle
+        if handle is not None:
+            handle.stop("interrupt")
 
     def stop(self, reason: str = "interrupt") -> None:
-        """Stop the worker and everything it started (the panel's Stop, an interrupt)."""
+        """Stop the worker and everything it started (the panel's Stop, an interrupt).
+
+        Before the worker exists (inspecting, serializing, starting) the run
+        ends at once; what is still being prepared is dropped, and a worker
+        that starts after all is stopped right away.
+        """
         self.interrupted = True
-        if self.handle is not None:
-            self.handle.stop(reason)
+        with self._lock:
+            handle = self.handle
+        if handle is not None:
+            handle.stop(reason)
+        elif self._stage is not None:
+            doing = {"inspect": "inspecting its inputs", "serialize": "serializing its inputs"}.get(
+                self._stage[0], "starting its worker"
+            )
+            interrupt = KeyboardInterrupt(
+                f"the isolated cell was interrupted while {doing}; no worker ran and no notebook "
+                "variable was changed."
+            )
+            interrupt._render_traceback_ = lambda: [f"KeyboardInterrupt: {interrupt}"]  # type: ignore[attr-defined]
+            self._abandon(interrupt)
 
     def feed(self, event: Event) -> None:
         """Process one event in the waiting thread; :attr:`busy` turns False once the run is over."""
+        if isinstance(event, _Failed):
+            with self._lock:
+                if self._failed is None:
+                    self._failed = event.exc
+            return
         kind = event.kind
         if kind == "stream":
             self.sink.stream(*event.data)
@@ -285,17 +455,37 @@ class CellRun:
 
     @property
     def busy(self) -> bool:
-        return self._final is None and self._exit is None
+        return self._final is None and self._exit is None and self._failed is None
 
     # -- what nbisolate.wait drives ------------------------------------------------
     def begin(self, put: Callable[[Event], None]) -> None:
-        self.start(put)
+        self._began = time.perf_counter()
+        if self.launch is None and self.plan is not None:
+            self._begin_in_background(put)
+        else:
+            self.start(put)
 
     def interrupt(self) -> None:
         self.stop("interrupt")
 
     def tick(self) -> None:
-        """Called every TICK_SECONDS while waiting, for listeners that show time passing."""
+        """Called every TICK_SECONDS while waiting, for listeners that show time passing.
+
+        While the inputs are prepared in the background, it also holds the
+        deadlines: an input that cannot be looked at, and ``--timeout``.
+        """
+        stage = self._stage
+        if stage is not None and self.handle is None and self._failed is None:
+            what, name, since = stage
+            now = time.perf_counter()
+            if what == "inspect" and name is not None and now - since > INSPECT_SECONDS:
+                self._abandon(_blocked(name, INSPECT_SECONDS))
+            elif self.options.timeout and now - self._began > self.options.timeout:
+                self._spent = now - self._began
+                doing = "inspecting its inputs" if what == "inspect" else (
+                    "serializing its inputs" if what == "serialize" else "starting its worker"
+                )
+                self._abandon(self._timed_out(doing))
         self._notify(Event("tick"))
 
     def note(self, text: str) -> None:
@@ -320,6 +510,8 @@ class CellRun:
     # -- outcome ----------------------------------------------------------------
     def outcome(self) -> Any:
         """Apply the results to the namespace and return the cell's value, or raise."""
+        if self._failed is not None and self._final is None and self._exit is None:
+            raise self._failed
         if self._final is None:
             return self._raise_for_exit()
         body = self._final.data
@@ -363,7 +555,7 @@ class CellRun:
         if info.get("dropped") and not self._noted_dropped:
             self._note_dropped(info)
         if reason == "timeout":
-            raise IsolateTimeout(self.options.timeout or 0.0, info["elapsed"], info["pid"])
+            raise IsolateTimeout(self.options.timeout or 0.0, info["elapsed"] + self._spent, info["pid"])
         if reason in ("interrupt", "stop"):
             interrupt = KeyboardInterrupt(
                 f"the isolated cell was interrupted; worker pid {info['pid']} and every process it "

@@ -134,3 +134,83 @@ def test_a_package_that_starts_a_thread_at_import_never_deadlocks_a_fork(pkg_ker
         notes += res.stderr
     assert notes.count("importing 'lockpkg' starts a thread") == 1, notes
     still_fine(k)
+
+
+# -- variables the cell does not use, and ones it cannot inspect or serialize -----------
+PROXIES = cell(
+    """
+    import threading, time
+    class LazyProxy:
+        @property
+        def __class__(self):
+            raise RuntimeError('lazy proxy: the module behind it cannot load')
+    class GoneServer:
+        def __getattribute__(self, name):
+            time.sleep(3600)  # an rpyc/Pyro proxy whose server is gone
+    class SlowToPickle:
+        def __reduce__(self):
+            time.sleep(3600)
+    lazy, remote, slow = LazyProxy(), GoneServer(), SlowToPickle()
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def proxy_kernel() -> Iterator[Kernel]:
+    k = Kernel()
+    try:
+        k.run("%load_ext nbisolate\nguard = 'kept'")
+        k.run(PROXIES)
+        yield k
+    finally:
+        k.shutdown()
+
+
+def test_variables_a_cell_does_not_use_are_never_touched(proxy_kernel):
+    k = proxy_kernel
+    res = k.execute("%%isolate\nguard = 'changed'\nanswer = 6 * 7\nanswer", timeout=30)
+    assert res.result == {"text/plain": "42"}, res.error_text
+    assert k.value("guard") == "changed"
+    k.run("guard = 'kept'")
+    still_fine(k)
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("lazy", ["'lazy' cannot be inspected", "RuntimeError: lazy proxy: the module behind it cannot load"]),
+        ("remote", ["'remote' did not answer within 5 s", "no worker was started"]),
+    ],
+)
+def test_an_input_that_cannot_be_inspected_is_named_before_any_worker_starts(proxy_kernel, name, expected):
+    k = proxy_kernel
+    res = k.execute(f"%%isolate\nguard = 'lost'\nprint({name})", timeout=30)
+    assert res.error["ename"] == "ShipError", res.error_text
+    for text in expected:
+        assert text in res.error["evalue"], res.error["evalue"]
+    assert res.error["traceback"] == [f"ShipError: {res.error['evalue']}"]  # one paragraph
+    assert not workers_of(k)
+    still_fine(k)
+
+
+def test_serialization_counts_against_timeout(proxy_kernel):
+    k = proxy_kernel
+    res = k.execute("%%isolate --timeout 2\nguard = 'lost'\nprint(slow)", timeout=30)
+    assert res.error["ename"] == "IsolateTimeout", res.error_text
+    assert "while serializing its inputs" in res.error["evalue"]
+    assert "--timeout 2 s" in res.error["evalue"]
+    assert not workers_of(k)
+    still_fine(k)
+
+
+def test_interrupt_while_serializing_stops_the_cell(proxy_kernel):
+    k = proxy_kernel
+    res, fired = run_and_act(
+        k, "%%isolate\nguard = 'lost'\nprint(slow)",
+        lambda r: bool(r.messages), lambda _: (time.sleep(0.5), k.interrupt()), timeout=30,
+    )
+    assert res.error["ename"] == "KeyboardInterrupt", res.error_text
+    assert "interrupted while serializing its inputs" in res.error["evalue"]
+    assert res.reply_time - fired < 10
+    assert not workers_of(k)
+    still_fine(k)
