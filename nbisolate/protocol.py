@@ -174,6 +174,19 @@ def qualified_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+CHANNEL_LOST = 75
+"""The worker's exit code when its channel broke before it could send its outcome
+(the cell closed descriptors it did not open, e.g. ``os.closerange(3, 1024)``)."""
+
+
+def safe_str(exc: BaseException) -> str:
+    """``str(exc)``, or a description of it when its ``__str__`` itself raises."""
+    try:
+        return str(exc)
+    except Exception as inner:
+        return f"<str() of the {type(exc).__name__} failed: {type(inner).__name__}: {inner}>"
+
+
 def error_body(
     exc: BaseException | str,
     message: str | None = None,
@@ -197,7 +210,7 @@ def error_body(
     """
     if isinstance(exc, BaseException):
         type_name = qualified_name(type(exc))
-        text = str(exc) if message is None else message
+        text = safe_str(exc) if message is None else message
     else:
         type_name = exc
         text = "" if message is None else message

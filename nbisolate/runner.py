@@ -36,7 +36,7 @@ from .errors import IsolateError, IsolateTimeout, RemoteError, ShipError, Worker
 from .events import Event
 from .options import RunOptions
 from .plan import Plan, plan_cell, user_packages
-from .protocol import RESULT
+from .protocol import CHANNEL_LOST, RESULT
 from .sink import StdSink
 from .units import format_bytes, shorten
 from .wait import wait_async, wait_sync
@@ -105,6 +105,23 @@ def _shipped(shipment: ship.Shipment, namespace: Mapping[str, Any]) -> dict[str,
     }
 
 
+def _raisable(exc: BaseException) -> bool:
+    """Whether a rebuilt exception can be raised in the kernel as itself.
+
+    ``StopIteration`` raised through the awaited cell would become
+    ``RuntimeError: coroutine raised StopIteration``, and an exception whose
+    ``__str__`` raises cannot even be shown: both are shown as a
+    :class:`RemoteError` with the worker's traceback instead.
+    """
+    if isinstance(exc, StopIteration | StopAsyncIteration):
+        return False
+    try:
+        str(exc)
+    except Exception:
+        return False
+    return True
+
+
 class _Failed:
     """An item for the wait: preparing in the background failed with ``exc``."""
 
@@ -140,6 +157,28 @@ def _one_paragraph(exc: BaseException) -> BaseException:
     """Show ``exc`` in IPython as its message alone: nbisolate's own frames would only bury it."""
     exc._render_traceback_ = lambda: [f"{type(exc).__name__}: {exc}"]  # type: ignore[attr-defined]
     return exc
+
+
+def _cwd() -> str:
+    """The kernel's working directory, for the worker; a clear error if it was deleted."""
+    try:
+        return os.getcwd()
+    except FileNotFoundError:
+        raise IsolateError(
+            "the notebook's working directory no longer exists (it was deleted or moved), so the "
+            "isolated worker has no directory to start in; nothing ran. Change to an existing "
+            "directory in a normal cell (os.chdir(...) or %cd) and run the cell again."
+        ) from None
+
+
+def _raised_in(exc: BaseException) -> str:
+    """`` in Bad.__setstate__``: the innermost frame of a rebuild failure, the user's code."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return ""
+    return f", raised in {tb.tb_frame.f_code.co_qualname}"
 
 
 def _label(source: str) -> str:
@@ -327,7 +366,7 @@ class CellRun:
             "outputs": list(self.plan.outputs),
             "has_result": self.plan.has_result,
             "sys_path": list(sys.path),
-            "cwd": os.getcwd(),
+            "cwd": _cwd(),
             "mem": opts.mem,
             "max_result": opts.max_result,
             # The worker watches this process (not its parent, which may be the
@@ -529,6 +568,14 @@ class CellRun:
                     "the cell and load what you need here."
                 )
             ) from None
+        except Exception as exc:
+            names = ", ".join(n for n in body["names"] if n != RESULT) or "none"
+            raise IsolateError(
+                "the isolated cell finished, but rebuilding its results in the kernel failed "
+                f"({type(exc).__name__}: {exc}{_raised_in(exc)}); none of them ({names}) was "
+                "copied back and no notebook variable was changed. Leave the one that cannot be "
+                "rebuilt out with --out, or create it in a normal cell."
+            ) from None
         self.phases["return"] = body.get("dump_seconds", 0.0) + (time.perf_counter() - t0)
         value = values.pop(RESULT, None)
         if body.get("result_bundle") is not None:
@@ -543,10 +590,29 @@ class CellRun:
             )
         self.namespace.update(values)
         self.returned = list(values)
+        self._note_unbound(values)
         self._notify(
             Event("applied", {"returned": self.returned, "skipped": self.skipped, "phases": self.phases})
         )
         return value
+
+    def _note_unbound(self, values: Mapping[str, Any]) -> None:
+        """``--out reslt``: say which names were asked for and not bound (a typo, a branch not taken)."""
+        asked = self.options.outputs or ()
+        unbound = [n for n in asked if n not in values and n not in self.skipped]
+        if not unbound:
+            return
+        try:
+            binds = plan_cell(self.source, set(), first_line=self.line_offset + 1).outputs
+        except Exception:
+            binds = ()
+        bound = ", ".join(binds) if binds else "nothing at top level"
+        self.sink.stream(
+            "stderr",
+            f"nbisolate: --out asked for {', '.join(map(repr, unbound))}, which the cell did not "
+            f"bind, so nothing was copied back for {'it' if len(unbound) == 1 else 'them'}. The cell "
+            f"binds: {bound}. Check the spelling after --out.\n",
+        )
 
     def _raise_for_exit(self) -> Any:
         assert self._exit is not None
@@ -574,6 +640,18 @@ class CellRun:
         if self._sysexit is not None:
             code = self._sysexit.get("code", "")
             cause = f"the cell called sys.exit({'' if code == 'None' else code})"
+        elif info.get("returncode") == CHANNEL_LOST:
+            cause = (
+                "the worker's connection to the kernel was closed from inside the cell (it closed "
+                "file descriptors it did not open, e.g. os.closerange(3, ...)), so it could not "
+                "send its results. Close only descriptors the cell opened itself"
+            )
+        elif self.options.mem and (info.get("returncode") or 0) > 0:
+            cause = (
+                f"most likely a C library that could not get memory under --mem "
+                f"{format_bytes(self.options.mem)} gave up and exited (its message, if any, is "
+                "above). Raise --mem and run it again"
+            )
         elif info.get("returncode") is None:
             cause = (
                 f"unknown, because {info['lost']}" if info.get("lost")
@@ -618,6 +696,8 @@ class CellRun:
         stage = body.get("stage")
         if stage == "receive":
             return self._receive_error(body)
+        if isinstance(exc, BaseException) and not _raisable(exc):
+            exc = None
         if not isinstance(exc, BaseException):
             exc = RemoteError(body["type"], body["message"], text)
         lines = text.rstrip("\n").splitlines()

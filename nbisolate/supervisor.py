@@ -52,7 +52,16 @@ from . import proctree
 from .backends import HandleInfo
 from .events import Event
 from .options import DEFAULT_MAX_OUTPUT
-from .protocol import MSG_ERROR, MSG_RESULT, MSG_RUN, MSG_STREAM, error_body, sync_mark
+from .protocol import (
+    MSG_DISPLAY,
+    MSG_ERROR,
+    MSG_RESULT,
+    MSG_RUN,
+    MSG_STREAM,
+    MSG_UPDATE_DISPLAY,
+    error_body,
+    sync_mark,
+)
 from .template import bootstrap
 from .wire import SHM_THRESHOLD, Arena, Channel, ChannelClosed
 
@@ -969,8 +978,22 @@ class _Supervision:
             return True
         if kind == MSG_STREAM:
             self.forward(*body)
+        elif kind in (MSG_DISPLAY, MSG_UPDATE_DISPLAY) and not self.room_for(body, buffers):
+            pass  # over the output limit: counted as dropped, said after the output
         else:
             self.job._emit(kind, body, buffers)
+        return True
+
+    def room_for(self, body: Any, buffers: list[Any]) -> bool:
+        """Count a display against the same output limit as text; False when it is over."""
+        size = sum(memoryview(b).nbytes for b in buffers)
+        data = body.get("data") if isinstance(body, dict) else None
+        if isinstance(data, dict):
+            size += sum(len(v) if isinstance(v, str | bytes) else len(repr(v)) for v in data.values())
+        if self.output_bytes + size > self.job.max_output:
+            self.dropped += size
+            return False
+        self.output_bytes += size
         return True
 
     def deliver_outcome(self, kind: str, body: Any, buffers: list[Any]) -> None:

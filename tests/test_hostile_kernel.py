@@ -214,3 +214,38 @@ def test_interrupt_while_serializing_stops_the_cell(proxy_kernel):
     assert res.reply_time - fired < 10
     assert not workers_of(k)
     still_fine(k)
+
+
+# -- the planner, the magic line, magics above %%isolate ---------------------------------
+def test_a_for_target_the_cell_assigns_before_reading_is_not_shipped(proxy_kernel):
+    k = proxy_kernel
+    k.run("import sqlite3\nrow = sqlite3.connect(':memory:')\ntotal = 0")
+    res = k.execute("%%isolate\nfor row in [1, 2, 3]:\n    total += row\ntotal", timeout=30)
+    assert res.result == {"text/plain": "6"}, res.error_text
+    assert k.value("(total, row)") == (6, 3)
+    res = k.execute("%%isolate\ntry:\n    1 / 0\nexcept ZeroDivisionError as row:\n    msg = str(row)\nmsg", timeout=30)
+    assert res.ok, res.error_text
+    still_fine(k)
+
+
+def test_dollar_variables_expand_in_the_magic_line(proxy_kernel):
+    k = proxy_kernel
+    k.run("t = 1")
+    res = k.execute("%%isolate --timeout $t\nimport time\nguard = 'lost'\ntime.sleep(30)", timeout=30)
+    assert res.error["ename"] == "IsolateTimeout", res.error_text
+    assert "--timeout 1 s" in res.error["evalue"]
+    still_fine(k)
+
+
+def test_time_and_capture_above_isolate(proxy_kernel):
+    k = proxy_kernel
+    res = k.execute("%%time\n%%isolate\nimport os\ntimed = os.getpid()\nprint('inside')", timeout=30)
+    assert res.ok, res.error_text
+    assert "inside" in res.stdout and "Wall time" in res.stdout
+    assert k.value("timed") != k.pid
+    res = k.execute("%%capture cap\n%%isolate\nprint('captured line')\ncaptured = 1", timeout=30)
+    assert res.ok, res.error_text
+    assert "captured line" not in res.stdout
+    assert "captured line" in k.value("cap.stdout")
+    assert k.value("captured") == 1
+    still_fine(k)
