@@ -249,3 +249,81 @@ def test_time_and_capture_above_isolate(proxy_kernel):
     assert "captured line" in k.value("cap.stdout")
     assert k.value("captured") == 1
     still_fine(k)
+
+
+# -- true messages, lost output, results that cannot be rebuilt ---------------------------
+MESSAGES = {
+    "closerange": (
+        "%%isolate\nimport os\nguard = 'lost'\nos.closerange(3, 1024)",
+        "WorkerCrashed",
+        ["connection to the kernel was closed from inside the cell", "os.closerange"],
+    ),
+    "--mem and a C library that exits": (
+        "%%isolate --mem 32M\nguard = 'lost'\nimport numpy",
+        "WorkerCrashed",
+        ["could not get memory under --mem 32.0 MB", "Raise --mem"],
+    ),
+    "__str__ raises": (
+        "%%isolate\nguard = 'lost'\nclass E(Exception):\n    def __str__(self):\n        raise RuntimeError('no str')\nraise E()",
+        "RemoteError",
+        ["__main__.E", "str() of the E failed: RuntimeError: no str"],
+    ),
+    "StopIteration": ("%%isolate\nguard = 'lost'\nraise StopIteration", "RemoteError", ["builtins.StopIteration"]),
+    "__setstate__ raises in the kernel": (
+        "%%isolate\nclass Bad:\n    def __setstate__(self, s):\n        raise ValueError('cannot rebuild here')\n"
+        "bad = Bad()\nbad.x = 1\nguard = 'lost'",
+        "IsolateError",
+        ["rebuilding its results in the kernel failed", "ValueError: cannot rebuild here", "Bad.__setstate__",
+         "no notebook variable was changed"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(MESSAGES))
+def test_messages_say_what_happened(proxy_kernel, name):
+    code, ename, expected = MESSAGES[name]
+    k = proxy_kernel
+    res = k.execute(code, timeout=60)
+    assert res.error["ename"] == ename, res.error_text
+    for text in expected:
+        assert text in res.error["evalue"], res.error["evalue"]
+    assert "nbisolate/" not in "\n".join(res.error["traceback"])  # no frames of ours
+    still_fine(k)
+
+
+def test_out_names_the_cell_did_not_bind_are_said(proxy_kernel):
+    res = proxy_kernel.run("%%isolate --out reslt\nresult = 1")
+    assert "--out asked for 'reslt', which the cell did not bind" in res.stderr
+    assert "The cell binds: result" in res.stderr
+    assert proxy_kernel.value("'result' in globals()") is False
+
+
+def test_a_deleted_working_directory_is_a_clear_error(fresh_kernel, tmp_path):
+    k = fresh_kernel
+    gone_dir = tmp_path / "gone"
+    gone_dir.mkdir()
+    k.run(f"import os\nhome = os.getcwd()\nos.chdir({str(gone_dir)!r})\nguard = 'kept'")
+    gone_dir.rmdir()
+    res = k.execute("%%isolate\nguard = 'lost'")
+    assert res.error["ename"] == "IsolateError", res.error_text
+    assert "working directory no longer exists" in res.error["evalue"] and "os.chdir" in res.error["evalue"]
+    k.run("os.chdir(home)")
+    still_fine(k)
+
+
+def test_output_of_forked_children_arrives(proxy_kernel):
+    k = proxy_kernel
+    for _ in range(3):
+        res = k.run("%%isolate\nimport os, sys\nif os.fork() == 0:\n    print('a'); print('b'); sys.stdout.flush(); os._exit(0)\nos.wait()")
+        assert res.stdout == "a\nb\n", res.stdout
+        res = k.run(
+            "%%isolate --out done\nimport multiprocessing as mp\ndef f():\n    print('one'); print('two')\n"
+            "p = mp.get_context('fork').Process(target=f)\np.start(); p.join()\ndone = 1"
+        )
+        assert res.stdout == "one\ntwo\n", res.stdout
+
+
+def test_a_huge_display_obeys_the_output_limit(proxy_kernel):
+    res = proxy_kernel.run("%%isolate\nfrom IPython.display import display, HTML\ndisplay(HTML('x' * (60 << 20)))")
+    assert not res.displays or all(len(str(d)) < 11 << 20 for d in res.displays)
+    assert "60.0 MB of output was dropped: the limit is 10.0 MB per cell" in res.stderr
