@@ -327,3 +327,14 @@ def test_a_huge_display_obeys_the_output_limit(proxy_kernel):
     res = proxy_kernel.run("%%isolate\nfrom IPython.display import display, HTML\ndisplay(HTML('x' * (60 << 20)))")
     assert not res.displays or all(len(str(d)) < 11 << 20 for d in res.displays)
     assert "60.0 MB of output was dropped: the limit is 10.0 MB per cell" in res.stderr
+
+
+def test_pickle_check_holds_its_budget_on_a_blocking_proxy(proxy_kernel):
+    k = proxy_kernel
+    t0 = time.monotonic()
+    res = k.execute("%pickle_check remote slow guard", timeout=60)
+    assert res.ok, res.error_text
+    assert time.monotonic() - t0 < 40  # the namespace budget is 30 s; a hang guard only
+    text = res.stdout + str(res.result)
+    assert "did not return within" in text and "'remote'" in text, text[:2000]
+    still_fine(k)
