@@ -758,6 +758,7 @@ class _Supervision:
         except OSError:
             pass  # the worker died at start; the exit step explains how
         job.buffers = []
+        job.payload = {}  # sent: the inputs' pickle is not held for the rest of the run
 
     def check_requests(self, now: float) -> None:
         """Start stopping on a stop request or a passed deadline, unless the outcome is in.

@@ -338,3 +338,18 @@ def test_pickle_check_holds_its_budget_on_a_blocking_proxy(proxy_kernel):
     text = res.stdout + str(res.result)
     assert "did not return within" in text and "'remote'" in text, text[:2000]
     still_fine(k)
+
+
+def test_a_sweep_does_not_hold_one_shipment_per_value(proxy_kernel):
+    from .test_faults_kernel import PeakRSS
+
+    k = proxy_kernel
+    k.run("blob = b'x' * (8 << 20)")
+    with PeakRSS(k.pid) as rss:
+        res = k.execute("%%isolate --out n --over s=range(60)\nn = len(blob) + s", timeout=300)
+    assert res.ok, res.error_text
+    assert k.value("n[:2]") == [8 << 20, (8 << 20) + 1]
+    # One 8 MB shipment per value held for the whole sweep would be 480 MB.
+    assert rss.growth < 200 * 2**20, f"kernel RSS grew by {rss.growth >> 20} MB"
+    k.run("del blob")
+    still_fine(k)
