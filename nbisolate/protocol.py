@@ -104,7 +104,9 @@ class RunPayload(_RunRequired, total=False):
     ``max_result`` are limits in bytes (None: none); ``kernel_pid`` is the
     process the worker's watchdog follows; ``sync`` is the token of
     :func:`sync_mark`, added by the supervisor; ``startup`` are modules to
-    import before the inputs load.
+    import before the inputs load; ``spent`` is the part of ``--timeout`` the
+    kernel already used (serializing the inputs), which the supervisor's
+    deadline counts.
     """
 
     display_source: str
@@ -114,6 +116,7 @@ class RunPayload(_RunRequired, total=False):
     kernel_pid: int | None
     sync: str
     startup: list[str]
+    spent: float
 
 
 class ResultBody(TypedDict):

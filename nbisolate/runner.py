@@ -385,10 +385,9 @@ class CellRun:
         assert self.launch is not None and self.backend is not None
         launch = self.launch
         if self.options.timeout:
-            left = self.options.timeout - self._spent
-            if left <= 0:
+            if self.options.timeout - self._spent <= 0:
                 raise self._timed_out("serializing its inputs")
-            launch = replace(launch, options=replace(self.options, timeout=left))
+            launch.payload["spent"] = self._spent
         self._start_clock = time.perf_counter()
         handle = backends.start_tracked(self.backend, launch, deliver)
         with self._lock:

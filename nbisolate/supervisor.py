@@ -670,7 +670,9 @@ class _Supervision:
         self.mark = sync_mark(job.sync)
         self.pending = {out_r: b"", err_r: b""}  # a tail that may be the start of the mark
         self.marked: set[str] = set()  # the streams whose mark has been read
-        self.deadline = job._t0 + job.timeout if job.timeout else None
+        # --timeout counts the time the kernel spent serializing the inputs, too.
+        spent = float(job.payload.get("spent") or 0.0)
+        self.deadline = job._t0 + job.timeout - spent if job.timeout else None
         self.kill_at: float | None = None
         self.reason: str | None = None
         self.finished = False  # a result or an error arrived

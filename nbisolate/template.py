@@ -109,13 +109,13 @@ REAP_SECONDS = 1.0
 
 
 def thread_count() -> int:
-    """Threads of this process as the OS sees them (C threads too), not only Python's."""
-    try:
-        return len(os.listdir("/proc/self/task"))
-    except OSError:
-        import threading
+    """Threads of this process that run Python code (and so may hold Python locks).
 
-        return threading.active_count()
+    Thread pools of C libraries (OpenBLAS, MKL) are not counted: they install
+    ``pthread_atfork`` handlers and are safe to fork; a Python thread holding a
+    lock at the fork leaves it held for ever in the child.
+    """
+    return len(sys._current_frames())
 
 
 def _arm(wake_w: int) -> None:

@@ -353,3 +353,17 @@ def test_a_sweep_does_not_hold_one_shipment_per_value(proxy_kernel):
     assert rss.growth < 200 * 2**20, f"kernel RSS grew by {rss.growth >> 20} MB"
     k.run("del blob")
     still_fine(k)
+
+
+def test_a_crash_after_the_template_died_says_why_the_exit_is_unknown(pkg_kernel):
+    k = pkg_kernel
+    res = k.execute(
+        "%%isolate\nimport os, signal, time\nos.kill(os.getppid(), signal.SIGKILL)\ntime.sleep(0.5)\n"
+        "guard = 'lost'\nos._exit(3)",
+        timeout=30,
+    )
+    assert res.error["ename"] == "WorkerCrashed", res.error_text
+    evalue = res.error["evalue"]
+    assert "an exit status nbisolate could not learn" in evalue, evalue
+    assert "because the template process that started it ended before reporting it" in evalue, evalue
+    still_fine(k)
