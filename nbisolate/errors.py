@@ -52,9 +52,10 @@ class RemoteError(IsolateError):
 class IsolateTimeout(IsolateError, TimeoutError):
     """The cell ran longer than ``--timeout``; its process tree was killed."""
 
-    def __init__(self, timeout: float, elapsed: float, pid: int | None) -> None:
+    def __init__(self, timeout: float, elapsed: float, pid: int | None, message: str | None = None) -> None:
         super().__init__(
-            f"the isolated cell was stopped after {elapsed:.1f} s: it exceeded --timeout "
+            message
+            or f"the isolated cell was stopped after {elapsed:.1f} s: it exceeded --timeout "
             f"{timeout:g} s (worker pid {pid} and every process it started were killed). "
             "No notebook variable was changed. Raise --timeout, or make the cell do less."
         )
@@ -77,7 +78,7 @@ _LIKELY = {
 def describe_exit(returncode: int | None) -> str:
     """Turn a ``Popen.returncode`` into words: ``exit code 3`` or ``signal SIGSEGV (11)``."""
     if returncode is None:
-        return "an unknown way"
+        return "an exit status nbisolate could not learn"
     if returncode < 0:
         try:
             name = signal.Signals(-returncode).name

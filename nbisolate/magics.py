@@ -162,7 +162,9 @@ class IsolateMagics(Magics):
                 sweep = Sweep(run, *over)
                 sweep.prepare()
                 return sweep  # type: ignore[return-value]  # runs like a CellRun
-            run.prepare()
+            # Plan now (usage errors before anything else); the inputs are inspected and
+            # serialized as the run begins, so --timeout and an interrupt cover them.
+            run.prepare(ship=False)
         except IsolateUsageError as exc:
             raise UsageError(f"%%isolate: {exc}") from None
         return run
@@ -235,11 +237,24 @@ def _usage() -> str:
 
 async def isolate_async(line: str, cell: str) -> Any:
     """What a transformed ``%%isolate`` cell awaits in a kernel."""
+    import signal
+    import threading
+
     from IPython import get_ipython
 
     shell = get_ipython()
     magics = shell.magics_manager.registry["IsolateMagics"]
-    run = magics._make_run(line, cell, interactive=True)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # ipykernel's handler only schedules a cancel for the loop's next turn, which
+        # planning (synchronous) would not give it: raise at once instead.
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        # `%%isolate --timeout $t`: expanded as IPython expands every magic's line.
+        run = magics._make_run(_expand(shell, line), cell, interactive=True)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     # The panel's Stop and the status item's stop are comm messages: kernels older than
     # ipykernel 7.4 would queue them behind this very cell (nbisolate.kernel_comms).
     release_comms = let_comms_through()
@@ -249,9 +264,39 @@ async def isolate_async(line: str, cell: str) -> Any:
         release_comms()
 
 
+def _expand(shell: Any, line: str) -> str:
+    """``$name`` and ``{expr}`` in a magic's line, from the notebook's variables, as
+    ``InteractiveShell.var_expand`` does for magics it runs itself (unchanged if it cannot)."""
+    from IPython.utils.text import DollarFormatter
+
+    try:
+        return DollarFormatter().vformat(line, args=[], kwargs=dict(shell.user_ns))
+    except Exception:
+        return line
+
+
+def _inside_a_magic() -> bool:
+    """True when the cell being transformed is the body of another cell magic.
+
+    ``%%time`` compiles its body itself and ``%%capture`` runs it with the
+    synchronous ``run_cell``: neither can run an awaited call, so under them
+    ``%%isolate`` stays a magic and waits synchronously.
+    """
+    import sys
+
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_name in ("run_cell_magic", "run_line_magic"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _transform(lines: list[str]) -> list[str]:
     """Rewrite an ``%%isolate`` cell into an awaited call (kernels only, see module doc)."""
     if not lines or not lines[0].startswith(_TRANSFORM_MARK):
+        return lines
+    if _inside_a_magic():
         return lines
     first = lines[0][len(_TRANSFORM_MARK) :]
     if first and not first[0].isspace():

@@ -174,19 +174,39 @@ class _ModuleScope(ast.NodeVisitor):
 
     def visit_For(self, node: ast.For) -> None:
         self.visit(node.iter)
-        self._conditional([node.target, *node.body, *node.orelse])
+        self._depth += 1
+        self.visit(node.target)
+        # The body runs only after the target is assigned: there it is bound for sure
+        # (`for row in rows: total += row` never needs the notebook's `row`).
+        self._bound_within(node.target, node.body)
+        self._visit_all(node.orelse)  # an empty iterable leaves the target unbound here
+        self._depth -= 1
+
+    def _bound_within(self, target: ast.AST | str, body: Iterable[ast.AST]) -> None:
+        """Visit ``body`` with the names of ``target`` bound for sure, as they are there."""
+        if isinstance(target, str):
+            names = {target}
+        else:
+            names = {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+        added = names - self.bound
+        self.bound |= added
+        self._visit_all(body)
+        self.bound -= added
 
     visit_AsyncFor = visit_For
 
     def visit_Try(self, node: ast.Try) -> None:
-        handlers: list[ast.AST] = []
+        self._depth += 1
+        self._visit_all(node.body)
         for handler in node.handlers:
-            if handler.type is not None:
-                handlers.append(handler.type)
+            self._visit_all([handler.type])
             if handler.name:
-                handlers.append(ast.Name(id=handler.name, ctx=ast.Store()))
-            handlers.extend(handler.body)
-        self._conditional([*node.body, *handlers, *node.orelse])
+                self._bind(handler.name)
+                self._bound_within(handler.name, handler.body)  # `except E as err:` binds err
+            else:
+                self._visit_all(handler.body)
+        self._visit_all(node.orelse)
+        self._depth -= 1
         self._visit_all(node.finalbody)
 
     visit_TryStar = visit_Try
@@ -371,18 +391,19 @@ def user_packages(namespace: Mapping[str, Any]) -> list[str]:
 
     Only what the user imported counts, never what the kernel itself loaded,
     so the template imports nothing the user did not.
+
+    Every notebook variable is looked at, so none is *touched*: only its type
+    (``type()`` reads the object's header, never ``__class__``) and the
+    ``__module__`` kept in that type's, a function's or a module's own
+    dictionary.  A lazy proxy whose ``__class__`` raises or whose attribute
+    access blocks runs none of its code here.
     """
     stdlib = getattr(sys, "stdlib_module_names", frozenset())
     found: dict[str, None] = {}
     for name, value in list(namespace.items()):
         if name.startswith("_"):
             continue
-        if isinstance(value, types.ModuleType):
-            module = value.__name__
-        elif callable(value):
-            module = getattr(value, "__module__", None)
-        else:
-            module = getattr(type(value), "__module__", None)
+        module = _module_of(value)
         if not isinstance(module, str):
             continue
         top = module.partition(".")[0]
@@ -395,3 +416,21 @@ def user_packages(namespace: Mapping[str, Any]) -> list[str]:
         ):
             found[top] = None
     return list(found)
+
+
+_TYPE_MODULE = type.__dict__["__module__"]
+
+
+def _module_of(value: Any) -> Any:
+    """The module name a value comes from, read without running any of its code."""
+    kind = type(value)
+    try:
+        if issubclass(kind, types.ModuleType):
+            return object.__getattribute__(value, "__dict__").get("__name__")
+        if kind in (types.FunctionType, types.BuiltinFunctionType):
+            return object.__getattribute__(value, "__module__")
+        if issubclass(kind, type):
+            return _TYPE_MODULE.__get__(value)
+        return _TYPE_MODULE.__get__(kind)
+    except Exception:
+        return None

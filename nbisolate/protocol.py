@@ -43,10 +43,10 @@ KINDS: dict[str, str] = {
 """Every kind a worker's channel carries, with its sender and its body."""
 
 TEMPLATE_KINDS: dict[str, str] = {
-    "fork": "kernel -> template: {env, fresh, cwd} with fds [channel, stdout, stderr]",
-    "forked": "template -> kernel: the pid of the new worker",
+    "fork": "kernel -> template: {id, env, fresh, cwd} with fds [channel, stdout, stderr]",
+    "forked": "template -> kernel: {id, pid, fresh, threads}: the request's id and the new worker",
     "preload": "kernel -> template: {names, sys_path}, modules to import once for every fork",
-    "preloaded": "template -> kernel: {name: error or None}",
+    "preloaded": "template -> kernel: {errors: {name: error or None}, threads: package or None}",
     "ping": "kernel -> template: are you there",
     "pong": "template -> kernel: its pid",
     "exit": "template -> kernel: (pid, returncode) of a worker it reaped",
@@ -104,7 +104,9 @@ class RunPayload(_RunRequired, total=False):
     ``max_result`` are limits in bytes (None: none); ``kernel_pid`` is the
     process the worker's watchdog follows; ``sync`` is the token of
     :func:`sync_mark`, added by the supervisor; ``startup`` are modules to
-    import before the inputs load.
+    import before the inputs load; ``spent`` is the part of ``--timeout`` the
+    kernel already used (serializing the inputs), which the supervisor's
+    deadline counts.
     """
 
     display_source: str
@@ -114,6 +116,7 @@ class RunPayload(_RunRequired, total=False):
     kernel_pid: int | None
     sync: str
     startup: list[str]
+    spent: float
 
 
 class ResultBody(TypedDict):
@@ -174,6 +177,19 @@ def qualified_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+CHANNEL_LOST = 75
+"""The worker's exit code when its channel broke before it could send its outcome
+(the cell closed descriptors it did not open, e.g. ``os.closerange(3, 1024)``)."""
+
+
+def safe_str(exc: BaseException) -> str:
+    """``str(exc)``, or a description of it when its ``__str__`` itself raises."""
+    try:
+        return str(exc)
+    except Exception as inner:
+        return f"<str() of the {type(exc).__name__} failed: {type(inner).__name__}: {inner}>"
+
+
 def error_body(
     exc: BaseException | str,
     message: str | None = None,
@@ -197,7 +213,7 @@ def error_body(
     """
     if isinstance(exc, BaseException):
         type_name = qualified_name(type(exc))
-        text = str(exc) if message is None else message
+        text = safe_str(exc) if message is None else message
     else:
         type_name = exc
         text = "" if message is None else message

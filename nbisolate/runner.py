@@ -24,6 +24,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections import ChainMap
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
@@ -32,16 +33,51 @@ from typing import Any
 
 from . import backends, ship
 from .backends import Backend, Launch, RunHandle
-from .errors import IsolateError, IsolateTimeout, RemoteError, WorkerCrashed
+from .errors import IsolateError, IsolateTimeout, RemoteError, ShipError, WorkerCrashed
 from .events import Event
 from .options import RunOptions
 from .plan import Plan, plan_cell, user_packages
-from .protocol import RESULT
+from .protocol import CHANNEL_LOST, RESULT
 from .sink import StdSink
 from .units import format_bytes, shorten
 from .wait import wait_async, wait_sync
 
 Listener = Callable[[Event], None]
+
+INSPECT_SECONDS = 5.0
+"""How long looking at one input may take before it is named as one that cannot be inspected.
+
+Looking means what any serialization does first (its type, ``__reduce_ex__``):
+instant for real data, for ever for a proxy whose server is gone."""
+
+
+def inspect_value(name: str, value: Any) -> None:
+    """Touch ``value`` the way serializing it will, raising a :class:`ShipError` naming ``name``.
+
+    A lazy proxy whose ``__class__`` raises, or whose attribute access raises,
+    fails here with its own exception named; one whose access blocks is caught
+    by the caller's deadline (:meth:`CellRun.prepare`, :mod:`nbisolate.wait`).
+    """
+    try:
+        value.__class__  # noqa: B018 - isinstance() reads it, so every pickler does
+        value.__reduce_ex__  # noqa: B018 - the first thing a pickler asks for
+    except Exception as exc:
+        raise ShipError(
+            f"notebook variable {name!r} cannot be inspected: looking at it raised "
+            f"{type(exc).__name__}: {exc} (a lazy proxy or remote object that cannot be "
+            f"loaded?). Nothing ran. Load or rebuild {name!r} in a normal cell, or leave it "
+            "out of this cell.",
+            name=name,
+        ) from None
+
+
+def _blocked(name: str, seconds: float) -> ShipError:
+    return ShipError(
+        f"notebook variable {name!r} did not answer within {seconds:g} s when nbisolate looked "
+        "at it to send it to the worker (a proxy whose server is gone?). Nothing ran and no "
+        f"worker was started. Rebuild {name!r} in a normal cell, or leave it out of this cell.",
+        name=name,
+    )
 
 
 def type_name(value: Any) -> str:
@@ -68,6 +104,30 @@ def _shipped(shipment: ship.Shipment, namespace: Mapping[str, Any]) -> dict[str,
             for name in shipment.names
         ],
     }
+
+
+def _raisable(exc: BaseException) -> bool:
+    """Whether a rebuilt exception can be raised in the kernel as itself.
+
+    ``StopIteration`` raised through the awaited cell would become
+    ``RuntimeError: coroutine raised StopIteration``, and an exception whose
+    ``__str__`` raises cannot even be shown: both are shown as a
+    :class:`RemoteError` with the worker's traceback instead.
+    """
+    if isinstance(exc, StopIteration | StopAsyncIteration):
+        return False
+    try:
+        str(exc)
+    except Exception:
+        return False
+    return True
+
+
+class _Failed:
+    """An item for the wait: preparing in the background failed with ``exc``."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
 
 
 class RemoteTraceback(Exception):
@@ -98,6 +158,28 @@ def _one_paragraph(exc: BaseException) -> BaseException:
     """Show ``exc`` in IPython as its message alone: nbisolate's own frames would only bury it."""
     exc._render_traceback_ = lambda: [f"{type(exc).__name__}: {exc}"]  # type: ignore[attr-defined]
     return exc
+
+
+def _cwd() -> str:
+    """The kernel's working directory, for the worker; a clear error if it was deleted."""
+    try:
+        return os.getcwd()
+    except FileNotFoundError:
+        raise IsolateError(
+            "the notebook's working directory no longer exists (it was deleted or moved), so the "
+            "isolated worker has no directory to start in; nothing ran. Change to an existing "
+            "directory in a normal cell (os.chdir(...) or %cd) and run the cell again."
+        ) from None
+
+
+def _raised_in(exc: BaseException) -> str:
+    """`` in Bad.__setstate__``: the innermost frame of a rebuild failure, the user's code."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return ""
+    return f", raised in {tb.tb_frame.f_code.co_qualname}"
 
 
 def _label(source: str) -> str:
@@ -162,9 +244,16 @@ class CellRun:
         self._sysexit: dict[str, Any] | None = None
         self._noted_dropped = False
         self._done_sent = False
+        # Preparing in the background (the magic in a kernel): what is being done since
+        # when, and the exception that ended the run before a worker said anything.
+        self._lock = threading.Lock()
+        self._began = 0.0
+        self._spent = 0.0  # seconds spent inspecting and serializing the inputs
+        self._stage: tuple[str, str | None, float] | None = None
+        self._failed: BaseException | None = None
 
     # -- stages ---------------------------------------------------------------
-    def prepare(self, check: bool = True) -> None:
+    def prepare(self, check: bool = True, ship: bool = True) -> None:
         """Choose the backend, plan the cell, serialize its inputs; raises before any process exists.
 
         Listeners hear ``planned`` and ``phase`` as planning ends, ``phase`` and
@@ -172,25 +261,64 @@ class CellRun:
         large one is still being pickled), and ``done`` with the exception if
         anything fails.  ``check=False`` leaves the backend's check to the
         caller (a sweep checks once for all its values).
+
+        ``ship=False`` only plans: the inputs are then inspected and serialized
+        when the run begins, in a thread of their own, so that the wait covers
+        them: ``--timeout`` counts their time and an interrupt stops them (the
+        magic in a kernel does this).  Either way an input that cannot be looked
+        at within :data:`INSPECT_SECONDS` is named before any worker starts.
         """
         try:
             if self.backend is None:
                 self.backend = backends.choose(self.options, self.note)
             self.plan = self._plan()
-            self.shipment = self._ship(self.plan)
-            self.launch = Launch(
-                payload=self._payload(),
-                buffers=list(self.shipment.buffers),
-                options=self.options,
-                label=self.label,
-                shipment=self.shipment,
-                packages=user_packages(self.namespace),
-            )
-            if check:
-                self.backend.check(self.launch)
+            if ship:
+                t0 = time.perf_counter()
+                self._inspect_within(INSPECT_SECONDS)
+                self._finish_preparing(check, self._notify)
+                self._spent = time.perf_counter() - t0
         except BaseException as exc:
             self.done(exc)
             raise
+
+    def _inspect_within(self, seconds: float) -> None:
+        """Inspect every input (:func:`inspect_value`) in a helper thread, each within ``seconds``."""
+        assert self.plan is not None
+        where: list[Any] = [None, time.perf_counter()]
+        failure: list[BaseException] = []
+
+        def look() -> None:
+            try:
+                for name in self.plan.inputs:  # type: ignore[union-attr]
+                    where[:] = [name, time.perf_counter()]
+                    inspect_value(name, self.namespace[name])
+            except BaseException as exc:
+                failure.append(exc)
+
+        thread = threading.Thread(target=look, daemon=True, name="nbisolate-inspect")
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.05)
+            name, since = where
+            if thread.is_alive() and name is not None and time.perf_counter() - since > seconds:
+                raise _blocked(name, seconds)
+        if failure:
+            raise failure[0]
+
+    def _finish_preparing(self, check: bool, tell: Callable[[Event], None]) -> None:
+        """Serialize the inputs and build the launch; events go to ``tell``."""
+        assert self.plan is not None and self.backend is not None
+        self.shipment = self._ship(self.plan, tell)
+        self.launch = Launch(
+            payload=self._payload(),
+            buffers=list(self.shipment.buffers),
+            options=self.options,
+            label=self.label,
+            shipment=self.shipment,
+            packages=user_packages(self.namespace),
+        )
+        if check:
+            self.backend.check(self.launch)
 
     def _plan(self) -> Plan:
         t0 = time.perf_counter()
@@ -219,7 +347,8 @@ class CellRun:
         self._notify(Event("phase", ("plan", self.phases["plan"])))
         return plan
 
-    def _ship(self, plan: Plan) -> ship.Shipment:
+    def _ship(self, plan: Plan, tell: Callable[[Event], None] | None = None) -> ship.Shipment:
+        tell = tell or self._notify
         t1 = time.perf_counter()
         shipment = ship.dumps(
             {name: self.namespace[name] for name in plan.inputs},
@@ -227,8 +356,8 @@ class CellRun:
             uses=plan.names,
         )
         self.phases["serialize"] = time.perf_counter() - t1
-        self._notify(Event("phase", ("serialize", self.phases["serialize"])))
-        self._notify(Event("shipped", _shipped(shipment, self.namespace)))
+        tell(Event("phase", ("serialize", self.phases["serialize"])))
+        tell(Event("shipped", _shipped(shipment, self.namespace)))
         return shipment
 
     def _payload(self) -> dict[str, Any]:
@@ -245,7 +374,7 @@ class CellRun:
             "outputs": list(self.plan.outputs),
             "has_result": self.plan.has_result,
             "sys_path": list(sys.path),
-            "cwd": os.getcwd(),
+            "cwd": _cwd(),
             "mem": opts.mem,
             "max_result": opts.max_result,
             # The worker watches this process (not its parent, which may be the
@@ -254,22 +383,101 @@ class CellRun:
         }
 
     def start(self, deliver: Callable[[Event], None]) -> RunHandle:
-        """Start the worker; events are handed to ``deliver`` from the backend's threads."""
+        """Start the worker; events are handed to ``deliver`` from the backend's threads.
+
+        The time spent serializing the inputs counts against ``--timeout``: the
+        worker gets what is left of it.
+        """
         if self.launch is None:
             self.prepare()
         assert self.launch is not None and self.backend is not None
+        launch = self.launch
+        if self.options.timeout:
+            if self.options.timeout - self._spent <= 0:
+                raise self._timed_out("serializing its inputs")
+            launch.payload["spent"] = self._spent
         self._start_clock = time.perf_counter()
-        self.handle = backends.start_tracked(self.backend, self.launch, deliver)
-        return self.handle
+        handle = backends.start_tracked(self.backend, launch, deliver)
+        with self._lock:
+            self.handle = handle
+            stop = self._failed is not None
+        if stop:  # interrupted while it started: it must not run on
+            handle.stop("interrupt")
+        return handle
+
+    def _timed_out(self, doing: str) -> IsolateTimeout:
+        timeout = self.options.timeout or 0.0
+        return IsolateTimeout(
+            timeout,
+            self._spent,
+            None,
+            message=(
+                f"the isolated cell was stopped after {timeout:g} s while {doing}: it exceeded "
+                f"--timeout {timeout:g} s, which counts that time too; no worker ran and no "
+                "notebook variable was changed. Raise --timeout, or ship less (name the inputs, "
+                "or build large values in the cell)."
+            ),
+        )
+
+    def _begin_in_background(self, put: Callable[[Any], None]) -> None:
+        """Inspect, serialize and start in a thread, so the wait covers every phase."""
+
+        def work() -> None:
+            assert self.plan is not None
+            try:
+                for name in self.plan.inputs:
+                    self._stage = ("inspect", name, time.perf_counter())
+                    inspect_value(name, self.namespace[name])
+                self._stage = ("serialize", None, time.perf_counter())
+                self._finish_preparing(True, put)
+                self._spent = time.perf_counter() - self._began
+                self._stage = ("start", None, time.perf_counter())
+                if self._failed is None:
+                    self.start(put)
+            except BaseException as exc:
+                put(_Failed(exc))
+
+        threading.Thread(target=work, daemon=True, name="nbisolate-prepare").start()
+
+    def _abandon(self, exc: BaseException) -> None:
+        """End the run before its worker said anything; a worker that starts later is stopped."""
+        with self._lock:
+            if self._failed is None:
+                self._failed = exc
+            handle = self.handle
+        if handle is not None:
+            handle.stop("interrupt")
 
     def stop(self, reason: str = "interrupt") -> None:
-        """Stop the worker and everything it started (the panel's Stop, an interrupt)."""
+        """Stop the worker and everything it started (the panel's Stop, an interrupt).
+
+        Before the worker exists (inspecting, serializing, starting) the run
+        ends at once; what is still being prepared is dropped, and a worker
+        that starts after all is stopped right away.
+        """
         self.interrupted = True
-        if self.handle is not None:
-            self.handle.stop(reason)
+        with self._lock:
+            handle = self.handle
+        if handle is not None:
+            handle.stop(reason)
+        elif self._stage is not None:
+            doing = {"inspect": "inspecting its inputs", "serialize": "serializing its inputs"}.get(
+                self._stage[0], "starting its worker"
+            )
+            interrupt = KeyboardInterrupt(
+                f"the isolated cell was interrupted while {doing}; no worker ran and no notebook "
+                "variable was changed."
+            )
+            interrupt._render_traceback_ = lambda: [f"KeyboardInterrupt: {interrupt}"]  # type: ignore[attr-defined]
+            self._abandon(interrupt)
 
     def feed(self, event: Event) -> None:
         """Process one event in the waiting thread; :attr:`busy` turns False once the run is over."""
+        if isinstance(event, _Failed):
+            with self._lock:
+                if self._failed is None:
+                    self._failed = event.exc
+            return
         kind = event.kind
         if kind == "stream":
             self.sink.stream(*event.data)
@@ -293,17 +501,37 @@ class CellRun:
 
     @property
     def busy(self) -> bool:
-        return self._final is None and self._exit is None
+        return self._final is None and self._exit is None and self._failed is None
 
     # -- what nbisolate.wait drives ------------------------------------------------
     def begin(self, put: Callable[[Event], None]) -> None:
-        self.start(put)
+        self._began = time.perf_counter()
+        if self.launch is None and self.plan is not None:
+            self._begin_in_background(put)
+        else:
+            self.start(put)
 
     def interrupt(self) -> None:
         self.stop("interrupt")
 
     def tick(self) -> None:
-        """Called every TICK_SECONDS while waiting, for listeners that show time passing."""
+        """Called every TICK_SECONDS while waiting, for listeners that show time passing.
+
+        While the inputs are prepared in the background, it also holds the
+        deadlines: an input that cannot be looked at, and ``--timeout``.
+        """
+        stage = self._stage
+        if stage is not None and self.handle is None and self._failed is None:
+            what, name, since = stage
+            now = time.perf_counter()
+            if what == "inspect" and name is not None and now - since > INSPECT_SECONDS:
+                self._abandon(_blocked(name, INSPECT_SECONDS))
+            elif self.options.timeout and now - self._began > self.options.timeout:
+                self._spent = now - self._began
+                doing = "inspecting its inputs" if what == "inspect" else (
+                    "serializing its inputs" if what == "serialize" else "starting its worker"
+                )
+                self._abandon(self._timed_out(doing))
         self._notify(Event("tick"))
 
     def note(self, text: str) -> None:
@@ -328,6 +556,8 @@ class CellRun:
     # -- outcome ----------------------------------------------------------------
     def outcome(self) -> Any:
         """Apply the results to the namespace and return the cell's value, or raise."""
+        if self._failed is not None and self._final is None and self._exit is None:
+            raise self._failed
         if self._final is None:
             return self._raise_for_exit()
         body = self._final.data
@@ -347,6 +577,14 @@ class CellRun:
                     "the cell and load what you need here."
                 )
             ) from None
+        except Exception as exc:
+            names = ", ".join(n for n in body["names"] if n != RESULT) or "none"
+            raise IsolateError(
+                "the isolated cell finished, but rebuilding its results in the kernel failed "
+                f"({type(exc).__name__}: {exc}{_raised_in(exc)}); none of them ({names}) was "
+                "copied back and no notebook variable was changed. Leave the one that cannot be "
+                "rebuilt out with --out, or create it in a normal cell."
+            ) from None
         self.phases["return"] = body.get("dump_seconds", 0.0) + (time.perf_counter() - t0)
         value = values.pop(RESULT, None)
         if body.get("result_bundle") is not None:
@@ -361,10 +599,29 @@ class CellRun:
             )
         self.namespace.update(values)
         self.returned = list(values)
+        self._note_unbound(values)
         self._notify(
             Event("applied", {"returned": self.returned, "skipped": self.skipped, "phases": self.phases})
         )
         return value
+
+    def _note_unbound(self, values: Mapping[str, Any]) -> None:
+        """``--out reslt``: say which names were asked for and not bound (a typo, a branch not taken)."""
+        asked = self.options.outputs or ()
+        unbound = [n for n in asked if n not in values and n not in self.skipped]
+        if not unbound:
+            return
+        try:
+            binds = plan_cell(self.source, set(), first_line=self.line_offset + 1).outputs
+        except Exception:
+            binds = ()
+        bound = ", ".join(binds) if binds else "nothing at top level"
+        self.sink.stream(
+            "stderr",
+            f"nbisolate: --out asked for {', '.join(map(repr, unbound))}, which the cell did not "
+            f"bind, so nothing was copied back for {'it' if len(unbound) == 1 else 'them'}. The cell "
+            f"binds: {bound}. Check the spelling after --out.\n",
+        )
 
     def _raise_for_exit(self) -> Any:
         assert self._exit is not None
@@ -373,7 +630,7 @@ class CellRun:
         if info.get("dropped") and not self._noted_dropped:
             self._note_dropped(info)
         if reason == "timeout":
-            raise IsolateTimeout(self.options.timeout or 0.0, info["elapsed"], info["pid"])
+            raise IsolateTimeout(self.options.timeout or 0.0, info["elapsed"] + self._spent, info["pid"])
         if reason in ("interrupt", "stop"):
             interrupt = KeyboardInterrupt(
                 f"the isolated cell was interrupted; worker pid {info['pid']} and every process it "
@@ -392,6 +649,23 @@ class CellRun:
         if self._sysexit is not None:
             code = self._sysexit.get("code", "")
             cause = f"the cell called sys.exit({'' if code == 'None' else code})"
+        elif info.get("returncode") == CHANNEL_LOST:
+            cause = (
+                "the worker's connection to the kernel was closed from inside the cell (it closed "
+                "file descriptors it did not open, e.g. os.closerange(3, ...)), so it could not "
+                "send its results. Close only descriptors the cell opened itself"
+            )
+        elif self.options.mem and (info.get("returncode") or 0) > 0:
+            cause = (
+                f"most likely a C library that could not get memory under --mem "
+                f"{format_bytes(self.options.mem)} gave up and exited (its message, if any, is "
+                "above). Raise --mem and run it again"
+            )
+        elif info.get("returncode") is None:
+            cause = (
+                f"unknown, because {info['lost']}" if info.get("lost")
+                else "unknown: nothing reported how the worker ended"
+            )
         raise WorkerCrashed(info["returncode"], info["pid"], self._mem_hint(info), cause=cause)
 
     def _mem_hint(self, info: dict[str, Any]) -> str:
@@ -433,6 +707,8 @@ class CellRun:
         stage = body.get("stage")
         if stage == "receive":
             return self._receive_error(body)
+        if isinstance(exc, BaseException) and not _raisable(exc):
+            exc = None
         if not isinstance(exc, BaseException):
             exc = RemoteError(body["type"], body["message"], text)
         lines = text.rstrip("\n").splitlines()

@@ -52,7 +52,16 @@ from . import proctree
 from .backends import HandleInfo
 from .events import Event
 from .options import DEFAULT_MAX_OUTPUT
-from .protocol import MSG_ERROR, MSG_RESULT, MSG_RUN, MSG_STREAM, error_body, sync_mark
+from .protocol import (
+    MSG_DISPLAY,
+    MSG_ERROR,
+    MSG_RESULT,
+    MSG_RUN,
+    MSG_STREAM,
+    MSG_UPDATE_DISPLAY,
+    error_body,
+    sync_mark,
+)
 from .template import bootstrap
 from .wire import SHM_THRESHOLD, Arena, Channel, ChannelClosed
 
@@ -116,23 +125,125 @@ _arenas = _Arenas()
 
 
 
-class _ForkedProcess:
-    """The ``Popen`` face of a worker forked by the template (not our child: it reports exits)."""
+class _Template:
+    """One template process and everything it told the kernel, guarded by the launcher's condition.
 
-    def __init__(self, pid: int, launcher: TemplateLauncher) -> None:
+    Kept per process, so that when a template is replaced, the workers it
+    forked still wait on *its* reports (and learn at once that they will never
+    come) while new cells talk to the new one.
+    """
+
+    def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
+        self.proc = proc
+        self.sock = sock
+        self.alive = True
+        self.lost: str | None = None  # why it was given up, in words for the user
+        self.replies: dict[int, dict[str, Any]] = {}  # fork request id -> its reply
+        self.waiting: set[int] = set()  # fork request ids someone still waits for
+        self.status: dict[int, int] = {}  # worker pid -> return code, as reported
+        self.live: set[int] = set()  # workers forked and not reported yet
+        self.orphans: set[int] = set()  # workers whose fork reply came too late: killed
+        self.preloaded: set[str] = set()
+        self.threads: str | None = None  # a preloaded package that left a thread running
+        self.pending = 0  # requests (fork, preload) sent and not answered yet
+        self.busy_since = 0.0  # when it last made progress on them
+
+    def asked(self) -> None:
+        """A request was sent (call with the launcher's condition held)."""
+        if not self.pending:
+            self.busy_since = time.monotonic()
+        self.pending += 1
+
+    def answered(self) -> None:
+        self.pending = max(0, self.pending - 1)
+        self.busy_since = time.monotonic()
+
+    def wedged(self) -> bool:
+        """Asked something and silent for :data:`WEDGED_SECONDS`."""
+        return bool(self.pending) and time.monotonic() - self.busy_since >= WEDGED_SECONDS
+
+    def state(self) -> bytes | None:
+        """The process state letter from ``/proc`` (``T``: stopped), None when gone."""
+        found = proctree._stat(self.proc.pid)
+        return None if found is None else found[0]
+
+    def stopped(self) -> bool:
+        return self.state() in (b"T", b"t")
+
+
+class _ForkedProcess:
+    """The ``Popen`` face of a worker forked by the template (not our child: it reports exits).
+
+    Waiting is never unbounded: once the worker is gone from ``/proc`` (or a
+    zombie nobody reaps), its template has :data:`REPORT_SECONDS` to report its
+    exit; a template that is stopped, wedged or dead is given up and the
+    return code stays unknown, with :attr:`lost` saying why.
+    """
+
+    def __init__(self, pid: int, template: _Template, launcher: TemplateLauncher) -> None:
         self.pid = pid
         self.returncode: int | None = None
+        self.lost: str | None = None
+        self._template = template
         self._launcher = launcher
+        self._done = False
 
     def poll(self) -> int | None:
-        if self.returncode is None:
-            self.returncode = self._launcher.returncode(self.pid, 0)
+        if not self._done:
+            self._collect(0)
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int | None:
-        if self.returncode is None:
-            self.returncode = self._launcher.returncode(self.pid, timeout)
+        if not self._done:
+            self._collect(timeout)
         return self.returncode
+
+    def _collect(self, timeout: float | None) -> None:
+        launcher, t, pid = self._launcher, self._template, self.pid
+        until = None if timeout is None else time.monotonic() + timeout
+        gone_since: float | None = None
+        with launcher._cond:
+            while True:
+                if pid in t.status:
+                    self.returncode = t.status.pop(pid)
+                    self._done = True
+                    return
+                if not t.alive or t.lost:
+                    self.lost = t.lost or "the template process that started it ended before reporting it"
+                    self._done = True
+                    return
+                now = time.monotonic()
+                if until is not None and now >= until:
+                    return
+                stat = proctree._stat(pid)
+                if stat is None or stat[0] == b"Z":
+                    gone_since = gone_since or now
+                    # A template busy importing a package reports when it is done;
+                    # one that is idle, or busy far too long, is wedged.
+                    if t.wedged() or (now - gone_since >= REPORT_SECONDS and not t.pending):
+                        break
+                if t.stopped():
+                    break
+                wait = 0.1 if until is None else max(0.0, min(0.1, until - now))
+                launcher._cond.wait(wait)
+        # The worker is gone and its template does not say how: it is stopped or wedged.
+        if t.stopped():
+            why = "was found stopped (SIGSTOP, perhaps sent by a cell to its parent)"
+        elif t.wedged():
+            why = f"answered nothing for {WEDGED_SECONDS:g} s"
+        else:
+            why = f"did not report the exit of worker {pid} within {REPORT_SECONDS:g} s"
+        launcher._give_up(t, why)
+        self.lost = t.lost
+        self._done = True
+
+
+FORK_SECONDS = 5.0
+"""How long a cell waits for the template to fork; then it spawns a fresh interpreter instead."""
+WEDGED_SECONDS = 30.0
+"""A template that answered nothing this long while asked something is killed and replaced."""
+REPORT_SECONDS = 3.0
+"""How long the template has to report a worker's exit once the worker is gone."""
 
 
 class TemplateLauncher:
@@ -142,131 +253,228 @@ class TemplateLauncher:
     does not wait for it; if it cannot start or dies, jobs fall back to a
     plain spawn.  ``preload`` makes it import the packages the notebook uses,
     so a cell that uses them does not pay their import time.
+
+    Every fork request carries an id and its reply is matched to it, so a late
+    reply (the kernel stopped waiting) is never taken for another cell's
+    worker: that worker is killed instead.  A template found stopped, or silent
+    for :data:`WEDGED_SECONDS` while asked something, is killed and replaced;
+    what happened is said once, as a note to the next cell (:meth:`take_notes`).
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._cond = threading.Condition()
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._sock: socket.socket | None = None
-        self._forked: list[int] = []
-        self._status: dict[int, int] = {}
-        self._alive = False
-        self._preloaded: set[str] = set()
+        self._current: _Template | None = None
+        self._ids = itertools.count(1)
+        self._notes: list[str] = []
+        self._refused: set[str] = set()  # packages that start threads: never preloaded again
 
     @property
     def alive(self) -> bool:
-        return self._alive
+        t = self._current
+        return t is not None and t.alive and not t.lost
+
+    @property
+    def pid(self) -> int | None:
+        t = self._current
+        return t.proc.pid if t is not None and t.alive else None
 
     def start(self) -> bool:
         """Start the template if it is not running; False when it cannot be had."""
         with self._lock:
-            if self._alive:
-                return True
-            mine, theirs = socket.socketpair()
-            try:
-                self._proc = subprocess.Popen(
-                    [sys.executable, "-c", bootstrap("template", theirs.fileno())],
-                    stdin=subprocess.DEVNULL,
-                    pass_fds=(theirs.fileno(),),
-                    start_new_session=True,
-                )
-            except OSError:
-                mine.close()
-                return False
-            finally:
-                theirs.close()
-            self._sock = mine
-            self._alive = True
-            self._preloaded = set()
-            threading.Thread(target=self._read, args=(mine,), daemon=True, name="nbisolate-template").start()
-            return True
+            return self._ensure() is not None
 
-    def _read(self, sock: socket.socket) -> None:
+    def _ensure(self) -> _Template | None:
+        """The running template, started (or replaced) if need be; call with ``_lock`` held."""
+        t = self._current
+        if t is not None and t.alive and not t.lost:
+            if not (t.threads and not t.live):
+                return t
+            # A package left a thread in it, so it could only exec fresh interpreters;
+            # now that none of its workers runs, a clean one replaces it.
+            self._retire(t)
+        mine, theirs = socket.socketpair()
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", bootstrap("template", theirs.fileno())],
+                stdin=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),),
+                start_new_session=True,
+            )
+        except OSError:
+            mine.close()
+            return None
+        finally:
+            theirs.close()
+        t = _Template(proc, mine)
+        self._current = t
+        threading.Thread(target=self._read, args=(t,), daemon=True, name="nbisolate-template").start()
+        return t
+
+    def _read(self, t: _Template) -> None:
         from .template import recv
 
         try:
             while True:
-                kind, body, _ = recv(sock)
+                kind, body, _ = recv(t.sock)
+                late: int | None = None
                 with self._cond:
+                    if kind in ("forked", "preloaded"):
+                        t.answered()
                     if kind == "forked":
-                        self._forked.append(body)
+                        rid, pid = body["id"], body["pid"]
+                        t.live.add(pid)
+                        if rid in t.waiting:
+                            t.replies[rid] = body
+                        else:  # nobody waits for this worker any more: it must not run
+                            t.orphans.add(pid)
+                            late = pid
                     elif kind == "exit":
                         pid, code = body
-                        self._status[pid] = code
+                        t.live.discard(pid)
+                        if pid in t.orphans:
+                            t.orphans.discard(pid)
+                        else:
+                            t.status[pid] = code
+                    elif kind == "preloaded":
+                        self._preloaded(t, body)
                     self._cond.notify_all()
+                if late is not None:
+                    proctree.kill_tree(late)
         except (EOFError, OSError):
             pass
         with self._cond:
-            self._alive = False
+            t.alive = False
             self._cond.notify_all()
-        if self._proc is not None:
-            self._proc.wait()
-        sock.close()
+        t.proc.wait()
+        t.sock.close()
+
+    def _preloaded(self, t: _Template, body: dict[str, Any]) -> None:
+        culprit = body.get("threads")
+        if culprit and not t.threads:
+            t.threads = culprit
+            self._refused.add(culprit)
+            self._notes.append(
+                f"nbisolate: importing {culprit!r} starts a thread, and a process with threads "
+                "cannot be forked safely; workers start as fresh interpreters (slower) until "
+                f"the template is renewed without {culprit!r}.\n"
+            )
+
+    def _give_up(self, t: _Template, why: str) -> None:
+        """Kill a stopped or wedged template and say so once; the next fork starts a new one."""
+        with self._cond:
+            if t.lost:
+                return
+            t.lost = f"the template process (pid {t.proc.pid}) that starts workers {why}"
+            self._notes.append(f"nbisolate: {t.lost}; it was killed and a new one replaces it.\n")
+            self._cond.notify_all()
+        try:
+            t.proc.kill()  # SIGKILL ends a stopped process too; its workers keep running
+        except OSError:
+            pass
+
+    def _retire(self, t: _Template) -> None:
+        with self._cond:
+            t.lost = t.lost or "the template process was renewed"
+            self._cond.notify_all()
+        try:
+            t.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def take_notes(self) -> list[str]:
+        """What happened to the template since the last call, for the user (each said once)."""
+        with self._cond:
+            notes, self._notes = self._notes, []
+        return notes
 
     def fork(
         self, fds: Sequence[int], env: dict[str, str], fresh: bool = False, cwd: str | None = None
-    ) -> int | None:
+    ) -> _ForkedProcess | None:
         """A new worker process with ``fds`` as its channel, stdout and stderr; None on failure.
 
         ``fresh`` makes the child exec a new interpreter instead of running on
         the template's imports (for ``--mem``), still as the template's child.
+        Waits at most :data:`FORK_SECONDS`: a template busy importing a slow
+        package makes this cell spawn instead, and its late reply is matched to
+        this request and the worker killed.
         """
         from .template import send
 
-        if not self._alive and not self.start():
-            return None
         with self._lock:
-            sock = self._sock
-            if sock is None or not self._alive:
+            t = self._ensure()
+            if t is None:
                 return None
-            try:
-                send(sock, "fork", {"env": env, "fresh": fresh, "cwd": cwd}, list(fds))
-            except OSError:
-                return None
+            rid = next(self._ids)
             with self._cond:
-                ok = self._cond.wait_for(lambda: self._forked or not self._alive, timeout=30)
-                if not ok or not self._forked:
-                    return None
-                return self._forked.pop(0)
+                t.waiting.add(rid)
+                t.asked()
+            try:
+                send(t.sock, "fork", {"id": rid, "env": env, "fresh": fresh, "cwd": cwd}, list(fds))
+            except OSError:
+                with self._cond:
+                    t.waiting.discard(rid)
+                return None
+            until = time.monotonic() + FORK_SECONDS
+            stopped = False
+            with self._cond:
+                while rid not in t.replies and t.alive and not t.lost:
+                    left = until - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(min(0.1, left))
+                    if rid not in t.replies and t.stopped():
+                        stopped = True
+                        break
+                t.waiting.discard(rid)
+                reply = t.replies.pop(rid, None)
+            if reply is not None:
+                return _ForkedProcess(reply["pid"], t, self)
+            if stopped:
+                self._give_up(t, "was found stopped (SIGSTOP, perhaps sent by a cell to its parent)")
+            elif t.alive and not t.lost and t.wedged():
+                self._give_up(t, f"answered nothing for {WEDGED_SECONDS:g} s")
+            elif t.alive and not t.lost:
+                self._notes.append(
+                    f"nbisolate: the template process was busy (importing the notebook's packages) "
+                    f"for {FORK_SECONDS:g} s, so this cell started in a fresh interpreter instead.\n"
+                )
+            return None
 
     def preload(self, names: Sequence[str]) -> None:
         """Have the template import ``names`` (it answers later; forks queue behind it)."""
         from .template import send
 
-        todo = [n for n in names if n not in self._preloaded]
-        if not todo or not self._alive:
+        t = self._current
+        if t is None or not t.alive or t.lost:
+            return
+        todo = [n for n in names if n not in t.preloaded and n not in self._refused]
+        if not todo:
             return
         with self._lock:
-            if self._sock is None:
-                return
             try:
-                send(self._sock, "preload", {"names": todo, "sys_path": list(sys.path)})
-                self._preloaded.update(todo)
+                send(t.sock, "preload", {"names": todo, "sys_path": list(sys.path)})
+                t.preloaded.update(todo)
             except OSError:
-                pass
-
-    def returncode(self, pid: int, timeout: float | None) -> int | None:
-        with self._cond:
-            self._cond.wait_for(lambda: pid in self._status or not self._alive, timeout=timeout)
-            return self._status.pop(pid, None)
+                return
+            with self._cond:
+                t.asked()
 
     def close(self) -> None:
         """Stop the template (it kills the workers it still has)."""
         with self._lock:
-            sock, proc = self._sock, self._proc
-            self._sock = None
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        if proc is not None:
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            t, self._current = self._current, None
+        if t is None:
+            return
+        try:
+            t.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            t.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            t.proc.kill()
+            t.proc.wait()
 
 
 launcher = TemplateLauncher()
@@ -334,32 +542,30 @@ class Job:
     # -- control ---------------------------------------------------------
     def start(self) -> None:
         """Start the worker and its reader thread; returns at once."""
+        forked = None
+        if self.use_template:
+            forked = self._fork()
+        if forked is not None:
+            self.proc, mine, out_r, err_r = forked
+            self.how_started = "fresh interpreter" if self.fresh else "forked from template"
+            self._started(mine, out_r, err_r)
+            return
         mine, theirs = socket.socketpair()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         started = False
         try:
-            pid = None
-            if self.use_template:
-                env = dict(os.environ if self.env is None else self.env)
-                pid = launcher.fork(
-                    (theirs.fileno(), out_w, err_w), env, fresh=self.fresh, cwd=self.payload.get("cwd")
-                )
-            if pid is not None:
-                self.proc = _ForkedProcess(pid, launcher)
-                self.how_started = "fresh interpreter" if self.fresh else "forked from template"
-            else:
-                self.proc = subprocess.Popen(
-                    [sys.executable, "-c", bootstrap("worker", theirs.fileno())],
-                    stdin=subprocess.DEVNULL,
-                    stdout=out_w,
-                    stderr=err_w,
-                    pass_fds=(theirs.fileno(),),
-                    start_new_session=True,
-                    cwd=self.payload.get("cwd"),
-                    env=self.env,
-                )
-                self.how_started = "spawned"
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", bootstrap("worker", theirs.fileno())],
+                stdin=subprocess.DEVNULL,
+                stdout=out_w,
+                stderr=err_w,
+                pass_fds=(theirs.fileno(),),
+                start_new_session=True,
+                cwd=self.payload.get("cwd"),
+                env=self.env,
+            )
+            self.how_started = "spawned"
             started = True
         finally:
             theirs.close()
@@ -371,6 +577,33 @@ class Job:
                 with self._wake_lock:
                     self._closed = True
                     self._close_fds(self._wake_r, self._wake_w)
+        self._started(mine, out_r, err_r)
+
+    def _fork(self) -> tuple[_ForkedProcess, socket.socket, int, int] | None:
+        """A worker forked by the template, with our ends of its channel and pipes; None if not.
+
+        The descriptors given to a fork that failed (no reply in time) are
+        closed and never reused: a late fork holding them must find them dead,
+        not share them with the spawned worker that replaces it.
+        """
+        mine, theirs = socket.socketpair()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        forked = None
+        try:
+            env = dict(os.environ if self.env is None else self.env)
+            forked = launcher.fork((theirs.fileno(), out_w, err_w), env, fresh=self.fresh, cwd=self.payload.get("cwd"))
+        finally:
+            theirs.close()
+            self._close_fds(out_w, err_w)
+            for note in launcher.take_notes():
+                self._emit("note", note)
+            if forked is None:
+                mine.close()
+                self._close_fds(out_r, err_r)
+        return None if forked is None else (forked, mine, out_r, err_r)
+
+    def _started(self, mine: socket.socket, out_r: int, err_r: int) -> None:
         self.tree = proctree.Tree(self.proc.pid)
         self.started_at = time.time()
         self._emit("started", self.proc.pid)
@@ -437,7 +670,9 @@ class _Supervision:
         self.mark = sync_mark(job.sync)
         self.pending = {out_r: b"", err_r: b""}  # a tail that may be the start of the mark
         self.marked: set[str] = set()  # the streams whose mark has been read
-        self.deadline = job._t0 + job.timeout if job.timeout else None
+        # --timeout counts the time the kernel spent serializing the inputs, too.
+        spent = float(job.payload.get("spent") or 0.0)
+        self.deadline = job._t0 + job.timeout - spent if job.timeout else None
         self.kill_at: float | None = None
         self.reason: str | None = None
         self.finished = False  # a result or an error arrived
@@ -525,6 +760,7 @@ class _Supervision:
         except OSError:
             pass  # the worker died at start; the exit step explains how
         job.buffers = []
+        job.payload = {}  # sent: the inputs' pickle is not held for the rest of the run
 
     def check_requests(self, now: float) -> None:
         """Start stopping on a stop request or a passed deadline, unless the outcome is in.
@@ -629,6 +865,8 @@ class _Supervision:
                 "dropped": self.dropped,
                 "max_output": self.job.max_output,
                 "pid": self.proc.pid,
+                # Why the return code is unknown, when it is (the template was lost).
+                "lost": getattr(self.proc, "lost", None),
             },
         )
 
@@ -743,8 +981,22 @@ class _Supervision:
             return True
         if kind == MSG_STREAM:
             self.forward(*body)
+        elif kind in (MSG_DISPLAY, MSG_UPDATE_DISPLAY) and not self.room_for(body, buffers):
+            pass  # over the output limit: counted as dropped, said after the output
         else:
             self.job._emit(kind, body, buffers)
+        return True
+
+    def room_for(self, body: Any, buffers: list[Any]) -> bool:
+        """Count a display against the same output limit as text; False when it is over."""
+        size = sum(memoryview(b).nbytes for b in buffers)
+        data = body.get("data") if isinstance(body, dict) else None
+        if isinstance(data, dict):
+            size += sum(len(v) if isinstance(v, str | bytes) else len(repr(v)) for v in data.values())
+        if self.output_bytes + size > self.job.max_output:
+            self.dropped += size
+            return False
+        self.output_bytes += size
         return True
 
     def deliver_outcome(self, kind: str, body: Any, buffers: list[Any]) -> None:

@@ -307,7 +307,8 @@ class Sweep:
                     filename=t.filename,
                     backend=t.backend,
                 )
-                run.prepare(check=False)
+                if i == 0:  # the others are serialized as they start (see _launch)
+                    run.prepare(check=False)
                 self.runs.append(run)
                 self.locals.append(local)
                 self.sinks.append(sink)
@@ -354,8 +355,16 @@ class Sweep:
         while self._pending and len(self._running) < self.concurrency and not self.interrupted:
             i = self._pending.pop(0)
             self._running.add(i)
+            run = self.runs[i]
             try:
-                self.runs[i].start(lambda event, i=i: put((i, event)))
+                # Serialized only now, and let go of once sent: a sweep holds as many
+                # shipments as runs at once, not one per value for its whole length.
+                if run.launch is None:
+                    run.prepare(check=False)
+                run.start(lambda event, i=i: put((i, event)))
+                if i:
+                    run.shipment = None
+                    run.launch = None
             except Exception as exc:
                 self._running.discard(i)
                 self._settled.add(i)

@@ -17,10 +17,23 @@ notebook itself imported), never anything that initializes a GPU.
 Protocol, over a socketpair inherited from the kernel, in the frames of
 :mod:`nbisolate.wire` (kinds listed in :data:`nbisolate.protocol.TEMPLATE_KINDS`):
 
-* ``("fork", {"env": ..., "fresh": bool, "cwd": ...}, fds=[channel, stdout, stderr])``
-  -> ``("forked", pid)``; with ``fresh`` the child execs a new interpreter
-* ``("preload", {"names": [...], "sys_path": [...]})`` -> ``("preloaded", {name: error})``
+* ``("fork", {"id": n, "env": ..., "fresh": bool, "cwd": ...}, fds=[channel, stdout, stderr])``
+  -> ``("forked", {"id": n, "pid": pid, "fresh": bool, "threads": name or None})``; with
+  ``fresh`` the child execs a new interpreter.  The request's ``id`` comes back so
+  the kernel matches each reply to its request: a reply that arrives after the
+  kernel stopped waiting must never be taken for the next cell's worker.
+* ``("preload", {"names": [...], "sys_path": [...]})`` ->
+  ``("preloaded", {"errors": {name: error or None}, "threads": name or None})``
 * ``("exit", (pid, returncode))`` is sent whenever a worker is reaped.
+
+Two rules keep forking safe whatever the preloaded packages do:
+
+* A fork of a process with other threads inherits their locks held for ever,
+  so once an import left a thread running (``threads`` names the package),
+  every later fork execs a fresh interpreter in the child at once.
+* A package may reset ``SIGCHLD`` or the wake-up descriptor at import; the
+  handlers are re-armed after every preload, and exited workers are reaped at
+  least once a second whatever the signals say, so exits are always reported.
 
 When the kernel's end closes, the template kills the process groups of the
 workers it still has and exits.
@@ -91,6 +104,27 @@ def bootstrap(module: str, fd: int) -> str:
     return f"import sys; sys.path.insert(0, {root!r}); from nbisolate.{module} import main; main({fd})"
 
 
+REAP_SECONDS = 1.0
+"""Exited workers are reaped at least this often, even if ``SIGCHLD`` never arrives."""
+
+
+def thread_count() -> int:
+    """Threads of this process that run Python code (and so may hold Python locks).
+
+    Thread pools of C libraries (OpenBLAS, MKL) are not counted: they install
+    ``pthread_atfork`` handlers and are safe to fork; a Python thread holding a
+    lock at the fork leaves it held for ever in the child.
+    """
+    return len(sys._current_frames())
+
+
+def _arm(wake_w: int) -> None:
+    """(Re)install the template's signal handling; an imported package may have changed it."""
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def main(fd: int) -> None:
     """Entry point of the template process."""
     os.set_inheritable(fd, False)
@@ -98,10 +132,9 @@ def main(fd: int) -> None:
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     os.set_blocking(wake_r, False)
-    signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGCHLD, lambda *_: None)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _arm(wake_w)
     children: set[int] = set()
+    threads_by: str | None = None  # the preloaded package that left a thread running
     # The worker imports these anyway; paying for them once here is the point.
     from . import proctree, ship, wire, worker  # noqa: F401
 
@@ -120,25 +153,28 @@ def main(fd: int) -> None:
 
     try:
         while True:
-            ready, _, _ = select.select([control, wake_r], [], [])
+            ready, _, _ = select.select([control, wake_r], [], [], REAP_SECONDS)
             if wake_r in ready:
                 try:
                     while os.read(wake_r, 512):
                         pass
                 except BlockingIOError:
                     pass
-                reap()
+            reap()  # every round: a lost SIGCHLD must never hide an exit
             if control not in ready:
                 continue
             kind, body, fds = recv(control)
             if kind == "fork":
+                # Never fork a process that has other threads: the child would start
+                # with their locks held for ever. Exec a fresh interpreter instead.
+                fresh = bool(body.get("fresh")) or thread_count() > 1
                 pid = os.fork()
                 if pid == 0:
-                    _child(control, (wake_r, wake_w), fds, body)
+                    _child(control, (wake_r, wake_w), fds, dict(body, fresh=fresh))
                 for passed in fds:
                     os.close(passed)
                 children.add(pid)
-                send(control, "forked", pid)
+                send(control, "forked", {"id": body.get("id"), "pid": pid, "fresh": fresh, "threads": threads_by})
             elif kind == "preload":
                 outcome: dict[str, str | None] = {}
                 sys.path[:] = body["sys_path"]
@@ -148,7 +184,10 @@ def main(fd: int) -> None:
                         outcome[name] = None
                     except BaseException as exc:  # a broken package must not kill the template
                         outcome[name] = f"{type(exc).__name__}: {exc}"
-                send(control, "preloaded", outcome)
+                    if threads_by is None and thread_count() > 1:
+                        threads_by = name
+                _arm(wake_w)
+                send(control, "preloaded", {"errors": outcome, "threads": threads_by})
             elif kind == "ping":
                 send(control, "pong", os.getpid())
     except (EOFError, OSError):

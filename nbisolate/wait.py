@@ -11,9 +11,11 @@ waits differs:
   ``run_cell_magic`` by hand); Ctrl-C arrives as ``KeyboardInterrupt``.
 * :func:`wait_async` awaits on the running event loop, so a kernel keeps
   serving front-end messages (the panel's Stop button) meanwhile.  It installs
-  its own SIGINT handler for the wait: an interrupt that merely cancelled the
-  awaiting task would leave the worker running, and in current ipykernel can
-  take effect only when the awaited call returns.
+  its own SIGINT handler for the whole wait, from before the run begins (its
+  inputs may still be serialized, its worker still starting) to the outcome:
+  an interrupt that merely cancelled the awaiting task would leave the worker
+  running, and in current ipykernel can take effect only when the awaited call
+  returns, so the cell would run on and change the namespace.
 
 Either way the run's listeners hear ``done`` exactly once, last, with the
 exception that ended the wait or None (:meth:`Waitable.done`).
@@ -106,11 +108,13 @@ async def _wait_async(run: Waitable) -> Any:
         except RuntimeError:  # the loop closed under us: nobody is waiting any more
             pass
 
-    run.begin(put)
     previous = None
     if threading.current_thread() is threading.main_thread():
+        # Before begin: an interrupt while the inputs are serialized or the worker
+        # starts must stop the run, not be queued behind it by ipykernel.
         previous = signal.signal(signal.SIGINT, lambda signum, frame: run.interrupt())
     try:
+        run.begin(put)
         next_tick = time.perf_counter() + TICK_SECONDS
         while run.busy:
             now = time.perf_counter()
@@ -122,10 +126,13 @@ async def _wait_async(run: Waitable) -> Any:
             except asyncio.TimeoutError:
                 continue
             run.feed(item)
+        if previous is not None:
+            # Rebuilding the results: an interrupt now raises at once, before anything is bound.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        return run.outcome()
     except asyncio.CancelledError:
         run.interrupt()
         raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
-    return run.outcome()

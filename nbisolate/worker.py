@@ -38,6 +38,7 @@ from typing import Any
 
 from . import display_worker, proctree
 from .protocol import (
+    CHANNEL_LOST,
     MSG_ERROR,
     MSG_PHASE,
     MSG_RESULT,
@@ -142,8 +143,30 @@ class _Output:
         self._last = 0.0
         # Reentrant: a signal handler in the cell may print while the main thread is here.
         self._lock = threading.RLock()
+        self._direct = False
+
+    def forked(self) -> None:
+        """In a child the cell forked (os.fork, multiprocessing): write straight to the pipes.
+
+        The child shares the channel with the worker (its frames could interleave
+        with the worker's) and has no flusher thread (text left pending would be
+        lost at ``os._exit``), so each write goes to file descriptor 1 or 2 at
+        once, which the kernel reads as the cell's output too.
+        """
+        self._lock = threading.RLock()  # another thread may have held it at the fork
+        self._parts, self._size = [], 0
+        self._direct = True
 
     def write(self, name: str, text: str) -> None:
+        if self._direct:
+            data = text.encode("utf-8", "replace")
+            fd = 1 if name == "stdout" else 2
+            try:
+                while data:
+                    data = data[os.write(fd, data) :]
+            except OSError:
+                pass
+            return
         with self._lock:
             if self._parts and self._parts[-1][0] == name:
                 self._parts[-1][1].append(text)
@@ -546,6 +569,7 @@ def main(fd: int) -> None:
     watchdog.start()
     output = _Output(chan)
     chan.output = output
+    os.register_at_fork(after_in_child=output.forked)
     streams = [_Stream("stdout", output, 1), _Stream("stderr", output, 2)]
     sys.stdout, sys.stderr = streams
     display_worker.install(chan)  # display(), plots, widgets: before inputs load (they may import)
@@ -573,7 +597,7 @@ def main(fd: int) -> None:
             text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
             chan.send(MSG_ERROR, error_body(exc, traceback=text, stage=_stage))
         except OSError:
-            pass
+            code = CHANNEL_LOST  # the kernel could hear nothing: say so by the exit code
     stop.set()
     output.flush()
     _flush_c_stdio()

@@ -234,8 +234,12 @@ def test_sweep_derives_every_run_from_the_cells_options():
     template = CellRun("y = x + base", {"base": 1}, opts, backend=ScriptedBackend(None))
     sweep = Sweep(template, "x", [1, 2, 3])
     sweep.prepare()
+    assert sweep.runs[0].launch is not None
+    assert all(run.launch is None for run in sweep.runs[1:])  # serialized as each starts
     for run in sweep.runs:
         assert run.options == dataclasses.replace(opts, inputs=None, outputs=("y",))
+        if run.launch is None:
+            run.prepare(check=False)
         assert run.launch is not None and run.launch.payload["max_result"] == 1024
         assert run.launch.payload["mem"] == MIN_MEM
     assert template.backend.checked == 1  # once for the whole sweep

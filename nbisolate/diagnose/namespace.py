@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import time
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from .categories import _SOFT_CATEGORIES, _is
+from .categories import _SOFT_CATEGORIES, _is, _type_name
 from .check import DEFAULT_MAX_SECONDS, pickle_check
-from .report import NamespaceReport, Report, UnknownNameError
+from .report import NamespaceReport, Report, SerializerResult, UnknownNameError
+from .serializers import _SERIALIZERS, available_serializers
 from .spawn import _Context, _VerifySpawn
 
 _IPYTHON_NAMES = frozenset(
@@ -35,6 +36,47 @@ def _report_rank(report: Report) -> int:
     if report.problems or not report.ok:
         return 2
     return 3
+
+
+def _within_budget(
+    name: str, value: Any, serializers: Sequence[str] | None, seconds: float, check: Callable[[], Report]
+) -> Report:
+    """``check()`` in a helper thread, given up after ``seconds``: the budget holds even when
+    serializing blocks in C or on the network (a proxy whose server is gone), where the
+    checks' own deadlines are never reached. A check given up keeps its thread, blocked."""
+    import threading
+
+    box: list[Any] = []
+
+    def run() -> None:
+        try:
+            box.append(check())
+        except BaseException as exc:
+            box.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True, name=f"pickle-check-{name}")
+    thread.start()
+    thread.join(seconds)
+    if box:
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
+    note = (
+        f"stopped: serializing {name!r} did not return within {seconds:.0f} s (it blocks, e.g. a "
+        "proxy whose server is gone); %%isolate could not send it either"
+    )
+    names = list(serializers) if serializers is not None else available_serializers()
+    results = {
+        n: SerializerResult(
+            n, _SERIALIZERS[n].label, _SERIALIZERS[n].used_by, ok=None, dumps_ok=None, note=note
+        )
+        for n in names
+        if n in _SERIALIZERS
+    }
+    return Report(
+        name=name, type_name=_type_name(type(value)), results=results, problems=[],
+        truncated=True, notes=[note], seconds=seconds,
+    )
 
 
 def check_namespace(
@@ -82,9 +124,12 @@ def check_namespace(
                 f"not checked: {', '.join(chosen[i:i + 10])}{' ...' if len(chosen) - i > 10 else ''}"
             )
             break
-        reports[var] = pickle_check(
-            value, name=var, serializers=serializers,
-            max_seconds=min(DEFAULT_MAX_SECONDS, left), _ctx=ctx,
+        limit = min(DEFAULT_MAX_SECONDS, left)
+        reports[var] = _within_budget(
+            var, value, serializers, min(2 * limit, left) + 1.0,
+            lambda value=value, var=var, limit=limit: pickle_check(
+                value, name=var, serializers=serializers, max_seconds=limit, _ctx=ctx,
+            ),
         )
     ordered = dict(sorted(reports.items(), key=lambda kv: _report_rank(kv[1])))
     return NamespaceReport(
