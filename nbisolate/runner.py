@@ -37,7 +37,7 @@ from .errors import IsolateError, IsolateTimeout, RemoteError, ShipError, Worker
 from .events import Event
 from .options import RunOptions
 from .plan import Plan, plan_cell, user_packages
-from .protocol import CHANNEL_LOST, RESULT
+from .protocol import CHANNEL_LOST, RESULT, safe_str
 from .sink import StdSink
 from .units import format_bytes, shorten
 from .wait import wait_async, wait_sync
@@ -179,7 +179,8 @@ def _raised_in(exc: BaseException) -> str:
         tb = tb.tb_next
     if tb is None:
         return ""
-    return f", raised in {tb.tb_frame.f_code.co_qualname}"
+    code = tb.tb_frame.f_code
+    return f", raised in {getattr(code, 'co_qualname', code.co_name)}"
 
 
 def _label(source: str) -> str:
@@ -564,9 +565,11 @@ class CellRun:
         if self._final.kind == "error":
             raise self._rebuild_error(body, self._final.buffers)
         t0 = time.perf_counter()
+        broken: dict[str, BaseException] = {}
         try:
             values = ship.loads(
-                body["names"], body["data"], self._final.buffers, body["engine"], self.main_namespace
+                body["names"], body["data"], self._final.buffers, body["engine"],
+                self.main_namespace, starts=body.get("starts"), failed=broken,
             )
         except MemoryError:
             raise _one_paragraph(
@@ -590,6 +593,11 @@ class CellRun:
         if body.get("result_bundle") is not None:
             value = RemoteValue(body["result_bundle"])
         self.skipped = dict(body.get("skipped") or {})
+        for name, exc in broken.items():  # rebuilt here, it raised: named like the others
+            self.skipped[name] = (
+                f"rebuilding it in the kernel raised {type(exc).__name__}: "
+                f"{safe_str(exc)}{_raised_in(exc)}"
+            )
         for name, why in self.skipped.items():
             what = "the value of the last expression" if name == RESULT else f"result {name!r}"
             self.sink.stream(

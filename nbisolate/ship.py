@@ -205,6 +205,8 @@ class Shipment:
     buffer_bytes: dict[str, int] = field(default_factory=dict)
     references: dict[str, str | None] = field(default_factory=dict)
     module_refs: set[str] | None = None  # noted while pickling; None: scan the stream
+    starts: list[tuple[int, int]] = field(default_factory=list)
+    """Per name, where its pickle starts: (offset in ``data``, index of its first buffer)."""
 
     @property
     def nbytes(self) -> int:
@@ -293,12 +295,14 @@ def _attempt(
     seconds: dict[str, float] = {}
     oob: dict[str, int] = {}
     by_value: dict[str, int] = {}
+    starts: list[tuple[int, int]] = []
     routes: dict[str, Route] = {}
     references: dict[str, str | None] = {}
     copied = 0  # functions and classes the pickler sent by value so far
     for name in names:
         value = values[name]
         start_pos, start_buf, t0 = file.tell(), len(buffers), time.perf_counter()
+        starts.append((start_pos, start_buf))
         try:
             pickler.dump(value)
         except Exception as exc:
@@ -333,6 +337,7 @@ def _attempt(
         by_value=by_value,
         buffer_bytes=oob,
         references=references,
+        starts=starts,
     )
     shipment.module_refs = getattr(pickler, "modules", None)
     return shipment, None, None
@@ -465,19 +470,45 @@ def loads(
     buffers: Sequence[Any],
     engine: str = "pickle",
     main: MutableMapping[str, Any] | None = None,
+    *,
+    starts: Sequence[Sequence[int]] | None = None,
+    failed: dict[str, BaseException] | None = None,
 ) -> dict[str, Any]:
     """Rebuild the values written by :func:`dumps`, in order and with one memo.
 
     ``main`` is the namespace notebook functions are rebuilt on (the worker's
     ``__main__``, or the notebook's when results come back); by default this
-    interpreter's ``__main__``.
+    interpreter's ``__main__``.  With ``starts`` (:attr:`Shipment.starts`) and a
+    ``failed`` dict, a value whose rebuilding raises (a ``__setstate__`` that
+    fails here) is left out and named in ``failed``, and loading goes on with
+    the next one from where it starts; without them the first failure raises.
     """
+    names = list(names)
     file = io.BytesIO(data)
-    if engine == "dill":
-        import dill
 
-        unpickler: Any = dill.Unpickler(file, buffers=buffers, ignore=True)
-    else:
-        unpickler = pickle.Unpickler(file, buffers=buffers)
+    def unpickler(first_buffer: int) -> Any:
+        parts = buffers[first_buffer:] if first_buffer else buffers
+        if engine == "dill":
+            import dill
+
+            return dill.Unpickler(file, buffers=parts, ignore=True)
+        return pickle.Unpickler(file, buffers=parts)
+
+    current = unpickler(0)
+    out: dict[str, Any] = {}
     with byvalue.loads_into(main):
-        return {name: unpickler.load() for name in names}
+        for i, name in enumerate(names):
+            try:
+                out[name] = current.load()
+            except Exception as exc:
+                if failed is None or starts is None or len(starts) != len(names):
+                    raise
+                failed[name] = exc
+                if i + 1 < len(names):
+                    # What loaded before stays in the memo; the next value starts afresh.
+                    memo = current.memo
+                    offset, first_buffer = starts[i + 1]
+                    file.seek(offset)
+                    current = unpickler(first_buffer)
+                    current.memo = memo
+    return out

@@ -528,6 +528,7 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
             "data": shipped.data,
             "engine": shipped.engine,
             "sizes": shipped.sizes,
+            "starts": shipped.starts,
             "skipped": shipped.skipped,
             "result_bundle": bundle,
             "dump_seconds": time.perf_counter() - t3,

@@ -154,3 +154,38 @@ def test_dill_fallback_reimports_local_modules_and_keeps_arrays_out_of_band(tmp_
     assert len(s.buffers) == 1 and len(s.data) < arr.nbytes
     np.testing.assert_array_equal(out["holder"]["arr"], arr)
     out["fh"].close()
+
+
+class _Fragile:
+    """Rebuilding raises when ``fail`` is set on the class: a result the kernel cannot take."""
+
+    fail = False
+
+    def __setstate__(self, state):
+        if type(self).fail:
+            raise ValueError("cannot rebuild here")
+        self.__dict__.update(state)
+
+
+def test_a_value_that_cannot_be_rebuilt_is_named_and_the_rest_loads():
+    import numpy as np
+
+    first, after = np.arange(300_000), np.ones(200_000)
+    fragile = _Fragile()
+    fragile.data = np.zeros(100_000)  # its own buffer, never consumed by the failed load
+    s = ship.dumps({"first": first, "fragile": fragile, "after": after, "shared": first})
+    failed: dict[str, BaseException] = {}
+    _Fragile.fail = True
+    try:
+        out = ship.loads(s.names, s.data, s.buffers, s.engine, starts=s.starts, failed=failed)
+    finally:
+        _Fragile.fail = False
+    assert list(failed) == ["fragile"] and "cannot rebuild here" in str(failed["fragile"])
+    np.testing.assert_array_equal(out["after"], after)
+    assert out["shared"] is out["first"]  # the memo survives the failure
+    with pytest.raises(ValueError):
+        _Fragile.fail = True
+        try:
+            ship.loads(s.names, s.data, s.buffers, s.engine)
+        finally:
+            _Fragile.fail = False

@@ -1,0 +1,256 @@
+"""The small shell an isolated cell sees as ``get_ipython()``: the IPython lines that make sense in a worker.
+
+A notebook cell is IPython, not Python: ``!ls``, ``files = !ls``, ``%time f()``,
+``%timeit``, ``%env``, ``%cd``, ``%pip install``, ``%matplotlib inline``.  The
+kernel turns such a cell into Python with IPython's own input transformers
+(:mod:`nbisolate.cellsyntax`): ``!ls`` becomes ``get_ipython().system('ls')``.
+The worker then needs a ``get_ipython()`` that answers those calls -- and only
+those: a magic that needs the kernel (``%load_ext``, ``%who``, ``%store``...)
+was refused in the kernel before anything ran.
+
+This module is that shell, written on the standard library so a worker starts
+without IPython; IPython is imported only for what only it has (the ``SList``
+that ``x = !ls`` returns), and only when the cell uses it.  Output goes to the
+worker's file descriptors 1 and 2, which stream into the cell like any output.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import shlex
+import string
+import subprocess
+import sys
+import time
+import timeit
+from collections.abc import MutableMapping
+from typing import Any
+
+LINE_MAGICS = frozenset({"time", "timeit", "env", "cd", "pwd", "matplotlib", "pip", "conda", "sx", "system"})
+"""Line magics an isolated cell may use (``!cmd`` is ``system``, ``x = !cmd`` is ``getoutput``)."""
+
+CELL_MAGICS = frozenset({"time", "timeit", "bash", "sh", "writefile"})
+"""Cell magics an isolated cell may use inside its body."""
+
+
+class _Formatter(string.Formatter):
+    """IPython's expansion of ``!`` lines: ``{expr}`` is evaluated, ``$name`` looked up, ``$$`` is ``$``."""
+
+    def __init__(self, ns: MutableMapping[str, Any]) -> None:
+        self.ns = ns
+
+    def get_field(self, field_name: str, args: Any, kwargs: Any) -> tuple[Any, str]:
+        return eval(field_name, dict(self.ns)), field_name
+
+    def expand(self, text: str) -> str:
+        out: list[str] = []
+        i = 0
+        while i < len(text):
+            ch = text[i]
+            if ch == "$" and text[i + 1 : i + 2] == "$":
+                out.append("$")
+                i += 2
+                continue
+            if ch == "$":
+                j = i + 1
+                while j < len(text) and (text[j].isalnum() or text[j] == "_"):
+                    j += 1
+                name = text[i + 1 : j]
+                if name and name in self.ns:
+                    out.append(str(self.ns[name]))
+                    i = j
+                    continue
+            out.append(ch)
+            i += 1
+        expanded = "".join(out)
+        try:
+            return self.vformat(expanded, (), {})
+        except Exception:  # not a format string after all (a brace in a shell command): as is
+            return expanded
+
+
+def _fmt_time(seconds: float) -> str:
+    """IPython's way: 3 significant digits with the fitting unit."""
+    if seconds >= 60:
+        minutes, rest = divmod(seconds, 60)
+        return f"{int(minutes)}min {rest:.0f}s"
+    for unit, scale in (("s", 1.0), ("ms", 1e3), ("µs", 1e6), ("ns", 1e9)):
+        if seconds * scale >= 1 or unit == "ns":
+            return f"{seconds * scale:.3g} {unit}"
+    return f"{seconds:.3g} s"  # pragma: no cover
+
+
+class WorkerShell:
+    """What ``get_ipython()`` is in an isolated cell (see the module docstring)."""
+
+    def __init__(self, user_ns: MutableMapping[str, Any]) -> None:
+        self.user_ns = user_ns
+
+    # -- shell escapes ---------------------------------------------------------------------------
+    def var_expand(self, cmd: str, depth: int = 0) -> str:
+        return _Formatter(self.user_ns).expand(cmd)
+
+    def system(self, cmd: str) -> None:
+        """``!cmd``: run it in a shell, its output straight into the cell; sets ``_exit_code``."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        code = subprocess.call(self.var_expand(cmd), shell=True)
+        self.user_ns["_exit_code"] = code
+
+    def getoutput(self, cmd: str, split: bool = True, depth: int = 0) -> Any:
+        """``x = !cmd`` / ``!!cmd``: its output as a list of lines (IPython's ``SList``)."""
+        done = subprocess.run(
+            self.var_expand(cmd), shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.user_ns["_exit_code"] = done.returncode
+        if not split:
+            return done.stdout
+        from IPython.utils.text import SList  # only a cell that captures output needs it
+
+        return SList(done.stdout.splitlines())
+
+    # -- magics ----------------------------------------------------------------------------------
+    def run_line_magic(self, magic_name: str, line: str, _stack_depth: int = 1) -> Any:
+        name = magic_name.lstrip("%")
+        handler = getattr(self, f"_line_{name}", None)
+        if name not in LINE_MAGICS or handler is None:
+            raise NameError(f"%{name} is not available in an isolated cell; run it in an ordinary cell")
+        return handler(line)
+
+    def run_cell_magic(self, magic_name: str, line: str, cell: str) -> Any:
+        name = magic_name.lstrip("%")
+        handler = getattr(self, f"_cell_{name}", None)
+        if name not in CELL_MAGICS or handler is None:
+            raise NameError(f"%%{name} is not available in an isolated cell; run it in an ordinary cell")
+        return handler(line, cell)
+
+    def _run(self, code: str, mode: str = "exec") -> Any:
+        compiled = compile(code, "<isolated cell>", mode)
+        return eval(compiled, self.user_ns) if mode == "eval" else exec(compiled, self.user_ns)
+
+    def _timed(self, code: str) -> Any:
+        try:
+            compile(code, "<isolated cell>", "eval")
+            mode = "eval"
+        except SyntaxError:
+            mode = "exec"
+        wall0, cpu0 = time.perf_counter(), os.times()
+        try:
+            return self._run(code, mode)
+        finally:
+            wall, cpu = time.perf_counter() - wall0, os.times()
+            user, system = cpu.user - cpu0.user, cpu.system - cpu0.system
+            print(
+                f"CPU times: user {_fmt_time(user)}, sys: {_fmt_time(system)}, "
+                f"total: {_fmt_time(user + system)}\nWall time: {_fmt_time(wall)}"
+            )
+
+    def _line_time(self, line: str) -> Any:
+        return self._timed(line)
+
+    def _cell_time(self, line: str, cell: str) -> Any:
+        return self._timed(cell)
+
+    def _timeit(self, setup: str, stmt: str) -> None:
+        timer = timeit.Timer(stmt or "pass", setup or "pass", globals=self.user_ns)
+        number, _ = timer.autorange()
+        repeat = 7
+        gc_was = gc.isenabled()
+        try:
+            runs = [t / number for t in timer.repeat(repeat=repeat, number=number)]
+        finally:
+            if gc_was:
+                gc.enable()
+        mean = sum(runs) / len(runs)
+        std = math.sqrt(sum((r - mean) ** 2 for r in runs) / len(runs))
+        print(
+            f"{_fmt_time(mean)} ± {_fmt_time(std)} per loop (mean ± std. dev. of {repeat} runs, "
+            f"{number:,} loop{'s' if number != 1 else ''} each)"
+        )
+
+    def _line_timeit(self, line: str) -> None:
+        self._timeit("", line)
+
+    def _cell_timeit(self, line: str, cell: str) -> None:
+        self._timeit(line, cell)
+
+    def _line_env(self, line: str) -> Any:
+        line = line.strip()
+        if not line:
+            return dict(os.environ)
+        if "=" in line or " " in line:
+            key, _, value = line.partition("=") if "=" in line else line.partition(" ")
+            key, value = key.strip(), self.var_expand(value.strip())
+            os.environ[key] = value
+            print(f"env: {key}={value}")
+            return None
+        return os.environ.get(line)
+
+    def _line_cd(self, line: str) -> None:
+        target = self.var_expand(line.strip()) or os.path.expanduser("~")
+        os.chdir(os.path.expanduser(target))
+        print(os.getcwd())
+
+    def _line_pwd(self, line: str) -> str:
+        return os.getcwd()
+
+    def _line_matplotlib(self, line: str) -> None:
+        choice = line.strip().split()[0] if line.strip() else "inline"
+        if choice != "inline":
+            print(
+                f"%matplotlib {choice}: an isolated cell shows figures inline (it has no window or "
+                "widget front end of its own); figures are shown as images."
+            )
+
+    def _line_sx(self, line: str) -> Any:
+        return self.getoutput(line)
+
+    def _line_system(self, line: str) -> Any:
+        return self.getoutput(line)
+
+    def _install(self, tool: list[str], line: str) -> None:
+        args = shlex.split(self.var_expand(line))
+        sys.stdout.flush()
+        code = subprocess.call([*tool, *args])
+        if code == 0 and args[:1] == ["install"]:
+            print("Note: the packages were installed into the worker's environment, which is the "
+                  "kernel's; an ordinary cell needs a kernel restart to see new versions.")
+
+    def _line_pip(self, line: str) -> None:
+        self._install([sys.executable, "-m", "pip"], line)
+
+    def _line_conda(self, line: str) -> None:
+        conda = os.environ.get("CONDA_EXE") or "conda"
+        self._install([conda], line)
+
+    def _script(self, program: str, cell: str) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        subprocess.run([program], input=cell, text=True)
+
+    def _cell_bash(self, line: str, cell: str) -> None:
+        self._script("bash", cell)
+
+    def _cell_sh(self, line: str, cell: str) -> None:
+        self._script("sh", cell)
+
+    def _cell_writefile(self, line: str, cell: str) -> None:
+        args = shlex.split(self.var_expand(line))
+        append = "-a" in args or "--append" in args
+        names = [a for a in args if not a.startswith("-")]
+        if not names:
+            raise ValueError("%%writefile needs a file name")
+        exists = os.path.exists(names[0])
+        with open(names[0], "a" if append else "w") as fh:
+            fh.write(cell)
+        print(f"{'Appending to' if append else 'Overwriting' if exists else 'Writing'} {names[0]}")
+
+
+def install(ns: MutableMapping[str, Any]) -> WorkerShell:
+    """Make ``get_ipython()`` in ``ns`` return a :class:`WorkerShell` on ``ns``."""
+    shell = WorkerShell(ns)
+    ns["get_ipython"] = lambda: shell
+    return shell

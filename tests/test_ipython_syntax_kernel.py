@@ -1,0 +1,105 @@
+"""IPython lines in an isolated cell: they run in the worker, or are refused by name first.
+
+And a syntax error looks like Python's in an ordinary cell: ``Cell In[n], line k``
+with the caret, ``n`` the number the front end shows and ``k`` counted as the
+user counts (the ``%%isolate`` line is line 1).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import textwrap
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def cell(code: str) -> str:
+    return textwrap.dedent(code).strip("\n")
+
+
+def plain(text: str) -> str:
+    return ANSI.sub("", text)
+
+
+def test_shell_escapes_run_in_the_worker_with_variables_expanded(kernel):
+    kernel.run("word = 'hello'")
+    res = kernel.run(
+        cell(
+            """
+            %%isolate
+            import os
+            !echo "$word from {os.getpid()}"
+            files = !printf 'a\\nb\\n'
+            pid = os.getpid()
+            """
+        )
+    )
+    pid = kernel.value("pid")
+    assert f"hello from {pid}" in res.stdout
+    assert kernel.value("list(files)") == ["a", "b"]
+    assert pid != kernel.value("__import__('os').getpid()")
+
+
+def test_time_timeit_env_cd_and_matplotlib_inline(kernel, tmp_path):
+    res = kernel.run(
+        cell(
+            f"""
+            %%isolate
+            %matplotlib inline
+            %env NBISOLATE_DEMO=42
+            %cd {tmp_path}
+            total = %time sum(range(1000))
+            %timeit -n 1 -r 1 sum(range(10))
+            import os
+            seen = (os.environ["NBISOLATE_DEMO"], os.getcwd())
+            """
+        )
+    )
+    assert "Wall time:" in res.stdout and "per loop" in res.stdout
+    assert kernel.value("total") == 499500
+    assert kernel.value("seen") == ("42", str(tmp_path))
+    assert os.environ.get("NBISOLATE_DEMO") is None  # the kernel's environment is untouched
+    assert kernel.value("__import__('os').environ.get('NBISOLATE_DEMO')") is None
+
+
+def test_cell_magics_inside_the_body(kernel, tmp_path):
+    target = tmp_path / "note.txt"
+    res = kernel.run(f"%%isolate\n%%writefile {target}\nwritten in the worker\n")
+    assert target.read_text() == "written in the worker\n"
+    assert "Writing" in res.stdout
+
+
+def test_a_magic_that_needs_the_kernel_is_refused_before_anything_runs(kernel, tmp_path):
+    marker = tmp_path / "ran"
+    for magic, words in (
+        ("%load_ext autoreload", ["%load_ext", "ordinary cell"]),
+        ("%who", ["%who", "ordinary cell"]),
+        ("%store x", ["%store", "ordinary cell"]),
+    ):
+        res = kernel.execute(f"%%isolate\nopen({str(marker)!r}, 'w').close()\n{magic}\nafter = 1")
+        assert not res.ok
+        text = plain(res.error_text)
+        for word in words:
+            assert word in text, (magic, text)
+        assert "Nothing ran" in text
+        assert not marker.exists()
+
+
+def test_a_syntax_error_looks_like_pythons(kernel):
+    res = kernel.execute("%%isolate\nx = 1\ny = (1,\nz = 3")
+    assert not res.ok
+    number = res.reply["content"]["execution_count"]
+    err = res.error
+    assert err["ename"] == "SyntaxError"
+    text = plain("\n".join(err["traceback"]))
+    assert f"Cell In[{number}], line 3" in text, text
+    assert "^" in text
+    assert "isolate" not in text.split("SyntaxError")[0].lower() or "%%isolate" not in text
+
+
+def test_worker_tracebacks_name_the_cell_as_the_front_end_does(kernel):
+    res = kernel.execute("%%isolate\nx = 1\n\n1 / 0")
+    number = res.reply["content"]["execution_count"]
+    text = plain("\n".join(res.error["traceback"]))
+    assert f"Cell In[{number}], line 4" in text, text
