@@ -106,7 +106,9 @@ class RunPayload(_RunRequired, total=False):
     :func:`sync_mark`, added by the supervisor; ``startup`` are modules to
     import before the inputs load; ``spent`` is the part of ``--timeout`` the
     kernel already used (serializing the inputs), which the supervisor's
-    deadline counts.
+    deadline counts; ``shared`` (``inputs``, ``data``, ``engine``, ``buffers``:
+    how many of the buffers are its own) is a shipment serialized once for
+    every run of a sweep, loaded before the run's own.
     """
 
     display_source: str
@@ -117,6 +119,7 @@ class RunPayload(_RunRequired, total=False):
     sync: str
     startup: list[str]
     spent: float
+    shared: dict[str, Any] | None
 
 
 class ResultBody(TypedDict):

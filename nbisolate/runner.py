@@ -88,8 +88,13 @@ def type_name(value: Any) -> str:
     return qualname if module == "builtins" else f"{module}.{qualname}"
 
 
-def _shipped(shipment: ship.Shipment, namespace: Mapping[str, Any]) -> dict[str, Any]:
+def _shipped(
+    shipment: ship.Shipment, namespace: Mapping[str, Any], shared: ship.Shipment | None = None
+) -> dict[str, Any]:
     """The ``shipped`` event's data: per input its type, size, how it travels, seconds."""
+    if shared is not None:
+        rows = [*_shipped(shared, namespace)["rows"], *_shipped(shipment, namespace)["rows"]]
+        return {"nbytes": shared.nbytes + shipment.nbytes, "engine": shipment.engine, "rows": rows}
     return {
         "nbytes": shipment.nbytes,
         "engine": shipment.engine,
@@ -211,6 +216,7 @@ class CellRun:
         sink: Any = None,
         filename: str = "<isolated cell>",
         backend: Backend | None = None,
+        shared: ship.Shipment | None = None,
         **option_values: Any,
     ) -> None:
         if options is None:
@@ -230,6 +236,9 @@ class CellRun:
         self.sink = sink if sink is not None else StdSink()
         self.filename = filename
         self.backend = backend
+        # Inputs serialized once for many runs (a sweep's, apart from the swept name): sent
+        # as they are, beside this run's own shipment, never serialized again.
+        self.shared = shared
         self.listeners: list[Listener] = []
         self.phases: dict[str, float] = {}
         self.plan: Plan | None = None
@@ -310,13 +319,15 @@ class CellRun:
         """Serialize the inputs and build the launch; events go to ``tell``."""
         assert self.plan is not None and self.backend is not None
         self.shipment = self._ship(self.plan, tell)
+        shared = self.shared
         self.launch = Launch(
             payload=self._payload(),
-            buffers=list(self.shipment.buffers),
+            buffers=[*(shared.buffers if shared is not None else ()), *self.shipment.buffers],
             options=self.options,
             label=self.label,
             shipment=self.shipment,
             packages=user_packages(self.namespace),
+            shared=shared,
         )
         if check:
             self.backend.check(self.launch)
@@ -351,14 +362,15 @@ class CellRun:
     def _ship(self, plan: Plan, tell: Callable[[Event], None] | None = None) -> ship.Shipment:
         tell = tell or self._notify
         t1 = time.perf_counter()
+        sent = set(self.shared.names) if self.shared is not None else set()
         shipment = ship.dumps(
-            {name: self.namespace[name] for name in plan.inputs},
+            {name: self.namespace[name] for name in plan.inputs if name not in sent},
             main=self.main_namespace,
             uses=plan.names,
         )
         self.phases["serialize"] = time.perf_counter() - t1
         tell(Event("phase", ("serialize", self.phases["serialize"])))
-        tell(Event("shipped", _shipped(shipment, self.namespace)))
+        tell(Event("shipped", _shipped(shipment, self.namespace, self.shared)))
         return shipment
 
     def _payload(self) -> dict[str, Any]:
@@ -381,6 +393,15 @@ class CellRun:
             # The worker watches this process (not its parent, which may be the
             # template) and kills its own tree when the kernel is gone.
             "kernel_pid": os.getpid(),
+            # Loaded first, from the first ``buffers`` of the launch's buffers.
+            "shared": None
+            if self.shared is None
+            else {
+                "inputs": self.shared.names,
+                "data": self.shared.data,
+                "engine": self.shared.engine,
+                "buffers": len(self.shared.buffers),
+            },
         }
 
     def start(self, deliver: Callable[[Event], None]) -> RunHandle:

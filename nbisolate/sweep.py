@@ -42,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from . import backends
+from . import backends, ship
 from .errors import IsolateError, IsolateUsageError
 from .events import Event
 from .options import RunOptions
@@ -292,6 +292,16 @@ class Sweep:
             self.has_result = plan.has_result
             options = replace(t.options, inputs=inputs, outputs=tuple(self.outputs))
             t1 = time.perf_counter()
+            # Every input but the swept name is the same for every value: serialized once,
+            # sent beside each value's own (small) shipment, its buffers shared.
+            common = [n for n in plan.inputs if n != self.name]
+            shared = (
+                ship.dumps(
+                    {n: t.namespace[n] for n in common}, main=t.main_namespace, uses=plan.names
+                )
+                if common
+                else None
+            )
             for i, value in enumerate(self.values):
                 local: dict[str, Any] = {self.name: value}
                 sink = _PrefixSink(t.sink, f"[{self.labels[i]}] ")
@@ -306,6 +316,7 @@ class Sweep:
                     sink=sink,
                     filename=t.filename,
                     backend=t.backend,
+                    shared=shared,
                 )
                 if i == 0:  # the others are serialized as they start (see _launch)
                     run.prepare(check=False)
@@ -317,7 +328,7 @@ class Sweep:
             t.phases["serialize"] = time.perf_counter() - t1
             self._notify(Event("phase", ("serialize", t.phases["serialize"])))
             if first.shipment is not None:
-                self._notify(Event("shipped", _shipped(first.shipment, first.namespace)))
+                self._notify(Event("shipped", _shipped(first.shipment, first.namespace, shared)))
             assert first.launch is not None
             t.backend.check(first.launch)  # a cluster that cannot run it fails now, once
             self.concurrency = t.backend.concurrency(len(self.runs))

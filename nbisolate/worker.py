@@ -461,6 +461,11 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
     chan.send(MSG_PHASE, ("start", time.perf_counter() - t0))
 
     t1 = time.perf_counter()
+    shared = job.get("shared")
+    if shared:  # inputs serialized once for a whole sweep: first, with the first buffers
+        count = shared["buffers"]
+        ns.update(ship.loads(shared["inputs"], shared["data"], buffers[:count], shared["engine"], ns))
+        buffers = buffers[count:]
     ns.update(ship.loads(job["inputs"], job["data"], buffers, job["engine"], ns))
     del buffers
     chan.send(MSG_PHASE, ("load", time.perf_counter() - t1))

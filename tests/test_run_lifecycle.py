@@ -302,3 +302,29 @@ def test_local_backend_reports_concurrency_by_cores():
     assert LocalBackend().concurrency(1000) == (os.cpu_count() or 1)
     assert LocalBackend().concurrency(1) == 1
     assert isinstance(LocalBackend(), backends.Backend)
+
+
+class _Counted:
+    """Counts how often it is serialized (in this process)."""
+
+    dumps = 0
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __reduce__(self):
+        type(self).dumps += 1
+        return (_Counted, (self.n,))
+
+
+def test_sweep_serializes_the_shared_inputs_once():
+    """--over with a large input once held one copy of it per value; now there is one."""
+    _Counted.dumps = 0
+    ns = {"big": _Counted(5), "base": list(range(1000))}
+    template = CellRun("y = x * big.n + len(base)", ns, RunOptions(timeout=60), sink=_Sink())
+    sweep = Sweep(template, "x", list(range(6)))
+    sweep.run_sync()
+    assert ns["y"] == [x * 5 + 1000 for x in range(6)]
+    assert _Counted.dumps == 1
+    shared = {id(run.shared) for run in sweep.runs}
+    assert len(shared) == 1 and sweep.runs[0].shared.names == ["big", "base"]

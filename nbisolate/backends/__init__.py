@@ -54,10 +54,13 @@ class Launch:
     shipment: Any = None
     packages: list[str] = field(default_factory=list)
     """Third-party packages the notebook imported (a local backend may preload them)."""
+    shared: Any = None
+    """Inputs serialized once for several launches (a sweep's), sent beside ``shipment``."""
 
     @property
     def modules(self) -> set[str]:
-        return set(getattr(self.shipment, "modules", ()) or ())
+        found = set(getattr(self.shipment, "modules", ()) or ())
+        return found | set(getattr(self.shared, "modules", ()) or ())
 
 
 @dataclass
