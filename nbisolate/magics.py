@@ -18,6 +18,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from . import backends
+from .cellsyntax import cell_number, transform
 from .errors import IsolateUsageError
 from .kernel_comms import let_comms_through
 from .options import RunOptions
@@ -142,14 +143,21 @@ class IsolateMagics(Magics):
                 from .sweep import parse_over
 
                 over = parse_over(over_spec, shell.user_ns)
+            shown = f"%%isolate {line}".rstrip() + "\n" + cell
+            number = cell_number(shell)
             run = CellRun(
-                cell,
+                # IPython lines (!ls, %time) become Python here, as IPython does it; a
+                # magic that needs the kernel is refused, by name, before anything runs.
+                transform(shell, cell),
                 shell.user_ns,
                 options,
                 available=_visible_names(shell),
                 line_offset=1,
-                display_source=f"%%isolate {line}".rstrip() + "\n" + cell,
-                filename=f"<isolated cell {shell.execution_count}>",
+                display_source=shown,
+                # The name IPython gives the cell's code, so a syntax error, a warning or a
+                # traceback names it as it names an ordinary cell: Cell In[n], line k.
+                filename=_cell_filename(shell, shown, number),
+                cell_label=f"Cell In[{number}]",
             )
             # Shown before prepare(), so a slow or failing serialization is visible;
             # the panel only listens to the run's events (see nbisolate.panel).
@@ -226,6 +234,24 @@ class IsolateMagics(Magics):
             raise UsageError(f"%isolate_config: {exc}") from None
         if not asked:  # no settings given: show them all
             print(f"{current} backend={backends.settings['backend']} {dask_settings.describe_config()}")
+
+
+def _cell_filename(shell: Any, shown: str, number: int) -> str:
+    """A file name for the cell's text that IPython shows as ``Cell In[n]``.
+
+    Registered as IPython registers a cell it compiles (its compiler's map of
+    names to execution counts, and ``linecache`` for the text), without
+    writing a file as IPython's cache would: a syntax error, a warning or a
+    traceback then names the cell as it names an ordinary one.
+    """
+    import linecache
+
+    name = f"<isolated cell {number}>"
+    linecache.cache[name] = (len(shown), None, shown.splitlines(True), name)
+    names = getattr(getattr(shell, "compile", None), "_filename_map", None)
+    if isinstance(names, dict):
+        names[name] = number
+    return name
 
 
 def _usage() -> str:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import re
 import symtable
 import sys
 import types
@@ -58,23 +59,30 @@ class Plan:
     the submodules of a shipped module that the cell reaches are the ones it names."""
 
 
-def parse_cell(source: str, first_line: int = 1) -> ast.Module:
-    """Parse a cell, turning a ``SyntaxError`` into a usage error that names the line.
+def parse_cell(source: str, first_line: int = 1, filename: str = "<isolated cell>") -> ast.Module:
+    """Parse a cell; a syntax error is Python's own, placed as the user sees the cell.
 
     ``first_line`` is the line number, in the notebook cell, of the source's
-    first line (2 under a ``%%isolate`` line), so the message points at the
-    line the user sees.
+    first line (2 under a ``%%isolate`` line), and ``filename`` the name the
+    cell's text is known by (IPython's, in a kernel), so the error reads like
+    an ordinary cell's: ``Cell In[n], line k`` with the line and a caret.
     """
     try:
-        return ast.parse(source, filename="<isolated cell>", mode="exec")
+        return ast.parse(source, filename=filename, mode="exec")
     except SyntaxError as exc:
-        line = (exc.lineno or 1) + first_line - 1
-        text = (exc.text or "").rstrip("\n")
-        where = f"cell line {line}"
-        snippet = f": {text.strip()}" if text.strip() else ""
-        raise IsolateUsageError(
-            f"syntax error at {where}{snippet} ({exc.msg}); nothing ran. Fix the line and run again."
-        ) from None
+        shift = first_line - 1
+        error = SyntaxError(
+            exc.msg,
+            (
+                filename,
+                (exc.lineno or 1) + shift,
+                exc.offset,
+                exc.text,
+                (exc.end_lineno + shift) if exc.end_lineno else None,
+                exc.end_offset,
+            ),
+        )
+        raise error from None
     except RecursionError:
         raise IsolateUsageError(
             "the cell is nested too deeply for Python's parser; nothing ran. "
@@ -321,19 +329,52 @@ def last_expression(tree: ast.Module) -> ast.Expr | None:
     return None
 
 
+_DOLLAR = re.compile(r"(?<!\$)\$([A-Za-z_][A-Za-z0-9_]*)")
+_BRACES = re.compile(r"(?<!\{)\{([^{}]+)\}(?!\})")
+
+
+def _expanded_names(tree: ast.Module) -> set[str]:
+    """Names an IPython line expands when it runs: ``!echo $word {n + 1}`` reads ``word`` and ``n``.
+
+    IPython turns ``!cmd`` and ``%magic line`` into ``get_ipython().system('cmd')``
+    and the like, and expands ``$name`` and ``{expr}`` in the string from the
+    namespace at run time: the worker needs those variables too.
+    """
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        owner = node.func.value
+        if not (isinstance(owner, ast.Call) and getattr(owner.func, "id", None) == "get_ipython"):
+            continue
+        for arg in node.args:
+            if not (isinstance(arg, ast.Constant) and isinstance(arg.value, str)):
+                continue
+            found.update(_DOLLAR.findall(arg.value))
+            for expr in _BRACES.findall(arg.value):
+                try:
+                    found.update(
+                        n.id for n in ast.walk(ast.parse(expr, mode="eval")) if isinstance(n, ast.Name)
+                    )
+                except SyntaxError:
+                    continue
+    return found
+
+
 def plan_cell(
     source: str,
     available: Container[str],
     inputs: Iterable[str] | None = None,
     outputs: Iterable[str] | None = None,
     first_line: int = 1,
+    filename: str = "<isolated cell>",
 ) -> Plan:
     """Plan a cell against the names that exist in the notebook.
 
     ``inputs`` overrides detection (only those are shipped); a named input
     that does not exist is a usage error.  ``outputs`` narrows what comes back.
     """
-    tree = parse_cell(source, first_line)
+    tree = parse_cell(source, first_line, filename)
     scope = _ModuleScope()
     for stmt in tree.body:
         scope.visit(stmt)
@@ -349,7 +390,8 @@ def plan_cell(
                 "%%isolate find the inputs itself."
             )
     else:
-        wanted = list(scope.free) + sorted(nested_reads - set(scope.free))
+        expanded = _expanded_names(tree) - set(scope.free)
+        wanted = list(scope.free) + sorted((nested_reads | expanded) - set(scope.free))
         chosen = tuple(n for n in wanted if n in available)
 
     binds = list(scope.binds) + sorted(nested_writes - set(scope.binds))

@@ -215,6 +215,7 @@ class CellRun:
         display_source: str | None = None,
         sink: Any = None,
         filename: str = "<isolated cell>",
+        cell_label: str | None = None,
         backend: Backend | None = None,
         shared: ship.Shipment | None = None,
         **option_values: Any,
@@ -235,6 +236,7 @@ class CellRun:
         self.display_source = display_source
         self.sink = sink if sink is not None else StdSink()
         self.filename = filename
+        self.cell_label = cell_label or filename  # how tracebacks name the cell: Cell In[n]
         self.backend = backend
         # Inputs serialized once for many runs (a sweep's, apart from the swept name): sent
         # as they are, beside this run's own shipment, never serialized again.
@@ -341,6 +343,7 @@ class CellRun:
             inputs=None if opts.inputs is None else list(opts.inputs),
             outputs=None if opts.outputs is None else list(opts.outputs),
             first_line=self.line_offset + 1,
+            filename=self.filename,
         )
         self.phases["plan"] = time.perf_counter() - t0
         types = {name: type_name(self.namespace.get(name)) for name in plan.inputs}
@@ -381,6 +384,7 @@ class CellRun:
             "display_source": self.display_source or self.source,
             "line_offset": self.line_offset,
             "filename": self.filename,
+            "cell_label": self.cell_label,
             "inputs": self.shipment.names,
             "data": self.shipment.data,
             "engine": self.shipment.engine,

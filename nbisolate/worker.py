@@ -359,12 +359,69 @@ def _mark_pipes(token: str | None) -> dict[str, bool]:
     return marked
 
 
-def _cell_traceback(exc: BaseException, filename: str) -> str:
-    """The traceback from the cell's first frame on; the worker's own frames are noise."""
+# IPython's colours for tracebacks (its default "Neutral"/"Linux" schemes agree on these).
+_RED, _GREEN, _CYAN, _BOLD, _RESET = "\x1b[31m", "\x1b[32m", "\x1b[36m", "\x1b[1m", "\x1b[0m"
+_CONTEXT = 2  # lines shown before the line that raised, as IPython does
+
+
+def _cell_traceback(exc: BaseException, filename: str, label: str | None = None) -> str:
+    """The cell's traceback as IPython shows an ordinary cell's, without IPython.
+
+    From the cell's first frame on (the worker's own frames are noise); the
+    cell's frames are named like IPython names a cell (``Cell In[n], line k``),
+    with a few lines of context and an arrow, other files as ``File path:line,
+    in func()``; chained exceptions come first, as in Python.
+    """
+    label = label or filename
+    parts: list[str] = []
+    seen: set[int] = set()
+
+    def one(err: BaseException) -> None:
+        seen.add(id(err))
+        cause, context = err.__cause__, err.__context__
+        if cause is not None and id(cause) not in seen:
+            one(cause)
+            parts.append("\nThe above exception was the direct cause of the following exception:\n")
+        elif context is not None and not err.__suppress_context__ and id(context) not in seen:
+            one(context)
+            parts.append("\nDuring handling of the above exception, another exception occurred:\n")
+        parts.append(_one_traceback(err, filename, label))
+
+    one(exc)
+    return "\n".join(parts)
+
+
+def _one_traceback(exc: BaseException, filename: str, label: str) -> str:
     tb = exc.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename != filename:
         tb = tb.tb_next
-    return "".join(traceback.format_exception(type(exc), exc, tb or exc.__traceback__))
+    frames = traceback.extract_tb(tb or exc.__traceback__)
+    name = type(exc).__name__
+    out = [
+        f"{_RED}{'-' * 75}{_RESET}",
+        f"{_RED}{name}{_RESET}{' ' * max(1, 42 - len(name))}Traceback (most recent call last)",
+    ]
+    for frame in frames:
+        lineno = frame.lineno or 0
+        if frame.filename == filename:
+            out.append(f"{_CYAN}{label}{_RESET}, line {lineno}")
+        else:
+            out.append(
+                f"File {_GREEN}{frame.filename}:{lineno}{_RESET}, in {_CYAN}{frame.name}(){_RESET}"
+            )
+        first = max(1, lineno - _CONTEXT)
+        width = len(str(lineno))
+        for number in range(first, lineno + 1):
+            text = linecache.getline(frame.filename, number).rstrip("\n")
+            if number == lineno:
+                out.append(f"{_GREEN}---> {number:>{width}}{_RESET} {text}")
+            elif text.strip():
+                out.append(f"     {_GREEN}{number:>{width}}{_RESET} {text}")
+        out.append("")
+    message = "".join(traceback.format_exception_only(type(exc), exc)).rstrip("\n")
+    head, sep, rest = message.partition(":")
+    out.append(f"{_RED}{head}{_RESET}{sep}{rest}" if sep else f"{_RED}{message}{_RESET}")
+    return "\n".join(out)
 
 
 def _compile_cell(
@@ -475,6 +532,10 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
     shown = job.get("display_source", job["source"])
     linecache.cache[filename] = (len(shown), None, shown.splitlines(True), filename)
     body, tail = _compile_cell(job["source"], filename, offset, job["has_result"])
+    if "get_ipython" in job["source"]:  # IPython lines (!ls, %time), turned into calls
+        from . import worker_shell
+
+        worker_shell.install(ns)
 
     t2 = time.perf_counter()
     value = None
@@ -494,7 +555,7 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
         marked = _mark_pipes(job.get("sync"))
         body = error_body(
             exc,
-            traceback=_cell_traceback(exc, filename),
+            traceback=_cell_traceback(exc, filename, job.get("cell_label")),
             names=shipped.names,
             data=shipped.data,
             engine=shipped.engine,

@@ -154,10 +154,28 @@ class WorkerShell:
     def _cell_time(self, line: str, cell: str) -> Any:
         return self._timed(cell)
 
-    def _timeit(self, setup: str, stmt: str) -> None:
-        timer = timeit.Timer(stmt or "pass", setup or "pass", globals=self.user_ns)
-        number, _ = timer.autorange()
-        repeat = 7
+    def _timeit(self, line: str, stmt: str | None = None) -> Any:
+        """``%timeit [-n N] [-r R] [-q] [-o] stmt`` / ``%%timeit [options] setup`` + body."""
+        number, repeat, quiet, give = 0, 7, False, False
+        rest = line.strip()
+        while rest.startswith("-"):
+            option, _, rest = rest.partition(" ")
+            rest = rest.lstrip()
+            if option in ("-n", "-r"):
+                value, _, rest = rest.partition(" ")
+                rest = rest.lstrip()
+                if option == "-n":
+                    number = int(value)
+                else:
+                    repeat = max(1, int(value))
+            elif option == "-q":
+                quiet = True
+            elif option == "-o":
+                give = True
+        setup, body = (rest, stmt) if stmt is not None else ("", rest)
+        timer = timeit.Timer(body or "pass", setup or "pass", globals=self.user_ns)
+        if not number:
+            number, _ = timer.autorange()
         gc_was = gc.isenabled()
         try:
             runs = [t / number for t in timer.repeat(repeat=repeat, number=number)]
@@ -166,16 +184,18 @@ class WorkerShell:
                 gc.enable()
         mean = sum(runs) / len(runs)
         std = math.sqrt(sum((r - mean) ** 2 for r in runs) / len(runs))
-        print(
-            f"{_fmt_time(mean)} ± {_fmt_time(std)} per loop (mean ± std. dev. of {repeat} runs, "
-            f"{number:,} loop{'s' if number != 1 else ''} each)"
-        )
+        if not quiet:
+            print(
+                f"{_fmt_time(mean)} ± {_fmt_time(std)} per loop (mean ± std. dev. of {repeat} "
+                f"run{'s' if repeat != 1 else ''}, {number:,} loop{'s' if number != 1 else ''} each)"
+            )
+        return runs if give else None
 
-    def _line_timeit(self, line: str) -> None:
-        self._timeit("", line)
+    def _line_timeit(self, line: str) -> Any:
+        return self._timeit(line)
 
-    def _cell_timeit(self, line: str, cell: str) -> None:
-        self._timeit(line, cell)
+    def _cell_timeit(self, line: str, cell: str) -> Any:
+        return self._timeit(line, cell)
 
     def _line_env(self, line: str) -> Any:
         line = line.strip()

@@ -676,7 +676,6 @@ BAD_INPUT = {
     "size too small": ("%%isolate --mem 1K\nx = 1", ["--mem 1K is too small", "32M"]),
     "--out without names": ("%%isolate --out\nx = 1", ["--out", "Usage: %%isolate"]),
     "no such variable": ("%%isolate no_such_var\nx = 1", ["no_such_var", "nothing ran"]),
-    "syntax error": ("%%isolate\nx = 1\ny = (", ["line 3", "nothing ran"]),
 }
 
 

@@ -79,7 +79,7 @@ def test_a_magic_that_needs_the_kernel_is_refused_before_anything_runs(kernel, t
     ):
         res = kernel.execute(f"%%isolate\nopen({str(marker)!r}, 'w').close()\n{magic}\nafter = 1")
         assert not res.ok
-        text = plain(res.error_text)
+        text = plain(res.stderr + res.error_text)
         for word in words:
             assert word in text, (magic, text)
         assert "Nothing ran" in text

@@ -313,8 +313,8 @@ def test_idle_widgets_are_reused_and_only_the_button_is_new(kernel):
 
 
 def test_no_panel_for_a_usage_error(kernel):
-    res = kernel.execute("%%isolate\nprint(")
-    assert "UsageError: %%isolate: syntax error at cell line 2" in res.stderr
+    res = kernel.execute("%%isolate no_such_name\nprint(1)")
+    assert "UsageError: %%isolate: no notebook variable named 'no_such_name'" in res.stderr
     assert not res.displays and not res.of("comm_open")
 
 

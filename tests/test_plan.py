@@ -78,8 +78,9 @@ def test_out_narrows_and_semicolon_hides_result():
 
 
 def test_syntax_error_names_the_cell_line():
-    with pytest.raises(IsolateUsageError, match="line 3"):
-        plan_cell("a = 1\nb = (", NS, first_line=2)
+    with pytest.raises(SyntaxError) as info:
+        plan_cell("a = 1\nb = (", NS, first_line=2, filename="<cell 7>")
+    assert info.value.lineno == 3 and info.value.filename == "<cell 7>"
 
 
 def test_deeply_nested_expressions_do_not_overflow():
