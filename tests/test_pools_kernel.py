@@ -319,3 +319,24 @@ def test_pytorch_dataloader_workers_under_spawn(kernel):
     assert res.ok, res.error_text
     assert kernel.value("batches") == [[0, 1, 4, 9], [16, 25, 36, 49]]
     assert _workers_gone(kernel), _leftovers(kernel)
+
+
+def _shown(res) -> str:
+    """The text of what a cell showed: its result, else its last display."""
+    data = res.result if res.result is not None else res.displays[-1]["data"]
+    return data["text/plain"]
+
+
+def test_pickle_check_flags_the_main_trap_with_the_fix_that_applies(mp_kernel):
+    mp_kernel.run("%isolate_config mp=off")
+    mp_kernel.run("def to_pool(v):\n    return v\nclass Rows:\n    pass\nrows = Rows()")
+    report = _shown(mp_kernel.run("%pickle_check to_pool rows"))
+    assert "FAILS under spawn" in report and "Can't get attribute" in report
+    assert "%isolate_config mp=on" in report and "%%isolate" in report
+    assert "rows" in report and "Rows" in report  # an instance: flagged through its class
+    mp_kernel.run("%isolate_config mp=on")
+    try:
+        report = _shown(mp_kernel.run("%pickle_check to_pool"))
+        assert "mp=on` is in effect in this kernel" in report
+    finally:
+        mp_kernel.run("%isolate_config mp=off")
