@@ -29,6 +29,8 @@ __all__ = [
     "ShipError",
     "SweepError",
     "WorkerCrashed",
+    "disable_multiprocessing",
+    "enable_multiprocessing",
     "load_ipython_extension",
     "pickle_check",
     "run_isolated",
@@ -59,6 +61,10 @@ def __getattr__(name: str) -> Any:
         from .diagnose import pickle_check
 
         return pickle_check
+    if name in ("enable_multiprocessing", "disable_multiprocessing"):
+        from . import pools
+
+        return getattr(pools, name)
     if name == "SweepError":
         from .sweep import SweepError
 

@@ -204,7 +204,7 @@ class IsolateMagics(Magics):
 
     @line_magic
     def isolate_config(self, line: str) -> None:
-        """Show or change settings: ``%isolate_config [panel=...] [backend=...] [scheduler=...]``.
+        """Show or change settings: ``%isolate_config [panel=...] [backend=...] [mp=on|off] [scheduler=...]``.
 
         ``panel=auto|widget|text|off``: ``auto`` (the default, or $NBISOLATE_PANEL)
         shows the live widget panel in a Jupyter kernel and plain text lines
@@ -215,6 +215,12 @@ class IsolateMagics(Magics):
         Dask settings (nbisolate.backends.dask): ``scheduler=ADDRESS`` (the
         default Dask scheduler; ``scheduler=`` clears it),
         ``connect_timeout=SECONDS``.
+
+        ``mp=on|off``: in ordinary cells, the notebook's own process pools
+        (``multiprocessing``, ``concurrent.futures``, ``multiprocess``) send
+        functions and classes defined in the notebook by value, so they work
+        under spawn and forkserver (:func:`nbisolate.enable_multiprocessing`).
+        Off by default; isolated cells always have it.
         """
         from .backends import dask as dask_settings
         from .panel import configure
@@ -226,6 +232,8 @@ class IsolateMagics(Magics):
                 key, sep, value = item.partition("=")
                 if sep and key.strip().lower() == "backend":
                     backends.set_default(value)
+                elif sep and key.strip().lower() == "mp":
+                    print(_set_mp(value))
                 else:
                     rest.append(item)
             line, _ = dask_settings.split_config(" ".join(rest))
@@ -233,7 +241,24 @@ class IsolateMagics(Magics):
         except ValueError as exc:
             raise UsageError(f"%isolate_config: {exc}") from None
         if not asked:  # no settings given: show them all
-            print(f"{current} backend={backends.settings['backend']} {dask_settings.describe_config()}")
+            from . import pools
+
+            print(
+                f"{current} backend={backends.settings['backend']} "
+                f"mp={'on' if pools.enabled() else 'off'} {dask_settings.describe_config()}"
+            )
+
+
+def _set_mp(value: str) -> str:
+    """``mp=on|off``: the notebook's own pools send notebook functions by value (nbisolate.pools)."""
+    from . import pools
+
+    wanted = value.strip().lower()
+    if wanted in ("on", "true", "1", "yes"):
+        return pools.enable_multiprocessing()
+    if wanted in ("off", "false", "0", "no"):
+        return pools.disable_multiprocessing()
+    raise ValueError(f"mp={value!r}: use mp=on or mp=off")
 
 
 def _cell_filename(shell: Any, shown: str, number: int) -> str:

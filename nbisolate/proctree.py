@@ -155,6 +155,65 @@ def kill_own_descendants() -> int:
     return len(victims)
 
 
+def is_resource_tracker(proc: Proc) -> bool:
+    """True for a multiprocessing (or multiprocess, loky) resource tracker, read from its command line.
+
+    A tracker unlinks what its pipe's writers registered (named semaphores,
+    shared memory) once the last writer is gone; killing it leaks them in
+    ``/dev/shm``.
+    """
+    try:
+        with open(f"/proc/{proc[0]}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return False
+    return b"resource_tracker import main" in cmdline
+
+
+def kill_own_descendants_sparing(spare: Any) -> list[Proc]:
+    """Like :func:`kill_own_descendants`, but leave the processes ``spare(proc)`` picks running.
+
+    All descendants are stopped first (so the list is complete), the others
+    killed, the spared ones continued; returns the spared ones.
+    """
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+    except ChildProcessError:
+        return []
+    except OSError:
+        pass
+    spared: list[Proc] = []
+    for victim in stop_descendants(os.getpid()):
+        if spare(victim):
+            spared.append(victim)
+        else:
+            send(victim, signal.SIGKILL)
+    for proc in spared:
+        send(proc, signal.SIGCONT)
+    return spared
+
+
+def wait_for_exit(procs: list[Proc], timeout: float) -> bool:
+    """Wait until every process of ``procs`` has exited (reaping our own children); False on timeout."""
+    deadline = time.monotonic() + timeout
+    pause = 0.002
+    while True:
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                pass
+        except OSError:
+            pass
+        alive = [p for p in procs if (stat := _stat(p[0])) is not None and stat[2] == p[1]
+                 and stat[0] not in (b"Z", b"X")]
+        if not alive:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+
+
 def kill_own_descendants_until_quiet(rounds: int = 20, pause: float = 0.01) -> None:
     """Kill rounds of :func:`kill_own_descendants` until one finds no process (at most ``rounds``).
 

@@ -36,7 +36,7 @@ import traceback
 import types
 from typing import Any
 
-from . import display_worker, proctree
+from . import display_worker, pools, proctree
 from .protocol import (
     CHANNEL_LOST,
     MSG_ERROR,
@@ -513,6 +513,7 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
     main.__dict__["__builtins__"] = __builtins__
     sys.modules["__main__"] = main
     ns = main.__dict__
+    pools.install()  # the cell's own process pools: by value, and children that report
     for hook in job.get("startup", ()):
         __import__(hook)
     chan.send(MSG_PHASE, ("start", time.perf_counter() - t0))
@@ -540,11 +541,13 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
     t2 = time.perf_counter()
     value = None
     _stage = "run"
+    pools.arm()
     try:
         value = _execute(body, ns)
         if tail is not None:
             value = _execute(tail, ns)
     except BaseException as exc:  # the cell's exception, including KeyboardInterrupt
+        pools.disarm(exc)
         if isinstance(exc, SystemExit):
             raise
         if not isinstance(exc, KeyboardInterrupt):
@@ -564,6 +567,7 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
         )
         chan.send(MSG_ERROR, body, shipped.buffers)
         return
+    pools.disarm()
     display_worker.end_of_cell()  # show open figures (and close them, so none travels back live)
     run_seconds = time.perf_counter() - t2
     for stream in (sys.stdout, sys.stderr):
@@ -668,5 +672,7 @@ def main(fd: int) -> None:
     stop.set()
     output.flush()
     _flush_c_stdio()
-    proctree.kill_own_descendants()  # nothing the cell started outlives it, even on success
+    # Nothing the cell started outlives it, even on success; resource trackers first clean up
+    # the semaphores and shared memory the cell's multiprocessing registered.
+    pools.end_of_cell()
     os._exit(code)

@@ -29,6 +29,8 @@ WORKER_SIDE = {
     "nbisolate.travel",
     "nbisolate.units",
     "nbisolate.errors",
+    "nbisolate.pools",
+    "nbisolate._mpchild",
 }
 # The modules a kernel uses to run cells; none of them may pull in the worker.
 KERNEL_SIDE = [

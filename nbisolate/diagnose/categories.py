@@ -109,8 +109,9 @@ _CATEGORIES: dict[str, _Category] = {
         "standard pickle stores a function by its module and name, and a lambda has no name "
         "to be found by.",
         "Replace the lambda with a `def` in a .py module that you import (or "
-        "`functools.partial` of such a function). %%isolate pickles with dill, which sends "
-        "lambdas by value, so it works there; so does cloudpickle (joblib, loky).",
+        "`functools.partial` of such a function). %%isolate sends lambdas by value, also to "
+        "the cell's own pools; in ordinary cells `%isolate_config mp=on` makes multiprocessing "
+        "and concurrent.futures do the same; cloudpickle (joblib, loky) does it anyway.",
     ),
     "local-function": _Category(
         "function defined inside a function",
@@ -119,14 +120,16 @@ _CATEGORIES: dict[str, _Category] = {
         "Move the function to the top level of a .py module next to the notebook and import "
         "it (a top-level notebook cell is not enough under spawn); pass extra data with "
         "`functools.partial`. %%isolate and cloudpickle (joblib, loky) send it by "
-        "value, so it works there.",
+        "value, so it works there; in ordinary cells `%isolate_config mp=on` makes "
+        "multiprocessing and concurrent.futures pools send it by value too.",
     ),
     "local-class": _Category(
         "class defined inside a function",
         "standard pickle stores a class by its module and name; a class defined inside a "
         "function can't be found that way.",
         "Define the class at the top level of a .py module and import it. %%isolate "
-        "and cloudpickle send it by value, so it works there.",
+        "and cloudpickle send it by value, so it works there; in ordinary cells "
+        "`%isolate_config mp=on` makes multiprocessing pools send it by value too.",
     ),
     "notebook-defined": _Category(
         "defined in the notebook",
@@ -135,9 +138,12 @@ _CATEGORIES: dict[str, _Category] = {
         "and Windows and on Linux from Python 3.14; ProcessPoolExecutor; DataLoader workers "
         "under spawn) is a fresh interpreter whose `__main__` has no such name: loading "
         "fails with \"Can't get attribute\".",
-        "Fine with %%isolate, which sends notebook-defined functions and classes by value "
-        "(by value). For plain multiprocessing, move it into a .py module next to the notebook "
-        "and import it from there.",
+        "Fine with %%isolate, which sends notebook-defined functions and classes by value, "
+        "and so do the cell's own pools there. For your own pools in ordinary cells "
+        "(multiprocessing, concurrent.futures, DataLoader workers under spawn or forkserver), "
+        "turn on `%isolate_config mp=on` (`nbisolate.enable_multiprocessing()` in a script): "
+        "it sends them by value too. Or move it into a .py module next to the notebook and "
+        "import it from there.",
     ),
     "notebook-by-reference": _Category(
         "defined in the notebook, sent by name",

@@ -480,11 +480,27 @@ def _make_problem(e: dict[str, Any], report: Report) -> Problem:
     reason = f"{cat.why} ({said})" if cat.why else said
     if e.get("instance_of"):
         reason = f"its class {type_name}: {reason}"
+    fix = cat.fix
+    if category in _POOL_BY_VALUE and _multiprocessing_by_value():
+        fix += (
+            " (`%isolate_config mp=on` is in effect in this kernel: its own multiprocessing and "
+            "concurrent.futures pools already send this by value.)"
+        )
     return Problem(
         path=e["path"], type_name=type_name, category=category, title=cat.title,
-        reason=reason, fix=cat.fix, fails_with=fails, severity=severity, what=what,
+        reason=reason, fix=fix, fails_with=fails, severity=severity, what=what,
         also_at=tuple(e["also"][:5]), errors=errors,
     )
+
+
+_POOL_BY_VALUE = frozenset({"notebook-defined", "lambda", "local-function", "local-class"})
+"""What ``%isolate_config mp=on`` (nbisolate.pools) sends by value to the notebook's own pools."""
+
+
+def _multiprocessing_by_value() -> bool:
+    """True while mp=on is in effect (never imports nbisolate.pools: it imports multiprocessing)."""
+    pools = sys.modules.get("nbisolate.pools")
+    return bool(pools is not None and pools.enabled())
 
 
 def _add_large(report: Report, large_bytes: int) -> None:
