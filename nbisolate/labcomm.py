@@ -199,6 +199,122 @@ class _Publisher:
 _publisher = _Publisher()
 
 
+# -- "Busy" while an isolated cell runs ------------------------------------------------
+
+
+def _is_isolated(raw_cell: str) -> bool:
+    """Whether a cell's text is an ``%%isolate`` cell (blank lines before it are dropped,
+    as IPython's cleanup transformers drop them)."""
+    for line in raw_cell.splitlines():
+        if line.strip():
+            rest = line.lstrip()[len("%%isolate") :]
+            return line.lstrip().startswith("%%isolate") and (not rest or rest[0].isspace())
+    return False
+
+
+def _msg_id(parent: Any) -> str | None:
+    if not isinstance(parent, dict):
+        return None
+    header = parent.get("header") or {}
+    return header.get("msg_id") if isinstance(header, dict) else None
+
+
+class BusyStatus:
+    """Keeps the front end's kernel status at "busy" while an isolated cell runs.
+
+    Why it is needed: a front end shows the *last* ``status`` message on IOPub,
+    whatever message it was about.  An isolated cell awaits its worker on the
+    kernel's loop, so the kernel keeps handling other messages meanwhile, and
+    ipykernel publishes ``busy`` then ``idle`` around each one it handles on a
+    subshell or on the control channel: JupyterLab 4.6 sends every comm message
+    (a widget update, the status item's ``refresh`` when its popup opens, a
+    click on Stop) over a subshell, and creates that subshell with a control
+    request.  The ``idle`` about that comm message arrives after the cell's own
+    ``busy``, and the status bar reads "Idle" although the cell is still at
+    ``[*]``.
+
+    So while an isolated cell runs, every ``idle`` the kernel publishes about
+    another message is followed at once, from the same thread (so in order), by
+    a ``busy`` whose parent is the running cell's request: the front end's
+    status ends at "busy" until the cell's own ``idle``.  The ``idle`` itself is
+    still sent, since front ends settle a request when its ``idle`` arrives.
+    """
+
+    def __init__(self, kernel: Any) -> None:
+        self.kernel = kernel
+        self._lock = threading.Lock()
+        self._cells: dict[str, Any] = {}  # msg_id -> the running isolated cell's request
+        self._original = kernel._publish_status
+
+    def _parent(self, channel: str = "shell") -> Any:
+        try:
+            return self.kernel.get_parent(channel)
+        except TypeError:  # ipykernel before the channel argument
+            return self.kernel.get_parent()
+
+    def pre_run_cell(self, info: Any = None) -> None:
+        if not _is_isolated(getattr(info, "raw_cell", "") or ""):
+            return
+        parent = self._parent()
+        msg_id = _msg_id(parent)
+        if msg_id:
+            with self._lock:
+                self._cells[msg_id] = parent
+
+    def post_run_cell(self, result: Any = None) -> None:
+        msg_id = _msg_id(self._parent())
+        with self._lock:
+            self._cells.pop(msg_id, None)
+
+    def publish(self, status: str, channel: str = "shell", parent: Any = None) -> None:
+        """Replaces the kernel's ``_publish_status``."""
+        about = _msg_id(parent if parent is not None else self._parent(channel))
+        self._original(status, channel, parent)
+        if status != "idle":
+            return
+        with self._lock:
+            if about in self._cells:  # the cell's own idle (post_run_cell did not run)
+                del self._cells[about]
+                return
+            running = list(self._cells.values())
+        if running:
+            self._original("busy", "shell", running[-1])
+
+    def install(self, shell: Any) -> None:
+        self.kernel._publish_status = self.publish
+        shell.events.register("pre_run_cell", self.pre_run_cell)
+        shell.events.register("post_run_cell", self.post_run_cell)
+
+    def uninstall(self, shell: Any) -> None:
+        if self.kernel.__dict__.get("_publish_status") == self.publish:
+            del self.kernel._publish_status
+        for name, callback in (
+            ("pre_run_cell", self.pre_run_cell),
+            ("post_run_cell", self.post_run_cell),
+        ):
+            try:
+                shell.events.unregister(name, callback)
+            except ValueError:
+                pass
+
+
+def _install_busy_status(shell: Any, kernel: Any) -> None:
+    if not callable(getattr(kernel, "_publish_status", None)):
+        return
+    if isinstance(getattr(kernel._publish_status, "__self__", None), BusyStatus):
+        return  # installed already (the extension was loaded twice)
+    try:
+        BusyStatus(kernel).install(shell)
+    except Exception:
+        log.debug("nbisolate: cannot keep the kernel status busy while cells run", exc_info=True)
+
+
+def _uninstall_busy_status(shell: Any, kernel: Any) -> None:
+    busy = getattr(getattr(kernel, "_publish_status", None), "__self__", None)
+    if isinstance(busy, BusyStatus):
+        busy.uninstall(shell)
+
+
 def register(shell: Any, registry: Any = None) -> None:
     """Register the ``nbisolate.status`` comm target with the shell's kernel.
 
@@ -222,6 +338,7 @@ def register(shell: Any, registry: Any = None) -> None:
     if registry is not None:
         _publisher = _Publisher(lambda: registry)
     manager.register_target(TARGET, _publisher.open)
+    _install_busy_status(shell, kernel)
 
 
 def unregister(shell: Any) -> None:
@@ -233,3 +350,5 @@ def unregister(shell: Any) -> None:
             manager.unregister_target(TARGET, _publisher.open)
         except Exception:
             log.debug("unregistering the status comm target failed", exc_info=True)
+    if kernel is not None:
+        _uninstall_busy_status(shell, kernel)
