@@ -711,6 +711,7 @@ class WidgetPanel(Panel):
         self._shown_panel = False
         self._dirty = False
         self._blocked = False
+        self._flush_next = False
         self._last_push = 0.0
         self._last_full = 0.0
         self._beat_stop = threading.Event()
@@ -750,11 +751,15 @@ class WidgetPanel(Panel):
         self._shown_panel = True
         self._build()
         assert self.parts is not None
+        self._display_panel()
+        self._last_push = self._last_full = time.perf_counter()
+        threading.Thread(target=self._heartbeat, name="nbisolate-panel", daemon=True).start()
+
+    def _display_panel(self) -> None:
+        assert self.parts is not None
         text = f"nbisolate: {self.watch.start_line()} {NO_WIDGETS_NOTE}"
         model = {"version_major": 2, "version_minor": 0, "model_id": self.parts.root.model_id}
         _display({"text/plain": text, WIDGET_VIEW: model}, display_id=self.display_id)
-        self._last_push = self._last_full = time.perf_counter()
-        threading.Thread(target=self._heartbeat, name="nbisolate-panel", daemon=True).start()
 
     # -- updates ---------------------------------------------------------------------
     def _main_html(self) -> str:
@@ -822,6 +827,20 @@ class WidgetPanel(Panel):
                     return
             if kind == "done":
                 self._finish()
+            elif kind == "clear_output":
+                # The cell cleared its output (an epoch loop's clear_output(wait=True)),
+                # and a cell has one output area: the panel went with it.  Show it again
+                # at once, under the same display id, so it stays first, keeps its Stop
+                # button and timeout bar, and the summary still replaces it at the end.
+                # With wait=True this display is the output that triggers the clear.
+                self._display_panel()
+                # The cell's next text follows at once rather than at the kernel's next
+                # stream flush, so the cleared output is not left empty for a moment.
+                self._flush_next = True
+            elif kind == "stream" and self._flush_next:
+                self._flush_next = False
+                for stream in (sys.stdout, sys.stderr):
+                    stream.flush()
             elif kind in ("phase", "started", "result", "error", "exit"):
                 # Phases of a fast cell end within milliseconds of each other: send
                 # at most one change of status every COALESCE_SECONDS, the rest at
