@@ -200,6 +200,7 @@ class Watch:
         self.failed_input: str | None = None
         self.stopping = False
         self.sweep: dict[str, Any] | None = None  # progress of a --over sweep (nbisolate.sweep)
+        self.over: dict[str, Any] | None = None  # {"name", "count"} when the cell is a sweep
 
     # -- events ------------------------------------------------------------------
     def observe(self, event: Any) -> None:
@@ -211,6 +212,7 @@ class Watch:
             self.outputs_ = list(data.get("outputs") or [])
             self.types = dict(data.get("types") or {})
             self.timeout = getattr(data.get("options"), "timeout", None)
+            self.over = data.get("over")
         elif kind == "phase":
             name, seconds = data
             self.phases[name] = seconds
@@ -259,14 +261,29 @@ class Watch:
         end = self.t_end if self.t_end is not None else self.clock()
         return max(0.0, end - self.job_t0)
 
+    def phase_keys(self) -> tuple[tuple[str, str], ...]:
+        """The phases this run goes through: a sweep plans and serializes once, then runs
+        its values, each through its own start, load, run and return."""
+        if self.over is None:
+            return PHASES
+        return (*PHASES[:2], ("run", "run every value, each in a worker of its own"))
+
     def current_phase(self) -> str | None:
         if self.done:
             return None
         phases = self.phases
-        for key, _label in PHASES:
+        for key, _label in self.phase_keys():
             if key not in phases:
                 return key
         return None
+
+    def phase_seconds(self, key: str) -> float | None:
+        """How long a finished phase took; a sweep's runs last from its serializing to its end."""
+        if self.over is not None and key == "run":
+            if not self.done:
+                return None
+            return max(0.0, self.elapsed() - sum(self.phases.get(k, 0.0) for k in ("plan", "serialize")))
+        return self.phases.get(key)
 
     def inputs(self) -> list[str]:
         return list(self.inputs_)
@@ -424,13 +441,17 @@ def _e(text: Any) -> str:
 
 def phases_html(watch: Watch) -> str:
     """``plan 0.4 ms · serialize 2 ms · start 15 ms · run …``: done, current, still to come."""
-    phases = watch.phases
     current = watch.current_phase()
     parts = []
-    for key, what in PHASES:
+    for key, what in watch.phase_keys():
         tip = f"title='{_e(what)}'"
-        if key in phases:
-            parts.append(f"<span {tip}>{key}&nbsp;<b>{_e(fmt_seconds(phases[key]))}</b></span>")
+        seconds = watch.phase_seconds(key)
+        if seconds is not None:
+            parts.append(f"<span {tip}>{key}&nbsp;<b>{_e(fmt_seconds(seconds))}</b></span>")
+        elif key == current and watch.sweep is not None:
+            sweep = watch.sweep
+            progress = f"{sweep.get('done', 0)} of {sweep.get('total', '?')}"
+            parts.append(f"<span {tip}><b>{key}&nbsp;…</b>&nbsp;({_e(progress)})</span>")
         elif key == current:
             parts.append(f"<span {tip}><b>{key}&nbsp;…</b></span>")
         elif not watch.done:
