@@ -46,7 +46,7 @@ def _default_registry() -> Any:
     return running
 
 
-def _worker_dict(job: Any) -> dict[str, Any]:
+def _worker_dict(job: Any, cell: dict[str, Any] | None = None) -> dict[str, Any]:
     pid = getattr(job, "pid", None)
     timeout = getattr(job, "timeout", None)
     return {
@@ -56,6 +56,9 @@ def _worker_dict(job: Any) -> dict[str, Any]:
         "started": float(getattr(job, "started", 0.0) or 0.0),
         "timeout": float(timeout) if timeout is not None else None,
         "host": str(getattr(job, "host", "") or ""),
+        # The cell that runs it, so the front end can show "[13] first line", scroll to
+        # it, and after a page reload put the cell's output where it belongs.
+        "cell": cell,
     }
 
 
@@ -88,6 +91,7 @@ class _Publisher:
         self._comms: dict[str, Any] = {}
         self._dirty = False
         self._thread: threading.Thread | None = None
+        self._cells: dict[str, dict[str, Any]] = {}  # job id -> the cell that started it
 
     # -- comm target ------------------------------------------------------------------
 
@@ -148,7 +152,16 @@ class _Publisher:
     def _on_event(self, event: str, info: Any) -> None:
         if os.getpid() != self._pid:  # a forked child inherited this object
             return
+        job_id = str(getattr(info, "id", ""))
         with self._lock:
+            if event == "started":
+                # Announced from a backend thread while the cell that started it still
+                # runs: that cell is the newest isolated cell running.
+                cell = _busy.current() if _busy is not None else None
+                if cell is not None:
+                    self._cells[job_id] = cell
+            else:
+                self._cells.pop(job_id, None)
             self._mark_dirty()
 
     # -- publisher thread ---------------------------------------------------------------
@@ -193,7 +206,9 @@ class _Publisher:
         except Exception:
             log.exception("nbisolate: reading the worker registry failed")
             jobs = []
-        return {"workers": [_worker_dict(job) for job in jobs]}
+        with self._lock:
+            cells = dict(self._cells)
+        return {"workers": [_worker_dict(job, cells.get(str(job.id))) for job in jobs]}
 
 
 _publisher = _Publisher()
@@ -244,7 +259,11 @@ class BusyStatus:
         self.kernel = kernel
         self._lock = threading.Lock()
         self._cells: dict[str, Any] = {}  # msg_id -> the running isolated cell's request
+        self._info: dict[str, dict[str, Any]] = {}  # msg_id -> what the front end is told
         self._original = kernel._publish_status
+        self._original_input = kernel._publish_execute_input
+        self._counts: dict[str, Any] = {}  # msg_id -> execution count, from execute_input
+        self.shell: Any = None
 
     def _parent(self, channel: str = "shell") -> Any:
         try:
@@ -260,11 +279,34 @@ class BusyStatus:
         if msg_id:
             with self._lock:
                 self._cells[msg_id] = parent
+                metadata = parent.get("metadata") or {}
+                self._info[msg_id] = {
+                    "msg_id": msg_id,
+                    "id": str(metadata.get("cellId") or "") if isinstance(metadata, dict) else "",
+                    "count": self._counts.pop(msg_id, None),
+                }
+
+    def publish_input(self, code: str, parent: Any, execution_count: Any) -> None:
+        """Replaces the kernel's ``_publish_execute_input``: notes the count the front end
+        shows as ``In [n]`` (IPython 8 and 9 differ in when the shell's own count moves)."""
+        msg_id = _msg_id(parent)
+        if msg_id and _is_isolated(code or ""):
+            with self._lock:
+                self._counts[msg_id] = execution_count
+                while len(self._counts) > 16:  # never run (an error before the cell started)
+                    del self._counts[next(iter(self._counts))]
+        self._original_input(code, parent, execution_count)
+
+    def current(self) -> dict[str, Any] | None:
+        """The newest isolated cell running: its request id, cell id and execution count."""
+        with self._lock:
+            return dict(list(self._info.values())[-1]) if self._info else None
 
     def post_run_cell(self, result: Any = None) -> None:
         msg_id = _msg_id(self._parent())
         with self._lock:
             self._cells.pop(msg_id, None)
+            self._info.pop(msg_id, None)
 
     def publish(self, status: str, channel: str = "shell", parent: Any = None) -> None:
         """Replaces the kernel's ``_publish_status``."""
@@ -275,19 +317,28 @@ class BusyStatus:
         with self._lock:
             if about in self._cells:  # the cell's own idle (post_run_cell did not run)
                 del self._cells[about]
+                self._info.pop(about, None)
                 return
             running = list(self._cells.values())
         if running:
             self._original("busy", "shell", running[-1])
 
     def install(self, shell: Any) -> None:
+        global _busy
+        self.shell = shell
+        _busy = self
         self.kernel._publish_status = self.publish
+        self.kernel._publish_execute_input = self.publish_input
         shell.events.register("pre_run_cell", self.pre_run_cell)
         shell.events.register("post_run_cell", self.post_run_cell)
 
     def uninstall(self, shell: Any) -> None:
-        if self.kernel.__dict__.get("_publish_status") == self.publish:
-            del self.kernel._publish_status
+        for name, method in (
+            ("_publish_status", self.publish),
+            ("_publish_execute_input", self.publish_input),
+        ):
+            if self.kernel.__dict__.get(name) == method:
+                delattr(self.kernel, name)
         for name, callback in (
             ("pre_run_cell", self.pre_run_cell),
             ("post_run_cell", self.post_run_cell),
@@ -298,8 +349,13 @@ class BusyStatus:
                 pass
 
 
+_busy: BusyStatus | None = None
+
+
 def _install_busy_status(shell: Any, kernel: Any) -> None:
-    if not callable(getattr(kernel, "_publish_status", None)):
+    if not callable(getattr(kernel, "_publish_status", None)) or not callable(
+        getattr(kernel, "_publish_execute_input", None)
+    ):
         return
     if isinstance(getattr(kernel._publish_status, "__self__", None), BusyStatus):
         return  # installed already (the extension was loaded twice)
@@ -339,6 +395,10 @@ def register(shell: Any, registry: Any = None) -> None:
         _publisher = _Publisher(lambda: registry)
     manager.register_target(TARGET, _publisher.open)
     _install_busy_status(shell, kernel)
+    try:  # from now on, so a page opened mid-run learns which cell each worker belongs to
+        _publisher._subscribe(_publisher._registry_getter())
+    except Exception:
+        log.debug("nbisolate: subscribing to the worker registry failed", exc_info=True)
 
 
 def unregister(shell: Any) -> None:

@@ -24,7 +24,7 @@ from .kernel import Kernel
 
 # The same call load_ipython_extension makes; repeating it is harmless.
 LOAD = "%load_ext nbisolate\nfrom nbisolate import labcomm as _lc\n_lc.register(get_ipython())"
-WORKER_KEYS = {"id", "label", "pid", "started", "timeout", "host"}
+WORKER_KEYS = {"id", "label", "pid", "started", "timeout", "host", "cell"}
 
 
 class StatusClient:
@@ -144,6 +144,31 @@ def test_open_sends_list_then_worker_then_empty(status_kernel: Kernel) -> None:
 
     client.wait(idle, timeout=20)
     assert client.reply(msg_id)["content"]["status"] == "ok"
+    client.close()
+
+
+def test_a_worker_names_its_cell(status_kernel: Kernel) -> None:
+    """The id JupyterLab sends with the request, the execution count and the request's id."""
+    client = StatusClient(status_kernel)
+    client.open()
+    kc = client.kc
+    content = {
+        "code": "%%isolate\nimport time\ntime.sleep(1.5)",
+        "silent": False,
+        "store_history": True,
+        "user_expressions": {},
+        "allow_stdin": False,
+        "stop_on_error": True,
+    }
+    msg = kc.session.msg("execute_request", content, metadata={"cellId": "cell-abc"})
+    kc.shell_channel.send(msg)
+    (worker,) = client.wait(running)["workers"]
+    cell = worker["cell"]
+    assert cell["id"] == "cell-abc" and cell["msg_id"] == msg["header"]["msg_id"], worker
+    reply = client.reply(msg["header"]["msg_id"])
+    assert cell["count"] == reply["content"]["execution_count"], (cell, reply["content"])
+    assert worker["label"] == "import time"
+    client.wait(idle)
     client.close()
 
 
@@ -311,6 +336,7 @@ def test_publisher_stop_and_refresh_and_close() -> None:
         lambda: comm.sent and comm.sent[-1]["workers"] and comm.sent[-1]["workers"][0]["id"] == "a"
     )
     assert comm.sent[-1]["workers"][0] == {
+        "cell": None,
         "id": "a",
         "label": "cell a",
         "pid": 1000,
