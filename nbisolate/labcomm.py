@@ -227,6 +227,53 @@ def _is_isolated(raw_cell: str) -> bool:
     return False
 
 
+METADATA_KEY = "nbisolate"
+"""Cell metadata the JupyterLab extension writes: ``{"isolate": true, "options": "--timeout 5"}``.
+``isolate`` marks a cell run with "Run Cell Isolated", so that running it again any way
+(Shift+Enter, Run All) runs it isolated; ``options`` keeps the magic line's options while
+"Toggle %%isolate" has taken the line away."""
+
+
+def marked_options(parent: Any) -> str | None:
+    """The options of a request whose cell is marked to run isolated, or None.
+
+    JupyterLab and Notebook 7 send a cell's metadata with its execute request.
+    """
+    metadata = parent.get("metadata") if isinstance(parent, dict) else None
+    mark = metadata.get(METADATA_KEY) if isinstance(metadata, dict) else None
+    if not isinstance(mark, dict) or mark.get("isolate") is not True:
+        return None
+    options = mark.get("options")
+    return " ".join(str(options).split()) if isinstance(options, str) else ""
+
+
+def _request_is_isolated(code: str, parent: Any) -> bool:
+    return _is_isolated(code) or marked_options(parent) is not None
+
+
+class MarkedCells:
+    """An input transformer: a cell marked to run isolated gets its ``%%isolate`` line.
+
+    Runs before the ``%%isolate`` transformer, in the kernel only, and only for a
+    request whose cell metadata carries the mark (see :data:`METADATA_KEY`).
+    """
+
+    def __init__(self, kernel: Any) -> None:
+        self.kernel = kernel
+
+    def __call__(self, lines: list[str]) -> list[str]:
+        try:
+            parent = self.kernel.get_parent("shell")
+        except TypeError:
+            parent = self.kernel.get_parent()
+        except Exception:
+            return lines
+        options = marked_options(parent)
+        if options is None or _is_isolated("".join(lines)) or not "".join(lines).strip():
+            return lines
+        return [f"%%isolate {options}".rstrip() + "\n", *lines]
+
+
 def _msg_id(parent: Any) -> str | None:
     if not isinstance(parent, dict):
         return None
@@ -272,9 +319,9 @@ class BusyStatus:
             return self.kernel.get_parent()
 
     def pre_run_cell(self, info: Any = None) -> None:
-        if not _is_isolated(getattr(info, "raw_cell", "") or ""):
-            return
         parent = self._parent()
+        if not _request_is_isolated(getattr(info, "raw_cell", "") or "", parent):
+            return
         msg_id = _msg_id(parent)
         if msg_id:
             with self._lock:
@@ -290,7 +337,7 @@ class BusyStatus:
         """Replaces the kernel's ``_publish_execute_input``: notes the count the front end
         shows as ``In [n]`` (IPython 8 and 9 differ in when the shell's own count moves)."""
         msg_id = _msg_id(parent)
-        if msg_id and _is_isolated(code or ""):
+        if msg_id and _request_is_isolated(code or "", parent):
             with self._lock:
                 self._counts[msg_id] = execution_count
                 while len(self._counts) > 16:  # never run (an error before the cell started)
@@ -395,6 +442,9 @@ def register(shell: Any, registry: Any = None) -> None:
         _publisher = _Publisher(lambda: registry)
     manager.register_target(TARGET, _publisher.open)
     _install_busy_status(shell, kernel)
+    cleanup = getattr(shell, "input_transformers_cleanup", None)
+    if isinstance(cleanup, list) and not any(isinstance(t, MarkedCells) for t in cleanup):
+        cleanup.insert(0, MarkedCells(kernel))  # before the %%isolate transformer
     try:  # from now on, so a page opened mid-run learns which cell each worker belongs to
         _publisher._subscribe(_publisher._registry_getter())
     except Exception:
@@ -412,3 +462,6 @@ def unregister(shell: Any) -> None:
             log.debug("unregistering the status comm target failed", exc_info=True)
     if kernel is not None:
         _uninstall_busy_status(shell, kernel)
+    cleanup = getattr(shell, "input_transformers_cleanup", None)
+    if isinstance(cleanup, list):
+        cleanup[:] = [t for t in cleanup if not isinstance(t, MarkedCells)]
