@@ -138,10 +138,36 @@ class _Publisher:
                     self._registry.stop(job_id)
                 except Exception:
                     log.exception("nbisolate: stopping worker %s failed", job_id)
+        elif action in ("lookup", "mirror"):
+            self._answer(msg, action, data)
+            return
         elif action != "refresh":
             log.warning("nbisolate: unknown status comm action %r", action)
         with self._lock:
             self._mark_dirty()
+
+    def _answer(self, msg: dict[str, Any], action: str, data: dict[str, Any]) -> None:
+        """A page that lost sight of panels asks about them (nbisolate.panel.lookup/mirror)."""
+        import sys
+
+        panel = sys.modules.get("nbisolate.panel")  # no panel module: no panel ever shown
+        comm_id = msg.get("content", {}).get("comm_id")
+        with self._lock:
+            comm = self._comms.get(comm_id)
+        if comm is None:
+            return
+        if action == "lookup":
+            ids = [d for d in data.get("display_ids") or [] if isinstance(d, str)]
+            found = panel.lookup(ids) if panel is not None else {"live": [], "outcomes": {}}
+            reply = {"lookup": found}
+        else:
+            request_id = data.get("msg_id")
+            shown = panel is not None and isinstance(request_id, str) and panel.mirror(request_id)
+            reply = {"mirror": {"msg_id": request_id, "shown": bool(shown)}}
+        try:
+            comm.send(reply)
+        except Exception:
+            log.debug("answering on a status comm failed", exc_info=True)
 
     def _on_close(self, msg: dict[str, Any]) -> None:
         comm_id = msg.get("content", {}).get("comm_id")

@@ -540,10 +540,45 @@ def _in_kernel() -> bool:
     return shell is not None and getattr(shell, "kernel", None) is not None
 
 
-def _display(bundle: dict[str, Any], display_id: str | None = None, update: bool = False) -> None:
+def _display(
+    bundle: dict[str, Any],
+    display_id: str | None = None,
+    update: bool = False,
+    metadata: dict[str, Any] | None = None,
+) -> None:
     from IPython.display import display
 
-    display(bundle, raw=True, display_id=display_id, update=update)
+    display(bundle, raw=True, display_id=display_id, update=update, metadata=metadata)
+
+
+# -- what a front end that lost sight of a panel may ask (nbisolate.labcomm) ------------
+
+_live: dict[str, WidgetPanel] = {}
+"""Widget panels of cells still running, by the display id their output carries."""
+_outcomes: dict[str, dict[str, str]] = {}
+"""The final bundle of panels that ended, by display id (the newest MAX_OUTCOMES)."""
+MAX_OUTCOMES = 256
+_registry_lock = threading.Lock()
+
+
+def lookup(display_ids: Sequence[str]) -> dict[str, Any]:
+    """For a front end that shows panels it did not see end (a notebook reopened, a page
+    reloaded): which are still live, and the final bundle of those that ended here."""
+    with _registry_lock:
+        return {
+            "live": [d for d in display_ids if d in _live],
+            "outcomes": {d: _outcomes[d] for d in display_ids if d in _outcomes},
+        }
+
+
+def mirror(request_id: str) -> bool:
+    """Show the live panel of the cell whose request is ``request_id`` once more, as HTML
+    kept up to date (a reloaded page cannot rebuild the widgets until the cell ends)."""
+    with _registry_lock:
+        panels = [p for p in _live.values() if p.request_id == request_id]
+    for panel in panels:
+        panel.want_mirror = True
+    return bool(panels)
 
 
 class Panel:
@@ -737,6 +772,9 @@ class WidgetPanel(Panel):
         self._last_full = 0.0
         self._beat_stop = threading.Event()
         self._fallback: TextPanel | None = None
+        self.request_id = _current_request_id()
+        self.want_mirror = False
+        self._mirror_id: str | None = None
 
     # -- construction --------------------------------------------------------------
     def _build(self) -> None:
@@ -770,6 +808,8 @@ class WidgetPanel(Panel):
         update of this display.
         """
         self._shown_panel = True
+        with _registry_lock:
+            _live[self.display_id] = self
         self._build()
         assert self.parts is not None
         self._display_panel()
@@ -780,7 +820,13 @@ class WidgetPanel(Panel):
         assert self.parts is not None
         text = f"nbisolate: {self.watch.start_line()} {NO_WIDGETS_NOTE}"
         model = {"version_major": 2, "version_minor": 0, "model_id": self.parts.root.model_id}
-        _display({"text/plain": text, WIDGET_VIEW: model}, display_id=self.display_id)
+        # The display id is in the metadata too, which a saved notebook keeps: a front end
+        # that reopens it can ask the kernel how this panel's run ended (see lookup()).
+        _display(
+            {"text/plain": text, WIDGET_VIEW: model},
+            display_id=self.display_id,
+            metadata={"nbisolate": {"display_id": self.display_id, "live": True}},
+        )
 
     # -- updates ---------------------------------------------------------------------
     def _main_html(self) -> str:
@@ -814,10 +860,34 @@ class WidgetPanel(Panel):
                 self.updates += parts.set(parts.progress, "bar_style", "warning")
         self._last_push = time.perf_counter()
 
+    def _mirror_bundle(self) -> dict[str, str]:
+        text = f"nbisolate: {self.watch.status()} · {fmt_clock(self.watch.elapsed())}"
+        html_ = (
+            f"<div class='nbisolate-panel nbisolate-mirror' style='display: flex'>"
+            f"{self._main_html()}{self._elapsed_html()}</div>"
+        )
+        return {"text/plain": text, "text/html": html_}
+
+    def _show_mirror(self) -> None:
+        """The panel as HTML, for a page that reloaded while the cell ran (see mirror())."""
+        self.want_mirror = False
+        first = self._mirror_id is None
+        if first:
+            self._mirror_id = uuid.uuid4().hex
+        _display(
+            self._mirror_bundle(),
+            display_id=self._mirror_id,
+            update=not first,
+            metadata={"nbisolate": {"display_id": self.display_id, "mirror": True}},
+        )
+
     def _push_all(self) -> None:
         parts = self.parts
         assert parts is not None
-        self.updates += parts.set(parts.main, "value", self._main_html())
+        changed = parts.set(parts.main, "value", self._main_html())
+        self.updates += changed
+        if changed and self._mirror_id is not None:
+            self._show_mirror()
         self._dirty = False
         self._last_full = time.perf_counter()
         self._push_clock()
@@ -846,6 +916,8 @@ class WidgetPanel(Panel):
                     self._fallback.watch = self.watch
                     self._fallback.on_event(event)
                     return
+            if self.want_mirror and kind != "done":
+                self._show_mirror()
             if kind == "done":
                 self._finish()
             elif kind == "clear_output":
@@ -919,7 +991,15 @@ class WidgetPanel(Panel):
     def _finish(self) -> None:
         self._closed = True
         self._beat_stop.set()
-        _display(final_bundle(self.watch), display_id=self.display_id, update=True)
+        bundle = final_bundle(self.watch)
+        _display(bundle, display_id=self.display_id, update=True)
+        if self._mirror_id is not None:
+            _display(bundle, display_id=self._mirror_id, update=True)
+        with _registry_lock:
+            _live.pop(self.display_id, None)
+            _outcomes[self.display_id] = bundle
+            while len(_outcomes) > MAX_OUTCOMES:
+                del _outcomes[next(iter(_outcomes))]
         if self.parts is not None:
             # An idle root must not refer to a closed model: a front end that reloads
             # restores every open widget, and would fail to find the button.
@@ -941,6 +1021,8 @@ class WidgetPanel(Panel):
     def _discard(self) -> None:
         """After a failure of our own: close everything, return nothing to the pool."""
         self._closed = True
+        with _registry_lock:
+            _live.pop(self.display_id, None)
         self._beat_stop.set()
         self._close_button()
         if self.parts is not None:
@@ -950,6 +1032,18 @@ class WidgetPanel(Panel):
     def on_broken(self) -> None:
         with self._lock:
             self._discard()
+
+
+def _current_request_id() -> str:
+    """The id of the request the kernel is handling (the cell's ``execute_request``)."""
+    try:
+        from IPython import get_ipython
+
+        kernel = getattr(get_ipython(), "kernel", None)
+        parent = kernel.get_parent() if kernel is not None else {}
+        return str((parent or {}).get("header", {}).get("msg_id", ""))
+    except Exception:
+        return ""
 
 
 def choose_mode(quiet: bool = False, in_kernel: bool | None = None) -> str:
