@@ -94,9 +94,9 @@ def link_labextension(data_dir: Path) -> None:
 
     An install copies the build into ``share/jupyter/labextensions``; a source
     tree whose TypeScript changed since would be tested against that old copy.
-    JupyterLab takes the first ``nbisolate`` it finds on its data path, and the
-    server's own data directory comes before the environment's, so a link there
-    wins.  Without a build in the tree the installed extension is used.
+    JupyterLab takes the first ``nbisolate`` it finds on its data path, and
+    ``JUPYTER_PATH`` comes first, so a link in a directory given there wins.
+    Without a build in the tree the installed extension is used.
     """
     build = labextension_build()
     if build is None:
@@ -140,7 +140,13 @@ class LabServer:
             path.mkdir(parents=True, exist_ok=True)
             env[name] = str(path)
         env.pop("JUPYTER_TOKEN", None)
-        link_labextension(self.state_dir / "data")
+        # JUPYTER_PATH comes first on Jupyter's data path, before the environment's own
+        # share/jupyter (which a virtualenv puts before the user's data directory).
+        source_path = self.state_dir / "jupyter-path"
+        link_labextension(source_path)
+        env["JUPYTER_PATH"] = os.pathsep.join(
+            p for p in (str(source_path), env.get("JUPYTER_PATH", "")) if p
+        )
         cmd = jupyter_command(
             "lab",
             "--no-browser",
