@@ -40,6 +40,9 @@ export interface IWorker {
 const LOADED_EXPRESSION =
   "'nbisolate' in getattr(get_ipython(), 'extension_manager').loaded";
 
+/** How long a kernel may take to answer kernel_info before it counts as busy. */
+const KERNEL_INFO_WAIT_MS = 3500;
+
 /** Code that mentions the extension may have loaded it: look again once it ran. */
 const MENTIONS_NBISOLATE = /nbisolate|%%isolate/;
 
@@ -298,7 +301,22 @@ export class IsolateStatus implements IDisposable {
     this._setState(false, []);
     if (kernel) {
       // Extensions loaded at kernel start-up (IPython config) show up here.
-      void kernel.info.then(() => this.probe()).catch(() => undefined);
+      let answered = false;
+      void kernel.info
+        .then(() => {
+          answered = true;
+          return this.probe();
+        })
+        .catch(() => undefined);
+      // A kernel answers kernel_info on its main shell, so not while a cell runs there
+      // (a page reloaded during an isolated cell).  JupyterLab sends what waits after a
+      // few seconds anyway: open the status comm then, which the kernel handles at once
+      // (a kernel without nbisolate closes it again).
+      setTimeout(() => {
+        if (!answered && this._kernel === kernel && !this._comm && !kernel.isDisposed) {
+          void this._openComm(kernel);
+        }
+      }, KERNEL_INFO_WAIT_MS);
     }
   }
 
