@@ -517,14 +517,17 @@ def final_bundle(watch: Watch) -> dict[str, str]:
     summary_html = (
         _e(marked).replace("\x00", "<span class='nbisolate-elapsed'>").replace("\x01", "</span>")
     )
-    opened = " open" if watch.problems else ""
+    # An input that cannot be shipped is explained in full by the error under the panel;
+    # the panel stays folded to its summary line, and lists every problem when opened.
+    opened = ""
     page = (
         f"<details class='nbisolate-panel nbisolate-done'{opened} "
         f"style='border-left: 3px solid {_state_color(watch)}; padding: 1px 8px; {_FONT}'>"
         f"<summary style='cursor: pointer; {_MUTED}'>{sign} <b>isolated</b>: {summary_html}</summary>"
         f"{body_html(watch)}</details>"
     )
-    text = "\n".join([f"nbisolate: {watch.summary()}", *watch.problem_lines()])
+    where = [f"  ✗ {p.path}: {p.type_name}" for p in watch.problems]
+    text = "\n".join([f"nbisolate: {watch.summary()}", *where])
     return {"text/plain": text, "text/html": page}
 
 

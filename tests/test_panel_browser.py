@@ -135,7 +135,12 @@ def test_unshippable_input_shows_path_type_and_fix(page: Any) -> None:
     wait_done(page, UNSHIPPABLE)
     done = cell(page, UNSHIPPABLE).locator("details.nbisolate-panel")
     done.wait_for()
-    assert done.get_attribute("open") is not None  # problems are shown, not folded away
+    # The error under the panel explains in full; the panel folds to one line ...
+    assert done.get_attribute("open") is None
+    assert "cannot be sent to the worker (e.store.db: sqlite3.Connection)" in done.inner_text()
+    assert "ShipError" in cell(page, UNSHIPPABLE).locator(".jp-OutputArea").inner_text()
+    # ... and lists every problem when opened.
+    done.locator("summary").click()
     problem = done.locator("tr.nbisolate-problem")
     assert problem.count() >= 1
     text = problem.first.inner_text()
