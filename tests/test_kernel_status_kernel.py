@@ -117,3 +117,37 @@ def test_an_ordinary_cell_is_untouched(kernel: Kernel) -> None:
     kernel.kc.execute("1 + 1")
     view.drain(1.0)
     assert [state for state, _ in view.seen] == ["busy", "idle"], view.seen
+
+
+def test_status_stays_busy_while_an_isolated_cell_runs_on_a_subshell(kernel: Kernel) -> None:
+    """The cell itself on a subshell, a comm message handled on another: still busy."""
+    if not supports_subshells(kernel):
+        pytest.skip("this ipykernel has no kernel subshells")
+    cell_shell = create_subshell(kernel)
+    client = StatusClient(kernel, subshell_id=create_subshell(kernel))
+    client.open()
+    kc = kernel.kc
+    content = {"code": "%%isolate\nimport time; time.sleep(3)", "silent": False,
+               "store_history": True, "user_expressions": {}, "allow_stdin": False,
+               "stop_on_error": True}
+    msg = kc.session.msg("execute_request", content)
+    msg["header"]["subshell_id"] = cell_shell
+    kc.shell_channel.send(msg)
+    view = StatusView(kernel)
+    client.wait(running)
+    for m in client.other:
+        view.take(m)
+    client.other.clear()
+    client.send({"action": "refresh"})
+    client.wait(lambda data: True)
+    for m in client.other:
+        view.take(m)
+    view.drain(0.3)
+    assert ("idle", "comm_msg") in view.seen, view.seen
+    assert view.state == "busy", view.seen
+    client.wait(lambda data: data["workers"] == [], timeout=20)
+    for m in client.other:
+        view.take(m)
+    view.drain(1.0)
+    assert view.state == "idle", str(view.seen[-8:])
+    client.close()
