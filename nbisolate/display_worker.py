@@ -108,6 +108,9 @@ def _drop_widget_view(data: dict[str, Any], obj: Any = None) -> dict[str, Any]:
         return data
     data = {k: v for k, v in data.items() if k != WIDGET_MIME}
     name = type(obj).__name__ if obj is not None and not isinstance(obj, dict) else "a widget"
+    if name in _warned_widgets:
+        return data  # said once already, when it was created or first displayed
+    _warned_widgets.add(name)
     shown = "only its text form is shown" if data else "nothing is shown"
     _note(f"cannot display {name} from an isolated cell ({shown}): {WIDGET_ADVICE}")
     return data
@@ -518,6 +521,10 @@ def explain_skipped(skipped: dict[str, str], values: dict[str, Any]) -> None:
         if isinstance(value, widget_cls):
             kind = type(value)
             # No final period: the runner's note goes on after the reason.
+            if kind.__name__ in _warned_widgets:  # the cell's output explained it already
+                skipped[name] = f"it is a widget ({kind.__name__}) made in the worker (see above)"
+                continue
+            _warned_widgets.add(kind.__name__)
             skipped[name] = (
                 f"{kind.__module__}.{kind.__qualname__} is a widget made in the worker; widgets "
                 "need the kernel's comm channel, and this cell runs in a separate worker process "

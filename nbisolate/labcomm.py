@@ -46,7 +46,7 @@ def _default_registry() -> Any:
     return running
 
 
-def _worker_dict(job: Any) -> dict[str, Any]:
+def _worker_dict(job: Any, cell: dict[str, Any] | None = None) -> dict[str, Any]:
     pid = getattr(job, "pid", None)
     timeout = getattr(job, "timeout", None)
     return {
@@ -56,6 +56,9 @@ def _worker_dict(job: Any) -> dict[str, Any]:
         "started": float(getattr(job, "started", 0.0) or 0.0),
         "timeout": float(timeout) if timeout is not None else None,
         "host": str(getattr(job, "host", "") or ""),
+        # The cell that runs it, so the front end can show "[13] first line", scroll to
+        # it, and after a page reload put the cell's output where it belongs.
+        "cell": cell,
     }
 
 
@@ -88,6 +91,7 @@ class _Publisher:
         self._comms: dict[str, Any] = {}
         self._dirty = False
         self._thread: threading.Thread | None = None
+        self._cells: dict[str, dict[str, Any]] = {}  # job id -> the cell that started it
 
     # -- comm target ------------------------------------------------------------------
 
@@ -134,10 +138,36 @@ class _Publisher:
                     self._registry.stop(job_id)
                 except Exception:
                     log.exception("nbisolate: stopping worker %s failed", job_id)
+        elif action in ("lookup", "mirror"):
+            self._answer(msg, action, data)
+            return
         elif action != "refresh":
             log.warning("nbisolate: unknown status comm action %r", action)
         with self._lock:
             self._mark_dirty()
+
+    def _answer(self, msg: dict[str, Any], action: str, data: dict[str, Any]) -> None:
+        """A page that lost sight of panels asks about them (nbisolate.panel.lookup/mirror)."""
+        import sys
+
+        panel = sys.modules.get("nbisolate.panel")  # no panel module: no panel ever shown
+        comm_id = msg.get("content", {}).get("comm_id")
+        with self._lock:
+            comm = self._comms.get(comm_id)
+        if comm is None:
+            return
+        if action == "lookup":
+            ids = [d for d in data.get("display_ids") or [] if isinstance(d, str)]
+            found = panel.lookup(ids) if panel is not None else {"live": [], "outcomes": {}}
+            reply = {"lookup": found}
+        else:
+            request_id = data.get("msg_id")
+            shown = panel is not None and isinstance(request_id, str) and panel.mirror(request_id)
+            reply = {"mirror": {"msg_id": request_id, "shown": bool(shown)}}
+        try:
+            comm.send(reply)
+        except Exception:
+            log.debug("answering on a status comm failed", exc_info=True)
 
     def _on_close(self, msg: dict[str, Any]) -> None:
         comm_id = msg.get("content", {}).get("comm_id")
@@ -148,7 +178,16 @@ class _Publisher:
     def _on_event(self, event: str, info: Any) -> None:
         if os.getpid() != self._pid:  # a forked child inherited this object
             return
+        job_id = str(getattr(info, "id", ""))
         with self._lock:
+            if event == "started":
+                # Announced from a backend thread while the cell that started it still
+                # runs: that cell is the newest isolated cell running.
+                cell = _busy.current() if _busy is not None else None
+                if cell is not None:
+                    self._cells[job_id] = cell
+            else:
+                self._cells.pop(job_id, None)
             self._mark_dirty()
 
     # -- publisher thread ---------------------------------------------------------------
@@ -193,10 +232,216 @@ class _Publisher:
         except Exception:
             log.exception("nbisolate: reading the worker registry failed")
             jobs = []
-        return {"workers": [_worker_dict(job) for job in jobs]}
+        with self._lock:
+            cells = dict(self._cells)
+        return {"workers": [_worker_dict(job, cells.get(str(job.id))) for job in jobs]}
 
 
 _publisher = _Publisher()
+
+
+# -- "Busy" while an isolated cell runs ------------------------------------------------
+
+
+def _is_isolated(raw_cell: str) -> bool:
+    """Whether a cell's text is an ``%%isolate`` cell (blank lines before it are dropped,
+    as IPython's cleanup transformers drop them)."""
+    for line in raw_cell.splitlines():
+        if line.strip():
+            rest = line.lstrip()[len("%%isolate") :]
+            return line.lstrip().startswith("%%isolate") and (not rest or rest[0].isspace())
+    return False
+
+
+METADATA_KEY = "nbisolate"
+"""Cell metadata the JupyterLab extension writes: ``{"isolate": true, "options": "--timeout 5"}``.
+``isolate`` marks a cell run with "Run Cell Isolated", so that running it again any way
+(Shift+Enter, Run All) runs it isolated; ``options`` keeps the magic line's options while
+"Toggle %%isolate" has taken the line away."""
+
+
+def marked_options(parent: Any) -> str | None:
+    """The options of a request whose cell is marked to run isolated, or None.
+
+    JupyterLab and Notebook 7 send a cell's metadata with its execute request.
+    """
+    metadata = parent.get("metadata") if isinstance(parent, dict) else None
+    mark = metadata.get(METADATA_KEY) if isinstance(metadata, dict) else None
+    if not isinstance(mark, dict) or mark.get("isolate") is not True:
+        return None
+    options = mark.get("options")
+    return " ".join(str(options).split()) if isinstance(options, str) else ""
+
+
+def _request_is_isolated(code: str, parent: Any) -> bool:
+    return _is_isolated(code) or marked_options(parent) is not None
+
+
+class MarkedCells:
+    """An input transformer: a cell marked to run isolated gets its ``%%isolate`` line.
+
+    Runs before the ``%%isolate`` transformer, in the kernel only, and only for a
+    request whose cell metadata carries the mark (see :data:`METADATA_KEY`).
+    """
+
+    def __init__(self, kernel: Any) -> None:
+        self.kernel = kernel
+
+    def __call__(self, lines: list[str]) -> list[str]:
+        try:
+            parent = self.kernel.get_parent("shell")
+        except TypeError:
+            parent = self.kernel.get_parent()
+        except Exception:
+            return lines
+        options = marked_options(parent)
+        if options is None or _is_isolated("".join(lines)) or not "".join(lines).strip():
+            return lines
+        return [f"%%isolate {options}".rstrip() + "\n", *lines]
+
+
+def _msg_id(parent: Any) -> str | None:
+    if not isinstance(parent, dict):
+        return None
+    header = parent.get("header") or {}
+    return header.get("msg_id") if isinstance(header, dict) else None
+
+
+class BusyStatus:
+    """Keeps the front end's kernel status at "busy" while an isolated cell runs.
+
+    Why it is needed: a front end shows the *last* ``status`` message on IOPub,
+    whatever message it was about.  An isolated cell awaits its worker on the
+    kernel's loop, so the kernel keeps handling other messages meanwhile, and
+    ipykernel publishes ``busy`` then ``idle`` around each one it handles on a
+    subshell or on the control channel: JupyterLab 4.6 sends every comm message
+    (a widget update, the status item's ``refresh`` when its popup opens, a
+    click on Stop) over a subshell, and creates that subshell with a control
+    request.  The ``idle`` about that comm message arrives after the cell's own
+    ``busy``, and the status bar reads "Idle" although the cell is still at
+    ``[*]``.
+
+    So while an isolated cell runs, every ``idle`` the kernel publishes about
+    another message is followed at once, from the same thread (so in order), by
+    a ``busy`` whose parent is the running cell's request: the front end's
+    status ends at "busy" until the cell's own ``idle``.  The ``idle`` itself is
+    still sent, since front ends settle a request when its ``idle`` arrives.
+    """
+
+    def __init__(self, kernel: Any) -> None:
+        self.kernel = kernel
+        self._lock = threading.Lock()
+        self._cells: dict[str, Any] = {}  # msg_id -> the running isolated cell's request
+        self._info: dict[str, dict[str, Any]] = {}  # msg_id -> what the front end is told
+        self._original = kernel._publish_status
+        self._original_input = kernel._publish_execute_input
+        self._counts: dict[str, Any] = {}  # msg_id -> execution count, from execute_input
+        self.shell: Any = None
+
+    def _parent(self, channel: str = "shell") -> Any:
+        try:
+            return self.kernel.get_parent(channel)
+        except TypeError:  # ipykernel before the channel argument
+            return self.kernel.get_parent()
+
+    def pre_run_cell(self, info: Any = None) -> None:
+        parent = self._parent()
+        if not _request_is_isolated(getattr(info, "raw_cell", "") or "", parent):
+            return
+        msg_id = _msg_id(parent)
+        if msg_id:
+            with self._lock:
+                self._cells[msg_id] = parent
+                metadata = parent.get("metadata") or {}
+                self._info[msg_id] = {
+                    "msg_id": msg_id,
+                    "id": str(metadata.get("cellId") or "") if isinstance(metadata, dict) else "",
+                    "count": self._counts.pop(msg_id, None),
+                }
+
+    def publish_input(self, code: str, parent: Any, execution_count: Any) -> None:
+        """Replaces the kernel's ``_publish_execute_input``: notes the count the front end
+        shows as ``In [n]`` (IPython 8 and 9 differ in when the shell's own count moves)."""
+        msg_id = _msg_id(parent)
+        if msg_id and _request_is_isolated(code or "", parent):
+            with self._lock:
+                self._counts[msg_id] = execution_count
+                while len(self._counts) > 16:  # never run (an error before the cell started)
+                    del self._counts[next(iter(self._counts))]
+        self._original_input(code, parent, execution_count)
+
+    def current(self) -> dict[str, Any] | None:
+        """The newest isolated cell running: its request id, cell id and execution count."""
+        with self._lock:
+            return dict(list(self._info.values())[-1]) if self._info else None
+
+    def post_run_cell(self, result: Any = None) -> None:
+        msg_id = _msg_id(self._parent())
+        with self._lock:
+            self._cells.pop(msg_id, None)
+            self._info.pop(msg_id, None)
+
+    def publish(self, status: str, channel: str = "shell", parent: Any = None) -> None:
+        """Replaces the kernel's ``_publish_status``."""
+        about = _msg_id(parent if parent is not None else self._parent(channel))
+        self._original(status, channel, parent)
+        if status != "idle":
+            return
+        with self._lock:
+            if about in self._cells:  # the cell's own idle (post_run_cell did not run)
+                del self._cells[about]
+                self._info.pop(about, None)
+                return
+            running = list(self._cells.values())
+        if running:
+            self._original("busy", "shell", running[-1])
+
+    def install(self, shell: Any) -> None:
+        global _busy
+        self.shell = shell
+        _busy = self
+        self.kernel._publish_status = self.publish
+        self.kernel._publish_execute_input = self.publish_input
+        shell.events.register("pre_run_cell", self.pre_run_cell)
+        shell.events.register("post_run_cell", self.post_run_cell)
+
+    def uninstall(self, shell: Any) -> None:
+        for name, method in (
+            ("_publish_status", self.publish),
+            ("_publish_execute_input", self.publish_input),
+        ):
+            if self.kernel.__dict__.get(name) == method:
+                delattr(self.kernel, name)
+        for name, callback in (
+            ("pre_run_cell", self.pre_run_cell),
+            ("post_run_cell", self.post_run_cell),
+        ):
+            try:
+                shell.events.unregister(name, callback)
+            except ValueError:
+                pass
+
+
+_busy: BusyStatus | None = None
+
+
+def _install_busy_status(shell: Any, kernel: Any) -> None:
+    if not callable(getattr(kernel, "_publish_status", None)) or not callable(
+        getattr(kernel, "_publish_execute_input", None)
+    ):
+        return
+    if isinstance(getattr(kernel._publish_status, "__self__", None), BusyStatus):
+        return  # installed already (the extension was loaded twice)
+    try:
+        BusyStatus(kernel).install(shell)
+    except Exception:
+        log.debug("nbisolate: cannot keep the kernel status busy while cells run", exc_info=True)
+
+
+def _uninstall_busy_status(shell: Any, kernel: Any) -> None:
+    busy = getattr(getattr(kernel, "_publish_status", None), "__self__", None)
+    if isinstance(busy, BusyStatus):
+        busy.uninstall(shell)
 
 
 def register(shell: Any, registry: Any = None) -> None:
@@ -222,6 +467,14 @@ def register(shell: Any, registry: Any = None) -> None:
     if registry is not None:
         _publisher = _Publisher(lambda: registry)
     manager.register_target(TARGET, _publisher.open)
+    _install_busy_status(shell, kernel)
+    cleanup = getattr(shell, "input_transformers_cleanup", None)
+    if isinstance(cleanup, list) and not any(isinstance(t, MarkedCells) for t in cleanup):
+        cleanup.insert(0, MarkedCells(kernel))  # before the %%isolate transformer
+    try:  # from now on, so a page opened mid-run learns which cell each worker belongs to
+        _publisher._subscribe(_publisher._registry_getter())
+    except Exception:
+        log.debug("nbisolate: subscribing to the worker registry failed", exc_info=True)
 
 
 def unregister(shell: Any) -> None:
@@ -233,3 +486,8 @@ def unregister(shell: Any) -> None:
             manager.unregister_target(TARGET, _publisher.open)
         except Exception:
             log.debug("unregistering the status comm target failed", exc_info=True)
+    if kernel is not None:
+        _uninstall_busy_status(shell, kernel)
+    cleanup = getattr(shell, "input_transformers_cleanup", None)
+    if isinstance(cleanup, list):
+        cleanup[:] = [t for t in cleanup if not isinstance(t, MarkedCells)]

@@ -200,6 +200,7 @@ class Watch:
         self.failed_input: str | None = None
         self.stopping = False
         self.sweep: dict[str, Any] | None = None  # progress of a --over sweep (nbisolate.sweep)
+        self.over: dict[str, Any] | None = None  # {"name", "count"} when the cell is a sweep
 
     # -- events ------------------------------------------------------------------
     def observe(self, event: Any) -> None:
@@ -211,6 +212,7 @@ class Watch:
             self.outputs_ = list(data.get("outputs") or [])
             self.types = dict(data.get("types") or {})
             self.timeout = getattr(data.get("options"), "timeout", None)
+            self.over = data.get("over")
         elif kind == "phase":
             name, seconds = data
             self.phases[name] = seconds
@@ -259,14 +261,29 @@ class Watch:
         end = self.t_end if self.t_end is not None else self.clock()
         return max(0.0, end - self.job_t0)
 
+    def phase_keys(self) -> tuple[tuple[str, str], ...]:
+        """The phases this run goes through: a sweep plans and serializes once, then runs
+        its values, each through its own start, load, run and return."""
+        if self.over is None:
+            return PHASES
+        return (*PHASES[:2], ("run", "run every value, each in a worker of its own"))
+
     def current_phase(self) -> str | None:
         if self.done:
             return None
         phases = self.phases
-        for key, _label in PHASES:
+        for key, _label in self.phase_keys():
             if key not in phases:
                 return key
         return None
+
+    def phase_seconds(self, key: str) -> float | None:
+        """How long a finished phase took; a sweep's runs last from its serializing to its end."""
+        if self.over is not None and key == "run":
+            if not self.done:
+                return None
+            return max(0.0, self.elapsed() - sum(self.phases.get(k, 0.0) for k in ("plan", "serialize")))
+        return self.phases.get(key)
 
     def inputs(self) -> list[str]:
         return list(self.inputs_)
@@ -424,13 +441,17 @@ def _e(text: Any) -> str:
 
 def phases_html(watch: Watch) -> str:
     """``plan 0.4 ms · serialize 2 ms · start 15 ms · run …``: done, current, still to come."""
-    phases = watch.phases
     current = watch.current_phase()
     parts = []
-    for key, what in PHASES:
+    for key, what in watch.phase_keys():
         tip = f"title='{_e(what)}'"
-        if key in phases:
-            parts.append(f"<span {tip}>{key}&nbsp;<b>{_e(fmt_seconds(phases[key]))}</b></span>")
+        seconds = watch.phase_seconds(key)
+        if seconds is not None:
+            parts.append(f"<span {tip}>{key}&nbsp;<b>{_e(fmt_seconds(seconds))}</b></span>")
+        elif key == current and watch.sweep is not None:
+            sweep = watch.sweep
+            progress = f"{sweep.get('done', 0)} of {sweep.get('total', '?')}"
+            parts.append(f"<span {tip}><b>{key}&nbsp;…</b>&nbsp;({_e(progress)})</span>")
         elif key == current:
             parts.append(f"<span {tip}><b>{key}&nbsp;…</b></span>")
         elif not watch.done:
@@ -496,14 +517,17 @@ def final_bundle(watch: Watch) -> dict[str, str]:
     summary_html = (
         _e(marked).replace("\x00", "<span class='nbisolate-elapsed'>").replace("\x01", "</span>")
     )
-    opened = " open" if watch.problems else ""
+    # An input that cannot be shipped is explained in full by the error under the panel;
+    # the panel stays folded to its summary line, and lists every problem when opened.
+    opened = ""
     page = (
         f"<details class='nbisolate-panel nbisolate-done'{opened} "
         f"style='border-left: 3px solid {_state_color(watch)}; padding: 1px 8px; {_FONT}'>"
         f"<summary style='cursor: pointer; {_MUTED}'>{sign} <b>isolated</b>: {summary_html}</summary>"
         f"{body_html(watch)}</details>"
     )
-    text = "\n".join([f"nbisolate: {watch.summary()}", *watch.problem_lines()])
+    where = [f"  ✗ {p.path}: {p.type_name}" for p in watch.problems]
+    text = "\n".join([f"nbisolate: {watch.summary()}", *where])
     return {"text/plain": text, "text/html": page}
 
 
@@ -519,10 +543,45 @@ def _in_kernel() -> bool:
     return shell is not None and getattr(shell, "kernel", None) is not None
 
 
-def _display(bundle: dict[str, Any], display_id: str | None = None, update: bool = False) -> None:
+def _display(
+    bundle: dict[str, Any],
+    display_id: str | None = None,
+    update: bool = False,
+    metadata: dict[str, Any] | None = None,
+) -> None:
     from IPython.display import display
 
-    display(bundle, raw=True, display_id=display_id, update=update)
+    display(bundle, raw=True, display_id=display_id, update=update, metadata=metadata)
+
+
+# -- what a front end that lost sight of a panel may ask (nbisolate.labcomm) ------------
+
+_live: dict[str, WidgetPanel] = {}
+"""Widget panels of cells still running, by the display id their output carries."""
+_outcomes: dict[str, dict[str, str]] = {}
+"""The final bundle of panels that ended, by display id (the newest MAX_OUTCOMES)."""
+MAX_OUTCOMES = 256
+_registry_lock = threading.Lock()
+
+
+def lookup(display_ids: Sequence[str]) -> dict[str, Any]:
+    """For a front end that shows panels it did not see end (a notebook reopened, a page
+    reloaded): which are still live, and the final bundle of those that ended here."""
+    with _registry_lock:
+        return {
+            "live": [d for d in display_ids if d in _live],
+            "outcomes": {d: _outcomes[d] for d in display_ids if d in _outcomes},
+        }
+
+
+def mirror(request_id: str) -> bool:
+    """Show the live panel of the cell whose request is ``request_id`` once more, as HTML
+    kept up to date (a reloaded page cannot rebuild the widgets until the cell ends)."""
+    with _registry_lock:
+        panels = [p for p in _live.values() if p.request_id == request_id]
+    for panel in panels:
+        panel.want_mirror = True
+    return bool(panels)
 
 
 class Panel:
@@ -711,10 +770,14 @@ class WidgetPanel(Panel):
         self._shown_panel = False
         self._dirty = False
         self._blocked = False
+        self._flush_next = False
         self._last_push = 0.0
         self._last_full = 0.0
         self._beat_stop = threading.Event()
         self._fallback: TextPanel | None = None
+        self.request_id = _current_request_id()
+        self.want_mirror = False
+        self._mirror_id: str | None = None
 
     # -- construction --------------------------------------------------------------
     def _build(self) -> None:
@@ -748,13 +811,25 @@ class WidgetPanel(Panel):
         update of this display.
         """
         self._shown_panel = True
+        with _registry_lock:
+            _live[self.display_id] = self
         self._build()
+        assert self.parts is not None
+        self._display_panel()
+        self._last_push = self._last_full = time.perf_counter()
+        threading.Thread(target=self._heartbeat, name="nbisolate-panel", daemon=True).start()
+
+    def _display_panel(self) -> None:
         assert self.parts is not None
         text = f"nbisolate: {self.watch.start_line()} {NO_WIDGETS_NOTE}"
         model = {"version_major": 2, "version_minor": 0, "model_id": self.parts.root.model_id}
-        _display({"text/plain": text, WIDGET_VIEW: model}, display_id=self.display_id)
-        self._last_push = self._last_full = time.perf_counter()
-        threading.Thread(target=self._heartbeat, name="nbisolate-panel", daemon=True).start()
+        # The display id is in the metadata too, which a saved notebook keeps: a front end
+        # that reopens it can ask the kernel how this panel's run ended (see lookup()).
+        _display(
+            {"text/plain": text, WIDGET_VIEW: model},
+            display_id=self.display_id,
+            metadata={"nbisolate": {"display_id": self.display_id, "live": True}},
+        )
 
     # -- updates ---------------------------------------------------------------------
     def _main_html(self) -> str:
@@ -788,10 +863,34 @@ class WidgetPanel(Panel):
                 self.updates += parts.set(parts.progress, "bar_style", "warning")
         self._last_push = time.perf_counter()
 
+    def _mirror_bundle(self) -> dict[str, str]:
+        text = f"nbisolate: {self.watch.status()} · {fmt_clock(self.watch.elapsed())}"
+        html_ = (
+            f"<div class='nbisolate-panel nbisolate-mirror' style='display: flex'>"
+            f"{self._main_html()}{self._elapsed_html()}</div>"
+        )
+        return {"text/plain": text, "text/html": html_}
+
+    def _show_mirror(self) -> None:
+        """The panel as HTML, for a page that reloaded while the cell ran (see mirror())."""
+        self.want_mirror = False
+        first = self._mirror_id is None
+        if first:
+            self._mirror_id = uuid.uuid4().hex
+        _display(
+            self._mirror_bundle(),
+            display_id=self._mirror_id,
+            update=not first,
+            metadata={"nbisolate": {"display_id": self.display_id, "mirror": True}},
+        )
+
     def _push_all(self) -> None:
         parts = self.parts
         assert parts is not None
-        self.updates += parts.set(parts.main, "value", self._main_html())
+        changed = parts.set(parts.main, "value", self._main_html())
+        self.updates += changed
+        if changed and self._mirror_id is not None:
+            self._show_mirror()
         self._dirty = False
         self._last_full = time.perf_counter()
         self._push_clock()
@@ -820,8 +919,24 @@ class WidgetPanel(Panel):
                     self._fallback.watch = self.watch
                     self._fallback.on_event(event)
                     return
+            if self.want_mirror and kind != "done":
+                self._show_mirror()
             if kind == "done":
                 self._finish()
+            elif kind == "clear_output":
+                # The cell cleared its output (an epoch loop's clear_output(wait=True)),
+                # and a cell has one output area: the panel went with it.  Show it again
+                # at once, under the same display id, so it stays first, keeps its Stop
+                # button and timeout bar, and the summary still replaces it at the end.
+                # With wait=True this display is the output that triggers the clear.
+                self._display_panel()
+                # The cell's next text follows at once rather than at the kernel's next
+                # stream flush, so the cleared output is not left empty for a moment.
+                self._flush_next = True
+            elif kind == "stream" and self._flush_next:
+                self._flush_next = False
+                for stream in (sys.stdout, sys.stderr):
+                    stream.flush()
             elif kind in ("phase", "started", "result", "error", "exit"):
                 # Phases of a fast cell end within milliseconds of each other: send
                 # at most one change of status every COALESCE_SECONDS, the rest at
@@ -879,7 +994,15 @@ class WidgetPanel(Panel):
     def _finish(self) -> None:
         self._closed = True
         self._beat_stop.set()
-        _display(final_bundle(self.watch), display_id=self.display_id, update=True)
+        bundle = final_bundle(self.watch)
+        _display(bundle, display_id=self.display_id, update=True)
+        if self._mirror_id is not None:
+            _display(bundle, display_id=self._mirror_id, update=True)
+        with _registry_lock:
+            _live.pop(self.display_id, None)
+            _outcomes[self.display_id] = bundle
+            while len(_outcomes) > MAX_OUTCOMES:
+                del _outcomes[next(iter(_outcomes))]
         if self.parts is not None:
             # An idle root must not refer to a closed model: a front end that reloads
             # restores every open widget, and would fail to find the button.
@@ -901,6 +1024,8 @@ class WidgetPanel(Panel):
     def _discard(self) -> None:
         """After a failure of our own: close everything, return nothing to the pool."""
         self._closed = True
+        with _registry_lock:
+            _live.pop(self.display_id, None)
         self._beat_stop.set()
         self._close_button()
         if self.parts is not None:
@@ -910,6 +1035,18 @@ class WidgetPanel(Panel):
     def on_broken(self) -> None:
         with self._lock:
             self._discard()
+
+
+def _current_request_id() -> str:
+    """The id of the request the kernel is handling (the cell's ``execute_request``)."""
+    try:
+        from IPython import get_ipython
+
+        kernel = getattr(get_ipython(), "kernel", None)
+        parent = kernel.get_parent() if kernel is not None else {}
+        return str((parent or {}).get("header", {}).get("msg_id", ""))
+    except Exception:
+        return ""
 
 
 def choose_mode(quiet: bool = False, in_kernel: bool | None = None) -> str:

@@ -273,7 +273,8 @@ class Sweep:
             t.plan = plan
             t.phases["plan"] = time.perf_counter() - t0
             types = {n: type_name(t.namespace.get(n)) for n in plan.inputs}
-            types[self.name] = type_name(self.values[0])
+            # The swept name has the type of its values (all of them: a sweep may mix types).
+            types[self.name] = " | ".join(dict.fromkeys(type_name(v) for v in self.values))
             self._notify(
                 Event(
                     "planned",
@@ -470,6 +471,10 @@ class Sweep:
                 bound.append(out)
             if self.has_result:
                 results = [self.results[i] if self.ok[i] else None for i in range(n)]
+                if all(value is None for value in results):
+                    # The cell ends in print(...) or another call without a value: no Out,
+                    # as an ordinary cell shows none for None.
+                    results = None
         self.template.returned = bound
         self._notify(Event("applied", {"returned": bound, "skipped": {}, "phases": self.template.phases}))
         if self.errors:

@@ -81,6 +81,37 @@ def labextension_list() -> str:
     return ANSI.sub("", proc.stdout + proc.stderr)
 
 
+def labextension_build() -> Path | None:
+    """The JupyterLab extension built next to the ``nbisolate`` package the tests import."""
+    import nbisolate
+
+    build = Path(nbisolate.__file__).resolve().parent / "labextension"
+    return build if (build / "package.json").is_file() else None
+
+
+def link_labextension(data_dir: Path) -> None:
+    """Serve the extension built from this source tree, not a copy installed earlier.
+
+    An install copies the build into ``share/jupyter/labextensions``; a source
+    tree whose TypeScript changed since would be tested against that old copy.
+    JupyterLab takes the first ``nbisolate`` it finds on its data path, and
+    ``JUPYTER_PATH`` comes first, so a link in a directory given there wins.
+    Without a build in the tree the installed extension is used.
+    """
+    build = labextension_build()
+    if build is None:
+        return
+    target = data_dir / "labextensions" / "nbisolate"
+    target.mkdir(parents=True, exist_ok=True)
+    for entry in build.iterdir():
+        link = target / entry.name
+        if not link.exists():
+            link.symlink_to(entry)
+    install = build.parent.parent / "labextension" / "install.json"
+    if install.is_file() and not (target / "install.json").exists():
+        shutil.copy(install, target / "install.json")
+
+
 class LabServer:
     def __init__(self, root_dir: Path, state_dir: Path) -> None:
         self.root_dir = root_dir
@@ -109,6 +140,13 @@ class LabServer:
             path.mkdir(parents=True, exist_ok=True)
             env[name] = str(path)
         env.pop("JUPYTER_TOKEN", None)
+        # JUPYTER_PATH comes first on Jupyter's data path, before the environment's own
+        # share/jupyter (which a virtualenv puts before the user's data directory).
+        source_path = self.state_dir / "jupyter-path"
+        link_labextension(source_path)
+        env["JUPYTER_PATH"] = os.pathsep.join(
+            p for p in (str(source_path), env.get("JUPYTER_PATH", "")) if p
+        )
         cmd = jupyter_command(
             "lab",
             "--no-browser",

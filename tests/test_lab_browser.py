@@ -7,6 +7,7 @@ Without Chromium or the ``playwright`` package the tests are skipped, saying why
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -15,10 +16,12 @@ from typing import Any
 import pytest
 
 from .lab_server import (
+    KERNEL_JS,
     SCREENSHOTS,
     LabServer,
     cell,
     lab_page,
+    labextension_build,
     labextension_list,
     require_chromium,
     running_lab,
@@ -106,6 +109,18 @@ def wait_status_text(page: Any, pattern: str, timeout: float = 20.0) -> str:
     raise AssertionError(f"status item never showed {pattern!r}; last text {text!r}")
 
 
+def kernel_status(page: Any) -> str | None:
+    return page.evaluate(KERNEL_JS)
+
+
+def assert_busy_for(page: Any, seconds: float) -> None:
+    """The kernel status reads busy now and stays so for ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert kernel_status(page) == "busy", "the kernel status left busy while a cell ran"
+        time.sleep(0.05)
+
+
 # -- the tests -------------------------------------------------------------------
 
 
@@ -114,6 +129,19 @@ def test_extension_is_listed_enabled() -> None:
     lines = [line for line in out.splitlines() if re.match(r"\s*nbisolate\b", line)]
     assert lines, out
     assert "enabled" in lines[0] and "OK" in lines[0], lines[0]
+
+
+def test_page_serves_the_extension_built_from_this_tree(page: Any) -> None:
+    """The server loads the build next to the imported package, not an older installed copy."""
+    build = labextension_build()
+    if build is None:
+        pytest.skip("no labextension build next to the package: the installed one is served")
+    expected = json.loads((build / "package.json").read_text())["jupyterlab"]["_build"]["load"]
+    served = page.evaluate(
+        """() => JSON.parse(document.getElementById('jupyter-config-data').textContent)
+                   .federated_extensions.filter(e => e.name === 'nbisolate')"""
+    )
+    assert [e["load"] for e in served] == [expected], served
 
 
 def test_page_loaded_the_plugin(page: Any) -> None:
@@ -172,12 +200,16 @@ def test_status_bar_counts_a_worker_and_stops_it(page: Any) -> None:
     page.locator(".jp-NotebookPanel-toolbar [data-command='nbisolate:run-isolated']").click()
     text = wait_status_text(page, r"isolate: 1 running")
     assert status_item(page).get_attribute("data-count") == "1", text
+    # The kernel reads Busy while the isolated cell runs, as for any cell ...
+    assert_busy_for(page, 1.0)
 
     shot(page, "03-worker-running")
 
     status_item(page).click()
     popup = page.locator(".nbisolate-popup")
     popup.wait_for()
+    # ... and opening the popup (a comm message, handled on a subshell) does not flip it.
+    assert_busy_for(page, 1.0)
     row = popup.locator(".nbisolate-worker")
     assert row.count() == 1
     assert re.fullmatch(r"\d+", row.locator(".nbisolate-worker-pid").inner_text())

@@ -10,6 +10,7 @@ subshell when the kernel supports them).
 from __future__ import annotations
 
 import queue
+import re
 import threading
 import time
 import uuid
@@ -24,7 +25,7 @@ from .kernel import Kernel
 
 # The same call load_ipython_extension makes; repeating it is harmless.
 LOAD = "%load_ext nbisolate\nfrom nbisolate import labcomm as _lc\n_lc.register(get_ipython())"
-WORKER_KEYS = {"id", "label", "pid", "started", "timeout", "host"}
+WORKER_KEYS = {"id", "label", "pid", "started", "timeout", "host", "cell"}
 
 
 class StatusClient:
@@ -144,6 +145,31 @@ def test_open_sends_list_then_worker_then_empty(status_kernel: Kernel) -> None:
 
     client.wait(idle, timeout=20)
     assert client.reply(msg_id)["content"]["status"] == "ok"
+    client.close()
+
+
+def test_a_worker_names_its_cell(status_kernel: Kernel) -> None:
+    """The id JupyterLab sends with the request, the execution count and the request's id."""
+    client = StatusClient(status_kernel)
+    client.open()
+    kc = client.kc
+    content = {
+        "code": "%%isolate\nimport time\ntime.sleep(1.5)",
+        "silent": False,
+        "store_history": True,
+        "user_expressions": {},
+        "allow_stdin": False,
+        "stop_on_error": True,
+    }
+    msg = kc.session.msg("execute_request", content, metadata={"cellId": "cell-abc"})
+    kc.shell_channel.send(msg)
+    (worker,) = client.wait(running)["workers"]
+    cell = worker["cell"]
+    assert cell["id"] == "cell-abc" and cell["msg_id"] == msg["header"]["msg_id"], worker
+    reply = client.reply(msg["header"]["msg_id"])
+    assert cell["count"] == reply["content"]["execution_count"], (cell, reply["content"])
+    assert worker["label"] == "import time"
+    client.wait(idle)
     client.close()
 
 
@@ -311,6 +337,7 @@ def test_publisher_stop_and_refresh_and_close() -> None:
         lambda: comm.sent and comm.sent[-1]["workers"] and comm.sent[-1]["workers"][0]["id"] == "a"
     )
     assert comm.sent[-1]["workers"][0] == {
+        "cell": None,
         "id": "a",
         "label": "cell a",
         "pid": 1000,
@@ -354,3 +381,42 @@ def test_register_is_a_no_op_without_a_kernel() -> None:
 
     labcomm.register(TerminalShell())
     labcomm.register(object())
+
+
+def _execute_with_metadata(kernel: Kernel, code: str, metadata: dict[str, Any]) -> list[dict]:
+    kc = kernel.kc
+    content = {"code": code, "silent": False, "store_history": True, "user_expressions": {},
+               "allow_stdin": False, "stop_on_error": True}
+    msg = kc.session.msg("execute_request", content, metadata=metadata)
+    kc.shell_channel.send(msg)
+    msg_id = msg["header"]["msg_id"]
+    seen = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            out = kc.get_iopub_msg(timeout=0.1)
+        except queue.Empty:
+            continue
+        if out["parent_header"].get("msg_id") != msg_id:
+            continue
+        if out["msg_type"] == "status" and out["content"]["execution_state"] == "idle":
+            return seen
+        seen.append(out)
+    raise AssertionError(f"no idle for {code!r}")
+
+
+def test_a_cell_marked_isolated_runs_isolated_with_its_options(status_kernel: Kernel) -> None:
+    """The mark "Run Cell Isolated" leaves in the cell metadata makes Shift+Enter run it isolated."""
+    kernel_pid = status_kernel.pid
+    code = "import os, time\nprint(os.getpid())\ntime.sleep(3)"
+    mark = {"nbisolate": {"isolate": True, "options": "--timeout 1"}, "cellId": "c1"}
+    seen = _execute_with_metadata(status_kernel, code, mark)
+    text = "".join(m["content"].get("text", "") for m in seen if m["msg_type"] == "stream")
+    errors = [m["content"] for m in seen if m["msg_type"] == "error"]
+    assert str(kernel_pid) not in text and re.search(r"^\d+$", text.split("\n")[0]), text
+    assert errors and "IsolateTimeout" in errors[0]["ename"], errors  # --timeout 1 held
+    # Unmarked, or marked off: an ordinary cell.
+    for metadata in ({}, {"nbisolate": {"isolate": False}}):
+        seen = _execute_with_metadata(status_kernel, "import os; print(os.getpid())", metadata)
+        text = "".join(m["content"].get("text", "") for m in seen if m["msg_type"] == "stream")
+        assert text.strip() == str(kernel_pid), text

@@ -38,8 +38,11 @@ CELLS = [
     "class Store:\n    def __init__(self):\n        self.db = sqlite3.connect(':memory:')\n"
     "class Experiment:\n    def __init__(self):\n        self.store = Store()\ne = Experiment()",
     "%%isolate\nprint(e)",
+    "%%isolate --timeout 60\nimport time\nfrom IPython.display import clear_output\n"
+    "for epoch in range(20):\n    clear_output(wait=True)\n    print('epoch', epoch, flush=True)\n"
+    "    time.sleep(0.4)",
 ]
-SETUP, LIVE, STOPPED, DEFINE, UNSHIPPABLE = range(5)
+SETUP, LIVE, STOPPED, DEFINE, UNSHIPPABLE, CLEARING = range(6)
 
 @pytest.fixture(scope="module")
 def chromium() -> str:
@@ -132,9 +135,42 @@ def test_unshippable_input_shows_path_type_and_fix(page: Any) -> None:
     wait_done(page, UNSHIPPABLE)
     done = cell(page, UNSHIPPABLE).locator("details.nbisolate-panel")
     done.wait_for()
-    assert done.get_attribute("open") is not None  # problems are shown, not folded away
+    # The error under the panel explains in full; the panel folds to one line ...
+    assert done.get_attribute("open") is None
+    assert "cannot be sent to the worker (e.store.db: sqlite3.Connection)" in done.inner_text()
+    assert "ShipError" in cell(page, UNSHIPPABLE).locator(".jp-OutputArea").inner_text()
+    # ... and lists every problem when opened.
+    done.locator("summary").click()
     problem = done.locator("tr.nbisolate-problem")
     assert problem.count() >= 1
     text = problem.first.inner_text()
     assert "e.store.db" in text and "sqlite3.Connection" in text and "fix:" in text, text
     shot(page, UNSHIPPABLE, "unshippable")
+
+
+def test_clear_output_in_the_cell_keeps_the_panel(page: Any) -> None:
+    """An epoch loop's clear_output(wait=True) clears the cell's output, never the panel."""
+    run_cell(page, CLEARING)
+    out = cell(page, CLEARING)
+    out.locator(".jp-OutputArea-output", has_text=re.compile(r"epoch [3-9]")).first.wait_for(
+        timeout=30_000
+    )
+    seen = set()
+    for _ in range(6):  # across several clears
+        panel = out.locator(".nbisolate-panel")
+        assert panel.count() == 1, out.locator(".jp-OutputArea").inner_text()
+        assert panel.locator("button", has_text="Stop").is_visible()
+        assert panel.locator(".nbisolate-timeout").count() == 1
+        text = out.locator(".jp-OutputArea").inner_text()
+        epochs = re.findall(r"epoch \d+", text)
+        assert len(epochs) <= 1, text  # the cell's own output was cleared
+        seen.update(epochs)
+        time.sleep(0.45)
+    assert len(seen) >= 3, seen
+    shot(page, CLEARING, "clear-output-live")
+    wait_done(page, CLEARING)
+    summary = out.locator("details.nbisolate-panel summary")
+    summary.wait_for()
+    assert re.search(r"ran [\d.]+ s in pid \d+", summary.inner_text())
+    assert "epoch 19" in out.locator(".jp-OutputArea").inner_text()
+    shot(page, CLEARING, "clear-output-done")

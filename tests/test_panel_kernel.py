@@ -200,11 +200,13 @@ def test_unshippable_input_shows_member_path_type_and_fix(kernel):
     data = final(res)
     html, text = data["text/html"], data["text/plain"]
     assert "nothing ran: input 'e' cannot be sent to the worker (e.store.db: sqlite3.Connection)" in text
-    assert "fix:" in text
+    # Said in full once, by the error; the panel folds to its summary and lists the problems.
+    assert "fix:" not in text and "✗ e.store.db: sqlite3.Connection" in text
+    assert "Fix:" in res.error["evalue"] or "fix" in res.error["evalue"].lower()
     problem = re.search(r"<tr class='nbisolate-problem' data-name='e' data-path='e.store.db'>(.*?)</tr>", html)
     assert problem, html
     assert "sqlite3.Connection" in problem.group(1) and "fix:" in problem.group(1)
-    assert "<details class='nbisolate-panel nbisolate-done' open" in html
+    assert "<details class='nbisolate-panel nbisolate-done' style" in html
     assert "cannot be sent" in rows(html)["e"][3]
 
 
@@ -451,3 +453,80 @@ def test_unloading_the_extension_closes_the_idle_widgets(fresh_kernel):
     assert kept, "the panel keeps its widgets for the next cell"
     res = fresh_kernel.run("%unload_ext nbisolate")
     assert {m["content"]["comm_id"] for m in res.of("comm_close")} == kept
+
+
+class OutputArea:
+    """A cell's output area as JupyterLab keeps it: clear_output(wait=True) clears on the next output."""
+
+    def __init__(self, res: Any) -> None:
+        self.outputs: list[dict[str, Any]] = []
+        pending = False
+        for msg in res.messages:
+            kind, content = msg["msg_type"], msg["content"]
+            if kind == "clear_output":
+                if content.get("wait"):
+                    pending = True
+                else:
+                    self.outputs = []
+                continue
+            if kind not in ("stream", "display_data", "update_display_data", "execute_result"):
+                continue
+            if kind == "update_display_data":
+                display_id = content["transient"]["display_id"]
+                for out in self.outputs:
+                    if out.get("transient", {}).get("display_id") == display_id:
+                        out["data"] = content["data"]
+                continue
+            if pending:
+                self.outputs, pending = [], False
+            self.outputs.append({"type": kind, **content})
+
+    def panels(self) -> list[dict[str, Any]]:
+        return [
+            o for o in self.outputs if "nbisolate" in o.get("data", {}).get("text/plain", "")
+        ]
+
+
+def test_clear_output_in_the_cell_never_clears_the_panel(kernel):
+    """The usual progress loop: clear_output(wait=True) clears the cell's output, not the panel."""
+    res = kernel.run(
+        cell(
+            """
+            %%isolate --timeout 60
+            import time
+            from IPython.display import clear_output
+            for epoch in range(4):
+                clear_output(wait=True)
+                print("epoch", epoch)
+                time.sleep(0.3)
+            clear_output()
+            print("trained")
+            """
+        )
+    )
+    display_id = panel_display_id(res)
+    # Live: after every clear, the panel (with its Stop button) is shown again, first.
+    after_clear = []
+    for i, msg in enumerate(res.messages):
+        if msg["msg_type"] == "clear_output":
+            following = [
+                m for m in res.messages[i + 1 :] if m["msg_type"] in ("display_data", "stream")
+            ]
+            after_clear.append(following[0])
+    assert len(after_clear) == 5
+    for msg in after_clear:
+        assert msg["msg_type"] == "display_data", msg
+        assert msg["content"]["transient"]["display_id"] == display_id
+        assert WIDGET_VIEW in msg["content"]["data"]
+    # At the end: the summary where the panel was, then only the last output of the cell.
+    area = OutputArea(res)
+    (summary,) = area.panels()
+    assert SUMMARY_OK.match(summary["data"]["text/plain"]), summary
+    assert area.outputs[0] is summary
+    assert [o.get("text") for o in area.outputs[1:]] == ["trained\n"], area.outputs
+
+
+def panel_display_id(res: Any) -> str:
+    ids = {d["transient"]["display_id"] for d in res.displays if WIDGET_VIEW in d["data"]}
+    assert len(ids) == 1, res.displays
+    return ids.pop()

@@ -2,16 +2,19 @@ import {
   JupyterFrontEnd,
   JupyterFrontEndPlugin
 } from '@jupyterlab/application';
-import { ICommandPalette, showErrorMessage } from '@jupyterlab/apputils';
+import { Dialog, ICommandPalette, showErrorMessage } from '@jupyterlab/apputils';
 import type { ISessionContext } from '@jupyterlab/apputils';
-import type { CodeCell } from '@jupyterlab/cells';
+import type { Cell, CodeCell, ICellModel } from '@jupyterlab/cells';
 import { INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
 import { OutputArea } from '@jupyterlab/outputarea';
+import { IRunningSessionManagers } from '@jupyterlab/running';
 import { IStatusBar } from '@jupyterlab/statusbar';
 import { LabIcon } from '@jupyterlab/ui-components';
+import { Signal } from '@lumino/signaling';
 
-import { IsolateStatus } from './status';
-import { IsolateStatusItem } from './statusbar';
+import { CellFollower } from './reconnect';
+import { elapsed, formatDuration, IsolateStatus, IWorker } from './status';
+import { IsolateStatusItem, WorkerList, workerTitle } from './statusbar';
 
 const PLUGIN_ID = 'nbisolate:plugin';
 
@@ -41,13 +44,76 @@ export function hasMagic(source: string): boolean {
   return MAGIC_LINE.test(source.split('\n', 1)[0].trimEnd());
 }
 
-/** The cell text with the `%%isolate` first line added or removed. */
-export function toggleMagic(source: string): string {
+/** The options on the `%%isolate` line (`--timeout 5`), or '' without one. */
+export function magicOptions(source: string): string {
+  return hasMagic(source)
+    ? source.split('\n', 1)[0].slice(MAGIC.length).trim()
+    : '';
+}
+
+/** The `%%isolate` line with these options. */
+function magicLine(options: string): string {
+  return options ? `${MAGIC} ${options}` : MAGIC;
+}
+
+/** The cell text with the `%%isolate` first line added (with `options`) or removed. */
+export function toggleMagic(source: string, options = ''): string {
   if (hasMagic(source)) {
     const newline = source.indexOf('\n');
     return newline === -1 ? '' : source.slice(newline + 1);
   }
-  return `${MAGIC}\n${source}`;
+  return `${magicLine(options)}\n${source}`;
+}
+
+/**
+ * The cell metadata nbisolate keeps (nbisolate.labcomm.METADATA_KEY):
+ * `isolate` marks a cell run with "Run Cell Isolated", so that the kernel runs it
+ * isolated however it is run next (Shift+Enter, Run All); `options` keeps the
+ * magic line's options while "Toggle %%isolate" has the line removed.
+ */
+const METADATA_KEY = 'nbisolate';
+
+interface IMark {
+  isolate?: boolean;
+  options?: string;
+}
+
+function getMark(model: ICellModel): IMark {
+  const value = model.getMetadata(METADATA_KEY);
+  return value && typeof value === 'object' ? (value as IMark) : {};
+}
+
+function setMark(model: ICellModel, mark: IMark): void {
+  const clean: IMark = {};
+  if (mark.isolate) {
+    clean.isolate = true;
+  }
+  if (mark.options) {
+    clean.options = mark.options;
+  }
+  if (Object.keys(clean).length) {
+    model.setMetadata(METADATA_KEY, clean as any);
+  } else {
+    model.deleteMetadata(METADATA_KEY);
+  }
+}
+
+/** Whether a cell runs isolated: it has the magic line, or the mark. */
+function isIsolated(model: ICellModel): boolean {
+  return hasMagic(model.sharedModel.getSource()) || getMark(model).isolate === true;
+}
+
+const MARK_CLASS = 'nbisolate-mod-isolated';
+
+/** Show the mark on a cell (a badge by its prompt), and keep it in step with the metadata. */
+function trackMark(cell: Cell): void {
+  const update = () => {
+    if (!cell.isDisposed) {
+      cell.toggleClass(MARK_CLASS, getMark(cell.model).isolate === true);
+    }
+  };
+  cell.model.metadataChanged.connect(update);
+  update();
 }
 
 /**
@@ -64,7 +130,9 @@ async function executeIsolated(
   if (!source.trim() || !sessionContext.session?.kernel) {
     return;
   }
-  const code = hasMagic(source) ? source : `${MAGIC}\n${source}`;
+  const code = hasMagic(source)
+    ? source
+    : `${magicLine(getMark(model).options ?? '')}\n${source}`;
   // Sent first, so the kernel loads the extension before it runs the cell.
   const loaded = status.ensureLoaded();
 
@@ -121,27 +189,65 @@ const plugin: JupyterFrontEndPlugin<void> = {
     'Run notebook cells isolated (%%isolate) and show the kernel’s isolated workers in the status bar.',
   autoStart: true,
   requires: [INotebookTracker],
-  optional: [ICommandPalette, IStatusBar],
+  optional: [ICommandPalette, IStatusBar, IRunningSessionManagers],
   activate: (
     app: JupyterFrontEnd,
     tracker: INotebookTracker,
     palette: ICommandPalette | null,
-    statusBar: IStatusBar | null
+    statusBar: IStatusBar | null,
+    runningManagers: IRunningSessionManagers | null
   ) => {
     const { commands } = app;
     const statuses = new Map<NotebookPanel, IsolateStatus>();
+    const workersChanged = new Signal<object, void>(statuses);
 
     const statusFor = (panel: NotebookPanel): IsolateStatus => {
       let status = statuses.get(panel);
       if (!status) {
-        status = new IsolateStatus(panel.sessionContext);
-        statuses.set(panel, status);
+        const created = new IsolateStatus(panel.sessionContext);
+        status = created;
+        statuses.set(panel, created);
+        const follower = new CellFollower(panel, created);
+        created.changed.connect(() => workersChanged.emit());
         panel.disposed.connect(() => {
+          follower.dispose();
           statuses.get(panel)?.dispose();
           statuses.delete(panel);
+          workersChanged.emit();
         });
+        panel.content.widgets.forEach(trackMark);
+        panel.content.model?.cells.changed.connect(() => {
+          panel.content.widgets.forEach(cell => {
+            if (!cell.hasClass('nbisolate-mark-tracked')) {
+              cell.addClass('nbisolate-mark-tracked');
+              trackMark(cell);
+            }
+          });
+        });
+        panel.content.widgets.forEach(cell => cell.addClass('nbisolate-mark-tracked'));
       }
       return status;
+    };
+
+    /** Show the cell that runs a worker: its notebook in front, the cell selected. */
+    const reveal = (status: IsolateStatus, worker: IWorker): void => {
+      for (const [panel, st] of statuses) {
+        if (st !== status || !worker.cell) {
+          continue;
+        }
+        const notebook = panel.content;
+        const index = notebook.widgets.findIndex(
+          c => c.model.sharedModel.getId() === worker.cell!.id
+        );
+        if (index < 0) {
+          return;
+        }
+        app.shell.activateById(panel.id);
+        notebook.activeCellIndex = index;
+        notebook.deselectAll();
+        void notebook.scrollToItem(index, 'center');
+        return;
+      }
     };
     tracker.forEach(panel => statusFor(panel));
     // Tell the kernels this page is gone, so they stop sending it updates.
@@ -162,43 +268,152 @@ const plugin: JupyterFrontEndPlugin<void> = {
       return cell && cell.model.type === 'code' ? (cell as CodeCell) : null;
     };
 
+    /** The selected code cells (or the active one), in notebook order, as Ctrl+Enter runs them. */
+    const selectedCodeCells = (panel: NotebookPanel): CodeCell[] => {
+      const notebook = panel.content;
+      return notebook.widgets.filter(
+        cell => cell.model.type === 'code' && notebook.isSelectedOrActive(cell)
+      ) as CodeCell[];
+    };
+
     commands.addCommand(CommandIDs.runIsolated, {
       label: 'Run Cell Isolated',
-      caption: 'Run the active cell in a fresh process (%%isolate)',
+      caption:
+        'Run the selected cells, each in a fresh process (%%isolate), and mark them to run ' +
+        'isolated from now on',
       icon: isolateIcon,
       isEnabled: () => activeCodeCell() !== null,
+      isToggled: () => {
+        const cell = activeCodeCell();
+        return cell !== null && getMark(cell.model).isolate === true;
+      },
       execute: async () => {
         const panel = currentPanel();
-        const cell = activeCodeCell();
-        if (!panel || !cell) {
+        if (!panel) {
+          return;
+        }
+        const cells = selectedCodeCells(panel);
+        if (!cells.length) {
           return;
         }
         await panel.sessionContext.ready;
-        await executeIsolated(cell, panel.sessionContext, statusFor(panel));
+        const status = statusFor(panel);
+        for (const cell of cells) {
+          if (!hasMagic(cell.model.sharedModel.getSource())) {
+            setMark(cell.model, { ...getMark(cell.model), isolate: true });
+          }
+        }
+        commands.notifyCommandChanged(CommandIDs.runIsolated);
+        // Sent in order at once; the kernel runs them one after another and, as for
+        // Ctrl+Enter, skips the rest after an error.
+        await Promise.all(
+          cells.map(cell => executeIsolated(cell, panel.sessionContext, status))
+        );
       }
     });
 
     commands.addCommand(CommandIDs.toggleIsolate, {
       label: 'Toggle %%isolate',
-      caption: 'Add or remove the %%isolate first line of the active cell',
+      caption:
+        'Make the active cell run isolated (%%isolate first line) or not; the options ' +
+        'on the line are kept for the next time',
       isEnabled: () => activeCodeCell() !== null,
       execute: () => {
         const cell = activeCodeCell();
         if (!cell) {
           return;
         }
-        const shared = cell.model.sharedModel;
-        shared.setSource(toggleMagic(shared.getSource()));
+        const model = cell.model;
+        const shared = model.sharedModel;
+        const source = shared.getSource();
+        const mark = getMark(model);
+        if (isIsolated(model)) {
+          const options = hasMagic(source) ? magicOptions(source) : (mark.options ?? '');
+          if (hasMagic(source)) {
+            shared.setSource(toggleMagic(source));
+          }
+          setMark(model, { options });
+        } else {
+          shared.setSource(toggleMagic(source, mark.options ?? ''));
+          setMark(model, {});
+        }
+        commands.notifyCommandChanged(CommandIDs.runIsolated);
       }
     });
 
     let item: IsolateStatusItem | null = null;
     commands.addCommand(CommandIDs.showWorkers, {
       label: 'Show Isolated Workers',
-      caption: 'List the isolated workers of the current notebook’s kernel',
-      isEnabled: () => item !== null && currentPanel() !== null,
-      execute: () => item?.openPopup()
+      caption: 'List the isolated workers of the current notebook’s kernel, and stop them',
+      isEnabled: () => currentPanel() !== null,
+      execute: async () => {
+        if (item && item.isAttached && item.isVisible) {
+          item.openPopup();
+          return;
+        }
+        // No status bar (Notebook 7): the same list in a dialog.
+        const panel = currentPanel();
+        if (!panel) {
+          return;
+        }
+        const status = statusFor(panel);
+        status.refresh();
+        const body = new WorkerList(status, (st, worker) => {
+          dialog.resolve();
+          reveal(st, worker);
+        });
+        const dialog = new Dialog({
+          title: 'Isolated workers',
+          body,
+          buttons: [Dialog.okButton({ label: 'Close' })]
+        });
+        await dialog.launch();
+        body.dispose();
+      }
     });
+
+    if (runningManagers) {
+      const allWorkers = (): [IsolateStatus, IWorker][] => {
+        const found: [IsolateStatus, IWorker][] = [];
+        const seen = new Set<string>();
+        for (const status of statuses.values()) {
+          for (const worker of status.workers) {
+            if (!seen.has(worker.id)) {
+              seen.add(worker.id);
+              found.push([status, worker]);
+            }
+          }
+        }
+        return found;
+      };
+      runningManagers.add({
+        name: 'Isolated workers',
+        running: () =>
+          allWorkers().map(([status, worker]) => ({
+            className: 'nbisolate-running-item',
+            icon: () => isolateIcon,
+            label: () => workerTitle(worker),
+            labelTitle: () =>
+              `${workerTitle(worker)}\npid ${worker.pid ?? '–'}` +
+              (worker.host ? ` on ${worker.host}` : ''),
+            detail: () => formatDuration(elapsed(worker)),
+            open: () => reveal(status, worker),
+            shutdown: () => void status.stop(worker.id)
+          })),
+        refreshRunning: () => statuses.forEach(status => status.refresh()),
+        runningChanged: workersChanged,
+        shutdownAll: () => {
+          for (const [status, worker] of allWorkers()) {
+            void status.stop(worker.id);
+          }
+        },
+        shutdownLabel: 'Stop',
+        shutdownAllLabel: 'Stop All',
+        shutdownAllConfirmationText:
+          'Stop every isolated worker? Their cells raise KeyboardInterrupt and no notebook ' +
+          'variable changes.'
+      });
+    }
 
     if (palette) {
       const category = 'Notebook Cell Operations';
@@ -212,7 +427,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
     }
 
     if (statusBar) {
-      item = new IsolateStatusItem(tracker, statusFor);
+      item = new IsolateStatusItem(tracker, statusFor, reveal);
       statusBar.registerStatusItem(PLUGIN_ID, {
         item,
         align: 'left',
@@ -223,6 +438,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
     }
 
     tracker.activeCellChanged.connect(() => {
+      commands.notifyCommandChanged(CommandIDs.showWorkers);
       commands.notifyCommandChanged(CommandIDs.runIsolated);
       commands.notifyCommandChanged(CommandIDs.toggleIsolate);
     });

@@ -3,14 +3,29 @@
 // The kernel side (nbisolate/labcomm.py) sends {"workers": [...]} on open and on
 // every change; we send {"action": "refresh"} or {"action": "stop", "id": ...}.
 import type { ISessionContext } from '@jupyterlab/apputils';
-import type { Kernel, KernelMessage } from '@jupyterlab/services';
+import { Kernel, KernelMessage } from '@jupyterlab/services';
 import type { IDisposable } from '@lumino/disposable';
 import { ISignal, Signal } from '@lumino/signaling';
 
 export const COMM_TARGET = 'nbisolate.status';
 
+/** The cell that runs a worker: its id in the notebook, `In [n]`, and its request. */
+export interface IWorkerCell {
+  id: string;
+  count: number | null;
+  msg_id: string;
+}
+
+/** What the kernel knows of panels a page shows without having seen them end. */
+export interface ILookup {
+  live: string[];
+  outcomes: { [displayId: string]: { [mime: string]: string } };
+}
+
 /** One running isolated worker, as the kernel describes it. */
 export interface IWorker {
+  /** The cell that started it, when the kernel knows. */
+  cell?: IWorkerCell | null;
   id: string;
   label: string;
   pid: number | null;
@@ -24,6 +39,9 @@ export interface IWorker {
 /** Python expression telling whether the extension is loaded in an IPython kernel. */
 const LOADED_EXPRESSION =
   "'nbisolate' in getattr(get_ipython(), 'extension_manager').loaded";
+
+/** How long a kernel may take to answer kernel_info before it counts as busy. */
+const KERNEL_INFO_WAIT_MS = 3500;
 
 /** Code that mentions the extension may have loaded it: look again once it ran. */
 const MENTIONS_NBISOLATE = /nbisolate|%%isolate/;
@@ -61,6 +79,43 @@ export class IsolateStatus implements IDisposable {
 
   get changed(): ISignal<this, void> {
     return this._changed;
+  }
+
+  /**
+   * Whether nbisolate is loaded in the kernel, each time that becomes known: the
+   * status comm worked (true) or a probe found it is not loaded (false).
+   */
+  get known(): ISignal<this, boolean> {
+    return this._known;
+  }
+
+  /** The kernel restarted or died: every worker it had is gone. */
+  get kernelLost(): ISignal<this, string> {
+    return this._kernelLost;
+  }
+
+  /** Whether this page sent the execute request `msgId` (a reloaded page did not). */
+  sentRequest(msgId: string): boolean {
+    return this._sent.has(msgId);
+  }
+
+  /** Ask the kernel which of these panels still run and how the others ended. */
+  lookup(displayIds: string[]): Promise<ILookup> {
+    const comm = this._comm;
+    if (!comm || comm.isDisposed) {
+      return Promise.resolve({ live: [], outcomes: {} });
+    }
+    return new Promise<ILookup>(resolve => {
+      this._lookups.push(resolve);
+      comm.send({ action: 'lookup', display_ids: displayIds });
+    });
+  }
+
+  /** Ask the kernel to show the live panel of the cell whose request is `msgId` again. */
+  mirror(msgId: string): void {
+    if (this._comm && !this._comm.isDisposed) {
+      this._comm.send({ action: 'mirror', msg_id: msgId });
+    }
   }
 
   get available(): boolean {
@@ -132,15 +187,7 @@ export class IsolateStatus implements IDisposable {
     }
     const probing = (async () => {
       try {
-        const reply = await kernel.requestExecute(
-          {
-            code: '',
-            silent: true,
-            store_history: false,
-            user_expressions: { nbisolate: LOADED_EXPRESSION }
-          },
-          true
-        ).done;
+        const reply = await this._probeRequest(kernel);
         if (kernel !== this._kernel || this._isDisposed) {
           return false;
         }
@@ -153,6 +200,8 @@ export class IsolateStatus implements IDisposable {
           result?.status === 'ok' && result?.data?.['text/plain'] === 'True';
         if (loaded && !this._comm) {
           await this._openComm(kernel);
+        } else if (!loaded) {
+          this._known.emit(false);
         }
         return loaded;
       } catch (reason) {
@@ -164,6 +213,47 @@ export class IsolateStatus implements IDisposable {
     })();
     this._probing = probing;
     return probing;
+  }
+
+  /**
+   * The silent request that asks whether nbisolate is loaded.
+   *
+   * On the main shell it would wait behind a running cell: a page reloaded while an
+   * isolated cell runs would find nothing until that cell ends.  A kernel with
+   * subshells (JEP 91) answers on a subshell of our own at once.
+   */
+  private async _probeRequest(
+    kernel: Kernel.IKernelConnection
+  ): Promise<KernelMessage.IExecuteReplyMsg> {
+    const content = {
+      code: '',
+      silent: true,
+      store_history: false,
+      user_expressions: { nbisolate: LOADED_EXPRESSION }
+    };
+    if (!(kernel as any).supportsSubshells) {
+      return (await kernel.requestExecute(content, true).done) as KernelMessage.IExecuteReplyMsg;
+    }
+    const created = await (kernel as any).requestCreateSubshell({}, true).done;
+    const subshellId = created.content.subshell_id as string;
+    try {
+      const msg = KernelMessage.createMessage({
+        msgType: 'execute_request',
+        channel: 'shell',
+        username: kernel.username,
+        session: kernel.clientId,
+        subshellId,
+        content
+      } as any);
+      return (await kernel.sendShellMessage(msg as any, true, true)
+        .done) as KernelMessage.IExecuteReplyMsg;
+    } finally {
+      if (!kernel.isDisposed) {
+        void (kernel as any)
+          .requestDeleteSubshell({ subshell_id: subshellId }, true)
+          .done.catch(() => undefined);
+      }
+    }
   }
 
   /** Ask the kernel for a fresh list. */
@@ -205,11 +295,40 @@ export class IsolateStatus implements IDisposable {
   private _setKernel(kernel: Kernel.IKernelConnection | null): void {
     this._closeComm();
     this._mentioning.clear();
+    this._kernel?.anyMessage.disconnect(this._onAnyMessage, this);
     this._kernel = kernel;
+    kernel?.anyMessage.connect(this._onAnyMessage, this);
     this._setState(false, []);
     if (kernel) {
       // Extensions loaded at kernel start-up (IPython config) show up here.
-      void kernel.info.then(() => this.probe()).catch(() => undefined);
+      let answered = false;
+      void kernel.info
+        .then(() => {
+          answered = true;
+          return this.probe();
+        })
+        .catch(() => undefined);
+      // A kernel answers kernel_info on its main shell, so not while a cell runs there
+      // (a page reloaded during an isolated cell).  JupyterLab sends what waits after a
+      // few seconds anyway: open the status comm then, which the kernel handles at once
+      // (a kernel without nbisolate closes it again).
+      setTimeout(() => {
+        if (!answered && this._kernel === kernel && !this._comm && !kernel.isDisposed) {
+          void this._openComm(kernel);
+        }
+      }, KERNEL_INFO_WAIT_MS);
+    }
+  }
+
+  private _onAnyMessage(
+    _sender: Kernel.IKernelConnection,
+    args: Kernel.IAnyMessageArgs
+  ): void {
+    if (args.direction === 'send' && args.msg.header.msg_type === 'execute_request') {
+      this._sent.add(args.msg.header.msg_id);
+      if (this._sent.size > 1000) {
+        this._sent.delete(this._sent.values().next().value as string);
+      }
     }
   }
 
@@ -225,6 +344,7 @@ export class IsolateStatus implements IDisposable {
         // The kernel's comms are gone; its workers were stopped with it.
         this._closeComm(false);
         this._setState(false, []);
+        this._kernelLost.emit(status);
         this._probeWhenIdle = status !== 'dead' && status !== 'terminating';
         break;
       case 'idle':
@@ -282,10 +402,19 @@ export class IsolateStatus implements IDisposable {
       if (this._comm !== comm) {
         return;
       }
-      const workers = (msg.content.data as any)?.workers;
+      const data = msg.content.data as any;
+      if (data?.lookup) {
+        this._lookups.shift()?.(data.lookup as ILookup);
+        return;
+      }
+      const workers = data?.workers;
       if (Array.isArray(workers)) {
+        const first = !worked;
         worked = true;
         this._setState(true, workers.filter(isWorker));
+        if (first) {
+          this._known.emit(true);
+        }
       }
     };
     comm.onClose = () => {
@@ -320,6 +449,9 @@ export class IsolateStatus implements IDisposable {
   private _closeComm(tellKernel = true): void {
     const comm = this._comm;
     this._comm = null;
+    for (const resolve of this._lookups.splice(0)) {
+      resolve({ live: [], outcomes: {} });
+    }
     if (!comm || comm.isDisposed) {
       return;
     }
@@ -358,15 +490,31 @@ export class IsolateStatus implements IDisposable {
   private _workers: IWorker[] = [];
   private _isDisposed = false;
   private _changed = new Signal<this, void>(this);
+  private _known = new Signal<this, boolean>(this);
+  private _kernelLost = new Signal<this, string>(this);
+  private _sent = new Set<string>();
+  private _lookups: ((value: ILookup) => void)[] = [];
 }
 
-/** "m:ss" or "h:mm:ss". */
+/**
+ * Elapsed time as the cell's panel shows it (nbisolate.panel.fmt_clock):
+ * `3.2 s`, `15 min 02 s`, `1 h 05 min`.
+ */
 export function formatDuration(seconds: number): string {
-  const s = Math.max(0, Math.floor(seconds));
-  const h = Math.floor(s / 3600);
-  const m = Math.floor((s % 3600) / 60);
-  const sec = String(s % 60).padStart(2, '0');
-  return h > 0 ? `${h}:${String(m).padStart(2, '0')}:${sec}` : `${m}:${sec}`;
+  const t = Math.max(0, seconds);
+  if (t < 60) {
+    return `${t.toFixed(1)} s`;
+  }
+  const minutes = Math.floor(t / 60);
+  if (minutes < 60) {
+    return `${minutes} min ${String(Math.floor(t % 60)).padStart(2, '0')} s`;
+  }
+  return `${Math.floor(minutes / 60)} h ${String(minutes % 60).padStart(2, '0')} min`;
+}
+
+/** A timeout as the panel shows it (`of 60 s`): the seconds given to --timeout. */
+export function formatLimit(seconds: number): string {
+  return `${Number(seconds.toPrecision(6))} s`;
 }
 
 /** Seconds a worker has run, by the browser's clock. */

@@ -8,11 +8,40 @@ import { Widget } from '@lumino/widgets';
 import {
   elapsed,
   formatDuration,
+  formatLimit,
   IsolateStatus,
   IWorker
 } from './status';
 
-const TICK_MS = 1000;
+const TICK_MS = 250;
+
+/** Shows the cell that runs a worker (scrolls to it and selects it). */
+export type RevealCell = (status: IsolateStatus, worker: IWorker) => void;
+
+/** `[13] first line of the cell`, as the notebook shows the cell. */
+export function workerTitle(worker: IWorker): string {
+  const count = worker.cell?.count;
+  const label = worker.label || worker.id;
+  return count === null || count === undefined ? label : `[${count}] ${label}`;
+}
+
+/** A Stop button that looks like the one in the cell's panel (an ipywidgets Button). */
+export function stopButton(title: string, onClick: () => void): HTMLButtonElement {
+  const button = document.createElement('button');
+  button.className =
+    'jupyter-widgets jupyter-button widget-button nbisolate-stop';
+  const icon = document.createElement('i');
+  icon.className = 'fa fa-stop';
+  button.append(icon, 'Stop');
+  button.title = title;
+  button.addEventListener('click', event => {
+    event.stopPropagation();
+    button.disabled = true;
+    button.replaceChildren(icon, 'Stopping…');
+    onClick();
+  });
+  return button;
+}
 
 function plural(n: number, word: string): string {
   return `${n} ${word}${n === 1 ? '' : 's'}`;
@@ -21,7 +50,8 @@ function plural(n: number, word: string): string {
 export class IsolateStatusItem extends Widget {
   constructor(
     tracker: INotebookTracker,
-    statusFor: (panel: NotebookPanel) => IsolateStatus
+    statusFor: (panel: NotebookPanel) => IsolateStatus,
+    reveal: RevealCell
   ) {
     super({ node: document.createElement('div') });
     this.addClass('nbisolate-status');
@@ -33,6 +63,7 @@ export class IsolateStatusItem extends Widget {
     this.node.addEventListener('click', () => this.openPopup());
     this._tracker = tracker;
     this._statusFor = statusFor;
+    this._reveal = reveal;
     tracker.currentChanged.connect(this._onCurrentChanged, this);
     this._onCurrentChanged();
   }
@@ -57,11 +88,27 @@ export class IsolateStatusItem extends Widget {
     }
     this._popup?.dispose();
     status.refresh();
-    const body = new WorkerList(status);
-    this._popup = showPopup({ body, anchor: this, align: 'left' });
-    this._popup.disposed.connect(() => {
+    const body = new WorkerList(status, (st, worker) => {
+      this._popup?.dispose();
+      this._reveal(st, worker);
+    });
+    const popup = showPopup({ body, anchor: this, align: 'left' });
+    this._popup = popup;
+    // Esc closes it, wherever the focus is.
+    const onKey = (event: KeyboardEvent) => {
+      if (event.key === 'Escape') {
+        event.preventDefault();
+        event.stopPropagation();
+        popup.dispose();
+      }
+    };
+    document.addEventListener('keydown', onKey, true);
+    popup.disposed.connect(() => {
+      document.removeEventListener('keydown', onKey, true);
       body.dispose();
-      this._popup = null;
+      if (this._popup === popup) {
+        this._popup = null;
+      }
     });
   }
 
@@ -115,6 +162,7 @@ export class IsolateStatusItem extends Widget {
   }
 
   private _tracker: INotebookTracker;
+  private _reveal: RevealCell;
   private _statusFor: (panel: NotebookPanel) => IsolateStatus;
   private _status: IsolateStatus | null = null;
   private _text: HTMLSpanElement;
@@ -124,12 +172,13 @@ export class IsolateStatusItem extends Widget {
   private _contentChanged = new Signal<this, void>(this);
 }
 
-/** The popup body: one row per worker, with a Stop button. */
-class WorkerList extends Widget {
-  constructor(status: IsolateStatus) {
+/** The list of workers (the popup's body, Notebook 7's dialog): one row per worker. */
+export class WorkerList extends Widget {
+  constructor(status: IsolateStatus, reveal: RevealCell) {
     super();
     this.addClass('nbisolate-popup');
     this._status = status;
+    this._reveal = reveal;
     status.changed.connect(this._render, this);
     this._timer = window.setInterval(() => this._tick(), TICK_MS);
     this._render();
@@ -179,11 +228,16 @@ class WorkerList extends Widget {
     const row = document.createElement('tr');
     row.className = 'nbisolate-worker';
     row.dataset.id = worker.id;
+    if (worker.cell) {
+      row.dataset.cellId = worker.cell.id;
+      row.title = 'Show the cell';
+      row.addEventListener('click', () => this._reveal(this._status, worker));
+    }
     const cells = [
-      worker.label || worker.id,
+      workerTitle(worker),
       worker.pid === null ? '–' : String(worker.pid),
       formatDuration(elapsed(worker)),
-      worker.timeout === null ? 'none' : formatDuration(worker.timeout)
+      worker.timeout === null ? 'none' : formatLimit(worker.timeout)
     ];
     const classes = [
       'nbisolate-worker-label',
@@ -199,16 +253,11 @@ class WorkerList extends Widget {
         td.title = worker.host ? `${text} (${worker.host})` : text;
       }
     });
-    const button = document.createElement('button');
-    button.className = 'jp-Button jp-mod-styled jp-mod-warn nbisolate-stop';
-    button.textContent = 'Stop';
-    button.title = `Stop worker ${worker.pid ?? worker.id}`;
-    button.addEventListener('click', event => {
-      event.stopPropagation();
-      button.disabled = true;
-      button.textContent = 'Stopping…';
-      void this._status.stop(worker.id);
-    });
+    const button = stopButton(
+      `Stop worker ${worker.pid ?? worker.id}, as an interrupt does: the cell raises ` +
+        'KeyboardInterrupt and no notebook variable changes.',
+      () => void this._status.stop(worker.id)
+    );
     row.insertCell().appendChild(button);
     return row;
   }
@@ -226,5 +275,6 @@ class WorkerList extends Widget {
   }
 
   private _status: IsolateStatus;
+  private _reveal: RevealCell;
   private _timer: number;
 }
