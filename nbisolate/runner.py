@@ -721,10 +721,19 @@ class CellRun:
 
     def _note_dropped(self, info: dict[str, Any]) -> None:
         self._noted_dropped = True
+        fast = int(info.get("over_rate") or 0)
+        more = (
+            f" Besides, {format_bytes(fast)} of what was sent came faster than Jupyter's IOPub "
+            "data rate limit lets through: the notebook server may have dropped up to that much "
+            "more (it says \"IOPub data rate exceeded\")."
+            if fast > 0
+            else ""
+        )
         self.sink.stream(
             "stderr",
             f"\nnbisolate: {format_bytes(info['dropped'])} of output was dropped: the limit is "
-            f"{format_bytes(info['max_output'])} per cell. Write large output to a file instead.\n",
+            f"{format_bytes(info['max_output'])} per cell.{more} Write large output to a file "
+            "instead.\n",
         )
 
     def _rebuild_error(self, body: dict[str, Any], buffers: list[Any]) -> BaseException:

@@ -70,3 +70,11 @@ def test_slow_output_is_never_counted_as_too_fast() -> None:
     )
     (dropped,) = [e.data for e in events if e.kind == "dropped"]
     assert dropped["over_rate"] == 0  # 1 MB in a burst is within the window's allowance
+
+
+def test_the_note_does_not_claim_a_smaller_loss_than_the_server_made() -> None:
+    sink, events = run("import sys\nfor _ in range(60):\n    sys.stdout.write('x' * 100_000)", "5M")
+    (dropped,) = [e.data for e in events if e.kind == "dropped"]
+    note = "".join(text for name, text in sink.out if name == "stderr")
+    assert dropped["over_rate"] > 0
+    assert "IOPub data rate" in note and "may have dropped up to" in note
