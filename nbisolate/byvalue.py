@@ -251,6 +251,7 @@ class Pickler(cloudpickle.Pickler):
         main: MutableMapping[str, Any] | None = None,
         names: Iterable[str] = (),
         buffer_callback: Any = None,
+        returning: bool = False,
     ) -> None:
         # Before the C pickler's __init__, which reads it once. A plain dict: the C pickler
         # looks it up for every non-basic object, and cloudpickle's ChainMap costs a
@@ -259,6 +260,10 @@ class Pickler(cloudpickle.Pickler):
         super().__init__(file, protocol=protocol, buffer_callback=buffer_callback)
         self.main = main
         self.names = frozenset(names)
+        # Only a worker sending results back to the kernel that sent it its inputs may
+        # write what came from there as a token: anyone else (the kernel shipping a class
+        # that came back from an earlier worker to a new one) sends it by value again.
+        self.returning = returning
         self.modules: set[str] = set()
 
     # cloudpickle's hooks for dynamic functions --------------------------------------------------
@@ -308,9 +313,10 @@ class Pickler(cloudpickle.Pickler):
             return _cp._class_reduce(obj)
         return NotImplemented
 
-    @staticmethod
-    def sent_back(obj: Any) -> tuple[Any, ...] | None:
+    def sent_back(self, obj: Any) -> tuple[Any, ...] | None:
         """For an object that arrived from the other side: how to send it back as itself."""
+        if not self.returning:
+            return None
         token = arrived_token(obj)
         if token is None:
             return None

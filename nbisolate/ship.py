@@ -359,13 +359,16 @@ def fast_pickler(
     buffer_callback: Any = None,
     main: MutableMapping[str, Any] | None = None,
     names: Iterable[str] = (),
+    returning: bool = False,
 ) -> pickle.Pickler:
     """The pickler of the fast path (:class:`FastPickler`, protocol 5) writing to ``file``.
 
     ``main`` is the notebook namespace (see :mod:`nbisolate.byvalue`), ``names``
     the identifiers the code uses (submodules it reaches come along).
     """
-    return FastPickler(file, main=main, names=names, buffer_callback=buffer_callback)
+    return FastPickler(
+        file, main=main, names=names, buffer_callback=buffer_callback, returning=returning
+    )
 
 
 _dill_pickler_class: Any = None
@@ -416,6 +419,7 @@ def dumps(
     skip_failures: bool = False,
     main: MutableMapping[str, Any] | None = None,
     uses: Iterable[str] = (),
+    returning: bool = False,
 ) -> Shipment:
     """Serialize named values in one pass, preserving sharing between them.
 
@@ -426,14 +430,15 @@ def dumps(
     namespace the values come from (the notebook's, or the worker's
     ``__main__``): functions defined there are rebuilt on the other side's.
     ``uses``: the identifiers the code uses, so re-imported modules bring the
-    submodules it names.
+    submodules it names.  ``returning``: a worker's results going back to the
+    kernel that sent its inputs, so what came from there goes back as itself.
     """
     names = list(values)
     skipped: dict[str, str] = {}
     uses = frozenset(uses)
 
     def fast(file: Any, buffer_callback: Any = None) -> pickle.Pickler:
-        return fast_pickler(file, buffer_callback, main=main, names=uses)
+        return fast_pickler(file, buffer_callback, main=main, names=uses, returning=returning)
 
     for engine, factory in (("pickle", fast), ("dill", dill_pickler)):
         todo = [n for n in names if n not in skipped]

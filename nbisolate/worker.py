@@ -46,14 +46,13 @@ from .protocol import (
     MSG_STREAM,
     MSG_SYSEXIT,
     RESULT,
-    NoStdinError,
     error_body,
     sync_mark,
 )
 from .units import format_bytes
 from .wire import Channel, ChannelClosed
 
-__all__ = ["RESULT", "NoStdinError", "main", "sync_mark"]
+__all__ = ["RESULT", "main", "sync_mark"]
 # Results bigger than this are checked against the memory the machine has available.
 _CHECK_AVAILABLE_ABOVE = 64 * 1024 * 1024
 
@@ -64,7 +63,7 @@ _stage = "setup"
 
 class _NoStdin(io.TextIOBase):
     def _refuse(self, *args: Any) -> str:
-        raise NoStdinError(
+        raise EOFError(
             "input() is not available in an isolated cell: the worker process has no stdin. "
             "Read the value in a normal cell first and use it here (it is shipped as an input)."
         )
@@ -362,6 +361,7 @@ def _mark_pipes(token: str | None) -> dict[str, bool]:
 # IPython's colours for tracebacks (its default "Neutral"/"Linux" schemes agree on these).
 _RED, _GREEN, _CYAN, _BOLD, _RESET = "\x1b[31m", "\x1b[32m", "\x1b[36m", "\x1b[1m", "\x1b[0m"
 _CONTEXT = 2  # lines shown before the line that raised, as IPython does
+_OWN_FILES = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def _cell_traceback(exc: BaseException, filename: str, label: str | None = None) -> str:
@@ -395,7 +395,11 @@ def _one_traceback(exc: BaseException, filename: str, label: str) -> str:
     tb = exc.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename != filename:
         tb = tb.tb_next
-    frames = traceback.extract_tb(tb or exc.__traceback__)
+    frames = [  # nbisolate's own frames (input() refused, say) are not the user's business
+        frame
+        for frame in traceback.extract_tb(tb or exc.__traceback__)
+        if not frame.filename.startswith(_OWN_FILES)
+    ]
     name = type(exc).__name__
     out = [
         f"{_RED}{'-' * 75}{_RESET}",
@@ -497,7 +501,7 @@ def _fit_result(
         size = format_bytes(shipped.sizes.get(name, 0))
         skipped[name] = f"its {size} (of {format_bytes(total)} in all) is {why}"
         rest = {n: v for n, v in values.items() if n in shipped.names and n != name}
-        shipped = ship.dumps(rest, skip_failures=True, main=main)
+        shipped = ship.dumps(rest, skip_failures=True, main=main, returning=True)
         shipped.skipped = {**skipped, **shipped.skipped}
     return shipped, left_out
 
@@ -554,7 +558,7 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
             display_worker.end_of_cell()  # figures left open show even when the cell failed
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
-        shipped = ship.dumps({"exc": exc}, skip_failures=True, main=ns)
+        shipped = ship.dumps({"exc": exc}, skip_failures=True, main=ns, returning=True)
         marked = _mark_pipes(job.get("sync"))
         body = error_body(
             exc,
@@ -581,7 +585,7 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
     bundle = None
     if tail is not None and value is not None:
         out[RESULT] = value
-    shipped = ship.dumps(out, skip_failures=True, main=ns)
+    shipped = ship.dumps(out, skip_failures=True, main=ns, returning=True)
     shipped, too_big = _fit_result(out, shipped, job.get("max_result"), ns)
     display_worker.explain_skipped(shipped.skipped, out)
     if RESULT in shipped.skipped and RESULT not in too_big:

@@ -374,3 +374,14 @@ def test_travels_as_names_the_path_taken(kernel):
         assert "by value" in row and "dill" not in row, (name, row)
     check = kernel.execute("%pickle_check Mood T2 helper")
     assert check.ok and "cannot" not in check.stdout.lower()
+
+
+def test_a_class_made_in_one_isolated_cell_travels_to_the_next_and_back(kernel):
+    """A class that came back from a worker goes by value to the next worker, keeps its
+    identity in the kernel, and its functions see the notebook as their globals."""
+    isolated(kernel, "class Vec:\n    def __init__(self, x): self.x = x\n    def double(self): return Vec(2 * self.x)\nv = Vec(1)")
+    isolated(kernel, "w = v.double()\nassert type(w) is Vec and isinstance(v, Vec)")
+    isolated(kernel, "u = Vec(5).double()")
+    assert kernel.value("(type(w) is Vec, type(u) is Vec, u.x, w.x)") == (True, True, 10, 2)
+    res = kernel.run("print(Vec(3).double().x)")  # in the kernel, as an ordinary cell
+    assert res.stdout.strip() == "6"
