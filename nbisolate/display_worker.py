@@ -41,8 +41,6 @@ from binascii import b2a_hex
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .protocol import NoStdinError
-
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 WIDGET_ADVICE = (
     "widgets need the kernel's comm channel, and this cell runs in a separate worker "
@@ -466,7 +464,7 @@ def _adapt_pandas(pandas: Any) -> None:
 
 
 def _getpass(prompt: str = "Password: ", stream: Any = None) -> str:
-    raise NoStdinError(
+    raise EOFError(
         "getpass() is not available in an isolated cell: the worker process has no terminal "
         "and no stdin. Ask for the secret in a normal cell (getpass works there) and use that "
         "variable here, where it arrives as an input; or read it from an environment variable."

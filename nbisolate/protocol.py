@@ -74,14 +74,6 @@ def sync_mark(token: str) -> bytes:
     return b"\x1b[nbisolate-sync " + token.encode("ascii") + b"]"
 
 
-class NoStdinError(EOFError):
-    """Raised by ``input()`` or ``getpass()`` in a worker, which has no stdin to read from.
-
-    Defined here, not in the worker, because it travels back pickled by
-    reference: the kernel rebuilding it must not have to import the worker.
-    """
-
-
 # -- typed bodies ---------------------------------------------------------------------------
 class _RunRequired(TypedDict):
     source: str

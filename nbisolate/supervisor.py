@@ -680,6 +680,7 @@ class _Supervision:
         self.deadline = job._t0 + job.timeout - spent if job.timeout else None
         self.kill_at: float | None = None
         self.reason: str | None = None
+        self.labelled = False  # output after a stop was said to be the cell's processes'
         self.finished = False  # a result or an error arrived
         self.exited = False
         self.next_scan = time.perf_counter() + self.SCAN_SECONDS
@@ -954,7 +955,16 @@ class _Supervision:
                 if mark.startswith(data[-keep:]):
                     self.pending[fd], data = data[-keep:], data[:-keep]
                     break
-        self.forward(name, decoder.decode(data))
+        text = decoder.decode(data)
+        if text and self.reason in ("interrupt", "stop", "timeout") and not self.labelled:
+            # After a stop, what reaches the pipes is what the cell's own processes say as
+            # they are stopped (a child's KeyboardInterrupt traceback): not the cell's.
+            self.labelled = True
+            self.forward(
+                "stderr", "\n[nbisolate: the output below comes from processes the cell started, "
+                "as they were stopped]\n"
+            )
+        self.forward(name, text)
         return True
 
     def _open_pipes(self) -> list[int]:

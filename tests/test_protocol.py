@@ -123,12 +123,6 @@ def test_sync_mark_is_distinct_per_token_and_never_plain_text():
     assert one != two and one.startswith(b"\x1b[") and b"ab12" in one
 
 
-def test_no_stdin_error_rebuilds_in_a_process_that_never_imported_the_worker():
-    # It travels pickled by reference: its module must be one the kernel may import.
-    assert protocol.NoStdinError.__module__ == "nbisolate.protocol"
-    assert issubclass(protocol.NoStdinError, EOFError)
-
-
 def _kinds_sent(module_file: str) -> set[str]:
     """The message kinds a module passes to ``send``/``_send``, read from its source."""
     import ast

@@ -65,6 +65,14 @@ _CATEGORIES: dict[str, _Category] = {
         "(for SQLite: `sqlite3.connect(path)` in the worker). Don't share one connection "
         "between processes.",
     ),
+    "kernel": _Category(
+        "part of the Jupyter kernel",
+        "it belongs to the running kernel (its output stream, session, shell or a comm): it "
+        "exists only in the kernel process, and a worker has its own.",
+        "Don't hand the kernel's objects to a worker: a worker's sys.stdout and sys.stderr "
+        "already stream into the cell, so create loggers, handlers and anything that holds "
+        "them inside the isolated cell (or the worker function).",
+    ),
     "socket": _Category(
         "socket or network client",
         "a socket is an operating-system handle owned by this process.",
@@ -222,6 +230,7 @@ _DB_MODULES = (
     "pymongo", "redis", "duckdb", "cx_Oracle", "oracledb", "pyodbc", "snowflake",
     "asyncpg", "clickhouse", "cassandra", "elasticsearch",
 )
+_KERNEL_MODULES = ("ipykernel", "jupyter_client", "comm", "IPython.core", "IPython.terminal")
 _SOCKET_MODULES = ("socket", "ssl", "http.client", "urllib3", "requests", "zmq", "grpc")
 _POOL_MODULES = ("concurrent.futures", "multiprocessing.pool", "multiprocessing.dummy")
 _FILE_NAMES = frozenset({"mmap", "GzipFile", "BZ2File", "LZMAFile", "ZipFile", "TarFile"})
@@ -276,6 +285,8 @@ def _resource_category(obj: Any) -> str | None:
     """The category of objects that *are* an OS or process resource, by type alone."""
     t = type(obj)
     mod = _module_of(t)
+    if _in_modules(mod, _KERNEL_MODULES):
+        return "kernel"
     if _is(obj, (sqlite3.Connection, sqlite3.Cursor)) or _in_modules(mod, _DB_MODULES):
         return "database"
     if (_is(obj, _FILE_TYPES) and not _is(obj, _IN_MEMORY_IO)) or t.__name__ in _FILE_NAMES:

@@ -133,7 +133,16 @@ class _TraceMixin:
                     stack.pop()
             self.write(pickle.NONE)
             return
-        mark = (len(self._nb_undo), len(self.memo)) if _resource_of(obj) else None
+        resource = _resource_of(obj)
+        if resource == "kernel":  # the kernel's own objects are a leaf: never walk into them
+            stack.append(obj)
+            try:
+                self._nb_record(obj, "fail", "it belongs to the running Jupyter kernel")
+            finally:
+                stack.pop()
+            self.write(pickle.NONE)
+            return
+        mark = (len(self._nb_undo), len(self.memo)) if resource else None
         stack.append(obj)
         try:
             super().save(obj, save_persistent_id)  # type: ignore[misc]
