@@ -6,9 +6,15 @@ worker: functions and classes are stored by reference (``module`` plus
 A notebook's ``__main__`` is not importable, a module loaded from a file under
 a made-up name is not importable, an attribute added to a module at run time
 does not exist after a fresh import. Static reasoning gets most cases right;
-for the rest, the only honest answer comes from trying. That is all this
-module does, so that :mod:`nbisolate.diagnose` can stay free of processes and
-take the check as an injected callable (``verify_spawn=spawn_loads``).
+for the rest, the only honest answer comes from trying. This module does the
+trying, so that :mod:`nbisolate.diagnose` can stay free of processes and take
+the check as an injected callable (``verify_spawn=spawn_loads``).
+
+It also runs ``%pickle_check``'s load-back check (:class:`Loader`, offered as
+``spawn_loads.start_loader``): loading a pickle runs the object's own
+reconstruction code, which must never run in the kernel, so one loader
+process per check does every load, writes no file, and is killed at a load's
+deadline and when the check ends.
 
 The child gets the kernel's ``sys.path`` (through ``PYTHONPATH``) and its
 working directory, like a ``multiprocessing`` spawn child would, and nothing
@@ -270,8 +276,17 @@ class Loader:
     def close(self) -> None:
         """Kill the loader process and everything it started; later loads answer "closed"."""
         self._closed = True
-        with self._lock:
+        if not self._lock.acquire(blocking=False):
+            # a check given up on is still waiting for a load: end the process under it,
+            # so that its wait ends now rather than at its deadline
+            proc = self._proc
+            if proc is not None and proc.returncode is None:
+                proctree.kill_tree(proc.pid)
+            self._lock.acquire()
+        try:
             self._end()
+        finally:
+            self._lock.release()
 
 
 def start_loader() -> Loader:
