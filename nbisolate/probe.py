@@ -193,6 +193,7 @@ class Loader:
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
+        self._ready = False
         self._lock = threading.Lock()
         self._closed = False
 
@@ -203,7 +204,8 @@ class Loader:
 
         Returns ``("ok", None)``, ``("error", text)`` when loading raised (or
         killed the process), ``("timeout", text)`` when it did not finish
-        within ``timeout`` seconds (the process was killed), or
+        within ``timeout`` seconds (the process was killed),
+        ``("unavailable", text)`` when the loader process could not start, or
         ``("closed", text)`` after :meth:`close`.
         """
         deadline = time.monotonic() + timeout
@@ -229,13 +231,21 @@ class Loader:
                 if proc is not None:
                     self._end()
                 proc = self._proc = _start_loader_process()
+                self._ready = False  # until it says it is (one byte, once)
             try:
                 _send_all(proc, parts, deadline)
+                if not self._ready:
+                    _read_exact(proc.stdout.fileno(), 1, _poller(proc), deadline)  # type: ignore[union-attr]
+                    self._ready = True
                 reply = _receive(proc, deadline)
             except TimeoutError:
                 self._end()
                 return "timeout", f"did not finish within {timeout:.1f} s"
-            except (OSError, EOFError):  # the loader went while reading or loading
+            except (OSError, EOFError):  # the loader went while starting, reading or loading
+                if not self._ready:
+                    return "unavailable", self._died().replace(
+                        "loading it died", "to load it in could not start"
+                    ) + f"; `{sys.executable} -c 'import nbisolate.probe'` shows why"
                 return "error", self._died()
             if reply is None:
                 return "ok", None
@@ -341,11 +351,17 @@ def _receive(proc: subprocess.Popen[bytes], deadline: float) -> str | None:
     """The loader's answer: None when it loaded, else the error text."""
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
+    poller = _poller(proc)
     (size,) = struct.unpack(_HEADER, _read_exact(fd, 4, poller, deadline))
     text = _read_exact(fd, size, poller, deadline).decode("utf-8", "replace")
     return text or None
+
+
+def _poller(proc: subprocess.Popen[bytes]) -> Any:
+    assert proc.stdout is not None
+    poller = select.poll()
+    poller.register(proc.stdout.fileno(), select.POLLIN)
+    return poller
 
 
 def _read_exact(fd: int, n: int, poller: Any, deadline: float) -> bytes:
@@ -406,6 +422,7 @@ def _loader_main() -> None:  # pragma: no cover - runs in the loader process (te
 
     serializers._on_missing = _stand_in
     _guard_files()
+    replies.write(b"R")  # ready: what fails from here on is a load's doing
 
     def read_exact(n: int) -> bytearray | None:
         buf = bytearray(n)

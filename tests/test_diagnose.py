@@ -819,3 +819,11 @@ def test_large_buffers_are_not_copied_into_the_loader(monkeypatch):
     report = check_namespace({"arr": arr, "small": np.arange(3)}, verify_spawn=spawn_loads)
     for r in report.reports.values():
         assert all(res.ok and res.loads_ok for res in r.results.values()), r
+
+
+def test_a_loader_that_cannot_start_leaves_the_verdict_unknown_not_failed(monkeypatch):
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    report = check_namespace({"x": [1, 2]}, serializers=["pickle"], verify_spawn=spawn_loads)
+    res = report.reports["x"].results["pickle"]
+    assert res.ok is None and res.loads_ok is None
+    assert "could not start" in res.note and "/bin/false" in res.note

@@ -213,8 +213,9 @@ def _load_elsewhere(
         return text, False
     if status == "timeout":
         res.note = (
-            f"not loaded back: {text}; loading it runs its own code (a __setstate__ or a "
-            "constructor) that blocks, and a worker would block loading it too"
+            f"not loaded back: {text}; loading runs the object's own code (a constructor "
+            "its __reduce__ names, a __setstate__), and a worker loading it would wait as "
+            "long: look at what that code waits for"
         )
     else:
         res.note = f"not loaded back: {text}"

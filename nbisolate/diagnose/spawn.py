@@ -85,8 +85,8 @@ class _Context:
     def load(
         self, serializer: str, data: bytes, buffers: Sequence[Any], engine: str, timeout: float
     ) -> tuple[str, str | None]:
-        """Load in the loader process: ``("ok", None)``, ``("error", text)``, ``("timeout", text)``
-        or ``("closed", text)``; see :class:`nbisolate.probe.Loader`."""
+        """Load in the loader process: ``("ok", None)``, ``("error", text)``, ``("timeout", text)``,
+        ``("unavailable", text)`` or ``("closed", text)``; see :class:`nbisolate.probe.Loader`."""
         assert self._start_loader is not None
         with self._lock:
             loader = self._loader
