@@ -688,3 +688,142 @@ def test_zoo_verdicts_match_reality(key):
                     or f"cannot pickle '{tname}'" in p.reason
                     for p in mine
                 ), f"{key}: {serializer} says {error!r}, we named {[p.type_name for p in mine]}"
+
+
+# --- the loader process: loads back out of this process, with the same verdicts ------------
+
+
+_ZOO_IN_BOTH_PLACES = """
+import json, warnings
+warnings.simplefilter("ignore")
+import dill._objects as ZOO
+from nbisolate.diagnose import pickle_check
+from nbisolate.diagnose.spawn import _Context
+from nbisolate.probe import spawn_loads
+zoo = {f"a.{k}": v for k, v in ZOO.a.items()} | {f"x.{k}": v for k, v in ZOO.x.items()}
+ctx = _Context(spawn_loads)
+assert ctx.loads_elsewhere
+differ = []
+try:
+    for key in sorted(zoo):
+        here = pickle_check(zoo[key], key)
+        there = pickle_check(zoo[key], key, _ctx=ctx)
+        for s, res in here.results.items():
+            other = there.results[s]
+            if (res.ok, res.dumps_ok, res.loads_ok) != (other.ok, other.dumps_ok, other.loads_ok):
+                differ.append((key, s, res.error, other.error, other.note))
+finally:
+    ctx.close()
+print(json.dumps({"checked": len(zoo), "differ": differ}))
+"""
+
+
+def test_zoo_verdicts_are_the_same_in_the_loader_process():
+    """Every zoo object, loaded back here and in the loader process: the same verdicts.
+
+    In a fresh interpreter: this one has already played the worker's part
+    (``ship.loads`` above), and an object it rebuilt goes back by a token only
+    this process can resolve, which no kernel would have.
+    """
+    import json
+
+    out = subprocess.run(
+        [sys.executable, "-c", _ZOO_IN_BOTH_PLACES], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    assert found["checked"] > 100
+    assert not found["differ"]
+
+
+_WRITERS = """
+import os
+class Writer:
+    def __init__(self, path, mode):
+        self.fh = open(path, mode)
+        self.fh.write("from the loader")
+        self.fh.flush()
+class Remover:
+    def __init__(self, path):
+        os.remove(path)
+        os.open(path + ".new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+class Later:
+    def __init__(self, *args):
+        self.args = args
+    def __reduce__(self):
+        return self.args
+"""
+
+
+def test_loads_that_write_files_change_nothing_and_fail_where_a_real_open_would(
+    notebook_main, tmp_path
+):
+    ns = notebook_main(_WRITERS)
+    Later, Writer, Remover = ns["Later"], ns["Writer"], ns["Remover"]
+    kept = tmp_path / "kept.txt"
+    kept.write_text("precious")
+    cases = {
+        "truncate": Later(Writer, (str(kept), "w")),
+        "append": Later(Writer, (str(kept), "a")),
+        "update": Later(Writer, (str(kept), "r+")),
+        "new": Later(Writer, (str(tmp_path / "new.txt"), "w")),
+        "remove": Later(Remover, (str(kept),)),
+        "exclusive": Later(Writer, (str(kept), "x")),
+        "no-dir": Later(Writer, (str(tmp_path / "no" / "such.txt"), "w")),
+        "a-dir": Later(Writer, (str(tmp_path), "w")),
+    }
+    report = check_namespace(cases, serializers=["cloudpickle"], verify_spawn=spawn_loads)
+    verdict = {k: r.results["cloudpickle"] for k, r in report.reports.items()}
+    for name in ("truncate", "append", "update", "new", "remove"):
+        assert verdict[name].loads_ok, (name, verdict[name].error)
+    assert "FileExistsError" in verdict["exclusive"].error
+    assert "FileNotFoundError" in verdict["no-dir"].error
+    assert "IsADirectoryError" in verdict["a-dir"].error
+    assert kept.read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.txt"]
+
+
+def test_a_load_that_kills_the_loader_is_reported_and_the_next_one_gets_a_new_loader(
+    notebook_main,
+):
+    ns = notebook_main("import os\nclass Exits:\n    def __reduce__(self):\n"
+                       "        return (os._exit, (7,))\n")
+    report = check_namespace(
+        {"exits": ns["Exits"](), "fine": [1, 2]}, verify_spawn=spawn_loads
+    )
+    res = report.reports["exits"].results["pickle"]
+    assert res.loads_ok is False and "died (exit code 7)" in res.error
+    assert all(r.ok for r in report.reports["fine"].results.values())
+
+
+def test_a_notebook_class_that_refuses_to_load_fails_in_the_loader_as_here(notebook_main):
+    # sent by value, the class is rebuilt in the loader, and its reconstructor raises there
+    ns = notebook_main(
+        "class Fussy(int):\n    def __reduce__(self):\n        return (Fussy, ('not a number',))\n"
+    )
+    report = check_namespace(
+        {"f": ns["Fussy"](3)}, serializers=["dill", "cloudpickle"], verify_spawn=spawn_loads
+    )
+    for res in report.reports["f"].results.values():
+        assert res.dumps_ok and res.loads_ok is False and "ValueError" in res.error
+    p = problem_at(report.reports["f"], "f")
+    assert p.category == "load-fails" and "ValueError" in p.reason
+
+
+def test_large_buffers_are_not_copied_into_the_loader(monkeypatch):
+    from nbisolate import probe
+
+    monkeypatch.setattr(probe, "_SEND_LIMIT", 1000)
+    arr = np.arange(100_000, dtype=np.float64)  # 800 KB: stood in for by zero pages
+    report = check_namespace({"arr": arr, "small": np.arange(3)}, verify_spawn=spawn_loads)
+    for r in report.reports.values():
+        assert all(res.ok and res.loads_ok for res in r.results.values()), r
+
+
+def test_a_loader_that_cannot_start_leaves_the_verdict_unknown_not_failed(monkeypatch):
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    report = check_namespace({"x": [1, 2]}, serializers=["pickle"], verify_spawn=spawn_loads)
+    res = report.reports["x"].results["pickle"]
+    assert res.ok is None and res.loads_ok is None
+    assert "could not start" in res.note and "/bin/false" in res.note

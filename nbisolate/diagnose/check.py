@@ -133,8 +133,15 @@ class _Outcome:
     load_error: str | None = None
 
 
-def _fast(ser: _Serializer, obj: Any, ctx: _Context, deadline: float) -> _Outcome:
-    """Dump with the real (fast) serializer, counting bytes; load back if small enough."""
+def _fast(
+    ser: _Serializer, obj: Any, ctx: _Context, deadline: float, load_seconds: float = DEFAULT_MAX_SECONDS,
+) -> _Outcome:
+    """Dump with the real (fast) serializer, counting bytes; load back if small enough.
+
+    The load runs in the check's loader process when it has one (loading runs
+    the object's own code: never in the kernel), for at most ``load_seconds``
+    and not past ``deadline``.
+    """
     # Serializers that send __main__ by value only need the module-name scan.
     sink = _Sink(ctx.pattern_refs if ser.by_value_main else ctx.pattern_all)
     keep = _Kept()
@@ -158,8 +165,13 @@ def _fast(ser: _Serializer, obj: Any, ctx: _Context, deadline: float) -> _Outcom
         res.oob_bytes = keep.oob
         data = sink.value()
         load_error = None
+        unknown = False  # not loaded back, and what loading would do is not known
         if data is None:
             res.note = "not loaded back here: pickle too large to keep for the check"
+        elif ctx.loads_elsewhere:
+            load_error, unknown = _load_elsewhere(
+                ser, data, keep, dumped.engine, ctx, res, deadline, load_seconds
+            )
         else:
             try:
                 ser.loads(data, keep.buffers, dumped.engine)
@@ -168,14 +180,46 @@ def _fast(ser: _Serializer, obj: Any, ctx: _Context, deadline: float) -> _Outcom
                 res.loads_ok = False
                 load_error = res.error = _exc_text(exc)
         res.seconds = time.perf_counter() - t0
-        res.ok = res.loads_ok is not False
-        if res.loads_ok is None:
-            res.ok = True
+        res.ok = None if unknown else res.loads_ok is not False
         return _Outcome(
             res, needs_trace=False, needs_refs=sink.hit or dumped.main_refs, load_error=load_error
         )
     finally:
         keep.release()
+
+
+_MIN_LOAD_SECONDS = 0.25
+"""Below this much time left, a load is not started: it would be reported as too slow."""
+
+
+def _load_elsewhere(
+    ser: _Serializer, data: bytes, keep: _Kept, engine: str, ctx: _Context,
+    res: SerializerResult, deadline: float, load_seconds: float,
+) -> tuple[str | None, bool]:
+    """Load back in the loader process and fill ``res``: (the load error, not known)."""
+    timeout = min(load_seconds, deadline - time.perf_counter())
+    if timeout < _MIN_LOAD_SECONDS:
+        res.note = (
+            f"not loaded back: out of time (max_seconds={load_seconds:g}) before the load began"
+        )
+        return None, True
+    status, text = ctx.load(ser.name, data, keep.buffers, engine, timeout)
+    if status == "ok":
+        res.loads_ok = True
+        return None, False
+    if status == "error":
+        res.loads_ok = False
+        res.error = text
+        return text, False
+    if status == "timeout":
+        res.note = (
+            f"not loaded back: {text}; loading runs the object's own code (a constructor "
+            "its __reduce__ names, a __setstate__), and a worker loading it would wait as "
+            "long: look at what that code waits for"
+        )
+    else:
+        res.note = f"not loaded back: {text}"
+    return None, True
 
 
 @dataclass
@@ -287,16 +331,20 @@ def pickle_check(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         outcomes = {}
-        for sname in names:
-            ser = _SERIALIZERS[sname]
-            outcome = _fast(ser, obj, ctx, deadline + max_seconds)
-            outcomes[sname] = outcome
-            report.results[sname] = outcome.result
-            if outcome.result.ok is None:
-                report.truncated = True
-                report.notes.append(f"{sname}: {outcome.result.note}")
-            if outcome.load_error:
-                load_failures[sname] = outcome.load_error
+        try:
+            for sname in names:
+                ser = _SERIALIZERS[sname]
+                outcome = _fast(ser, obj, ctx, deadline + max_seconds, max_seconds)
+                outcomes[sname] = outcome
+                report.results[sname] = outcome.result
+                if outcome.result.ok is None:
+                    report.truncated = True
+                    report.notes.append(f"{sname}: {outcome.result.note}")
+                if outcome.load_error:
+                    load_failures[sname] = outcome.load_error
+        finally:
+            if _ctx is None:  # a context of our own: its loader process ends with the loads
+                ctx.close()
 
         to_trace = [s for s in names if outcomes[s].needs_trace or outcomes[s].needs_refs]
         depth_hits: list[tuple[str, str]] = []

@@ -112,25 +112,29 @@ def check_namespace(
     reports: dict[str, Report] = {}
     modules: list[str] = []
     notes: list[str] = []
-    for i, var in enumerate(chosen):
-        value = user_ns[var]
-        if not explicit and _is(value, types.ModuleType):
-            modules.append(var)
-            continue
-        left = deadline - time.perf_counter()
-        if left <= 0:
-            notes.append(
-                f"stopped after {max_seconds:g} s (max_seconds): {len(chosen) - i} variables "
-                f"not checked: {', '.join(chosen[i:i + 10])}{' ...' if len(chosen) - i > 10 else ''}"
+    try:
+        for i, var in enumerate(chosen):
+            value = user_ns[var]
+            if not explicit and _is(value, types.ModuleType):
+                modules.append(var)
+                continue
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                notes.append(
+                    f"stopped after {max_seconds:g} s (max_seconds): {len(chosen) - i} variables "
+                    f"not checked: {', '.join(chosen[i:i + 10])}"
+                    f"{' ...' if len(chosen) - i > 10 else ''}"
+                )
+                break
+            limit = min(DEFAULT_MAX_SECONDS, left)
+            reports[var] = _within_budget(
+                var, value, serializers, min(2 * limit, left) + 1.0,
+                lambda value=value, var=var, limit=limit: pickle_check(
+                    value, name=var, serializers=serializers, max_seconds=limit, _ctx=ctx,
+                ),
             )
-            break
-        limit = min(DEFAULT_MAX_SECONDS, left)
-        reports[var] = _within_budget(
-            var, value, serializers, min(2 * limit, left) + 1.0,
-            lambda value=value, var=var, limit=limit: pickle_check(
-                value, name=var, serializers=serializers, max_seconds=limit, _ctx=ctx,
-            ),
-        )
+    finally:  # the loader process (if the check started one) ends with the call
+        ctx.close()
     ordered = dict(sorted(reports.items(), key=lambda kv: _report_rank(kv[1])))
     return NamespaceReport(
         reports=ordered, modules=modules, seconds=time.perf_counter() - started, notes=notes

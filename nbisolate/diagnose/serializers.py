@@ -9,6 +9,15 @@ only for notebook functions and classes, routes from
 pickler -- imported from ship, subclassed only to note references into
 ``__main__``, never re-stated here, so the two cannot drift apart. The loaders guard the in-process load check against side
 effects a check must never have (truncating a file, editing a notebook class).
+
+``%pickle_check`` runs these loaders in a separate loader process
+(:mod:`nbisolate.probe`), never in the kernel: loading runs the object's own
+reconstruction code (``__reduce__`` callables, ``__setstate__``), which may open
+files for writing, block, or exit. The loader process sets
+:data:`_on_missing`, so that a reference it cannot resolve (anything defined in
+the notebook's ``__main__``, which that process does not have) loads as a
+stand-in, as it loaded in the kernel; whether a spawned child finds it is the
+spawn check's question (:mod:`.spawn`), asked apart.
 """
 
 from __future__ import annotations
@@ -127,11 +136,33 @@ def _guarded_create_filehandle(
     return io.BytesIO()
 
 
+_on_missing: Callable[[str, str], Any] | None = None
+"""What a reference this process cannot resolve loads as; None: the error stands.
+
+Set only in the loader process, where ``__main__`` is not the notebook's."""
+
+
+def _resolve(find: Callable[[str, str], Any], module: str, name: str) -> Any:
+    try:
+        return find(module, name)
+    except (ImportError, AttributeError):
+        if _on_missing is None:
+            raise
+        return _on_missing(module, name)
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """``pickle.loads`` as it is, but asking :data:`_on_missing` for what it cannot find."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        return _resolve(super().find_class, module, name)
+
+
 class _SafeDillUnpickler(dill.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if name == "_create_filehandle" and module in ("dill._dill", "dill.dill"):
             return _guarded_create_filehandle
-        return super().find_class(module, name)
+        return _resolve(super().find_class, module, name)
 
 
 def _isolate_loads(data: bytes, buffers: list[Any], engine: str = "pickle") -> Any:
@@ -149,7 +180,9 @@ def _isolate_loads(data: bytes, buffers: list[Any], engine: str = "pickle") -> A
 
 
 def _pickle_loads(data: bytes, buffers: list[Any], engine: str = "pickle") -> Any:
-    return pickle.loads(data, buffers=buffers)
+    if _on_missing is None:
+        return pickle.loads(data, buffers=buffers)
+    return _PlainUnpickler(io.BytesIO(data), buffers=buffers).load()
 
 
 def _untracked(make_skeleton: Callable[..., Any]) -> Callable[..., Any]:
@@ -179,7 +212,7 @@ class _CloudUnpickler(pickle.Unpickler):
         key = (module, name)
         if key in self._swaps:
             return self._swaps[key]
-        found = super().find_class(module, name)
+        found = _resolve(super().find_class, module, name)
         if module.startswith("cloudpickle") and name.startswith("_make_skeleton"):
             self._swaps[key] = _untracked(found)
             return self._swaps[key]

@@ -14,15 +14,30 @@ import os
 import pickle
 import re
 import sys
+import threading
 import types
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
 
 from .categories import _is
 from .serializers import PROTOCOL
 
 _VerifySpawn = Callable[[bytes], "str | None"]
 """Asks a fresh interpreter to load a small pickle: None when it can, else its error text."""
+
+
+class _Loader(Protocol):
+    """Loads pickles in another process, so that checking never runs their code here.
+
+    :class:`nbisolate.probe.Loader` is the one in use; a verifier handed in as
+    ``verify_spawn`` offers it as ``verify_spawn.start_loader()``.
+    """
+
+    def loads(
+        self, serializer: str, data: bytes, buffers: Sequence[Any], engine: str, timeout: float
+    ) -> tuple[str, str | None]: ...
+
+    def close(self) -> None: ...
 
 
 def _main_module_has_file() -> str | None:
@@ -38,16 +53,56 @@ class _Context:
     name, or from a directory not on ``sys.path``), decides per referenced
     module whether a fresh interpreter can import it, and caches the answers
     of ``verify_spawn`` so each reference is probed once.
+
+    When ``verify_spawn`` can also start a loader process (``start_loader``,
+    as :func:`nbisolate.probe.spawn_loads` can), every load-back check of the
+    call runs there (:meth:`load`), started on first use and ended by
+    :meth:`close`: loading runs the object's own reconstruction code, which
+    must never run in the kernel. Without one, loads run in this process
+    (a script calling :func:`~nbisolate.diagnose.pickle_check` directly).
     """
 
     def __init__(self, verify_spawn: _VerifySpawn | None) -> None:
         self.verify_spawn = verify_spawn
+        self._start_loader: Callable[[], _Loader] | None = getattr(
+            verify_spawn, "start_loader", None
+        )
+        self._loader: _Loader | None = None
+        self._closed = False
+        self._lock = threading.Lock()  # a given-up check's thread may still load
         self._status: dict[str, str] = {}
         self._verified: dict[tuple[str, str], str | None] = {}
         self.suspicious = self._find_suspicious()
         names = sorted(self.suspicious, key=len, reverse=True)
         self.pattern_all = _needle_pattern(["__main__", *names])
         self.pattern_refs = _needle_pattern(names)
+
+    @property
+    def loads_elsewhere(self) -> bool:
+        """True when load-back checks run in a loader process, not here."""
+        return self._start_loader is not None
+
+    def load(
+        self, serializer: str, data: bytes, buffers: Sequence[Any], engine: str, timeout: float
+    ) -> tuple[str, str | None]:
+        """Load in the loader process: ``("ok", None)``, ``("error", text)``, ``("timeout", text)``,
+        ``("unavailable", text)`` or ``("closed", text)``; see :class:`nbisolate.probe.Loader`."""
+        assert self._start_loader is not None
+        with self._lock:
+            loader = self._loader
+            if loader is None:
+                if self._closed:
+                    return "closed", "the check had ended"
+                loader = self._loader = self._start_loader()
+        return loader.loads(serializer, data, buffers, engine, timeout)
+
+    def close(self) -> None:
+        """End the loader process (and all it started), if one was started; idempotent."""
+        with self._lock:
+            self._closed = True
+            loader, self._loader = self._loader, None
+        if loader is not None:
+            loader.close()
 
     @staticmethod
     def _find_suspicious() -> set[str]:
