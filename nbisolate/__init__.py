@@ -52,15 +52,23 @@ def unload_ipython_extension(ipython: Any) -> None:
     unload(ipython)
 
 
+def _pickle_check(obj: Any, name: str = "obj", **options: Any) -> Any:
+    """:func:`nbisolate.diagnose.pickle_check`, checked as ``%pickle_check`` checks: loads
+    happen in a fresh interpreter (never here), and the spawn trap is verified there too."""
+    from .diagnose import pickle_check
+    from .probe import spawn_loads
+
+    options.setdefault("verify_spawn", spawn_loads)
+    return pickle_check(obj, name, **options)
+
+
 def __getattr__(name: str) -> Any:
     if name == "run_isolated":
         from .runner import run_isolated
 
         return run_isolated
     if name == "pickle_check":
-        from .diagnose import pickle_check
-
-        return pickle_check
+        return _pickle_check
     if name in ("enable_multiprocessing", "disable_multiprocessing"):
         from . import pools
 
