@@ -116,17 +116,6 @@ def _shm(prefix: str) -> set[str]:
         return set()
 
 
-@pytest.fixture(scope="module")
-def kernel():
-    pytest.importorskip("joblib")
-    k = Kernel()
-    try:
-        k.run("%load_ext nbisolate")
-        yield k
-    finally:
-        k.shutdown()
-
-
 @pytest.mark.parametrize(("kind", "method"), _cases())
 def test_pools_work_inside_an_isolated_cell(kernel, kind, method):
     cell = "%%isolate --timeout 90 --quiet\n" + DEFINITIONS + POOL_CELLS[kind].format(method=method) + RESULT
