@@ -5,6 +5,7 @@ import {
 import { Dialog, ICommandPalette, showErrorMessage } from '@jupyterlab/apputils';
 import type { ISessionContext } from '@jupyterlab/apputils';
 import type { Cell, CodeCell, ICellModel } from '@jupyterlab/cells';
+import { IMainMenu } from '@jupyterlab/mainmenu';
 import { INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
 import { OutputArea } from '@jupyterlab/outputarea';
 import { IRunningSessionManagers } from '@jupyterlab/running';
@@ -189,13 +190,14 @@ const plugin: JupyterFrontEndPlugin<void> = {
     'Run notebook cells isolated (%%isolate) and show the kernel’s isolated workers in the status bar.',
   autoStart: true,
   requires: [INotebookTracker],
-  optional: [ICommandPalette, IStatusBar, IRunningSessionManagers],
+  optional: [ICommandPalette, IStatusBar, IRunningSessionManagers, IMainMenu],
   activate: (
     app: JupyterFrontEnd,
     tracker: INotebookTracker,
     palette: ICommandPalette | null,
     statusBar: IStatusBar | null,
-    runningManagers: IRunningSessionManagers | null
+    runningManagers: IRunningSessionManagers | null,
+    mainMenu: IMainMenu | null
   ) => {
     const { commands } = app;
     const statuses = new Map<NotebookPanel, IsolateStatus>();
@@ -424,6 +426,12 @@ const plugin: JupyterFrontEndPlugin<void> = {
       ]) {
         palette.addItem({ command, category });
       }
+    }
+
+    if (mainMenu) {
+      // Notebook 7 has a Kernel menu but no status bar: this is where its users look
+      // for what runs in the kernel. In JupyterLab it opens the status bar's list.
+      mainMenu.kernelMenu.addGroup([{ command: CommandIDs.showWorkers }], 100);
     }
 
     if (statusBar) {
