@@ -160,6 +160,8 @@ class LabServer:
             "--LabApp.news_url=None",
             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
             "--LabApp.expose_app_in_browser=True",
+            # The same for Notebook 7's pages (/tree, /notebooks/...), when it is installed.
+            "--JupyterNotebookApp.expose_app_in_browser=True",
             "--LabApp.extension_manager=readonly",
         )
         log = self.log_path.open("wb")
