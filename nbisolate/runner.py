@@ -184,8 +184,14 @@ def _raised_in(exc: BaseException) -> str:
         tb = tb.tb_next
     if tb is None:
         return ""
-    code = tb.tb_frame.f_code
-    return f", raised in {getattr(code, 'co_qualname', code.co_name)}"
+    frame = tb.tb_frame
+    code = frame.f_code
+    name = getattr(code, "co_qualname", None)  # Python 3.11+
+    if name is None:  # earlier: the method's class from its first argument
+        owner = frame.f_locals.get("self", frame.f_locals.get("cls"))
+        kind = owner if isinstance(owner, type) else type(owner) if owner is not None else None
+        name = f"{kind.__qualname__}.{code.co_name}" if kind is not None else code.co_name
+    return f", raised in {name}"
 
 
 def _label(source: str) -> str:
