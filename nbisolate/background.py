@@ -1,0 +1,534 @@
+"""Background cells: ``%%isolate --bg`` returns a :class:`Job` at once and runs on.
+
+A background cell is an ordinary isolated run (a :class:`~nbisolate.runner.CellRun`,
+or a :class:`~nbisolate.sweep.Sweep` with ``--over``) that nobody awaits.  One
+driver task on the kernel's event loop feeds every job the events its backend
+delivers, ticks its listeners and, when a run is over, asks for its outcome,
+exactly as :mod:`nbisolate.wait` does for a foreground cell.  It does not use
+``wait_async`` because a job must also be driven by a *synchronous* waiter
+(``job.wait()``, ``%isolate_wait``): such a wait holds the loop, so it pumps
+the same queue itself, and the jobs keep going while it blocks.
+
+**Where the output goes.** ipykernel sends each output with the parent header
+of the request being handled; a job's output belongs to the cell that started
+it, which is long over.  Every event of a job is handled with that cell's
+parent set for the current context only (``shell.set_thread_parent``): its
+stream text, displays, panel and traceback land in its own output area while
+other cells run.
+
+**What the job sees and binds.** The inputs are read from a shallow copy of the
+namespace taken when the cell ran (a queued job does not see later
+assignments), and the results are bound when the job ends, between or during
+other cells.  A name the notebook changed meanwhile (assigned or deleted since
+the cell ran) keeps the notebook's newer value: the job's value stays in
+``job.result()`` and a line under the job's cell names each such name.
+
+**Limits.** At most :data:`settings` ``["bg_limit"]`` jobs run at once (default:
+the number of cores); the others wait, shown as ``queued``.  Unloading the
+extension and the kernel's exit stop every job (and the worker's watchdog ends
+any worker whose kernel died).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import itertools
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Iterable, MutableMapping
+from typing import Any
+
+from .units import shorten
+from .wait import TICK_SECONDS
+
+settings: dict[str, Any] = {"bg_limit": max(1, os.cpu_count() or 1)}
+"""``bg_limit``: how many background jobs run at once (``%isolate_config bg_limit=N``)."""
+
+_MISSING = object()
+_ids = itertools.count(1)
+
+
+class JobNotDone(RuntimeError):
+    """``job.result()`` before the job ended."""
+
+
+class Job:
+    """A background cell: ``%%isolate --bg`` returns one at once.
+
+    ``job.done()``, ``job.result()`` (the dict of values the cell bound, or the
+    exception that ended it), ``await job``, ``job.wait(timeout)`` and
+    ``job.stop()``.  ``state`` is ``queued``, ``running``, ``done``, ``failed``
+    or ``stopped``.
+
+    Binding: when the job ends, each name it binds goes into the notebook
+    unless the notebook changed that name (assigned or deleted it) since the
+    cell ran; the notebook's newer value then wins, the job's value stays in
+    ``job.result()``, and ``job.kept`` plus a line under the cell name it.
+    """
+
+    def __init__(
+        self, run: Any, namespace: MutableMapping[str, Any], start: dict[str, Any],
+        first_line: str, parent: dict[str, Any] | None, shell: Any,
+    ) -> None:
+        self.id = next(_ids)
+        self.run = run
+        self.label = first_line
+        self.namespace = namespace
+        self._start = start  # the namespace as the cell saw it (shallow): the conflict rule
+        self.parent = parent
+        self.shell = shell
+        self.state = "queued"
+        self.submitted = time.time()
+        self.started: float | None = None
+        self.ended: float | None = None
+        self.value: Any = None
+        self.values: dict[str, Any] = {}
+        self.bound: list[str] = []
+        self.kept: list[str] = []
+        self.error: BaseException | None = None
+        self._stop_asked = False
+        self._event: asyncio.Event | None = None
+        self._next_tick = 0.0
+
+    # -- the handle ---------------------------------------------------------------
+    def done(self) -> bool:
+        """True once the job ended (done, failed or stopped)."""
+        return self.state in ("done", "failed", "stopped")
+
+    def result(self) -> dict[str, Any]:
+        """The values the cell bound (all of them, kept or not); raises what ended a failed job."""
+        if not self.done():
+            raise JobNotDone(
+                f"background job {self.id} is still {self.state}; wait for it first: "
+                f"`await job`, job.wait() or %isolate_wait {self.id}"
+            )
+        if self.error is not None:
+            raise self.error
+        return dict(self.values)
+
+    def stop(self) -> None:
+        """Stop the job and every process it started; nothing is bound."""
+        _table.stop(self)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the job ends or ``timeout`` seconds pass; True if it ended.
+
+        It drives the jobs itself while it blocks (the kernel's loop cannot), and
+        an interrupt ends the wait, not the job.
+        """
+        return _table.wait([self], timeout)
+
+    def __await__(self) -> Any:
+        return self._await().__await__()
+
+    async def _await(self) -> dict[str, Any]:
+        while not self.done():
+            if self._event is None:
+                self._event = asyncio.Event()
+            await self._event.wait()
+        return self.result()
+
+    # -- what the table shows -------------------------------------------------------
+    def elapsed(self) -> float:
+        if self.started is None:
+            return 0.0
+        return (self.ended or time.time()) - self.started
+
+    def where(self) -> tuple[str, str]:
+        """(host, pid) of the job's worker(s), as far as known."""
+        handles = [getattr(r, "handle", None) for r in getattr(self.run, "runs", None) or [self.run]]
+        handles = [h for h in handles if h is not None]
+        if not handles:
+            return "", ""
+        infos = []
+        for h in handles:
+            try:
+                infos.append(h.info)
+            except Exception:
+                continue
+        hosts = sorted({i.host for i in infos if i.host})
+        pids = [str(i.pid) for i in infos if i.pid is not None]
+        pid = pids[0] if len(pids) == 1 else (f"{len(pids)} workers" if pids else "")
+        return ", ".join(hosts), pid
+
+    def __repr__(self) -> str:
+        return f"<nbisolate Job {self.id} {self.state}: {self.label}>"
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(
+            f"Job {self.id} ({self.state}): {self.label}\n"
+            f"running in the background; its output and results arrive in this cell. "
+            f"%isolate_jobs lists jobs, %isolate_wait {self.id} waits, %isolate_stop {self.id} stops."
+        )
+
+    def _notify_waiters(self) -> None:
+        if self._event is not None:
+            self._event.set()
+
+
+class _Table:
+    """Every job of this kernel, and the one queue their events arrive on."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[int, Job] = {}
+        self.items: queue.SimpleQueue[tuple[Job, Any]] = queue.SimpleQueue()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.wake: asyncio.Event | None = None
+        self.task: asyncio.Task[None] | None = None
+        self._pumping = False
+
+    # -- submitting -----------------------------------------------------------------
+    def submit(self, job: Job, loop: asyncio.AbstractEventLoop) -> Job:
+        self.jobs[job.id] = job
+        if self.loop is not loop:
+            self.loop, self.wake, self.task = loop, None, None
+        self._start_queued()
+        self._ensure_driver()
+        return job
+
+    def active(self) -> list[Job]:
+        return [j for j in self.jobs.values() if not j.done()]
+
+    def running(self) -> list[Job]:
+        return [j for j in self.jobs.values() if j.state == "running"]
+
+    def _start_queued(self) -> None:
+        limit = max(1, int(settings["bg_limit"]))
+        for job in list(self.jobs.values()):
+            if len(self.running()) >= limit:
+                return
+            if job.state == "queued":
+                self._begin(job)
+
+    def _begin(self, job: Job) -> None:
+        job.state = "running"
+        job.started = time.time()
+        job._next_tick = time.perf_counter() + TICK_SECONDS
+
+        def put(item: Any, job: Job = job) -> None:
+            self.items.put((job, item))
+            loop, wake = self.loop, self.wake
+            if loop is not None and wake is not None:
+                try:
+                    loop.call_soon_threadsafe(wake.set)
+                except RuntimeError:  # the loop closed: the kernel is going
+                    pass
+
+        try:
+            with _parent(job):
+                job.run.begin(put)
+        except BaseException as exc:  # nothing started: the job failed at once
+            self._finish(job, failure=exc)
+
+    # -- driving --------------------------------------------------------------------
+    def _ensure_driver(self) -> None:
+        if self.loop is None or (self.task is not None and not self.task.done()):
+            return
+        self.wake = asyncio.Event()
+        self.task = self.loop.create_task(self._drive())
+
+    async def _drive(self) -> None:
+        """The driver task: runs on the kernel's loop while any job is queued or running."""
+        assert self.wake is not None
+        while self.active():
+            try:
+                await asyncio.wait_for(self.wake.wait(), TICK_SECONDS)
+            except asyncio.TimeoutError:
+                pass
+            self.wake.clear()
+            self.pump(0.0)
+
+    def pump(self, block: float) -> None:
+        """Feed every queued event to its job (waiting up to ``block`` s for the first),
+        tick the jobs, finish those that are over and start queued ones."""
+        if self._pumping:  # a listener waited on a job from inside a feed: no re-entry
+            return
+        self._pumping = True
+        try:
+            try:
+                first = self.items.get(timeout=block) if block > 0 else self.items.get_nowait()
+            except queue.Empty:
+                first = None
+            item: tuple[Job, Any] | None = first
+            while item is not None:
+                job, event = item
+                if job.state == "running":
+                    try:
+                        with _parent(job):
+                            job.run.feed(event)
+                    except Exception as exc:
+                        self._finish(job, failure=exc)
+                try:
+                    item = self.items.get_nowait()
+                except queue.Empty:
+                    item = None
+            now = time.perf_counter()
+            for job in self.running():
+                if job.run.busy and now >= job._next_tick:
+                    job._next_tick = now + TICK_SECONDS
+                    with _parent(job):
+                        job.run.tick()
+                if not job.run.busy:
+                    self._finish(job)
+            self._start_queued()
+        finally:
+            self._pumping = False
+
+    def wait(self, jobs: Iterable[Job], timeout: float | None = None) -> bool:
+        """Block until ``jobs`` end (or ``timeout``), driving every job meanwhile; an interrupt
+        ends the wait (KeyboardInterrupt), never the jobs."""
+        jobs = list(jobs)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            while not all(j.done() for j in jobs):
+                left = TICK_SECONDS if deadline is None else min(TICK_SECONDS, deadline - time.monotonic())
+                if left <= 0:
+                    return False
+                try:
+                    self.pump(left)
+                except KeyboardInterrupt:
+                    raise _WaitInterrupted(
+                        "the wait was interrupted; the background jobs keep running "
+                        "(%isolate_jobs lists them, %isolate_stop ID stops one)."
+                    ) from None
+            return True
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+            self._ensure_driver()
+
+    # -- ending ---------------------------------------------------------------------
+    def stop(self, job: Job) -> None:
+        if job.done():
+            return
+        job._stop_asked = True
+        if job.state == "queued":
+            self._finish(job, failure=KeyboardInterrupt(
+                f"background job {job.id} was stopped before it started; nothing ran and no "
+                "notebook variable was changed."
+            ))
+            return
+        job.run.stop("interrupt")
+
+    def stop_all(self) -> None:
+        """Stop every job (the extension's unload, the kernel's exit)."""
+        for job in list(self.jobs.values()):
+            try:
+                self.stop(job)
+            except Exception:
+                pass
+
+    def _finish(self, job: Job, failure: BaseException | None = None) -> None:
+        """The run is over: bind its results under the conflict rule, or show why it failed."""
+        if job.done():
+            return
+        with _parent(job):
+            before = dict(job.namespace)
+            try:
+                if failure is not None:
+                    raise failure
+                value = job.run.outcome()
+            except BaseException as exc:
+                job.error = exc
+                job.state = "stopped" if (job._stop_asked or isinstance(exc, KeyboardInterrupt)) else "failed"
+                job.ended = time.time()
+                _safely(job.run.done, exc)
+                _show_error(job, exc)
+            else:
+                job.value = value
+                _safely(job.run.done, None)
+                self._bind(job, before)
+                job.state = "done"
+                job.ended = time.time()
+                _show_end(job)
+        job._notify_waiters()
+
+    def _bind(self, job: Job, before: dict[str, Any]) -> None:
+        scratch = job.namespace
+        changed = [
+            n for n in scratch if before.get(n, _MISSING) is not scratch[n]
+        ] + [n for n in getattr(job.run, "returned", None) or () if n in scratch]
+        ns = job.shell.user_ns
+        for name in dict.fromkeys(changed):
+            value = scratch[name]
+            job.values[name] = value
+            if ns.get(name, _MISSING) is job._start.get(name, _MISSING):
+                ns[name] = value
+                job.bound.append(name)
+            else:
+                job.kept.append(name)
+
+
+class _WaitInterrupted(KeyboardInterrupt):
+    def _render_traceback_(self) -> list[str]:
+        return [f"KeyboardInterrupt: {self}"]
+
+
+_table = _Table()
+
+
+class _parent:
+    """Publish as the job's own cell: its parent header for the current context only."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.tokens: Any = None
+
+    def __enter__(self) -> None:
+        shell, parent = self.job.shell, self.job.parent
+        setter = getattr(shell, "set_thread_parent", None)
+        if parent is not None and setter is not None:
+            self.tokens = setter(parent)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.tokens is not None:
+            self.job.shell.reset_thread_parent(self.tokens)
+
+
+def _safely(fn: Any, *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception:
+        pass
+
+
+def _stamp(t: float | None) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(t or time.time()))
+
+
+def _say(text: str) -> None:
+    from IPython.display import display
+
+    display({"text/plain": text}, raw=True)
+
+
+def _show_end(job: Job) -> None:
+    """A line under the job's cell: when it ended, what it bound, what it left to the notebook."""
+    from .panel import fmt_seconds
+
+    parts = [f"nbisolate: background job {job.id} done at {_stamp(job.ended)} "
+             f"after {fmt_seconds(job.elapsed())}"]
+    parts.append("; bound " + ", ".join(job.bound) if job.bound else "; bound nothing")
+    if job.kept:
+        parts.append(
+            f"; kept the notebook's newer {', '.join(job.kept)} (changed while the job ran): "
+            f"the job's value is in job.result()[{job.kept[0]!r}]"
+        )
+    _say("".join(parts) + ".")
+    if job.value is not None:
+        from IPython.display import display
+
+        display(job.value)
+
+
+def _show_error(job: Job, exc: BaseException) -> None:
+    """The traceback under the job's cell: it cannot raise into a cell that is over."""
+    what = "stopped" if job.state == "stopped" else "failed"
+    _say(f"nbisolate: background job {job.id} {what} at {_stamp(job.ended)}; "
+         "no notebook variable was changed.")
+    shell = job.shell
+    try:
+        shell.showtraceback((type(exc), exc, exc.__traceback__))
+    except Exception:
+        import traceback
+
+        traceback.print_exception(type(exc), exc, exc.__traceback__)
+
+
+# -- what the magics call ---------------------------------------------------------------
+def kernel_loop() -> asyncio.AbstractEventLoop | None:
+    """The kernel's running loop, which keeps jobs going between cells (None outside one)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def scratch_namespace(user_ns: MutableMapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(what the run reads and binds into, the namespace as the cell saw it): two shallow copies."""
+    return dict(user_ns), dict(user_ns)
+
+
+def submit(run: Any, shell: Any, scratch: dict[str, Any], start: dict[str, Any], cell: str) -> Job:
+    """Queue ``run`` as a background job of this kernel and return its handle at once."""
+    loop = kernel_loop()
+    if loop is None:
+        raise RuntimeError("no running event loop")
+    kernel = getattr(shell, "kernel", None)
+    parent = kernel.get_parent() if kernel is not None else None
+    first = next((ln.strip() for ln in cell.splitlines() if ln.strip()), "(empty cell)")
+    job = Job(run, scratch, start, shorten(first, 60), parent, shell)
+    return _table.submit(job, loop)
+
+
+def find(ids: Iterable[str]) -> list[Job]:
+    """Jobs by id (``3`` or ``all``); raises ValueError naming an unknown id and the known ones."""
+    ids = list(ids)
+    if not ids or ids == ["all"]:
+        return list(_table.jobs.values())
+    found = []
+    for text in ids:
+        try:
+            found.append(_table.jobs[int(text)])
+        except (ValueError, KeyError):
+            known = ", ".join(map(str, _table.jobs)) or "none yet"
+            raise ValueError(f"no background job {text!r} (the jobs are: {known})") from None
+    return found
+
+
+def wait(jobs: Iterable[Job], timeout: float | None = None) -> bool:
+    return _table.wait(jobs, timeout)
+
+
+def stop_all() -> None:
+    _table.stop_all()
+
+
+def jobs() -> list[Job]:
+    return list(_table.jobs.values())
+
+
+class JobTable:
+    """``%isolate_jobs``: one row per job (id, first line, state, started, elapsed, host, pid)."""
+
+    COLUMNS = ("id", "cell", "state", "started", "elapsed", "host", "pid")
+
+    def __init__(self, jobs: list[Job]) -> None:
+        from .panel import fmt_seconds
+
+        self.rows = []
+        for j in jobs:
+            host, pid = j.where()
+            self.rows.append((
+                str(j.id), j.label, j.state, _stamp(j.started) if j.started else "",
+                fmt_seconds(j.elapsed()) if j.started else "", host, pid,
+            ))
+
+    def __repr__(self) -> str:
+        if not self.rows:
+            return "no background jobs (start one with %%isolate --bg)"
+        table = [self.COLUMNS, *self.rows]
+        widths = [max(len(r[i]) for r in table) for i in range(len(self.COLUMNS))]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                         for r in table)
+
+    def _repr_html_(self) -> str:
+        import html
+
+        if not self.rows:
+            return "<i>no background jobs (start one with %%isolate --bg)</i>"
+        head = "".join(f"<th>{c}</th>" for c in self.COLUMNS)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in self.rows
+        )
+        return f"<table class='nbisolate-jobs'><tr>{head}</tr>{body}</table>"
+
+
+atexit.register(stop_all)
