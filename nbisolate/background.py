@@ -294,10 +294,7 @@ class _Table:
                 try:
                     self.pump(left)
                 except KeyboardInterrupt:
-                    raise _WaitInterrupted(
-                        "the wait was interrupted; the background jobs keep running "
-                        "(%isolate_jobs lists them, %isolate_stop ID stops one)."
-                    ) from None
+                    raise _wait_interrupted() from None
             return True
         finally:
             if previous is not None:
@@ -366,9 +363,14 @@ class _Table:
                 job.kept.append(name)
 
 
-class _WaitInterrupted(KeyboardInterrupt):
-    def _render_traceback_(self) -> list[str]:
-        return [f"KeyboardInterrupt: {self}"]
+def _wait_interrupted() -> KeyboardInterrupt:
+    """A KeyboardInterrupt shown as its one sentence (the jobs are fine, nothing to debug)."""
+    interrupt = KeyboardInterrupt(
+        "the wait was interrupted; the background jobs keep running "
+        "(%isolate_jobs lists them, %isolate_stop ID stops one)."
+    )
+    interrupt._render_traceback_ = lambda: [f"KeyboardInterrupt: {interrupt}"]  # type: ignore[attr-defined]
+    return interrupt
 
 
 _table = _Table()
