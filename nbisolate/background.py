@@ -93,6 +93,8 @@ class Job:
         self._stop_asked = False
         self._event: asyncio.Event | None = None
         self._next_tick = 0.0
+        self.cell: dict[str, Any] = {"msg_id": None, "id": "", "count": None}
+        """The cell that started it, as the JupyterLab status item names and scrolls to it."""
 
     # -- the handle ---------------------------------------------------------------
     def done(self) -> bool:
@@ -205,6 +207,7 @@ class _Table:
                 self._begin(job)
 
     def _begin(self, job: Job) -> None:
+        _lab_changed()
         job.state = "running"
         job.started = time.time()
         job._next_tick = time.perf_counter() + TICK_SECONDS
@@ -262,10 +265,15 @@ class _Table:
                             job.run.feed(event)
                     except Exception as exc:
                         self._finish(job, failure=exc)
+                    if getattr(event, "kind", None) == "started":
+                        _lab_changed()  # the status item now knows its worker is this job's
                 try:
                     item = self.items.get_nowait()
                 except queue.Empty:
                     item = None
+            for job in list(self.jobs.values()):
+                if job.state == "queued" and job._stop_asked:  # stopped from another thread
+                    self._finish(job, failure=_stopped_before_start(job))
             now = time.perf_counter()
             for job in self.running():
                 if job.run.busy and now >= job._next_tick:
@@ -307,10 +315,13 @@ class _Table:
             return
         job._stop_asked = True
         if job.state == "queued":
-            self._finish(job, failure=KeyboardInterrupt(
-                f"background job {job.id} was stopped before it started; nothing ran and no "
-                "notebook variable was changed."
-            ))
+            if threading.current_thread() is threading.main_thread() and not self._pumping:
+                self._finish(job, failure=_stopped_before_start(job))
+            elif self.loop is not None and self.wake is not None:  # the driver finishes it
+                try:
+                    self.loop.call_soon_threadsafe(self.wake.set)
+                except RuntimeError:
+                    pass
             return
         job.run.stop("interrupt")
 
@@ -346,6 +357,7 @@ class _Table:
                 job.ended = time.time()
                 _show_end(job)
         job._notify_waiters()
+        _lab_changed()
 
     def _bind(self, job: Job, before: dict[str, Any]) -> None:
         scratch = job.namespace
@@ -361,6 +373,27 @@ class _Table:
                 job.bound.append(name)
             else:
                 job.kept.append(name)
+
+
+def _stopped_before_start(job: Job) -> KeyboardInterrupt:
+    interrupt = KeyboardInterrupt(
+        f"background job {job.id} was stopped before it started; nothing ran and no notebook "
+        "variable was changed."
+    )
+    interrupt._render_traceback_ = lambda: [f"KeyboardInterrupt: {interrupt}"]  # type: ignore[attr-defined]
+    return interrupt
+
+
+def _lab_changed() -> None:
+    """Tell the JupyterLab status item (nbisolate.labcomm) that the jobs changed."""
+    import sys
+
+    lab = sys.modules.get("nbisolate.labcomm")
+    if lab is not None:
+        try:
+            lab.refresh()
+        except Exception:
+            pass
 
 
 def _wait_interrupted() -> KeyboardInterrupt:
@@ -467,6 +500,12 @@ def submit(run: Any, shell: Any, scratch: dict[str, Any], start: dict[str, Any],
     parent = kernel.get_parent() if kernel is not None else None
     first = next((ln.strip() for ln in cell.splitlines() if ln.strip()), "(empty cell)")
     job = Job(run, scratch, start, shorten(first, 60), parent, shell)
+    metadata = (parent or {}).get("metadata") or {}
+    job.cell = {
+        "msg_id": ((parent or {}).get("header") or {}).get("msg_id"),
+        "id": str(metadata.get("cellId") or "") if isinstance(metadata, dict) else "",
+        "count": getattr(shell, "execution_count", None),
+    }
     return _table.submit(job, loop)
 
 
@@ -495,6 +534,47 @@ def stop_all() -> None:
 
 def jobs() -> list[Job]:
     return list(_table.jobs.values())
+
+
+LAB_JOBS = 20
+"""Jobs the JupyterLab status item is told about: every unfinished one and the newest ended."""
+
+
+def lab_snapshot() -> tuple[dict[str, Job], list[dict[str, Any]]]:
+    """For nbisolate.labcomm (any thread): which worker handle belongs to which job, and one
+    row per job (unfinished ones, then the newest ended) for the status item."""
+    owners: dict[str, Job] = {}
+    rows = []
+    listed = list(_table.jobs.values())
+    ended = [j for j in listed if j.done()][-LAB_JOBS:]
+    for job in [j for j in listed if not j.done()] + ended:
+        for run in getattr(job.run, "runs", None) or [job.run]:
+            handle = getattr(run, "handle", None)
+            if handle is not None:
+                owners[str(handle.id)] = job
+        error = job.error
+        rows.append({
+            "id": job.id,
+            "label": job.label,
+            "state": job.state,
+            "started": job.started,
+            "ended": job.ended,
+            "cell": dict(job.cell),
+            "error": None if error is None else f"{type(error).__name__}: {error}"[:300],
+            "bound": list(job.bound),
+            "kept": list(job.kept),
+        })
+    return owners, rows
+
+
+def stop_by_id(job_id: Any) -> bool:
+    """Stop a job from the status item (any thread); False if there is no such job."""
+    try:
+        job = _table.jobs[int(job_id)]
+    except (KeyError, TypeError, ValueError):
+        return False
+    _table.stop(job)
+    return True
 
 
 class JobTable:

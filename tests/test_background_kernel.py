@@ -91,6 +91,7 @@ def test_bg_cell_runs_on_while_other_cells_run_and_binds_at_the_end(kernel: Kern
     bg = r.reply["parent_header"]["msg_id"]
     assert "Job" in r.result["text/plain"]
     panels = [d for d in r.displays if "nbisolate" in (d.get("metadata") or {})]
+    assert panels, "the live panel shows under the --bg cell"
     seen_during: list[str] = []
     for i in range(3):
         time.sleep(0.4)
@@ -118,6 +119,7 @@ def test_bg_cell_runs_on_while_other_cells_run_and_binds_at_the_end(kernel: Kern
         updates = [m for m in mine if m["msg_type"] == "update_display_data"
                    and m["content"].get("transient", {}).get("display_id") == display_id]
         assert updates, "the panel's summary was not sent with the job's parent"
+        assert "ended at" in updates[-1]["content"]["data"]["text/plain"]
 
 
 def test_failing_job_binds_nothing_and_shows_its_traceback_under_its_cell(kernel: Kernel) -> None:
@@ -252,3 +254,25 @@ def test_restart_or_shutdown_leaves_no_worker(how: str) -> None:
         k.shutdown()
     assert pid is not None
     assert wait_until(lambda: not psutil.pid_exists(pid), 15), f"worker {pid} outlived the kernel"
+
+
+def test_status_comm_lists_jobs_apart_and_stops_one(kernel: Kernel) -> None:
+    from .test_labcomm_kernel import StatusClient
+
+    client = StatusClient(kernel)
+    client.open()
+    msg_id = kernel.kc.execute("%%isolate --bg\nimport time\ntime.sleep(60)\nlab_never = 1\n")
+    seen = client.wait(lambda d: any(j["cell"]["msg_id"] == msg_id and j["state"] == "running"
+                                     for j in d.get("jobs", []))
+                       and any(w.get("job") is not None and w["cell"]["msg_id"] == msg_id
+                               for w in d["workers"]), 30)
+    job = next(j for j in seen["jobs"] if j["cell"]["msg_id"] == msg_id)
+    worker = next(w for w in seen["workers"] if w.get("job") == job["id"])
+    assert worker["pid"] and job["label"] == "import time"
+    client.send({"action": "stop_job", "job": job["id"]})
+    ended = client.wait(lambda d: any(j["id"] == job["id"] and j["state"] == "stopped"
+                                      for j in d.get("jobs", [])), 30)
+    assert not any(w.get("job") == job["id"] for w in ended["workers"]) or client.wait(
+        lambda d: not any(w.get("job") == job["id"] for w in d["workers"]), 15)
+    assert "lab_never" not in kernel.value("list(globals())")
+    client.close()
