@@ -161,9 +161,13 @@ class Job:
         return f"<nbisolate Job {self.id} {self.state}: {self.label}>"
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        how = {
+            "queued": f"queued: {settings['bg_limit']} background jobs already run (bg_limit)",
+            "running": "started in the background",
+        }.get(self.state, self.state)
         p.text(
-            f"Job {self.id} ({self.state}): {self.label}\n"
-            f"running in the background; its output and results arrive in this cell. "
+            f"Job {self.id} {how}: {self.label}\n"
+            f"Its output and results arrive in this cell. "
             f"%isolate_jobs lists jobs, %isolate_wait {self.id} waits, %isolate_stop {self.id} stops."
         )
 

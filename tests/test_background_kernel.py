@@ -3,6 +3,7 @@ meanwhile, and the job's later output arrives with its own cell's parent header.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -74,7 +75,7 @@ def text_of(msgs: list[dict[str, Any]]) -> str:
 def start_bg(k: Kernel, code: str, others: list[dict[str, Any]]) -> str:
     r = execute(k, code, others)
     assert r.ok, r.error_text
-    assert "running in the background" in (r.result or {}).get("text/plain", "") or "queued" in str(r.result)
+    assert re.match(r"Job \d+ (started in the background|queued)", (r.result or {}).get("text/plain", ""))
     return r.reply["parent_header"]["msg_id"]
 
 
