@@ -45,6 +45,9 @@ from typing import Any
 from .units import shorten
 from .wait import TICK_SECONDS
 
+REPLAY_BYTES = 1024 * 1024
+"""Output kept per job for a page that reloads while it runs; the rest only goes live."""
+
 settings: dict[str, Any] = {"bg_limit": max(1, os.cpu_count() or 1)}
 """``bg_limit``: how many background jobs run at once (``%isolate_config bg_limit=N``)."""
 
@@ -93,6 +96,10 @@ class Job:
         self._stop_asked = False
         self._event: asyncio.Event | None = None
         self._next_tick = 0.0
+        self.outputs: list[dict[str, Any]] = []
+        """The cell's output so far, for a view that opens later (:func:`replay`)."""
+        self._kept_bytes = 0
+        self._displays: dict[str, int] = {}
         self.cell: dict[str, Any] = {"msg_id": None, "id": "", "count": None}
         """The cell that started it, as the JupyterLab status item names and scrolls to it."""
 
@@ -170,6 +177,51 @@ class Job:
             f"Its output and results arrive in this cell. "
             f"%isolate_jobs lists jobs, %isolate_wait {self.id} waits, %isolate_stop {self.id} stops."
         )
+
+    def keep(self, output: dict[str, Any], display_id: str | None = None) -> None:
+        """Keep one output (nbformat) for :func:`replay`, up to :data:`REPLAY_BYTES`."""
+        size = len(repr(output))
+        if self._kept_bytes + size > REPLAY_BYTES:
+            if self._kept_bytes <= REPLAY_BYTES:
+                self._kept_bytes = REPLAY_BYTES + 1
+                self.outputs.append({"output": {
+                    "output_type": "stream", "name": "stderr",
+                    "text": "nbisolate: the rest of this job's output was not kept for pages "
+                            "opened later (the limit is 1 MB); it went to the page that was open.\n",
+                }})
+            return
+        self._kept_bytes += size
+        if (
+            output["output_type"] == "stream" and self.outputs
+            and self.outputs[-1]["output"].get("output_type") == "stream"
+            and self.outputs[-1]["output"].get("name") == output["name"]
+        ):
+            self.outputs[-1]["output"]["text"] += output["text"]
+            return
+        if display_id:
+            self._displays[display_id] = len(self.outputs)
+        self.outputs.append({"output": output, "display_id": display_id})
+
+    def keep_event(self, event: Any) -> None:
+        """Keep what a worker event puts in the cell's output area."""
+        kind, data = getattr(event, "kind", None), getattr(event, "data", None)
+        if kind == "stream":
+            name, text = data
+            self.keep({"output_type": "stream", "name": name, "text": text})
+        elif kind in ("display", "update_display") and isinstance(data, dict):
+            display_id = (data.get("transient") or {}).get("display_id")
+            output = {"output_type": "display_data", "data": data.get("data", {}),
+                      "metadata": data.get("metadata") or {}}
+            if kind == "update_display":
+                index = self._displays.get(display_id or "")
+                if index is not None and index < len(self.outputs):
+                    self.outputs[index]["output"] = output
+            else:
+                self.keep(output, display_id)
+        elif kind == "clear_output":
+            self.outputs.clear()
+            self._displays.clear()
+            self._kept_bytes = 0
 
     def _notify_waiters(self) -> None:
         if self._event is not None:
@@ -267,6 +319,7 @@ class _Table:
                     try:
                         with _parent(job):
                             job.run.feed(event)
+                        job.keep_event(event)
                     except Exception as exc:
                         self._finish(job, failure=exc)
                     if getattr(event, "kind", None) == "started":
@@ -431,6 +484,12 @@ class _parent:
             self.job.shell.reset_thread_parent(self.tokens)
 
 
+def _pretty(job: Job) -> str:
+    from IPython.lib.pretty import pretty
+
+    return pretty(job)
+
+
 def _safely(fn: Any, *args: Any) -> None:
     try:
         fn(*args)
@@ -442,10 +501,12 @@ def _stamp(t: float | None) -> str:
     return time.strftime("%H:%M:%S", time.localtime(t or time.time()))
 
 
-def _say(text: str) -> None:
+def _say(text: str, job: Job | None = None) -> None:
     from IPython.display import display
 
     display({"text/plain": text}, raw=True)
+    if job is not None:
+        job.keep({"output_type": "display_data", "data": {"text/plain": text}, "metadata": {}})
 
 
 def _show_end(job: Job) -> None:
@@ -460,7 +521,7 @@ def _show_end(job: Job) -> None:
             f"; kept the notebook's newer {', '.join(job.kept)} (changed while the job ran): "
             f"the job's value is in job.result()[{job.kept[0]!r}]"
         )
-    _say("".join(parts) + ".")
+    _say("".join(parts) + ".", job)
     if job.value is not None:
         from IPython.display import display
 
@@ -471,7 +532,7 @@ def _show_error(job: Job, exc: BaseException) -> None:
     """The traceback under the job's cell: it cannot raise into a cell that is over."""
     what = "stopped" if job.state == "stopped" else "failed"
     _say(f"nbisolate: background job {job.id} {what} at {_stamp(job.ended)}; "
-         "no notebook variable was changed.")
+         "no notebook variable was changed.", job)
     shell = job.shell
     try:
         shell.showtraceback((type(exc), exc, exc.__traceback__))
@@ -510,7 +571,10 @@ def submit(run: Any, shell: Any, scratch: dict[str, Any], start: dict[str, Any],
         "id": str(metadata.get("cellId") or "") if isinstance(metadata, dict) else "",
         "count": getattr(shell, "execution_count", None),
     }
-    return _table.submit(job, loop)
+    _table.submit(job, loop)
+    job.keep({"output_type": "execute_result", "execution_count": job.cell["count"],
+              "data": {"text/plain": _pretty(job)}, "metadata": {}})
+    return job
 
 
 def find(ids: Iterable[str]) -> list[Job]:
@@ -569,6 +633,16 @@ def lab_snapshot() -> tuple[dict[str, Job], list[dict[str, Any]]]:
             "kept": list(job.kept),
         })
     return owners, rows
+
+
+def replay(job_id: Any) -> list[dict[str, Any]]:
+    """The output a job's cell has had so far (nbformat outputs with their display ids), for
+    a page that reloaded or reopened the notebook while the job runs (any thread)."""
+    try:
+        job = _table.jobs[int(job_id)]
+    except (KeyError, TypeError, ValueError):
+        return []
+    return [dict(item) for item in list(job.outputs)]
 
 
 def stop_by_id(job_id: Any) -> bool:

@@ -146,7 +146,7 @@ class _Publisher:
                     self._registry.stop(job_id)
                 except Exception:
                     log.exception("nbisolate: stopping worker %s failed", job_id)
-        elif action in ("lookup", "mirror"):
+        elif action in ("lookup", "mirror", "replay_job"):
             self._answer(msg, action, data)
             return
         elif action != "refresh":
@@ -164,7 +164,11 @@ class _Publisher:
             comm = self._comms.get(comm_id)
         if comm is None:
             return
-        if action == "lookup":
+        if action == "replay_job":  # a page that reloaded while a background job runs
+            background = sys.modules.get("nbisolate.background")
+            outputs = background.replay(data.get("job")) if background is not None else []
+            reply: dict[str, Any] = {"replay": {"job": data.get("job"), "outputs": outputs}}
+        elif action == "lookup":
             ids = [d for d in data.get("display_ids") or [] if isinstance(d, str)]
             found = panel.lookup(ids) if panel is not None else {"live": [], "outcomes": {}}
             reply = {"lookup": found}

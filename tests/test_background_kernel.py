@@ -277,3 +277,29 @@ def test_status_comm_lists_jobs_apart_and_stops_one(kernel: Kernel) -> None:
         lambda d: not any(w.get("job") == job["id"] for w in d["workers"]), 15)
     assert "lab_never" not in kernel.value("list(globals())")
     client.close()
+
+
+def test_a_new_view_gets_the_jobs_output_so_far(kernel: Kernel) -> None:
+    """A page that reloads while a job runs asks for its output (nbisolate.labcomm)."""
+    from .test_labcomm_kernel import StatusClient
+
+    others: list[dict[str, Any]] = []
+    start_bg(kernel, "%%isolate --bg\nimport time\nfrom IPython.display import display, HTML\n"
+             "print('kept 1', flush=True)\ndisplay(HTML('<b>shown</b>'))\n"
+             "print('kept 2', flush=True)\ntime.sleep(60)\n", others)
+    kernel.run("rp = _")
+    assert wait_until(lambda: "kept 2" in kernel.value("repr(rp.outputs)"), 30)
+    client = StatusClient(kernel)
+    client.open()
+    job_id = kernel.value("rp.id")
+    client.send({"action": "replay_job", "job": job_id})
+    replay = client.wait(lambda d: "replay" in d)["replay"]
+    outputs = [item["output"] for item in replay["outputs"]]
+    assert replay["job"] == job_id
+    assert outputs[0]["output_type"] == "execute_result" and "started" in outputs[0]["data"]["text/plain"]
+    streamed = "".join(o.get("text", "") for o in outputs if o["output_type"] == "stream")
+    assert "kept 1" in streamed and "kept 2" in streamed
+    assert any("<b>shown</b>" in o.get("data", {}).get("text/html", "") for o in outputs)
+    kernel.run("rp.stop()")
+    assert kernel.value("rp.wait(20)") is True
+    client.close()

@@ -31,8 +31,10 @@ CELLS = [
     "    time.sleep(1)\nbg_done = 'yes'",
     "print('meanwhile', 6 * 7)",
     "%%isolate --bg\nimport time\ntime.sleep(120)",
+    "%%isolate --bg\nimport time\nfor i in range(12):\n    print('replayed', i, flush=True)\n"
+    "    time.sleep(1)\nafter_reload = 1",
 ]
-LOAD, BG, ORDINARY, LONG = range(4)
+LOAD, BG, ORDINARY, LONG, RELOAD = range(5)
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +124,23 @@ def test_stop_from_the_popup(page: Any) -> None:
     toast.wait_for(timeout=30_000)
     wait_for("the stop is shown under the cell", lambda: "stopped at" in output_text(page, LONG))
     page.keyboard.press("Escape")
+
+
+def test_a_reloaded_page_shows_the_jobs_output_again(page: Any) -> None:
+    run(page, RELOAD)
+    wait_for("the job printed", lambda: "replayed 2" in output_text(page, RELOAD))
+    page.reload()
+    page.wait_for_selector(".jp-Notebook .jp-Cell")
+    wait_kernel_idle(page, timeout=60_000)
+    # What the job printed before the reload comes back, and what it prints next follows.
+    wait_for("the kept output after the reload", lambda: "replayed 1" in output_text(page, RELOAD))
+    text = output_text(page, RELOAD)
+    assert "Job " in text and "started" in text
+    later = int(re.findall(r"replayed (\d+)", text)[-1]) + 1
+    wait_for("live output after the reload",
+             lambda: f"replayed {min(later, 11)}" in output_text(page, RELOAD), 30)
+    page.screenshot(path=str(SCREENSHOTS / "bg-03-after-reload.png"))
+    wait_for("the job's end line", lambda: "done at" in output_text(page, RELOAD), 30)
+    # The cell itself is not running: its prompt is a number, not [*].
+    prompt = cell(page, RELOAD).locator(".jp-InputArea-prompt").inner_text()
+    assert "*" not in prompt

@@ -54,6 +54,13 @@ export interface IJob {
   kept: string[];
 }
 
+/** One output of a background job's cell, kept by the kernel to show a new view again. */
+export interface IReplayed {
+  output: any;
+  /** The display id it was shown with, so later updates find it. */
+  display_id?: string | null;
+}
+
 /** Whether a job still runs or waits. */
 export function jobActive(job: IJob): boolean {
   return job.state === 'queued' || job.state === 'running';
@@ -141,6 +148,23 @@ export class IsolateStatus implements IDisposable {
     return new Promise<ILookup>(resolve => {
       this._lookups.push(resolve);
       comm.send({ action: 'lookup', display_ids: displayIds });
+    });
+  }
+
+  /**
+   * The output a background job's cell has had so far, as the kernel kept it (for a
+   * page that reloaded while the job runs); empty if the kernel has none.
+   */
+  replay(jobId: number): Promise<IReplayed[]> {
+    const comm = this._comm;
+    if (!comm || comm.isDisposed) {
+      return Promise.resolve([]);
+    }
+    return new Promise<IReplayed[]>(resolve => {
+      const waiting = this._replays.get(jobId) ?? [];
+      waiting.push(resolve);
+      this._replays.set(jobId, waiting);
+      comm.send({ action: 'replay_job', job: jobId });
     });
   }
 
@@ -458,6 +482,14 @@ export class IsolateStatus implements IDisposable {
         return;
       }
       const data = msg.content.data as any;
+      if (data?.replay) {
+        const jobId = data.replay.job as number;
+        const waiting = this._replays.get(jobId) ?? [];
+        this._replays.delete(jobId);
+        const outputs = Array.isArray(data.replay.outputs) ? data.replay.outputs : [];
+        waiting.forEach(resolve => resolve(outputs as IReplayed[]));
+        return;
+      }
       if (data?.lookup) {
         this._lookups.shift()?.(data.lookup as ILookup);
         return;
@@ -509,6 +541,10 @@ export class IsolateStatus implements IDisposable {
     for (const resolve of this._lookups.splice(0)) {
       resolve({ live: [], outcomes: {} });
     }
+    for (const waiting of this._replays.values()) {
+      waiting.forEach(resolve => resolve([]));
+    }
+    this._replays.clear();
     if (!comm || comm.isDisposed) {
       return;
     }
@@ -572,6 +608,7 @@ export class IsolateStatus implements IDisposable {
   private _kernelLost = new Signal<this, string>(this);
   private _sent = new Set<string>();
   private _lookups: ((value: ILookup) => void)[] = [];
+  private _replays = new Map<number, ((value: IReplayed[]) => void)[]>();
 }
 
 /**
