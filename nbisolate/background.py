@@ -96,6 +96,7 @@ class Job:
         self._stop_asked = False
         self._event: asyncio.Event | None = None
         self._next_tick = 0.0
+        self._where = ("", "")
         self.outputs: list[dict[str, Any]] = []
         """The cell's output so far, for a view that opens later (:func:`replay`)."""
         self._kept_bytes = 0
@@ -149,7 +150,10 @@ class Job:
 
     def where(self) -> tuple[str, str]:
         """(host, pid) of the job's worker(s), as far as known."""
-        handles = [getattr(r, "handle", None) for r in getattr(self.run, "runs", None) or [self.run]]
+        if self.run is None:  # ended and released: as it was at the end
+            return self._where
+        runs = getattr(self.run, "runs", None) or [self.run]
+        handles = [getattr(r, "handle", None) for r in runs]
         handles = [h for h in handles if h is not None]
         if not handles:
             return "", ""
@@ -299,7 +303,12 @@ class _Table:
             except asyncio.TimeoutError:
                 pass
             self.wake.clear()
-            self.pump(0.0)
+            try:
+                self.pump(0.0)
+            except KeyboardInterrupt:
+                # An interrupt meant for a cell that happened to land in the driver: the
+                # jobs are not that cell's; the event being fed may be lost, never the job.
+                continue
 
     def pump(self, block: float) -> None:
         """Feed every queued event to its job (waiting up to ``block`` s for the first),
@@ -413,6 +422,12 @@ class _Table:
                 job.state = "done"
                 job.ended = time.time()
                 _show_end(job)
+        # The table keeps every job; the namespace copies and the run (its panel, its
+        # shipment) would keep the notebook's old values alive with it.
+        job._where = job.where()
+        job.run = None
+        job.namespace = {}
+        job._start = {}
         job._notify_waiters()
         _lab_changed()
 
@@ -616,7 +631,7 @@ def lab_snapshot() -> tuple[dict[str, Job], list[dict[str, Any]]]:
     listed = list(_table.jobs.values())
     ended = [j for j in listed if j.done()][-LAB_JOBS:]
     for job in [j for j in listed if not j.done()] + ended:
-        for run in getattr(job.run, "runs", None) or [job.run]:
+        for run in getattr(job.run, "runs", None) or ([job.run] if job.run is not None else []):
             handle = getattr(run, "handle", None)
             if handle is not None:
                 owners[str(handle.id)] = job

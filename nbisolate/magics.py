@@ -193,6 +193,8 @@ class IsolateMagics(Magics):
                 sweep.prepare()
                 if options.background:
                     sweep.bg_start = start  # type: ignore[attr-defined]
+                    for each in sweep.runs:  # functions coming back: the notebook's globals
+                        each.main_namespace = shell.user_ns
                 return sweep  # type: ignore[return-value]  # runs like a CellRun
             # Plan now (usage errors before anything else); the inputs are inspected and
             # serialized as the run begins, so --timeout and an interrupt cover them.

@@ -303,3 +303,25 @@ def test_a_new_view_gets_the_jobs_output_so_far(kernel: Kernel) -> None:
     kernel.run("rp.stop()")
     assert kernel.value("rp.wait(20)") is True
     client.close()
+
+
+def test_isolated_cell_runs_beside_a_job_each_output_in_its_own_cell(kernel: Kernel) -> None:
+    others: list[dict[str, Any]] = []
+    bg = start_bg(kernel, "%%isolate --bg\nimport time\nfor i in range(6):\n"
+                  "    print('job line', i, flush=True)\n    time.sleep(0.4)\nside = 'job'\n", others)
+    fg = execute(kernel, "%%isolate\nimport time\nfor i in range(5):\n"
+                 "    print('cell line', i, flush=True)\n    time.sleep(0.4)\nfront = 'cell'\n", others)
+    assert fg.ok, fg.error_text
+    assert "job line" not in fg.stdout and fg.stdout.count("cell line") == 5
+    # While the isolated cell awaited its worker, the job's output went to the job's cell.
+    during = text_of(of(others, bg, "stream"))
+    assert "job line 1" in during
+    execute(kernel, "%isolate_wait", others)
+    assert kernel.value("(side, front)") == ("job", "cell")
+    # A function made by a background sweep lives in the notebook's globals, as any other.
+    start_bg(kernel, "%%isolate --bg --over k=[2, 3]\ndef scale(x):\n    return x * k * factor\n",
+             others)
+    execute(kernel, "%isolate_wait", others)
+    assert kernel.value("all(f.__globals__ is globals() for f in scale)") is True
+    kernel.run("factor = 10")
+    assert kernel.value("scale[0](1)") == 10 * kernel.value("k")
