@@ -357,6 +357,18 @@ class _Table:
         ends the wait (KeyboardInterrupt), never the jobs."""
         jobs = list(jobs)
         deadline = None if timeout is None else time.monotonic() + timeout
+        if self._pumping:
+            raise RuntimeError(
+                "cannot wait for a background job from inside the handling of a job's event "
+                "(a run listener); wait in a cell instead."
+            )
+        if threading.current_thread() is not threading.main_thread():
+            # Another thread: the driver on the kernel's loop keeps the jobs going; only watch.
+            while not all(j.done() for j in jobs):
+                if deadline is not None and time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.05)
+            return True
         previous = None
         if threading.current_thread() is threading.main_thread():
             previous = signal.signal(signal.SIGINT, signal.default_int_handler)
