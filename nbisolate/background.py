@@ -267,9 +267,9 @@ class _Table:
                 self._begin(job)
 
     def _begin(self, job: Job) -> None:
-        _lab_changed()
         job.state = "running"
         job.started = time.time()
+        _lab_changed()
         job._next_tick = time.perf_counter() + TICK_SECONDS
 
         def put(item: Any, job: Job = job) -> None:
@@ -426,6 +426,10 @@ class _Table:
                 job.state = "stopped" if (job._stop_asked or isinstance(exc, KeyboardInterrupt)) else "failed"
                 job.ended = time.time()
                 _safely(job.run.done, exc)
+                if failure is None:
+                    # As in a foreground cell: a failed cell bound nothing, a sweep with a
+                    # failing value bound the values that arrived before it raised.
+                    self._bind(job, before)
                 _show_error(job, exc)
             else:
                 job.value = value
@@ -558,8 +562,10 @@ def _show_end(job: Job) -> None:
 def _show_error(job: Job, exc: BaseException) -> None:
     """The traceback under the job's cell: it cannot raise into a cell that is over."""
     what = "stopped" if job.state == "stopped" else "failed"
-    _say(f"nbisolate: background job {job.id} {what} at {_stamp(job.ended)}; "
-         "no notebook variable was changed.", job)
+    changed = (
+        f"bound what arrived: {', '.join(job.bound)}" if job.bound else "no notebook variable was changed"
+    )
+    _say(f"nbisolate: background job {job.id} {what} at {_stamp(job.ended)}; {changed}.", job)
     shell = job.shell
     try:
         shell.showtraceback((type(exc), exc, exc.__traceback__))

@@ -325,3 +325,14 @@ def test_isolated_cell_runs_beside_a_job_each_output_in_its_own_cell(kernel: Ker
     assert kernel.value("all(f.__globals__ is globals() for f in scale)") is True
     kernel.run("factor = 10")
     assert kernel.value("scale[0](1)") == 10 * kernel.value("k")
+
+
+def test_background_sweep_with_a_failing_value_binds_what_arrived(kernel: Kernel) -> None:
+    others: list[dict[str, Any]] = []
+    bg = start_bg(kernel, "%%isolate --bg --over d=[1, 0, 2]\ninv = 1 / d\n", others)
+    execute(kernel, "%isolate_wait", others)
+    drain(kernel, others)
+    assert kernel.value("inv") == [1.0, None, 0.5]  # as a foreground sweep binds it
+    assert kernel.value(f"{JOB}.jobs()[-1].state") == "failed"
+    shown = text_of(of(others, bg))
+    assert "SweepError" in shown and "d=0" in shown and "bound what arrived: inv" in shown
