@@ -336,3 +336,28 @@ def test_background_sweep_with_a_failing_value_binds_what_arrived(kernel: Kernel
     assert kernel.value(f"{JOB}.jobs()[-1].state") == "failed"
     shown = text_of(of(others, bg))
     assert "SweepError" in shown and "d=0" in shown and "bound what arrived: inv" in shown
+
+
+NO_KERNEL = r"""
+from IPython.core.interactiveshell import InteractiveShell
+shell = InteractiveShell.instance()
+shell.run_line_magic("load_ext", "nbisolate")
+shell.run_cell_magic("isolate", "--bg", "never = 1")
+"""
+
+
+def test_bg_without_a_kernel_is_refused_before_anything_runs(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_KERNEL], capture_output=True, text=True, timeout=120,
+        cwd=tmp_path, check=False,
+        env={"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PATH": "/usr/bin:/bin",
+             "HOME": str(tmp_path)},
+    )
+    assert proc.returncode != 0
+    assert "UsageError" in proc.stderr and "--bg runs the cell in the background" in proc.stderr
+    assert "Run the cell without --bg" in proc.stderr
+    assert "isolated cell starting" not in proc.stderr  # no panel, nothing planned
