@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -131,14 +132,21 @@ class _Publisher:
     def _on_msg(self, msg: dict[str, Any]) -> None:
         data = msg.get("content", {}).get("data") or {}
         action = data.get("action")
-        if action == "stop":
+        if action == "stop_job":  # a background job (nbisolate.background), queued or running
+            background = sys.modules.get("nbisolate.background")
+            if background is not None:
+                try:
+                    background.stop_by_id(data.get("job"))
+                except Exception:
+                    log.exception("nbisolate: stopping background job %s failed", data.get("job"))
+        elif action == "stop":
             job_id = data.get("id")
             if isinstance(job_id, str) and self._registry is not None:
                 try:
                     self._registry.stop(job_id)
                 except Exception:
                     log.exception("nbisolate: stopping worker %s failed", job_id)
-        elif action in ("lookup", "mirror"):
+        elif action in ("lookup", "mirror", "replay_job"):
             self._answer(msg, action, data)
             return
         elif action != "refresh":
@@ -156,7 +164,11 @@ class _Publisher:
             comm = self._comms.get(comm_id)
         if comm is None:
             return
-        if action == "lookup":
+        if action == "replay_job":  # a page that reloaded while a background job runs
+            background = sys.modules.get("nbisolate.background")
+            outputs = background.replay(data.get("job")) if background is not None else []
+            reply: dict[str, Any] = {"replay": {"job": data.get("job"), "outputs": outputs}}
+        elif action == "lookup":
             ids = [d for d in data.get("display_ids") or [] if isinstance(d, str)]
             found = panel.lookup(ids) if panel is not None else {"live": [], "outcomes": {}}
             reply = {"lookup": found}
@@ -234,10 +246,36 @@ class _Publisher:
             jobs = []
         with self._lock:
             cells = dict(self._cells)
-        return {"workers": [_worker_dict(job, cells.get(str(job.id))) for job in jobs]}
+        # Background jobs (%%isolate --bg): listed apart, and their workers name the job and
+        # the cell that started it (not the cell that happened to run when they started).
+        owners: dict[str, Any] = {}
+        rows: list[dict[str, Any]] = []
+        background = sys.modules.get("nbisolate.background")
+        if background is not None:
+            try:
+                owners, rows = background.lab_snapshot()
+            except Exception:
+                log.exception("nbisolate: reading the background jobs failed")
+        workers = []
+        for job in jobs:
+            owner = owners.get(str(job.id))
+            row = _worker_dict(job, dict(owner.cell) if owner is not None else cells.get(str(job.id)))
+            if owner is not None:
+                row["job"] = owner.id
+            workers.append(row)
+        if not rows:  # no background job ever: the message as it always was
+            return {"workers": workers}
+        return {"workers": workers, "jobs": rows}
 
 
 _publisher = _Publisher()
+
+
+def refresh() -> None:
+    """Send the open status comms a new snapshot (a background job started or ended)."""
+    with _publisher._lock:
+        if _publisher._comms:
+            _publisher._mark_dirty()
 
 
 # -- "Busy" while an isolated cell runs ------------------------------------------------

@@ -89,6 +89,12 @@ class IsolateMagics(Magics):
         help="The Dask scheduler to use (implies --backend dask), e.g. tcp://10.0.0.5:8786.",
     )
     @argument(
+        "--bg",
+        action="store_true",
+        help="Run in the background: the cell returns a Job at once, its output keeps arriving "
+        "here, its results are bound when it ends (%%isolate_jobs, %%isolate_wait, %%isolate_stop).",
+    )
+    @argument(
         "--over",
         default=None,
         metavar="NAME=EXPR",
@@ -103,14 +109,20 @@ class IsolateMagics(Magics):
         Usage::
 
             %%isolate [NAME ...] [--timeout SECONDS] [--out NAME ...] [--mem SIZE] [--quiet]
-                      [--backend local|dask] [--scheduler ADDRESS] [--over NAME=EXPR]
+                      [--backend local|dask] [--scheduler ADDRESS] [--bg] [--over NAME=EXPR]
 
         The worker sees only the shipped variables; modules are re-imported
         there, notebook functions and classes travel by value.  On
         success the names the cell binds come back; if it fails, times out or
         crashes, nothing in the notebook changes.
+
+        ``--bg`` returns a :class:`~nbisolate.background.Job` at once (a Jupyter
+        kernel only): see :mod:`nbisolate.background` for what it binds when it ends.
         """
-        return self._make_run(line, cell).run_sync()
+        run = self._make_run(line, cell)
+        if run.options.background:
+            return _submit(self.shell, run, cell)
+        return run.run_sync()
 
     def _make_run(self, line: str, cell: str, interactive: bool = False) -> CellRun:
         """Parse the line into :class:`RunOptions` (validated there, once), attach the panel,
@@ -136,7 +148,10 @@ class IsolateMagics(Magics):
                 quiet=args.quiet,
                 backend=args.backend,
                 scheduler=args.scheduler,
+                background=args.bg,
             )
+            if options.background:
+                _check_background(shell)
             backends.chosen_name(options)  # an unknown --backend fails before anything else
             over = None
             if over_spec is not None:  # nbisolate.sweep: one run per value
@@ -159,6 +174,13 @@ class IsolateMagics(Magics):
                 filename=_cell_filename(shell, shown, number),
                 cell_label=f"Cell In[{number}]",
             )
+            if options.background:
+                # The job reads its inputs from the namespace as this cell saw it (a queued
+                # job starts later) and binds into a copy; nbisolate.background applies it.
+                from .background import scratch_namespace
+
+                run.namespace, start = scratch_namespace(shell.user_ns)
+                run.bg_start = start  # type: ignore[attr-defined]
             # Shown before prepare(), so a slow or failing serialization is visible;
             # the panel only listens to the run's events (see nbisolate.panel).
             from .panel import attach
@@ -169,6 +191,10 @@ class IsolateMagics(Magics):
 
                 sweep = Sweep(run, *over)
                 sweep.prepare()
+                if options.background:
+                    sweep.bg_start = start  # type: ignore[attr-defined]
+                    for each in sweep.runs:  # functions coming back: the notebook's globals
+                        each.main_namespace = shell.user_ns
                 return sweep  # type: ignore[return-value]  # runs like a CellRun
             # Plan now (usage errors before anything else); the inputs are inspected and
             # serialized as the run begins, so --timeout and an interrupt cover them.
@@ -203,6 +229,44 @@ class IsolateMagics(Magics):
         return check_namespace(shell.user_ns, names, verify_spawn=spawn_loads)
 
     @line_magic
+    def isolate_jobs(self, line: str) -> Any:
+        """List the background jobs (``%%isolate --bg``): id, first line, state, started,
+        elapsed, host, pid."""
+        from .background import JobTable, jobs
+
+        return JobTable(jobs())
+
+    @line_magic
+    def isolate_wait(self, line: str) -> None:
+        """``%isolate_wait [ID ...]``: block until these background jobs end (default: all).
+
+        An interrupt ends the wait, not the jobs.
+        """
+        from . import background
+
+        try:
+            found = background.find(line.split())
+        except ValueError as exc:
+            raise UsageError(f"%isolate_wait: {exc}. Usage: %isolate_wait [ID ...]") from None
+        background.wait(found)
+
+    @line_magic
+    def isolate_stop(self, line: str) -> None:
+        """``%isolate_stop ID|all``: stop background jobs and every process they started."""
+        from . import background
+
+        ids = line.split()
+        if not ids:
+            raise UsageError("%isolate_stop: name a job (see %isolate_jobs) or all. "
+                             "Usage: %isolate_stop ID|all")
+        try:
+            found = background.find(ids)
+        except ValueError as exc:
+            raise UsageError(f"%isolate_stop: {exc}. Usage: %isolate_stop ID|all") from None
+        for job in found:
+            job.stop()
+
+    @line_magic
     def isolate_config(self, line: str) -> None:
         """Show or change settings: ``%isolate_config [panel=...] [backend=...] [mp=on|off] [scheduler=...]``.
 
@@ -221,6 +285,9 @@ class IsolateMagics(Magics):
         functions and classes defined in the notebook by value, so they work
         under spawn and forkserver (:func:`nbisolate.enable_multiprocessing`).
         Off by default; isolated cells always have it.
+
+        ``bg_limit=N``: at most N background jobs (``--bg``) run at once, the
+        others wait as ``queued`` (default: the number of cores).
         """
         from .backends import dask as dask_settings
         from .panel import configure
@@ -234,6 +301,8 @@ class IsolateMagics(Magics):
                     backends.set_default(value)
                 elif sep and key.strip().lower() == "mp":
                     print(_set_mp(value))
+                elif sep and key.strip().lower() == "bg_limit":
+                    _set_bg_limit(value)
                 else:
                     rest.append(item)
             line, _ = dask_settings.split_config(" ".join(rest))
@@ -245,8 +314,26 @@ class IsolateMagics(Magics):
 
             print(
                 f"{current} backend={backends.settings['backend']} "
-                f"mp={'on' if pools.enabled() else 'off'} {dask_settings.describe_config()}"
+                f"mp={'on' if pools.enabled() else 'off'} "
+                f"bg_limit={_bg_settings()['bg_limit']} {dask_settings.describe_config()}"
             )
+
+
+def _bg_settings() -> dict[str, Any]:
+    from .background import settings
+
+    return settings
+
+
+def _set_bg_limit(value: str) -> None:
+    """``bg_limit=N``: how many background jobs run at once."""
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise ValueError(f"bg_limit={value!r}: give a whole number of jobs, 1 or more (bg_limit=2)")
+    _bg_settings()["bg_limit"] = limit
 
 
 def _set_mp(value: str) -> str:
@@ -282,8 +369,27 @@ def _cell_filename(shell: Any, shown: str, number: int) -> str:
 def _usage() -> str:
     return (
         "%%isolate [NAME ...] [--timeout SECONDS] [--out NAME ...] [--mem SIZE] [--quiet] "
-        "[--backend local|dask] [--scheduler ADDRESS] [--over NAME=EXPR]"
+        "[--backend local|dask] [--scheduler ADDRESS] [--bg] [--over NAME=EXPR]"
     )
+
+
+def _check_background(shell: Any) -> None:
+    """``--bg`` needs a kernel's event loop to keep the job going between cells."""
+    from .background import kernel_loop
+
+    if getattr(shell, "kernel", None) is None or kernel_loop() is None:
+        raise IsolateUsageError(
+            "--bg runs the cell in the background on a Jupyter kernel's event loop, and there is "
+            "none here (terminal IPython or a script); nothing ran. Run the cell without --bg."
+        )
+
+
+def _submit(shell: Any, run: Any, cell: str) -> Any:
+    """Hand a prepared ``--bg`` run to nbisolate.background; returns its Job."""
+    from . import background
+
+    return background.submit(run, shell, run.namespace if not hasattr(run, "template")
+                             else run.template.namespace, run.bg_start, cell)
 
 
 async def isolate_async(line: str, cell: str) -> Any:
@@ -306,6 +412,8 @@ async def isolate_async(line: str, cell: str) -> Any:
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+    if run.options.background:
+        return _submit(shell, run, cell)
     # The panel's Stop and the status item's stop are comm messages: kernels older than
     # ipykernel 7.4 would queue them behind this very cell (nbisolate.kernel_comms).
     release_comms = let_comms_through()
@@ -378,7 +486,13 @@ def load(shell: Any) -> None:
 
 
 def unload(shell: Any) -> None:
+    import sys as _sys
+
     from . import labcomm
+
+    background = _sys.modules.get("nbisolate.background")  # loaded only if a job ran
+    if background is not None:
+        background.stop_all()
     from .supervisor import launcher
 
     launcher.close()

@@ -65,6 +65,8 @@ class RunOptions:
     """Where the worker runs: a name from :mod:`nbisolate.backends` (None: the configured default)."""
     scheduler: str | None = None
     """A scheduler address for cluster backends (implies ``backend="dask"``)."""
+    background: bool = False
+    """``--bg``: the cell returns a :class:`~nbisolate.background.Job` at once and runs on."""
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     """Backend-specific settings a backend may read (none today); kept out of equality."""
 
@@ -120,4 +122,6 @@ class RunOptions:
             parts.append(f"--backend {self.backend}")
         if self.scheduler is not None:
             parts.append(f"--scheduler {self.scheduler}")
+        if self.background:
+            parts.append("--bg")
         return " ".join(parts)

@@ -201,6 +201,7 @@ class Watch:
         self.stopping = False
         self.sweep: dict[str, Any] | None = None  # progress of a --over sweep (nbisolate.sweep)
         self.over: dict[str, Any] | None = None  # {"name", "count"} when the cell is a sweep
+        self.background = False  # a --bg cell: its summary says when it ended
 
     # -- events ------------------------------------------------------------------
     def observe(self, event: Any) -> None:
@@ -213,6 +214,7 @@ class Watch:
             self.types = dict(data.get("types") or {})
             self.timeout = getattr(data.get("options"), "timeout", None)
             self.over = data.get("over")
+            self.background = bool(getattr(data.get("options"), "background", False))
         elif kind == "phase":
             name, seconds = data
             self.phases[name] = seconds
@@ -514,6 +516,10 @@ def final_bundle(watch: Watch) -> dict[str, str]:
     sign = "✓" if ok else "✗"
     # The summary is plain text; mark the clock, escape the text, then turn the marks into markup.
     marked = watch.summary(clock=lambda t: f"\x00{t}\x01")
+    ended = ""
+    if watch.background:  # it ended long after its cell did: say when
+        ended = f" · ended at {time.strftime('%H:%M:%S')}"
+        marked += ended
     summary_html = (
         _e(marked).replace("\x00", "<span class='nbisolate-elapsed'>").replace("\x01", "</span>")
     )
@@ -527,7 +533,7 @@ def final_bundle(watch: Watch) -> dict[str, str]:
         f"{body_html(watch)}</details>"
     )
     where = [f"  ✗ {p.path}: {p.type_name}" for p in watch.problems]
-    text = "\n".join([f"nbisolate: {watch.summary()}", *where])
+    text = "\n".join([f"nbisolate: {watch.summary()}{ended}", *where])
     return {"text/plain": text, "text/html": page}
 
 

@@ -2,7 +2,12 @@ import {
   JupyterFrontEnd,
   JupyterFrontEndPlugin
 } from '@jupyterlab/application';
-import { Dialog, ICommandPalette, showErrorMessage } from '@jupyterlab/apputils';
+import {
+  Dialog,
+  ICommandPalette,
+  Notification,
+  showErrorMessage
+} from '@jupyterlab/apputils';
 import type { ISessionContext } from '@jupyterlab/apputils';
 import type { Cell, CodeCell, ICellModel } from '@jupyterlab/cells';
 import { IMainMenu } from '@jupyterlab/mainmenu';
@@ -14,8 +19,8 @@ import { LabIcon } from '@jupyterlab/ui-components';
 import { Signal } from '@lumino/signaling';
 
 import { CellFollower } from './reconnect';
-import { elapsed, formatDuration, IsolateStatus, IWorker } from './status';
-import { IsolateStatusItem, WorkerList, workerTitle } from './statusbar';
+import { elapsed, formatDuration, IJob, IsolateStatus, IWorker } from './status';
+import { IsolateStatusItem, jobTitle, WorkerList, workerTitle } from './statusbar';
 
 const PLUGIN_ID = 'nbisolate:plugin';
 
@@ -211,6 +216,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
         statuses.set(panel, created);
         const follower = new CellFollower(panel, created);
         created.changed.connect(() => workersChanged.emit());
+        created.jobEnded.connect((_sender, job) => notifyJobEnded(created, job));
         panel.disposed.connect(() => {
           follower.dispose();
           statuses.get(panel)?.dispose();
@@ -249,6 +255,45 @@ const plugin: JupyterFrontEndPlugin<void> = {
         notebook.deselectAll();
         void notebook.scrollToItem(index, 'center');
         return;
+      }
+    };
+    /** A JupyterLab notification when a background job ends, with a button to its cell. */
+    const notifyJobEnded = (status: IsolateStatus, job: IJob): void => {
+      const name = status.sessionContext.name || 'notebook';
+      const what =
+        job.state === 'done'
+          ? `finished${job.bound.length ? `; bound ${job.bound.join(', ')}` : ''}` +
+            (job.kept.length ? `; kept the notebook's newer ${job.kept.join(', ')}` : '')
+          : job.state === 'stopped'
+            ? 'was stopped; nothing was bound'
+            : `failed (${job.error ?? 'see its cell'}); nothing was bound`;
+      const message = `Background job ${job.id} ${jobTitle(job)} in ${name} ${what}.`;
+      const actions = job.cell
+        ? [
+            {
+              label: 'Show cell',
+              caption: 'Scroll to the cell that started the job',
+              callback: () =>
+                reveal(status, {
+                  id: `job-${job.id}`,
+                  label: job.label,
+                  pid: null,
+                  started: job.started ?? 0,
+                  timeout: null,
+                  host: '',
+                  cell: job.cell,
+                  job: job.id
+                })
+            }
+          ]
+        : [];
+      const options = { autoClose: job.state === 'done' ? 8000 : (false as const), actions };
+      if (job.state === 'done') {
+        Notification.success(message, options);
+      } else if (job.state === 'stopped') {
+        Notification.warning(message, options);
+      } else {
+        Notification.error(message, options);
       }
     };
     tracker.forEach(panel => statusFor(panel));

@@ -4,6 +4,9 @@
 //   kernel's output for that cell goes to the page that sent it, so this page
 //   follows the cell's request on IOPub itself, shows its output in the cell,
 //   marks it running, and asks the kernel for a live copy of its panel.
+// * A background job (`%%isolate --bg`) still running when the page reloaded: its
+//   cell gets the output the kernel kept for it, then follows the rest live (the
+//   cell itself is not running, so its prompt stays as it is).
 // * A panel whose run ended while nobody watched (the notebook was closed and
 //   reopened) is replaced by how it ended, as the kernel remembers it.
 // * A panel whose kernel restarted or died says so, instead of freezing.
@@ -13,7 +16,7 @@ import type { CodeCell } from '@jupyterlab/cells';
 import type { NotebookPanel } from '@jupyterlab/notebook';
 import type { KernelMessage } from '@jupyterlab/services';
 
-import type { IsolateStatus, IWorker } from './status';
+import type { IJob, IsolateStatus, IWorker } from './status';
 
 type Bundle = { [mime: string]: string };
 
@@ -102,7 +105,22 @@ export class CellFollower {
 
   /** Adopt every running cell this page did not send. */
   private _onWorkers(): void {
+    const active = new Set(this._status.activeJobs.map(job => job.cell?.msg_id));
+    for (const [msgId, followed] of this._followed) {
+      if (followed.job && !active.has(msgId)) {
+        this._followed.delete(msgId); // the job ended: its last output has arrived
+      }
+    }
+    for (const job of this._status.activeJobs) {
+      const msgId = job.cell?.msg_id;
+      if (msgId && !this._followed.has(msgId) && !this._status.sentRequest(msgId)) {
+        void this._followJob(job);
+      }
+    }
     for (const worker of this._status.workers) {
+      if (worker.job !== null && worker.job !== undefined) {
+        continue; // a background job's worker: followed as its job
+      }
       const cell = worker.cell;
       if (!cell || !cell.msg_id || this._followed.has(cell.msg_id)) {
         continue;
@@ -124,7 +142,9 @@ export class CellFollower {
       cell,
       count: info.count,
       waitClear: false,
-      displays: new Map()
+      displays: new Map(),
+      job: false,
+      ready: true
     });
     // A live panel saved before the reload cannot be rebuilt while the cell runs:
     // its live copy comes next, as output of the cell.
@@ -138,10 +158,45 @@ export class CellFollower {
     this._status.mirror(info.msg_id);
   }
 
+  /** Show what a background job's cell has had so far, then follow its output live. */
+  private async _followJob(job: IJob): Promise<void> {
+    const info = job.cell!;
+    const cell = codeCells(this._panel).find(c => c.model.sharedModel.getId() === info.id);
+    if (!cell) {
+      return;
+    }
+    const followed = {
+      cell,
+      count: info.count,
+      waitClear: false,
+      displays: new Map<string, number>(),
+      job: true,
+      ready: false
+    };
+    this._followed.set(info.msg_id, followed);
+    const replayed = await this._status.replay(job.id);
+    if (this._followed.get(info.msg_id) !== followed || cell.isDisposed) {
+      return;
+    }
+    const outputs = cell.model.outputs;
+    outputs.clear();
+    for (const item of replayed) {
+      if (item.display_id) {
+        followed.displays.set(item.display_id, outputs.length);
+      }
+      outputs.add(item.output);
+    }
+    if (info.count !== null) {
+      cell.model.executionCount = info.count;
+    }
+    followed.ready = true;
+    this._status.mirror(info.msg_id); // its live panel, as HTML kept up to date
+  }
+
   private _onIOPub(_sender: unknown, msg: KernelMessage.IMessage): void {
     const parent = (msg.parent_header as KernelMessage.IHeader)?.msg_id;
     const followed = parent ? this._followed.get(parent) : undefined;
-    if (!followed || followed.cell.isDisposed) {
+    if (!followed || followed.cell.isDisposed || !followed.ready) {
       return;
     }
     const outputs = followed.cell.model.outputs;
@@ -188,7 +243,7 @@ export class CellFollower {
         }
         break;
       case 'status':
-        if (content.execution_state === 'idle') {
+        if (content.execution_state === 'idle' && !followed.job) {
           setRunning(followed.cell, false);
           if (followed.count !== null) {
             followed.cell.model.executionCount = followed.count;
@@ -247,6 +302,15 @@ export class CellFollower {
   private _shown = new Set<string>();
   private _followed = new Map<
     string,
-    { cell: CodeCell; count: number | null; waitClear: boolean; displays: Map<string, number> }
+    {
+      cell: CodeCell;
+      count: number | null;
+      waitClear: boolean;
+      displays: Map<string, number>;
+      /** A background job's cell: followed until the job ends, never marked running. */
+      job: boolean;
+      /** False until a job's kept output is shown (what arrives before is in it). */
+      ready: boolean;
+    }
   >();
 }

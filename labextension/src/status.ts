@@ -1,7 +1,8 @@
 // Front end of the `nbisolate.status` comm: one IsolateStatus per notebook session.
 //
-// The kernel side (nbisolate/labcomm.py) sends {"workers": [...]} on open and on
-// every change; we send {"action": "refresh"} or {"action": "stop", "id": ...}.
+// The kernel side (nbisolate/labcomm.py) sends {"workers": [...], "jobs": [...]} on
+// open and on every change ("jobs" once a background cell ran); we send
+// {"action": "refresh"}, {"action": "stop", "id": ...} or {"action": "stop_job", "job": ...}.
 import type { ISessionContext } from '@jupyterlab/apputils';
 import { Kernel, KernelMessage } from '@jupyterlab/services';
 import type { IDisposable } from '@lumino/disposable';
@@ -34,6 +35,40 @@ export interface IWorker {
   /** Timeout in seconds, or null for none. */
   timeout: number | null;
   host: string;
+  /** The background job (`%%isolate --bg`) this worker runs for, if any. */
+  job?: number | null;
+}
+
+/** One background job (`%%isolate --bg`), as nbisolate/background.py describes it. */
+export interface IJob {
+  id: number;
+  label: string;
+  state: 'queued' | 'running' | 'done' | 'failed' | 'stopped';
+  /** Epoch seconds (kernel host clock), null while queued. */
+  started: number | null;
+  ended: number | null;
+  cell: IWorkerCell | null;
+  /** `ValueError: ...` for a failed or stopped job. */
+  error: string | null;
+  bound: string[];
+  kept: string[];
+}
+
+/** One output of a background job's cell, kept by the kernel to show a new view again. */
+export interface IReplayed {
+  output: any;
+  /** The display id it was shown with, so later updates find it. */
+  display_id?: string | null;
+}
+
+/** Whether a job still runs or waits. */
+export function jobActive(job: IJob): boolean {
+  return job.state === 'queued' || job.state === 'running';
+}
+
+function isJob(value: unknown): value is IJob {
+  const j = value as IJob;
+  return typeof j === 'object' && j !== null && typeof j.id === 'number' && typeof j.state === 'string';
 }
 
 /** Python expression telling whether the extension is loaded in an IPython kernel. */
@@ -89,6 +124,11 @@ export class IsolateStatus implements IDisposable {
     return this._known;
   }
 
+  /** A background job this page saw running has ended (done, failed or stopped). */
+  get jobEnded(): ISignal<this, IJob> {
+    return this._jobEnded;
+  }
+
   /** The kernel restarted or died: every worker it had is gone. */
   get kernelLost(): ISignal<this, string> {
     return this._kernelLost;
@@ -111,6 +151,23 @@ export class IsolateStatus implements IDisposable {
     });
   }
 
+  /**
+   * The output a background job's cell has had so far, as the kernel kept it (for a
+   * page that reloaded while the job runs); empty if the kernel has none.
+   */
+  replay(jobId: number): Promise<IReplayed[]> {
+    const comm = this._comm;
+    if (!comm || comm.isDisposed) {
+      return Promise.resolve([]);
+    }
+    return new Promise<IReplayed[]>(resolve => {
+      const waiting = this._replays.get(jobId) ?? [];
+      waiting.push(resolve);
+      this._replays.set(jobId, waiting);
+      comm.send({ action: 'replay_job', job: jobId });
+    });
+  }
+
   /** Ask the kernel to show the live panel of the cell whose request is `msgId` again. */
   mirror(msgId: string): void {
     if (this._comm && !this._comm.isDisposed) {
@@ -124,6 +181,21 @@ export class IsolateStatus implements IDisposable {
 
   get workers(): readonly IWorker[] {
     return this._workers;
+  }
+
+  /** Workers of cells that are running now (not of background jobs). */
+  get foreground(): readonly IWorker[] {
+    return this._workers.filter(w => w.job === null || w.job === undefined);
+  }
+
+  /** Background jobs: queued and running ones, then the newest that ended. */
+  get jobs(): readonly IJob[] {
+    return this._jobs;
+  }
+
+  /** Background jobs that are queued or running. */
+  get activeJobs(): readonly IJob[] {
+    return this._jobs.filter(jobActive);
   }
 
   get isDisposed(): boolean {
@@ -285,6 +357,13 @@ export class IsolateStatus implements IDisposable {
     }
   }
 
+  /** Stop a background job (queued or running); the kernel handles it at once. */
+  stopJob(id: number): void {
+    if (this._comm && !this._comm.isDisposed) {
+      this._comm.send({ action: 'stop_job', job: id });
+    }
+  }
+
   private _onKernelChanged(
     _sender: ISessionContext,
     args: { newValue: Kernel.IKernelConnection | null }
@@ -403,6 +482,14 @@ export class IsolateStatus implements IDisposable {
         return;
       }
       const data = msg.content.data as any;
+      if (data?.replay) {
+        const jobId = data.replay.job as number;
+        const waiting = this._replays.get(jobId) ?? [];
+        this._replays.delete(jobId);
+        const outputs = Array.isArray(data.replay.outputs) ? data.replay.outputs : [];
+        waiting.forEach(resolve => resolve(outputs as IReplayed[]));
+        return;
+      }
       if (data?.lookup) {
         this._lookups.shift()?.(data.lookup as ILookup);
         return;
@@ -411,7 +498,9 @@ export class IsolateStatus implements IDisposable {
       if (Array.isArray(workers)) {
         const first = !worked;
         worked = true;
-        this._setState(true, workers.filter(isWorker));
+        const jobs = Array.isArray(data?.jobs) ? (data.jobs as unknown[]).filter(isJob) : [];
+        this._noteJobs(jobs);
+        this._setState(true, workers.filter(isWorker), jobs);
         if (first) {
           this._known.emit(true);
         }
@@ -452,6 +541,10 @@ export class IsolateStatus implements IDisposable {
     for (const resolve of this._lookups.splice(0)) {
       resolve({ live: [], outcomes: {} });
     }
+    for (const waiting of this._replays.values()) {
+      waiting.forEach(resolve => resolve([]));
+    }
+    this._replays.clear();
     if (!comm || comm.isDisposed) {
       return;
     }
@@ -467,16 +560,34 @@ export class IsolateStatus implements IDisposable {
     }
   }
 
-  private _setState(available: boolean, workers: IWorker[]): void {
+  /** Announce the jobs that ended since the last message (only those seen active here). */
+  private _noteJobs(jobs: IJob[]): void {
+    for (const job of jobs) {
+      const before = this._jobStates.get(job.id);
+      if (before !== undefined && before !== 'done' && before !== 'failed' && before !== 'stopped'
+          && !jobActive(job)) {
+        this._jobEnded.emit(job);
+      }
+      this._jobStates.set(job.id, job.state);
+    }
+  }
+
+  private _setState(available: boolean, workers: IWorker[], jobs: IJob[] = []): void {
     if (
       available === this._available &&
       workers.length === 0 &&
-      this._workers.length === 0
+      this._workers.length === 0 &&
+      jobs.length === 0 &&
+      this._jobs.length === 0
     ) {
       return;
     }
     this._available = available;
     this._workers = workers;
+    this._jobs = jobs;
+    if (!available) {
+      this._jobStates.clear();
+    }
     this._changed.emit();
   }
 
@@ -488,12 +599,16 @@ export class IsolateStatus implements IDisposable {
   private _mentioning = new Set<string>();
   private _available = false;
   private _workers: IWorker[] = [];
+  private _jobs: IJob[] = [];
+  private _jobStates = new Map<number, string>();
+  private _jobEnded = new Signal<this, IJob>(this);
   private _isDisposed = false;
   private _changed = new Signal<this, void>(this);
   private _known = new Signal<this, boolean>(this);
   private _kernelLost = new Signal<this, string>(this);
   private _sent = new Set<string>();
   private _lookups: ((value: ILookup) => void)[] = [];
+  private _replays = new Map<number, ((value: IReplayed[]) => void)[]>();
 }
 
 /**

@@ -9,6 +9,7 @@ import {
   elapsed,
   formatDuration,
   formatLimit,
+  IJob,
   IsolateStatus,
   IWorker
 } from './status';
@@ -23,6 +24,12 @@ export function workerTitle(worker: IWorker): string {
   const count = worker.cell?.count;
   const label = worker.label || worker.id;
   return count === null || count === undefined ? label : `[${count}] ${label}`;
+}
+
+/** `[13] first line of the cell` of a background job. */
+export function jobTitle(job: IJob): string {
+  const count = job.cell?.count;
+  return count === null || count === undefined ? job.label : `[${count}] ${job.label}`;
 }
 
 /** A Stop button that looks like the one in the cell's panel (an ipywidgets Button). */
@@ -139,16 +146,21 @@ export class IsolateStatusItem extends Widget {
     const status = this._status;
     const had = this._hadContent;
     this._hadContent = this.hasContent;
-    const workers = status?.workers ?? [];
+    const workers = status?.foreground ?? [];
+    const jobs = status?.activeJobs ?? [];
     this.node.dataset.count = String(workers.length);
+    this.node.dataset.jobs = String(jobs.length);
     this.node.classList.toggle('nbisolate-mod-running', workers.length > 0);
+    this.node.classList.toggle('nbisolate-mod-background', jobs.length > 0);
+    const background = jobs.length > 0 ? ` · ${jobs.length} in background` : '';
     if (!status || !status.available) {
       this._text.textContent = '';
     } else if (workers.length === 0) {
-      this._text.textContent = 'isolate: idle';
+      this._text.textContent = jobs.length > 0 ? `isolate:${background.slice(2)}` : 'isolate: idle';
     } else {
       const longest = Math.max(...workers.map(w => elapsed(w)));
-      this._text.textContent = `isolate: ${workers.length} running · ${formatDuration(longest)}`;
+      this._text.textContent =
+        `isolate: ${workers.length} running · ${formatDuration(longest)}${background}`;
     }
     if (workers.length > 0 && this._timer === 0) {
       this._timer = window.setInterval(() => this._render(), TICK_MS);
@@ -199,13 +211,16 @@ export class WorkerList extends Widget {
     const status = this._status;
     const header = document.createElement('div');
     header.className = 'nbisolate-popup-header';
-    const workers = status.workers;
+    const workers = status.foreground;
     header.textContent = !status.available
       ? 'nbisolate is not loaded in this kernel'
       : workers.length === 0
         ? 'No isolated worker is running'
         : `${plural(workers.length, 'isolated worker')} running`;
     node.appendChild(header);
+    if (status.available && status.activeJobs.length) {
+      node.appendChild(this._jobs(status.activeJobs));
+    }
     if (!workers.length) {
       return;
     }
@@ -222,6 +237,59 @@ export class WorkerList extends Widget {
       body.appendChild(this._row(worker));
     }
     node.appendChild(table);
+  }
+
+  /** Background jobs (`%%isolate --bg`), apart from the cells running now. */
+  private _jobs(jobs: readonly IJob[]): HTMLElement {
+    const section = document.createElement('div');
+    section.className = 'nbisolate-jobs';
+    const title = document.createElement('div');
+    title.className = 'nbisolate-popup-header';
+    title.textContent = `${plural(jobs.length, 'background job')}`;
+    section.appendChild(title);
+    const table = document.createElement('table');
+    table.className = 'nbisolate-workers nbisolate-jobs-table';
+    const head = table.createTHead().insertRow();
+    for (const name of ['Job', 'Cell', 'State', 'Elapsed', '']) {
+      const th = document.createElement('th');
+      th.textContent = name;
+      head.appendChild(th);
+    }
+    const body = table.createTBody();
+    for (const job of jobs) {
+      const row = body.insertRow();
+      row.className = 'nbisolate-job';
+      row.dataset.job = String(job.id);
+      const workers = this._status.workers.filter(w => w.job === job.id);
+      if (job.cell) {
+        row.title = 'Show the cell';
+        const asWorker: IWorker = {
+          id: `job-${job.id}`, label: job.label, pid: null, started: job.started ?? 0,
+          timeout: null, host: workers[0]?.host ?? '', cell: job.cell, job: job.id
+        };
+        row.addEventListener('click', () => this._reveal(this._status, asWorker));
+      }
+      const texts = [
+        String(job.id),
+        jobTitle(job),
+        job.state,
+        job.started === null ? '–' : formatDuration(Date.now() / 1000 - job.started)
+      ];
+      const classes = ['nbisolate-job-id', 'nbisolate-worker-label', 'nbisolate-job-state',
+        'nbisolate-job-elapsed'];
+      texts.forEach((text, i) => {
+        const td = row.insertCell();
+        td.className = classes[i];
+        td.textContent = text;
+      });
+      const button = stopButton(
+        `Stop background job ${job.id} and every process it started; nothing is bound.`,
+        () => this._status.stopJob(job.id)
+      );
+      row.insertCell().appendChild(button);
+    }
+    section.appendChild(table);
+    return section;
   }
 
   private _row(worker: IWorker): HTMLTableRowElement {
@@ -264,6 +332,14 @@ export class WorkerList extends Widget {
 
   private _tick(): void {
     const now = Date.now() / 1000;
+    for (const job of this._status.activeJobs) {
+      const cell = this.node.querySelector(
+        `tr.nbisolate-job[data-job="${job.id}"] .nbisolate-job-elapsed`
+      );
+      if (cell && job.started !== null) {
+        cell.textContent = formatDuration(now - job.started);
+      }
+    }
     for (const worker of this._status.workers) {
       const row = this.node.querySelector(
         `tr.nbisolate-worker[data-id="${CSS.escape(worker.id)}"] .nbisolate-worker-elapsed`
