@@ -51,6 +51,11 @@ _MARK = "--nbisolate-probe-error--"
 _CHILD = f"""
 import os, sys
 data = sys.stdin.buffer.read()
+try:  # a load may re-run a constructor that writes files: it must not touch the user's
+    from nbisolate.probe import _guard_files
+    _guard_files()
+except Exception:
+    pass
 try:
     import {{module}} as _ser
     _ser.loads(data)
@@ -594,8 +599,11 @@ def _guard_files() -> None:  # pragma: no cover - runs in the loader process
     def pretend(*args: Any, **kwargs: Any) -> None:
         return None
 
+    import _io
+
     builtins.open = guarded_open
     io.open = guarded_open
+    _io.open = guarded_open  # what a pickled reference to open names on Python 3.12+
     os.open = guarded_os_open
     for name in (
         "remove", "unlink", "rmdir", "rename", "replace", "truncate", "mkdir", "symlink", "link",
