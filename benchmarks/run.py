@@ -5,13 +5,19 @@ in one session, so the ratios compare like with like on a shared, noisy
 machine.  For each case the table gives the median wall time of each
 approach and the ratio of ``%%isolate`` to the naive per-cell spawn pool.
 
-Approaches: ``%%isolate`` (timed from the client: request to reply, so it
-includes the kernel's own messaging), the same code run directly in the
+Approaches: ``%%isolate --quiet`` and ``%%isolate`` with the default panel
+(timed from the client: request to reply, so they include the kernel's own
+messaging and the panel's messages), interleaved round by round with the
+same code run directly in the kernel, each with its quartiles; the same code run directly in the
 kernel (also timed from the client), a stdlib ``multiprocessing`` spawn
 ``Process`` per cell, a ``multiprocess`` spawn ``Pool`` per cell (the naive
 way), ``concurrent.futures.ProcessPoolExecutor`` with spawn per cell, loky's
 reusable executor (warm: not a fresh process), and Dask ``LocalCluster``
 submit (warm workers).
+
+``bench_trivial`` then times the trivial cell as users run it (ordinary,
+panel, ``--quiet``, the naive spawn pool, interleaved) and breaks an isolated
+cell into its phases.
 
 Writes ``build/bench/results.json`` and ``build/bench/bench.png``, and copies
 both to ``benchmarks/results/`` for the README.
@@ -99,7 +105,7 @@ SETUP = textwrap.dedent(
     """
 )
 
-APPROACHES = ["isolate", "direct", "mp_process", "mp_pool", "cf_pool", "loky_warm", "dask_submit"]
+APPROACHES = ["isolate", "isolate_panel", "direct", "mp_process", "mp_pool", "cf_pool", "loky_warm", "dask_submit"]
 
 
 def _cases(quick: bool) -> list[dict]:
@@ -171,13 +177,27 @@ def _cases(quick: bool) -> list[dict]:
     ]
 
 
-def _time_client(kernel: Kernel, code: str, n: int) -> float:
-    times = []
+def _time_interleaved(kernel: Kernel, codes: dict[str, str], n: int) -> dict[str, list[float]]:
+    """Client times (request to reply) of each code, ``n`` rounds, one of each per round.
+
+    Interleaving makes a burst of load on a shared machine hit every approach
+    alike, so the ratio of the medians holds even when the absolute times move.
+    """
+    times: dict[str, list[float]] = {name: [] for name in codes}
     for _ in range(n):
-        t0 = time.perf_counter()
-        kernel.run(code, timeout=300)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, code in codes.items():
+            t0 = time.perf_counter()
+            kernel.run(code, timeout=300)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def _quartiles(values: list[float]) -> list[float]:
+    """[q1, q3] of ``values`` (both the value itself when there is one)."""
+    if len(values) < 2:
+        return [values[0], values[0]]
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return [q1, q3]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,12 +230,19 @@ def main(argv: list[str] | None = None) -> int:
             cell = case["cell"]
             kernel.run("%%isolate\n" + cell, timeout=300)  # warm: the template learns the imports
             time.sleep(0.5)
-            row["isolate"] = _time_client(kernel, "%%isolate --quiet\n" + cell, n)
-            row["direct"] = _time_client(kernel, cell, n)
+            timed = _time_interleaved(
+                kernel,
+                {"isolate": "%%isolate --quiet\n" + cell, "isolate_panel": "%%isolate\n" + cell, "direct": cell},
+                n,
+            )
+            row["spread"] = {}
+            for name, values in timed.items():
+                row[name] = statistics.median(values)
+                row["spread"][name] = _quartiles(values)
             if case.get("baseline"):
                 res = kernel.run(f"print(repr(_median(lambda: {case['baseline']}, {n})))", timeout=600)
                 row["baseline"] = float(res.stdout.strip())
-            for name in APPROACHES[2:]:
+            for name in APPROACHES[3:]:
                 if (quick and name in ("mp_process", "cf_pool")) or (args.smoke and name not in SMOKE_APPROACHES):
                     continue
                 fn, _, call_args = case["call"].partition("(")
@@ -246,7 +273,11 @@ def main(argv: list[str] | None = None) -> int:
         kernel.shutdown()
     extras: dict = {}
     if not args.smoke:
-        from benchmarks import bench_panel, bench_pickle_check
+        from benchmarks import bench_panel, bench_pickle_check, bench_trivial
+
+        print("- the trivial cell: ordinary, %%isolate (panel, --quiet), the spawn pool", flush=True)
+        extras["trivial"] = bench_trivial.run()
+        print("\n".join(bench_trivial.describe(extras["trivial"])), flush=True)
 
         print("- %pickle_check engine (1,000 ordinary variables, a 1 GB array)", flush=True)
         extras["pickle_check"] = bench_pickle_check.run()
@@ -255,6 +286,15 @@ def main(argv: list[str] | None = None) -> int:
     return _report(
         rows, check_seconds, quick, Path(args.out), keep=not args.smoke, memory=memory, extras=extras
     )
+
+
+def _cell(row: dict, approach: str) -> str:
+    """The median in ms, with the quartiles where the approach was timed from the client."""
+    value = row.get(approach)
+    if not isinstance(value, float):
+        return "-"
+    q = (row.get("spread") or {}).get(approach)
+    return f"{value * 1000:.1f}" + (f" ({q[0] * 1000:.1f}-{q[1] * 1000:.1f})" if q else "")
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -314,9 +354,7 @@ def _report(
     header = ["case"] + APPROACHES + ["baseline", "isolate/mp_pool", "isolate/direct", "target", "met"]
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for row in rows:
-        cells = [row["case"]] + [
-            f"{row[a] * 1000:.1f}" if isinstance(row.get(a), float) else "-" for a in APPROACHES
-        ]
+        cells = [row["case"]] + [_cell(row, a) for a in APPROACHES]
         cells += [
             f"{row['baseline'] * 1000:.1f}" if isinstance(row.get("baseline"), float) else "-",
             _ratio(row.get("isolate"), row.get("mp_pool")),
@@ -326,7 +364,7 @@ def _report(
         ]
         lines.append(" | ".join(cells))
     table = "\n".join(lines)
-    print(f"\nmedian milliseconds, {meta['date']}, {meta['machine']}\n")
+    print(f"\nmedian milliseconds (quartiles for the client-timed columns), {meta['date']}, {meta['machine']}\n")
     print(table)
     print(f"\n%pickle_check over the whole benchmark namespace: {check_seconds:.2f} s")
     if memory is not None:
@@ -335,6 +373,13 @@ def _report(
         print(line)
         table += "\n\n" + line
     for name, values in (extras or {}).items():
+        if name == "trivial":
+            from benchmarks import bench_trivial
+
+            line = "\n".join(bench_trivial.describe(values))
+            print(line)
+            table += "\n\n```\n" + line + "\n```"
+            continue
         line = f"{name}: " + ", ".join(f"{k}={v}" for k, v in values.items())
         print(line)
         table += "\n\n" + line
