@@ -152,6 +152,7 @@ class _Template:
         self.threads: str | None = None  # a preloaded package that left a thread running
         self.pending = 0  # requests (fork, preload) sent and not answered yet
         self.busy_since = 0.0  # when it last made progress on them
+        self.env: dict[str, str] | None = None  # the environment last sent: not sent again
 
     def asked(self) -> None:
         """A request was sent (call with the launcher's condition held)."""
@@ -414,9 +415,13 @@ class TemplateLauncher:
             with self._cond:
                 t.waiting.add(rid)
                 t.asked()
+            request: dict[str, Any] = {"id": rid, "fresh": fresh, "cwd": cwd}
+            if env != t.env:  # the template keeps the last one: most cells send none
+                request["env"] = t.env = env
             try:
-                send(t.sock, "fork", {"id": rid, "env": env, "fresh": fresh, "cwd": cwd}, list(fds))
+                send(t.sock, "fork", request, list(fds))
             except OSError:
+                t.env = None
                 with self._cond:
                     t.waiting.discard(rid)
                 return None
