@@ -27,6 +27,13 @@ Protocol, over a socketpair inherited from the kernel, in the frames of
   ``("preloaded", {"errors": {name: error or None}, "threads": name or None})``
 * ``("exit", (pid, returncode))`` is sent whenever a worker is reaped.
 
+The template keeps one *spare*: a child forked ahead of time that waits on a
+socket of its own for ``("job", <the fork request>, fds=[...])``, so a fork
+request is answered by handing the spare its descriptors (no fork, and the
+child's first steps already taken), and the next spare is forked while that
+worker starts.  A spare has run no code of any cell; after a ``preload`` it is
+dropped (it lacks the new imports) and a new one is forked.
+
 Two rules keep forking safe whatever the preloaded packages do:
 
 * A fork of a process with other threads inherits their locks held for ever,
@@ -64,16 +71,79 @@ def recv(sock: socket.socket) -> tuple[str, Any, list[int]]:
     return kind, body, fds
 
 
-def _child(control: socket.socket, wake_fds: tuple[int, int], fds: list[int], job: dict[str, Any]) -> None:
+def _detach(control: socket.socket, wake_fds: tuple[int, int], others: Sequence[socket.socket]) -> None:
+    """In a forked child: leave the template's session, signals and descriptors behind."""
+    os.setsid()
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    control.close()
+    for sock in others:
+        sock.close()
+    for fd in wake_fds:
+        os.close(fd)
+
+
+def _child(
+    control: socket.socket,
+    wake_fds: tuple[int, int],
+    fds: list[int],
+    job: dict[str, Any],
+    others: Sequence[socket.socket] = (),
+) -> None:
     """In the forked child: become a clean worker and run one cell (never returns)."""
     try:
-        os.setsid()
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        control.close()
-        for fd in wake_fds:
-            os.close(fd)
+        _detach(control, wake_fds, others)
+        _become(fds, job)
+    finally:
+        os._exit(71)
+
+
+def _spare(control: socket.socket, wake_fds: tuple[int, int], sock: socket.socket) -> None:
+    """A worker forked ahead of its cell: it waits for its job (never returns).
+
+    Forking, and a new process's first steps, cost milliseconds that a cell
+    that runs for a few would wait for; the template keeps one such spare,
+    forked from its imports as they are and having run no code of any cell,
+    and hands it the next cell's descriptors (see :func:`main`).
+    """
+    try:
+        _detach(control, wake_fds, ())
+        name = _set_name(SPARE_NAME)
+        try:
+            kind, body, fds = recv(sock)
+        except (EOFError, OSError):  # the template went, or dropped this spare
+            os._exit(0)
+        sock.close()
+        if kind != "job":
+            os._exit(0)
+        if name:
+            _set_name(name)
+        _become(fds, body)
+    finally:
+        os._exit(71)
+
+
+SPARE_NAME = "nbisolate-spare"
+"""The process name (``/proc/PID/comm``) of a spare while it waits: it is no worker yet."""
+
+
+def _set_name(name: str) -> str | None:
+    """Set this process's name (Linux); returns the previous one, or None if unknown."""
+    try:
+        with open("/proc/self/comm") as f:
+            previous = f.read().strip()
+        from .worker import _c_library
+
+        _c_library().prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+        return previous
+    except Exception:
+        return None
+
+
+def _become(fds: list[int], job: dict[str, Any]) -> None:
+    """Take the job's descriptors and environment, then run the worker (never returns)."""
+    try:
         chan_fd, out_fd, err_fd = fds
         os.dup2(out_fd, 1)
         os.dup2(err_fd, 2)
@@ -148,6 +218,35 @@ def main(fd: int) -> None:
 
     worker._c_library()  # the C library handle for prctl and fflush, inherited by every fork
 
+    # The spare worker (see _spare): its pid and our end of its socket. Spares that were
+    # dropped unused (the imports changed) are reaped without a word to the kernel.
+    spare: list[Any] = [None]
+    unused: set[int] = set()
+
+    def make_spare() -> None:
+        if spare[0] is not None or threads_by is not None or thread_count() > 1:
+            return
+        ours, theirs = socket.socketpair()
+        try:
+            pid = os.fork()
+        except OSError:
+            ours.close()
+            theirs.close()
+            return
+        if pid == 0:
+            ours.close()
+            _spare(control, (wake_r, wake_w), theirs)
+        theirs.close()
+        children.add(pid)
+        spare[0] = (pid, ours)
+
+    def drop_spare() -> None:
+        if spare[0] is not None:
+            pid, ours = spare[0]
+            spare[0] = None
+            ours.close()  # it reads EOF and exits
+            unused.add(pid)
+
     def reap() -> None:
         while children:
             try:
@@ -157,7 +256,12 @@ def main(fd: int) -> None:
             if pid == 0:
                 return
             children.discard(pid)
+            if pid in unused:
+                unused.discard(pid)
+                continue
             send(control, "exit", (pid, os.waitstatus_to_exitcode(status)))
+
+    make_spare()
 
     try:
         while True:
@@ -178,13 +282,26 @@ def main(fd: int) -> None:
                 # Never fork a process that has other threads: the child would start
                 # with their locks held for ever. Exec a fresh interpreter instead.
                 fresh = bool(body.get("fresh")) or thread_count() > 1
-                pid = os.fork()
-                if pid == 0:
-                    _child(control, (wake_r, wake_w), fds, dict(body, fresh=fresh))
+                pid = None
+                if not fresh and spare[0] is not None:
+                    pid, ours = spare[0]
+                    spare[0] = None
+                    try:
+                        send(ours, "job", body, fds)
+                    except OSError:  # the spare is gone (killed from outside): fork anew
+                        unused.add(pid)
+                        pid = None
+                    ours.close()
+                if pid is None:
+                    pid = os.fork()
+                    if pid == 0:
+                        others = [spare[0][1]] if spare[0] is not None else []
+                        _child(control, (wake_r, wake_w), fds, dict(body, fresh=fresh), others)
                 for passed in fds:
                     os.close(passed)
                 children.add(pid)
                 send(control, "forked", {"id": body.get("id"), "pid": pid, "fresh": fresh, "threads": threads_by})
+                make_spare()  # for the next cell, while this one starts
             elif kind == "preload":
                 outcome: dict[str, str | None] = {}
                 sys.path[:] = body["sys_path"]
@@ -197,6 +314,9 @@ def main(fd: int) -> None:
                     if threads_by is None and thread_count() > 1:
                         threads_by = name
                 _arm(wake_w)
+                # The spare was forked without these imports: the next one has them.
+                drop_spare()
+                make_spare()
                 send(control, "preloaded", {"errors": outcome, "threads": threads_by})
             elif kind == "ping":
                 send(control, "pong", os.getpid())
