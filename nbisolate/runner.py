@@ -283,7 +283,8 @@ class CellRun:
         try:
             if self.backend is None:
                 self.backend = backends.choose(self.options, self.note)
-            self.plan = self._plan()
+            if self.plan is None:  # a sweep plans once for all its runs
+                self.plan = self._plan()
             if ship:
                 t0 = time.perf_counter()
                 self._inspect_within(INSPECT_SECONDS)

@@ -319,6 +319,7 @@ class Sweep:
                     backend=t.backend,
                     shared=shared,
                 )
+                run.plan = plan  # the same for every value: planned once, above
                 if i == 0:  # the others are serialized as they start (see _launch)
                     run.prepare(check=False)
                 self.runs.append(run)
