@@ -148,8 +148,9 @@ def _cases(quick: bool) -> list[dict]:
             "setup": f"n_out = {big} * 2**20 // 8",
             "cell": "out = np.ones(n_out)",
             "call": "W.array_out(n_out)",
-            "n": 3,
-            "target": ("direct", 4.0),
+            "n": 5,
+            "target": ("direct", 2.0),
+            "breakdown": True,
         },
         {
             "name": "DataFrame in (1M rows)",
@@ -157,6 +158,17 @@ def _cases(quick: bool) -> list[dict]:
             "cell": "k = len(frame)",
             "call": "W.frame_in(frame)",
             "n": 3,
+            "baseline": "pickle.loads(pickle.dumps(frame, protocol=5))",
+            "target": ("baseline", 1.2),
+        },
+        {
+            "name": "numeric DataFrame in (1M rows)",
+            "setup": "nframe = pd.DataFrame({'a': np.arange(10**6), 'b': np.random.rand(10**6)}); ndst = np.zeros((2, 10**6))",
+            "cell": "k = len(nframe)",
+            "call": "W.frame_in(nframe)",
+            "n": 3,
+            "baseline": "np.copyto(ndst, nframe.to_numpy().T)",
+            "target": ("baseline", 2.0),
         },
         {
             "name": "200,000 small dicts in",
@@ -239,6 +251,33 @@ def main(argv: list[str] | None = None) -> int:
             for name, values in timed.items():
                 row[name] = statistics.median(values)
                 row["spread"][name] = _quartiles(values)
+            if case.get("breakdown") and not args.smoke:
+                # Where the time of one isolated run goes: the worker's phases (run:
+                # allocating the array; return: serializing it into shared memory and
+                # rebuilding it here), each the median of n runs.
+                code = textwrap.dedent(
+                    f"""
+                    from nbisolate.runner import CellRun as _CR
+                    _ph = []
+                    for _i in range({n}):
+                        _r = _CR({cell!r}, globals(), quiet=True)
+                        _at = {{}}
+                        _r.listeners.append(lambda e, _at=_at: _at.setdefault(
+                            e.kind + (" " + e.data[0] if e.kind == "phase" else ""), time.perf_counter()))
+                        _r.prepare(); _r.run_sync()
+                        _ph.append({{
+                            "start": _r.phases["start"],
+                            "allocate in the worker (run)": _r.phases["run"],
+                            "serialize + copy into shared memory + message": _at["result"] - _at["phase run"],
+                            "rebuild and bind in the kernel": _at["applied"] - _at["result"],
+                            "whole run": _at["done"] - _at["planned"],
+                        }})
+                    print(json.dumps({{k: statistics.median(p[k] for p in _ph) for k in _ph[0]}}))
+                    """
+                )
+                res = kernel.run(code, timeout=600)
+                row["phases"] = json.loads(res.stdout.strip().splitlines()[-1])
+                print("  phases (s): " + ", ".join(f"{k} {v:.3f}" for k, v in row["phases"].items()), flush=True)
             if case.get("baseline"):
                 res = kernel.run(f"print(repr(_median(lambda: {case['baseline']}, {n})))", timeout=600)
                 row["baseline"] = float(res.stdout.strip())
@@ -264,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print("  " + ", ".join(f"{k}={v * 1000:.1f} ms" for k, v in row.items() if isinstance(v, float)), flush=True)
         memory = None if quick else _peak_memory(kernel)
+        receiving = None if quick else _peak_receiving(kernel)
         kernel.run("%pickle_check", timeout=300)  # warm
         t0 = time.perf_counter()
         kernel.run("%pickle_check", timeout=300)
@@ -284,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         print("- the live panel's cost per cell", flush=True)
         extras["panel"] = bench_panel.run()
     return _report(
-        rows, check_seconds, quick, Path(args.out), keep=not args.smoke, memory=memory, extras=extras
+        rows, check_seconds, quick, Path(args.out), keep=not args.smoke, memory=memory, extras=extras,
+        receiving=receiving,
     )
 
 
@@ -332,6 +373,36 @@ def _peak_memory(kernel: Kernel) -> float:
     return grown
 
 
+def _peak_receiving(kernel: Kernel) -> dict[str, float]:
+    """GB by which the kernel's resident memory peaks above a 1 GB result while receiving it,
+    and the result's phases (seconds) as the run measured them."""
+    import threading
+
+    import psutil
+
+    kernel.run("n_big = 2**30 // 8", timeout=60)
+    proc = psutil.Process(kernel.pid)
+    base = proc.memory_info().rss
+    peak = [base]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.002):
+            peak[0] = max(peak[0], proc.memory_info().rss)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        kernel.run("%%isolate --quiet\nbig_out = np.ones(n_big)", timeout=300)
+    finally:
+        stop.set()
+        thread.join()
+    kernel.run("del big_out", timeout=60)
+    grown = (peak[0] - base) / 2**30 - 1.0
+    print(f"- receiving a 1 GB result: the kernel's memory peaked {grown:.2f} GB above it", flush=True)
+    return {"gb_above_result": round(grown, 3)}
+
+
 def _report(
     rows: list[dict],
     check_seconds: float,
@@ -340,6 +411,7 @@ def _report(
     keep: bool,
     memory: float | None = None,
     extras: dict | None = None,
+    receiving: dict | None = None,
 ) -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -349,6 +421,7 @@ def _report(
         "quick": quick,
         "pickle_check_namespace_seconds": check_seconds,
         "peak_kernel_gb_above_1gb_array": memory,
+        "peak_kernel_gb_above_1gb_result": (receiving or {}).get("gb_above_result"),
         **(extras or {}),
     }
     header = ["case"] + APPROACHES + ["baseline", "isolate/mp_pool", "isolate/direct", "target", "met"]
@@ -364,9 +437,27 @@ def _report(
         ]
         lines.append(" | ".join(cells))
     table = "\n".join(lines)
+    for row in rows:
+        if row.get("phases"):
+            table += f"\n\n{row['case']}, one isolated run's phases (medians, s): " + ", ".join(
+                f"{k} {v:.3f}" for k, v in row["phases"].items()
+            )
     print(f"\nmedian milliseconds (quartiles for the client-timed columns), {meta['date']}, {meta['machine']}\n")
     print(table)
-    print(f"\n%pickle_check over the whole benchmark namespace: {check_seconds:.2f} s")
+    line = (
+        f"%pickle_check over the whole benchmark namespace: {check_seconds:.2f} s "
+        f"(target <= 2 s: {'yes' if check_seconds <= 2 else 'NO'})"
+    )
+    print("\n" + line)
+    table += "\n\n" + line
+    if receiving is not None:
+        above = receiving["gb_above_result"]
+        line = (
+            f"peak kernel memory receiving a 1 GB result: {above:.2f} GB above the result "
+            f"(target <= 1.1: {'yes' if above <= 1.1 else 'NO'})"
+        )
+        print(line)
+        table += "\n\n" + line
     if memory is not None:
         verdict = "yes" if memory <= 1.2 else "NO"
         line = f"peak kernel memory shipping a 1 GB array: {memory:.2f} GB above the array (target <= 1.2: {verdict})"
