@@ -304,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             print("  " + ", ".join(f"{k}={v * 1000:.1f} ms" for k, v in row.items() if isinstance(v, float)), flush=True)
         memory = None if quick else _peak_memory(kernel)
         receiving = None if quick else _peak_receiving(kernel)
+        sweep = None if args.smoke else _sweep(kernel, 200 if quick else 1000, 3)
         kernel.run("%pickle_check", timeout=300)  # warm
         t0 = time.perf_counter()
         kernel.run("%pickle_check", timeout=300)
@@ -325,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         extras["panel"] = bench_panel.run()
     return _report(
         rows, check_seconds, quick, Path(args.out), keep=not args.smoke, memory=memory, extras=extras,
-        receiving=receiving,
+        receiving=receiving, sweep=sweep,
     )
 
 
@@ -403,6 +404,30 @@ def _peak_receiving(kernel: Kernel) -> dict[str, float]:
     return {"gb_above_result": round(grown, 3)}
 
 
+def _sweep(kernel: Kernel, n: int, rounds: int) -> dict[str, float]:
+    """``--over`` across ``n`` trivial values against a spawn ProcessPoolExecutor mapping the
+    same ``n`` calls, its start included; medians of ``rounds`` interleaved rounds (seconds)."""
+    kernel.run("%%isolate --over v=range(4)\nr = v + 1", timeout=120)  # warm
+    codes = {
+        "isolate_over": f"%%isolate --quiet --over v=range({n})\nr = v + 1",
+        "cf_pool_map": (
+            "with concurrent.futures.ProcessPoolExecutor(mp_context=ctx) as _ex:\n"
+            f"    _rr = list(_ex.map(W.sweep_value, range({n})))"
+        ),
+    }
+    times: dict[str, list[float]] = {name: [] for name in codes}
+    for _ in range(rounds):
+        for name, code in codes.items():
+            t0 = time.perf_counter()
+            kernel.run(code, timeout=1200)
+            times[name].append(time.perf_counter() - t0)
+    out = {name: round(statistics.median(v), 3) for name, v in times.items()}
+    out["values"] = n
+    out["ratio"] = round(out["isolate_over"] / out["cf_pool_map"], 2)
+    print(f"- --over {n} values: {out}", flush=True)
+    return out
+
+
 def _report(
     rows: list[dict],
     check_seconds: float,
@@ -412,6 +437,7 @@ def _report(
     memory: float | None = None,
     extras: dict | None = None,
     receiving: dict | None = None,
+    sweep: dict | None = None,
 ) -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -422,6 +448,7 @@ def _report(
         "pickle_check_namespace_seconds": check_seconds,
         "peak_kernel_gb_above_1gb_array": memory,
         "peak_kernel_gb_above_1gb_result": (receiving or {}).get("gb_above_result"),
+        "sweep": sweep,
         **(extras or {}),
     }
     header = ["case"] + APPROACHES + ["baseline", "isolate/mp_pool", "isolate/direct", "target", "met"]
@@ -450,6 +477,15 @@ def _report(
     )
     print("\n" + line)
     table += "\n\n" + line
+    if sweep is not None:
+        line = (
+            f"--over {sweep['values']:,} trivial values: {sweep['isolate_over']:.2f} s "
+            f"({sweep['values'] / sweep['isolate_over']:.0f} values/s) vs a spawn ProcessPoolExecutor "
+            f"mapping them, its start included, {sweep['cf_pool_map']:.2f} s: {sweep['ratio']:.2f}x "
+            f"(target <= 2x: {'yes' if sweep['ratio'] <= 2 else 'NO'}); medians of 3 interleaved rounds"
+        )
+        print(line)
+        table += "\n\n" + line
     if receiving is not None:
         above = receiving["gb_above_result"]
         line = (
