@@ -5,13 +5,19 @@ in one session, so the ratios compare like with like on a shared, noisy
 machine.  For each case the table gives the median wall time of each
 approach and the ratio of ``%%isolate`` to the naive per-cell spawn pool.
 
-Approaches: ``%%isolate`` (timed from the client: request to reply, so it
-includes the kernel's own messaging), the same code run directly in the
+Approaches: ``%%isolate --quiet`` and ``%%isolate`` with the default panel
+(timed from the client: request to reply, so they include the kernel's own
+messaging and the panel's messages), interleaved round by round with the
+same code run directly in the kernel, each with its quartiles; the same code run directly in the
 kernel (also timed from the client), a stdlib ``multiprocessing`` spawn
 ``Process`` per cell, a ``multiprocess`` spawn ``Pool`` per cell (the naive
 way), ``concurrent.futures.ProcessPoolExecutor`` with spawn per cell, loky's
 reusable executor (warm: not a fresh process), and Dask ``LocalCluster``
 submit (warm workers).
+
+``bench_trivial`` then times the trivial cell as users run it (ordinary,
+panel, ``--quiet``, the naive spawn pool, interleaved) and breaks an isolated
+cell into its phases.
 
 Writes ``build/bench/results.json`` and ``build/bench/bench.png``, and copies
 both to ``benchmarks/results/`` for the README.
@@ -99,7 +105,7 @@ SETUP = textwrap.dedent(
     """
 )
 
-APPROACHES = ["isolate", "direct", "mp_process", "mp_pool", "cf_pool", "loky_warm", "dask_submit"]
+APPROACHES = ["isolate", "isolate_panel", "direct", "mp_process", "mp_pool", "cf_pool", "loky_warm", "dask_submit"]
 
 
 def _cases(quick: bool) -> list[dict]:
@@ -142,8 +148,9 @@ def _cases(quick: bool) -> list[dict]:
             "setup": f"n_out = {big} * 2**20 // 8",
             "cell": "out = np.ones(n_out)",
             "call": "W.array_out(n_out)",
-            "n": 3,
-            "target": ("direct", 4.0),
+            "n": 5,
+            "target": ("direct", 2.0),
+            "breakdown": True,
         },
         {
             "name": "DataFrame in (1M rows)",
@@ -151,6 +158,17 @@ def _cases(quick: bool) -> list[dict]:
             "cell": "k = len(frame)",
             "call": "W.frame_in(frame)",
             "n": 3,
+            "baseline": "pickle.loads(pickle.dumps(frame, protocol=5))",
+            "target": ("baseline", 1.2),
+        },
+        {
+            "name": "numeric DataFrame in (1M rows)",
+            "setup": "nframe = pd.DataFrame({'a': np.arange(10**6), 'b': np.random.rand(10**6)}); ndst = np.zeros((2, 10**6))",
+            "cell": "k = len(nframe)",
+            "call": "W.frame_in(nframe)",
+            "n": 3,
+            "baseline": "np.copyto(ndst, nframe.to_numpy().T)",
+            "target": ("baseline", 2.0),
         },
         {
             "name": "200,000 small dicts in",
@@ -171,13 +189,27 @@ def _cases(quick: bool) -> list[dict]:
     ]
 
 
-def _time_client(kernel: Kernel, code: str, n: int) -> float:
-    times = []
+def _time_interleaved(kernel: Kernel, codes: dict[str, str], n: int) -> dict[str, list[float]]:
+    """Client times (request to reply) of each code, ``n`` rounds, one of each per round.
+
+    Interleaving makes a burst of load on a shared machine hit every approach
+    alike, so the ratio of the medians holds even when the absolute times move.
+    """
+    times: dict[str, list[float]] = {name: [] for name in codes}
     for _ in range(n):
-        t0 = time.perf_counter()
-        kernel.run(code, timeout=300)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, code in codes.items():
+            t0 = time.perf_counter()
+            kernel.run(code, timeout=300)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def _quartiles(values: list[float]) -> list[float]:
+    """[q1, q3] of ``values`` (both the value itself when there is one)."""
+    if len(values) < 2:
+        return [values[0], values[0]]
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return [q1, q3]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,12 +242,46 @@ def main(argv: list[str] | None = None) -> int:
             cell = case["cell"]
             kernel.run("%%isolate\n" + cell, timeout=300)  # warm: the template learns the imports
             time.sleep(0.5)
-            row["isolate"] = _time_client(kernel, "%%isolate --quiet\n" + cell, n)
-            row["direct"] = _time_client(kernel, cell, n)
+            timed = _time_interleaved(
+                kernel,
+                {"isolate": "%%isolate --quiet\n" + cell, "isolate_panel": "%%isolate\n" + cell, "direct": cell},
+                n,
+            )
+            row["spread"] = {}
+            for name, values in timed.items():
+                row[name] = statistics.median(values)
+                row["spread"][name] = _quartiles(values)
+            if case.get("breakdown") and not args.smoke:
+                # Where the time of one isolated run goes: the worker's phases (run:
+                # allocating the array; return: serializing it into shared memory and
+                # rebuilding it here), each the median of n runs.
+                code = textwrap.dedent(
+                    f"""
+                    from nbisolate.runner import CellRun as _CR
+                    _ph = []
+                    for _i in range({n}):
+                        _r = _CR({cell!r}, globals(), quiet=True)
+                        _at = {{}}
+                        _r.listeners.append(lambda e, _at=_at: _at.setdefault(
+                            e.kind + (" " + e.data[0] if e.kind == "phase" else ""), time.perf_counter()))
+                        _r.prepare(); _r.run_sync()
+                        _ph.append({{
+                            "start": _r.phases["start"],
+                            "allocate in the worker (run)": _r.phases["run"],
+                            "serialize + copy into shared memory + message": _at["result"] - _at["phase run"],
+                            "rebuild and bind in the kernel": _at["applied"] - _at["result"],
+                            "whole run": _at["done"] - _at["planned"],
+                        }})
+                    print(json.dumps({{k: statistics.median(p[k] for p in _ph) for k in _ph[0]}}))
+                    """
+                )
+                res = kernel.run(code, timeout=600)
+                row["phases"] = json.loads(res.stdout.strip().splitlines()[-1])
+                print("  phases (s): " + ", ".join(f"{k} {v:.3f}" for k, v in row["phases"].items()), flush=True)
             if case.get("baseline"):
                 res = kernel.run(f"print(repr(_median(lambda: {case['baseline']}, {n})))", timeout=600)
                 row["baseline"] = float(res.stdout.strip())
-            for name in APPROACHES[2:]:
+            for name in APPROACHES[3:]:
                 if (quick and name in ("mp_process", "cf_pool")) or (args.smoke and name not in SMOKE_APPROACHES):
                     continue
                 fn, _, call_args = case["call"].partition("(")
@@ -237,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print("  " + ", ".join(f"{k}={v * 1000:.1f} ms" for k, v in row.items() if isinstance(v, float)), flush=True)
         memory = None if quick else _peak_memory(kernel)
+        receiving = None if quick else _peak_receiving(kernel)
+        sweep = None if args.smoke else _sweep(kernel, 200 if quick else 1000, 3)
         kernel.run("%pickle_check", timeout=300)  # warm
         t0 = time.perf_counter()
         kernel.run("%pickle_check", timeout=300)
@@ -246,15 +314,29 @@ def main(argv: list[str] | None = None) -> int:
         kernel.shutdown()
     extras: dict = {}
     if not args.smoke:
-        from benchmarks import bench_panel, bench_pickle_check
+        from benchmarks import bench_panel, bench_pickle_check, bench_trivial
+
+        print("- the trivial cell: ordinary, %%isolate (panel, --quiet), the spawn pool", flush=True)
+        extras["trivial"] = bench_trivial.run()
+        print("\n".join(bench_trivial.describe(extras["trivial"])), flush=True)
 
         print("- %pickle_check engine (1,000 ordinary variables, a 1 GB array)", flush=True)
         extras["pickle_check"] = bench_pickle_check.run()
         print("- the live panel's cost per cell", flush=True)
         extras["panel"] = bench_panel.run()
     return _report(
-        rows, check_seconds, quick, Path(args.out), keep=not args.smoke, memory=memory, extras=extras
+        rows, check_seconds, quick, Path(args.out), keep=not args.smoke, memory=memory, extras=extras,
+        receiving=receiving, sweep=sweep,
     )
+
+
+def _cell(row: dict, approach: str) -> str:
+    """The median in ms, with the quartiles where the approach was timed from the client."""
+    value = row.get(approach)
+    if not isinstance(value, float):
+        return "-"
+    q = (row.get("spread") or {}).get(approach)
+    return f"{value * 1000:.1f}" + (f" ({q[0] * 1000:.1f}-{q[1] * 1000:.1f})" if q else "")
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -292,6 +374,60 @@ def _peak_memory(kernel: Kernel) -> float:
     return grown
 
 
+def _peak_receiving(kernel: Kernel) -> dict[str, float]:
+    """GB by which the kernel's resident memory peaks above a 1 GB result while receiving it,
+    and the result's phases (seconds) as the run measured them."""
+    import threading
+
+    import psutil
+
+    kernel.run("n_big = 2**30 // 8", timeout=60)
+    proc = psutil.Process(kernel.pid)
+    base = proc.memory_info().rss
+    peak = [base]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.002):
+            peak[0] = max(peak[0], proc.memory_info().rss)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        kernel.run("%%isolate --quiet\nbig_out = np.ones(n_big)", timeout=300)
+    finally:
+        stop.set()
+        thread.join()
+    kernel.run("del big_out", timeout=60)
+    grown = (peak[0] - base) / 2**30 - 1.0
+    print(f"- receiving a 1 GB result: the kernel's memory peaked {grown:.2f} GB above it", flush=True)
+    return {"gb_above_result": round(grown, 3)}
+
+
+def _sweep(kernel: Kernel, n: int, rounds: int) -> dict[str, float]:
+    """``--over`` across ``n`` trivial values against a spawn ProcessPoolExecutor mapping the
+    same ``n`` calls, its start included; medians of ``rounds`` interleaved rounds (seconds)."""
+    kernel.run("%%isolate --over v=range(4)\nr = v + 1", timeout=120)  # warm
+    codes = {
+        "isolate_over": f"%%isolate --quiet --over v=range({n})\nr = v + 1",
+        "cf_pool_map": (
+            "with concurrent.futures.ProcessPoolExecutor(mp_context=ctx) as _ex:\n"
+            f"    _rr = list(_ex.map(W.sweep_value, range({n})))"
+        ),
+    }
+    times: dict[str, list[float]] = {name: [] for name in codes}
+    for _ in range(rounds):
+        for name, code in codes.items():
+            t0 = time.perf_counter()
+            kernel.run(code, timeout=1200)
+            times[name].append(time.perf_counter() - t0)
+    out = {name: round(statistics.median(v), 3) for name, v in times.items()}
+    out["values"] = n
+    out["ratio"] = round(out["isolate_over"] / out["cf_pool_map"], 2)
+    print(f"- --over {n} values: {out}", flush=True)
+    return out
+
+
 def _report(
     rows: list[dict],
     check_seconds: float,
@@ -300,6 +436,8 @@ def _report(
     keep: bool,
     memory: float | None = None,
     extras: dict | None = None,
+    receiving: dict | None = None,
+    sweep: dict | None = None,
 ) -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -309,14 +447,14 @@ def _report(
         "quick": quick,
         "pickle_check_namespace_seconds": check_seconds,
         "peak_kernel_gb_above_1gb_array": memory,
+        "peak_kernel_gb_above_1gb_result": (receiving or {}).get("gb_above_result"),
+        "sweep": sweep,
         **(extras or {}),
     }
     header = ["case"] + APPROACHES + ["baseline", "isolate/mp_pool", "isolate/direct", "target", "met"]
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for row in rows:
-        cells = [row["case"]] + [
-            f"{row[a] * 1000:.1f}" if isinstance(row.get(a), float) else "-" for a in APPROACHES
-        ]
+        cells = [row["case"]] + [_cell(row, a) for a in APPROACHES]
         cells += [
             f"{row['baseline'] * 1000:.1f}" if isinstance(row.get("baseline"), float) else "-",
             _ratio(row.get("isolate"), row.get("mp_pool")),
@@ -326,15 +464,49 @@ def _report(
         ]
         lines.append(" | ".join(cells))
     table = "\n".join(lines)
-    print(f"\nmedian milliseconds, {meta['date']}, {meta['machine']}\n")
+    for row in rows:
+        if row.get("phases"):
+            table += f"\n\n{row['case']}, one isolated run's phases (medians, s): " + ", ".join(
+                f"{k} {v:.3f}" for k, v in row["phases"].items()
+            )
+    print(f"\nmedian milliseconds (quartiles for the client-timed columns), {meta['date']}, {meta['machine']}\n")
     print(table)
-    print(f"\n%pickle_check over the whole benchmark namespace: {check_seconds:.2f} s")
+    line = (
+        f"%pickle_check over the whole benchmark namespace: {check_seconds:.2f} s "
+        f"(target <= 2 s: {'yes' if check_seconds <= 2 else 'NO'})"
+    )
+    print("\n" + line)
+    table += "\n\n" + line
+    if sweep is not None:
+        line = (
+            f"--over {sweep['values']:,} trivial values: {sweep['isolate_over']:.2f} s "
+            f"({sweep['values'] / sweep['isolate_over']:.0f} values/s) vs a spawn ProcessPoolExecutor "
+            f"mapping them, its start included, {sweep['cf_pool_map']:.2f} s: {sweep['ratio']:.2f}x "
+            f"(target <= 2x: {'yes' if sweep['ratio'] <= 2 else 'NO'}); medians of 3 interleaved rounds"
+        )
+        print(line)
+        table += "\n\n" + line
+    if receiving is not None:
+        above = receiving["gb_above_result"]
+        line = (
+            f"peak kernel memory receiving a 1 GB result: {above:.2f} GB above the result "
+            f"(target <= 1.1: {'yes' if above <= 1.1 else 'NO'})"
+        )
+        print(line)
+        table += "\n\n" + line
     if memory is not None:
         verdict = "yes" if memory <= 1.2 else "NO"
         line = f"peak kernel memory shipping a 1 GB array: {memory:.2f} GB above the array (target <= 1.2: {verdict})"
         print(line)
         table += "\n\n" + line
     for name, values in (extras or {}).items():
+        if name == "trivial":
+            from benchmarks import bench_trivial
+
+            line = "\n".join(bench_trivial.describe(values))
+            print(line)
+            table += "\n\n```\n" + line + "\n```"
+            continue
         line = f"{name}: " + ", ".join(f"{k}={v}" for k, v in values.items())
         print(line)
         table += "\n\n" + line

@@ -43,6 +43,12 @@ def many_in(**values) -> int:
     return len(values)
 
 
+def sweep_value(v: int) -> int:
+    """One value of the ``--over`` sweep, mapped by a spawn pool for comparison."""
+    r = v + 1
+    return r
+
+
 
 
 def run_target(conn, fn, args, kwargs) -> None:

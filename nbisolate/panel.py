@@ -912,18 +912,22 @@ class WidgetPanel(Panel):
             if kind == "note":  # from nbisolate itself (a backend): on the cell's stderr
                 sys.stderr.write(str(event.data))
                 return
+            if kind == "phase" and event.data[0] == "plan":
+                self._blocked = True  # prepare() now pickles the inputs on this thread
+            elif kind in ("phase", "started"):
+                self._blocked = False
+            elif kind == "result":
+                self._blocked = True  # outcome() now unpickles the results on this thread
             if not self._shown_panel:
                 if kind == "done":
-                    self._closed = True  # planning failed: the error says it all
+                    self._closed = True
+                    if self.watch.planned:  # else planning failed: the error says it all
+                        self._summary_only()
                     return
-                try:
-                    self._show()
-                except Exception:
-                    log.warning("nbisolate: the widget panel failed; text instead", exc_info=True)
-                    self._discard()
-                    self._fallback = TextPanel(self.stop_run, in_kernel=True)
-                    self._fallback.watch = self.watch
-                    self._fallback.on_event(event)
+                # A cell that ends within a moment gets its summary line alone: the live
+                # widgets (a dozen comm messages) appear only once it has run for a tick,
+                # or as it shows its first output (see draw()), so they still come first.
+                if kind not in ("tick", "clear_output") or not self._draw(event):
                     return
             if self.want_mirror and kind != "done":
                 self._show_mirror()
@@ -955,12 +959,40 @@ class WidgetPanel(Panel):
                 self._push_all()
             elif kind == "tick" or time.perf_counter() - self._last_push >= CLOCK_SECONDS:
                 self._push_clock()  # a stream of output must not stop the clock
-            if kind == "phase" and event.data[0] == "plan":
-                self._blocked = True  # prepare() now pickles the inputs on this thread
-            elif kind in ("phase", "started"):
-                self._blocked = False
-            elif kind == "result":
-                self._blocked = True  # outcome() now unpickles the results on this thread
+
+    def _draw(self, event: Any = None) -> bool:
+        """Show the live widgets now; False if they failed and text lines took over."""
+        try:
+            self._show()
+        except Exception:
+            log.warning("nbisolate: the widget panel failed; text instead", exc_info=True)
+            self._discard()
+            self._fallback = TextPanel(self.stop_run, in_kernel=True)
+            self._fallback.watch = self.watch
+            if event is not None:
+                self._fallback.on_event(event)
+            return False
+        return True
+
+    def draw(self) -> None:
+        """Show the live widgets before the cell's first output, if they are not shown yet."""
+        with self._lock:
+            if not self._shown_panel and not self._closed and self._fallback is None and self.watch.planned:
+                self._draw()
+
+    def _summary_only(self) -> None:
+        """The panel of a cell that was over before it was drawn: its summary, one display."""
+        self._beat_stop.set()
+        bundle = final_bundle(self.watch)
+        _display(
+            bundle,
+            display_id=self.display_id,
+            metadata={"nbisolate": {"display_id": self.display_id, "live": False}},
+        )
+        with _registry_lock:
+            _outcomes[self.display_id] = bundle
+            while len(_outcomes) > MAX_OUTCOMES:
+                del _outcomes[next(iter(_outcomes))]
 
     def _heartbeat(self) -> None:
         """Keep the clock moving while the kernel's loop cannot: pickling, unpickling.
@@ -1092,10 +1124,35 @@ def attach(
     stop = getattr(run, "stop", None)
     if mode == "widget":
         panel = WidgetPanel(stop, interactive=interactive)
+        if getattr(run, "sink", None) is not None:
+            run.sink = _DrawFirst(run.sink, panel)
     else:
         panel = TextPanel(stop, quiet=mode == "quiet")
     run.listeners.append(panel)
     return panel
+
+
+class _DrawFirst:
+    """The run's sink, drawing the widget panel before the cell's first output.
+
+    The widgets are drawn late (a fast cell gets its summary line alone), but
+    never under output: what the cell prints follows the panel, as it always did.
+    """
+
+    def __init__(self, sink: Any, panel: WidgetPanel) -> None:
+        self.sink = sink
+        self.panel = panel
+
+    def stream(self, name: str, text: str) -> None:
+        self.panel.draw()
+        self.sink.stream(name, text)
+
+    def display(self, kind: str, data: Any) -> None:
+        self.panel.draw()
+        self.sink.display(kind, data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sink, name)
 
 
 def configure(line: str = "") -> str:

@@ -247,6 +247,9 @@ class CellRun:
         # Inputs serialized once for many runs (a sweep's, apart from the swept name): sent
         # as they are, beside this run's own shipment, never serialized again.
         self.shared = shared
+        # The notebook's packages, for the template to preload; a sweep looks them up once
+        # for all its runs (reading every notebook variable's type per value cost milliseconds).
+        self.packages: list[str] | None = None
         self.listeners: list[Listener] = []
         self.phases: dict[str, float] = {}
         self.plan: Plan | None = None
@@ -289,7 +292,8 @@ class CellRun:
         try:
             if self.backend is None:
                 self.backend = backends.choose(self.options, self.note)
-            self.plan = self._plan()
+            if self.plan is None:  # a sweep plans once for all its runs
+                self.plan = self._plan()
             if ship:
                 t0 = time.perf_counter()
                 self._inspect_within(INSPECT_SECONDS)
@@ -334,7 +338,7 @@ class CellRun:
             options=self.options,
             label=self.label,
             shipment=self.shipment,
-            packages=user_packages(self.namespace),
+            packages=user_packages(self.namespace) if self.packages is None else self.packages,
             shared=shared,
         )
         if check:

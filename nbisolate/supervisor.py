@@ -152,6 +152,7 @@ class _Template:
         self.threads: str | None = None  # a preloaded package that left a thread running
         self.pending = 0  # requests (fork, preload) sent and not answered yet
         self.busy_since = 0.0  # when it last made progress on them
+        self.env: dict[str, str] | None = None  # the environment last sent: not sent again
 
     def asked(self) -> None:
         """A request was sent (call with the launcher's condition held)."""
@@ -414,9 +415,13 @@ class TemplateLauncher:
             with self._cond:
                 t.waiting.add(rid)
                 t.asked()
+            request: dict[str, Any] = {"id": rid, "fresh": fresh, "cwd": cwd}
+            if env != t.env:  # the template keeps the last one: most cells send none
+                request["env"] = t.env = env
             try:
-                send(t.sock, "fork", {"id": rid, "env": env, "fresh": fresh, "cwd": cwd}, list(fds))
+                send(t.sock, "fork", request, list(fds))
             except OSError:
+                t.env = None
                 with self._cond:
                     t.waiting.discard(rid)
                 return None
@@ -644,6 +649,18 @@ class Job:
                     pass
 
 
+def _has_children(pid: int) -> bool | None:
+    """Whether ``pid`` has a child process (Linux ``/proc/PID/task/*/children``); None if unknown."""
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children", "rb") as f:
+                if f.read().strip():
+                    return True
+    except OSError:
+        return None
+    return False
+
+
 class _Supervision:
     """The reader thread of one job, from sending ``run`` to emitting ``exit``.
 
@@ -816,7 +833,7 @@ class _Supervision:
         deadline = self.deadline if not self.finished and self.reason is None else None
         waits = [t - now for t in (deadline, self.kill_at) if t]
         if now >= self.next_scan and not self.finished:
-            self.tree.remember()
+            self.remember()
             self.next_scan = now + self.SCAN_SECONDS
         waits.append(self.next_scan - now if not self.finished else 1.0)
         for key, _ in self.sel.select(max(0.0, min(waits))):
@@ -1055,6 +1072,18 @@ class _Supervision:
             )
         self.job._emit(kind, body, buffers)
         # A safety net behind the worker's own cleanup, off the critical path.
+        self.remember()
+
+    def remember(self) -> None:
+        """Remember the tree's descendants, unless the worker has no child at all.
+
+        Listing descendants reads every process of the machine; a worker is its
+        tree's subreaper, so one without children has no descendant to find, and
+        most cells start none (a sweep of a thousand values would read /proc a
+        thousand times for nothing).
+        """
+        if _has_children(self.proc.pid) is False:
+            return
         self.tree.remember()
 
     def fail_receive(self, exc: BaseException) -> None:

@@ -46,7 +46,7 @@ from . import backends, ship
 from .errors import IsolateError, IsolateUsageError
 from .events import Event
 from .options import RunOptions
-from .plan import plan_cell
+from .plan import plan_cell, user_packages
 from .runner import CellRun, _shipped, type_name
 from .units import short_repr
 from .wait import wait_async, wait_sync
@@ -303,6 +303,7 @@ class Sweep:
                 if common
                 else None
             )
+            packages = user_packages(t.namespace)
             for i, value in enumerate(self.values):
                 local: dict[str, Any] = {self.name: value}
                 sink = _PrefixSink(t.sink, f"[{self.labels[i]}] ")
@@ -319,6 +320,8 @@ class Sweep:
                     backend=t.backend,
                     shared=shared,
                 )
+                run.plan = plan  # the same for every value: planned once, above
+                run.packages = packages
                 if i == 0:  # the others are serialized as they start (see _launch)
                     run.prepare(check=False)
                 self.runs.append(run)

@@ -18,6 +18,7 @@ Protocol, over a socketpair inherited from the kernel, in the frames of
 :mod:`nbisolate.wire` (kinds listed in :data:`nbisolate.protocol.TEMPLATE_KINDS`):
 
 * ``("fork", {"id": n, "env": ..., "fresh": bool, "cwd": ...}, fds=[channel, stdout, stderr])``
+  (``env`` only when it changed since the previous fork: the template keeps the last one)
   -> ``("forked", {"id": n, "pid": pid, "fresh": bool, "threads": name or None})``; with
   ``fresh`` the child execs a new interpreter.  The request's ``id`` comes back so
   the kernel matches each reply to its request: a reply that arrives after the
@@ -25,6 +26,13 @@ Protocol, over a socketpair inherited from the kernel, in the frames of
 * ``("preload", {"names": [...], "sys_path": [...]})`` ->
   ``("preloaded", {"errors": {name: error or None}, "threads": name or None})``
 * ``("exit", (pid, returncode))`` is sent whenever a worker is reaped.
+
+The template keeps one *spare*: a child forked ahead of time that waits on a
+socket of its own for ``("job", <the fork request>, fds=[...])``, so a fork
+request is answered by handing the spare its descriptors (no fork, and the
+child's first steps already taken), and the next spare is forked while that
+worker starts.  A spare has run no code of any cell; after a ``preload`` it is
+dropped (it lacks the new imports) and a new one is forked.
 
 Two rules keep forking safe whatever the preloaded packages do:
 
@@ -63,16 +71,79 @@ def recv(sock: socket.socket) -> tuple[str, Any, list[int]]:
     return kind, body, fds
 
 
-def _child(control: socket.socket, wake_fds: tuple[int, int], fds: list[int], job: dict[str, Any]) -> None:
+def _detach(control: socket.socket, wake_fds: tuple[int, int], others: Sequence[socket.socket]) -> None:
+    """In a forked child: leave the template's session, signals and descriptors behind."""
+    os.setsid()
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    control.close()
+    for sock in others:
+        sock.close()
+    for fd in wake_fds:
+        os.close(fd)
+
+
+def _child(
+    control: socket.socket,
+    wake_fds: tuple[int, int],
+    fds: list[int],
+    job: dict[str, Any],
+    others: Sequence[socket.socket] = (),
+) -> None:
     """In the forked child: become a clean worker and run one cell (never returns)."""
     try:
-        os.setsid()
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        control.close()
-        for fd in wake_fds:
-            os.close(fd)
+        _detach(control, wake_fds, others)
+        _become(fds, job)
+    finally:
+        os._exit(71)
+
+
+def _spare(control: socket.socket, wake_fds: tuple[int, int], sock: socket.socket) -> None:
+    """A worker forked ahead of its cell: it waits for its job (never returns).
+
+    Forking, and a new process's first steps, cost milliseconds that a cell
+    that runs for a few would wait for; the template keeps one such spare,
+    forked from its imports as they are and having run no code of any cell,
+    and hands it the next cell's descriptors (see :func:`main`).
+    """
+    try:
+        _detach(control, wake_fds, ())
+        name = _set_name(SPARE_NAME)
+        try:
+            kind, body, fds = recv(sock)
+        except (EOFError, OSError):  # the template went, or dropped this spare
+            os._exit(0)
+        sock.close()
+        if kind != "job":
+            os._exit(0)
+        if name:
+            _set_name(name)
+        _become(fds, body)
+    finally:
+        os._exit(71)
+
+
+SPARE_NAME = "nbisolate-spare"
+"""The process name (``/proc/PID/comm``) of a spare while it waits: it is no worker yet."""
+
+
+def _set_name(name: str) -> str | None:
+    """Set this process's name (Linux); returns the previous one, or None if unknown."""
+    try:
+        with open("/proc/self/comm") as f:
+            previous = f.read().strip()
+        from .worker import _c_library
+
+        _c_library().prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+        return previous
+    except Exception:
+        return None
+
+
+def _become(fds: list[int], job: dict[str, Any]) -> None:
+    """Take the job's descriptors and environment, then run the worker (never returns)."""
+    try:
         chan_fd, out_fd, err_fd = fds
         os.dup2(out_fd, 1)
         os.dup2(err_fd, 2)
@@ -81,8 +152,14 @@ def _child(control: socket.socket, wake_fds: tuple[int, int], fds: list[int], jo
                 os.close(fd)
         env = job.get("env")
         if env is not None:
-            os.environ.clear()
-            os.environ.update(env)
+            # Only what differs: a putenv or unsetenv per variable, for the hundred that
+            # are usually the same, cost a millisecond of every worker's start.
+            current = os.environ
+            for key in [k for k in current if k not in env]:
+                del current[key]
+            for key, value in env.items():
+                if current.get(key) != value:
+                    current[key] = value
         if job.get("fresh"):
             # A fresh interpreter (a --mem cell must not start with the template's
             # imports), still the template's child: if the kernel dies while this
@@ -135,10 +212,40 @@ def main(fd: int) -> None:
     _arm(wake_w)
     children: set[int] = set()
     threads_by: str | None = None  # the preloaded package that left a thread running
+    last_env: dict[str, str] | None = None  # the kernel's environment, as last sent
     # The worker imports these anyway; paying for them once here is the point.
     from . import proctree, ship, wire, worker  # noqa: F401
 
     worker._c_library()  # the C library handle for prctl and fflush, inherited by every fork
+
+    # The spare worker (see _spare): its pid and our end of its socket. Spares that were
+    # dropped unused (the imports changed) are reaped without a word to the kernel.
+    spare: list[Any] = [None]
+    unused: set[int] = set()
+
+    def make_spare() -> None:
+        if spare[0] is not None or threads_by is not None or thread_count() > 1:
+            return
+        ours, theirs = socket.socketpair()
+        try:
+            pid = os.fork()
+        except OSError:
+            ours.close()
+            theirs.close()
+            return
+        if pid == 0:
+            ours.close()
+            _spare(control, (wake_r, wake_w), theirs)
+        theirs.close()
+        children.add(pid)
+        spare[0] = (pid, ours)
+
+    def drop_spare() -> None:
+        if spare[0] is not None:
+            pid, ours = spare[0]
+            spare[0] = None
+            ours.close()  # it reads EOF and exits
+            unused.add(pid)
 
     def reap() -> None:
         while children:
@@ -149,7 +256,12 @@ def main(fd: int) -> None:
             if pid == 0:
                 return
             children.discard(pid)
+            if pid in unused:
+                unused.discard(pid)
+                continue
             send(control, "exit", (pid, os.waitstatus_to_exitcode(status)))
+
+    make_spare()
 
     try:
         while True:
@@ -165,16 +277,31 @@ def main(fd: int) -> None:
                 continue
             kind, body, fds = recv(control)
             if kind == "fork":
+                # The kernel sends its environment only when it changed since the last fork.
+                body["env"] = last_env = body.get("env", last_env)
                 # Never fork a process that has other threads: the child would start
                 # with their locks held for ever. Exec a fresh interpreter instead.
                 fresh = bool(body.get("fresh")) or thread_count() > 1
-                pid = os.fork()
-                if pid == 0:
-                    _child(control, (wake_r, wake_w), fds, dict(body, fresh=fresh))
+                pid = None
+                if not fresh and spare[0] is not None:
+                    pid, ours = spare[0]
+                    spare[0] = None
+                    try:
+                        send(ours, "job", body, fds)
+                    except OSError:  # the spare is gone (killed from outside): fork anew
+                        unused.add(pid)
+                        pid = None
+                    ours.close()
+                if pid is None:
+                    pid = os.fork()
+                    if pid == 0:
+                        others = [spare[0][1]] if spare[0] is not None else []
+                        _child(control, (wake_r, wake_w), fds, dict(body, fresh=fresh), others)
                 for passed in fds:
                     os.close(passed)
                 children.add(pid)
                 send(control, "forked", {"id": body.get("id"), "pid": pid, "fresh": fresh, "threads": threads_by})
+                make_spare()  # for the next cell, while this one starts
             elif kind == "preload":
                 outcome: dict[str, str | None] = {}
                 sys.path[:] = body["sys_path"]
@@ -187,6 +314,9 @@ def main(fd: int) -> None:
                     if threads_by is None and thread_count() > 1:
                         threads_by = name
                 _arm(wake_w)
+                # The spare was forked without these imports: the next one has them.
+                drop_spare()
+                make_spare()
                 send(control, "preloaded", {"errors": outcome, "threads": threads_by})
             elif kind == "ping":
                 send(control, "pong", os.getpid())

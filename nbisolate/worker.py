@@ -210,6 +210,7 @@ class _Stream(io.TextIOBase):
         self.name_ = name
         self._output = output
         self._fd = fd
+        self.flusher: _LazyFlusher | None = None
 
     @property
     def encoding(self) -> str:  # type: ignore[override]
@@ -229,6 +230,8 @@ class _Stream(io.TextIOBase):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
         if text:
             self._output.write(self.name_, text)
+            if self.flusher is not None and not self.flusher.started:
+                self.flusher.ensure()
         return len(text)
 
     def flush(self) -> None:
@@ -306,6 +309,31 @@ def _flusher(streams: list[_Stream], stop: threading.Event) -> None:
     while not stop.wait(0.05):
         for stream in streams:
             stream.flush()
+
+
+class _LazyFlusher:
+    """Starts the flusher thread at the cell's first write: a cell that prints nothing
+    (most fast cells) does not pay for starting a thread."""
+
+    def __init__(self, streams: list[_Stream]) -> None:
+        self.streams = streams
+        self.stop = threading.Event()
+        self.started = False
+        self._lock = threading.Lock()
+
+    def ensure(self) -> None:
+        # Never blocks: a signal handler that prints while the thread is being started
+        # must not wait on its own lock.
+        if self.started or not self._lock.acquire(blocking=False):
+            return
+        try:
+            if not self.started:
+                self.started = True
+                threading.Thread(
+                    target=_flusher, args=(self.streams, self.stop), daemon=True, name="flusher"
+                ).start()
+        finally:
+            self._lock.release()
 
 
 _libc: Any = None
@@ -648,8 +676,10 @@ def main(fd: int) -> None:
     streams = [_Stream("stdout", output, 1), _Stream("stderr", output, 2)]
     sys.stdout, sys.stderr = streams
     display_worker.install(chan)  # display(), plots, widgets: before inputs load (they may import)
-    stop = threading.Event()
-    threading.Thread(target=_flusher, args=(streams, stop), daemon=True, name="flusher").start()
+    flusher = _LazyFlusher(streams)
+    for stream in streams:
+        stream.flusher = flusher
+    stop = flusher.stop
     code = 0
     try:
         _limit_memory(job.get("mem"))  # before the inputs load: they count against --mem

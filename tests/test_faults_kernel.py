@@ -27,6 +27,7 @@ from .conftest import wait_until
 from .kernel import CellResult, Kernel
 
 TEMPLATE_MARK = "nbisolate.template"
+SPARE_NAME = "nbisolate-spare"  # nbisolate.template.SPARE_NAME
 
 
 def cell(code: str) -> str:
@@ -74,6 +75,8 @@ def workers_of(k: Kernel) -> list[psutil.Process]:
     for proc in procs:
         try:
             if TEMPLATE_MARK in " ".join(proc.cmdline()) and proc.ppid() == k.pid:
+                continue
+            if proc.name() == SPARE_NAME:  # the template's spare: no worker until handed a cell
                 continue
             if proc.status() != psutil.STATUS_ZOMBIE:
                 out.append(proc)

@@ -69,7 +69,14 @@ def panel_display(res: Any) -> dict[str, Any]:
 
 
 def final(res: Any) -> dict[str, Any]:
-    """The update that replaces the panel with its summary (same display id)."""
+    """The update that replaces the panel with its summary (same display id); for a cell
+    that was over before the live widgets were drawn, the summary displayed alone."""
+    if not any(WIDGET_VIEW in d["data"] for d in res.displays):
+        alone = [d for d in res.displays if "nbisolate" in d.get("metadata", {})]
+        assert len(alone) == 1, res.displays
+        assert alone[0]["metadata"]["nbisolate"]["live"] is False
+        assert not res.of("comm_open") and not res.of("update_display_data"), res.messages
+        return alone[0]["data"]
     display_id = panel_display(res)["transient"]["display_id"]
     updates = [m["content"] for m in res.of("update_display_data")]
     mine = [u for u in updates if u["transient"]["display_id"] == display_id]
@@ -303,9 +310,20 @@ def test_clock_moves_while_a_large_input_is_still_serializing(kernel):
     assert opened  # built in this cell (fresh widgets)
 
 
+def test_a_cell_over_within_a_moment_shows_its_summary_alone(kernel):
+    """No widget is drawn for a cell that ends before the first tick: one display, no comm."""
+    res = kernel.run("%%isolate\nx = 1")
+    assert [m["msg_type"] for m in res.messages] == ["execute_input", "display_data"], res.messages
+    data = final(res)
+    assert SUMMARY_OK.match(data["text/plain"]), data["text/plain"]
+    assert "class='nbisolate-panel nbisolate-done'" in data["text/html"]
+    assert kernel.value("x") == 1
+
+
 def test_idle_widgets_are_reused_and_only_the_button_is_new(kernel):
-    first = kernel.run("%%isolate\nx = 1")
-    second = kernel.run("%%isolate\ny = 2")
+    # Cells that run past the first tick, so the live widgets are drawn.
+    first = kernel.run("%%isolate\nimport time\ntime.sleep(0.4)\nx = 1")
+    second = kernel.run("%%isolate\nimport time\ntime.sleep(0.4)\ny = 2")
     root1 = panel_display(first)["data"][WIDGET_VIEW]["model_id"]
     root2 = panel_display(second)["data"][WIDGET_VIEW]["model_id"]
     assert root1 == root2
@@ -447,7 +465,7 @@ def test_durations_read_well(seconds, text):
 
 
 def test_unloading_the_extension_closes_the_idle_widgets(fresh_kernel):
-    first = fresh_kernel.run("%%isolate\nx = 1")
+    first = fresh_kernel.run("%%isolate\nimport time\ntime.sleep(0.4)\nx = 1")
     models = Models(first)
     kept = set(models.state) - models.closed
     assert kept, "the panel keeps its widgets for the next cell"

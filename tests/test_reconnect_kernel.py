@@ -41,7 +41,8 @@ def test_a_reloaded_page_gets_a_live_copy_of_the_panel_and_its_ending(kernel: Ke
     msg_id = client.kc.execute("%%isolate\nimport time\ntime.sleep(3)\nx = 1")
     (worker,) = client.wait(running)["workers"]
     assert worker["cell"]["msg_id"] == msg_id
-    time.sleep(0.5)
+    # The live widgets are drawn once the cell has run for a tick: read what came meanwhile.
+    drain(client, 0.5)
     # The panel shows with its display id in the metadata, which a saved notebook keeps.
     panel = [d for d in of_request(client, msg_id, "display_data") if WIDGET_VIEW in d["data"]]
     assert len(panel) == 1, client.other

@@ -1,0 +1,196 @@
+"""The trivial cell as users run it: an ordinary cell, ``%%isolate`` with the default panel,
+``%%isolate --quiet`` and the naive spawn pool, interleaved in one kernel.
+
+Each round runs every approach once, in the same order, so a burst of load
+on a shared machine hits all of them alike; the report gives the median and
+the quartiles of each, and the ratios of the medians.  Timed from the
+client (request to reply), so the kernel's own messaging and the panel's
+IOPub messages count, as they do for a user.
+
+Then the phases of an isolated trivial cell, from inside the kernel: every
+event a run emits is stamped as it reaches the run's listeners, so each
+millisecond between the magic being called and the reply is accounted for:
+
+* ``plan``: the magic parses its line, plans the cell, attaches the panel
+  (from the magic's start to ``planned``);
+* ``serialize``: from ``planned`` to ``shipped`` (inspecting and pickling the
+  inputs, in the preparing thread, and the hop to it);
+* ``fork``: from ``shipped`` to ``started`` (the template forks the worker);
+* ``first message``: from ``started`` to the worker's ``start`` phase (the
+  worker's own start, the run message);
+* ``run``: from the ``start`` phase to the worker's ``run`` phase (loading the
+  inputs, running the cell);
+* ``result``: from the ``run`` phase to ``result`` (serializing the results,
+  the output marks);
+* ``apply``: from ``result`` to ``applied`` (rebuilding and binding);
+* ``panel``: from ``applied`` to ``done`` (the panel's summary);
+* ``kernel``: the rest of the client's time (the request, IPython's
+  transform, the reply and every IOPub message).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.kernel import Kernel  # noqa: E402
+
+ROUNDS = 25
+
+SETUP = textwrap.dedent(
+    f"""
+    import sys, time, json, statistics
+    sys.path.insert(0, {str(ROOT)!r})
+    from benchmarks import workloads as W
+    import multiprocess
+    _mctx = multiprocess.get_context("spawn")
+    def mp_pool(fn, *args):
+        with _mctx.Pool(1) as pool:
+            return pool.apply(fn, args)
+    a = 1
+    """
+)
+
+# Stamps every event of every run the magic makes, and the magic's own start.
+STAMPS = textwrap.dedent(
+    """
+    import nbisolate.magics as _M, nbisolate.panel as _P
+    _stamps = []
+    _attach = _P.attach
+    def _stamping_attach(run, **kw):
+        marks = {"magic": _magic_began[0]}
+        _stamps.append(marks)
+        def listen(event, marks=marks):
+            name = event.kind
+            if name == "phase":
+                name = "phase " + event.data[0]
+            marks.setdefault(name, time.perf_counter())
+        run.listeners.append(listen)
+        return _attach(run, **kw)
+    _P.attach = _stamping_attach
+    _magic_began = [0.0]
+    _make_run = _M.IsolateMagics._make_run
+    def _timed_make_run(self, *args, **kw):
+        _magic_began[0] = time.perf_counter()
+        return _make_run(self, *args, **kw)
+    _M.IsolateMagics._make_run = _timed_make_run
+    """
+)
+
+INTERVALS = (
+    ("plan", "magic", "planned"),
+    ("serialize", "planned", "shipped"),
+    ("fork", "shipped", "started"),
+    ("first message", "started", "phase start"),
+    ("run", "phase start", "phase run"),
+    ("result", "phase run", "result"),
+    ("apply", "result", "applied"),
+    ("panel", "applied", "done"),
+)
+
+APPROACHES = {
+    "ordinary": "zz = a",
+    "quiet": "%%isolate --quiet\nzz = a",
+    "panel": "%%isolate\nzz = a",
+    "spawn pool": "zz = mp_pool(W.trivial)",
+}
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Median and quartiles, in milliseconds."""
+    q1, q2, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
+    return {"median": round(q2 * 1000, 2), "q1": round(q1 * 1000, 2), "q3": round(q3 * 1000, 2)}
+
+
+def run(rounds: int = ROUNDS) -> dict[str, Any]:
+    """Start a kernel, time every approach ``rounds`` times interleaved, and the phases."""
+    k = Kernel(cwd=str(ROOT))
+    try:
+        k.run(SETUP, timeout=120)
+        k.run("%load_ext nbisolate")
+        time.sleep(1.0)  # the template starts while a user reads
+        k.run(STAMPS)
+        for code in APPROACHES.values():  # warm: imports, the first panel's widgets
+            k.run(code, timeout=120)
+        times: dict[str, list[float]] = {name: [] for name in APPROACHES}
+        messages: dict[str, list[int]] = {name: [] for name in APPROACHES}
+        client: dict[str, list[float]] = {"quiet": [], "panel": []}
+        k.run("_stamps.clear()")
+        order: list[str] = []
+        for _ in range(rounds):
+            for name, code in APPROACHES.items():
+                t0 = time.perf_counter()
+                res = k.run(code, timeout=120)
+                spent = time.perf_counter() - t0
+                times[name].append(spent)
+                messages[name].append(len(res.messages))
+                if name in client:
+                    client[name].append(spent)
+                    order.append(name)
+        stamps = json.loads(k.run("print(json.dumps(_stamps))").stdout)
+    finally:
+        k.shutdown()
+    medians = {name: statistics.median(v) for name, v in times.items()}
+    result: dict[str, Any] = {
+        "rounds": rounds,
+        "times_ms": {name: spread(v) for name, v in times.items()},
+        "iopub_messages": {name: statistics.median(v) for name, v in messages.items()},
+        "panel_minus_ordinary_ms": round((medians["panel"] - medians["ordinary"]) * 1000, 2),
+        "quiet_minus_ordinary_ms": round((medians["quiet"] - medians["ordinary"]) * 1000, 2),
+        "panel_over_spawn_pool": round(medians["panel"] / medians["spawn pool"], 3),
+        "quiet_over_spawn_pool": round(medians["quiet"] / medians["spawn pool"], 3),
+    }
+    result["targets"] = {
+        "panel <= ordinary + 5 ms": result["panel_minus_ordinary_ms"] <= 5,
+        "quiet <= ordinary + 3 ms": result["quiet_minus_ordinary_ms"] <= 3,
+        "panel <= 0.1 x spawn pool": result["panel_over_spawn_pool"] <= 0.1,
+    }
+    phases: dict[str, dict[str, dict[str, float]]] = {}
+    for mode in ("quiet", "panel"):
+        marks = [m for m, name in zip(stamps, order, strict=False) if name == mode]
+        spent = [c for c, name in zip(client[mode], [n for n in order if n == mode], strict=False)]
+        rows: dict[str, list[float]] = {name: [] for name, _, _ in INTERVALS}
+        rows["kernel"] = []
+        for mark, total in zip(marks, spent, strict=False):
+            if not all(key in mark for _, a, b in INTERVALS for key in (a, b)):
+                continue
+            for name, a, b in INTERVALS:
+                rows[name].append(mark[b] - mark[a])
+            rows["kernel"].append(total - (mark["done"] - mark["magic"]))
+        phases[mode] = {name: spread(v) for name, v in rows.items() if v}
+    result["phases_ms"] = phases
+    return result
+
+
+def describe(result: dict[str, Any]) -> list[str]:
+    """Lines for people: the spread of each approach and where an isolated cell's time goes."""
+    lines = [f"trivial cell, {result['rounds']} interleaved rounds, client request to reply (ms):"]
+    for name, s in result["times_ms"].items():
+        lines.append(
+            f"  {name:11s} median {s['median']:7.1f}  quartiles {s['q1']:.1f}-{s['q3']:.1f}  "
+            f"IOPub messages {result['iopub_messages'][name]:g}"
+        )
+    lines.append(
+        f"  panel - ordinary {result['panel_minus_ordinary_ms']:.1f} ms, quiet - ordinary "
+        f"{result['quiet_minus_ordinary_ms']:.1f} ms, panel / spawn pool "
+        f"{result['panel_over_spawn_pool']:.3f}"
+    )
+    for target, met in result["targets"].items():
+        lines.append(f"  target {target}: {'met' if met else 'NOT met'}")
+    for mode, rows in result["phases_ms"].items():
+        parts = ", ".join(f"{name} {s['median']:.2f}" for name, s in rows.items())
+        lines.append(f"  phases of an isolated cell ({mode}), medians: {parts}")
+    return lines
+
+
+if __name__ == "__main__":
+    out = run()
+    print("\n".join(describe(out)))
