@@ -92,7 +92,6 @@ def test_bg_cell_runs_on_while_other_cells_run_and_binds_at_the_end(kernel: Kern
     bg = r.reply["parent_header"]["msg_id"]
     assert "Job" in r.result["text/plain"]
     panels = [d for d in r.displays if "nbisolate" in (d.get("metadata") or {})]
-    assert panels, "the live panel shows under the --bg cell"
     seen_during: list[str] = []
     for i in range(3):
         time.sleep(0.4)
@@ -100,6 +99,12 @@ def test_bg_cell_runs_on_while_other_cells_run_and_binds_at_the_end(kernel: Kern
         assert o.ok and o.stdout == f"ordinary {i}\n"
         assert "tick" not in o.stdout + o.stderr  # the job's text never lands in another cell
         seen_during.append(text_of(of(others, bg, "stream")))
+    # The live panel shows under the --bg cell (drawn at its first tick, after the cell returned).
+    panels += [
+        m["content"] for m in of(others, bg, "display_data")
+        if "nbisolate" in (m["content"].get("metadata") or {})
+    ]
+    assert panels, "the live panel shows under the --bg cell"
     # The three cells ended well before the job (4 s): it is still running.
     assert kernel.value(f"{JOB}.jobs()[-1].state") == "running"
     assert "bg_total" not in kernel.value("list(globals())")
