@@ -9,7 +9,7 @@ import pytest
 
 from .conftest import wait_until
 from .kernel import Kernel
-from .test_background_kernel import execute, of, text_of
+from .test_background_kernel import drain, execute, of, text_of
 
 pytest.importorskip("distributed")
 
@@ -37,10 +37,14 @@ def test_background_job_on_a_dask_worker(kernel: Kernel, cluster: Cluster) -> No
     )
     assert r.ok, r.error_text
     bg = r.reply["parent_header"]["msg_id"]
-    kernel.run("dj = _")
-    assert kernel.run("local = 1 + 1\nprint(local)").stdout == "2\n"
-    assert wait_until(lambda: "tcp://" in kernel.run("%isolate_jobs").result["text/plain"], 30)
+    # Every request goes through execute(): the job's output arriving meanwhile is kept.
+    execute(kernel, "dj = _", others)
+    assert execute(kernel, "local = 1 + 1\nprint(local)", others).stdout == "2\n"
+    assert wait_until(
+        lambda: "tcp://" in execute(kernel, "%isolate_jobs", others).result["text/plain"], 30
+    )
     execute(kernel, "%isolate_wait", others, timeout=90)
+    drain(kernel, others)
     assert kernel.value("dj.state") == "done"
     remote_pid = kernel.value("remote_pid")
     assert remote_pid != kernel.pid

@@ -52,6 +52,13 @@ def drain(k: Kernel, others: list[dict[str, Any]], seconds: float = 0.5) -> None
             break
 
 
+def value(k: Kernel, expr: str, others: list[dict[str, Any]]) -> Any:
+    """``Kernel.value`` through :func:`execute`: a job's output arriving meanwhile is kept."""
+    import ast
+
+    return ast.literal_eval(execute(k, f"print(repr({expr}))", others).stdout.strip())
+
+
 def of(msgs: list[dict[str, Any]], parent: str, msg_type: str | None = None) -> list[dict[str, Any]]:
     return [
         m for m in msgs
@@ -106,8 +113,8 @@ def test_bg_cell_runs_on_while_other_cells_run_and_binds_at_the_end(kernel: Kern
     ]
     assert panels, "the live panel shows under the --bg cell"
     # The three cells ended well before the job (4 s): it is still running.
-    assert kernel.value(f"{JOB}.jobs()[-1].state") == "running"
-    assert "bg_total" not in kernel.value("list(globals())")
+    assert value(kernel, f"{JOB}.jobs()[-1].state", others) == "running"
+    assert "bg_total" not in value(kernel, "list(globals())", others)
     # Its output arrived meanwhile, under its own cell.
     assert "tick 0" in seen_during[-1]
     execute(kernel, "%isolate_wait", others, timeout=60)
