@@ -382,6 +382,15 @@ def _check_background(shell: Any) -> None:
             "--bg runs the cell in the background on a Jupyter kernel's event loop, and there is "
             "none here (terminal IPython or a script); nothing ran. Run the cell without --bg."
         )
+    if not callable(getattr(shell, "set_thread_parent", None)):
+        import ipykernel
+
+        raise IsolateUsageError(
+            f"--bg needs a kernel that can send output to a cell that is no longer running, and "
+            f"this ipykernel ({ipykernel.__version__}) cannot; nothing ran. Upgrade it "
+            "(pip install -U ipykernel, 7 or newer) and restart the kernel, or run the cell "
+            "without --bg."
+        )
 
 
 def _submit(shell: Any, run: Any, cell: str) -> Any:

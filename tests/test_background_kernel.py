@@ -16,6 +16,15 @@ from .kernel import CellResult, Kernel
 JOB = "__import__('nbisolate.background').background"
 
 
+
+@pytest.fixture(autouse=True)
+def _routing_kernel(kernel: Kernel) -> None:
+    """--bg needs ipykernel's per-context parent (set_thread_parent); older kernels refuse it."""
+    if not kernel.value("callable(getattr(get_ipython(), 'set_thread_parent', None))"):
+        res = kernel.execute("%%isolate --bg\nx = 1")
+        assert "--bg needs a kernel that can send output" in res.stderr + res.error_text
+        pytest.skip("this ipykernel cannot route output to a finished cell: --bg is refused")
+
 def execute(k: Kernel, code: str, others: list[dict[str, Any]], timeout: float = 60.0) -> CellResult:
     """``Kernel.execute``, keeping every IOPub message of *other* requests in ``others``
     (a background job's output carries the parent of the cell that started it)."""
