@@ -784,3 +784,35 @@ def disable_multiprocessing() -> str:
         "multiprocessing: back to its own pickling; notebook-defined functions again fail in "
         "spawned pool workers (use %%isolate, or `%isolate_config mp=on`)."
     )
+
+
+# What a cell leaves bound that belongs to the process that ran it (``with Pool() as pool``
+# binds ``pool``): (module, class) pairs found along the value's type's MRO, never imported.
+_ACTIVITIES = {
+    ("multiprocessing.pool", "Pool"): "a process pool",
+    ("multiprocess.pool", "Pool"): "a process pool",
+    ("concurrent.futures._base", "Executor"): "an executor",
+    ("multiprocessing.process", "BaseProcess"): "a child process",
+    ("multiprocess.process", "BaseProcess"): "a child process",
+    ("threading", "Thread"): "a thread",
+}
+
+
+def left_behind(values: dict[str, Any]) -> dict[str, str]:
+    """The results that are pools, executors, processes or threads of this worker, and why
+    each stays behind: they are running activities of the process that ran the cell, not
+    data, and end with it. Taken out before serializing (pickling a pool fails in every
+    engine, after a costly diagnosis), and named in one short line instead."""
+    found: dict[str, str] = {}
+    for name, value in values.items():
+        for klass in type(value).__mro__:
+            what = _ACTIVITIES.get((klass.__module__, klass.__name__))
+            if what is not None:
+                kind = type(value)
+                found[name] = (
+                    f"{kind.__module__}.{kind.__qualname__} is {what} of the worker process "
+                    "that ran the cell and ended with it; what it computed is in the "
+                    "variables the cell assigned"
+                )
+                break
+    return found

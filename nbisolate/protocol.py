@@ -121,8 +121,10 @@ class ResultBody(TypedDict):
     """The body of ``result``: the names the cell bound (and ``RESULT``), serialized.
 
     ``marked`` says on which pipes the sync mark went out; ``skipped`` maps a
-    name that could not travel to why; ``result_bundle`` is the display bundle
-    of a last value that could not travel itself.
+    name that could not travel to why; ``left`` a name bound to a pool, executor,
+    process or thread of the worker (it ended with it) to what it was;
+    ``result_bundle`` is the display bundle of a last value that could not
+    travel itself.
     """
 
     marked: dict[str, bool]
@@ -131,6 +133,7 @@ class ResultBody(TypedDict):
     engine: str
     sizes: dict[str, int]
     skipped: dict[str, str]
+    left: dict[str, str]
     result_bundle: dict[str, Any] | None
     dump_seconds: float
 

@@ -640,6 +640,9 @@ class CellRun:
                 f"nbisolate: {what} was not copied back: {why.rstrip('.')}. The other results "
                 "arrived; create such objects in a normal cell, or leave them out with --out.\n",
             )
+        for name, why in (body.get("left") or {}).items():
+            self.sink.stream("stderr", f"nbisolate: {name!r} stayed in the worker: {why}.\n")
+            self.skipped[name] = why
         self.namespace.update(values)
         self.returned = list(values)
         self._note_unbound(values)

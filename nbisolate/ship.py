@@ -26,10 +26,13 @@ is what happened:
 * everything else takes the C pickler's own path, including protocol-5
   out-of-band buffers, so arrays are never copied into the stream.
 
-If the fast path cannot serialize something (an open file, say, which dill
-can re-open by name), the whole shipment is redone with ``dill`` alone. All
-variables go through *one* pickler with one memo, so objects shared between
-variables stay shared on the other side (``b['x'] is a`` still holds).
+If the fast path cannot serialize a variable (an open file, say, which dill
+can re-open by name), that variable alone is written by ``dill`` and its bytes
+are embedded in the fast stream (:class:`_ByDill`); everything else keeps the
+fast path and its meaning (a notebook class in another result still comes
+back as the notebook's own, an Enum member is still ``is``-identical). All
+other variables go through *one* pickler with one memo, so objects shared
+between them stay shared on the other side (``b['x'] is a`` still holds).
 """
 
 from __future__ import annotations
@@ -187,7 +190,7 @@ class Shipment:
     by-reference variable is looked up by. :attr:`travel` gathers them per
     variable and :attr:`how` gives the routes as short labels (``pickle``,
     ``pickle + shared memory``, ``by reference``, ``by value``,
-    ``module (re-imported)``, ``dill (whole shipment)``), both built on first
+    ``module (re-imported)``, ``dill``), both built on first
     use, off the per-cell path. Shared memory is decided from the whole
     shipment's buffers exactly as :meth:`nbisolate.wire.Channel.send` decides
     it, so the label says what the local channel does with them.
@@ -279,14 +282,15 @@ def _describe_failure(name: str, value: Any, exc: BaseException) -> tuple[str, s
 
 
 def _attempt(
-    pickler_factory: Any, values: Mapping[str, Any], names: Sequence[str], engine: str = "pickle"
+    pickler_factory: Any, values: Mapping[str, Any], names: Sequence[str]
 ) -> tuple[Shipment | None, str | None, BaseException | None]:
     """Serialize ``names`` in one pickler; on failure, the name that failed and why.
 
     Each value's route is noted as it is written: :func:`nbisolate.travel.route`
     of the value (the call the fast pickler itself makes for modules,
-    functions and classes), ``DILL`` for all but modules under the dill engine,
-    and ``SHARED_MEMORY`` for values with buffers once the total is known.
+    functions and classes), ``DILL`` for a value only dill could write
+    (:class:`_ByDill`), and ``SHARED_MEMORY`` for values with buffers once the
+    total is known.
     """
     file = io.BytesIO()
     buffers: list[pickle.PickleBuffer] = []
@@ -316,10 +320,9 @@ def _attempt(
         now = getattr(pickler, "copied", 0)
         if now != copied:
             by_value[name], copied = now - copied, now
-        taken = _PICKLE if type(value) in _PLAIN else route(value)
-        if engine == "dill" and taken is not _MODULE:
-            taken = _DILL
-        elif taken is _REFERENCE:
+        kind = type(value)
+        taken = _PICKLE if kind in _PLAIN else _DILL if kind is _ByDill else route(value)
+        if taken is _REFERENCE:
             references[name] = reference_name(value)
         routes[name] = taken
     raw = [b.raw() for b in buffers]
@@ -413,6 +416,39 @@ def dill_pickler(file: Any, buffer_callback: Any = None) -> pickle.Pickler:
     )
 
 
+class _ByDill:
+    """One variable written by dill, travelling inside the fast stream.
+
+    Why per variable and not the whole shipment: redoing everything with dill
+    would drop what the fast path keeps (a notebook class goes back as the
+    notebook's own, an Enum member stays ``is``-identical, modules follow
+    their package); one open file among the results must not change the
+    meaning of the others. The dill bytes are one argument of the reduction,
+    and dill's out-of-band buffers are ``PickleBuffer`` arguments, which the
+    fast pickler sends out of band in turn: arrays inside still go through
+    shared memory. What is shared between this variable and another is not
+    shared on the other side (two memos); the fallback is for the rare value.
+    """
+
+    __slots__ = ("data", "buffers")
+
+    def __init__(self, value: Any) -> None:
+        file = io.BytesIO()
+        buffers: list[pickle.PickleBuffer] = []
+        dill_pickler(file, buffer_callback=buffers.append).dump(value)
+        self.data = file.getvalue()
+        self.buffers = buffers
+
+    def __reduce__(self) -> tuple[Any, tuple[bytes, list[pickle.PickleBuffer]]]:
+        return _load_dill, (self.data, self.buffers)
+
+
+def _load_dill(data: bytes, buffers: list[Any]) -> Any:
+    import dill
+
+    return dill.Unpickler(io.BytesIO(data), buffers=buffers, ignore=True).load()
+
+
 def dumps(
     values: Mapping[str, Any],
     *,
@@ -440,33 +476,35 @@ def dumps(
     def fast(file: Any, buffer_callback: Any = None) -> pickle.Pickler:
         return fast_pickler(file, buffer_callback, main=main, names=uses, returning=returning)
 
-    for engine, factory in (("pickle", fast), ("dill", dill_pickler)):
-        todo = [n for n in names if n not in skipped]
-        while True:
-            shipment, failed, exc = _attempt(factory, values, todo, engine)
-            if shipment is not None:
-                shipment.engine = engine
-                shipment.skipped = skipped
-                return shipment
-            assert failed is not None and exc is not None
-            if engine == "pickle":
-                break  # redo everything with dill, which handles more kinds
-            detail, path, report = _describe_failure(failed, values[failed], exc)
-            if not skip_failures:
-                value = values[failed]
-                error = ShipError(
-                    f"cannot send variable {failed!r} ({type(value).__module__}."
-                    f"{type(value).__qualname__}) to the worker: {detail.rstrip('.')}. Nothing ran. "
-                    f"Create it inside the isolated cell instead, or leave it out of the "
-                    f"inputs; `%pickle_check {failed}` shows every problem in it.",
-                    name=failed,
-                    path=path,
-                )
-                error.report = report  # the panel lists every problem without diagnosing again
-                raise error from exc
-            skipped[failed] = f"{type(values[failed]).__module__}.{type(values[failed]).__qualname__}: {detail}"
-            todo = [n for n in todo if n != failed]
-    raise AssertionError("unreachable")  # pragma: no cover
+    todo = list(names)
+    ready: dict[str, Any] = dict(values)  # a value only dill can write is replaced by its _ByDill
+    while True:
+        shipment, failed, exc = _attempt(fast, ready, todo)
+        if shipment is not None:
+            shipment.skipped = skipped
+            return shipment
+        assert failed is not None and exc is not None
+        if type(ready[failed]) is not _ByDill:
+            try:
+                ready[failed] = _ByDill(values[failed])
+                continue  # again, with this one variable written by dill
+            except Exception as dill_exc:
+                exc = dill_exc
+        detail, path, report = _describe_failure(failed, values[failed], exc)
+        if not skip_failures:
+            value = values[failed]
+            error = ShipError(
+                f"cannot send variable {failed!r} ({type(value).__module__}."
+                f"{type(value).__qualname__}) to the worker: {detail.rstrip('.')}. Nothing ran. "
+                f"Create it inside the isolated cell instead, or leave it out of the "
+                f"inputs; `%pickle_check {failed}` shows every problem in it.",
+                name=failed,
+                path=path,
+            )
+            error.report = report  # the panel lists every problem without diagnosing again
+            raise error from exc
+        skipped[failed] = f"{type(values[failed]).__module__}.{type(values[failed]).__qualname__}: {detail}"
+        todo = [n for n in todo if n != failed]
 
 
 def loads(
@@ -508,6 +546,12 @@ def loads(
             except Exception as exc:
                 if failed is None or starts is None or len(starts) != len(names):
                     raise
+                if failed and isinstance(exc, pickle.UnpicklingError) and "memo" in str(exc).lower():
+                    # It refers to something written inside a value that failed before it.
+                    exc = pickle.UnpicklingError(
+                        f"it shares objects with {', '.join(map(repr, failed))}, which could "
+                        "not be rebuilt"
+                    )
                 failed[name] = exc
                 if i + 1 < len(names):
                     # What loaded before stays in the memo; the next value starts afresh.

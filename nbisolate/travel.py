@@ -41,9 +41,11 @@ The routes, and the CPython/pickle behaviour behind each:
     identity kept both ways), in the same stream and memo as everything else:
     a factory and the class it builds arrive as one.
 ``DILL``
-    When the fast path cannot serialize something at all (an open file, which
-    dill re-opens by name), the *whole* shipment is redone with dill alone (:func:`nbisolate.ship.dumps`), which is slower but handles
-    more kinds; modules are still re-imported and arrays still out of band.
+    When the fast path cannot serialize a variable at all (an open file,
+    which dill re-opens by name), that variable alone is written by dill and
+    embedded in the fast stream (:class:`nbisolate.ship._ByDill`); the others
+    keep the fast path and its meaning. Modules are still re-imported and
+    arrays still out of band.
 
 Standard library only at import (dill and numpy are never imported here), as
 the worker imports it through :mod:`nbisolate.ship`.
@@ -66,7 +68,7 @@ class Route(str, enum.Enum):
     PICKLE = "pickle"
     SHARED_MEMORY = "pickle + shared memory"
     BY_VALUE = "by value"
-    DILL = "dill (whole shipment)"
+    DILL = "dill"
 
     def __str__(self) -> str:
         return self.value

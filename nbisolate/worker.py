@@ -613,6 +613,9 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
     bundle = None
     if tail is not None and value is not None:
         out[RESULT] = value
+    behind = pools.left_behind(out)
+    for name in behind:
+        del out[name]
     shipped = ship.dumps(out, skip_failures=True, main=ns, returning=True)
     shipped, too_big = _fit_result(out, shipped, job.get("max_result"), ns)
     display_worker.explain_skipped(shipped.skipped, out)
@@ -632,6 +635,7 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
             "sizes": shipped.sizes,
             "starts": shipped.starts,
             "skipped": shipped.skipped,
+            "left": behind,
             "result_bundle": bundle,
             "dump_seconds": time.perf_counter() - t3,
         },

@@ -281,7 +281,7 @@ def test_the_isolate_column_judges_ships_own_two_tries(tmp_path):
     path.write_text("kept")
     with open(path) as fh:
         report = pickle_check({"fh": fh}, "h", serializers=["dill"])
-        assert report.isolate_ok and ship.dumps({"h": {"fh": fh}}).engine == "dill"
+        assert report.isolate_ok and ship.dumps({"h": {"fh": fh}}).how == {"h": "dill"}
     assert path.read_text() == "kept"
 
 

@@ -385,3 +385,55 @@ def test_a_class_made_in_one_isolated_cell_travels_to_the_next_and_back(kernel):
     assert kernel.value("(type(w) is Vec, type(u) is Vec, u.x, w.x)") == (True, True, 10, 2)
     res = kernel.run("print(Vec(3).double().x)")  # in the kernel, as an ordinary cell
     assert res.stdout.strip() == "6"
+
+
+def test_one_value_only_dill_can_write_leaves_the_others_their_meaning(kernel, tmp_path):
+    """An open file among the results (dill re-opens it), a notebook Enum member, an instance
+    of a notebook class, a user's own spawn pool over a notebook function and an IPython
+    line, all in one cell: each keeps what it means in an ordinary cell."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("kept")
+    kernel.run(
+        cell(
+            f"""
+            import enum
+            class P:
+                def __init__(self, v): self.v = v
+            class C(enum.Enum):
+                A = 1
+                B = 2
+            def sq(x): return x * x
+            word = "hi"
+            notes_path = {str(notes)!r}
+            """
+        )
+    )
+    res = kernel.execute(
+        "%%isolate --timeout 60\n"
+        + cell(
+            """
+            from multiprocessing import get_context
+            p = P(2)
+            c = C.A
+            fh = open(notes_path)
+            with get_context("spawn").Pool(2) as pool:
+                squares = pool.map(sq, range(4))
+            echoed = !echo $word
+            """
+        ),
+        timeout=120,
+    )
+    assert res.ok, res.error_text + res.stderr
+    assert "Memo" not in res.stderr and "PicklingWarning" not in res.stderr, res.stderr
+    assert "'pool' stayed in the worker: multiprocessing.pool.Pool is a process pool" in res.stderr
+    assert "not copied back" not in res.stderr, res.stderr
+    assert kernel.value(
+        "(type(p) is P, c is C.A, squares, list(echoed), fh.read(), get_context('spawn').get_start_method())"
+    ) == (True, True, [0, 1, 4, 9], ["hi"], "kept", "spawn")
+    shown = "".join(
+        str(m["content"]["data"].get("text/html", ""))
+        for m in res.messages
+        if m["msg_type"] in ("display_data", "update_display_data")
+    )
+    kernel.run("fh.close()")
+    assert "whole shipment" not in shown

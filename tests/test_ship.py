@@ -66,7 +66,7 @@ def test_falls_back_to_dill_for_what_only_dill_can_do(tmp_path):
     path.write_text("hello")
     with open(path) as fh:
         s, out = roundtrip({"fh": fh})
-    assert s.engine == "dill"
+    assert s.how == {"fh": "dill"}
     assert out["fh"].read() == "hello"
     out["fh"].close()
 
@@ -148,12 +148,12 @@ def test_dill_fallback_reimports_local_modules_and_keeps_arrays_out_of_band(tmp_
 
     arr = np.arange(50_000, dtype=np.float64)
     with open(tmp_path / "local_helper_mod.py") as fh:  # only dill can ship an open file
-        s, out = roundtrip({"fh": fh, "holder": {"mod": local_helper_mod, "arr": arr}})
-    assert s.engine == "dill"
+        s, out = roundtrip({"holder": {"fh": fh, "mod": local_helper_mod, "arr": arr}, "n": 1})
+    assert s.how == {"holder": "dill", "n": "pickle"}
     assert out["holder"]["mod"] is local_helper_mod  # re-imported, not rebuilt by value
-    assert len(s.buffers) == 1 and len(s.data) < arr.nbytes
+    assert len(s.buffers) == 1 and len(s.data) < arr.nbytes  # dill's buffer, out of band still
     np.testing.assert_array_equal(out["holder"]["arr"], arr)
-    out["fh"].close()
+    out["holder"]["fh"].close()
 
 
 class _Fragile:
@@ -189,3 +189,20 @@ def test_a_value_that_cannot_be_rebuilt_is_named_and_the_rest_loads():
             ship.loads(s.names, s.data, s.buffers, s.engine)
         finally:
             _Fragile.fail = False
+
+
+def test_a_value_sharing_objects_with_one_that_failed_says_so():
+    inner = {"k": [1, 2, 3]}
+    part = _Fragile()
+    part.n = 1
+    fragile = [part, inner]  # inner is written after the part whose rebuilding raises
+    s = ship.dumps({"fragile": fragile, "later": inner, "plain": 5})
+    failed: dict[str, BaseException] = {}
+    _Fragile.fail = True
+    try:
+        out = ship.loads(s.names, s.data, s.buffers, s.engine, starts=s.starts, failed=failed)
+    finally:
+        _Fragile.fail = False
+    assert out == {"plain": 5}
+    assert list(failed) == ["fragile", "later"]
+    assert "shares objects with 'fragile'" in str(failed["later"])

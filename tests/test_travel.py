@@ -105,14 +105,12 @@ def test_containers_count_what_went_by_value_inside() -> None:
     assert s.how["v"] == "pickle" and s.travel["v"].by_value == 2
 
 
-def test_the_whole_shipment_fallback_is_labelled_dill(tmp_path) -> None:
+def test_only_the_variable_the_fast_path_cannot_write_goes_by_dill(tmp_path) -> None:
     path = tmp_path / "f.txt"
     path.write_text("x")
     with open(path) as fh:
-        s = ship.dumps({"fh": fh, "mod": json, "n": 1})
-    assert s.engine == "dill"
-    assert s.how == {"fh": "dill (whole shipment)", "mod": "module (re-imported)",
-                     "n": "dill (whole shipment)"}
+        s = ship.dumps({"fh": fh, "mod": json, "n": 1, "f": _closure()})
+    assert s.how == {"fh": "dill", "mod": "module (re-imported)", "n": "pickle", "f": "by value"}
 
 
 def test_the_route_is_the_decision_the_pickler_carried_out() -> None:

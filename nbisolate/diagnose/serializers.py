@@ -243,7 +243,7 @@ def _dump_isolate(obj: Any, sink: Any, cb: Any, deadline: float) -> _Dumped:
     """``%%isolate``'s two tries, as :func:`nbisolate.ship.dumps` makes them for one value.
 
     First the fast path (the C pickler with ship's per-object routes); if that
-    raises, ship redoes the whole shipment with dill, so the check starts over
+    raises, ship writes that variable with dill instead, so the check starts over
     with ship's dill pickler (``sink.reset()`` and ``cb.reset()`` forget the
     first try's bytes and buffers). Only the dill try checks the clock: the
     fast path runs at C speed.
