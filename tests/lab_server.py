@@ -358,6 +358,32 @@ def lab_page(
             browser.close()
 
 
+def lab_fixtures(name: str, cells: list[str], width: int = 1400) -> tuple[Any, Any, Any]:
+    """The three module-scoped fixtures of a browser test module: ``chromium`` (or a skip
+    saying what is missing), ``lab`` (a server with notebook ``name`` of ``cells``) and
+    ``page`` (that notebook open, its kernel idle). Bind them in the module:
+    ``chromium, lab, page = lab_fixtures(NOTEBOOK, CELLS)``."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def chromium() -> str:
+        return require_chromium()
+
+    @pytest.fixture(scope="module")
+    def lab(tmp_path_factory: pytest.TempPathFactory, chromium: str) -> Iterator[LabServer]:
+        root, state = tmp_path_factory.mktemp("lab-root"), tmp_path_factory.mktemp("lab-state")
+        with running_lab(root, state, cells, name) as server:
+            yield server
+
+    @pytest.fixture(scope="module")
+    def page(lab: LabServer, chromium: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+        home = tmp_path_factory.mktemp("browser-home")
+        with lab_page(lab, chromium, name, home, width=width) as opened:
+            yield opened
+
+    return chromium, lab, page
+
+
 def wait_kernel_idle(page: Any, timeout: float = 30_000) -> None:
     page.wait_for_function(f"() => ({KERNEL_JS})() === 'idle'", timeout=timeout)
 

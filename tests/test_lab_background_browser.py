@@ -6,18 +6,14 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from .lab_server import (
     SCREENSHOTS,
-    LabServer,
     cell,
-    lab_page,
-    require_chromium,
-    running_lab,
+    lab_fixtures,
     select_cell,
     wait_kernel_idle,
 )
@@ -37,22 +33,7 @@ CELLS = [
 LOAD, BG, ORDINARY, LONG, RELOAD = range(5)
 
 
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    return require_chromium()
-
-
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory, chromium: str) -> Iterator[LabServer]:
-    root = tmp_path_factory.mktemp("lab-root")
-    with running_lab(root, tmp_path_factory.mktemp("lab-state"), CELLS, NOTEBOOK) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def page(lab: LabServer, chromium: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    with lab_page(lab, chromium, NOTEBOOK, tmp_path_factory.mktemp("browser-home")) as page:
-        yield page
+chromium, lab, page = lab_fixtures(NOTEBOOK, CELLS)
 
 
 def output_text(page: Any, index: int) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,11 +19,9 @@ from .lab_server import (
     SCREENSHOTS,
     LabServer,
     cell,
-    lab_page,
+    lab_fixtures,
     labextension_build,
     labextension_list,
-    require_chromium,
-    running_lab,
     select_cell,
     wait_kernel_idle,
 )
@@ -41,22 +38,7 @@ CELLS = [
 ]
 KERNEL_CELL, WORKER_CELL, SLEEP_CELL, TOGGLE_CELL, PANEL_CELL = range(5)
 
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    return require_chromium()
-
-
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory, chromium: str) -> Iterator[LabServer]:
-    root = tmp_path_factory.mktemp("lab-root")
-    with running_lab(root, tmp_path_factory.mktemp("lab-state"), CELLS, NOTEBOOK) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def page(lab: LabServer, chromium: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    with lab_page(lab, chromium, NOTEBOOK, tmp_path_factory.mktemp("browser-home")) as page:
-        yield page
+chromium, lab, page = lab_fixtures(NOTEBOOK, CELLS)
 
 
 def shot(page: Any, name: str) -> None:

@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from .lab_server import (
     SCREENSHOTS,
-    LabServer,
     cell,
-    lab_page,
-    require_chromium,
-    running_lab,
+    lab_fixtures,
     select_cell,
 )
 
@@ -44,23 +40,7 @@ CELLS = [
 ]
 SETUP, LIVE, STOPPED, DEFINE, UNSHIPPABLE, CLEARING = range(6)
 
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    return require_chromium()
-
-
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory, chromium: str) -> Iterator[LabServer]:
-    root = tmp_path_factory.mktemp("panel-lab-root")
-    with running_lab(root, tmp_path_factory.mktemp("panel-lab-state"), CELLS, NOTEBOOK) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def page(lab: LabServer, chromium: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    home = tmp_path_factory.mktemp("panel-browser-home")
-    with lab_page(lab, chromium, NOTEBOOK, home, width=1280) as page:
-        yield page
+chromium, lab, page = lab_fixtures(NOTEBOOK, CELLS, width=1280)
 
 
 def run_cell(page: Any, index: int) -> None:
