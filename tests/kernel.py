@@ -81,7 +81,16 @@ class Kernel:
     def pid(self) -> int:
         return self.km.provisioner.process.pid  # type: ignore[union-attr]
 
-    def execute(self, code: str, timeout: float = 60.0, allow_error: bool = True) -> CellResult:
+    def execute(
+        self,
+        code: str,
+        timeout: float = 60.0,
+        allow_error: bool = True,
+        others: list[dict[str, Any]] | None = None,
+    ) -> CellResult:
+        """Run ``code`` and collect its IOPub messages until idle. With ``others``, IOPub
+        messages of *other* requests go there instead of being dropped (a background job's
+        output carries the parent header of the cell that started it)."""
         start = time.perf_counter()
         msg_id = self.kc.execute(code)
         result = CellResult(reply={})
@@ -93,6 +102,8 @@ class Kernel:
                 raise TimeoutError(f"no idle status within {timeout} s for: {code[:80]!r}")
             msg = self.kc.get_iopub_msg(timeout=remaining)
             if msg["parent_header"].get("msg_id") != msg_id:
+                if others is not None:
+                    others.append(msg)
                 continue
             if msg["msg_type"] == "status":
                 idle = msg["content"]["execution_state"] == "idle"

@@ -2,40 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from .conftest import wait_until
 from .kernel import Kernel
-from .test_background_kernel import drain, execute, of, text_of
+from .test_background_kernel import _routing_kernel, drain, execute, of, text_of  # noqa: F401 (fixture)
 
 pytest.importorskip("distributed")
 
-from .test_dask_kernel import Cluster, gone
+from .test_dask_kernel import Cluster, cluster  # noqa: F401 (fixture)
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    c = Cluster()
-    try:
-        yield c
-    finally:
-        c.close()
-        assert wait_until(lambda: all(gone(pid) for pid in c.seen), 20)
-
-
-
-@pytest.fixture(autouse=True)
-def _routing_kernel(kernel: Kernel) -> None:
-    """--bg needs ipykernel's per-context parent (set_thread_parent); older kernels refuse it."""
-    if not kernel.value("callable(getattr(get_ipython(), 'set_thread_parent', None))"):
-        res = kernel.execute("%%isolate --bg\nx = 1")
-        assert "--bg needs a kernel that can send output" in res.stderr + res.error_text
-        pytest.skip("this ipykernel cannot route output to a finished cell: --bg is refused")
-
-def test_background_job_on_a_dask_worker(kernel: Kernel, cluster: Cluster) -> None:
+def test_background_job_on_a_dask_worker(kernel: Kernel, cluster: Cluster) -> None:  # noqa: F811 (the imported fixture)
     others: list[dict[str, Any]] = []
     kernel.run(f"%isolate_config scheduler={cluster.address}")
     r = execute(

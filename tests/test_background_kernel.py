@@ -26,29 +26,8 @@ def _routing_kernel(kernel: Kernel) -> None:
         pytest.skip("this ipykernel cannot route output to a finished cell: --bg is refused")
 
 def execute(k: Kernel, code: str, others: list[dict[str, Any]], timeout: float = 60.0) -> CellResult:
-    """``Kernel.execute``, keeping every IOPub message of *other* requests in ``others``
-    (a background job's output carries the parent of the cell that started it)."""
-    start = time.perf_counter()
-    msg_id = k.kc.execute(code)
-    result = CellResult(reply={})
-    deadline = time.monotonic() + timeout
-    idle = False
-    while not idle:
-        msg = k.kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
-        if msg["parent_header"].get("msg_id") != msg_id:
-            others.append(msg)
-            continue
-        if msg["msg_type"] == "status":
-            idle = msg["content"]["execution_state"] == "idle"
-            continue
-        result.messages.append(msg)
-        result.times.append(time.perf_counter() - start)
-    reply = k.kc.get_shell_msg(timeout=max(1.0, deadline - time.monotonic()))
-    while reply["parent_header"].get("msg_id") != msg_id:
-        reply = k.kc.get_shell_msg(timeout=max(1.0, deadline - time.monotonic()))
-    result.reply = reply
-    result.reply_time = time.perf_counter() - start
-    return result
+    """``Kernel.execute``, keeping every IOPub message of *other* requests in ``others``."""
+    return k.execute(code, timeout=timeout, others=others)
 
 
 def drain(k: Kernel, others: list[dict[str, Any]], seconds: float = 0.5) -> None:
