@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
@@ -45,26 +46,29 @@ def wait_until(predicate, timeout: float = 5.0, interval: float = 0.05) -> bool:
     return predicate()
 
 
-@pytest.fixture(scope="module")
-def kernel() -> Iterator[Kernel]:
-    """A kernel with the extension loaded, shared by the tests of one module."""
+@contextlib.contextmanager
+def loaded_kernel() -> Iterator[Kernel]:
+    """A new kernel with the extension loaded, shut down (with its workers) afterwards."""
     k = Kernel()
     try:
         k.run("%load_ext nbisolate")
         yield k
     finally:
         k.shutdown()
+
+
+@pytest.fixture(scope="module")
+def kernel() -> Iterator[Kernel]:
+    """A kernel with the extension loaded, shared by the tests of one module."""
+    with loaded_kernel() as k:
+        yield k
 
 
 @pytest.fixture
 def fresh_kernel() -> Iterator[Kernel]:
     """A kernel of its own, for tests that interrupt, restart or kill it."""
-    k = Kernel()
-    try:
-        k.run("%load_ext nbisolate")
+    with loaded_kernel() as k:
         yield k
-    finally:
-        k.shutdown()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from .conftest import wait_until
+from .conftest import loaded_kernel, wait_until
 from .kernel import Kernel
 
 pytest.importorskip("distributed")
@@ -399,17 +399,13 @@ def test_all_failing_sweep_binds_nothing(kernel):
 
 
 def test_local_cluster_is_started_once_said_on_stderr_and_stopped_with_the_kernel():
-    k = Kernel()
-    try:
-        k.run("%load_ext nbisolate")
+    with loaded_kernel() as k:
         res = k.run("%%isolate --backend dask\nimport os\nwhere = os.getppid()", timeout=90)
         assert "a local Dask cluster was started: 2 worker processes x 1 thread" in res.stderr
         again = k.run("%%isolate --backend dask\nwhere2 = 1", timeout=60)
         assert "local Dask cluster" not in again.stderr
         tree = [p.pid for p in psutil.Process(k.pid).children(recursive=True)]
         assert k.value("where") in tree
-    finally:
-        k.shutdown()
     assert wait_until(lambda: all(gone(pid) for pid in tree), 20)
 
 

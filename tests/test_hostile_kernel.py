@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .conftest import wait_until
+from .conftest import loaded_kernel, wait_until
 from .kernel import Kernel
 from .test_faults_kernel import run_and_act, workers_of
 
@@ -27,12 +27,9 @@ def cell(code: str) -> str:
 @pytest.fixture
 def pkg_kernel(tmp_path) -> Iterator[Kernel]:
     """A kernel of its own whose sys.path has a directory for the test's notebook packages."""
-    k = Kernel()
-    try:
-        k.run(f"%load_ext nbisolate\nimport sys\nsys.path.insert(0, {str(tmp_path)!r})\nguard = 'kept'")
+    with loaded_kernel() as k:
+        k.run(f"import sys\nsys.path.insert(0, {str(tmp_path)!r})\nguard = 'kept'")
         yield k
-    finally:
-        k.shutdown()
 
 
 def template_pid(k: Kernel) -> int:
@@ -157,13 +154,10 @@ PROXIES = cell(
 
 @pytest.fixture(scope="module")
 def proxy_kernel() -> Iterator[Kernel]:
-    k = Kernel()
-    try:
-        k.run("%load_ext nbisolate\nguard = 'kept'")
+    with loaded_kernel() as k:
+        k.run("guard = 'kept'")
         k.run(PROXIES)
         yield k
-    finally:
-        k.shutdown()
 
 
 def test_variables_a_cell_does_not_use_are_never_touched(proxy_kernel):

@@ -17,7 +17,7 @@ import time
 import psutil
 import pytest
 
-from .conftest import wait_until
+from .conftest import loaded_kernel, wait_until
 from .kernel import Kernel
 
 METHODS = multiprocessing.get_all_start_methods()
@@ -129,12 +129,8 @@ def test_pools_work_inside_an_isolated_cell(kernel, kind, method):
 def mp_kernel():
     """A kernel of their own for ordinary cells: the forkserver and loky's workers stay in it."""
     pytest.importorskip("joblib")
-    k = Kernel()
-    try:
-        k.run("%load_ext nbisolate")
+    with loaded_kernel() as k:
         yield k
-    finally:
-        k.shutdown()
 
 
 @pytest.mark.parametrize(("kind", "method"), _cases())
