@@ -141,6 +141,13 @@ class _ModuleScope(ast.NodeVisitor):
         else:  # del x needs x
             self._read(node.id)
 
+    def visit_Call(self, node: ast.Call) -> None:
+        self.generic_visit(node)
+        inner = magic_code(node)
+        if inner is not None:  # %time x = f(): the statement runs in the namespace, as written
+            for stmt in inner.body:
+                self.visit(stmt)
+
     def visit_Assign(self, node: ast.Assign) -> None:
         self.visit(node.value)
         self._visit_all(node.targets)
@@ -322,6 +329,43 @@ def _nested_globals(source: str) -> tuple[set[str], set[str]]:
     return reads, writes
 
 
+# Magics whose argument (line) or body (cell) is Python run in the user's namespace.
+_CODE_MAGICS = frozenset({"time", "timeit", "prun"})
+
+
+def magic_code(node: ast.AST) -> ast.Module | None:
+    """The Python a ``%time``/``%timeit``/``%prun`` line or cell runs, parsed; else None.
+
+    IPython turns ``%time total = f()`` into ``get_ipython().run_line_magic('time',
+    'total = f()')``: the statement binds ``total`` in the namespace when it runs,
+    so the plan must see it (an input it reads, a result it binds) as if written
+    plainly. Code that is not plain Python (a nested ``!ls``) is left to run time.
+    """
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+        return None
+    owner = node.func.value
+    if not (isinstance(owner, ast.Call) and getattr(owner.func, "id", None) == "get_ipython"):
+        return None
+    args = node.args
+    if not args or not (isinstance(args[0], ast.Constant) and args[0].value in _CODE_MAGICS):
+        return None
+    if node.func.attr == "run_line_magic" and len(args) >= 2:
+        code = args[1]
+    elif node.func.attr == "run_cell_magic" and len(args) >= 3:
+        code = args[2]
+    else:
+        return None
+    if not (isinstance(code, ast.Constant) and isinstance(code.value, str)):
+        return None
+    text = code.value
+    if node.func.attr == "run_line_magic":  # options first: %timeit -n 3 x = f()
+        text = re.sub(r"^\s*(-[a-zA-Z]+(\s+(?!-)[^\s=]+)?\s+)*", "", text)
+    try:
+        return ast.parse(text)
+    except SyntaxError:
+        return None
+
+
 def last_expression(tree: ast.Module) -> ast.Expr | None:
     """The last statement, when it is an expression statement."""
     if tree.body and isinstance(tree.body[-1], ast.Expr):
@@ -413,7 +457,8 @@ def plan_cell(
         missing=missing_reads,
         names=frozenset(
             node.id if isinstance(node, ast.Name) else node.attr
-            for node in ast.walk(tree)
+            for part in (tree, *(m for m in map(magic_code, ast.walk(tree)) if m is not None))
+            for node in ast.walk(part)
             if isinstance(node, (ast.Name, ast.Attribute))
         ),
     )

@@ -63,6 +63,27 @@ def test_time_timeit_env_cd_and_matplotlib_inline(kernel, tmp_path):
     assert kernel.value("__import__('os').environ.get('NBISOLATE_DEMO')") is None
 
 
+def test_what_time_and_timeit_run_reads_inputs_and_binds_results(kernel):
+    """``%time x = f(n)`` binds ``x`` and reads ``f`` and ``n`` in an ordinary cell; so here."""
+    kernel.run("n_items = 1000\ndef work(n):\n    return sum(range(n))")
+    res = kernel.run(
+        cell(
+            """
+            %%isolate
+            %time timed = work(n_items)
+            %timeit -n 1 -r 1 timed_again = work(n_items)
+            for k in range(2):
+                %time looped = work(k + 3)
+            """
+        )
+    )
+    assert "Wall time:" in res.stdout and "per loop" in res.stdout
+    assert kernel.value("(timed, looped)") == (499500, 6)
+    res = kernel.run("%%isolate\n%%time\ncell_timed = work(n_items) + 1")
+    assert "Wall time:" in res.stdout
+    assert kernel.value("cell_timed") == 499501
+
+
 def test_cell_magics_inside_the_body(kernel, tmp_path):
     target = tmp_path / "note.txt"
     res = kernel.run(f"%%isolate\n%%writefile {target}\nwritten in the worker\n")

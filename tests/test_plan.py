@@ -96,3 +96,19 @@ def test_comprehension_reads_are_inputs_and_loop_variables_are_not():
     assert set(plan.inputs) == {"helper", "total", "cfg", "df"}
     assert plan_cell("r = [x for x in range(3)]", NS).inputs == ()
     assert plan_cell("r = [y + 1 for y in x]", NS).inputs == ("x",)
+
+
+@pytest.mark.parametrize(
+    ("python", "inputs", "outputs"),
+    [
+        # what IPython's transform makes of `%time total = work(n)` and friends
+        ("get_ipython().run_line_magic('time', 'total = work(n)')", ("work", "n"), ("total",)),
+        ("get_ipython().run_line_magic('timeit', '-n 3 -r 1 y = f(a)')", ("f", "a"), ("y",)),
+        ("get_ipython().run_cell_magic('time', '', 'z = g(b)\\nw = 2\\n')", ("g", "b"), ("z", "w")),
+        ("get_ipython().run_line_magic('time', '!ls')", (), ()),  # not Python: left to run time
+        ("get_ipython().run_line_magic('env', 'X=1')", (), ()),  # not code
+    ],
+)
+def test_code_run_by_time_magics_is_planned_as_if_written_plainly(python, inputs, outputs):
+    plan = plan_cell(python, {"work", "n", "f", "a", "g", "b"})
+    assert plan.inputs == inputs and plan.outputs == outputs
