@@ -269,6 +269,56 @@ def _patch_pickler(reduction: types.ModuleType) -> None:
     cls = reduction.ForkingPickler
     if cls.__dict__.get("reducer_override") is not _reducer_override:
         _set(cls, "reducer_override", _reducer_override)
+    dumps = cls.__dict__.get("dumps")
+    if isinstance(dumps, classmethod) and not getattr(dumps.__func__, "_nbisolate", False):
+        _set(cls, "dumps", classmethod(_explaining(dumps.__func__)))
+
+
+def _explaining(dumps: Callable[..., Any]) -> Callable[..., Any]:
+    """``ForkingPickler.dumps`` that, when a task cannot be pickled, says which member of which
+    object could not be and what to do (the error alone names only a type: ``cannot pickle
+    '_io.BufferedReader' object``, and nobody can say which attribute holds the file)."""
+
+    def explaining_dumps(cls: type, obj: Any, protocol: int | None = None) -> Any:
+        try:
+            return dumps(cls, obj, protocol)
+        except Exception as exc:
+            note = _culprit_note(obj, exc)
+            if note:
+                _add_note(exc, note)
+            raise
+
+    explaining_dumps._nbisolate = True  # type: ignore[attr-defined]
+    return explaining_dumps
+
+
+def _culprit_note(obj: Any, exc: BaseException) -> str | None:
+    """One paragraph naming the object and member a pool task could not pickle, and the fix."""
+    import ast
+    import re
+
+    try:
+        from .diagnose import pickle_check
+
+        report = pickle_check(obj, name="task", serializers=["pickle"])
+        found = getattr(report, "errors", None) or getattr(report, "problems", [])
+        problems = [p for p in found if getattr(p, "path", None)]
+        if not problems:
+            return None
+        said = str(exc)
+        chosen = next((p for p in problems if said and said in p.reason), problems[0])
+        indices, attrs = re.fullmatch(r"task((?:\[[^\]]+\])*)(.*)", chosen.path).groups()
+        holder = obj
+        for index in re.findall(r"\[([^\]]+)\]", indices):
+            holder = holder[ast.literal_eval(index)]
+    except Exception:  # an explanation is a help, never a second failure
+        return None
+    reason = chosen.reason.split(" (pickle:", 1)[0].rstrip(".")
+    where = f"{type(holder).__qualname__}{attrs}" if attrs else "one of the task's arguments"
+    return (
+        f"nbisolate: the pool could not send a task to its worker: {where} is a "
+        f"{chosen.type_name} ({reason}). Fix: {chosen.fix}"
+    )
 
 
 def _patch_spawn(spawn: types.ModuleType) -> None:
@@ -666,6 +716,8 @@ def _on_sigint(signum: int, frame: Any) -> None:
 def _add_note(exc: BaseException, message: str) -> None:
     if hasattr(exc, "add_note"):
         exc.add_note(message)
+    elif exc.args and isinstance(exc.args[0], str):  # Python 3.10: no notes; the message says it
+        exc.args = (f"{exc.args[0]}\n{message}", *exc.args[1:])
 
 
 def arm() -> None:

@@ -241,6 +241,48 @@ def test_a_process_whose_target_cannot_load_fails_the_cell(kernel):
     assert _workers_gone(kernel), _leftovers(kernel)
 
 
+OPEN_FILE_HOLDER = """
+class Genome:
+    def __init__(self, path):
+        self.fh = open(path, "rb")
+class Embedding:
+    def __init__(self, path):
+        self.genome = Genome(path)
+        self.dim = 4
+def embed(i, e):
+    return i * e.dim
+"""
+
+
+@pytest.mark.parametrize("where", ["isolated", "ordinary"])
+def test_a_task_holding_an_open_file_names_the_member_and_the_fix(kernel, mp_kernel, where, tmp_path):
+    """The DataLoader story: the pool cannot pickle a task, and the error says which member of
+    which object holds the file, not only the file's type."""
+    data = tmp_path / "genome.bin"
+    data.write_bytes(b"ACGT")
+    k = kernel if where == "isolated" else mp_kernel
+    k.run(OPEN_FILE_HOLDER + f"emb = Embedding({str(data)!r})")
+    body = (
+        "from multiprocessing import get_context\n"
+        "with get_context('spawn').Pool(1) as pool:\n"
+        "    out = pool.starmap(embed, [(1, emb)])\n"
+    )
+    if where == "isolated":
+        body = "%%isolate --timeout 60\n" + body
+    else:
+        k.run("%isolate_config mp=on")
+    try:
+        res = k.execute(body, timeout=90)
+    finally:
+        if where == "ordinary":
+            k.run("%isolate_config mp=off")
+    assert not res.ok
+    text = res.error_text + res.stderr
+    assert "cannot pickle '_io.BufferedReader'" in text
+    assert "Embedding.genome.fh is a _io.BufferedReader" in text and "Fix:" in text
+    k.run("emb.genome.fh.close()")
+
+
 SEMAPHORE_CELL = """%%isolate {opts} --quiet --out x
 import multiprocessing, time
 from multiprocessing import shared_memory
