@@ -123,6 +123,7 @@ class ResultBody(TypedDict):
     ``marked`` says on which pipes the sync mark went out; ``skipped`` maps a
     name that could not travel to why; ``left`` a name bound to a pool, executor,
     process or thread of the worker (it ended with it) to what it was;
+    ``mutated`` the inputs the cell changed in place (see :mod:`nbisolate.inplace`);
     ``result_bundle`` is the display bundle of a last value that could not
     travel itself.
     """
@@ -134,6 +135,7 @@ class ResultBody(TypedDict):
     sizes: dict[str, int]
     skipped: dict[str, str]
     left: dict[str, str]
+    mutated: list[str]
     result_bundle: dict[str, Any] | None
     dump_seconds: float
 

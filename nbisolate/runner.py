@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import replace
 from typing import Any
 
-from . import backends, ship
+from . import backends, inplace, ship
 from .backends import Backend, Launch, RunHandle
 from .errors import IsolateError, IsolateTimeout, RemoteError, ShipError, WorkerCrashed
 from .events import Event
@@ -247,6 +247,9 @@ class CellRun:
         # Inputs serialized once for many runs (a sweep's, apart from the swept name): sent
         # as they are, beside this run's own shipment, never serialized again.
         self.shared = shared
+        # In-place changes to inputs come back (inplace.py); not for a job that ends while
+        # the notebook goes on (--bg), nor for the values of a sweep.
+        self.watch = not options.background
         # The notebook's packages, for the template to preload; a sweep looks them up once
         # for all its runs (reading every notebook variable's type per value cost milliseconds).
         self.packages: list[str] | None = None
@@ -399,6 +402,9 @@ class CellRun:
             "data": self.shipment.data,
             "engine": self.shipment.engine,
             "outputs": list(self.plan.outputs),
+            "watch": inplace.watchable(
+                {n: self.namespace[n] for n in self.shipment.names}, self.shipment.sizes
+            ) if self.watch else [],
             "has_result": self.plan.has_result,
             "sys_path": list(sys.path),
             "cwd": _cwd(),
@@ -624,6 +630,7 @@ class CellRun:
                 "rebuilt out with --out, or create it in a normal cell."
             ) from None
         self.phases["return"] = body.get("dump_seconds", 0.0) + (time.perf_counter() - t0)
+        self._apply_in_place(values, body.get("mutated") or ())
         value = values.pop(RESULT, None)
         if body.get("result_bundle") is not None:
             value = RemoteValue(body["result_bundle"])
@@ -650,6 +657,14 @@ class CellRun:
             Event("applied", {"returned": self.returned, "skipped": self.skipped, "phases": self.phases})
         )
         return value
+
+    def _apply_in_place(self, values: dict[str, Any], mutated: Iterable[str]) -> None:
+        """Inputs the cell changed in place: the notebook's own objects take the change."""
+        originals = {n: self.namespace[n] for n in mutated if n in values and n in self.namespace}
+        swap = {id(values[n]): obj for n, obj in originals.items()}
+        for name, original in originals.items():
+            if inplace.apply_in_place(original, values[name], swap):
+                values[name] = original
 
     def _note_unbound(self, values: Mapping[str, Any]) -> None:
         """``--out reslt``: say which names were asked for and not bound (a typo, a branch not taken)."""

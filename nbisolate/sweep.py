@@ -321,6 +321,7 @@ class Sweep:
                     shared=shared,
                 )
                 run.plan = plan  # the same for every value: planned once, above
+                run.watch = False  # values run side by side: no in-place changes come back
                 run.packages = packages
                 if i == 0:  # the others are serialized as they start (see _launch)
                     run.prepare(check=False)

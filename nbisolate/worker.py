@@ -536,7 +536,7 @@ def _fit_result(
 
 def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
     global _stage
-    from . import ship
+    from . import inplace, ship
 
     t0 = time.perf_counter()
     os.chdir(job["cwd"])
@@ -558,6 +558,7 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
         buffers = buffers[count:]
     ns.update(ship.loads(job["inputs"], job["data"], buffers, job["engine"], ns))
     del buffers
+    watched = inplace.snapshot(ns, job.get("watch") or ())
     chan.send(MSG_PHASE, ("load", time.perf_counter() - t1))
 
     filename = job["filename"]
@@ -610,6 +611,11 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
     t3 = time.perf_counter()
     _stage = "return"
     out = {name: ns[name] for name in job["outputs"] if name in ns}
+    mutated, same = inplace.changed(ns, watched)
+    for name in same:  # still the notebook's object, unchanged: it keeps its own
+        out.pop(name, None)
+    for name in mutated:
+        out[name] = ns[name]
     bundle = None
     if tail is not None and value is not None:
         out[RESULT] = value
@@ -636,6 +642,7 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
             "starts": shipped.starts,
             "skipped": shipped.skipped,
             "left": behind,
+            "mutated": [name for name in mutated if name in shipped.names],
             "result_bundle": bundle,
             "dump_seconds": time.perf_counter() - t3,
         },

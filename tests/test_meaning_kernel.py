@@ -437,3 +437,74 @@ def test_one_value_only_dill_can_write_leaves_the_others_their_meaning(kernel, t
     )
     kernel.run("fh.close()")
     assert "whole shipment" not in shown
+
+
+# -- in-place changes to inputs ------------------------------------------------------------
+
+
+def test_inputs_changed_in_place_change_in_the_notebook(kernel):
+    """``model.fit(...)``, ``history.append(...)``, ``cfg[k] = v``, ``arr[i] = v``: the
+    notebook's own objects take the change, and every other reference to them sees it."""
+    kernel.run(
+        cell(
+            """
+            import numpy as np, pandas as pd
+            from dataclasses import dataclass, field
+            @dataclass
+            class Model:
+                w: float = 0.0
+                seen: list = field(default_factory=list)
+                def fit(self, xs):
+                    self.w = sum(xs) / len(xs)
+                    self.seen.append(len(xs))
+            class Tight:
+                __slots__ = ("v",)
+                def __init__(self): self.v = 0
+            model = Model()
+            models = [model]
+            history = []
+            book = {"h": history}
+            cfg = {"lr": 0.1}
+            grid = np.zeros(4)
+            frame = pd.DataFrame({"a": [1, 2]})
+            tight = Tight()
+            kept = [1, 2]
+            kept_alias = kept
+            """
+        )
+    )
+    isolated(
+        kernel,
+        """
+        model.fit([1, 2, 3])
+        history.append("epoch 1")
+        cfg["lr"] = 0.2
+        grid[1] = 5
+        frame["b"] = frame.a * 10
+        tight.v = 7
+        total = len(kept) + len(book)
+        if total < 0:
+            kept = None
+        """,
+    )
+    assert kernel.value(
+        "(models[0] is model, model.w, model.seen, book['h'] is history, history, cfg, grid.tolist())"
+    ) == (True, 2.0, [3], True, ["epoch 1"], {"lr": 0.2}, [0.0, 5.0, 0.0, 0.0])
+    # Where the notebook's object cannot take the change itself, the name holds the changed copy.
+    assert kernel.value("(list(frame.columns), frame.b.tolist(), tight.v)") == (["a", "b"], [10, 20], 7)
+    # An input the cell did not change keeps its identity, even one the cell might have bound.
+    assert kernel.value("(kept is kept_alias, total)") == (True, 3)
+
+
+def test_a_failed_cell_changes_nothing_in_place(kernel):
+    kernel.run("ledger = []")
+    res = kernel.execute("%%isolate\nledger.append(1)\nraise ValueError('no')")
+    assert not res.ok
+    assert kernel.value("ledger") == []
+
+
+def test_sweep_values_do_not_change_inputs_in_place(kernel):
+    kernel.run("swept = []")
+    res = kernel.execute("%%isolate --over v=range(3)\nswept.append(v)")
+    assert res.ok, res.error_text
+    assert kernel.value("swept") == []

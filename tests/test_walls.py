@@ -25,6 +25,7 @@ WORKER_SIDE = {
     "nbisolate.template",
     "nbisolate.wire",
     "nbisolate.ship",
+    "nbisolate.inplace",
     "nbisolate.byvalue",
     "nbisolate.travel",
     "nbisolate.units",

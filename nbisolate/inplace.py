@@ -1,0 +1,155 @@
+"""In-place changes to inputs come back, as they would in an ordinary cell.
+
+In a notebook, ``model.fit(X, y)``, ``history.append(loss)`` or ``cfg["lr"] = 0.1``
+change an object the notebook holds: nothing is assigned, yet the next cell
+sees the change. An isolated cell works on copies, so without this module such
+a change would stay in the worker, silently: the model would come back unfitted.
+
+How, in three steps and on both sides:
+
+1. **The kernel picks what to watch** (:func:`watchable`): inputs of a type that
+   can change in place (not ``int``, ``str``, ``tuple``..., not modules,
+   functions or classes) whose shipment is small (:data:`WATCH_LIMIT`): watching
+   costs one extra serialization of each before the cell and one after, so large
+   data (a 400 MB array) is not watched, and the README says so.
+2. **The worker compares** (:func:`snapshot` before the cell runs, :func:`changed`
+   after): each watched input still bound to the object that arrived is
+   serialized again with the same pickler, in the same process; different bytes
+   mean it changed. Such a name goes back with the results, marked ``mutated``; a
+   watched input that did not change does not go back at all, even when the cell
+   might have bound it (``if False: x = 1``), so the notebook keeps its object.
+3. **The kernel applies the change to its own object** (:func:`apply_in_place`):
+   the contents of a list, dict, set or bytearray, the attributes of an ordinary
+   object (an estimator, a dataclass), the elements of a NumPy array of the same
+   shape, are replaced inside the notebook's object, so every other reference to
+   it (``models[0]``, an alias) sees the change, as in an ordinary cell. Where
+   that is not possible (a DataFrame, a class with its own ``__setattr__``) the
+   name is bound to the changed copy.
+
+Standard library only: the worker imports it.
+"""
+
+from __future__ import annotations
+
+import io
+import types
+from collections.abc import Iterable, Mapping, MutableMapping
+from typing import Any
+
+WATCH_LIMIT = 1 << 20
+"""Inputs whose shipment is larger than this (bytes) are not watched for in-place changes."""
+
+_UNCHANGEABLE = (
+    int, float, complex, str, bytes, bool, type(None), range, frozenset, tuple,
+    types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type,
+)
+
+
+def watchable(values: Mapping[str, Any], sizes: Mapping[str, int]) -> list[str]:
+    """The inputs worth watching: changeable in place, and small enough to compare cheaply."""
+    return [
+        name
+        for name, value in values.items()
+        if not isinstance(value, _UNCHANGEABLE) and sizes.get(name, WATCH_LIMIT + 1) <= WATCH_LIMIT
+    ]
+
+
+class _TooBig(Exception):
+    pass
+
+
+class _Bounded(io.BytesIO):
+    def write(self, data: Any) -> int:
+        if self.tell() + len(data) > 2 * WATCH_LIMIT:
+            raise _TooBig
+        return super().write(data)
+
+
+def _image(value: Any, main: MutableMapping[str, Any]) -> bytes | None:
+    """The value serialized as the results would be (arrays in the stream): its state now."""
+    from .ship import fast_pickler
+
+    file = _Bounded()
+    try:
+        fast_pickler(file, None, main=main, returning=True).dump(value)
+    except Exception:  # too big, or only dill can write it: not watched
+        return None
+    return file.getvalue()
+
+
+def snapshot(
+    ns: MutableMapping[str, Any], names: Iterable[str]
+) -> dict[str, tuple[Any, bytes]]:
+    """Before the cell runs: each watched input's object and its serialized state."""
+    taken: dict[str, tuple[Any, bytes]] = {}
+    for name in names:
+        if name in ns:
+            image = _image(ns[name], ns)
+            if image is not None:
+                taken[name] = (ns[name], image)
+    return taken
+
+
+def changed(ns: MutableMapping[str, Any], taken: Mapping[str, tuple[Any, bytes]]) -> tuple[list[str], list[str]]:
+    """After the cell ran: (watched inputs still bound to the object that arrived and changed
+    in place, those still bound to it and unchanged)."""
+    mutated: list[str] = []
+    same: list[str] = []
+    for name, (obj, image) in taken.items():
+        if name not in ns or ns[name] is not obj:
+            continue  # the cell bound the name to something else: an ordinary result
+        (same if _image(obj, ns) == image else mutated).append(name)
+    return mutated, same
+
+
+def apply_in_place(original: Any, new: Any, swap: Mapping[int, Any]) -> bool:
+    """Make ``original`` hold what ``new`` holds; False where that cannot be done.
+
+    ``swap`` maps the id of each changed copy to the notebook's original, so a
+    changed input that refers to another (``b = {"a": a}``) refers to the
+    notebook's own object afterwards.
+    """
+    kind = type(original)
+    if kind is not type(new):
+        return False
+
+    def own(value: Any) -> Any:
+        return swap.get(id(value), value)
+
+    try:
+        if isinstance(original, list):
+            original[:] = [own(v) for v in new]
+        elif isinstance(original, dict):
+            original.clear()
+            original.update((k, own(v)) for k, v in new.items())
+        elif isinstance(original, (set, bytearray)):
+            if isinstance(original, set):
+                original.clear()
+                original.update(new)
+            else:
+                original[:] = new
+        elif kind.__name__ == "ndarray" and kind.__module__ == "numpy":
+            if original.shape != new.shape or original.dtype != new.dtype or not original.flags.writeable:
+                return False
+            original[...] = new
+        elif _plain_object(original):
+            state = original.__dict__
+            state.clear()
+            state.update((k, own(v)) for k, v in new.__dict__.items())
+        else:
+            return False
+    except Exception:
+        return False
+    return True
+
+
+def _plain_object(obj: Any) -> bool:
+    """An object whose whole state is its ``__dict__``, set without a custom ``__setattr__``."""
+    kind = type(obj)
+    if kind.__setattr__ is not object.__setattr__ or not hasattr(obj, "__dict__"):
+        return False
+    for klass in kind.__mro__[:-1]:
+        slots = klass.__dict__.get("__slots__")
+        if slots and set([slots] if isinstance(slots, str) else slots) - {"__dict__", "__weakref__"}:
+            return False
+    return not isinstance(obj, (type, types.ModuleType, types.FunctionType))

@@ -1,0 +1,71 @@
+"""In-place changes: what is watched, what counts as changed, how the notebook's object takes it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from nbisolate import inplace, ship
+
+
+class Plain:
+    def __init__(self) -> None:
+        self.w = 0
+
+
+class Guarded:
+    def __setattr__(self, name, value):
+        object.__setattr__(self, name, value)
+
+
+def test_only_small_changeable_inputs_are_watched():
+    values = {"n": 1, "s": "x", "t": (1,), "mod": json, "f": len, "lst": [], "big": [0], "obj": Plain()}
+    sizes = {"lst": 10, "big": inplace.WATCH_LIMIT + 1, "obj": 50}
+    assert inplace.watchable(values, sizes) == ["lst", "obj"]
+
+
+def test_a_change_is_seen_and_an_untouched_or_rebound_input_is_not():
+    ns = {"a": [1], "b": {"k": 1}, "c": Plain(), "d": [0]}
+    taken = inplace.snapshot(ns, ["a", "b", "c", "d"])
+    ns["a"].append(2)
+    ns["c"].w = 3
+    ns["d"] = [0]  # bound to a new object: an ordinary result, not an in-place change
+    assert inplace.changed(ns, taken) == (["a", "c"], ["b"])
+
+
+def test_values_only_dill_can_write_are_not_watched(tmp_path):
+    path = tmp_path / "f"
+    path.write_text("x")
+    with open(path) as fh:
+        assert inplace.snapshot({"fh": fh}, ["fh"]) == {}
+
+
+def test_apply_keeps_the_notebooks_objects_and_their_links():
+    a, holder = [1], {"a": None}
+    holder["a"] = a
+    new_a, new_holder = [1, 2], {"a": None}
+    new_holder["a"] = new_a
+    swap = {id(new_a): a, id(new_holder): holder}
+    assert inplace.apply_in_place(a, new_a, swap) and inplace.apply_in_place(holder, new_holder, swap)
+    assert a == [1, 2] and holder["a"] is a
+
+
+def test_apply_what_can_and_cannot_take_a_change():
+    obj, new = Plain(), Plain()
+    new.w = 5
+    assert inplace.apply_in_place(obj, new, {}) and obj.w == 5
+    arr = np.zeros(3)
+    assert inplace.apply_in_place(arr, np.ones(3), {}) and arr.tolist() == [1, 1, 1]
+    assert not inplace.apply_in_place(np.zeros(3), np.ones(4), {})  # another shape: rebind
+    assert not inplace.apply_in_place(Guarded(), Guarded(), {})  # its own __setattr__
+    assert not inplace.apply_in_place([1], (1,), {})  # another type
+    s, b = {1}, bytearray(b"a")
+    assert inplace.apply_in_place(s, {2}, {}) and s == {2}
+    assert inplace.apply_in_place(b, bytearray(b"bc"), {}) and b == b"bc"
+
+
+def test_the_shipment_sizes_decide_with_the_real_pickler():
+    small, big = [1, 2, 3], np.zeros(inplace.WATCH_LIMIT // 4)
+    s = ship.dumps({"small": small, "big": big})
+    assert inplace.watchable({"small": small, "big": big}, s.sizes) == ["small"]
