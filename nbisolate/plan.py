@@ -57,6 +57,9 @@ class Plan:
     names: frozenset[str] = frozenset()
     """Every identifier and attribute name the code mentions (``xml``, ``dom``, ``minidom``):
     the submodules of a shipped module that the cell reaches are the ones it names."""
+    deletes: tuple[str, ...] = ()
+    """Names the cell may ``del`` at top level: if they are gone when it ends, they go from
+    the notebook too (``del big_tmp`` frees it there, as in an ordinary cell)."""
 
 
 def parse_cell(source: str, first_line: int = 1, filename: str = "<isolated cell>") -> ast.Module:
@@ -98,6 +101,7 @@ class _ModuleScope(ast.NodeVisitor):
         self.free: list[str] = []
         self.binds: list[str] = []
         self.nested: list[ast.AST] = []
+        self.deleted: list[str] = []
         self._depth = 0  # > 0 inside a branch, a loop or a try body
 
     # -- helpers -------------------------------------------------------
@@ -140,6 +144,8 @@ class _ModuleScope(ast.NodeVisitor):
             self._bind(node.id)
         else:  # del x needs x
             self._read(node.id)
+            if node.id not in self.deleted:
+                self.deleted.append(node.id)
 
     def visit_Call(self, node: ast.Call) -> None:
         self.generic_visit(node)
@@ -455,6 +461,7 @@ def plan_cell(
         outputs=out,
         has_result=has_result,
         missing=missing_reads,
+        deletes=tuple(scope.deleted),
         names=frozenset(
             node.id if isinstance(node, ast.Name) else node.attr
             for part in (tree, *(m for m in map(magic_code, ast.walk(tree)) if m is not None))

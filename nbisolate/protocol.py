@@ -103,7 +103,9 @@ class RunPayload(_RunRequired, total=False):
     kernel already used (serializing the inputs), which the supervisor's
     deadline counts; ``shared`` (``inputs``, ``data``, ``engine``, ``buffers``:
     how many of the buffers are its own) is a shipment serialized once for
-    every run of a sweep, loaded before the run's own.
+    every run of a sweep, loaded before the run's own; ``watch`` are inputs
+    to compare before and after the cell (:mod:`nbisolate.inplace`) and
+    ``deletes`` the names the cell may ``del``.
     """
 
     display_source: str
@@ -115,6 +117,8 @@ class RunPayload(_RunRequired, total=False):
     startup: list[str]
     spent: float
     shared: dict[str, Any] | None
+    watch: list[str]
+    deletes: list[str]
 
 
 class ResultBody(TypedDict):
@@ -124,6 +128,7 @@ class ResultBody(TypedDict):
     name that could not travel to why; ``left`` a name bound to a pool, executor,
     process or thread of the worker (it ended with it) to what it was;
     ``mutated`` the inputs the cell changed in place (see :mod:`nbisolate.inplace`);
+    ``deleted`` the names the cell deleted (``del tmp``), to delete in the notebook too;
     ``result_bundle`` is the display bundle of a last value that could not
     travel itself.
     """
@@ -136,6 +141,7 @@ class ResultBody(TypedDict):
     skipped: dict[str, str]
     left: dict[str, str]
     mutated: list[str]
+    deleted: list[str]
     result_bundle: dict[str, Any] | None
     dump_seconds: float
 

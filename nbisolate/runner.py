@@ -406,6 +406,7 @@ class CellRun:
                 {n: self.namespace[n] for n in self.shipment.names}, self.shipment.sizes
             ) if self.watch else [],
             "has_result": self.plan.has_result,
+            "deletes": list(self.plan.deletes),
             "sys_path": list(sys.path),
             "cwd": _cwd(),
             "mem": opts.mem,
@@ -651,6 +652,8 @@ class CellRun:
             self.sink.stream("stderr", f"nbisolate: {name!r} stayed in the worker: {why}.\n")
             self.skipped[name] = why
         self.namespace.update(values)
+        for name in body.get("deleted") or ():  # `del name` in the cell: gone here too
+            self.namespace.pop(name, None)
         self.returned = list(values)
         self._note_unbound(values)
         self._notify(

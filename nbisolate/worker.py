@@ -643,6 +643,7 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
             "skipped": shipped.skipped,
             "left": behind,
             "mutated": [name for name in mutated if name in shipped.names],
+            "deleted": [name for name in job.get("deletes", ()) if name not in ns],
             "result_bundle": bundle,
             "dump_seconds": time.perf_counter() - t3,
         },

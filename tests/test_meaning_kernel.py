@@ -508,3 +508,11 @@ def test_sweep_values_do_not_change_inputs_in_place(kernel):
     res = kernel.execute("%%isolate --over v=range(3)\nswept.append(v)")
     assert res.ok, res.error_text
     assert kernel.value("swept") == []
+
+
+def test_a_name_the_cell_deletes_is_deleted_in_the_notebook(kernel):
+    kernel.run("scratch = list(range(10))\nkept_name = 1\nrebound = 0")
+    isolated(kernel, "size = len(scratch)\ndel scratch\ndel rebound\nrebound = 2")
+    assert kernel.value("('scratch' in globals(), size, kept_name, rebound)") == (False, 10, 1, 2)
+    res = kernel.execute("%%isolate\ndel kept_name\nraise ValueError('no')")
+    assert not res.ok and kernel.value("kept_name") == 1  # a failed cell deletes nothing

@@ -112,3 +112,8 @@ def test_comprehension_reads_are_inputs_and_loop_variables_are_not():
 def test_code_run_by_time_magics_is_planned_as_if_written_plainly(python, inputs, outputs):
     plan = plan_cell(python, {"work", "n", "f", "a", "g", "b"})
     assert plan.inputs == inputs and plan.outputs == outputs
+
+
+def test_deleted_names_are_read_and_noted():
+    plan = plan_cell("del a\nif b:\n    del c", {"a", "b", "c"})
+    assert plan.inputs == ("a", "b", "c") and plan.deletes == ("a", "c")
