@@ -143,10 +143,21 @@ def apply_in_place(original: Any, new: Any, swap: Mapping[int, Any]) -> bool:
     return True
 
 
+class _Reference:
+    """A class with nothing but a ``__dict__``: the size its instances have without C state."""
+
+
 def _plain_object(obj: Any) -> bool:
-    """An object whose whole state is its ``__dict__``, set without a custom ``__setattr__``."""
+    """An object whose whole state is its ``__dict__``, set without a custom ``__setattr__``.
+
+    A subclass of a C type (``random.Random``, an exception) keeps state outside its
+    ``__dict__``: its instances are larger than :class:`_Reference`'s, and such an
+    object is rebound rather than half updated.
+    """
     kind = type(obj)
     if kind.__setattr__ is not object.__setattr__ or not hasattr(obj, "__dict__"):
+        return False
+    if kind.__basicsize__ != _Reference.__basicsize__ or kind.__itemsize__:
         return False
     for klass in kind.__mro__[:-1]:
         slots = klass.__dict__.get("__slots__")

@@ -105,7 +105,8 @@ class RunPayload(_RunRequired, total=False):
     how many of the buffers are its own) is a shipment serialized once for
     every run of a sweep, loaded before the run's own; ``watch`` are inputs
     to compare before and after the cell (:mod:`nbisolate.inplace`) and
-    ``deletes`` the names the cell may ``del``.
+    ``deletes`` the names the cell may ``del``; ``rng`` the kernel's global
+    random states (:mod:`nbisolate.rng`).
     """
 
     display_source: str
@@ -119,6 +120,7 @@ class RunPayload(_RunRequired, total=False):
     shared: dict[str, Any] | None
     watch: list[str]
     deletes: list[str]
+    rng: dict[str, Any] | None
 
 
 class ResultBody(TypedDict):
@@ -129,6 +131,7 @@ class ResultBody(TypedDict):
     process or thread of the worker (it ended with it) to what it was;
     ``mutated`` the inputs the cell changed in place (see :mod:`nbisolate.inplace`);
     ``deleted`` the names the cell deleted (``del tmp``), to delete in the notebook too;
+    ``rng`` the worker's global random states after the cell;
     ``result_bundle`` is the display bundle of a last value that could not
     travel itself.
     """
@@ -142,6 +145,7 @@ class ResultBody(TypedDict):
     left: dict[str, str]
     mutated: list[str]
     deleted: list[str]
+    rng: dict[str, Any] | None
     result_bundle: dict[str, Any] | None
     dump_seconds: float
 

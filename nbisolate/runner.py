@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import replace
 from typing import Any
 
-from . import backends, inplace, ship
+from . import backends, inplace, rng, ship
 from .backends import Backend, Launch, RunHandle
 from .errors import IsolateError, IsolateTimeout, RemoteError, ShipError, WorkerCrashed
 from .events import Event
@@ -250,6 +250,9 @@ class CellRun:
         # In-place changes to inputs come back (inplace.py); not for a job that ends while
         # the notebook goes on (--bg), nor for the values of a sweep.
         self.watch = not options.background
+        # The notebook's global random state goes with the cell (rng.py); not to the values of
+        # a sweep, which would all draw the same numbers.
+        self.carry_random = True
         # The notebook's packages, for the template to preload; a sweep looks them up once
         # for all its runs (reading every notebook variable's type per value cost milliseconds).
         self.packages: list[str] | None = None
@@ -407,6 +410,7 @@ class CellRun:
             ) if self.watch else [],
             "has_result": self.plan.has_result,
             "deletes": list(self.plan.deletes),
+            "rng": rng.capture() if self.carry_random else None,
             "sys_path": list(sys.path),
             "cwd": _cwd(),
             "mem": opts.mem,
@@ -654,6 +658,8 @@ class CellRun:
         self.namespace.update(values)
         for name in body.get("deleted") or ():  # `del name` in the cell: gone here too
             self.namespace.pop(name, None)
+        if not self.options.background:  # a job's state would rewind a notebook that went on
+            rng.restore(body.get("rng"))
         self.returned = list(values)
         self._note_unbound(values)
         self._notify(

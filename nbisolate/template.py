@@ -214,7 +214,7 @@ def main(fd: int) -> None:
     threads_by: str | None = None  # the preloaded package that left a thread running
     last_env: dict[str, str] | None = None  # the kernel's environment, as last sent
     # The worker imports these anyway; paying for them once here is the point.
-    from . import inplace, proctree, ship, wire, worker  # noqa: F401
+    from . import inplace, proctree, rng, ship, wire, worker  # noqa: F401
 
     worker._c_library()  # the C library handle for prctl and fflush, inherited by every fork
 

@@ -536,7 +536,7 @@ def _fit_result(
 
 def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
     global _stage
-    from . import inplace, ship
+    from . import inplace, rng, ship
 
     t0 = time.perf_counter()
     os.chdir(job["cwd"])
@@ -559,6 +559,7 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
     ns.update(ship.loads(job["inputs"], job["data"], buffers, job["engine"], ns))
     del buffers
     watched = inplace.snapshot(ns, job.get("watch") or ())
+    rng.restore(job.get("rng"))
     chan.send(MSG_PHASE, ("load", time.perf_counter() - t1))
 
     filename = job["filename"]
@@ -644,6 +645,7 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
             "left": behind,
             "mutated": [name for name in mutated if name in shipped.names],
             "deleted": [name for name in job.get("deletes", ()) if name not in ns],
+            "rng": rng.capture() if job.get("rng") else None,
             "result_bundle": bundle,
             "dump_seconds": time.perf_counter() - t3,
         },

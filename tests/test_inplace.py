@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import numpy as np
 
@@ -12,6 +13,10 @@ from nbisolate import inplace, ship
 class Plain:
     def __init__(self) -> None:
         self.w = 0
+
+
+class Seeded(random.Random):
+    pass
 
 
 class Guarded:
@@ -59,6 +64,7 @@ def test_apply_what_can_and_cannot_take_a_change():
     assert inplace.apply_in_place(arr, np.ones(3), {}) and arr.tolist() == [1, 1, 1]
     assert not inplace.apply_in_place(np.zeros(3), np.ones(4), {})  # another shape: rebind
     assert not inplace.apply_in_place(Guarded(), Guarded(), {})  # its own __setattr__
+    assert not inplace.apply_in_place(Seeded(1), Seeded(2), {})  # state outside its __dict__
     assert not inplace.apply_in_place([1], (1,), {})  # another type
     s, b = {1}, bytearray(b"a")
     assert inplace.apply_in_place(s, {2}, {}) and s == {2}

@@ -516,3 +516,33 @@ def test_a_name_the_cell_deletes_is_deleted_in_the_notebook(kernel):
     assert kernel.value("('scratch' in globals(), size, kept_name, rebound)") == (False, 10, 1, 2)
     res = kernel.execute("%%isolate\ndel kept_name\nraise ValueError('no')")
     assert not res.ok and kernel.value("kept_name") == 1  # a failed cell deletes nothing
+
+
+# -- the notebook's random state -----------------------------------------------------------
+
+
+def test_seeded_random_draws_are_those_of_ordinary_cells(kernel):
+    """random.seed/np.random.seed in the notebook, then cells that draw: isolated or not,
+    the same numbers, and the sequence goes on across cells."""
+    draw = "drawn = (random.random(), float(np.random.rand()))"
+    kernel.run("import random, numpy as np\nrandom.seed(7); np.random.seed(7)")
+    isolated(kernel, draw.replace("drawn", "first"))
+    kernel.run(draw.replace("drawn", "second"))  # an ordinary cell goes on from the worker's
+    isolated(kernel, "third = random.random()")
+    expected = kernel.run(
+        "random.seed(7); np.random.seed(7)\n"
+        + draw.replace("drawn", "e1") + "\n" + draw.replace("drawn", "e2")
+        + "\ne3 = random.random()\nprint(repr((e1, e2, e3)))"
+    ).stdout.strip()
+    assert repr(kernel.value("(first, second, third)")) == expected
+    # A failed cell leaves the state where it was.
+    kernel.run("random.seed(3)")
+    assert not kernel.execute("%%isolate\nrandom.random()\nraise ValueError('x')").ok
+    assert kernel.value("random.random()") == kernel.value("(random.seed(3), random.random())[1]")
+
+
+def test_sweep_values_draw_different_numbers(kernel):
+    kernel.run("import random\nrandom.seed(1)")
+    res = kernel.execute("%%isolate --over v=range(3)\nr = (v, random.random())")
+    assert res.ok, res.error_text + res.stderr
+    assert len({draw for _, draw in kernel.value("r")}) == 3
