@@ -61,3 +61,12 @@ def restore(state: State | None) -> None:
             np.random.set_state((name, np.frombuffer(raw, dtype=dtype).copy(), pos, has_gauss, cached))
         except Exception:  # NumPy missing here, or another version: this side's own state
             pass
+
+
+def changed_since(state: State | None) -> State | None:
+    """This process's states if they moved on from ``state`` (the cell drew numbers); else
+    None, and the kernel has nothing to set."""
+    if not state:
+        return None
+    now = capture()
+    return None if now == state else now

@@ -645,7 +645,7 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
             "left": behind,
             "mutated": [name for name in mutated if name in shipped.names],
             "deleted": [name for name in job.get("deletes", ()) if name not in ns],
-            "rng": rng.capture() if job.get("rng") else None,
+            "rng": rng.changed_since(job.get("rng")),
             "result_bundle": bundle,
             "dump_seconds": time.perf_counter() - t3,
         },
