@@ -827,3 +827,20 @@ def test_a_loader_that_cannot_start_leaves_the_verdict_unknown_not_failed(monkey
     res = report.reports["x"].results["pickle"]
     assert res.ok is None and res.loads_ok is None
     assert "could not start" in res.note and "/bin/false" in res.note
+
+
+def test_large_plain_data_is_serialized_once_and_judged_for_every_serializer():
+    """A large object of plain data is written the same by every C-pickler serializer:
+    %pickle_check serializes it once (a notebook's worth of frames stays within seconds)."""
+    import numpy as np
+
+    rows = [{"id": i, "v": i * 0.5, "k": f"r{i}"} for i in range(60_000)]
+    report = pickle_check(rows, "rows")
+    assert report.ok and report.isolate_ok
+    sizes = {name: r.size for name, r in report.results.items()}
+    assert len(set(sizes.values())) == 1 and sizes["pickle"] > 1 << 20
+    judged = [name for name, r in report.results.items() if r.note and "not serialized again" in r.note]
+    assert judged and "pickle" not in judged
+    # Not for what pickle finds in __main__, nor for small objects: each serializer runs.
+    small = pickle_check({"a": np.arange(3)}, "small")
+    assert not any(r.note for r in small.results.values())

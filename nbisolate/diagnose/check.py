@@ -188,6 +188,36 @@ def _fast(
         keep.release()
 
 
+_SAME_FOR_PLAIN_DATA = frozenset({"dill", "cloudpickle"})
+"""Serializers that write plain data exactly as pickle does (``%%isolate``'s fast path and
+cloudpickle are the C pickler; they differ only for what pickle finds by name in
+``__main__`` or cannot write at all)."""
+
+_PLAIN_SHORTCUT_BYTES = 1 << 20
+"""From this size on, plain data is serialized once, not once per serializer."""
+
+
+def _is_plain_data(outcome: _Outcome) -> bool:
+    """pickle wrote and loaded it, naming nothing of ``__main__`` or of a module a fresh
+    interpreter cannot import: every C-pickler serializer writes the same stream."""
+    res = outcome.result
+    return (
+        res.ok is True and res.loads_ok is True and not outcome.needs_trace
+        and not outcome.needs_refs and (res.size or 0) >= _PLAIN_SHORTCUT_BYTES
+    )
+
+
+def _as_plain(ser: _Serializer, plain: SerializerResult) -> SerializerResult:
+    """The result of ``ser`` for plain data, from pickle's: why a 1M-row frame is not
+    serialized three times over (``%pickle_check`` on a whole notebook stays within seconds)."""
+    return SerializerResult(
+        ser.name, ser.label, ser.used_by, ok=True, dumps_ok=True, loads_ok=True,
+        spawn_ok=plain.spawn_ok, size=plain.size, oob_bytes=plain.oob_bytes,
+        seconds=plain.seconds,
+        note="plain data: pickle's stream, not serialized again",
+    )
+
+
 _MIN_LOAD_SECONDS = 0.25
 """Below this much time left, a load is not started: it would be reported as too slow."""
 
@@ -331,10 +361,16 @@ def pickle_check(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         outcomes = {}
+        plain: SerializerResult | None = None  # pickle's result, when the object is plain data
         try:
             for sname in names:
                 ser = _SERIALIZERS[sname]
-                outcome = _fast(ser, obj, ctx, deadline + max_seconds, max_seconds)
+                if plain is not None and sname in _SAME_FOR_PLAIN_DATA:
+                    outcome = _Outcome(_as_plain(ser, plain), needs_trace=False, needs_refs=False)
+                else:
+                    outcome = _fast(ser, obj, ctx, deadline + max_seconds, max_seconds)
+                if sname == "pickle" and _is_plain_data(outcome):
+                    plain = outcome.result
                 outcomes[sname] = outcome
                 report.results[sname] = outcome.result
                 if outcome.result.ok is None:

@@ -42,7 +42,7 @@ def _report_text(report: Report) -> str:
     lines = [_headline(report)]
     width = max((len(r.label) for r in report.results.values()), default=10)
     for r in report.results.values():
-        extra = f"  {r.error}" if r.error and not r.ok else ""
+        extra = f"  {r.error}" if r.error and not r.ok else f"  {r.note}" if r.note else ""
         lines.append(
             f"  {r.label:<{width}}  {_MARK[r.verdict]:<17} {_fmt_size(r.size):>9}  "
             f"{_fmt_time(r.seconds):>9}{extra}"
