@@ -861,9 +861,9 @@ def left_behind(values: dict[str, Any]) -> dict[str, str]:
             what = _ACTIVITIES.get((klass.__module__, klass.__name__))
             if what is not None:
                 kind = type(value)
-                found[name] = (
-                    f"{kind.__module__}.{kind.__qualname__} is {what} of the worker process "
-                    "that ran the cell and ended with it; what it computed is in the "
+                found[name] = (  # "type: why", as every skipped result's reason
+                    f"{kind.__module__}.{kind.__qualname__}: {what} of the worker process "
+                    "that ran the cell, which ended with it; what it computed is in the "
                     "variables the cell assigned"
                 )
                 break

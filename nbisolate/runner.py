@@ -653,7 +653,8 @@ class CellRun:
                 "arrived; create such objects in a normal cell, or leave them out with --out.\n",
             )
         for name, why in (body.get("left") or {}).items():
-            self.sink.stream("stderr", f"nbisolate: {name!r} stayed in the worker: {why}.\n")
+            kind, _, what = why.partition(": ")
+            self.sink.stream("stderr", f"nbisolate: {name!r} ({kind}) stayed in the worker: it is {what}.\n")
             self.skipped[name] = why
         self.namespace.update(values)
         for name in body.get("deleted") or ():  # `del name` in the cell: gone here too

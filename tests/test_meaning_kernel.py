@@ -425,7 +425,9 @@ def test_one_value_only_dill_can_write_leaves_the_others_their_meaning(kernel, t
     )
     assert res.ok, res.error_text + res.stderr
     assert "Memo" not in res.stderr and "PicklingWarning" not in res.stderr, res.stderr
-    assert "'pool' stayed in the worker: multiprocessing.pool.Pool is a process pool" in res.stderr
+    assert "'pool' (multiprocessing.pool.Pool) stayed in the worker: it is a process pool" in res.stderr
+    summary = [m for m in res.messages if "skipped: pool (multiprocessing.pool.Pool)" in str(m["content"])]
+    assert summary, "the summary line names the pool by its type"
     assert "not copied back" not in res.stderr, res.stderr
     assert kernel.value(
         "(type(p) is P, c is C.A, squares, list(echoed), fh.read(), get_context('spawn').get_start_method())"
