@@ -129,7 +129,8 @@ class ResultBody(TypedDict):
     ``marked`` says on which pipes the sync mark went out; ``skipped`` maps a
     name that could not travel to why; ``left`` a name bound to a pool, executor,
     process or thread of the worker (it ended with it) to what it was;
-    ``mutated`` the inputs the cell changed in place (see :mod:`nbisolate.inplace`);
+    ``mutated`` the inputs the cell changed in place (see :mod:`nbisolate.inplace`),
+    ``unchanged`` those it left as they were (not sent back: the notebook keeps its own);
     ``deleted`` the names the cell deleted (``del tmp``), to delete in the notebook too;
     ``rng`` the worker's global random states after the cell;
     ``result_bundle`` is the display bundle of a last value that could not
@@ -144,6 +145,7 @@ class ResultBody(TypedDict):
     skipped: dict[str, str]
     left: dict[str, str]
     mutated: list[str]
+    unchanged: list[str]
     deleted: list[str]
     rng: dict[str, Any] | None
     result_bundle: dict[str, Any] | None

@@ -662,7 +662,7 @@ class CellRun:
         if not self.options.background:  # a job's state would rewind a notebook that went on
             rng.restore(body.get("rng"))
         self.returned = list(values)
-        self._note_unbound(values)
+        self._note_unbound(values, body.get("unchanged") or ())
         self._notify(
             Event("applied", {"returned": self.returned, "skipped": self.skipped, "phases": self.phases})
         )
@@ -676,10 +676,12 @@ class CellRun:
             if inplace.apply_in_place(original, values[name], swap):
                 values[name] = original
 
-    def _note_unbound(self, values: Mapping[str, Any]) -> None:
-        """``--out reslt``: say which names were asked for and not bound (a typo, a branch not taken)."""
+    def _note_unbound(self, values: Mapping[str, Any], unchanged: Iterable[str] = ()) -> None:
+        """``--out reslt``: say which names were asked for and not bound (a typo, a branch not
+        taken); an input the cell left as it was is bound already (the notebook's own)."""
         asked = self.options.outputs or ()
-        unbound = [n for n in asked if n not in values and n not in self.skipped]
+        kept = set(unchanged)
+        unbound = [n for n in asked if n not in values and n not in self.skipped and n not in kept]
         if not unbound:
             return
         try:

@@ -644,6 +644,7 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
             "skipped": shipped.skipped,
             "left": behind,
             "mutated": [name for name in mutated if name in shipped.names],
+            "unchanged": same,
             "deleted": [name for name in job.get("deletes", ()) if name not in ns],
             "rng": rng.changed_since(job.get("rng")),
             "result_bundle": bundle,

@@ -548,3 +548,10 @@ def test_sweep_values_draw_different_numbers(kernel):
     res = kernel.execute("%%isolate --over v=range(3)\nr = (v, random.random())")
     assert res.ok, res.error_text + res.stderr
     assert len({draw for _, draw in kernel.value("r")}) == 3
+
+
+def test_out_naming_an_input_the_cell_left_alone_is_no_typo(kernel):
+    kernel.run("given = [1, 2]\nsame_given = given")
+    res = kernel.run("%%isolate --out given total\ntotal = sum(given)")
+    assert "--out asked for" not in res.stderr, res.stderr
+    assert kernel.value("(total, given is same_given)") == (3, True)
