@@ -12,7 +12,10 @@ listeners, so each run also gives its breakdown (medians, ms):
 
 * ``serialize``: planning and pickling the inputs in the kernel (to ``shipped``);
 * ``to worker``: from ``shipped`` to the worker's ``load`` phase (handing the
-  inputs over: the copy into shared memory, the fork, the mapping, unpickling);
+  inputs over: the copy into shared memory, the fork, the mapping, unpickling),
+  of which ``launch to first word`` is the time from asking for a worker to its
+  first message (the kernel's copy into shared memory, the fork, the worker mapping
+  the segment) and ``worker load`` the worker unpickling them (its own clock);
 * ``run``: the cell in the worker (for ``np.ones``: allocating and faulting its pages);
 * ``worker return``: the worker serializing its results (from its own clock);
 * ``to kernel``: from the worker's ``run`` phase to the ``result`` event (serializing,
@@ -153,6 +156,9 @@ def _breakdown(marks: list[dict[str, Any]]) -> dict[str, float]:
         for name, a, b in INTERVALS:
             if a in mark and b in mark:
                 rows.setdefault(name, []).append((mark[b] - mark[a]) * 1000)
+        for phase, label in (("start", "launch to first word"), ("load", "worker load")):
+            if isinstance(mark.get("worker " + phase), float):
+                rows.setdefault(label, []).append(mark["worker " + phase] * 1000)
         if mark.get("dump_seconds") is not None:
             rows.setdefault("worker return", []).append(mark["dump_seconds"] * 1000)
         if "minflt planned" in mark and "minflt done" in mark:
