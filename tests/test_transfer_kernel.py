@@ -145,3 +145,23 @@ def test_a_kernel_that_may_not_read_its_worker_gets_results_through_shared_memor
         kernel.run("_ship.pull = _real_pull\ndel via_shm")
     assert not new_shm(shm_before)
 
+
+
+def test_a_rebound_result_frees_its_memory_at_once(kernel):
+    """Rebinding a large result frees the old one's pages right away: nothing of the run
+    that brought it (kept until the cyclic GC finds it) holds them, so the kernel never
+    holds a result twice over."""
+    kernel.run("import gc, weakref, numpy as np")
+    kernel.run("gc.disable()")
+    try:
+        kernel.run("%%isolate\nrebound = np.ones(1_000_000)")
+        kernel.run(
+            "_view = rebound.base\nwhile not isinstance(_view, memoryview):\n    _view = _view.base\n"
+            "_pages = weakref.ref(_view.obj)\ndel _view"
+        )
+        assert kernel.value("_pages() is not None") is True
+        kernel.run("%%isolate\nrebound = np.zeros(1_000_000)")
+        assert kernel.value("_pages() is None") is True
+        assert kernel.value("float(rebound.sum())") == 0.0
+    finally:
+        kernel.run("gc.enable()")
