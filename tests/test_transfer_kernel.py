@@ -165,3 +165,24 @@ def test_a_rebound_result_frees_its_memory_at_once(kernel):
         assert kernel.value("float(rebound.sum())") == 0.0
     finally:
         kernel.run("gc.enable()")
+
+
+def test_a_large_result_the_kernel_has_no_room_for_is_an_error_not_a_crash(fresh_kernel):
+    """The kernel's data limit leaves no room for a 400 MB result read out of the worker
+    (the template, started before, and so the worker keep theirs): the cell gets a
+    MemoryError saying what to do, nothing is bound, the worker ends."""
+    k = fresh_kernel
+    k.run("import resource\nguard = 'kept'\n_limits = resource.getrlimit(resource.RLIMIT_DATA)")
+    k.run("%%isolate\nwarm = 1")  # the template runs before the limit is lowered
+    res = k.execute(
+        "with open('/proc/self/status') as _f:\n"
+        "    _kb = next(int(l.split()[1]) for l in _f if l.startswith('VmData:'))\n"
+        "resource.setrlimit(resource.RLIMIT_DATA, (_kb * 1024 + (150 << 20), _limits[1]))\n"
+        "try:\n"
+        "    get_ipython().run_cell_magic('isolate', '', 'guard = bytearray(400 << 20)')\n"
+        "finally:\n"
+        "    resource.setrlimit(resource.RLIMIT_DATA, _limits)"
+    )
+    assert res.error is not None and res.error["ename"] == "MemoryError", res.error_text
+    assert "the kernel ran out of memory receiving its results" in res.error["evalue"]
+    assert k.value("guard") == "kept"
