@@ -661,7 +661,7 @@ def _send_result(chan: Channel, body: dict[str, Any], buffers: list[Any], ship: 
     if sum(memoryview(b).nbytes for b in buffers) >= _PULL_ABOVE:
         spans = ship.pull_spans(buffers)
     if spans is not None:
-        chan.send(MSG_RESULT, dict(body, pull={"pid": os.getpid(), "spans": spans}))
+        chan.send(MSG_RESULT, dict(body, pull={"spans": spans}))
         answer = b""
         while not answer:
             try:
