@@ -314,11 +314,15 @@ def main(argv: list[str] | None = None) -> int:
         kernel.shutdown()
     extras: dict = {}
     if not args.smoke:
-        from benchmarks import bench_panel, bench_pickle_check, bench_trivial
+        from benchmarks import bench_bigdata, bench_panel, bench_pickle_check, bench_trivial
 
         print("- the trivial cell: ordinary, %%isolate (panel, --quiet), the spawn pool", flush=True)
         extras["trivial"] = bench_trivial.run()
         print("\n".join(bench_trivial.describe(extras["trivial"])), flush=True)
+
+        print("- large values: 400 MB out and in, DataFrames in, with their breakdown", flush=True)
+        extras["bigdata"] = bench_bigdata.run(5)
+        print("\n".join(bench_bigdata.describe(extras["bigdata"])), flush=True)
 
         print("- %pickle_check engine (1,000 ordinary variables, a 1 GB array)", flush=True)
         extras["pickle_check"] = bench_pickle_check.run()
@@ -504,6 +508,13 @@ def _report(
             from benchmarks import bench_trivial
 
             line = "\n".join(bench_trivial.describe(values))
+            print(line)
+            table += "\n\n```\n" + line + "\n```"
+            continue
+        if name == "bigdata":
+            from benchmarks import bench_bigdata
+
+            line = "\n".join(bench_bigdata.describe(values))
             print(line)
             table += "\n\n```\n" + line + "\n```"
             continue

@@ -37,7 +37,10 @@ KINDS: dict[str, str] = {
     MSG_UPDATE_DISPLAY: "worker -> kernel: an update of an earlier display by its display id",
     MSG_CLEAR_OUTPUT: "worker -> kernel: {wait}, clear the cell's output",
     MSG_SYSEXIT: "worker -> kernel: SysExitBody, the cell called sys.exit()",
-    MSG_RESULT: "worker -> kernel, last: ResultBody with the results' buffers",
+    MSG_RESULT: "worker -> kernel, last: ResultBody with the results' buffers or, when they add "
+    "up to 1 MB, pull={spans} instead: the kernel copies them out of the waiting worker "
+    "(ship.pull) and answers with one raw byte, ship.PULL_TAKEN, or ship.PULL_RESEND, after "
+    "which the worker sends the message again with its buffers",
     MSG_ERROR: "worker (or the supervisor, stage 'receive') -> kernel, last: ErrorBody",
 }
 """Every kind a worker's channel carries, with its sender and its body."""
@@ -129,6 +132,8 @@ class ResultBody(TypedDict):
     ``marked`` says on which pipes the sync mark went out; ``skipped`` maps a
     name that could not travel to why; ``left`` a name bound to a pool, executor,
     process or thread of the worker (it ended with it) to what it was;
+    ``pull`` (large results: where the buffers are in the worker, for :func:`nbisolate.ship.pull`)
+    and ``transfer`` (added by the kernel: the copy's seconds, faults and bytes);
     ``mutated`` the inputs the cell changed in place (see :mod:`nbisolate.inplace`),
     ``unchanged`` those it left as they were (not sent back: the notebook keeps its own);
     ``deleted`` the names the cell deleted (``del tmp``), to delete in the notebook too;
@@ -144,6 +149,8 @@ class ResultBody(TypedDict):
     sizes: dict[str, int]
     skipped: dict[str, str]
     left: dict[str, str]
+    pull: dict[str, Any]
+    transfer: dict[str, Any]
     mutated: list[str]
     unchanged: list[str]
     deleted: list[str]

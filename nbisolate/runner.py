@@ -612,9 +612,14 @@ class CellRun:
             raise self._rebuild_error(body, self._final.buffers)
         t0 = time.perf_counter()
         broken: dict[str, BaseException] = {}
+        buffers, data = self._final.buffers, body["data"]
+        # From here the rebuilt values hold the memory they use, and only they: a run
+        # (kept until the cyclic GC finds it) or a listener holding the event must not
+        # keep a rebound result's pages alive, or the kernel would hold it twice over.
+        self._final.buffers, body["data"] = [], b""
         try:
             values = ship.loads(
-                body["names"], body["data"], self._final.buffers, body["engine"],
+                body["names"], data, buffers, body["engine"],
                 self.main_namespace, starts=body.get("starts"), failed=broken,
             )
         except MemoryError:

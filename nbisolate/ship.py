@@ -37,7 +37,10 @@ between them stay shared on the other side (``b['x'] is a`` still holds).
 
 from __future__ import annotations
 
+import errno
 import io
+import mmap
+import os
 import pickle
 import time
 import types
@@ -72,6 +75,8 @@ __all__ = [
     "module_is_importable",
     "modules_in_pickle",
     "needs_value",
+    "pull",
+    "pull_spans",
 ]
 
 PROTOCOL = 5
@@ -560,4 +565,178 @@ def loads(
                     file.seek(offset)
                     current = unpickler(first_buffer)
                     current.memo = memo
+    return out
+
+
+# -- results read straight out of the worker ------------------------------------------------
+#
+# A large result used to travel the way inputs do: the worker copied its buffers into a
+# fresh memfd and the kernel mapped it. Measured on 400 MB, that costs ten times the
+# cell itself: shared memory is made of 4 KiB pages (shmem gets no transparent huge
+# pages unless the machine is configured for it), so the worker faults in 100,000 fresh
+# pages for the copy (~0.25 s) and the kernel faults them in again to map them (~0.04 s),
+# while the cell's own array sits in 2 MiB pages (~0.025 s). Instead the worker says
+# where its buffers are and waits; the kernel copies them with ``process_vm_readv``
+# straight into private memory of its own (huge pages, so ~0.035 s for 400 MB) and
+# answers. One copy, no shared segment at all (nothing to unlink, whatever ends the
+# run), the result's memory belongs to the kernel from the start and never depends on
+# the worker, which may exit at once. Where the kernel may not read the worker (a
+# seccomp profile, a ptrace policy) it answers ``PULL_RESEND`` and the buffers come
+# through shared memory as before.
+
+PULL_TAKEN = b"T"
+"""The kernel's answer on the channel: it copied the buffers; the worker may go on and exit."""
+PULL_RESEND = b"R"
+"""The kernel's answer on the channel: it could not read them; send them with the message."""
+
+_IOV_MAX = 1024  # iovecs per process_vm_readv call (Linux's UIO_MAXIOV)
+_SMALL = 1 << 20  # buffers under this share one allocation; larger ones get their own mapping
+_PAGE = mmap.PAGESIZE
+_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
+_libc: Any = None
+
+
+def _c() -> Any:
+    """libc through ctypes, with ``process_vm_readv`` declared; None where there is none."""
+    global _libc
+    if _libc is None:
+        import ctypes
+
+        try:
+            lib = ctypes.CDLL(None, use_errno=True)
+            read = lib.process_vm_readv
+        except (OSError, AttributeError):
+            _libc = False
+            return None
+        read.restype = ctypes.c_ssize_t
+        read.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong,
+                         ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
+        get = ctypes.pythonapi.PyObject_GetBuffer
+        get.argtypes = [ctypes.py_object, ctypes.c_void_p, ctypes.c_int]
+        get.restype = ctypes.c_int
+        ctypes.pythonapi.PyBuffer_Release.argtypes = [ctypes.c_void_p]
+        _libc = lib
+    return _libc or None
+
+
+def _py_buffer() -> Any:
+    import ctypes
+
+    class PyBuffer(ctypes.Structure):  # CPython's Py_buffer, stable across versions
+        _fields_ = [
+            ("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
+            ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
+            ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
+            ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p),
+        ]
+
+    return PyBuffer()
+
+
+def pull_spans(buffers: Sequence[Any]) -> list[tuple[int, int]] | None:
+    """Where each buffer's bytes are in this process, ``(address, length)``, for :func:`pull`.
+
+    The caller must keep ``buffers`` alive and unchanged until the kernel has
+    answered. None where reading another process is not possible here (not
+    Linux, no ``process_vm_readv``): the buffers then travel with the message.
+    """
+    lib = _c()
+    if lib is None:
+        return None
+    import ctypes
+
+    api = ctypes.pythonapi
+    view = _py_buffer()
+    spans = []
+    for b in buffers:
+        if api.PyObject_GetBuffer(b, ctypes.byref(view), 0) != 0:  # PyBUF_SIMPLE: contiguous
+            return None
+        try:
+            spans.append((int(view.buf or 0), int(view.len)))
+        finally:
+            api.PyBuffer_Release(ctypes.byref(view))
+    return spans
+
+
+def _private(n: int) -> Any:
+    """``n`` bytes of fresh private memory of this process, in huge pages where they pay."""
+    mm = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if _MADV_HUGEPAGE is not None and n >= 2 << 20:
+        try:
+            mm.madvise(_MADV_HUGEPAGE)  # as numpy does for its own large arrays
+        except OSError:
+            pass
+    return mm
+
+
+def pull(pid: int, spans: Sequence[Sequence[int]]) -> list[memoryview]:
+    """Copy ``spans`` (from :func:`pull_spans`) out of process ``pid`` into memory of this one.
+
+    Each buffer of a megabyte or more gets a private anonymous mapping of its
+    own (freed when the last view of it goes, so dropping one result frees its
+    memory), the small ones share one ``bytearray``; one ``process_vm_readv``
+    call copies up to 1,024 of them. Raises ``OSError`` when the process may
+    not be read (``EPERM``), is gone (``ESRCH``) or the spans are not its
+    memory (``EFAULT``), ``MemoryError`` when there is no room here.
+    """
+    import ctypes
+
+    lib = _c()
+    if lib is None:
+        raise OSError(errno.ENOSYS, "process_vm_readv is not available here")
+    small = sum(int(n) for _, n in spans if int(n) < _SMALL)
+    pool = bytearray(small)
+    pool_view = memoryview(pool)
+    out: list[memoryview] = []
+    pos = 0
+    try:
+        for _, n in spans:
+            n = int(n)
+            if n < _SMALL:
+                out.append(pool_view[pos : pos + n])
+                pos += n
+            else:
+                out.append(memoryview(_private(n)))
+    except (OSError, ValueError) as exc:
+        raise MemoryError(f"cannot allocate {sum(int(n) for _, n in spans)} bytes for a result: {exc}") from exc
+
+    class IOVec(ctypes.Structure):
+        _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+    keep = []  # the ctypes views must outlive the call
+    local_addr = []
+    for view in out:
+        if view.nbytes == 0:
+            local_addr.append(0)
+            continue
+        c = (ctypes.c_char * view.nbytes).from_buffer(view)
+        keep.append(c)
+        local_addr.append(ctypes.addressof(c))
+    todo = [(local_addr[i], int(a), int(n)) for i, (a, n) in enumerate(spans) if int(n)]
+    i = 0
+    done = 0  # bytes of todo[i] already copied
+    while i < len(todo):
+        batch = todo[i : i + _IOV_MAX]
+        local = (IOVec * len(batch))()
+        remote = (IOVec * len(batch))()
+        for j, (dst, src, n) in enumerate(batch):
+            skip = done if j == 0 else 0
+            local[j].base, local[j].len = dst + skip, n - skip
+            remote[j].base, remote[j].len = src + skip, n - skip
+        got = lib.process_vm_readv(pid, local, len(batch), remote, len(batch), 0)
+        if got < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"reading process {pid}: {os.strerror(err)}")
+        if got == 0:
+            raise OSError(errno.EFAULT, f"reading process {pid}: nothing could be read")
+        while got and i < len(todo):  # advance over what was copied, maybe part of a buffer
+            left = todo[i][2] - done
+            if got >= left:
+                got -= left
+                i += 1
+                done = 0
+            else:
+                done += got
+                got = 0
+    del keep
     return out

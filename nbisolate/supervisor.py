@@ -36,6 +36,7 @@ Design points, each learned the hard way by users of process pools:
 from __future__ import annotations
 
 import codecs
+import errno
 import itertools
 import os
 import selectors
@@ -1039,6 +1040,11 @@ class _Supervision:
             return False
         if kind in (MSG_RESULT, MSG_ERROR):
             if self.reason is None:
+                if kind == MSG_RESULT and isinstance(body, dict) and "pull" in body:
+                    pulled = self.pull_result(body)
+                    if pulled is None:
+                        return True  # sent again with its buffers, or the run ends without it
+                    buffers = pulled
                 self.deliver_outcome(kind, body, buffers)
             return True
         if kind == MSG_STREAM:
@@ -1048,6 +1054,48 @@ class _Supervision:
         else:
             self.job._emit(kind, body, buffers)
         return True
+
+    def pull_result(self, body: dict[str, Any]) -> list[Any] | None:
+        """Copy a large result's buffers straight out of the waiting worker, then answer it.
+
+        The worker sent where its buffers are instead of the buffers, and
+        waits (see :func:`nbisolate.ship.pull` for why). The copy lands in
+        private memory of this process, so what is bound belongs to the kernel
+        and outlives the worker. None when there is nothing to deliver now:
+        this process may not read the worker (it is asked to send the buffers
+        with the message instead, and does), the worker is gone (its exit says
+        how), or there is no memory for the copy (the cell gets an error).
+        """
+        import resource
+
+        from . import ship
+
+        where = body.pop("pull")
+        t0 = time.perf_counter()
+        faults = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+        try:
+            buffers = ship.pull(self.proc.pid, where["spans"])
+        except MemoryError as exc:
+            self.fail_receive(exc)
+            return None
+        except OSError as exc:
+            if exc.errno != errno.ESRCH:
+                self.answer(ship.PULL_RESEND)
+            return None
+        self.answer(ship.PULL_TAKEN)  # a worker gone meanwhile had sent all of it: keep it
+        body["transfer"] = {
+            "pull_seconds": time.perf_counter() - t0,
+            "pull_minflt": resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - faults,
+            "pull_bytes": sum(int(n) for _, n in where["spans"]),
+        }
+        return buffers
+
+    def answer(self, word: bytes) -> None:
+        """Tell a worker waiting on a pulled result how it went (nothing if it is gone)."""
+        try:
+            self.chan.sock.sendall(word)
+        except OSError:
+            pass
 
     def room_for(self, body: Any, buffers: list[Any]) -> bool:
         """Count a display against the same output limit as text; False when it is over."""

@@ -28,6 +28,7 @@ import ast
 import io
 import linecache
 import os
+import queue
 import signal
 import sys
 import threading
@@ -266,8 +267,11 @@ def _watch_parent(chan: Channel, kernel_pid: int | None) -> None:
             ready, _, _ = select.select(watched, [], [], 0.25 if pidfd is None else None)
             if pidfd is not None and pidfd in ready:
                 break
-            if chan.sock in ready and not chan.sock.recv(4096):
-                break
+            if chan.sock in ready:
+                answer = chan.sock.recv(4096)
+                if not answer:
+                    break
+                _answers.put(answer)  # the kernel took (or refused to take) a result (_send_result)
             if pidfd is None and os.getppid() != parent:
                 break
     except OSError:
@@ -632,26 +636,56 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     marked = _mark_pipes(job.get("sync"))
-    chan.send(
-        MSG_RESULT,
-        {
-            "marked": marked,
-            "names": shipped.names,
-            "data": shipped.data,
-            "engine": shipped.engine,
-            "sizes": shipped.sizes,
-            "starts": shipped.starts,
-            "skipped": shipped.skipped,
-            "left": behind,
-            "mutated": [name for name in mutated if name in shipped.names],
-            "unchanged": same,
-            "deleted": [name for name in job.get("deletes", ()) if name not in ns],
-            "rng": rng.changed_since(job.get("rng")),
-            "result_bundle": bundle,
-            "dump_seconds": time.perf_counter() - t3,
-        },
-        shipped.buffers,
-    )
+    body = {
+        "marked": marked,
+        "names": shipped.names,
+        "data": shipped.data,
+        "engine": shipped.engine,
+        "sizes": shipped.sizes,
+        "starts": shipped.starts,
+        "skipped": shipped.skipped,
+        "left": behind,
+        "mutated": [name for name in mutated if name in shipped.names],
+        "unchanged": same,
+        "deleted": [name for name in job.get("deletes", ()) if name not in ns],
+        "rng": rng.changed_since(job.get("rng")),
+        "result_bundle": bundle,
+        "dump_seconds": time.perf_counter() - t3,
+    }
+    _send_result(chan, body, shipped.buffers, ship)
+
+
+_answers: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+"""Bytes the kernel wrote on the channel after ``run``: its answers to a result it pulls."""
+
+_PULL_ABOVE = 1 << 20
+"""Results whose buffers add up to this or more are read by the kernel from this process."""
+
+
+def _send_result(chan: Channel, body: dict[str, Any], buffers: list[Any], ship: Any) -> None:
+    """Send the results; large buffers are copied by the kernel straight out of this process.
+
+    The message then carries where the buffers are (``body["pull"]``) instead
+    of the buffers, and this process keeps them untouched until the kernel
+    answers (:data:`nbisolate.ship.PULL_TAKEN`, read by the watchdog thread,
+    which owns the channel's incoming side). If it could not read them
+    (:data:`~nbisolate.ship.PULL_RESEND`), they go with the message after all.
+    Why this is faster, see :func:`nbisolate.ship.pull`.
+    """
+    spans = None
+    if sum(memoryview(b).nbytes for b in buffers) >= _PULL_ABOVE:
+        spans = ship.pull_spans(buffers)
+    if spans is not None:
+        chan.send(MSG_RESULT, dict(body, pull={"spans": spans}))
+        answer = b""
+        while not answer:
+            try:
+                answer = _answers.get(timeout=0.5)
+            except queue.Empty:
+                continue
+        if answer[:1] == ship.PULL_TAKEN:
+            return
+    chan.send(MSG_RESULT, body, buffers)
 
 
 def _execute(code: types.CodeType, ns: dict[str, Any]) -> Any:

@@ -206,3 +206,69 @@ def test_a_value_sharing_objects_with_one_that_failed_says_so():
     assert out == {"plain": 5}
     assert list(failed) == ["fragile", "later"]
     assert "shares objects with 'fragile'" in str(failed["later"])
+
+
+def _child_holding(make):
+    """Fork a child that builds buffers with ``make``, reports their spans and waits;
+    returns (pid, spans, release), release() lets it exit and reaps it."""
+    import os
+
+    r, w = os.pipe()
+    r2, w2 = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            buffers = make()
+            os.write(w, json.dumps(ship.pull_spans(buffers)).encode())
+            os.close(w)  # the parent reads to the end
+            os.read(r2, 1)
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.close(r2)
+    data = b""
+    while chunk := os.read(r, 1 << 16):
+        data += chunk
+    os.close(r)
+
+    def release():
+        os.write(w2, b"x")
+        os.close(w2)
+        os.waitpid(pid, 0)
+
+    return pid, json.loads(data), release
+
+
+def test_pull_copies_buffers_out_of_another_process_into_private_memory():
+    def make():
+        big = np.arange(1_000_000, dtype=np.float64)
+        big.flags.writeable = False  # read-only there: still readable, and a copy here
+        small = [np.full(10, i, dtype=np.int16) for i in range(1500)]  # over one read's 1,024
+        return [memoryview(big).cast("B"), memoryview(b"bytes too"), memoryview(b""),
+                *(memoryview(a).cast("B") for a in small)]
+
+    pid, spans, release = _child_holding(make)
+    try:
+        out = ship.pull(pid, spans)
+    finally:
+        release()
+    assert len(out) == 3 + 1500
+    big = np.frombuffer(out[0], dtype=np.float64)
+    assert big[-1] == 999_999 and big.flags.writeable
+    assert bytes(out[1]) == b"bytes too" and out[2].nbytes == 0
+    assert [int(np.frombuffer(v, dtype=np.int16)[3]) for v in out[3:]] == list(range(1500))
+
+
+def test_pull_says_why_it_cannot_read():
+    import errno
+
+    pid, spans, release = _child_holding(lambda: [memoryview(bytearray(2 << 20))])
+    release()
+    with pytest.raises(OSError) as gone:
+        ship.pull(pid, spans)
+    assert gone.value.errno == errno.ESRCH and str(pid) in str(gone.value)
+    import os
+
+    with pytest.raises(OSError) as bad:
+        ship.pull(os.getpid(), [(8, 4096)])  # not memory of that process
+    assert bad.value.errno == errno.EFAULT

@@ -75,3 +75,114 @@ def test_template_learns_the_notebooks_imports(kernel):
     # ...but never a package the notebook did not import.
     res = kernel.run("%%isolate\nimport sys\nforeign = 'sqlite3' in sys.modules or 'pandas' in sys.modules")
     assert kernel.value("foreign") is False
+
+
+def _mapping_of(kernel, expr: str) -> str:
+    """The line of the kernel's /proc/PID/maps that holds the data of array ``expr``."""
+    address = kernel.value(f"{expr}.ctypes.data")
+    with open(f"/proc/{kernel.pid}/maps") as f:
+        for line in f:
+            start, end = (int(x, 16) for x in line.split()[0].split("-"))
+            if start <= address < end:
+                return line
+    raise AssertionError(f"no mapping holds {expr}")
+
+
+def test_a_large_result_is_the_kernels_own_memory_and_outlives_its_worker(kernel):
+    """A result read out of the worker lands in private memory of the kernel: no shared
+    segment is mapped for it, and it stays valid and writable once the worker is gone."""
+    kernel.run("import numpy as np")
+    shm_before = shm_names()
+    res = kernel.run(
+        "%%isolate\nimport os\nbig_back = np.arange(20_000_000, dtype=np.float64)\n"
+        "ro = np.full(300_000, 7, dtype=np.int32); ro.flags.writeable = False\n"
+        "empty = np.zeros(0)\nwho = os.getpid()"
+    )
+    assert res.ok, res.error_text
+    who = kernel.value("who")
+    assert wait_until(lambda: _gone(who))
+    assert kernel.value("(float(big_back[-1]), big_back.flags.writeable)") == (19_999_999.0, True)
+    assert kernel.value("(int(ro.sum()), empty.shape)") == (2_100_000, (0,))
+    kernel.run("big_back[0] = -1.0")  # the kernel's own pages: writing touches nobody else's
+    assert kernel.value("float(big_back[0])") == -1.0
+    assert "memfd" not in _mapping_of(kernel, "big_back")
+    assert _mapping_of(kernel, "big_back").split()[1].endswith("p")  # private, not shared
+    assert not new_shm(shm_before)
+
+
+def test_many_small_arrays_and_large_ones_come_back_together(kernel):
+    """More buffers than one read can take (1,024), small ones sharing one allocation,
+    large ones their own, shared objects still shared."""
+    kernel.run("import numpy as np")
+    res = kernel.run(
+        "%%isolate\nsmall = [np.full(100, i, dtype=np.int64) for i in range(3000)]\n"
+        "large = [np.full(300_000, i, dtype=np.float64) for i in range(3)]\n"
+        "both = {'s': small[5], 'l': large[1]}"
+    )
+    assert res.ok, res.error_text
+    assert kernel.value("[int(a[0]) for a in small] == list(range(3000))") is True
+    assert kernel.value("[float(a[-1]) for a in large]") == [0.0, 1.0, 2.0]
+    assert kernel.value("both['s'] is small[5] and both['l'] is large[1]") is True
+
+
+def test_a_kernel_that_may_not_read_its_worker_gets_results_through_shared_memory(kernel):
+    """Where a ptrace policy or a seccomp profile forbids reading another process (this
+    kernel runs as a user who may, so the refusal is made to happen here), the worker is
+    asked to send its buffers with the message, and the result arrives all the same."""
+    kernel.run(
+        "import errno, numpy as np\nimport nbisolate.ship as _ship\n_real_pull = _ship.pull\n"
+        "def _refused(pid, spans):\n"
+        "    raise PermissionError(errno.EPERM, 'Operation not permitted')\n"
+        "_ship.pull = _refused"
+    )
+    shm_before = shm_names()
+    try:
+        res = kernel.run("%%isolate\nvia_shm = np.arange(2_000_000)")
+        assert res.ok, res.error_text
+        assert kernel.value("int(via_shm[-1])") == 1_999_999
+        assert "memfd:nbisolate" in _mapping_of(kernel, "via_shm")  # mapped, as it came
+    finally:
+        kernel.run("_ship.pull = _real_pull\ndel via_shm")
+    assert not new_shm(shm_before)
+
+
+
+def test_a_rebound_result_frees_its_memory_at_once(kernel):
+    """Rebinding a large result frees the old one's pages right away: nothing of the run
+    that brought it (kept until the cyclic GC finds it) holds them, so the kernel never
+    holds a result twice over."""
+    kernel.run("import gc, weakref, numpy as np")
+    kernel.run("gc.disable()")
+    try:
+        kernel.run("%%isolate\nrebound = np.ones(1_000_000)")
+        kernel.run(
+            "_view = rebound.base\nwhile not isinstance(_view, memoryview):\n    _view = _view.base\n"
+            "_pages = weakref.ref(_view.obj)\ndel _view"
+        )
+        assert kernel.value("_pages() is not None") is True
+        kernel.run("%%isolate\nrebound = np.zeros(1_000_000)")
+        assert kernel.value("_pages() is None") is True
+        assert kernel.value("float(rebound.sum())") == 0.0
+    finally:
+        kernel.run("gc.enable()")
+
+
+def test_a_large_result_the_kernel_has_no_room_for_is_an_error_not_a_crash(fresh_kernel):
+    """The kernel's data limit leaves no room for a 400 MB result read out of the worker
+    (the template, started before, and so the worker keep theirs): the cell gets a
+    MemoryError saying what to do, nothing is bound, the worker ends."""
+    k = fresh_kernel
+    k.run("import resource\nguard = 'kept'\n_limits = resource.getrlimit(resource.RLIMIT_DATA)")
+    k.run("%%isolate\nwarm = 1")  # the template runs before the limit is lowered
+    res = k.execute(
+        "with open('/proc/self/status') as _f:\n"
+        "    _kb = next(int(l.split()[1]) for l in _f if l.startswith('VmData:'))\n"
+        "resource.setrlimit(resource.RLIMIT_DATA, (_kb * 1024 + (150 << 20), _limits[1]))\n"
+        "try:\n"
+        "    get_ipython().run_cell_magic('isolate', '', 'guard = bytearray(400 << 20)')\n"
+        "finally:\n"
+        "    resource.setrlimit(resource.RLIMIT_DATA, _limits)"
+    )
+    assert res.error is not None and res.error["ename"] == "MemoryError", res.error_text
+    assert "the kernel ran out of memory receiving its results" in res.error["evalue"]
+    assert k.value("guard") == "kept"
