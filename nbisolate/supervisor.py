@@ -473,7 +473,7 @@ class TemplateLauncher:
             with self._cond:
                 t.waiting.add(rid)
                 t.asked()
-            request: dict[str, Any] = {"id": rid, "fresh": fresh, "cwd": cwd}
+            request: dict[str, Any] = {"id": rid, "fresh": fresh, "cwd": cwd, "ahead": True}
             if env != t.env:
                 request["env"] = t.env = env
             try:
