@@ -54,6 +54,35 @@ def codes(n: int, panel: bool = False) -> dict[str, str]:
     return out
 
 
+# Where one value's cost goes, from inside the kernel: the CPU time of the kernel process, of
+# the template, and of the workers (the template's reaped children), per value; a sweep of
+# trivial values is bound by these on a machine with few cores.
+BREAKDOWN = textwrap.dedent(
+    """
+    import os, resource, time, json
+    from nbisolate.supervisor import launcher as _L
+    def _tcpu():
+        st = open(f"/proc/{_L.pid}/stat").read().rsplit(")", 1)[1].split()
+        tick = os.sysconf("SC_CLK_TCK")
+        return int(st[11]) / tick + int(st[12]) / tick, int(st[13]) / tick + int(st[14]) / tick
+    _r0 = resource.getrusage(resource.RUSAGE_SELF); _t0, _c0 = _tcpu(); _w0 = time.perf_counter()
+    get_ipython().run_cell_magic("isolate", "--quiet --over v=range(__N__)", "r = v + 1")
+    _w = time.perf_counter() - _w0
+    time.sleep(0.5)  # the last workers are reaped
+    _r = resource.getrusage(resource.RUSAGE_SELF); _t, _c = _tcpu()
+    _k = _r.ru_utime + _r.ru_stime - _r0.ru_utime - _r0.ru_stime
+    print(json.dumps({"wall": _w / __N__ * 1000, "kernel": _k / __N__ * 1000, "template": (_t - _t0) / __N__ * 1000,
+                      "workers": (_c - _c0) / __N__ * 1000}))
+    """
+)
+
+
+def breakdown(k: Kernel, n: int) -> dict[str, float]:
+    """Milliseconds per value: wall, and the CPU of the kernel, the template and the workers."""
+    res = k.run(BREAKDOWN.replace("__N__", str(n)), timeout=600)
+    return {key: round(value, 3) for key, value in json.loads(res.stdout.strip().splitlines()[-1]).items()}
+
+
 def spread(values: list[float]) -> dict[str, float]:
     """Median and quartiles, in seconds."""
     if len(values) < 2:
@@ -88,6 +117,7 @@ def run(n: int = 1000, rounds: int = 5, panel: bool = False) -> dict[str, Any]:
         out["ratio"] = round(out["isolate_over"]["median"] / out["cf_pool_map"]["median"], 2)
         out["values_per_second"] = round(n / out["isolate_over"]["median"], 1)
         out["load_average"] = round(statistics.median(load), 2)
+        out["per_value_ms"] = breakdown(k, n)
         return out
     finally:
         k.shutdown()
@@ -104,6 +134,13 @@ def describe(result: dict[str, Any]) -> list[str]:
         f"  sweep / pool: {result['ratio']:.2f} (target <= 2), {result['values_per_second']:.0f} values a "
         f"second, load average {result['load_average']:.2f} on {os.cpu_count()} cores"
     )
+    per = result.get("per_value_ms")
+    if per:
+        cpu = per["kernel"] + per["template"] + per["workers"]
+        lines.append(
+            f"  per value (ms): wall {per['wall']:.2f}; CPU {cpu:.2f} = kernel {per['kernel']:.2f} + "
+            f"template {per['template']:.2f} + worker {per['workers']:.2f}"
+        )
     return lines
 
 

@@ -690,6 +690,15 @@ class Job:
             except OSError:
                 forked = None
         if forked is None:  # no template to be had in time: a fresh interpreter, as start() does
+            if self._gate is not None:  # a spawned worker runs at once: only once released
+                self._gate.wait()
+                if self._stop_reason is not None:
+                    with self._wake_lock:
+                        self._closed = True
+                        self._close_fds(self._wake_r, self._wake_w)
+                    self._exit_without_worker("stop")
+                    return
+                self._t0 = time.perf_counter()
             self.use_template = False
             try:
                 self.start()
@@ -703,12 +712,7 @@ class Job:
                         "and the machine has free memory and process slots, then run the cell again.",
                     ),
                 )
-                self._emit(
-                    "exit",
-                    {"returncode": None, "reason": "error", "error": f"{type(exc).__name__}: {exc}",
-                     "elapsed": time.perf_counter() - self._t0, "dropped": 0, "over_rate": 0,
-                     "max_output": self.max_output, "pid": None, "lost": None},
-                )
+                self._exit_without_worker("error", f"{type(exc).__name__}: {exc}")
             return
         self.proc, mine, out_r, err_r = forked
         self.how_started = "fresh interpreter" if self.fresh else "forked from template"
@@ -724,6 +728,24 @@ class Job:
             self._t0 = time.perf_counter()  # --timeout counts from here
             self.started_at = time.time()
         _Supervision.start(self, Channel(mine), out_r, err_r)  # in this thread: no second one
+
+    def _exit_without_worker(self, reason: str, error: str | None = None) -> None:
+        """The ``exit`` event of a job whose worker never existed (stopped while held, or no
+        process could be started)."""
+        self._emit(
+            "exit",
+            {
+                "returncode": None,
+                "reason": reason,
+                "error": error,
+                "elapsed": time.perf_counter() - self._t0,
+                "dropped": 0,
+                "over_rate": 0,
+                "max_output": self.max_output,
+                "pid": None,
+                "lost": None,
+            },
+        )
 
     def _fork(self, soon: bool = False) -> tuple[_ForkedProcess, socket.socket, int, int] | None:
         """A worker forked by the template, with our ends of its channel and pipes; None if not.

@@ -13,6 +13,7 @@ import threading
 import time
 
 import psutil
+import pytest
 
 from nbisolate.events import Event
 from nbisolate.supervisor import Job, launcher
@@ -54,7 +55,12 @@ def _collect(job_events: list[Event], done: threading.Event):
     return on_event
 
 
-def test_a_held_worker_runs_its_cell_only_once_released(tmp_path):
+# Forked by the template, or (no template to be had) spawned: held either way.
+TEMPLATE = pytest.mark.parametrize("use_template", [True, False], ids=["forked", "spawned"])
+
+
+@TEMPLATE
+def test_a_held_worker_runs_its_cell_only_once_released(tmp_path, use_template):
     marker = tmp_path / "ran"
     events: list[Event] = []
     done = threading.Event()
@@ -62,13 +68,15 @@ def test_a_held_worker_runs_its_cell_only_once_released(tmp_path):
         _payload(f"open({str(marker)!r}, 'w').write('x')", str(tmp_path)),
         on_event=_collect(events, done),
         timeout=30,
+        use_template=use_template,
     )
     try:
         job.start_soon(held=True)
-        assert wait_until(lambda: any(e.kind == "started" for e in events), 10)
+        if use_template:  # forked ahead: the process exists and waits
+            assert wait_until(lambda: any(e.kind == "started" for e in events), 10)
+            assert psutil.pid_exists(job.pid)
         time.sleep(0.3)
-        assert not marker.exists()  # forked, waiting, and it ran nothing
-        assert psutil.pid_exists(job.pid)
+        assert not marker.exists()  # it ran nothing
         job.release()
         assert done.wait(30)
         assert marker.exists()
@@ -78,7 +86,8 @@ def test_a_held_worker_runs_its_cell_only_once_released(tmp_path):
         job.stop("stop")
 
 
-def test_a_held_worker_stopped_before_release_never_gets_its_cell(tmp_path):
+@TEMPLATE
+def test_a_held_worker_stopped_before_release_never_gets_its_cell(tmp_path, use_template):
     marker = tmp_path / "ran"
     events: list[Event] = []
     done = threading.Event()
@@ -86,9 +95,13 @@ def test_a_held_worker_stopped_before_release_never_gets_its_cell(tmp_path):
         _payload(f"open({str(marker)!r}, 'w').write('x')", str(tmp_path)),
         on_event=_collect(events, done),
         timeout=30,
+        use_template=use_template,
     )
     job.start_soon(held=True)
-    assert wait_until(lambda: any(e.kind == "started" for e in events), 10)
+    if use_template:
+        assert wait_until(lambda: any(e.kind == "started" for e in events), 10)
+    else:
+        time.sleep(0.3)
     pid = job.pid
     job.stop("interrupt")
     assert done.wait(30)
@@ -96,7 +109,10 @@ def test_a_held_worker_stopped_before_release_never_gets_its_cell(tmp_path):
     (exit_event,) = [e for e in events if e.kind == "exit"]
     assert exit_event.data["reason"] == "stop"
     assert not [e for e in events if e.kind in ("result", "error", "stream")], events
-    assert wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie", 10)
+    if use_template:
+        assert wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie", 10)
+    else:
+        assert pid is None  # never spawned at all
 
 
 def test_timeout_counts_from_when_a_value_runs_not_from_when_it_was_forked(kernel: Kernel):
