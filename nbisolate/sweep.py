@@ -435,7 +435,7 @@ class Sweep:
                     run._finish_preparing(False, run._notify)
                 if self._soon is not None:
                     self._soon.held = held
-                run.start(lambda event, i=i: put((i, event)))
+                run.start(self._deliver(i, put))
                 if not self._preloaded:
                     # Once, after the first value asked for its worker (as one cell does):
                     # the template imports the notebook's packages for the values after it.
@@ -450,6 +450,28 @@ class Sweep:
                 self._settled.add(i)
                 self.errors[i] = exc
                 self._progress(i, "failed")
+
+    @staticmethod
+    def _deliver(i: int, put: Callable[[tuple[int, Event]], None]) -> Callable[[Event], None]:
+        """What value ``i``'s worker says, for the waiting thread, less what nobody reads there.
+
+        A value's own phases are not shown (the sweep shows its runs as one
+        phase), and once its result or error is in, its ``exit`` changes
+        nothing: both are left out here, in the backend's thread, so each value
+        wakes the kernel's loop for its ``started``, its output and its outcome
+        only, not for every step of its worker.
+        """
+        over = [False]
+
+        def deliver(event: Event) -> None:
+            kind = event.kind
+            if kind == "phase" or (kind == "exit" and over[0]):
+                return
+            if kind in ("result", "error"):
+                over[0] = True
+            put((i, event))
+
+        return deliver
 
     def _forget(self, i: int) -> None:
         self._running.discard(i)
