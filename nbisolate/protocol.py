@@ -46,8 +46,9 @@ KINDS: dict[str, str] = {
 """Every kind a worker's channel carries, with its sender and its body."""
 
 TEMPLATE_KINDS: dict[str, str] = {
-    "fork": "kernel -> template: {id, env, fresh, cwd} with fds [channel, stdout, stderr]; env "
-    "only when it changed since the last fork",
+    "fork": "kernel -> template: {id, env, fresh, cwd, ahead} with fds [channel, stdout, stderr]; "
+    "env only when it changed since the last fork; ahead: a sweep's worker, forked directly "
+    "(the spare stays for the next cell)",
     "job": "template -> its spare worker: the fork request with its descriptors (the spare, "
     "forked ahead of the cell, takes it)",
     "forked": "template -> kernel: {id, pid, fresh, threads}: the request's id and the new worker",

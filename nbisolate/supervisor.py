@@ -452,6 +452,73 @@ class TemplateLauncher:
                 )
             return None
 
+    def ask_fork(
+        self, fds: Sequence[int], env: dict[str, str], fresh: bool = False, cwd: str | None = None
+    ) -> tuple[_Template, int] | None:
+        """Send a fork request and return at once: (the template, the request id), None on failure.
+
+        The first half of :meth:`fork`, for a sweep: its values' requests are
+        sent one after the other without waiting for each reply, so the
+        template forks the next worker while the kernel handles the last one
+        (:meth:`fork` holds the lock through its wait, one fork at a time).
+        Collect the worker with :meth:`take_fork`, which applies the same
+        deadline and the same rules for late replies.
+        """
+        from .template import send
+
+        with self._lock:
+            t = self._ensure()
+            if t is None:
+                return None
+            rid = next(self._ids)
+            with self._cond:
+                t.waiting.add(rid)
+                t.asked()
+            request: dict[str, Any] = {"id": rid, "fresh": fresh, "cwd": cwd, "ahead": True}
+            if env != t.env:
+                request["env"] = t.env = env
+            try:
+                send(t.sock, "fork", request, list(fds))
+            except OSError:
+                t.env = None
+                with self._cond:
+                    t.waiting.discard(rid)
+                return None
+        return t, rid
+
+    def take_fork(self, t: _Template, rid: int) -> _ForkedProcess | None:
+        """The worker of request ``rid`` (see :meth:`ask_fork`), waiting at most :data:`FORK_SECONDS`.
+
+        None when it did not come in time (the caller spawns instead; a late
+        reply is then an orphan, killed on arrival), or the template was lost.
+        """
+        until = time.monotonic() + FORK_SECONDS
+        stopped = False
+        with self._cond:
+            while rid not in t.replies and t.alive and not t.lost:
+                left = until - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(0.1, left))
+                if rid not in t.replies and t.stopped():
+                    stopped = True
+                    break
+            t.waiting.discard(rid)
+            reply = t.replies.pop(rid, None)
+        if reply is not None:
+            return _ForkedProcess(reply["pid"], t, self)
+        if stopped:
+            self._give_up(t, "was found stopped (SIGSTOP, perhaps sent by a cell to its parent)")
+        elif t.alive and not t.lost and t.wedged():
+            self._give_up(t, f"answered nothing for {WEDGED_SECONDS:g} s")
+        elif t.alive and not t.lost:
+            with self._cond:
+                self._notes.append(
+                    f"nbisolate: the template process was busy for {FORK_SECONDS:g} s, so a value "
+                    "of this sweep started in a fresh interpreter instead.\n"
+                )
+        return None
+
     def preload(self, names: Sequence[str]) -> None:
         """Have the template import ``names`` (it answers later; forks queue behind it)."""
         from .template import send
@@ -534,6 +601,10 @@ class Job:
         self._wake_lock = threading.RLock()
         self._closed = False
         self.tree: proctree.Tree | None = None  # set once the worker exists
+        # A sweep's next values are forked ahead and held here, having run nothing, until a
+        # running value ends (see start_soon and release); None: never held.
+        self._gate: threading.Event | None = None
+        self._withhold = False  # stopped while held: its cell is never sent
 
     @property
     def pid(self) -> int | None:
@@ -590,7 +661,94 @@ class Job:
                     self._close_fds(self._wake_r, self._wake_w)
         self._started(mine, out_r, err_r)
 
-    def _fork(self) -> tuple[_ForkedProcess, socket.socket, int, int] | None:
+    def start_soon(self, held: bool = False) -> None:
+        """Start the worker from the job's own thread and return at once (a sweep's values).
+
+        :meth:`start` waits for the template's reply in the caller's thread; a
+        sweep that did so for each of a thousand values spent most of its time
+        waiting there, one fork at a time.  Here the fork request is sent, and
+        its reply awaited, in the thread that then supervises the worker, so
+        the next value's request is sent while this one is forked.  A failure
+        to start arrives as an ``error`` event then ``exit``, as everything
+        else about the job does.
+
+        With ``held`` the worker is forked now but gets its cell only on
+        :meth:`release`: a sweep forks its next values while others run, and
+        still runs no more values at once than it was allowed.  A held worker
+        has run nothing (it waits for its job, as the template's spare does);
+        its ``--timeout`` starts when it is released, and one stopped before
+        that is ended without ever receiving its cell.
+        """
+        if held:
+            self._gate = threading.Event()
+        threading.Thread(target=self._start_soon, daemon=True, name=f"nbisolate-{self.id}").start()
+
+    def _start_soon(self) -> None:
+        forked = None
+        if self.use_template:
+            try:
+                forked = self._fork(soon=True)
+            except OSError:
+                forked = None
+        if forked is None:  # no template to be had in time: a fresh interpreter, as start() does
+            if self._gate is not None:  # a spawned worker runs at once: only once released
+                self._gate.wait()
+                if self._stop_reason is not None:
+                    with self._wake_lock:
+                        self._closed = True
+                        self._close_fds(self._wake_r, self._wake_w)
+                    self._exit_without_worker("stop")
+                    return
+                self._t0 = time.perf_counter()
+            self.use_template = False
+            try:
+                self.start()
+            except OSError as exc:
+                self._emit(
+                    MSG_ERROR,
+                    error_body(
+                        "nbisolate.errors.IsolateError",
+                        f"could not start the isolated worker process ({type(exc).__name__}: {exc}); "
+                        "nothing ran for this value. Check that the working directory still exists "
+                        "and the machine has free memory and process slots, then run the cell again.",
+                    ),
+                )
+                self._exit_without_worker("error", f"{type(exc).__name__}: {exc}")
+            return
+        self.proc, mine, out_r, err_r = forked
+        self.how_started = "fresh interpreter" if self.fresh else "forked from template"
+        self.tree = proctree.Tree(self.proc.pid)
+        self.started_at = time.time()
+        self._emit("started", self.proc.pid)
+        if self._gate is not None:
+            self._gate.wait()
+            if self._stop_reason is not None:
+                # Stopped before it ran anything: never send the cell, end the worker quietly.
+                self._withhold = True
+                self._stop_reason = "stop"
+            self._t0 = time.perf_counter()  # --timeout counts from here
+            self.started_at = time.time()
+        _Supervision.start(self, Channel(mine), out_r, err_r)  # in this thread: no second one
+
+    def _exit_without_worker(self, reason: str, error: str | None = None) -> None:
+        """The ``exit`` event of a job whose worker never existed (stopped while held, or no
+        process could be started)."""
+        self._emit(
+            "exit",
+            {
+                "returncode": None,
+                "reason": reason,
+                "error": error,
+                "elapsed": time.perf_counter() - self._t0,
+                "dropped": 0,
+                "over_rate": 0,
+                "max_output": self.max_output,
+                "pid": None,
+                "lost": None,
+            },
+        )
+
+    def _fork(self, soon: bool = False) -> tuple[_ForkedProcess, socket.socket, int, int] | None:
         """A worker forked by the template, with our ends of its channel and pipes; None if not.
 
         The descriptors given to a fork that failed (no reply in time) are
@@ -603,7 +761,13 @@ class Job:
         forked = None
         try:
             env = dict(os.environ if self.env is None else self.env)
-            forked = launcher.fork((theirs.fileno(), out_w, err_w), env, fresh=self.fresh, cwd=self.payload.get("cwd"))
+            fds = (theirs.fileno(), out_w, err_w)
+            cwd = self.payload.get("cwd")
+            if soon:  # the request goes out now; the reply is awaited without the launcher's lock
+                asked = launcher.ask_fork(fds, env, fresh=self.fresh, cwd=cwd)
+                forked = None if asked is None else launcher.take_fork(*asked)
+            else:
+                forked = launcher.fork(fds, env, fresh=self.fresh, cwd=cwd)
         finally:
             theirs.close()
             self._close_fds(out_w, err_w)
@@ -624,10 +788,17 @@ class Job:
         )
         thread.start()
 
+    def release(self) -> None:
+        """Let a job held by ``start_soon(held=True)`` send its cell to its worker."""
+        if self._gate is not None:
+            self._gate.set()
+
     def stop(self, reason: str = "interrupt") -> None:
         """Ask the reader thread to stop the worker (thread- and signal-safe)."""
         if self._stop_reason is None:
             self._stop_reason = reason
+        if self._gate is not None:
+            self._gate.set()  # a held job ends without running its cell
         with self._wake_lock:
             if self._closed:
                 return
@@ -782,6 +953,14 @@ class _Supervision:
     def send_run(self) -> None:
         """Send the payload, its buffers in a warm arena when they are large (one memcpy)."""
         job = self.job
+        if job._withhold:  # a held job stopped before it was released: its cell never goes
+            try:  # the worker reads the end of its channel and exits, having run nothing
+                self.chan.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            job.buffers = []
+            job.payload = {}
+            return
         if sum(memoryview(b).nbytes for b in job.buffers) >= SHM_THRESHOLD:
             self.arena = _arenas.take()
         try:

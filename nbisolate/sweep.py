@@ -206,6 +206,30 @@ class _PrefixSink:
         self._partial.clear()
 
 
+class _Soon:
+    """A backend that starts each value's worker without waiting for it to exist.
+
+    Given to every run of a sweep whose backend offers ``start_soon`` (the
+    local one): ``CellRun.start`` returns as soon as the request is sent, so
+    the sweep asks for its next value's worker while the last one is forked.
+    Checking and concurrency stay the backend's own.
+    """
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self.name = backend.name
+        self.held = False  # set by the sweep before each start: fork now, run on release
+
+    def check(self, launch: Any) -> None:
+        self.backend.check(launch)
+
+    def concurrency(self, runs: int) -> int:
+        return int(self.backend.concurrency(runs))
+
+    def start(self, launch: Any, deliver: Callable[[Event], None]) -> Any:
+        return self.backend.start_soon(launch, deliver, held=self.held)
+
+
 class Sweep:
     """Runs the cell of ``template`` (a :class:`CellRun`, never run itself) once per value of ``NAME``.
 
@@ -236,6 +260,11 @@ class Sweep:
         self._running: set[int] = set()
         self._settled: set[int] = set()
         self._put: Callable[[tuple[int, Event]], None] | None = None
+        self.packages: list[str] = []
+        self._preloaded = False
+        self._soon: _Soon | None = None  # the backend adapter that forks values ahead
+        self._held: list[int] = []  # values whose worker is forked and waits for a slot
+        self._started: set[int] = set()
         self._t0 = 0.0
         self.seconds = 0.0
 
@@ -304,6 +333,10 @@ class Sweep:
                 else None
             )
             packages = user_packages(t.namespace)
+            self.packages = packages
+            # Each value's worker is asked for without waiting for it, where the backend can.
+            self._soon = _Soon(t.backend) if hasattr(t.backend, "start_soon") else None
+            backend = self._soon or t.backend
             for i, value in enumerate(self.values):
                 local: dict[str, Any] = {self.name: value}
                 sink = _PrefixSink(t.sink, f"[{self.labels[i]}] ")
@@ -317,7 +350,7 @@ class Sweep:
                     display_source=t.display_source,
                     sink=sink,
                     filename=t.filename,
-                    backend=t.backend,
+                    backend=backend,
                     shared=shared,
                 )
                 run.plan = plan  # the same for every value: planned once, above
@@ -367,26 +400,83 @@ class Sweep:
         )
 
     def _launch(self) -> None:
+        """Start values while fewer than ``concurrency`` run; with a backend that can hold a
+        started worker (local), also fork as many more ahead, each held until a slot frees."""
         put = self._put
         assert put is not None
-        while self._pending and len(self._running) < self.concurrency and not self.interrupted:
-            i = self._pending.pop(0)
+        ahead = self.concurrency if self._soon is not None else 0
+        while self._held and len(self._running) < self.concurrency and not self.interrupted:
+            i = self._held.pop(0)
             self._running.add(i)
+            handle = self.runs[i].handle
+            if handle is not None:
+                handle.release()  # type: ignore[attr-defined]
+            if i in self._started:
+                self._progress(i, "started")
+        while (
+            self._pending
+            and len(self._running) + len(self._held) < self.concurrency + ahead
+            and not self.interrupted
+        ):
+            i = self._pending.pop(0)
+            held = len(self._running) >= self.concurrency
+            if held:
+                self._held.append(i)
+            else:
+                self._running.add(i)
             run = self.runs[i]
             try:
                 # Serialized only now, and let go of once sent: a sweep holds as many
                 # shipments as runs at once, not one per value for its whole length.
                 if run.launch is None:
-                    run.prepare(check=False)
-                run.start(lambda event, i=i: put((i, event)))
+                    # Only this value is new: every input was inspected with the first
+                    # value's run (the values themselves were listed and shown already),
+                    # so no inspecting thread per value.
+                    run._finish_preparing(False, run._notify)
+                if self._soon is not None:
+                    self._soon.held = held
+                run.start(self._deliver(i, put))
+                if not self._preloaded:
+                    # Once, after the first value asked for its worker (as one cell does):
+                    # the template imports the notebook's packages for the values after it.
+                    self._preloaded = True
+                    if self._soon is not None:
+                        self._soon.backend.preload(self.packages)
                 if i:
                     run.shipment = None
                     run.launch = None
             except Exception as exc:
-                self._running.discard(i)
+                self._forget(i)
                 self._settled.add(i)
                 self.errors[i] = exc
                 self._progress(i, "failed")
+
+    @staticmethod
+    def _deliver(i: int, put: Callable[[tuple[int, Event]], None]) -> Callable[[Event], None]:
+        """What value ``i``'s worker says, for the waiting thread, less what nobody reads there.
+
+        A value's own phases are not shown (the sweep shows its runs as one
+        phase), and once its result or error is in, its ``exit`` changes
+        nothing: both are left out here, in the backend's thread, so each value
+        wakes the kernel's loop for its ``started``, its output and its outcome
+        only, not for every step of its worker.
+        """
+        over = [False]
+
+        def deliver(event: Event) -> None:
+            kind = event.kind
+            if kind == "phase" or (kind == "exit" and over[0]):
+                return
+            if kind in ("result", "error"):
+                over[0] = True
+            put((i, event))
+
+        return deliver
+
+    def _forget(self, i: int) -> None:
+        self._running.discard(i)
+        if i in self._held:
+            self._held.remove(i)
 
     # -- what nbisolate.wait drives ------------------------------------------------------
     def begin(self, put: Callable[[tuple[int, Event]], None]) -> None:
@@ -404,12 +494,14 @@ class Sweep:
         run = self.runs[i]
         if event.kind == "started":
             self.hosts[i] = str(getattr(event.data, "host", "") or "")
+            self._started.add(i)
             self._notify(event)
-            self._progress(i, "started")
+            if i in self._running:  # a worker forked ahead says so when it is released
+                self._progress(i, "started")
         run.feed(event)
         if run.busy:
             return
-        self._running.discard(i)
+        self._forget(i)
         self._settled.add(i)
         try:
             self.results[i] = run.outcome()
@@ -423,7 +515,7 @@ class Sweep:
 
     @property
     def busy(self) -> bool:
-        return bool(self._running) or (bool(self._pending) and not self.interrupted)
+        return bool(self._running) or bool(self._held) or (bool(self._pending) and not self.interrupted)
 
     def tick(self) -> None:
         self._notify(Event("tick"))
@@ -431,7 +523,7 @@ class Sweep:
     def interrupt(self) -> None:
         self.interrupted = True
         self._pending.clear()
-        for i in list(self._running):
+        for i in [*self._running, *self._held]:
             self.runs[i].stop("interrupt")
 
     def stop(self, reason: str = "interrupt") -> None:

@@ -17,8 +17,10 @@ notebook itself imported), never anything that initializes a GPU.
 Protocol, over a socketpair inherited from the kernel, in the frames of
 :mod:`nbisolate.wire` (kinds listed in :data:`nbisolate.protocol.TEMPLATE_KINDS`):
 
-* ``("fork", {"id": n, "env": ..., "fresh": bool, "cwd": ...}, fds=[channel, stdout, stderr])``
-  (``env`` only when it changed since the previous fork: the template keeps the last one)
+* ``("fork", {"id": n, "env": ..., "fresh": bool, "cwd": ..., "ahead": bool}, fds=[channel, stdout, stderr])``
+  (``env`` only when it changed since the previous fork: the template keeps the last one;
+  ``ahead``: a sweep's worker, asked for without waiting and forked while other values
+  run, which is forked directly and leaves the spare for the next cell)
   -> ``("forked", {"id": n, "pid": pid, "fresh": bool, "threads": name or None})``; with
   ``fresh`` the child execs a new interpreter.  The request's ``id`` comes back so
   the kernel matches each reply to its request: a reply that arrives after the
@@ -283,7 +285,9 @@ def main(fd: int) -> None:
                 # with their locks held for ever. Exec a fresh interpreter instead.
                 fresh = bool(body.get("fresh")) or thread_count() > 1
                 pid = None
-                if not fresh and spare[0] is not None:
+                # A sweep's worker forked ahead ("ahead") is forked here directly: the spare
+                # stays for the next cell, which waits for its worker, where a sweep does not.
+                if not fresh and spare[0] is not None and not body.get("ahead"):
                     pid, ours = spare[0]
                     spare[0] = None
                     try:

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..errors import IsolateError
 from ..options import RunOptions
 from . import Deliver, Launch, RunHandle
+
+if TYPE_CHECKING:
+    from ..supervisor import Job
 
 
 class LocalBackend:
@@ -31,21 +35,7 @@ class LocalBackend:
         return max(1, min(os.cpu_count() or 1, runs))
 
     def start(self, launch: Launch, deliver: Deliver) -> RunHandle:
-        from ..supervisor import Job
-
-        options = launch.options
-        job = Job(
-            launch.payload,
-            launch.buffers,
-            on_event=deliver,
-            timeout=options.timeout,
-            label=launch.label,
-            max_output=options.max_output,
-            # A memory cap must hold from the first byte: a fork of the template
-            # already carries its imports, so a capped cell gets a new interpreter
-            # (exec'd by the template, which still kills it if the kernel dies).
-            fresh=options.mem is not None,
-        )
+        job = self._job(launch, deliver)
         try:
             job.start()
         except OSError as exc:
@@ -59,3 +49,42 @@ class LocalBackend:
 
         launcher.preload(launch.packages)
         return job
+
+    def start_soon(self, launch: Launch, deliver: Deliver, held: bool = False) -> RunHandle:
+        """Like :meth:`start`, without waiting for the worker to exist: the batch entry of a sweep.
+
+        The fork request is sent and its reply awaited in the job's own thread
+        (:meth:`nbisolate.supervisor.Job.start_soon`), so a sweep asks for its
+        next value's worker while the template forks this one; a failure to
+        start arrives as the job's ``error`` and ``exit`` events.  The sweep
+        asks the template to preload the notebook's packages once, before its
+        first value (:meth:`preload`), not once per value.  With ``held`` the
+        worker is forked but gets its cell only when the handle's ``release()``
+        is called (see :meth:`nbisolate.supervisor.Job.start_soon`).
+        """
+        job = self._job(launch, deliver)
+        job.start_soon(held=held)
+        return job
+
+    def preload(self, packages: list[str]) -> None:
+        """Have the template import ``packages`` before the next forks."""
+        from ..supervisor import launcher
+
+        launcher.preload(packages)
+
+    def _job(self, launch: Launch, deliver: Deliver) -> Job:
+        from ..supervisor import Job
+
+        options = launch.options
+        return Job(
+            launch.payload,
+            launch.buffers,
+            on_event=deliver,
+            timeout=options.timeout,
+            label=launch.label,
+            max_output=options.max_output,
+            # A memory cap must hold from the first byte: a fork of the template
+            # already carries its imports, so a capped cell gets a new interpreter
+            # (exec'd by the template, which still kills it if the kernel dies).
+            fresh=options.mem is not None,
+        )
