@@ -349,13 +349,12 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}"
 
 
-def _peak_memory(kernel: Kernel) -> float:
-    """GB by which the kernel's resident memory peaks above a 1 GB array while shipping it."""
+def _peak_rss_while(kernel: Kernel, code: str) -> int:
+    """The kernel's peak resident memory (bytes) above its memory before, while ``code`` runs."""
     import threading
 
     import psutil
 
-    kernel.run("big = np.random.rand(2**30 // 8)", timeout=300)
     proc = psutil.Process(kernel.pid)
     base = proc.memory_info().rss
     peak = [base]
@@ -368,42 +367,27 @@ def _peak_memory(kernel: Kernel) -> float:
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     try:
-        kernel.run("%%isolate --quiet\ns = float(big[::4096].sum())", timeout=300)
+        kernel.run(code, timeout=300)
     finally:
         stop.set()
         thread.join()
+    return peak[0] - base
+
+
+def _peak_memory(kernel: Kernel) -> float:
+    """GB by which the kernel's resident memory peaks above a 1 GB array while shipping it."""
+    kernel.run("big = np.random.rand(2**30 // 8)", timeout=300)
+    grown = _peak_rss_while(kernel, "%%isolate --quiet\ns = float(big[::4096].sum())") / 2**30
     kernel.run("del big", timeout=60)
-    grown = (peak[0] - base) / 2**30
     print(f"- shipping a 1 GB array: the kernel's memory peaked {grown:.2f} GB above it", flush=True)
     return grown
 
 
 def _peak_receiving(kernel: Kernel) -> dict[str, float]:
-    """GB by which the kernel's resident memory peaks above a 1 GB result while receiving it,
-    and the result's phases (seconds) as the run measured them."""
-    import threading
-
-    import psutil
-
+    """GB by which the kernel's resident memory peaks above a 1 GB result while receiving it."""
     kernel.run("n_big = 2**30 // 8", timeout=60)
-    proc = psutil.Process(kernel.pid)
-    base = proc.memory_info().rss
-    peak = [base]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(0.002):
-            peak[0] = max(peak[0], proc.memory_info().rss)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        kernel.run("%%isolate --quiet\nbig_out = np.ones(n_big)", timeout=300)
-    finally:
-        stop.set()
-        thread.join()
+    grown = _peak_rss_while(kernel, "%%isolate --quiet\nbig_out = np.ones(n_big)") / 2**30 - 1.0
     kernel.run("del big_out", timeout=60)
-    grown = (peak[0] - base) / 2**30 - 1.0
     print(f"- receiving a 1 GB result: the kernel's memory peaked {grown:.2f} GB above it", flush=True)
     return {"gb_above_result": round(grown, 3)}
 
