@@ -63,7 +63,7 @@ from .protocol import (
     sync_mark,
 )
 from .template import bootstrap
-from .wire import SHM_THRESHOLD, Arena, Channel, ChannelClosed
+from .wire import SHM_THRESHOLD, Arena, Channel, ChannelClosed, frame_bytes
 
 IOPUB_RATE = 1_000_000
 """Jupyter server's default ``iopub_data_rate_limit`` (bytes/s) ..."""
@@ -71,6 +71,10 @@ IOPUB_WINDOW = 3.0
 """... averaged over its default ``rate_limit_window`` (s)."""
 
 GRACE_SECONDS = 2.0
+
+QUEUE_BYTES = 64 * 1024
+"""A ``run`` message up to this size is put into the channel before the worker is asked for
+(see :meth:`Job._queue_run`); a larger one is sent once the worker exists."""
 
 _ids = itertools.count(1)
 
@@ -533,6 +537,9 @@ class Job:
         self._wake_lock = threading.RLock()
         self._closed = False
         self.tree: proctree.Tree | None = None  # set once the worker exists
+        # The run message put into the channel before the worker existed: the socket, and
+        # what did not fit (see _queue_run).
+        self._queued: tuple[socket.socket, bytes] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -600,6 +607,7 @@ class Job:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         forked = None
+        self._queue_run(mine)
         try:
             env = dict(os.environ if self.env is None else self.env)
             forked = launcher.fork((theirs.fileno(), out_w, err_w), env, fresh=self.fresh, cwd=self.payload.get("cwd"))
@@ -612,6 +620,27 @@ class Job:
                 mine.close()
                 self._close_fds(out_r, err_r)
         return None if forked is None else (forked, mine, out_r, err_r)
+
+    def _queue_run(self, sock: socket.socket) -> None:
+        """Put a small ``run`` message into the channel now, before the worker is asked for.
+
+        The worker then finds its cell waiting the moment it takes the
+        channel, instead of waiting while the kernel hears back from the
+        template, notes the new pid and starts the reader thread, which sends
+        it otherwise (and sends what did not fit here).  Never blocks: the
+        socket's buffer is empty and the send is non-blocking.
+        """
+        total = sum(memoryview(b).nbytes for b in self.buffers)
+        if total >= QUEUE_BYTES:
+            return
+        frame = frame_bytes(MSG_RUN, dict(self.payload, sync=self.sync), self.buffers)
+        if frame is None or len(frame) > QUEUE_BYTES:
+            return
+        try:
+            sent = sock.send(frame, socket.MSG_DONTWAIT)
+        except OSError:  # no room after all: the reader thread sends it whole
+            return
+        self._queued = (sock, frame[sent:])
 
     def _started(self, mine: socket.socket, out_r: int, err_r: int) -> None:
         self.tree = proctree.Tree(self.proc.pid)
@@ -781,10 +810,15 @@ class _Supervision:
     def send_run(self) -> None:
         """Send the payload, its buffers in a warm arena when they are large (one memcpy)."""
         job = self.job
-        if sum(memoryview(b).nbytes for b in job.buffers) >= SHM_THRESHOLD:
-            self.arena = _arenas.take()
+        queued, job._queued = job._queued, None
         try:
-            self.chan.send(MSG_RUN, dict(job.payload, sync=job.sync), job.buffers, arena=self.arena)
+            if queued is not None and queued[0] is self.chan.sock:  # sent before the fork
+                if queued[1]:
+                    self.chan.sock.sendall(queued[1])
+            else:
+                if sum(memoryview(b).nbytes for b in job.buffers) >= SHM_THRESHOLD:
+                    self.arena = _arenas.take()
+                self.chan.send(MSG_RUN, dict(job.payload, sync=job.sync), job.buffers, arena=self.arena)
         except OSError:
             pass  # the worker died at start; the exit step explains how
         job.buffers = []
