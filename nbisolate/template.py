@@ -110,6 +110,14 @@ def _spare(control: socket.socket, wake_fds: tuple[int, int], sock: socket.socke
     try:
         _detach(control, wake_fds, ())
         name = _set_name(SPARE_NAME)
+        from . import worker
+
+        try:
+            # The worker's own first steps, none of them a cell's, while nobody waits.
+            worker.prepare()
+            worker.rehearse()
+        except Exception:
+            pass  # the worker's main() tries again, and reports what fails
         try:
             kind, body, fds = recv(sock)
         except (EOFError, OSError):  # the template went, or dropped this spare

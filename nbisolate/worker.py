@@ -50,7 +50,7 @@ from .protocol import (
     sync_mark,
 )
 from .units import format_bytes
-from .wire import Channel, ChannelClosed
+from .wire import Channel, ChannelClosed, frame_bytes
 
 __all__ = ["RESULT", "main", "sync_mark"]
 # Results bigger than this are checked against the memory the machine has available.
@@ -545,7 +545,6 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
     main.__dict__["__builtins__"] = __builtins__
     sys.modules["__main__"] = main
     ns = main.__dict__
-    pools.install()  # the cell's own process pools: by value, and children that report
     for hook in job.get("startup", ()):
         __import__(hook)
     chan.send(MSG_PHASE, ("start", time.perf_counter() - t0))
@@ -652,24 +651,92 @@ async def _await(awaitable: Any) -> Any:
     return await awaitable
 
 
+class _Watchdog:
+    """The watchdog thread, started before the job is known and armed when it arrives.
+
+    Starting a thread costs a fresh process most of a millisecond (its stack,
+    the first page faults, the handshake with the new thread); a spare worker
+    pays it while it waits for its cell (:func:`prepare`), and the job only
+    hands over the channel and the kernel's pid.
+    """
+
+    def __init__(self) -> None:
+        self._args: tuple[Channel, int | None] | None = None
+        self._go = threading.Lock()
+        self._go.acquire()
+        threading.Thread(target=self._wait, daemon=True, name="watch-parent").start()
+
+    def _wait(self) -> None:
+        self._go.acquire()
+        assert self._args is not None
+        _watch_parent(*self._args)
+
+    def arm(self, chan: Channel, kernel_pid: int | None) -> None:
+        self._args = (chan, kernel_pid)
+        self._go.release()
+
+
+_watchdog: _Watchdog | None = None
+
+
+def prepare() -> None:
+    """Everything a worker does before it knows its cell; once per process.
+
+    A spare worker (:mod:`nbisolate.template`) calls this while it waits for
+    its job, so none of it is on a cell's path: becoming the subreaper of its
+    tree, refusing stdin, the cell's process-pool hooks, and the watchdog
+    thread, which waits until the job names the channel and the kernel.  None
+    of it runs code of any cell.
+    """
+    global _watchdog
+    if _watchdog is not None:
+        return
+    _become_subreaper()
+    sys.stdin = _NoStdin()
+    pools.install()  # the cell's own process pools: by value, and children that report
+    _watchdog = _Watchdog()
+
+
+def rehearse() -> None:
+    """Take a trivial cell's steps once, on a value of our own, before any cell arrives.
+
+    A forked process pays a page fault for every page of its parent's memory
+    it first writes to, and merely using an object writes its reference
+    count: the first serialization, compilation and message of a worker cost
+    it far more than the next.  A spare worker (:mod:`nbisolate.template`)
+    rehearses them while it waits, so its cell finds those pages its own.
+    Nothing of any cell runs here, and nothing is kept.
+    """
+    from . import ship
+
+    scratch: dict[str, Any] = {"__builtins__": __builtins__}
+    shipped = ship.dumps({"_": 0}, skip_failures=True, main=scratch, returning=True)
+    ship.loads(shipped.names, shipped.data, shipped.buffers, shipped.engine, scratch)
+    body, tail = _compile_cell("_ = 0\n_\n", "<nbisolate>", 0, True)
+    eval(body, scratch)
+    if tail is not None:
+        eval(tail, scratch)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _WorkerChannel._BLOCK)
+    signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    frame_bytes(MSG_PHASE, ("start", 0.0))
+    error_body(ValueError("rehearsal"))
+
+
 def main(fd: int) -> None:
     """Entry point of a worker process; ``fd`` is the worker's end of the socketpair."""
     import socket
 
+    prepare()  # a no-op in a spare, which did it while waiting
     os.set_inheritable(fd, False)
     chan = _WorkerChannel(socket.socket(fileno=fd))
-    _become_subreaper()
-    sys.stdin = _NoStdin()
     try:
         kind, job, buffers = chan.recv()
     except ChannelClosed:
         os._exit(0)
     if kind != MSG_RUN:
         os._exit(2)
-    watchdog = threading.Thread(
-        target=_watch_parent, args=(chan, job.get("kernel_pid")), daemon=True, name="watch-parent"
-    )
-    watchdog.start()
+    assert _watchdog is not None
+    _watchdog.arm(chan, job.get("kernel_pid"))
     output = _Output(chan)
     chan.output = output
     os.register_at_fork(after_in_child=output.forked)
