@@ -46,7 +46,7 @@ TEMPLATE_KINDS: dict[str, str] = {
     "fork": "kernel -> template: {id, env, fresh, cwd} with fds [channel, stdout, stderr]; env "
     "only when it changed since the last fork",
     "job": "template -> its spare worker: the fork request with its descriptors (the spare, "
-    "forked ahead of the cell, takes it)",
+    "forked ahead of the cell, takes it), sent after the kernel was told the worker's pid",
     "forked": "template -> kernel: {id, pid, fresh, threads}: the request's id and the new worker",
     "preload": "kernel -> template: {names, sys_path}, modules to import once for every fork",
     "preloaded": "template -> kernel: {errors: {name: error or None}, threads: package or None}",

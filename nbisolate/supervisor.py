@@ -38,6 +38,7 @@ from __future__ import annotations
 import codecs
 import itertools
 import os
+import queue
 import selectors
 import signal
 import socket
@@ -46,7 +47,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import proctree
 from .backends import HandleInfo
@@ -130,6 +131,62 @@ class _Arenas:
 
 
 _arenas = _Arenas()
+
+
+class _Threads:
+    """Daemon threads for the jobs' reader threads, each kept a while for the next job.
+
+    ``Thread.start`` waits until the new thread runs: on a busy machine that
+    handshake cost the kernel's thread most of a millisecond per cell, on
+    the cell's path.  A thread that finished a job waits up to
+    :data:`IDLE_SECONDS` for the next one (at most :data:`IDLE_THREADS` wait),
+    so handing a job over is putting it in a queue.
+    """
+
+    IDLE_SECONDS = 5.0
+    IDLE_THREADS = 2
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle = 0  # threads waiting for a job, less the jobs already handed to them
+        self._tasks: queue.SimpleQueue[tuple[str, Callable[..., None], tuple[Any, ...]]] = queue.SimpleQueue()
+
+    def run(self, name: str, target: Callable[..., None], *args: Any) -> None:
+        """Run ``target(*args)`` in a thread called ``name``; returns at once."""
+        task = (name, target, args)
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+                self._tasks.put(task)
+                return
+        threading.Thread(target=self._serve, args=(task,), daemon=True, name=name).start()
+
+    def _serve(self, task: tuple[str, Callable[..., None], tuple[Any, ...]]) -> None:
+        me = threading.current_thread()
+        while True:
+            name, target, args = task
+            me.name = name
+            try:
+                target(*args)
+            except Exception:  # the target reports its own failures; never lose the thread's job
+                pass
+            me.name = "nbisolate-idle"
+            with self._lock:
+                if self._idle >= self.IDLE_THREADS:
+                    return
+                self._idle += 1
+            try:
+                task = self._tasks.get(timeout=self.IDLE_SECONDS)
+            except queue.Empty:
+                with self._lock:
+                    try:  # handed a job just as the wait ended
+                        task = self._tasks.get_nowait()
+                    except queue.Empty:
+                        self._idle -= 1
+                        return
+
+
+_threads = _Threads()
 
 
 
@@ -254,6 +311,14 @@ WEDGED_SECONDS = 30.0
 """A template that answered nothing this long while asked something is killed and replaced."""
 REPORT_SECONDS = 3.0
 """How long the template has to report a worker's exit once the worker is gone."""
+
+
+class _Ticket(NamedTuple):
+    """A fork request sent to a template (:meth:`TemplateLauncher.ask`), its reply to come."""
+
+    template: _Template
+    id: int
+    until: float
 
 
 class TemplateLauncher:
@@ -405,9 +470,20 @@ class TemplateLauncher:
 
         ``fresh`` makes the child exec a new interpreter instead of running on
         the template's imports (for ``--mem``), still as the template's child.
-        Waits at most :data:`FORK_SECONDS`: a template busy importing a slow
-        package makes this cell spawn instead, and its late reply is matched to
-        this request and the worker killed.
+        :meth:`ask` then :meth:`answer`: waits at most :data:`FORK_SECONDS`.
+        """
+        ticket = self.ask(fds, env, fresh=fresh, cwd=cwd)
+        return None if ticket is None else self.answer(ticket)
+
+    def ask(
+        self, fds: Sequence[int], env: dict[str, str], fresh: bool = False, cwd: str | None = None
+    ) -> _Ticket | None:
+        """Send the template a fork request and return at once; None if it cannot be asked.
+
+        The reply is waited for with :meth:`answer`, in whatever thread will
+        supervise the worker, so the thread that asked (the kernel's) goes on
+        while the template hands over its spare.  ``fds`` are in the request:
+        the caller may close its copies as soon as this returns.
         """
         from .template import send
 
@@ -429,31 +505,49 @@ class TemplateLauncher:
                 with self._cond:
                     t.waiting.discard(rid)
                 return None
-            until = time.monotonic() + FORK_SECONDS
-            stopped = False
+        return _Ticket(t, rid, time.monotonic() + FORK_SECONDS)
+
+    def answer(self, ticket: _Ticket, taken: Callable[[], bool] | None = None) -> _ForkedProcess | None:
+        """The worker the template forked for ``ticket``; None if no reply came in time.
+
+        A template busy importing a slow package makes the cell spawn instead,
+        and its late reply is matched to the request and the worker killed.
+        ``taken`` says whether a worker already read the cell queued in its
+        channel, and takes the cell back if not: then no worker can run it and
+        a spawned one may.  If one did, the template told us its pid before
+        handing it over, so that reply is waited for instead, whatever became
+        of the template since: the cell must never run twice.
+        """
+        t, rid, until = ticket.template, ticket.id, ticket.until
+        stopped = False
+        with self._cond:
+            while rid not in t.replies and t.alive and not t.lost:
+                left = until - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(0.1, left))
+                if rid not in t.replies and t.stopped():
+                    stopped = True
+                    break
+            if rid not in t.replies and taken is not None and taken():
+                stopped = False
+                while rid not in t.replies and t.alive:  # in the socket: the reader has it soon
+                    self._cond.wait(0.1)
+            t.waiting.discard(rid)
+            reply = t.replies.pop(rid, None)
+        if reply is not None:
+            return _ForkedProcess(reply["pid"], t, self)
+        if stopped:
+            self._give_up(t, "was found stopped (SIGSTOP, perhaps sent by a cell to its parent)")
+        elif t.alive and not t.lost and t.wedged():
+            self._give_up(t, f"answered nothing for {WEDGED_SECONDS:g} s")
+        elif t.alive and not t.lost:
             with self._cond:
-                while rid not in t.replies and t.alive and not t.lost:
-                    left = until - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cond.wait(min(0.1, left))
-                    if rid not in t.replies and t.stopped():
-                        stopped = True
-                        break
-                t.waiting.discard(rid)
-                reply = t.replies.pop(rid, None)
-            if reply is not None:
-                return _ForkedProcess(reply["pid"], t, self)
-            if stopped:
-                self._give_up(t, "was found stopped (SIGSTOP, perhaps sent by a cell to its parent)")
-            elif t.alive and not t.lost and t.wedged():
-                self._give_up(t, f"answered nothing for {WEDGED_SECONDS:g} s")
-            elif t.alive and not t.lost:
                 self._notes.append(
                     f"nbisolate: the template process was busy (importing the notebook's packages) "
                     f"for {FORK_SECONDS:g} s, so this cell started in a fresh interpreter instead.\n"
                 )
-            return None
+        return None
 
     def preload(self, names: Sequence[str]) -> None:
         """Have the template import ``names`` (it answers later; forks queue behind it)."""
@@ -540,6 +634,7 @@ class Job:
         # The run message put into the channel before the worker existed: the socket, and
         # what did not fit (see _queue_run).
         self._queued: tuple[socket.socket, bytes] | None = None
+        self._peer: socket.socket | None = None  # our copy of the worker's end, until it is known
 
     @property
     def pid(self) -> int | None:
@@ -558,15 +653,25 @@ class Job:
 
     # -- control ---------------------------------------------------------
     def start(self) -> None:
-        """Start the worker and its reader thread; returns at once."""
-        forked = None
+        """Start the worker and its reader thread; returns at once.
+
+        From the template, only the fork request is sent here: the reader
+        thread waits for the reply (and spawns a worker when none comes), so
+        the caller goes on while the template hands over its spare, and the
+        thread is started while the worker starts rather than after.
+        """
         if self.use_template:
-            forked = self._fork()
-        if forked is not None:
-            self.proc, mine, out_r, err_r = forked
-            self.how_started = "fresh interpreter" if self.fresh else "forked from template"
-            self._started(mine, out_r, err_r)
-            return
+            asked = self._ask_template()
+            if asked is not None:
+                self._thread(_Supervision.start_forked, asked)
+                return
+        self._thread(_Supervision.start, *self._spawn())
+
+    def _thread(self, target: Callable[..., None], *args: Any) -> None:
+        _threads.run(f"nbisolate-{self.id}", target, self, *args)
+
+    def _spawn(self) -> tuple[socket.socket, int, int]:
+        """Spawn a fresh interpreter as the worker; our ends of its channel and pipes."""
         mine, theirs = socket.socketpair()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
@@ -594,32 +699,124 @@ class Job:
                 with self._wake_lock:
                     self._closed = True
                     self._close_fds(self._wake_r, self._wake_w)
-        self._started(mine, out_r, err_r)
+        self._now_running()
+        return mine, out_r, err_r
 
-    def _fork(self) -> tuple[_ForkedProcess, socket.socket, int, int] | None:
-        """A worker forked by the template, with our ends of its channel and pipes; None if not.
+    def _ask_template(self) -> tuple[_Ticket, socket.socket, int, int] | None:
+        """Ask the template for a worker; the request, and our ends of its channel and pipes.
 
-        The descriptors given to a fork that failed (no reply in time) are
-        closed and never reused: a late fork holding them must find them dead,
-        not share them with the spawned worker that replaces it.
+        None when the template cannot be asked.  The descriptors of a fork that
+        fails (no reply in time) are closed and never reused: a late fork
+        holding them must find them dead, not share them with the spawned
+        worker that replaces it.
         """
         mine, theirs = socket.socketpair()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        forked = None
+        ticket = None
         self._queue_run(mine)
+        if self._queued is not None:  # to take the cell back if no worker comes (_run_taken)
+            self._peer = theirs.dup()
         try:
             env = dict(os.environ if self.env is None else self.env)
-            forked = launcher.fork((theirs.fileno(), out_w, err_w), env, fresh=self.fresh, cwd=self.payload.get("cwd"))
+            ticket = launcher.ask((theirs.fileno(), out_w, err_w), env, fresh=self.fresh, cwd=self.payload.get("cwd"))
         finally:
             theirs.close()
             self._close_fds(out_w, err_w)
-            for note in launcher.take_notes():
-                self._emit("note", note)
+            if ticket is None:
+                self._emit_notes()
+                self._drop_peer()
+                mine.close()
+                self._close_fds(out_r, err_r)
+        return None if ticket is None else (ticket, mine, out_r, err_r)
+
+    def _run_taken(self) -> bool:
+        """Whether a worker read the cell queued in its channel; if not, take it back.
+
+        Reading it through our own copy of the worker's end empties the
+        channel: a late worker then finds nothing but the end of the channel.
+        A cell partly read is as good as unread: nobody can run half a frame.
+        """
+        peer = self._peer
+        if peer is None:
+            return False
+        try:
+            left = peer.recv(QUEUE_BYTES + 1, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True  # nothing left: a worker read all of it
+        except OSError:
+            return False
+        return not left
+
+    def _drop_peer(self) -> None:
+        if self._peer is not None:
+            self._peer.close()
+            self._peer = None
+
+    def _take_fork(self, asked: tuple[_Ticket, socket.socket, int, int]) -> tuple[socket.socket, int, int]:
+        """In the reader thread: the worker the template forked, or a spawned one if none came."""
+        ticket, mine, out_r, err_r = asked
+        forked = None
+        try:
+            forked = launcher.answer(ticket, self._run_taken)
+        finally:
+            self._drop_peer()
+            self._emit_notes()
             if forked is None:
                 mine.close()
                 self._close_fds(out_r, err_r)
-        return None if forked is None else (forked, mine, out_r, err_r)
+        if forked is None:
+            return self._spawn()
+        self.proc = forked
+        self.how_started = "fresh interpreter" if self.fresh else "forked from template"
+        self._now_running()
+        return mine, out_r, err_r
+
+    def _emit_notes(self) -> None:
+        for note in launcher.take_notes():
+            self._emit("note", note)
+
+    def _now_running(self) -> None:
+        self.tree = proctree.Tree(self.proc.pid)
+        self.started_at = time.time()
+        self._emit("started", self.proc.pid)
+
+    def _not_started(self, exc: Exception) -> None:
+        """No worker could be started (in the reader thread): the cell's error, then ``exit``."""
+        from . import ship
+        from .errors import IsolateError
+
+        error = IsolateError(
+            f"could not start the isolated worker process ({type(exc).__name__}: {exc}); "
+            "nothing ran. Check that the working directory still exists and the machine "
+            "has free memory and process slots, then run the cell again."
+        )
+        shipped = ship.dumps({"exc": error}, skip_failures=True)
+        self._emit(
+            MSG_ERROR,
+            error_body(
+                error,
+                traceback=f"IsolateError: {error}",
+                names=shipped.names,
+                data=shipped.data,
+                engine=shipped.engine,
+            ),
+            shipped.buffers,
+        )
+        self._emit(
+            "exit",
+            {
+                "returncode": None,
+                "reason": "error",
+                "error": f"{type(exc).__name__}: {exc}",
+                "elapsed": time.perf_counter() - self._t0,
+                "dropped": 0,
+                "over_rate": 0,
+                "max_output": self.max_output,
+                "pid": None,
+                "lost": None,
+            },
+        )
 
     def _queue_run(self, sock: socket.socket) -> None:
         """Put a small ``run`` message into the channel now, before the worker is asked for.
@@ -628,7 +825,9 @@ class Job:
         channel, instead of waiting while the kernel hears back from the
         template, notes the new pid and starts the reader thread, which sends
         it otherwise (and sends what did not fit here).  Never blocks: the
-        socket's buffer is empty and the send is non-blocking.
+        socket's buffer is empty and the send is non-blocking.  If the template
+        does not answer, the cell is taken back before a spawned worker gets
+        it (:meth:`_run_taken`), so a late worker cannot run it too.
         """
         total = sum(memoryview(b).nbytes for b in self.buffers)
         if total >= QUEUE_BYTES:
@@ -641,16 +840,6 @@ class Job:
         except OSError:  # no room after all: the reader thread sends it whole
             return
         self._queued = (sock, frame[sent:])
-
-    def _started(self, mine: socket.socket, out_r: int, err_r: int) -> None:
-        self.tree = proctree.Tree(self.proc.pid)
-        self.started_at = time.time()
-        self._emit("started", self.proc.pid)
-        chan = Channel(mine)
-        thread = threading.Thread(
-            target=_Supervision.start, args=(self, chan, out_r, err_r), daemon=True, name=f"nbisolate-{self.id}"
-        )
-        thread.start()
 
     def stop(self, reason: str = "interrupt") -> None:
         """Ask the reader thread to stop the worker (thread- and signal-safe)."""
@@ -771,9 +960,20 @@ class _Supervision:
         threading.Thread(target=wait_then_tell, daemon=True).start()
 
     @classmethod
-    def start(cls, job: Job, chan: Channel, out_r: int, err_r: int) -> None:
+    def start(cls, job: Job, mine: socket.socket, out_r: int, err_r: int) -> None:
         """The body of the job's reader thread (set up there, so ``Job.start`` returns at once)."""
+        chan = Channel(mine)
         cls(job, chan, out_r, err_r).run()
+
+    @classmethod
+    def start_forked(cls, job: Job, asked: tuple[_Ticket, socket.socket, int, int]) -> None:
+        """The reader thread of a job the template was asked for: its reply first."""
+        try:
+            mine, out_r, err_r = job._take_fork(asked)
+        except Exception as exc:  # no reply, and no spawn either (or a bug of ours)
+            job._not_started(exc)
+            return
+        cls.start(job, mine, out_r, err_r)
 
     # -- the loop ---------------------------------------------------------------
     def run(self) -> None:
