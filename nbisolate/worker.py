@@ -29,6 +29,7 @@ import io
 import linecache
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -108,16 +109,45 @@ class _WorkerChannel(Channel):
         }
     )
 
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock)
+        self._held: list[bytes] = []
+
+    def phase(self, name: str, seconds: float, hold: bool = False) -> None:
+        """Tell the kernel a phase ended: now, or with the next message (``hold``).
+
+        Every message wakes the kernel's reader thread and its event loop, on
+        a machine the cell shares with them; phases that end a moment before
+        the next message (a cell with small inputs, results that take no time
+        to send) travel in the same write as that message.
+        """
+        if hold:
+            self._held.append(frame_bytes(MSG_PHASE, (name, seconds)) or b"")
+        else:
+            self.send(MSG_PHASE, (name, seconds))
+
     def send(self, kind: str, body: Any = None, buffers: Any = ()) -> None:
         if kind != MSG_STREAM and self.output is not None:
             self.output.flush()
         if threading.current_thread() is not threading.main_thread():
-            return super().send(kind, body, buffers)
+            return self._send(kind, body, buffers)
         old = signal.pthread_sigmask(signal.SIG_BLOCK, self._BLOCK)
         try:
-            super().send(kind, body, buffers)
+            self._send(kind, body, buffers)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def _send(self, kind: str, body: Any, buffers: Any) -> None:
+        """One message, after the phases held for it (in one write when it is small)."""
+        held, self._held = self._held, []
+        if held:
+            frame = frame_bytes(kind, body, buffers)
+            with self._lock:
+                if frame is not None:
+                    self.sock.sendall(b"".join([*held, frame]))
+                    return
+                self.sock.sendall(b"".join(held))
+        super().send(kind, body, buffers)
 
 
 class _Output:
@@ -547,7 +577,9 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
     ns = main.__dict__
     for hook in job.get("startup", ()):
         __import__(hook)
-    chan.send(MSG_PHASE, ("start", time.perf_counter() - t0))
+    # Small inputs load at once: the kernel hears of the start with the load.
+    small = not buffers and not job.get("shared") and len(job["data"]) < _HOLD_BELOW
+    chan.phase("start", time.perf_counter() - t0, hold=small)
 
     t1 = time.perf_counter()
     shared = job.get("shared")
@@ -557,7 +589,7 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
         buffers = buffers[count:]
     ns.update(ship.loads(job["inputs"], job["data"], buffers, job["engine"], ns))
     del buffers
-    chan.send(MSG_PHASE, ("load", time.perf_counter() - t1))
+    chan.phase("load", time.perf_counter() - t1)
 
     filename = job["filename"]
     offset = job.get("line_offset", 0)
@@ -604,7 +636,8 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     _flush_c_stdio()
-    chan.send(MSG_PHASE, ("run", run_seconds))
+    # Results that take no time to serialize: the kernel hears of the run's end with them.
+    chan.phase("run", run_seconds, hold=_quick_to_send(ns, job["outputs"], value))
 
     t3 = time.perf_counter()
     _stage = "return"
@@ -636,6 +669,23 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
         },
         shipped.buffers,
     )
+
+
+_HOLD_BELOW = 64 * 1024
+"""Inputs whose pickle is smaller than this (and that have no buffers) load at once."""
+_QUICK_TYPES = frozenset({int, float, complex, bool, type(None)})
+
+
+def _quick_to_send(ns: dict[str, Any], outputs: list[str], value: Any) -> bool:
+    """Whether the cell's results serialize at once: numbers, None, short strings and bytes."""
+    for item in (*(ns.get(name) for name in outputs), value):
+        kind = type(item)
+        if kind in _QUICK_TYPES:
+            continue
+        if kind in (str, bytes) and len(item) < 4096:
+            continue
+        return False
+    return True
 
 
 def _execute(code: types.CodeType, ns: dict[str, Any]) -> Any:
@@ -724,8 +774,6 @@ def rehearse() -> None:
 
 def main(fd: int) -> None:
     """Entry point of a worker process; ``fd`` is the worker's end of the socketpair."""
-    import socket
-
     prepare()  # a no-op in a spare, which did it while waiting
     os.set_inheritable(fd, False)
     chan = _WorkerChannel(socket.socket(fileno=fd))
