@@ -117,9 +117,13 @@ async def _wait_async(run: Waitable) -> Any:
         scheduled[0] = False
         resolve()
 
+    loop_thread = threading.get_ident()
+
     def put(item: Any) -> None:
         items.append(item)
-        if not scheduled[0]:
+        # From the loop's own thread (a run that prepares at once): the loop looks at the
+        # items before it awaits, so no wake-up (a write to the loop's pipe) is needed.
+        if not scheduled[0] and threading.get_ident() != loop_thread:
             scheduled[0] = True
             try:
                 loop.call_soon_threadsafe(wake)
