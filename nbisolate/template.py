@@ -60,7 +60,6 @@ import select
 import signal
 import socket
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -218,7 +217,6 @@ def bootstrap(module: str, fd: int) -> str:
 
 
 REAP_SECONDS = 1.0
-SPARE_DELAY = 0.02
 """Exited workers are reaped at least this often, even if ``SIGCHLD`` never arrives."""
 
 
@@ -299,13 +297,10 @@ def main(fd: int) -> None:
             send(control, "exit", (pid, os.waitstatus_to_exitcode(status)))
 
     make_spare()
-    # The worker just handed its cell, and when to fork the next spare at the latest.
-    handed: list[Any] = [None, 0.0]
 
     try:
         while True:
-            wait = REAP_SECONDS if handed[0] is None else max(0.0, handed[1] - time.monotonic())
-            ready, _, _ = select.select([control, wake_r], [], [], wait)
+            ready, _, _ = select.select([control, wake_r], [], [], REAP_SECONDS)
             if wake_r in ready:
                 try:
                     while os.read(wake_r, 512):
@@ -313,9 +308,6 @@ def main(fd: int) -> None:
                 except BlockingIOError:
                     pass
             reap()  # every round: a lost SIGCHLD must never hide an exit
-            if handed[0] is not None and (handed[0] not in children or time.monotonic() >= handed[1]):
-                handed[0] = None
-                make_spare()
             if control not in ready:
                 continue
             kind, body, fds = recv(control)
@@ -358,9 +350,7 @@ def main(fd: int) -> None:
                     os.close(go_w)
                 for passed in fds:
                     os.close(passed)
-                # The next spare once this worker is done, or SPARE_DELAY from now: forking
-                # it at once took the CPU from the worker just when it starts.
-                handed[:] = [pid, time.monotonic() + SPARE_DELAY]
+                make_spare()  # for the next cell, while this one runs
             elif kind == "preload":
                 outcome: dict[str, str | None] = {}
                 sys.path[:] = body["sys_path"]
