@@ -51,7 +51,7 @@ from .protocol import (
     sync_mark,
 )
 from .units import format_bytes
-from .wire import Channel, ChannelClosed, frame_bytes
+from .wire import Channel, ChannelClosed, frame_bytes, send_frame
 
 __all__ = ["RESULT", "main", "sync_mark"]
 # Results bigger than this are checked against the memory the machine has available.
@@ -109,22 +109,40 @@ class _WorkerChannel(Channel):
         }
     )
 
+    HOLD_SECONDS = 0.05
+    """How long after the job arrived phases may wait for the next message."""
+
     def __init__(self, sock: socket.socket) -> None:
         super().__init__(sock)
         self._held: list[bytes] = []
+        self.hold_until = 0.0  # set when the job arrives (time.monotonic())
 
     def phase(self, name: str, seconds: float, hold: bool = False) -> None:
         """Tell the kernel a phase ended: now, or with the next message (``hold``).
 
         Every message wakes the kernel's reader thread and its event loop, on
         a machine the cell shares with them; phases that end a moment before
-        the next message (a cell with small inputs, results that take no time
-        to send) travel in the same write as that message.
+        the next message (a fast cell's start and load, results that take no
+        time to send) travel in the same write as that message.  The start and
+        load are held only within :data:`HOLD_SECONDS` of the job's arrival,
+        and the watchdog thread sends what is still held then
+        (:meth:`send_held`), so the kernel learns of a long cell's start and
+        load within that time; a held run phase is followed by its result.
         """
-        if hold:
+        if hold and (name == "run" or time.monotonic() < self.hold_until - 0.005):
             self._held.append(frame_bytes(MSG_PHASE, (name, seconds)) or b"")
         else:
             self.send(MSG_PHASE, (name, seconds))
+
+    def send_held(self) -> None:
+        """Send the phases still held, if any (the watchdog thread, at ``hold_until``)."""
+        try:
+            with self._lock:
+                held, self._held = self._held, []
+                if held:
+                    self.sock.sendall(b"".join(held))
+        except OSError:
+            pass
 
     def send(self, kind: str, body: Any = None, buffers: Any = ()) -> None:
         if kind != MSG_STREAM and self.output is not None:
@@ -138,16 +156,22 @@ class _WorkerChannel(Channel):
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
     def _send(self, kind: str, body: Any, buffers: Any) -> None:
-        """One message, after the phases held for it (in one write when it is small)."""
-        held, self._held = self._held, []
-        if held:
-            frame = frame_bytes(kind, body, buffers)
-            with self._lock:
-                if frame is not None:
-                    self.sock.sendall(b"".join([*held, frame]))
-                    return
+        """One message, after the phases held for it (in one write when it is small).
+
+        The held phases are taken under the channel's lock, so the watchdog
+        thread sending them meanwhile can never put them after this message.
+        """
+        if not self._held:
+            return super().send(kind, body, buffers)
+        with self._lock:
+            held, self._held = self._held, []
+            frame = frame_bytes(kind, body, buffers) if held else None
+            if frame is not None:
+                self.sock.sendall(b"".join([*held, frame]))
+                return
+            if held:
                 self.sock.sendall(b"".join(held))
-        super().send(kind, body, buffers)
+            send_frame(self.sock, kind, body, buffers)
 
 
 class _Output:
@@ -184,6 +208,8 @@ class _Output:
         """
         self._lock = threading.RLock()  # another thread may have held it at the fork
         self._parts, self._size = [], 0
+        if isinstance(self._chan, _WorkerChannel):
+            self._chan._held = []  # the worker's phases: the worker sends them, not this child
         self._direct = True
 
     def write(self, name: str, text: str) -> None:
@@ -290,10 +316,19 @@ def _watch_parent(chan: Channel, kernel_pid: int | None) -> None:
             pidfd = -1  # the kernel is gone already
         except OSError:
             pidfd = None
+    # Phases held back for the next message go out by this time at the latest (see hold_until).
+    flush_at: float | None = getattr(chan, "hold_until", None)
     try:
         while pidfd != -1:
             watched = [chan.sock] + ([pidfd] if pidfd is not None else [])
-            ready, _, _ = select.select(watched, [], [], 0.25 if pidfd is None else None)
+            timeout = 0.25 if pidfd is None else None
+            if flush_at is not None:
+                left = max(0.0, flush_at - time.monotonic())
+                timeout = left if timeout is None else min(timeout, left)
+            ready, _, _ = select.select(watched, [], [], timeout)
+            if flush_at is not None and time.monotonic() >= flush_at:
+                flush_at = None
+                chan.send_held()  # type: ignore[attr-defined]
             if pidfd is not None and pidfd in ready:
                 break
             if chan.sock in ready and not chan.sock.recv(4096):
@@ -577,9 +612,9 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
     ns = main.__dict__
     for hook in job.get("startup", ()):
         __import__(hook)
-    # Small inputs load at once: the kernel hears of the start with the load.
+    # Small inputs load at once: the kernel hears of the start and load with the next message.
     small = not buffers and not job.get("shared") and len(job["data"]) < _HOLD_BELOW
-    chan.phase("start", time.perf_counter() - t0, hold=small)
+    chan.phase("start", time.perf_counter() - t0, hold=small)  # type: ignore[attr-defined]
 
     t1 = time.perf_counter()
     shared = job.get("shared")
@@ -589,7 +624,7 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
         buffers = buffers[count:]
     ns.update(ship.loads(job["inputs"], job["data"], buffers, job["engine"], ns))
     del buffers
-    chan.phase("load", time.perf_counter() - t1)
+    chan.phase("load", time.perf_counter() - t1, hold=small)  # type: ignore[attr-defined]
 
     filename = job["filename"]
     offset = job.get("line_offset", 0)
@@ -637,7 +672,7 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
         stream.flush()
     _flush_c_stdio()
     # Results that take no time to serialize: the kernel hears of the run's end with them.
-    chan.phase("run", run_seconds, hold=_quick_to_send(ns, job["outputs"], value))
+    chan.phase("run", run_seconds, hold=_quick_to_send(ns, job["outputs"], value))  # type: ignore[attr-defined]
 
     t3 = time.perf_counter()
     _stage = "return"
@@ -783,6 +818,7 @@ def main(fd: int) -> None:
         os._exit(0)
     if kind != MSG_RUN:
         os._exit(2)
+    chan.hold_until = time.monotonic() + chan.HOLD_SECONDS
     assert _watchdog is not None
     _watchdog.arm(chan, job.get("kernel_pid"))
     output = _Output(chan)

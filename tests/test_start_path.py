@@ -172,11 +172,16 @@ NO_WORKER = textwrap.dedent(
         print("raised", type(exc).__name__, exc)
     print("bound", sorted(ns))
     print("seconds", round(time.monotonic() - t0, 1))
-    try:
-        os.kill(template, 0)
-        print("template alive")
-    except ProcessLookupError:
-        print("template gone")
+    for _ in range(100):  # killed (a zombie until its reader reaps it) or reaped
+        try:
+            with open(f"/proc/{{template}}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            state = "X"
+        if state in ("Z", "X"):
+            break
+        time.sleep(0.05)
+    print("template", "gone" if state in ("Z", "X") else "alive")
     launcher.close()
     """
 )
@@ -252,3 +257,18 @@ def test_a_queued_cell_is_taken_back_unless_a_worker_read_it():
             mine.close()
             theirs.close()
             Job._close_fds(job._wake_r, job._wake_w)
+
+
+def test_a_long_cell_reports_its_start_and_load_while_it_runs():
+    """A fast cell's start and load travel with its result; a cell that runs on has them
+    sent by its watchdog within moments, so the panel says it is running, not loading."""
+    heard: dict[str, float] = {}
+    run = CellRun("import time\ntime.sleep(1.5)\ndone = 1", {})
+    run.listeners.append(
+        lambda e: heard.setdefault(e.kind if e.kind != "phase" else f"phase {e.data[0]}", time.perf_counter())
+    )
+    run.prepare()
+    run.run_sync()
+    assert heard["phase start"] <= heard["phase load"] <= heard["phase run"] <= heard["result"]
+    assert heard["phase load"] - heard["started"] < 0.75, heard
+    assert heard["result"] - heard["phase load"] > 0.75, heard
