@@ -252,6 +252,7 @@ def main(fd: int) -> None:
     from . import proctree, ship, wire, worker  # noqa: F401
 
     worker._c_library()  # the C library handle for prctl and fflush, inherited by every fork
+    worker.preimport()
 
     # The spare worker (see _spare): its pid and our end of its socket. Spares that were
     # dropped unused (the imports changed) are reaped without a word to the kernel.
@@ -363,6 +364,7 @@ def main(fd: int) -> None:
                     if threads_by is None and thread_count() > 1:
                         threads_by = name
                 _arm(wake_w)
+                worker.preimport()  # what the new imports make every worker import
                 # The spare was forked without these imports: the next one has them.
                 drop_spare()
                 make_spare()
