@@ -787,19 +787,13 @@ def preimport() -> None:
 
     With ``multiprocess`` preloaded (the notebook uses it), the pool hooks of
     :func:`prepare` import its ``spawn`` module in each worker: a millisecond
-    of a fresh fork's time, and a fraction of it once in the template.  The
-    template's objects are then moved out of the garbage collector's sight
-    (``gc.freeze``): a collection in a forked worker would otherwise write to
-    every one of them, a page fault per page of the template's memory.
+    of a fresh fork's time, and a fraction of it once in the template.
     """
     if "multiprocess" in sys.modules:
         try:
             import multiprocess.spawn  # noqa: F401
         except Exception:
             pass  # the worker's hooks meet the same error, and report it there
-    import gc
-
-    gc.freeze()
 
 
 def rehearse() -> None:
