@@ -47,7 +47,8 @@ TEMPLATE_KINDS: dict[str, str] = {
     "only when it changed since the last fork",
     "job": "template -> its spare worker: the fork request with its descriptors (the spare, "
     "forked ahead of the cell, takes it), sent after the kernel was told the worker's pid",
-    "forked": "template -> kernel: {id, pid, fresh, threads}: the request's id and the new worker",
+    "forked": "template -> kernel: {id, pid, fresh, threads}: the request's id and the new worker; "
+    "also written on the worker's channel, ahead of anything the worker sends there",
     "preload": "kernel -> template: {names, sys_path}, modules to import once for every fork",
     "preloaded": "template -> kernel: {errors: {name: error or None}, threads: package or None}",
     "ping": "kernel -> template: are you there",

@@ -39,6 +39,7 @@ import codecs
 import itertools
 import os
 import queue
+import select
 import selectors
 import signal
 import socket
@@ -64,7 +65,7 @@ from .protocol import (
     sync_mark,
 )
 from .template import bootstrap
-from .wire import SHM_THRESHOLD, Arena, Channel, ChannelClosed, frame_bytes
+from .wire import SHM_THRESHOLD, Arena, Channel, ChannelClosed, frame_bytes, recv_frame
 
 IOPUB_RATE = 1_000_000
 """Jupyter server's default ``iopub_data_rate_limit`` (bytes/s) ..."""
@@ -206,6 +207,7 @@ class _Template:
         self.lost: str | None = None  # why it was given up, in words for the user
         self.replies: dict[int, dict[str, Any]] = {}  # fork request id -> its reply
         self.waiting: set[int] = set()  # fork request ids someone still waits for
+        self.claimed: set[int] = set()  # ids whose worker was taken from its channel's note
         self.status: dict[int, int] = {}  # worker pid -> return code, as reported
         self.live: set[int] = set()  # workers forked and not reported yet
         self.orphans: set[int] = set()  # workers whose fork reply came too late: killed
@@ -401,6 +403,8 @@ class TemplateLauncher:
                         t.live.add(pid)
                         if rid in t.waiting:
                             t.replies[rid] = body
+                        elif rid in t.claimed:  # its pid came on the worker's channel first
+                            t.claimed.discard(rid)
                         else:  # nobody waits for this worker any more: it must not run
                             t.orphans.add(pid)
                             late = pid
@@ -507,6 +511,59 @@ class TemplateLauncher:
                 return None
         return _Ticket(t, rid, time.monotonic() + FORK_SECONDS)
 
+    def answer_on(
+        self, ticket: _Ticket, sock: socket.socket, taken: Callable[[], bool] | None = None
+    ) -> _ForkedProcess | None:
+        """:meth:`answer`, from the note the template writes on the worker's channel.
+
+        The template writes its ``forked`` reply on the worker's end of the
+        channel too, before the worker can write anything there: the thread
+        that will read the channel learns the pid from it at once, instead of
+        from the template's reader thread through a condition, a hand-over
+        between threads that cost a busy kernel most of a millisecond.  The
+        reply on the control socket, if it comes first, is taken instead.
+        """
+        t, rid, until = ticket.template, ticket.id, ticket.until
+        body = None
+        stopped = False
+        while True:
+            with self._cond:
+                body = t.replies.pop(rid, None)
+            if body is not None:  # the control reply came first; its note is in the channel
+                self._note(sock)
+                break
+            if not t.alive or t.lost:
+                break
+            left = until - time.monotonic()
+            if left <= 0:
+                break
+            if select.select([sock], [], [], min(0.1, left))[0]:
+                body = self._note(sock)
+                break
+            if t.stopped():
+                stopped = True
+                break
+        if body is None and taken is not None and taken():
+            body = self._note(sock)  # written before the worker had its cell: it is there
+        if body is None:
+            return self._no_answer(t, rid, stopped)
+        with self._cond:
+            t.waiting.discard(rid)
+            if t.replies.pop(rid, None) is None:
+                t.claimed.add(rid)  # its reply on the control socket is still to come
+        return _ForkedProcess(body["pid"], t, self)
+
+    @staticmethod
+    def _note(sock: socket.socket) -> dict[str, Any] | None:
+        """The template's ``forked`` note, the first frame on a worker's channel."""
+        try:
+            kind, body, _, fds = recv_frame(sock)
+        except (EOFError, OSError):
+            return None
+        for fd in fds:
+            os.close(fd)
+        return body if kind == "forked" and isinstance(body, dict) else None
+
     def answer(self, ticket: _Ticket, taken: Callable[[], bool] | None = None) -> _ForkedProcess | None:
         """The worker the template forked for ``ticket``; None if no reply came in time.
 
@@ -537,6 +594,17 @@ class TemplateLauncher:
             reply = t.replies.pop(rid, None)
         if reply is not None:
             return _ForkedProcess(reply["pid"], t, self)
+        return self._no_answer(t, rid, stopped)
+
+    def _no_answer(self, t: _Template, rid: int, stopped: bool) -> None:
+        """No worker for request ``rid``: say why, give up a stopped or wedged template."""
+        with self._cond:
+            t.waiting.discard(rid)
+            late = t.replies.pop(rid, None)  # came just as we gave up: its worker must not run
+            if late is not None:
+                t.orphans.add(late["pid"])
+        if late is not None:
+            proctree.kill_tree(late["pid"])
         if stopped:
             self._give_up(t, "was found stopped (SIGSTOP, perhaps sent by a cell to its parent)")
         elif t.alive and not t.lost and t.wedged():
@@ -758,7 +826,7 @@ class Job:
         ticket, mine, out_r, err_r = asked
         forked = None
         try:
-            forked = launcher.answer(ticket, self._run_taken)
+            forked = launcher.answer_on(ticket, mine, self._run_taken)
         finally:
             self._drop_peer()
             self._emit_notes()
@@ -1271,6 +1339,8 @@ class _Supervision:
         except Exception as exc:
             self.fail_receive(exc)
             return False
+        if kind == "forked":  # the template's note, when nobody read it (never an event)
+            return True
         if kind in (MSG_RESULT, MSG_ERROR):
             if self.reason is None:
                 self.deliver_outcome(kind, body, buffers)

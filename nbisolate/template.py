@@ -38,7 +38,9 @@ dropped (it lacks the new imports) and a new one is forked.
 The ``forked`` reply goes out before the worker gets its descriptors (a child
 forked on the spot waits for a byte on a pipe): the kernel may have put the
 cell in the channel already, and the kernel must know the worker before the
-cell can run, since the cell may stop or kill this process.
+cell can run, since the cell may stop or kill this process.  It is written on
+the worker's end of the channel as well, ahead of anything the worker sends,
+so the kernel thread that reads the channel learns the pid from there.
 
 Two rules keep forking safe whatever the preloaded packages do:
 
@@ -63,7 +65,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .wire import recv_frame, send_frame
+from .wire import frame_bytes, recv_frame, send_frame
 
 
 def send(sock: socket.socket, kind: str, body: Any = None, fds: Sequence[int] = ()) -> None:
@@ -339,7 +341,12 @@ def main(fd: int) -> None:
                 children.add(pid)
                 # The kernel hears of the worker before the worker can run anything: its cell
                 # may be waiting in its channel already, and may stop this very process.
-                send(control, "forked", {"id": body.get("id"), "pid": pid, "fresh": fresh, "threads": threads_by})
+                reply = {"id": body.get("id"), "pid": pid, "fresh": fresh, "threads": threads_by}
+                try:  # on the worker's channel first: the kernel's thread that reads it learns the pid
+                    os.write(fds[0], frame_bytes("forked", reply) or b"")
+                except (OSError, IndexError):
+                    pass  # the kernel gave up on it: the control reply below tells it the rest
+                send(control, "forked", reply)
                 if handover is not None:
                     try:
                         send(handover, "job", body, fds)
