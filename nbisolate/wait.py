@@ -118,8 +118,13 @@ async def _wait_async(run: Waitable) -> Any:
         resolve()
 
     loop_thread = threading.get_ident()
+    over = [False]
 
     def put(item: Any) -> None:
+        if over[0]:
+            # The wait is over (the worker's exit, after its result): nobody feeds this item,
+            # and waking the loop now would only take time from the kernel's reply.
+            return
         items.append(item)
         # From the loop's own thread (a run that prepares at once): the loop looks at the
         # items before it awaits, so no wake-up (a write to the loop's pipe) is needed.
@@ -154,6 +159,7 @@ async def _wait_async(run: Waitable) -> Any:
             finally:
                 timer.cancel()
                 waiter[0] = None
+        over[0] = True  # before the results are rebuilt: the worker's exit comes meanwhile
         if previous is not None:
             # Rebuilding the results: an interrupt now raises at once, before anything is bound.
             signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -162,5 +168,6 @@ async def _wait_async(run: Waitable) -> Any:
         run.interrupt()
         raise
     finally:
+        over[0] = True
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
