@@ -530,7 +530,8 @@ class TemplateLauncher:
             with self._cond:
                 body = t.replies.pop(rid, None)
             if body is not None:  # the control reply came first; its note is in the channel
-                self._note(sock)
+                if select.select([sock], [], [], 0)[0]:
+                    self._note(sock)
                 break
             if not t.alive or t.lost:
                 break
@@ -544,7 +545,14 @@ class TemplateLauncher:
                 stopped = True
                 break
         if body is None and taken is not None and taken():
-            body = self._note(sock)  # written before the worker had its cell: it is there
+            # A worker has its cell: the template wrote the note, and sent the reply, before.
+            if select.select([sock], [], [], 0)[0]:
+                body = self._note(sock)
+            with self._cond:
+                while body is None and rid not in t.replies and t.alive:
+                    self._cond.wait(0.1)
+                if body is None:
+                    body = t.replies.pop(rid, None)
         if body is None:
             return self._no_answer(t, rid, stopped)
         with self._cond:
