@@ -24,8 +24,15 @@ millisecond between the magic being called and the reply is accounted for:
   the output marks);
 * ``apply``: from ``result`` to ``applied`` (rebuilding and binding);
 * ``panel``: from ``applied`` to ``done`` (the panel's summary);
-* ``kernel``: the rest of the client's time (the request, IPython's
-  transform, the reply and every IOPub message).
+* ``request``: from the client sending the request to the magic's start (the
+  kernel receiving it, IPython's transform and compiling the awaited call);
+* ``reply``: from ``done`` to the client having the reply (the rest of the
+  cell in IPython, the reply and every IOPub message).
+
+The client's and the kernel's stamps are both ``time.perf_counter``, one
+monotonic clock for every process on Linux, so ``request`` and ``reply`` are
+measured, not inferred; the phases add up to the client's time.  An ordinary
+cell spends all of its time in the equivalent of these two.
 """
 
 from __future__ import annotations
@@ -122,7 +129,7 @@ def run(rounds: int = ROUNDS) -> dict[str, Any]:
             k.run(code, timeout=120)
         times: dict[str, list[float]] = {name: [] for name in APPROACHES}
         messages: dict[str, list[int]] = {name: [] for name in APPROACHES}
-        client: dict[str, list[float]] = {"quiet": [], "panel": []}
+        client: dict[str, list[tuple[float, float]]] = {"quiet": [], "panel": []}
         k.run("_stamps.clear()")
         order: list[str] = []
         for _ in range(rounds):
@@ -133,7 +140,7 @@ def run(rounds: int = ROUNDS) -> dict[str, Any]:
                 times[name].append(spent)
                 messages[name].append(len(res.messages))
                 if name in client:
-                    client[name].append(spent)
+                    client[name].append((t0, t0 + spent))
                     order.append(name)
         stamps = json.loads(k.run("print(json.dumps(_stamps))").stdout)
     finally:
@@ -158,13 +165,15 @@ def run(rounds: int = ROUNDS) -> dict[str, Any]:
         marks = [m for m, name in zip(stamps, order, strict=False) if name == mode]
         spent = [c for c, name in zip(client[mode], [n for n in order if n == mode], strict=False)]
         rows: dict[str, list[float]] = {name: [] for name, _, _ in INTERVALS}
-        rows["kernel"] = []
-        for mark, total in zip(marks, spent, strict=False):
+        rows["request"] = []
+        rows["reply"] = []
+        for mark, (sent, replied) in zip(marks, spent, strict=False):
             if not all(key in mark for _, a, b in INTERVALS for key in (a, b)):
                 continue
             for name, a, b in INTERVALS:
                 rows[name].append(mark[b] - mark[a])
-            rows["kernel"].append(total - (mark["done"] - mark["magic"]))
+            rows["request"].append(mark["magic"] - sent)
+            rows["reply"].append(replied - mark["done"])
         phases[mode] = {name: spread(v) for name, v in rows.items() if v}
     result["phases_ms"] = phases
     return result

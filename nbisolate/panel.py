@@ -554,10 +554,55 @@ def _display(
     display_id: str | None = None,
     update: bool = False,
     metadata: dict[str, Any] | None = None,
+    *,
+    summary: bool = False,
 ) -> None:
+    """Display ``bundle``; a ``summary`` line skips the stream flush when no text is pending.
+
+    ipykernel flushes ``sys.stdout`` and ``sys.stderr`` before every display,
+    each a round trip to its IO thread and back, so that text printed before
+    a display shows before it.  A fast cell's summary line usually follows no
+    pending text at all; then those two round trips (a good part of what the
+    line costs) are left out, and the display goes out as it would anyway.
+    """
     from IPython.display import display
 
-    display(bundle, raw=True, display_id=display_id, update=update, metadata=metadata)
+    publisher = _idle_publisher() if summary else None
+    if publisher is None:
+        display(bundle, raw=True, display_id=display_id, update=update, metadata=metadata)
+        return
+    publisher._flush_streams = _no_flush  # this one display; the class's method stays
+    try:
+        display(bundle, raw=True, display_id=display_id, update=update, metadata=metadata)
+    finally:
+        publisher.__dict__.pop("_flush_streams", None)
+
+
+def _no_flush() -> None:
+    return None
+
+
+def _idle_publisher() -> Any:
+    """The kernel's display publisher when both kernel streams hold no text, else None.
+
+    Only an ipykernel ``OutStream`` whose buffers are empty counts as holding
+    none (it keeps them per parent message and empties them when it sends);
+    anything else, or a publisher that is not ipykernel's, keeps the flush.
+    """
+    try:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+        publisher = getattr(shell, "display_pub", None)
+        if publisher is None or "_flush_streams" not in type(publisher).__dict__:
+            return None
+        for stream in (sys.stdout, sys.stderr):
+            buffers = getattr(stream, "_buffers", None)
+            if not isinstance(buffers, dict) or buffers:
+                return None
+        return publisher
+    except Exception:
+        return None
 
 
 # -- what a front end that lost sight of a panel may ask (nbisolate.labcomm) ------------
@@ -636,7 +681,7 @@ class TextPanel(Panel):
     def emit(self, text: str) -> None:
         self.lines.append(text)
         if self.in_kernel:
-            _display({"text/plain": text})
+            _display({"text/plain": text}, summary=True)
         else:
             sys.stdout.flush()
             sys.stderr.write(text + "\n")
@@ -988,6 +1033,7 @@ class WidgetPanel(Panel):
             bundle,
             display_id=self.display_id,
             metadata={"nbisolate": {"display_id": self.display_id, "live": False}},
+            summary=True,
         )
         with _registry_lock:
             _outcomes[self.display_id] = bundle

@@ -50,8 +50,9 @@ TEMPLATE_KINDS: dict[str, str] = {
     "env only when it changed since the last fork; ahead: a sweep's worker, forked directly "
     "(the spare stays for the next cell)",
     "job": "template -> its spare worker: the fork request with its descriptors (the spare, "
-    "forked ahead of the cell, takes it)",
-    "forked": "template -> kernel: {id, pid, fresh, threads}: the request's id and the new worker",
+    "forked ahead of the cell, takes it), sent after the kernel was told the worker's pid",
+    "forked": "template -> kernel: {id, pid, fresh, threads}: the request's id and the new worker; "
+    "also written on the worker's channel, ahead of anything the worker sends there",
     "preload": "kernel -> template: {names, sys_path}, modules to import once for every fork",
     "preloaded": "template -> kernel: {errors: {name: error or None}, threads: package or None}",
     "ping": "kernel -> template: are you there",

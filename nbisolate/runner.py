@@ -51,6 +51,12 @@ Looking means what any serialization does first (its type, ``__reduce_ex__``):
 instant for real data, for ever for a proxy whose server is gone."""
 
 
+_QUICK_TYPES = frozenset({int, float, complex, bool, type(None)})
+"""Input types that serialize in microseconds and cannot block (see ``_prepares_at_once``)."""
+_QUICK_LENGTH = 4096
+"""Strings and bytes up to this length count as quick inputs too."""
+
+
 def inspect_value(name: str, value: Any) -> None:
     """Touch ``value`` the way serializing it will, raising a :class:`ShipError` naming ``name``.
 
@@ -466,6 +472,53 @@ class CellRun:
             ),
         )
 
+    def _prepares_at_once(self) -> bool:
+        """Whether serializing the inputs and starting the worker take no time worth a thread.
+
+        True on this machine's backend (whose start returns at once) when every
+        input is a number, ``None`` or a short string or bytes: looking at
+        those cannot block and pickling them takes microseconds, while handing
+        the work to a thread of its own costs a fast cell a thread start and
+        the switches between threads.
+        """
+        assert self.plan is not None
+        if getattr(self.backend, "name", None) != "local" or self.shared is not None:
+            return False
+        for name in self.plan.inputs:
+            value = self.namespace.get(name)
+            kind = type(value)
+            if kind in _QUICK_TYPES:
+                continue
+            if kind in (str, bytes) and len(value) <= _QUICK_LENGTH:
+                continue
+            return False
+        return True
+
+    def _begin_here(self, put: Callable[[Any], None]) -> None:
+        """Serialize and start in this thread (see :meth:`_prepares_at_once`).
+
+        An interrupt meanwhile ends the run as it does in the background
+        (:meth:`stop` sees the stage), and a worker started after it is
+        stopped at once: a ``KeyboardInterrupt`` raised in the middle of
+        starting could lose the worker, so Ctrl-C only asks for the stop here.
+        """
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                previous = signal.signal(signal.SIGINT, lambda signum, frame: self.interrupt())
+        try:
+            self._stage = ("serialize", None, time.perf_counter())
+            self._finish_preparing(True, put)
+            self._spent = time.perf_counter() - self._began
+            self._stage = ("start", None, time.perf_counter())
+            if self._failed is None:
+                self.start(put)
+        except BaseException as exc:
+            self._abandon(exc)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+
     def _begin_in_background(self, put: Callable[[Any], None]) -> None:
         """Inspect, serialize and start in a thread, so the wait covers every phase."""
 
@@ -554,7 +607,10 @@ class CellRun:
     def begin(self, put: Callable[[Event], None]) -> None:
         self._began = time.perf_counter()
         if self.launch is None and self.plan is not None:
-            self._begin_in_background(put)
+            if self._prepares_at_once():
+                self._begin_here(put)
+            else:
+                self._begin_in_background(put)
         else:
             self.start(put)
 

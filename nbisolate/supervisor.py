@@ -39,6 +39,8 @@ import codecs
 import errno
 import itertools
 import os
+import queue
+import select
 import selectors
 import signal
 import socket
@@ -47,7 +49,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import proctree
 from .backends import HandleInfo
@@ -64,7 +66,7 @@ from .protocol import (
     sync_mark,
 )
 from .template import bootstrap
-from .wire import SHM_THRESHOLD, Arena, Channel, ChannelClosed
+from .wire import SHM_THRESHOLD, Arena, Channel, ChannelClosed, frame_bytes, recv_frame
 
 IOPUB_RATE = 1_000_000
 """Jupyter server's default ``iopub_data_rate_limit`` (bytes/s) ..."""
@@ -72,6 +74,10 @@ IOPUB_WINDOW = 3.0
 """... averaged over its default ``rate_limit_window`` (s)."""
 
 GRACE_SECONDS = 2.0
+
+QUEUE_BYTES = 64 * 1024
+"""A ``run`` message up to this size is put into the channel before the worker is asked for
+(see :meth:`Job._queue_run`); a larger one is sent once the worker exists."""
 
 _ids = itertools.count(1)
 
@@ -129,6 +135,62 @@ class _Arenas:
 _arenas = _Arenas()
 
 
+class _Threads:
+    """Daemon threads for the jobs' reader threads, each kept a while for the next job.
+
+    ``Thread.start`` waits until the new thread runs: on a busy machine that
+    handshake cost the kernel's thread most of a millisecond per cell, on
+    the cell's path.  A thread that finished a job waits up to
+    :data:`IDLE_SECONDS` for the next one (at most :data:`IDLE_THREADS` wait),
+    so handing a job over is putting it in a queue.
+    """
+
+    IDLE_SECONDS = 5.0
+    IDLE_THREADS = 2
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle = 0  # threads waiting for a job, less the jobs already handed to them
+        self._tasks: queue.SimpleQueue[tuple[str, Callable[..., None], tuple[Any, ...]]] = queue.SimpleQueue()
+
+    def run(self, name: str, target: Callable[..., None], *args: Any) -> None:
+        """Run ``target(*args)`` in a thread called ``name``; returns at once."""
+        task = (name, target, args)
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+                self._tasks.put(task)
+                return
+        threading.Thread(target=self._serve, args=(task,), daemon=True, name=name).start()
+
+    def _serve(self, task: tuple[str, Callable[..., None], tuple[Any, ...]]) -> None:
+        me = threading.current_thread()
+        while True:
+            name, target, args = task
+            me.name = name
+            try:
+                target(*args)
+            except Exception:  # the target reports its own failures; never lose the thread's job
+                pass
+            me.name = "nbisolate-idle"
+            with self._lock:
+                if self._idle >= self.IDLE_THREADS:
+                    return
+                self._idle += 1
+            try:
+                task = self._tasks.get(timeout=self.IDLE_SECONDS)
+            except queue.Empty:
+                with self._lock:
+                    try:  # handed a job just as the wait ended
+                        task = self._tasks.get_nowait()
+                    except queue.Empty:
+                        self._idle -= 1
+                        return
+
+
+_threads = _Threads()
+
+
 
 
 class _Template:
@@ -146,6 +208,7 @@ class _Template:
         self.lost: str | None = None  # why it was given up, in words for the user
         self.replies: dict[int, dict[str, Any]] = {}  # fork request id -> its reply
         self.waiting: set[int] = set()  # fork request ids someone still waits for
+        self.claimed: set[int] = set()  # ids whose worker was taken from its channel's note
         self.status: dict[int, int] = {}  # worker pid -> return code, as reported
         self.live: set[int] = set()  # workers forked and not reported yet
         self.orphans: set[int] = set()  # workers whose fork reply came too late: killed
@@ -253,6 +316,14 @@ REPORT_SECONDS = 3.0
 """How long the template has to report a worker's exit once the worker is gone."""
 
 
+class _Ticket(NamedTuple):
+    """A fork request sent to a template (:meth:`TemplateLauncher.ask`), its reply to come."""
+
+    template: _Template
+    id: int
+    until: float
+
+
 class TemplateLauncher:
     """Owns the template process (see :mod:`nbisolate.template`) and asks it for workers.
 
@@ -333,6 +404,8 @@ class TemplateLauncher:
                         t.live.add(pid)
                         if rid in t.waiting:
                             t.replies[rid] = body
+                        elif rid in t.claimed:  # its pid came on the worker's channel first
+                            t.claimed.discard(rid)
                         else:  # nobody waits for this worker any more: it must not run
                             t.orphans.add(pid)
                             late = pid
@@ -402,9 +475,26 @@ class TemplateLauncher:
 
         ``fresh`` makes the child exec a new interpreter instead of running on
         the template's imports (for ``--mem``), still as the template's child.
-        Waits at most :data:`FORK_SECONDS`: a template busy importing a slow
-        package makes this cell spawn instead, and its late reply is matched to
-        this request and the worker killed.
+        :meth:`ask` then :meth:`answer`: waits at most :data:`FORK_SECONDS`.
+        """
+        ticket = self.ask(fds, env, fresh=fresh, cwd=cwd)
+        return None if ticket is None else self.answer(ticket)
+
+    def ask(
+        self,
+        fds: Sequence[int],
+        env: dict[str, str],
+        fresh: bool = False,
+        cwd: str | None = None,
+        ahead: bool = False,
+    ) -> _Ticket | None:
+        """Send the template a fork request and return at once; None if it cannot be asked.
+
+        The reply is waited for with :meth:`answer`, in whatever thread will
+        supervise the worker, so the thread that asked (the kernel's) goes on
+        while the template hands over its spare.  ``fds`` are in the request:
+        the caller may close its copies as soon as this returns.  ``ahead``: a
+        sweep's value, forked directly so the spare stays for the next cell.
         """
         from .template import send
 
@@ -417,6 +507,8 @@ class TemplateLauncher:
                 t.waiting.add(rid)
                 t.asked()
             request: dict[str, Any] = {"id": rid, "fresh": fresh, "cwd": cwd}
+            if ahead:
+                request["ahead"] = True
             if env != t.env:  # the template keeps the last one: most cells send none
                 request["env"] = t.env = env
             try:
@@ -426,73 +518,81 @@ class TemplateLauncher:
                 with self._cond:
                     t.waiting.discard(rid)
                 return None
-            until = time.monotonic() + FORK_SECONDS
-            stopped = False
+        return _Ticket(t, rid, time.monotonic() + FORK_SECONDS)
+
+    def answer_on(
+        self, ticket: _Ticket, sock: socket.socket, taken: Callable[[], bool] | None = None
+    ) -> _ForkedProcess | None:
+        """:meth:`answer`, from the note the template writes on the worker's channel.
+
+        The template writes its ``forked`` reply on the worker's end of the
+        channel too, before the worker can write anything there: the thread
+        that will read the channel learns the pid from it at once, instead of
+        from the template's reader thread through a condition, a hand-over
+        between threads that cost a busy kernel most of a millisecond.  The
+        reply on the control socket, if it comes first, is taken instead.
+        """
+        t, rid, until = ticket.template, ticket.id, ticket.until
+        body = None
+        stopped = False
+        while True:
             with self._cond:
-                while rid not in t.replies and t.alive and not t.lost:
-                    left = until - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cond.wait(min(0.1, left))
-                    if rid not in t.replies and t.stopped():
-                        stopped = True
-                        break
-                t.waiting.discard(rid)
-                reply = t.replies.pop(rid, None)
-            if reply is not None:
-                return _ForkedProcess(reply["pid"], t, self)
-            if stopped:
-                self._give_up(t, "was found stopped (SIGSTOP, perhaps sent by a cell to its parent)")
-            elif t.alive and not t.lost and t.wedged():
-                self._give_up(t, f"answered nothing for {WEDGED_SECONDS:g} s")
-            elif t.alive and not t.lost:
-                self._notes.append(
-                    f"nbisolate: the template process was busy (importing the notebook's packages) "
-                    f"for {FORK_SECONDS:g} s, so this cell started in a fresh interpreter instead.\n"
-                )
+                body = t.replies.pop(rid, None)
+            if body is not None:  # the control reply came first; its note is in the channel
+                if select.select([sock], [], [], 0)[0]:
+                    self._note(sock)
+                break
+            if not t.alive or t.lost:
+                break
+            left = until - time.monotonic()
+            if left <= 0:
+                break
+            if select.select([sock], [], [], min(0.1, left))[0]:
+                body = self._note(sock)
+                break
+            if t.stopped():
+                stopped = True
+                break
+        if body is None and taken is not None and taken():
+            # A worker has its cell: the template wrote the note, and sent the reply, before.
+            if select.select([sock], [], [], 0)[0]:
+                body = self._note(sock)
+            with self._cond:
+                while body is None and rid not in t.replies and t.alive:
+                    self._cond.wait(0.1)
+                if body is None:
+                    body = t.replies.pop(rid, None)
+        if body is None:
+            return self._no_answer(t, rid, stopped)
+        with self._cond:
+            t.waiting.discard(rid)
+            if t.replies.pop(rid, None) is None:
+                t.claimed.add(rid)  # its reply on the control socket is still to come
+        return _ForkedProcess(body["pid"], t, self)
+
+    @staticmethod
+    def _note(sock: socket.socket) -> dict[str, Any] | None:
+        """The template's ``forked`` note, the first frame on a worker's channel."""
+        try:
+            kind, body, _, fds = recv_frame(sock)
+        except (EOFError, OSError):
             return None
+        for fd in fds:
+            os.close(fd)
+        return body if kind == "forked" and isinstance(body, dict) else None
 
-    def ask_fork(
-        self, fds: Sequence[int], env: dict[str, str], fresh: bool = False, cwd: str | None = None
-    ) -> tuple[_Template, int] | None:
-        """Send a fork request and return at once: (the template, the request id), None on failure.
+    def answer(self, ticket: _Ticket, taken: Callable[[], bool] | None = None) -> _ForkedProcess | None:
+        """The worker the template forked for ``ticket``; None if no reply came in time.
 
-        The first half of :meth:`fork`, for a sweep: its values' requests are
-        sent one after the other without waiting for each reply, so the
-        template forks the next worker while the kernel handles the last one
-        (:meth:`fork` holds the lock through its wait, one fork at a time).
-        Collect the worker with :meth:`take_fork`, which applies the same
-        deadline and the same rules for late replies.
+        A template busy importing a slow package makes the cell spawn instead,
+        and its late reply is matched to the request and the worker killed.
+        ``taken`` says whether a worker already read the cell queued in its
+        channel, and takes the cell back if not: then no worker can run it and
+        a spawned one may.  If one did, the template told us its pid before
+        handing it over, so that reply is waited for instead, whatever became
+        of the template since: the cell must never run twice.
         """
-        from .template import send
-
-        with self._lock:
-            t = self._ensure()
-            if t is None:
-                return None
-            rid = next(self._ids)
-            with self._cond:
-                t.waiting.add(rid)
-                t.asked()
-            request: dict[str, Any] = {"id": rid, "fresh": fresh, "cwd": cwd, "ahead": True}
-            if env != t.env:
-                request["env"] = t.env = env
-            try:
-                send(t.sock, "fork", request, list(fds))
-            except OSError:
-                t.env = None
-                with self._cond:
-                    t.waiting.discard(rid)
-                return None
-        return t, rid
-
-    def take_fork(self, t: _Template, rid: int) -> _ForkedProcess | None:
-        """The worker of request ``rid`` (see :meth:`ask_fork`), waiting at most :data:`FORK_SECONDS`.
-
-        None when it did not come in time (the caller spawns instead; a late
-        reply is then an orphan, killed on arrival), or the template was lost.
-        """
-        until = time.monotonic() + FORK_SECONDS
+        t, rid, until = ticket.template, ticket.id, ticket.until
         stopped = False
         with self._cond:
             while rid not in t.replies and t.alive and not t.lost:
@@ -503,10 +603,25 @@ class TemplateLauncher:
                 if rid not in t.replies and t.stopped():
                     stopped = True
                     break
+            if rid not in t.replies and taken is not None and taken():
+                stopped = False
+                while rid not in t.replies and t.alive:  # in the socket: the reader has it soon
+                    self._cond.wait(0.1)
             t.waiting.discard(rid)
             reply = t.replies.pop(rid, None)
         if reply is not None:
             return _ForkedProcess(reply["pid"], t, self)
+        return self._no_answer(t, rid, stopped)
+
+    def _no_answer(self, t: _Template, rid: int, stopped: bool) -> None:
+        """No worker for request ``rid``: say why, give up a stopped or wedged template."""
+        with self._cond:
+            t.waiting.discard(rid)
+            late = t.replies.pop(rid, None)  # came just as we gave up: its worker must not run
+            if late is not None:
+                t.orphans.add(late["pid"])
+        if late is not None:
+            proctree.kill_tree(late["pid"])
         if stopped:
             self._give_up(t, "was found stopped (SIGSTOP, perhaps sent by a cell to its parent)")
         elif t.alive and not t.lost and t.wedged():
@@ -514,8 +629,8 @@ class TemplateLauncher:
         elif t.alive and not t.lost:
             with self._cond:
                 self._notes.append(
-                    f"nbisolate: the template process was busy for {FORK_SECONDS:g} s, so a value "
-                    "of this sweep started in a fresh interpreter instead.\n"
+                    f"nbisolate: the template process was busy (importing the notebook's packages) "
+                    f"for {FORK_SECONDS:g} s, so this cell started in a fresh interpreter instead.\n"
                 )
         return None
 
@@ -601,10 +716,15 @@ class Job:
         self._wake_lock = threading.RLock()
         self._closed = False
         self.tree: proctree.Tree | None = None  # set once the worker exists
+        # The run message put into the channel before the worker existed: the socket, and
+        # what did not fit (see _queue_run).
+        self._queued: tuple[socket.socket, bytes] | None = None
         # A sweep's next values are forked ahead and held here, having run nothing, until a
         # running value ends (see start_soon and release); None: never held.
         self._gate: threading.Event | None = None
         self._withhold = False  # stopped while held: its cell is never sent
+        self._ahead = False  # a sweep's value: the template forks it, keeping its spare
+        self._peer: socket.socket | None = None  # our copy of the worker's end, until it is known
 
     @property
     def pid(self) -> int | None:
@@ -623,15 +743,71 @@ class Job:
 
     # -- control ---------------------------------------------------------
     def start(self) -> None:
-        """Start the worker and its reader thread; returns at once."""
-        forked = None
+        """Start the worker and its reader thread; returns at once.
+
+        From the template, only the fork request is sent here: the reader
+        thread waits for the reply (and spawns a worker when none comes), so
+        the caller goes on while the template hands over its spare, and the
+        thread is started while the worker starts rather than after.
+        """
         if self.use_template:
-            forked = self._fork()
-        if forked is not None:
-            self.proc, mine, out_r, err_r = forked
-            self.how_started = "fresh interpreter" if self.fresh else "forked from template"
-            self._started(mine, out_r, err_r)
+            asked = self._ask_template()
+            if asked is not None:
+                self._thread(_Supervision.start_forked, asked)
+                return
+        if self._gate is not None:  # a held value's fresh interpreter starts once released
+            self._thread(Job._spawn_when_released)
             return
+        self._thread(_Supervision.start, *self._spawn())
+
+    def _spawn_when_released(self) -> None:
+        """The reader thread of a held value with no template: spawn on release, or never."""
+        assert self._gate is not None
+        self._gate.wait()
+        if self._stop_reason is not None:
+            with self._wake_lock:
+                self._closed = True
+                self._close_fds(self._wake_r, self._wake_w)
+            self._exit_without_worker("stop")
+            return
+        self._gate = None  # released: it runs as soon as it starts
+        self._t0 = time.perf_counter()
+        try:
+            started = self._spawn()
+        except OSError as exc:
+            self._not_started(exc)
+            return
+        _Supervision.start(self, *started)
+
+    def start_soon(self, held: bool = False) -> None:
+        """Start a sweep's value: as :meth:`start`, and a failure to start arrives as events.
+
+        With ``held`` the worker is started now but gets its cell only on
+        :meth:`release`: a sweep forks its next values while others run, and
+        still runs no more values at once than it was allowed.  A held worker
+        has run nothing (it waits for its cell, as the template's spare does);
+        its ``--timeout`` starts when it is released, and one stopped before
+        that is ended without ever receiving its cell.  The template forks a
+        sweep's value directly (``ahead``), keeping its spare for the next cell.
+        """
+        if held:
+            self._gate = threading.Event()
+        self._ahead = True
+        try:
+            self.start()
+        except OSError as exc:  # not even a fresh interpreter could be started
+            self._not_started(exc)
+
+    def release(self) -> None:
+        """Let a job held by ``start_soon(held=True)`` send its cell to its worker."""
+        if self._gate is not None:
+            self._gate.set()
+
+    def _thread(self, target: Callable[..., None], *args: Any) -> None:
+        _threads.run(f"nbisolate-{self.id}", target, self, *args)
+
+    def _spawn(self) -> tuple[socket.socket, int, int]:
+        """Spawn a fresh interpreter as the worker; our ends of its channel and pipes."""
         mine, theirs = socket.socketpair()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
@@ -659,80 +835,95 @@ class Job:
                 with self._wake_lock:
                     self._closed = True
                     self._close_fds(self._wake_r, self._wake_w)
-        self._started(mine, out_r, err_r)
+        self._now_running()
+        return mine, out_r, err_r
 
-    def start_soon(self, held: bool = False) -> None:
-        """Start the worker from the job's own thread and return at once (a sweep's values).
+    def _ask_template(self) -> tuple[_Ticket, socket.socket, int, int] | None:
+        """Ask the template for a worker; the request, and our ends of its channel and pipes.
 
-        :meth:`start` waits for the template's reply in the caller's thread; a
-        sweep that did so for each of a thousand values spent most of its time
-        waiting there, one fork at a time.  Here the fork request is sent, and
-        its reply awaited, in the thread that then supervises the worker, so
-        the next value's request is sent while this one is forked.  A failure
-        to start arrives as an ``error`` event then ``exit``, as everything
-        else about the job does.
-
-        With ``held`` the worker is forked now but gets its cell only on
-        :meth:`release`: a sweep forks its next values while others run, and
-        still runs no more values at once than it was allowed.  A held worker
-        has run nothing (it waits for its job, as the template's spare does);
-        its ``--timeout`` starts when it is released, and one stopped before
-        that is ended without ever receiving its cell.
+        None when the template cannot be asked.  The descriptors of a fork that
+        fails (no reply in time) are closed and never reused: a late fork
+        holding them must find them dead, not share them with the spawned
+        worker that replaces it.
         """
-        if held:
-            self._gate = threading.Event()
-        threading.Thread(target=self._start_soon, daemon=True, name=f"nbisolate-{self.id}").start()
+        mine, theirs = socket.socketpair()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        ticket = None
+        if self._gate is None:  # a held cell goes only once released (_Supervision.send_run)
+            self._queue_run(mine)
+        if self._queued is not None:  # to take the cell back if no worker comes (_run_taken)
+            self._peer = theirs.dup()
+        try:
+            env = dict(os.environ if self.env is None else self.env)
+            ticket = launcher.ask(
+                (theirs.fileno(), out_w, err_w), env, fresh=self.fresh, cwd=self.payload.get("cwd"),
+                ahead=self._ahead,
+            )
+        finally:
+            theirs.close()
+            self._close_fds(out_w, err_w)
+            if ticket is None:
+                self._emit_notes()
+                self._drop_peer()
+                mine.close()
+                self._close_fds(out_r, err_r)
+        return None if ticket is None else (ticket, mine, out_r, err_r)
 
-    def _start_soon(self) -> None:
+    def _run_taken(self) -> bool:
+        """Whether a worker read the cell queued in its channel; if not, take it back.
+
+        Reading it through our own copy of the worker's end empties the
+        channel: a late worker then finds nothing but the end of the channel.
+        A cell partly read is as good as unread: nobody can run half a frame.
+        """
+        peer = self._peer
+        if peer is None:
+            return False
+        try:
+            left = peer.recv(QUEUE_BYTES + 1, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True  # nothing left: a worker read all of it
+        except OSError:
+            return False
+        return not left
+
+    def _drop_peer(self) -> None:
+        if self._peer is not None:
+            self._peer.close()
+            self._peer = None
+
+    def _take_fork(self, asked: tuple[_Ticket, socket.socket, int, int]) -> tuple[socket.socket, int, int]:
+        """In the reader thread: the worker the template forked, or a spawned one if none came."""
+        ticket, mine, out_r, err_r = asked
         forked = None
-        if self.use_template:
-            try:
-                forked = self._fork(soon=True)
-            except OSError:
-                forked = None
-        if forked is None:  # no template to be had in time: a fresh interpreter, as start() does
-            if self._gate is not None:  # a spawned worker runs at once: only once released
-                self._gate.wait()
-                if self._stop_reason is not None:
-                    with self._wake_lock:
-                        self._closed = True
-                        self._close_fds(self._wake_r, self._wake_w)
-                    self._exit_without_worker("stop")
-                    return
-                self._t0 = time.perf_counter()
-            self.use_template = False
-            try:
-                self.start()
-            except OSError as exc:
-                self._emit(
-                    MSG_ERROR,
-                    error_body(
-                        "nbisolate.errors.IsolateError",
-                        f"could not start the isolated worker process ({type(exc).__name__}: {exc}); "
-                        "nothing ran for this value. Check that the working directory still exists "
-                        "and the machine has free memory and process slots, then run the cell again.",
-                    ),
-                )
-                self._exit_without_worker("error", f"{type(exc).__name__}: {exc}")
-            return
-        self.proc, mine, out_r, err_r = forked
+        try:
+            forked = launcher.answer_on(ticket, mine, self._run_taken)
+        finally:
+            self._drop_peer()
+            self._emit_notes()
+            if forked is None:
+                mine.close()
+                self._close_fds(out_r, err_r)
+        if forked is None:
+            return self._spawn()
+        self.proc = forked
         self.how_started = "fresh interpreter" if self.fresh else "forked from template"
+        self._now_running()
+        return mine, out_r, err_r
+
+    def _emit_notes(self) -> None:
+        for note in launcher.take_notes():
+            self._emit("note", note)
+
+    def _now_running(self) -> None:
         self.tree = proctree.Tree(self.proc.pid)
         self.started_at = time.time()
         self._emit("started", self.proc.pid)
-        if self._gate is not None:
-            self._gate.wait()
-            if self._stop_reason is not None:
-                # Stopped before it ran anything: never send the cell, end the worker quietly.
-                self._withhold = True
-                self._stop_reason = "stop"
-            self._t0 = time.perf_counter()  # --timeout counts from here
-            self.started_at = time.time()
-        _Supervision.start(self, Channel(mine), out_r, err_r)  # in this thread: no second one
 
     def _exit_without_worker(self, reason: str, error: str | None = None) -> None:
-        """The ``exit`` event of a job whose worker never existed (stopped while held, or no
-        process could be started)."""
+        """The ``exit`` event of a job whose worker never existed (no process could be
+        started, or a held value was stopped before its fresh interpreter was spawned)."""
         self._emit(
             "exit",
             {
@@ -748,50 +939,52 @@ class Job:
             },
         )
 
-    def _fork(self, soon: bool = False) -> tuple[_ForkedProcess, socket.socket, int, int] | None:
-        """A worker forked by the template, with our ends of its channel and pipes; None if not.
+    def _not_started(self, exc: Exception) -> None:
+        """No worker could be started (in the reader thread): the cell's error, then ``exit``."""
+        from . import ship
+        from .errors import IsolateError
 
-        The descriptors given to a fork that failed (no reply in time) are
-        closed and never reused: a late fork holding them must find them dead,
-        not share them with the spawned worker that replaces it.
-        """
-        mine, theirs = socket.socketpair()
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        forked = None
-        try:
-            env = dict(os.environ if self.env is None else self.env)
-            fds = (theirs.fileno(), out_w, err_w)
-            cwd = self.payload.get("cwd")
-            if soon:  # the request goes out now; the reply is awaited without the launcher's lock
-                asked = launcher.ask_fork(fds, env, fresh=self.fresh, cwd=cwd)
-                forked = None if asked is None else launcher.take_fork(*asked)
-            else:
-                forked = launcher.fork(fds, env, fresh=self.fresh, cwd=cwd)
-        finally:
-            theirs.close()
-            self._close_fds(out_w, err_w)
-            for note in launcher.take_notes():
-                self._emit("note", note)
-            if forked is None:
-                mine.close()
-                self._close_fds(out_r, err_r)
-        return None if forked is None else (forked, mine, out_r, err_r)
-
-    def _started(self, mine: socket.socket, out_r: int, err_r: int) -> None:
-        self.tree = proctree.Tree(self.proc.pid)
-        self.started_at = time.time()
-        self._emit("started", self.proc.pid)
-        chan = Channel(mine)
-        thread = threading.Thread(
-            target=_Supervision.start, args=(self, chan, out_r, err_r), daemon=True, name=f"nbisolate-{self.id}"
+        error = IsolateError(
+            f"could not start the isolated worker process ({type(exc).__name__}: {exc}); "
+            "nothing ran. Check that the working directory still exists and the machine "
+            "has free memory and process slots, then run the cell again."
         )
-        thread.start()
+        shipped = ship.dumps({"exc": error}, skip_failures=True)
+        self._emit(
+            MSG_ERROR,
+            error_body(
+                error,
+                traceback=f"IsolateError: {error}",
+                names=shipped.names,
+                data=shipped.data,
+                engine=shipped.engine,
+            ),
+            shipped.buffers,
+        )
+        self._exit_without_worker("error", f"{type(exc).__name__}: {exc}")
 
-    def release(self) -> None:
-        """Let a job held by ``start_soon(held=True)`` send its cell to its worker."""
-        if self._gate is not None:
-            self._gate.set()
+    def _queue_run(self, sock: socket.socket) -> None:
+        """Put a small ``run`` message into the channel now, before the worker is asked for.
+
+        The worker then finds its cell waiting the moment it takes the
+        channel, instead of waiting while the kernel hears back from the
+        template, notes the new pid and starts the reader thread, which sends
+        it otherwise (and sends what did not fit here).  Never blocks: the
+        socket's buffer is empty and the send is non-blocking.  If the template
+        does not answer, the cell is taken back before a spawned worker gets
+        it (:meth:`_run_taken`), so a late worker cannot run it too.
+        """
+        total = sum(memoryview(b).nbytes for b in self.buffers)
+        if total >= QUEUE_BYTES:
+            return
+        frame = frame_bytes(MSG_RUN, dict(self.payload, sync=self.sync), self.buffers)
+        if frame is None or len(frame) > QUEUE_BYTES:
+            return
+        try:
+            sent = sock.send(frame, socket.MSG_DONTWAIT)
+        except OSError:  # no room after all: the reader thread sends it whole
+            return
+        self._queued = (sock, frame[sent:])
 
     def stop(self, reason: str = "interrupt") -> None:
         """Ask the reader thread to stop the worker (thread- and signal-safe)."""
@@ -914,9 +1107,20 @@ class _Supervision:
         threading.Thread(target=wait_then_tell, daemon=True).start()
 
     @classmethod
-    def start(cls, job: Job, chan: Channel, out_r: int, err_r: int) -> None:
+    def start(cls, job: Job, mine: socket.socket, out_r: int, err_r: int) -> None:
         """The body of the job's reader thread (set up there, so ``Job.start`` returns at once)."""
+        chan = Channel(mine)
         cls(job, chan, out_r, err_r).run()
+
+    @classmethod
+    def start_forked(cls, job: Job, asked: tuple[_Ticket, socket.socket, int, int]) -> None:
+        """The reader thread of a job the template was asked for: its reply first."""
+        try:
+            mine, out_r, err_r = job._take_fork(asked)
+        except Exception as exc:  # no reply, and no spawn either (or a bug of ours)
+            job._not_started(exc)
+            return
+        cls.start(job, mine, out_r, err_r)
 
     # -- the loop ---------------------------------------------------------------
     def run(self) -> None:
@@ -951,20 +1155,40 @@ class _Supervision:
         self.emit_exit(failure)
 
     def send_run(self) -> None:
-        """Send the payload, its buffers in a warm arena when they are large (one memcpy)."""
+        """Send the payload, its buffers in a warm arena when they are large (one memcpy).
+
+        A held job (a sweep's value forked ahead) waits here for its release;
+        ``--timeout`` counts from then. Stopped while held, its cell never goes:
+        the worker reads the end of its channel and exits, having run nothing.
+        """
         job = self.job
-        if job._withhold:  # a held job stopped before it was released: its cell never goes
-            try:  # the worker reads the end of its channel and exits, having run nothing
+        if job._gate is not None:
+            job._gate.wait()
+            job._t0 = time.perf_counter()
+            job.started_at = time.time()
+            if job.timeout:
+                spent = float(job.payload.get("spent") or 0.0)
+                self.deadline = job._t0 + job.timeout - spent
+            if job._stop_reason is not None:
+                job._withhold = True
+                job._stop_reason = "stop"  # it never ran: stopped, whatever asked it to
+        if job._withhold:
+            try:
                 self.chan.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
             job.buffers = []
             job.payload = {}
             return
-        if sum(memoryview(b).nbytes for b in job.buffers) >= SHM_THRESHOLD:
-            self.arena = _arenas.take()
+        queued, job._queued = job._queued, None
         try:
-            self.chan.send(MSG_RUN, dict(job.payload, sync=job.sync), job.buffers, arena=self.arena)
+            if queued is not None and queued[0] is self.chan.sock:  # sent before the fork
+                if queued[1]:
+                    self.chan.sock.sendall(queued[1])
+            else:
+                if sum(memoryview(b).nbytes for b in job.buffers) >= SHM_THRESHOLD:
+                    self.arena = _arenas.take()
+                self.chan.send(MSG_RUN, dict(job.payload, sync=job.sync), job.buffers, arena=self.arena)
         except OSError:
             pass  # the worker died at start; the exit step explains how
         job.buffers = []
@@ -1217,6 +1441,8 @@ class _Supervision:
         except Exception as exc:
             self.fail_receive(exc)
             return False
+        if kind == "forked":  # the template's note, when nobody read it (never an event)
+            return True
         if kind in (MSG_RESULT, MSG_ERROR):
             if self.reason is None:
                 if kind == MSG_RESULT and isinstance(body, dict) and "pull" in body:

@@ -32,9 +32,17 @@ Protocol, over a socketpair inherited from the kernel, in the frames of
 The template keeps one *spare*: a child forked ahead of time that waits on a
 socket of its own for ``("job", <the fork request>, fds=[...])``, so a fork
 request is answered by handing the spare its descriptors (no fork, and the
-child's first steps already taken), and the next spare is forked while that
+child's first steps already taken: :func:`nbisolate.worker.prepare` and
+:func:`nbisolate.worker.rehearse`), and the next spare is forked while that
 worker starts.  A spare has run no code of any cell; after a ``preload`` it is
 dropped (it lacks the new imports) and a new one is forked.
+
+The ``forked`` reply goes out before the worker gets its descriptors (a child
+forked on the spot waits for a byte on a pipe): the kernel may have put the
+cell in the channel already, and the kernel must know the worker before the
+cell can run, since the cell may stop or kill this process.  It is written on
+the worker's end of the channel as well, ahead of anything the worker sends,
+so the kernel thread that reads the channel learns the pid from there.
 
 Two rules keep forking safe whatever the preloaded packages do:
 
@@ -59,7 +67,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .wire import recv_frame, send_frame
+from .wire import frame_bytes, recv_frame, send_frame
 
 
 def send(sock: socket.socket, kind: str, body: Any = None, fds: Sequence[int] = ()) -> None:
@@ -92,9 +100,20 @@ def _child(
     fds: list[int],
     job: dict[str, Any],
     others: Sequence[socket.socket] = (),
+    go: int | None = None,
 ) -> None:
-    """In the forked child: become a clean worker and run one cell (never returns)."""
+    """In the forked child: become a clean worker and run one cell (never returns).
+
+    With ``go``, it first waits until the template has told the kernel about it
+    (a byte on that pipe; end of file means the template went, and the kernel
+    never will hear of it: it runs nothing).
+    """
     try:
+        if go is not None:
+            told = os.read(go, 1)
+            os.close(go)
+            if not told:
+                os._exit(0)
         _detach(control, wake_fds, others)
         _become(fds, job)
     finally:
@@ -112,6 +131,14 @@ def _spare(control: socket.socket, wake_fds: tuple[int, int], sock: socket.socke
     try:
         _detach(control, wake_fds, ())
         name = _set_name(SPARE_NAME)
+        from . import worker
+
+        try:
+            # The worker's own first steps, none of them a cell's, while nobody waits.
+            worker.prepare()
+            worker.rehearse()
+        except Exception:
+            pass  # the worker's main() tries again, and reports what fails
         try:
             kind, body, fds = recv(sock)
         except (EOFError, OSError):  # the template went, or dropped this spare
@@ -124,6 +151,16 @@ def _spare(control: socket.socket, wake_fds: tuple[int, int], sock: socket.socke
         _become(fds, body)
     finally:
         os._exit(71)
+
+
+def _waiting(sock: socket.socket) -> bool:
+    """Whether the spare at the other end of ``sock`` still waits for its job."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except BlockingIOError:
+        return True  # nothing to read and not closed: it waits
+    except OSError:
+        return False
 
 
 SPARE_NAME = "nbisolate-spare"
@@ -219,6 +256,7 @@ def main(fd: int) -> None:
     from . import inplace, proctree, rng, ship, wire, worker  # noqa: F401
 
     worker._c_library()  # the C library handle for prctl and fflush, inherited by every fork
+    worker.preimport()
 
     # The spare worker (see _spare): its pid and our end of its socket. Spares that were
     # dropped unused (the imports changed) are reaped without a word to the kernel.
@@ -285,27 +323,46 @@ def main(fd: int) -> None:
                 # with their locks held for ever. Exec a fresh interpreter instead.
                 fresh = bool(body.get("fresh")) or thread_count() > 1
                 pid = None
+                handover: socket.socket | None = None  # the spare's socket, to send it the job
+                go_w: int | None = None  # a child forked now waits for this before it runs
                 # A sweep's worker forked ahead ("ahead") is forked here directly: the spare
                 # stays for the next cell, which waits for its worker, where a sweep does not.
                 if not fresh and spare[0] is not None and not body.get("ahead"):
-                    pid, ours = spare[0]
+                    pid, handover = spare[0]
                     spare[0] = None
-                    try:
-                        send(ours, "job", body, fds)
-                    except OSError:  # the spare is gone (killed from outside): fork anew
+                    if not _waiting(handover):  # the spare is gone (killed from outside): fork anew
                         unused.add(pid)
-                        pid = None
-                    ours.close()
+                        handover.close()
+                        pid = handover = None
                 if pid is None:
+                    go_r, go_w = os.pipe()
                     pid = os.fork()
                     if pid == 0:
+                        os.close(go_w)
                         others = [spare[0][1]] if spare[0] is not None else []
-                        _child(control, (wake_r, wake_w), fds, dict(body, fresh=fresh), others)
+                        _child(control, (wake_r, wake_w), fds, dict(body, fresh=fresh), others, go_r)
+                    os.close(go_r)
+                children.add(pid)
+                # The kernel hears of the worker before the worker can run anything: its cell
+                # may be waiting in its channel already, and may stop this very process.
+                reply = {"id": body.get("id"), "pid": pid, "fresh": fresh, "threads": threads_by}
+                try:  # on the worker's channel first: the kernel's thread that reads it learns the pid
+                    os.write(fds[0], frame_bytes("forked", reply) or b"")
+                except (OSError, IndexError):
+                    pass  # the kernel gave up on it: the control reply below tells it the rest
+                send(control, "forked", reply)
+                if handover is not None:
+                    try:
+                        send(handover, "job", body, fds)
+                    except OSError:  # it went just now: the kernel hears its exit, nothing ran
+                        pass
+                    handover.close()
+                if go_w is not None:
+                    os.write(go_w, b"x")
+                    os.close(go_w)
                 for passed in fds:
                     os.close(passed)
-                children.add(pid)
-                send(control, "forked", {"id": body.get("id"), "pid": pid, "fresh": fresh, "threads": threads_by})
-                make_spare()  # for the next cell, while this one starts
+                make_spare()  # for the next cell, while this one runs
             elif kind == "preload":
                 outcome: dict[str, str | None] = {}
                 sys.path[:] = body["sys_path"]
@@ -318,6 +375,7 @@ def main(fd: int) -> None:
                     if threads_by is None and thread_count() > 1:
                         threads_by = name
                 _arm(wake_w)
+                worker.preimport()  # what the new imports make every worker import
                 # The spare was forked without these imports: the next one has them.
                 drop_spare()
                 make_spare()

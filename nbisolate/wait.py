@@ -117,9 +117,18 @@ async def _wait_async(run: Waitable) -> Any:
         scheduled[0] = False
         resolve()
 
+    loop_thread = threading.get_ident()
+    over = [False]
+
     def put(item: Any) -> None:
+        if over[0]:
+            # The wait is over (the worker's exit, after its result): nobody feeds this item,
+            # and waking the loop now would only take time from the kernel's reply.
+            return
         items.append(item)
-        if not scheduled[0]:
+        # From the loop's own thread (a run that prepares at once): the loop looks at the
+        # items before it awaits, so no wake-up (a write to the loop's pipe) is needed.
+        if not scheduled[0] and threading.get_ident() != loop_thread:
             scheduled[0] = True
             try:
                 loop.call_soon_threadsafe(wake)
@@ -150,6 +159,7 @@ async def _wait_async(run: Waitable) -> Any:
             finally:
                 timer.cancel()
                 waiter[0] = None
+        over[0] = True  # before the results are rebuilt: the worker's exit comes meanwhile
         if previous is not None:
             # Rebuilding the results: an interrupt now raises at once, before anything is bound.
             signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -158,5 +168,6 @@ async def _wait_async(run: Waitable) -> Any:
         run.interrupt()
         raise
     finally:
+        over[0] = True
         if previous is not None:
             signal.signal(signal.SIGINT, previous)

@@ -139,6 +139,21 @@ def recv_with_fds(sock: socket.socket, size: int, max_fds: int = 4) -> tuple[byt
     return head, fds
 
 
+def frame_bytes(kind: str, body: Any = None, buffers: Sequence[Any] = ()) -> bytes | None:
+    """The whole frame of :func:`send_frame` as bytes, or None when it needs shared memory.
+
+    For a sender that wants to put a small message into a socket without
+    blocking (the kernel queues a cell's ``run`` message before its worker
+    exists); :func:`recv_frame` reads it like any other frame.
+    """
+    views = [memoryview(b).cast("B") for b in buffers]
+    if HAVE_MEMFD and sum(v.nbytes for v in views) >= SHM_THRESHOLD:
+        return None
+    meta = pickle.dumps((kind, body), protocol=5)
+    header = _HEAD.pack(len(meta), len(views), 0) + b"".join(_LEN.pack(v.nbytes) for v in views)
+    return b"".join([header, meta, *views])
+
+
 def send_frame(
     sock: socket.socket,
     kind: str,

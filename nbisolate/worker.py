@@ -30,6 +30,7 @@ import linecache
 import os
 import queue
 import signal
+import socket
 import sys
 import threading
 import time
@@ -51,7 +52,7 @@ from .protocol import (
     sync_mark,
 )
 from .units import format_bytes
-from .wire import Channel, ChannelClosed
+from .wire import Channel, ChannelClosed, frame_bytes, send_frame
 
 __all__ = ["RESULT", "main", "sync_mark"]
 # Results bigger than this are checked against the memory the machine has available.
@@ -109,16 +110,69 @@ class _WorkerChannel(Channel):
         }
     )
 
+    HOLD_SECONDS = 0.05
+    """How long after the job arrived phases may wait for the next message."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock)
+        self._held: list[bytes] = []
+        self.hold_until = 0.0  # set when the job arrives (time.monotonic())
+
+    def phase(self, name: str, seconds: float, hold: bool = False) -> None:
+        """Tell the kernel a phase ended: now, or with the next message (``hold``).
+
+        Every message wakes the kernel's reader thread and its event loop, on
+        a machine the cell shares with them; phases that end a moment before
+        the next message (a fast cell's start and load, results that take no
+        time to send) travel in the same write as that message.  The start and
+        load are held only within :data:`HOLD_SECONDS` of the job's arrival,
+        and the watchdog thread sends what is still held then
+        (:meth:`send_held`), so the kernel learns of a long cell's start and
+        load within that time; a held run phase is followed by its result.
+        """
+        if hold and (name == "run" or time.monotonic() < self.hold_until - 0.005):
+            self._held.append(frame_bytes(MSG_PHASE, (name, seconds)) or b"")
+        else:
+            self.send(MSG_PHASE, (name, seconds))
+
+    def send_held(self) -> None:
+        """Send the phases still held, if any (the watchdog thread, at ``hold_until``)."""
+        try:
+            with self._lock:
+                held, self._held = self._held, []
+                if held:
+                    self.sock.sendall(b"".join(held))
+        except OSError:
+            pass
+
     def send(self, kind: str, body: Any = None, buffers: Any = ()) -> None:
         if kind != MSG_STREAM and self.output is not None:
             self.output.flush()
         if threading.current_thread() is not threading.main_thread():
-            return super().send(kind, body, buffers)
+            return self._send(kind, body, buffers)
         old = signal.pthread_sigmask(signal.SIG_BLOCK, self._BLOCK)
         try:
-            super().send(kind, body, buffers)
+            self._send(kind, body, buffers)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def _send(self, kind: str, body: Any, buffers: Any) -> None:
+        """One message, after the phases held for it (in one write when it is small).
+
+        The held phases are taken under the channel's lock, so the watchdog
+        thread sending them meanwhile can never put them after this message.
+        """
+        if not self._held:
+            return super().send(kind, body, buffers)
+        with self._lock:
+            held, self._held = self._held, []
+            frame = frame_bytes(kind, body, buffers) if held else None
+            if frame is not None:
+                self.sock.sendall(b"".join([*held, frame]))
+                return
+            if held:
+                self.sock.sendall(b"".join(held))
+            send_frame(self.sock, kind, body, buffers)
 
 
 class _Output:
@@ -155,6 +209,8 @@ class _Output:
         """
         self._lock = threading.RLock()  # another thread may have held it at the fork
         self._parts, self._size = [], 0
+        if isinstance(self._chan, _WorkerChannel):
+            self._chan._held = []  # the worker's phases: the worker sends them, not this child
         self._direct = True
 
     def write(self, name: str, text: str) -> None:
@@ -261,10 +317,19 @@ def _watch_parent(chan: Channel, kernel_pid: int | None) -> None:
             pidfd = -1  # the kernel is gone already
         except OSError:
             pidfd = None
+    # Phases held back for the next message go out by this time at the latest (see hold_until).
+    flush_at: float | None = getattr(chan, "hold_until", None)
     try:
         while pidfd != -1:
             watched = [chan.sock] + ([pidfd] if pidfd is not None else [])
-            ready, _, _ = select.select(watched, [], [], 0.25 if pidfd is None else None)
+            timeout = 0.25 if pidfd is None else None
+            if flush_at is not None:
+                left = max(0.0, flush_at - time.monotonic())
+                timeout = left if timeout is None else min(timeout, left)
+            ready, _, _ = select.select(watched, [], [], timeout)
+            if flush_at is not None and time.monotonic() >= flush_at:
+                flush_at = None
+                chan.send_held()  # type: ignore[attr-defined]
             if pidfd is not None and pidfd in ready:
                 break
             if chan.sock in ready:
@@ -549,10 +614,11 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
     main.__dict__["__builtins__"] = __builtins__
     sys.modules["__main__"] = main
     ns = main.__dict__
-    pools.install()  # the cell's own process pools: by value, and children that report
     for hook in job.get("startup", ()):
         __import__(hook)
-    chan.send(MSG_PHASE, ("start", time.perf_counter() - t0))
+    # Small inputs load at once: the kernel hears of the start and load with the next message.
+    small = not buffers and not job.get("shared") and len(job["data"]) < _HOLD_BELOW
+    chan.phase("start", time.perf_counter() - t0, hold=small)  # type: ignore[attr-defined]
 
     t1 = time.perf_counter()
     shared = job.get("shared")
@@ -564,7 +630,7 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
     del buffers
     watched = inplace.snapshot(ns, job.get("watch") or ())
     rng.restore(job.get("rng"))
-    chan.send(MSG_PHASE, ("load", time.perf_counter() - t1))
+    chan.phase("load", time.perf_counter() - t1, hold=small)  # type: ignore[attr-defined]
 
     filename = job["filename"]
     offset = job.get("line_offset", 0)
@@ -611,7 +677,8 @@ def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     _flush_c_stdio()
-    chan.send(MSG_PHASE, ("run", run_seconds))
+    # Results that take no time to serialize: the kernel hears of the run's end with them.
+    chan.phase("run", run_seconds, hold=_quick_to_send(ns, job["outputs"], value))  # type: ignore[attr-defined]
 
     t3 = time.perf_counter()
     _stage = "return"
@@ -688,6 +755,23 @@ def _send_result(chan: Channel, body: dict[str, Any], buffers: list[Any], ship: 
     chan.send(MSG_RESULT, body, buffers)
 
 
+_HOLD_BELOW = 64 * 1024
+"""Inputs whose pickle is smaller than this (and that have no buffers) load at once."""
+_QUICK_TYPES = frozenset({int, float, complex, bool, type(None)})
+
+
+def _quick_to_send(ns: dict[str, Any], outputs: list[str], value: Any) -> bool:
+    """Whether the cell's results serialize at once: numbers, None, short strings and bytes."""
+    for item in (*(ns.get(name) for name in outputs), value):
+        kind = type(item)
+        if kind in _QUICK_TYPES:
+            continue
+        if kind in (str, bytes) and len(item) < 4096:
+            continue
+        return False
+    return True
+
+
 def _execute(code: types.CodeType, ns: dict[str, Any]) -> Any:
     result = eval(code, ns)
     if code.co_flags & 0x80:  # CO_COROUTINE: the cell used top-level await
@@ -701,24 +785,105 @@ async def _await(awaitable: Any) -> Any:
     return await awaitable
 
 
-def main(fd: int) -> None:
-    """Entry point of a worker process; ``fd`` is the worker's end of the socketpair."""
-    import socket
+class _Watchdog:
+    """The watchdog thread, started before the job is known and armed when it arrives.
 
-    os.set_inheritable(fd, False)
-    chan = _WorkerChannel(socket.socket(fileno=fd))
+    Starting a thread costs a fresh process most of a millisecond (its stack,
+    the first page faults, the handshake with the new thread); a spare worker
+    pays it while it waits for its cell (:func:`prepare`), and the job only
+    hands over the channel and the kernel's pid.
+    """
+
+    def __init__(self) -> None:
+        self._args: tuple[Channel, int | None] | None = None
+        self._go = threading.Lock()
+        self._go.acquire()
+        threading.Thread(target=self._wait, daemon=True, name="watch-parent").start()
+
+    def _wait(self) -> None:
+        self._go.acquire()
+        assert self._args is not None
+        _watch_parent(*self._args)
+
+    def arm(self, chan: Channel, kernel_pid: int | None) -> None:
+        self._args = (chan, kernel_pid)
+        self._go.release()
+
+
+_watchdog: _Watchdog | None = None
+
+
+def prepare() -> None:
+    """Everything a worker does before it knows its cell; once per process.
+
+    A spare worker (:mod:`nbisolate.template`) calls this while it waits for
+    its job, so none of it is on a cell's path: becoming the subreaper of its
+    tree, refusing stdin, the cell's process-pool hooks, and the watchdog
+    thread, which waits until the job names the channel and the kernel.  None
+    of it runs code of any cell.
+    """
+    global _watchdog
+    if _watchdog is not None:
+        return
     _become_subreaper()
     sys.stdin = _NoStdin()
+    pools.install()  # the cell's own process pools: by value, and children that report
+    _watchdog = _Watchdog()
+
+
+def preimport() -> None:
+    """Import what every worker would import at its start; called by the template.
+
+    With ``multiprocess`` preloaded (the notebook uses it), the pool hooks of
+    :func:`prepare` import its ``spawn`` module in each worker: a millisecond
+    of a fresh fork's time, and a fraction of it once in the template.
+    """
+    if "multiprocess" in sys.modules:
+        try:
+            import multiprocess.spawn  # noqa: F401
+        except Exception:
+            pass  # the worker's hooks meet the same error, and report it there
+
+
+def rehearse() -> None:
+    """Take a trivial cell's steps once, on a value of our own, before any cell arrives.
+
+    A forked process pays a page fault for every page of its parent's memory
+    it first writes to, and merely using an object writes its reference
+    count: the first serialization, compilation and message of a worker cost
+    it far more than the next.  A spare worker (:mod:`nbisolate.template`)
+    rehearses them while it waits, so its cell finds those pages its own.
+    Nothing of any cell runs here, and nothing is kept.
+    """
+    from . import ship
+
+    scratch: dict[str, Any] = {"__builtins__": __builtins__}
+    shipped = ship.dumps({"_": 0}, skip_failures=True, main=scratch, returning=True)
+    ship.loads(shipped.names, shipped.data, shipped.buffers, shipped.engine, scratch)
+    body, tail = _compile_cell("_ = 0\n_\n", "<nbisolate>", 0, True)
+    eval(body, scratch)
+    if tail is not None:
+        eval(tail, scratch)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _WorkerChannel._BLOCK)
+    signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    frame_bytes(MSG_PHASE, ("start", 0.0))
+    error_body(ValueError("rehearsal"))
+
+
+def main(fd: int) -> None:
+    """Entry point of a worker process; ``fd`` is the worker's end of the socketpair."""
+    prepare()  # a no-op in a spare, which did it while waiting
+    os.set_inheritable(fd, False)
+    chan = _WorkerChannel(socket.socket(fileno=fd))
     try:
         kind, job, buffers = chan.recv()
     except ChannelClosed:
         os._exit(0)
     if kind != MSG_RUN:
         os._exit(2)
-    watchdog = threading.Thread(
-        target=_watch_parent, args=(chan, job.get("kernel_pid")), daemon=True, name="watch-parent"
-    )
-    watchdog.start()
+    chan.hold_until = time.monotonic() + chan.HOLD_SECONDS
+    assert _watchdog is not None
+    _watchdog.arm(chan, job.get("kernel_pid"))
     output = _Output(chan)
     chan.output = output
     os.register_at_fork(after_in_child=output.forked)

@@ -1,0 +1,274 @@
+"""The path of a cell from the magic to a running worker, and back, kept short without
+giving up isolation: a spare worker that prepared itself but ran no cell, the run
+message queued before the worker exists, the phases that travel with the next
+message, the reader threads kept for the next cell, and a clear error when no
+worker can be started at all.
+
+Speed itself is measured in ``benchmarks/bench_trivial.py``; these tests pin
+that each shortcut keeps the behaviour it replaced.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import psutil
+import pytest
+
+from nbisolate.events import Event
+from nbisolate.runner import CellRun, run_isolated
+from nbisolate.supervisor import QUEUE_BYTES, _Threads
+
+from .conftest import wait_until
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPARE_NAME = "nbisolate-spare"  # nbisolate.template.SPARE_NAME
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _template_closed():
+    """Runs below start this process's template; it must not outlive the module."""
+    yield
+    from nbisolate.supervisor import launcher
+
+    launcher.close()
+
+
+def _spares_of(template_pid: int) -> list[psutil.Process]:
+    try:
+        children = psutil.Process(template_pid).children()
+    except psutil.Error:
+        return []
+    spares = []
+    for child in children:
+        try:
+            if child.name() == SPARE_NAME:
+                spares.append(child)
+        except psutil.Error:
+            pass
+    return spares
+
+
+def test_a_spare_prepares_itself_but_its_cell_finds_a_fresh_main():
+    """The spare starts its watchdog thread and rehearses a cell on a value of its own
+    before any cell arrives; the cell it is handed still sees nothing but its inputs."""
+    from nbisolate.supervisor import launcher
+
+    ns: dict[str, object] = {"given": 5}
+    run_isolated("first = given", ns)  # the template is up and has forked a spare
+    assert wait_until(lambda: bool(_spares_of(launcher.pid)), 10)
+    (spare,) = _spares_of(launcher.pid)
+    # Waiting for its job, it already runs its watchdog thread: no thread start on the cell's path.
+    assert wait_until(lambda: spare.num_threads() == 2, 10), spare.num_threads()
+    run_isolated(
+        "seen = sorted(k for k in globals() if not k.startswith('__'))\n"
+        "used = given\n"
+        "import builtins, sys\n"
+        "me = __import__('os').getpid()\n"
+        "underscore = hasattr(builtins, '_')\n"
+        "main_is_ours = sys.modules['__main__'].__dict__ is globals()\n",
+        ns,
+    )
+    assert ns["me"] == spare.pid  # this cell was handed to that spare
+    assert ns["seen"] == ["given"]  # its inputs alone: the rehearsal left nothing
+    assert ns["underscore"] is False and ns["main_is_ours"] is True
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        7,  # quick: prepared in the waiting thread, the run message queued before the fork
+        "x" * (QUEUE_BYTES * 3),  # too big to queue: the reader thread sends it
+        bytes(3 << 20),  # large buffers: shared memory, sent by the reader thread
+    ],
+    ids=["queued", "in-band", "shared-memory"],
+)
+def test_every_size_of_run_message_reaches_the_worker(value):
+    ns: dict[str, object] = {"value": value}
+    run_isolated("back = value\nsize = len(value) if not isinstance(value, int) else value", ns)
+    assert ns["back"] == value
+    assert ns["size"] == (value if isinstance(value, int) else len(value))
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["small = 1", "big = list(range(100_000))", "print('out')\nsmall = 2"],
+    ids=["quick result", "slow result", "output"],
+)
+def test_phases_arrive_in_order_before_the_result(source):
+    """Phases held back to travel with the next message still come in order, after
+    ``started`` and before the result, whatever the cell returns or prints."""
+    heard: list[Event] = []
+    run = CellRun(source, {})
+    run.listeners.append(heard.append)
+    run.prepare()
+    run.run_sync()
+    kinds = [e.kind if e.kind != "phase" else f"phase {e.data[0]}" for e in heard]
+    worker = [k for k in kinds if k in ("started", "phase start", "phase load", "phase run", "result")]
+    assert worker == ["started", "phase start", "phase load", "phase run", "result"], kinds
+    assert all(seconds >= 0 for seconds in run.phases.values()), run.phases
+
+
+def test_the_reader_threads_are_kept_for_the_next_job_and_then_end():
+    threads = _Threads()
+    threads.IDLE_SECONDS = 0.5
+    ran: list[tuple[str, int]] = []
+    done = threading.Event()
+
+    def task(label: str) -> None:
+        ran.append((label, threading.get_ident()))
+        if label == "second":
+            done.set()
+
+    threads.run("nbisolate-test-a", task, "first")
+    assert wait_until(lambda: len(ran) == 1 and threads._idle == 1, 5)
+    threads.run("nbisolate-test-b", task, "second")
+    assert done.wait(5)
+    assert ran[0][1] == ran[1][1]  # the same thread ran both: no new thread for the second
+
+    # Jobs that overlap get threads of their own; only IDLE_THREADS wait afterwards.
+    release = threading.Event()
+    started = threading.Semaphore(0)
+
+    def blocking(_: str) -> None:
+        started.release()
+        release.wait(5)
+
+    for i in range(4):
+        threads.run(f"nbisolate-test-{i}", blocking, str(i))
+    for _ in range(4):
+        assert started.acquire(timeout=5)
+    names = {t.name for t in threading.enumerate()}
+    assert {f"nbisolate-test-{i}" for i in range(4)} <= names  # named after their job
+    release.set()
+    assert wait_until(lambda: threads._idle == threads.IDLE_THREADS, 5)
+    # Idle for IDLE_SECONDS, they end: nothing stays in the kernel for ever.
+    assert wait_until(lambda: threads._idle == 0, 5)
+    assert wait_until(lambda: not any(t.name == "nbisolate-idle" for t in threading.enumerate()), 5)
+
+
+NO_WORKER = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    sys.path.insert(0, {root!r})
+    from nbisolate.errors import IsolateError
+    from nbisolate.runner import run_isolated
+    from nbisolate.supervisor import launcher
+
+    ns = {{}}
+    run_isolated("before = 1", ns)  # the template is up
+    template = launcher.pid
+    os.kill(template, signal.SIGSTOP)  # it can no longer answer: the cell falls back to a spawn
+    sys.executable = "/nonexistent/python"  # which fails too
+    t0 = time.monotonic()
+    try:
+        run_isolated("after = 2", ns)
+    except IsolateError as exc:
+        print("raised", type(exc).__name__, exc)
+    print("bound", sorted(ns))
+    print("seconds", round(time.monotonic() - t0, 1))
+    for _ in range(100):  # killed (a zombie until its reader reaps it) or reaped
+        try:
+            with open(f"/proc/{{template}}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            state = "X"
+        if state in ("Z", "X"):
+            break
+        time.sleep(0.05)
+    print("template", "gone" if state in ("Z", "X") else "alive")
+    launcher.close()
+    """
+)
+
+
+def test_when_no_worker_can_be_started_the_cell_says_so_and_binds_nothing(tmp_path):
+    """The template stopped and no interpreter to spawn: the fork is waited for in the
+    reader thread, and its failure still reaches the cell as a clear error."""
+    out = subprocess.run(
+        [sys.executable, "-c", NO_WORKER.format(root=ROOT)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    raised = next(line for line in lines if line.startswith("raised"))
+    assert raised.startswith("raised IsolateError could not start the isolated worker process")
+    assert "nothing ran" in raised and "run the cell again" in raised
+    assert "bound ['before']" in lines
+    assert float(next(line for line in lines if line.startswith("seconds")).split()[1]) < 10
+    assert "template gone" in lines  # found stopped, it was killed (and said so)
+
+
+
+def test_a_cell_runs_once_when_the_template_answers_late(tmp_path):
+    """The cell was queued in its channel for a worker the template handed it only after
+    the kernel stopped waiting: the kernel took it back, so only the spawned worker ran it."""
+    from nbisolate.supervisor import FORK_SECONDS, launcher
+
+    (tmp_path / "slow_import_pkg.py").write_text("import time\ntime.sleep(7)\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        ns: dict[str, object] = {"log": str(tmp_path / "ran.txt")}
+        run_isolated("ready = 1", ns)  # the template is up
+        launcher.preload(["slow_import_pkg"])  # it imports for 7 s; the next fork waits behind it
+        t0 = time.monotonic()
+        run_isolated("import os\nwith open(log, 'a') as f:\n    f.write(f'{os.getpid()}\\n')", ns)
+        assert time.monotonic() - t0 >= FORK_SECONDS - 0.5  # it gave up waiting, then spawned
+        time.sleep(max(0.0, 9 - (time.monotonic() - t0)))  # the late reply and hand-over are done
+        with open(ns["log"]) as f:  # type: ignore[call-overload]
+            ran = f.read().split()
+        assert len(ran) == 1, ran
+        run_isolated("after = 2", ns)  # the template serves the next cell as usual
+        assert ns["after"] == 2
+    finally:
+        sys.path.remove(str(tmp_path))
+
+
+def test_a_queued_cell_is_taken_back_unless_a_worker_read_it():
+    """What the kernel decides on when the template does not answer: if no worker read the
+    queued cell, reading it back leaves the channel empty (a late worker finds nothing to
+    run); if one read it, the kernel must wait for that worker instead of spawning another."""
+    import socket
+
+    from nbisolate.supervisor import Job
+    from nbisolate.wire import recv_frame
+
+    payload = {"source": "x = 1", "inputs": [], "data": b"", "engine": "pickle"}
+    for read_first in (False, True):
+        job = Job(dict(payload), on_event=lambda event: None)
+        mine, theirs = socket.socketpair()
+        try:
+            job._queue_run(mine)
+            assert job._queued is not None and job._queued[0] is mine
+            job._peer = theirs.dup()
+            if read_first:  # the worker's side reads its cell, as a handed-over worker does
+                kind, body, _, _ = recv_frame(theirs)
+                assert kind == "run" and body["source"] == "x = 1" and body["sync"] == job.sync
+            assert job._run_taken() is read_first
+            with pytest.raises(BlockingIOError):  # either way nothing is left to run
+                theirs.recv(1, socket.MSG_DONTWAIT)
+        finally:
+            job._drop_peer()
+            mine.close()
+            theirs.close()
+            Job._close_fds(job._wake_r, job._wake_w)
+
+
+def test_a_long_cell_reports_its_start_and_load_while_it_runs():
+    """A fast cell's start and load travel with its result; a cell that runs on has them
+    sent by its watchdog within moments, so the panel says it is running, not loading."""
+    heard: dict[str, float] = {}
+    run = CellRun("import time\ntime.sleep(1.5)\ndone = 1", {})
+    run.listeners.append(
+        lambda e: heard.setdefault(e.kind if e.kind != "phase" else f"phase {e.data[0]}", time.perf_counter())
+    )
+    run.prepare()
+    run.run_sync()
+    assert heard["phase start"] <= heard["phase load"] <= heard["phase run"] <= heard["result"]
+    assert heard["phase load"] - heard["started"] < 0.75, heard
+    assert heard["result"] - heard["phase load"] > 0.75, heard
