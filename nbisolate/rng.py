@@ -21,7 +21,8 @@ notebook went on meanwhile).
 notebook variables like any other and come back through
 :mod:`nbisolate.inplace`.
 
-Standard library only; NumPy is used only when it is already imported.
+Standard library only; NumPy is used only when it is imported anyway (in a
+worker that has not imported it, its state is set the moment the cell does).
 """
 
 from __future__ import annotations
@@ -54,13 +55,22 @@ def restore(state: State | None) -> None:
     if "random" in state:
         random.setstate(state["random"])
     if "numpy" in state:
-        try:
-            import numpy as np
+        if "numpy" in sys.modules:
+            _set_numpy(state["numpy"])
+        else:  # importing NumPy costs ~50 ms: only if the cell does, and then at once
+            from .pools import _when_imported
 
-            name, raw, dtype, pos, has_gauss, cached = state["numpy"]
-            np.random.set_state((name, np.frombuffer(raw, dtype=dtype).copy(), pos, has_gauss, cached))
-        except Exception:  # NumPy missing here, or another version: this side's own state
-            pass
+            _when_imported("numpy", lambda: _set_numpy(state["numpy"]))
+
+
+def _set_numpy(packed: tuple[Any, ...]) -> None:
+    try:
+        import numpy as np
+
+        name, raw, dtype, pos, has_gauss, cached = packed
+        np.random.set_state((name, np.frombuffer(raw, dtype=dtype).copy(), pos, has_gauss, cached))
+    except Exception:  # another NumPy version here: this side's own state
+        pass
 
 
 def changed_since(state: State | None) -> State | None:
@@ -68,5 +78,5 @@ def changed_since(state: State | None) -> State | None:
     None, and the kernel has nothing to set."""
     if not state:
         return None
-    now = capture()
-    return None if now == state else now
+    now = capture()  # only what this process has: NumPy's state if the cell imported it
+    return None if all(state.get(key) == value for key, value in now.items()) else now

@@ -507,12 +507,7 @@ class CellRun:
             if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
                 previous = signal.signal(signal.SIGINT, lambda signum, frame: self.interrupt())
         try:
-            self._stage = ("serialize", None, time.perf_counter())
-            self._finish_preparing(True, put)
-            self._spent = time.perf_counter() - self._began
-            self._stage = ("start", None, time.perf_counter())
-            if self._failed is None:
-                self.start(put)
+            self._serialize_and_start(put)
         except BaseException as exc:
             self._abandon(exc)
         finally:
@@ -528,16 +523,20 @@ class CellRun:
                 for name in self.plan.inputs:
                     self._stage = ("inspect", name, time.perf_counter())
                     inspect_value(name, self.namespace[name])
-                self._stage = ("serialize", None, time.perf_counter())
-                self._finish_preparing(True, put)
-                self._spent = time.perf_counter() - self._began
-                self._stage = ("start", None, time.perf_counter())
-                if self._failed is None:
-                    self.start(put)
+                self._serialize_and_start(put)
             except BaseException as exc:
                 put(_Failed(exc))
 
         threading.Thread(target=work, daemon=True, name="nbisolate-prepare").start()
+
+    def _serialize_and_start(self, put: Callable[[Any], None]) -> None:
+        """Serialize the inputs and start the worker, each stage noted for a stop meanwhile."""
+        self._stage = ("serialize", None, time.perf_counter())
+        self._finish_preparing(True, put)
+        self._spent = time.perf_counter() - self._began
+        self._stage = ("start", None, time.perf_counter())
+        if self._failed is None:
+            self.start(put)
 
     def _abandon(self, exc: BaseException) -> None:
         """End the run before its worker said anything; a worker that starts later is stopped."""

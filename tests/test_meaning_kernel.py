@@ -555,3 +555,14 @@ def test_out_naming_an_input_the_cell_left_alone_is_no_typo(kernel):
     res = kernel.run("%%isolate --out given total\ntotal = sum(given)")
     assert "--out asked for" not in res.stderr, res.stderr
     assert kernel.value("(total, given is same_given)") == (3, True)
+
+
+def test_numpy_state_follows_even_when_the_worker_imports_numpy_itself(fresh_kernel):
+    """NumPy seeded in the kernel but not bound in the notebook (so not preloaded): the worker
+    does not pay for importing it up front, and a cell that imports it draws the kernel's numbers."""
+    k = fresh_kernel
+    k.run("__import__('numpy').random.seed(11)\nexpected = float(__import__('numpy').random.rand())")
+    k.run("__import__('numpy').random.seed(11)")
+    res = k.execute("%%isolate\nimport numpy\ngot = float(numpy.random.rand())")
+    assert res.ok, res.error_text
+    assert k.value("got == expected") is True
