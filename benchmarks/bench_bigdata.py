@@ -3,7 +3,10 @@
 Each case runs, round by round, the isolated cell (``%%isolate --quiet``, timed
 from the client: request to reply), the same code as an ordinary cell (also
 from the client) and, where the target is a baseline, that baseline inside the
-kernel (a warm ``memcpy`` into an existing array, or pickle dumps+loads).
+kernel (a warm ``memcpy`` into an existing array, or pickle dumps+loads), and
+an isolated cell that moves nothing: the isolated cell less that one is what
+the value itself costs, the part a baseline of a few milliseconds can be
+compared with (a whole cell cannot be faster than an ordinary empty one).
 Interleaving makes a burst of load on a shared machine hit them alike, so read
 the ratios of the medians rather than single numbers.
 
@@ -123,6 +126,9 @@ CASES: list[dict[str, Any]] = [
     },
 ]
 
+EMPTY = "%%isolate --quiet\n_k = 1"
+"""An isolated cell that moves nothing, timed in the same rounds: the fixed cost of any cell."""
+
 INTERVALS = (
     ("serialize", "planned", "shipped"),
     ("to worker", "shipped", "phase load"),
@@ -191,6 +197,7 @@ def run(rounds: int = ROUNDS, cases: list[str] | None = None) -> dict[str, Any]:
             codes = {"isolate": "%%isolate --quiet\n" + cell, "direct": cell}
             if case.get("baseline"):
                 codes["baseline"] = f"_timed(lambda: {case['baseline']})"
+            codes["empty"] = EMPTY
             times: dict[str, list[float]] = {name: [] for name in codes}
             for _ in range(rounds):
                 for name, code in codes.items():
@@ -199,6 +206,8 @@ def run(rounds: int = ROUNDS, cases: list[str] | None = None) -> dict[str, Any]:
                     times[name].append(time.perf_counter() - t0)
                     if not res.ok:
                         raise RuntimeError(f"{case['name']}: {name} failed: {res.error_text[-500:]}")
+                    if name == "empty":
+                        k.run("_stamps.pop()")  # its phases are not the case's
             if "baseline" in times:
                 times["baseline"] = json.loads(k.run("print(json.dumps(_base_times))").stdout)
             marks = json.loads(k.run("print(json.dumps(_stamps))").stdout)
@@ -211,6 +220,10 @@ def run(rounds: int = ROUNDS, cases: list[str] | None = None) -> dict[str, Any]:
             row["ratio"] = round(ratio, 2)
             row["target"] = f"isolate <= {factor:g} x {column}"
             row["met"] = ratio <= factor
+            # What the value itself costs: the isolated cell less an empty one of the same rounds.
+            own = row["isolate"]["median"] - row["empty"]["median"]
+            row["own_ms"] = round(own, 2)
+            row["own_ratio"] = round(own / row[column]["median"], 2)
             row["load"] = _load()
             out["cases"][case["name"]] = row
             print("  " + describe_case(case["name"], row), flush=True)
@@ -224,6 +237,9 @@ def describe_case(name: str, row: dict[str, Any]) -> str:
              for key in ("isolate", "direct", "baseline") if key in row]
     verdict = "met" if row["met"] else "NOT met"
     text = f"{name}: " + ", ".join(parts) + f" ms; {row['ratio']:.2f}x ({row['target']}: {verdict})"
+    if "own_ms" in row:
+        text += (f"; the value's own cost (isolate - empty isolated cell {row['empty']['median']:.1f}): "
+                 f"{row['own_ms']:.1f} ms, {row['own_ratio']:.2f}x")
     text += f"; load {row['load']:.1f}"
     text += "\n    breakdown (medians): " + ", ".join(f"{k} {v:g}" for k, v in row["breakdown_ms"].items())
     return text

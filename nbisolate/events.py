@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .protocol import CHANNEL_ONLY
 from .protocol import KINDS as WORKER_KINDS
-from .protocol import MSG_RUN
 
 KINDS: dict[str, str] = {
     # -- from the run, in the kernel -------------------------------------------------
@@ -46,8 +46,8 @@ KINDS: dict[str, str] = {
     "error": "dict with buffers: the cell (or the worker's setup, or the return) raised; also "
     "from a handle that failed itself (stage receive, a remote task that failed outside the cell)",
 }
-# -- from the worker, forwarded unchanged: the wire protocol's kinds (but "run") ------------
-KINDS.update({k: what for k, what in WORKER_KINDS.items() if k not in KINDS and k != MSG_RUN})
+# -- from the worker, forwarded unchanged: the wire protocol's kinds (but the set-up ones) -----
+KINDS.update({k: what for k, what in WORKER_KINDS.items() if k not in KINDS and k not in CHANNEL_ONLY})
 
 
 @dataclass

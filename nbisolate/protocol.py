@@ -28,6 +28,8 @@ MSG_CLEAR_OUTPUT = "clear_output"
 MSG_SYSEXIT = "sysexit"
 MSG_RESULT = "result"
 MSG_ERROR = "error"
+MSG_PLACE = "place"
+MSG_INPUTS = "inputs"
 
 KINDS: dict[str, str] = {
     MSG_RUN: "kernel -> worker, once, first: the job (RunPayload) and the inputs' buffers",
@@ -42,8 +44,16 @@ KINDS: dict[str, str] = {
     "(ship.pull) and answers with one raw byte, ship.PULL_TAKEN, or ship.PULL_RESEND, after "
     "which the worker sends the message again with its buffers",
     MSG_ERROR: "worker (or the supervisor, stage 'receive') -> kernel, last: ErrorBody",
+    MSG_PLACE: "worker -> kernel, right after a run with lend={sizes}: {spans}, fresh memory of the "
+    "worker's for each lent input buffer; the kernel copies the buffers in (ship.place) and "
+    "answers with inputs",
+    MSG_INPUTS: "kernel -> worker, the answer to place: {placed: True} when the buffers are in the "
+    "worker's memory, else {placed: False} with the buffers themselves",
 }
 """Every kind a worker's channel carries, with its sender and its body."""
+
+CHANNEL_ONLY = frozenset({MSG_RUN, MSG_PLACE, MSG_INPUTS})
+"""Kinds that set a run up between the supervisor and its worker; they never become events."""
 
 TEMPLATE_KINDS: dict[str, str] = {
     "fork": "kernel -> template: {id, env, fresh, cwd, ahead} with fds [channel, stdout, stderr]; "
@@ -111,7 +121,9 @@ class RunPayload(_RunRequired, total=False):
     every run of a sweep, loaded before the run's own; ``watch`` are inputs
     to compare before and after the cell (:mod:`nbisolate.inplace`) and
     ``deletes`` the names the cell may ``del``; ``rng`` the kernel's global
-    random states (:mod:`nbisolate.rng`).
+    random states (:mod:`nbisolate.rng`); ``lend`` (``sizes``) says the
+    inputs' large buffers did not come with the message: the worker makes
+    room for them and asks the kernel to copy them in (``place``).
     """
 
     display_source: str
@@ -126,39 +138,46 @@ class RunPayload(_RunRequired, total=False):
     watch: list[str]
     deletes: list[str]
     rng: dict[str, Any] | None
+    lend: dict[str, list[int]]
 
 
-class ResultBody(TypedDict):
-    """The body of ``result``: the names the cell bound (and ``RESULT``), serialized.
-
-    ``marked`` says on which pipes the sync mark went out; ``skipped`` maps a
-    name that could not travel to why; ``left`` a name bound to a pool, executor,
-    process or thread of the worker (it ended with it) to what it was;
-    ``pull`` (large results: where the buffers are in the worker, for :func:`nbisolate.ship.pull`)
-    and ``transfer`` (added by the kernel: the copy's seconds, faults and bytes);
-    ``mutated`` the inputs the cell changed in place (see :mod:`nbisolate.inplace`),
-    ``unchanged`` those it left as they were (not sent back: the notebook keeps its own);
-    ``deleted`` the names the cell deleted (``del tmp``), to delete in the notebook too;
-    ``rng`` the worker's global random states after the cell;
-    ``result_bundle`` is the display bundle of a last value that could not
-    travel itself.
-    """
-
+class _ResultRequired(TypedDict):
     marked: dict[str, bool]
     names: list[str]
     data: bytes
     engine: str
     sizes: dict[str, int]
+    starts: list[tuple[int, int]]
     skipped: dict[str, str]
     left: dict[str, str]
-    pull: dict[str, Any]
-    transfer: dict[str, Any]
     mutated: list[str]
     unchanged: list[str]
     deleted: list[str]
     rng: dict[str, Any] | None
     result_bundle: dict[str, Any] | None
     dump_seconds: float
+
+
+class ResultBody(_ResultRequired, total=False):
+    """The body of ``result``: the names the cell bound (and ``RESULT``), serialized.
+
+    ``starts`` where each name's pickle starts (its offset, its first buffer:
+    one that cannot be rebuilt does not stop the rest); ``marked`` says on
+    which pipes the sync mark went out; ``skipped`` maps a name that could not
+    travel to why; ``left`` a name bound to a pool, executor,
+    process or thread of the worker (it ended with it) to what it was;
+    ``mutated`` the inputs the cell changed in place (see :mod:`nbisolate.inplace`),
+    ``unchanged`` those it left as they were (not sent back: the notebook keeps its own);
+    ``deleted`` the names the cell deleted (``del tmp``), to delete in the notebook too;
+    ``rng`` the worker's global random states after the cell;
+    ``result_bundle`` is the display bundle of a last value that could not
+    travel itself. Only sometimes: ``pull`` (large results: where the buffers
+    are in the worker, for :func:`nbisolate.ship.pull`) and ``transfer``
+    (added by the kernel: the copy's seconds, faults and bytes).
+    """
+
+    pull: dict[str, Any]
+    transfer: dict[str, Any]
 
 
 class _ErrorRequired(TypedDict):

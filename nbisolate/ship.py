@@ -597,20 +597,21 @@ _libc: Any = None
 
 
 def _c() -> Any:
-    """libc through ctypes, with ``process_vm_readv`` declared; None where there is none."""
+    """libc through ctypes, with ``process_vm_readv``/``writev`` declared; None where there is none."""
     global _libc
     if _libc is None:
         import ctypes
 
         try:
             lib = ctypes.CDLL(None, use_errno=True)
-            read = lib.process_vm_readv
+            calls = (lib.process_vm_readv, lib.process_vm_writev)
         except (OSError, AttributeError):
             _libc = False
             return None
-        read.restype = ctypes.c_ssize_t
-        read.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong,
-                         ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
+        for call in calls:
+            call.restype = ctypes.c_ssize_t
+            call.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong,
+                             ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
         get = ctypes.pythonapi.PyObject_GetBuffer
         get.argtypes = [ctypes.py_object, ctypes.c_void_p, ctypes.c_int]
         get.restype = ctypes.c_int
@@ -649,7 +650,10 @@ def pull_spans(buffers: Sequence[Any]) -> list[tuple[int, int]] | None:
     view = _py_buffer()
     spans = []
     for b in buffers:
-        if api.PyObject_GetBuffer(b, ctypes.byref(view), 0) != 0:  # PyBUF_SIMPLE: contiguous
+        try:
+            if api.PyObject_GetBuffer(b, ctypes.byref(view), 0) != 0:  # PyBUF_SIMPLE: contiguous
+                return None
+        except (BufferError, TypeError, ValueError):  # not contiguous: it travels with the message
             return None
         try:
             spans.append((int(view.buf or 0), int(view.len)))
@@ -669,50 +673,143 @@ def _private(n: int) -> Any:
     return mm
 
 
-def pull(pid: int, spans: Sequence[Sequence[int]]) -> list[memoryview]:
-    """Copy ``spans`` (from :func:`pull_spans`) out of process ``pid`` into memory of this one.
+def room(sizes: Sequence[int]) -> tuple[list[memoryview], list[tuple[int, int]]]:
+    """Fresh memory here for buffers of ``sizes``: the views, and where each is (for :func:`place`).
 
     Each buffer of a megabyte or more gets a private anonymous mapping of its
-    own (freed when the last view of it goes, so dropping one result frees its
-    memory), the small ones share one ``bytearray``; one ``process_vm_readv``
-    call copies up to 1,024 of them. Raises ``OSError`` when the process may
-    not be read (``EPERM``), is gone (``ESRCH``) or the spans are not its
-    memory (``EFAULT``), ``MemoryError`` when there is no room here.
+    own (freed when the last view of it goes, so dropping one value frees its
+    memory), the small ones share one ``bytearray``. Raises ``MemoryError``
+    when there is no room.
     """
     import ctypes
 
-    lib = _c()
-    if lib is None:
-        raise OSError(errno.ENOSYS, "process_vm_readv is not available here")
-    small = sum(int(n) for _, n in spans if int(n) < _SMALL)
-    pool = bytearray(small)
-    pool_view = memoryview(pool)
+    sizes = [int(n) for n in sizes]
+    pool_view = memoryview(bytearray(sum(n for n in sizes if n < _SMALL)))
     out: list[memoryview] = []
     pos = 0
     try:
-        for _, n in spans:
-            n = int(n)
+        for n in sizes:
             if n < _SMALL:
                 out.append(pool_view[pos : pos + n])
                 pos += n
             else:
                 out.append(memoryview(_private(n)))
     except (OSError, ValueError) as exc:
-        raise MemoryError(f"cannot allocate {sum(int(n) for _, n in spans)} bytes for a result: {exc}") from exc
+        raise MemoryError(f"cannot allocate {sum(sizes)} bytes: {exc}") from exc
+    spans = []
+    for view in out:
+        if view.nbytes == 0:
+            spans.append((0, 0))
+            continue
+        spans.append((ctypes.addressof(ctypes.c_char.from_buffer(view)), view.nbytes))
+    return out, spans
+
+
+def pull(pid: int, spans: Sequence[Sequence[int]]) -> list[memoryview]:
+    """Copy ``spans`` (from :func:`pull_spans`) out of process ``pid`` into memory of this one.
+
+    The memory is :func:`room`'s; one ``process_vm_readv`` call copies up to
+    1,024 buffers, two threads share a large copy. Raises ``OSError`` when the
+    process may not be read (``EPERM``), is gone (``ESRCH``) or the spans are
+    not its memory (``EFAULT``), ``MemoryError`` when there is no room here.
+    """
+    lib = _c()
+    if lib is None:
+        raise OSError(errno.ENOSYS, "process_vm_readv is not available here")
+    out, here = room([n for _, n in spans])
+    _copy(lib.process_vm_readv, pid, [(h, int(a), n) for (h, n), (a, _) in zip(here, spans, strict=True)])
+    return out
+
+
+def place(pid: int, spans: Sequence[Sequence[int]], buffers: Sequence[Any]) -> None:
+    """Copy ``buffers`` of this process into ``spans`` of process ``pid`` (from its :func:`room`).
+
+    The mirror of :func:`pull`, for inputs: a worker may read its kernel only
+    where the machine's ptrace policy lets descendants read their ancestors
+    (Yama's ``ptrace_scope`` 1, the default on Ubuntu, does not), while a
+    process may always write into its own descendants. Raises ``OSError``
+    like :func:`pull` (``EFAULT`` also when a span is shorter than its buffer).
+    """
+    lib = _c()
+    if lib is None:
+        raise OSError(errno.ENOSYS, "process_vm_writev is not available here")
+    here = pull_spans(buffers)
+    if here is None:
+        raise OSError(errno.EINVAL, "a buffer here is not contiguous")
+    if any(int(m) < n for (_, n), (_, m) in zip(here, spans, strict=True)):
+        raise OSError(errno.EFAULT, "a buffer does not fit the room made for it")
+    _copy(lib.process_vm_writev, pid, [(h, int(a), n) for (h, n), (a, _) in zip(here, spans, strict=True)])
+
+
+def _copy(call: Any, pid: int, todo: list[tuple[int, int, int]]) -> None:
+    """``call`` (``process_vm_readv`` or ``writev``) over ``(here, there, length)`` segments."""
+    todo = [t for t in todo if t[2]]
+    if sum(n for _, _, n in todo) >= _PARALLEL and (os.cpu_count() or 1) > 1:
+        _copy_parallel(call, pid, _split(todo))
+    else:
+        _copy_serial(call, pid, todo)
+
+
+_PARALLEL = 64 << 20
+"""From this many bytes on, two threads copy: each half-faults its own pages and pins its own.
+
+``process_vm_readv`` is not a plain ``memcpy``: it pins the other process's
+pages and faults in the fresh ones here, page by page; two threads on two
+cores measured 1.25-1.6x faster on 400 MB (the copy itself is bound by memory
+bandwidth, the faulting and pinning are not). ctypes releases the GIL during
+the call."""
+
+
+def _split(todo: list[tuple[int, int, int]]) -> list[list[tuple[int, int, int]]]:
+    """``todo`` cut into two lists of about equal bytes, a segment cut at a 2 MiB boundary if need be."""
+    half = sum(n for _, _, n in todo) // 2
+    first: list[tuple[int, int, int]] = []
+    second: list[tuple[int, int, int]] = []
+    seen = 0
+    for dst, src, n in todo:
+        if seen >= half:
+            second.append((dst, src, n))
+        elif seen + n <= half:
+            first.append((dst, src, n))
+        else:
+            cut = max(_PAGE, (half - seen) // (2 << 20) * (2 << 20))  # keep huge pages whole
+            cut = min(cut, n)
+            first.append((dst, src, cut))
+            if n > cut:
+                second.append((dst + cut, src + cut, n - cut))
+        seen += n
+    return [part for part in (first, second) if part]
+
+
+def _copy_parallel(call: Any, pid: int, parts: list[list[tuple[int, int, int]]]) -> None:
+    import threading
+
+    failures: list[BaseException] = []
+
+    def copy(part: list[tuple[int, int, int]]) -> None:
+        try:
+            _copy_serial(call, pid, part)
+        except BaseException as exc:  # re-raised in the calling thread
+            failures.append(exc)
+
+    if len(parts) == 1:
+        _copy_serial(call, pid, parts[0])
+        return
+    helper = threading.Thread(target=copy, args=(parts[1],), name="nbisolate-copy", daemon=True)
+    helper.start()
+    copy(parts[0])
+    helper.join()
+    if failures:
+        raise failures[0]
+
+
+def _copy_serial(call: Any, pid: int, todo: list[tuple[int, int, int]]) -> None:
+    """``call`` over each ``(here, there, length)`` of ``todo``, 1,024 segments per call."""
+    import ctypes
 
     class IOVec(ctypes.Structure):
         _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 
-    keep = []  # the ctypes views must outlive the call
-    local_addr = []
-    for view in out:
-        if view.nbytes == 0:
-            local_addr.append(0)
-            continue
-        c = (ctypes.c_char * view.nbytes).from_buffer(view)
-        keep.append(c)
-        local_addr.append(ctypes.addressof(c))
-    todo = [(local_addr[i], int(a), int(n)) for i, (a, n) in enumerate(spans) if int(n)]
     i = 0
     done = 0  # bytes of todo[i] already copied
     while i < len(todo):
@@ -723,12 +820,13 @@ def pull(pid: int, spans: Sequence[Sequence[int]]) -> list[memoryview]:
             skip = done if j == 0 else 0
             local[j].base, local[j].len = dst + skip, n - skip
             remote[j].base, remote[j].len = src + skip, n - skip
-        got = lib.process_vm_readv(pid, local, len(batch), remote, len(batch), 0)
+        got = call(pid, local, len(batch), remote, len(batch), 0)
+        verb = "reading" if call.__name__ == "process_vm_readv" else "writing into"
         if got < 0:
             err = ctypes.get_errno()
-            raise OSError(err, f"reading process {pid}: {os.strerror(err)}")
+            raise OSError(err, f"{verb} process {pid}: {os.strerror(err)}")
         if got == 0:
-            raise OSError(errno.EFAULT, f"reading process {pid}: nothing could be read")
+            raise OSError(errno.EFAULT, f"{verb} process {pid}: nothing could be copied")
         while got and i < len(todo):  # advance over what was copied, maybe part of a buffer
             left = todo[i][2] - done
             if got >= left:
@@ -738,5 +836,3 @@ def pull(pid: int, spans: Sequence[Sequence[int]]) -> list[memoryview]:
             else:
                 done += got
                 got = 0
-    del keep
-    return out

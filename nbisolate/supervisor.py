@@ -58,6 +58,8 @@ from .options import DEFAULT_MAX_OUTPUT
 from .protocol import (
     MSG_DISPLAY,
     MSG_ERROR,
+    MSG_INPUTS,
+    MSG_PLACE,
     MSG_RESULT,
     MSG_RUN,
     MSG_STREAM,
@@ -693,6 +695,7 @@ class Job:
         max_output: int = DEFAULT_MAX_OUTPUT,
         use_template: bool = True,
         fresh: bool = False,
+        lend: bool = False,
     ) -> None:
         self.id = f"w{next(_ids)}-{os.getpid()}"
         self.sync = os.urandom(8).hex()
@@ -701,6 +704,9 @@ class Job:
         self.how_started = ""
         self.payload = payload
         self.buffers = list(buffers)
+        self._lent: list[Any] = []  # large inputs the worker has copied in (see _lend)
+        if lend:
+            self._lend()
         self.on_event = on_event
         self.timeout = timeout
         self.label = label
@@ -962,6 +968,29 @@ class Job:
             shipped.buffers,
         )
         self._exit_without_worker("error", f"{type(exc).__name__}: {exc}")
+
+    def _lend(self) -> None:
+        """Keep large input buffers here: the worker makes room and this process copies them in.
+
+        The other way, through a shared segment, costs a copy into it here and
+        then the worker mapping it page by page: shared memory gets 4 KiB
+        pages, so a fresh process faults in 100,000 of them for 400 MB, more
+        than the copy itself. Copied straight into the worker's own memory
+        (:func:`nbisolate.ship.place`, huge pages there) it is one copy, the
+        run message stays small enough to be queued before the fork, and no
+        segment is held here. Only for a cell the kernel waits on: the buffers
+        are the notebook's own objects, read while the worker starts, and a
+        ``--bg`` cell's notebook runs on meanwhile and may change them.
+        """
+        if sum(memoryview(b).nbytes for b in self.buffers) < SHM_THRESHOLD:
+            return
+        from . import ship
+
+        if ship.pull_spans(self.buffers) is None:  # not contiguous, or no process_vm_writev
+            return
+        sizes = [memoryview(b).nbytes for b in self.buffers]
+        self.payload = dict(self.payload, lend={"sizes": sizes})
+        self._lent, self.buffers = self.buffers, []
 
     def _queue_run(self, sock: socket.socket) -> None:
         """Put a small ``run`` message into the channel now, before the worker is asked for.
@@ -1275,6 +1304,7 @@ class _Supervision:
         job = self.job
         with job._wake_lock:
             job._closed = True
+        job._lent = []
         Job._close_fds(self.out_r, self.err_r, job._wake_r, job._wake_w, self.exit_fd)
         if self.waiter is not None:
             Job._close_fds(*self.waiter)
@@ -1443,6 +1473,9 @@ class _Supervision:
             return False
         if kind == "forked":  # the template's note, when nobody read it (never an event)
             return True
+        if kind == MSG_PLACE:
+            self.place_inputs(body)
+            return True
         if kind in (MSG_RESULT, MSG_ERROR):
             if self.reason is None:
                 if kind == MSG_RESULT and isinstance(body, dict) and "pull" in body:
@@ -1459,6 +1492,35 @@ class _Supervision:
         else:
             self.job._emit(kind, body, buffers)
         return True
+
+    def place_inputs(self, body: dict[str, Any]) -> None:
+        """Copy the lent inputs into the room the worker made for them (else send them along).
+
+        Whatever happens, the worker gets one ``inputs`` answer and this
+        process lets go of the buffers. When the copy cannot be made (no
+        ``process_vm_writev``, a policy that forbids it, no room in the
+        worker) they go with the answer, the usual way.
+        """
+        from . import ship
+
+        lent, self.job._lent = self.job._lent, []
+        spans = body.get("spans") if isinstance(body, dict) else None
+        placed = False
+        if spans is not None:
+            try:
+                ship.place(self.proc.pid, spans, lent)
+                placed = True
+            except OSError:
+                pass
+        try:
+            if placed:
+                self.chan.send(MSG_INPUTS, {"placed": True})
+            else:
+                if self.arena is None and sum(memoryview(b).nbytes for b in lent) >= SHM_THRESHOLD:
+                    self.arena = _arenas.take()
+                self.chan.send(MSG_INPUTS, {"placed": False}, lent, arena=self.arena)
+        except OSError:
+            pass  # the worker is gone: its exit says how
 
     def pull_result(self, body: dict[str, Any]) -> list[Any] | None:
         """Copy a large result's buffers straight out of the waiting worker, then answer it.

@@ -42,7 +42,9 @@ from . import display_worker, pools, proctree
 from .protocol import (
     CHANNEL_LOST,
     MSG_ERROR,
+    MSG_INPUTS,
     MSG_PHASE,
+    MSG_PLACE,
     MSG_RESULT,
     MSG_RUN,
     MSG_STREAM,
@@ -870,6 +872,31 @@ def rehearse() -> None:
     error_body(ValueError("rehearsal"))
 
 
+def _borrow(chan: Channel, sizes: list[int]) -> list[Any]:
+    """The inputs' large buffers, which the kernel kept: room made here, and the kernel copies them in.
+
+    Before the watchdog owns the channel's incoming side, so the answer is
+    read as a frame: ``placed``, or the buffers themselves when the kernel
+    could not write into this process. No room here (``MemoryError``) asks
+    for them the usual way, where the same shortage is reported as the
+    inputs' error.
+    """
+    from . import ship
+
+    try:
+        views, spans = ship.room(sizes)
+    except MemoryError:
+        views, spans = [], None
+    try:
+        chan.send(MSG_PLACE, {"spans": spans})
+        kind, body, buffers = chan.recv()
+    except (ChannelClosed, OSError):
+        os._exit(0)  # the kernel went away before the cell could start
+    if kind != MSG_INPUTS:
+        os._exit(2)
+    return views if body.get("placed") else buffers
+
+
 def main(fd: int) -> None:
     """Entry point of a worker process; ``fd`` is the worker's end of the socketpair."""
     prepare()  # a no-op in a spare, which did it while waiting
@@ -881,6 +908,8 @@ def main(fd: int) -> None:
         os._exit(0)
     if kind != MSG_RUN:
         os._exit(2)
+    if "lend" in job:
+        buffers = _borrow(chan, job.pop("lend")["sizes"])
     chan.hold_until = time.monotonic() + chan.HOLD_SECONDS
     assert _watchdog is not None
     _watchdog.arm(chan, job.get("kernel_pid"))

@@ -154,4 +154,4 @@ def test_every_kind_a_worker_sends_is_in_the_protocol():
     sent = _kinds_sent(worker.__file__) | _kinds_sent(display_worker.__file__)
     assert {"stream", "phase", "result", "error", "sysexit", "display", "clear_output"} <= sent
     assert sent <= set(protocol.KINDS), sorted(sent - set(protocol.KINDS))
-    assert _kinds_sent(supervisor.__file__) & set(protocol.KINDS) == {protocol.MSG_RUN}
+    assert _kinds_sent(supervisor.__file__) & set(protocol.KINDS) == {protocol.MSG_RUN, protocol.MSG_INPUTS}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import pickle
@@ -157,7 +158,7 @@ def test_dill_fallback_reimports_local_modules_and_keeps_arrays_out_of_band(tmp_
 
 
 class _Fragile:
-    """Rebuilding raises when ``fail`` is set on the class: a result the kernel cannot take."""
+    """Rebuilding raises inside ``with _Fragile.failing():``: a result the kernel cannot take."""
 
     fail = False
 
@@ -165,6 +166,15 @@ class _Fragile:
         if type(self).fail:
             raise ValueError("cannot rebuild here")
         self.__dict__.update(state)
+
+    @classmethod
+    @contextlib.contextmanager
+    def failing(cls):
+        cls.fail = True
+        try:
+            yield
+        finally:
+            cls.fail = False
 
 
 def test_a_value_that_cannot_be_rebuilt_is_named_and_the_rest_loads():
@@ -175,20 +185,13 @@ def test_a_value_that_cannot_be_rebuilt_is_named_and_the_rest_loads():
     fragile.data = np.zeros(100_000)  # its own buffer, never consumed by the failed load
     s = ship.dumps({"first": first, "fragile": fragile, "after": after, "shared": first})
     failed: dict[str, BaseException] = {}
-    _Fragile.fail = True
-    try:
+    with _Fragile.failing():
         out = ship.loads(s.names, s.data, s.buffers, s.engine, starts=s.starts, failed=failed)
-    finally:
-        _Fragile.fail = False
     assert list(failed) == ["fragile"] and "cannot rebuild here" in str(failed["fragile"])
     np.testing.assert_array_equal(out["after"], after)
     assert out["shared"] is out["first"]  # the memo survives the failure
-    with pytest.raises(ValueError):
-        _Fragile.fail = True
-        try:
-            ship.loads(s.names, s.data, s.buffers, s.engine)
-        finally:
-            _Fragile.fail = False
+    with pytest.raises(ValueError), _Fragile.failing():
+        ship.loads(s.names, s.data, s.buffers, s.engine)
 
 
 def test_a_value_sharing_objects_with_one_that_failed_says_so():
@@ -198,11 +201,8 @@ def test_a_value_sharing_objects_with_one_that_failed_says_so():
     fragile = [part, inner]  # inner is written after the part whose rebuilding raises
     s = ship.dumps({"fragile": fragile, "later": inner, "plain": 5})
     failed: dict[str, BaseException] = {}
-    _Fragile.fail = True
-    try:
+    with _Fragile.failing():
         out = ship.loads(s.names, s.data, s.buffers, s.engine, starts=s.starts, failed=failed)
-    finally:
-        _Fragile.fail = False
     assert out == {"plain": 5}
     assert list(failed) == ["fragile", "later"]
     assert "shares objects with 'fragile'" in str(failed["later"])
@@ -272,3 +272,52 @@ def test_pull_says_why_it_cannot_read():
     with pytest.raises(OSError) as bad:
         ship.pull(os.getpid(), [(8, 4096)])  # not memory of that process
     assert bad.value.errno == errno.EFAULT
+
+
+def test_split_cuts_a_large_copy_into_two_halves_at_huge_page_boundaries():
+    mb = 1 << 20
+    todo = [(1000 * mb, 5000 * mb, 3 * mb), (2000 * mb, 6000 * mb, 200 * mb), (3000 * mb, 7000 * mb, 1)]
+    first, second = ship._split(todo)
+    segments = first + second
+    assert sum(n for _, _, n in segments) == sum(n for _, _, n in todo)
+    assert abs(sum(n for _, _, n in first) - sum(n for _, _, n in second)) <= 4 * mb
+    cut = [(d, s, n) for d, s, n in segments if d >= 2000 * mb and d < 3000 * mb]
+    assert len(cut) == 2 and cut[0][2] % (2 * mb) == 0  # the big one, cut on a 2 MiB boundary
+    assert cut[1][0] - cut[0][0] == cut[0][2] == cut[1][1] - cut[0][1]  # both sides advance alike
+    assert ship._split([(0, 0, 4096)]) == [[(0, 0, 4096)]]  # too small to cut: one part
+
+
+def test_place_writes_buffers_into_room_another_process_made():
+    """The input side: a child makes room, this process copies into it (over the size two
+    threads share, and small buffers beside), and the child reads exactly what was sent."""
+    import os
+    import pickle
+
+    sent = [np.arange(9_000_000, dtype=np.float64), b"small bytes", np.full(7, 3, dtype=np.int8)]
+    to_child_r, to_child_w = os.pipe()
+    to_parent_r, to_parent_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: room, then wait to be written into, then check
+        try:
+            views, spans = ship.room([memoryview(b).nbytes for b in sent])
+            os.write(to_parent_w, pickle.dumps(spans))
+            os.read(to_child_r, 1)
+            ok = (
+                np.frombuffer(views[0], dtype=np.float64)[-1] == 8_999_999
+                and bytes(views[1]) == b"small bytes"
+                and list(np.frombuffer(views[2], dtype=np.int8)) == [3] * 7
+            )
+            os._exit(0 if ok else 3)
+        except BaseException:
+            os._exit(4)
+    try:
+        spans = pickle.loads(os.read(to_parent_r, 1 << 16))
+        ship.place(pid, spans, sent)
+        with pytest.raises(OSError):  # a buffer larger than the room made for it
+            ship.place(pid, [(spans[1][0], 3)], [b"too long"])
+    finally:
+        os.write(to_child_w, b"x")
+        _, status = os.waitpid(pid, 0)
+        for fd in (to_child_r, to_child_w, to_parent_r, to_parent_w):
+            os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -147,6 +147,62 @@ def test_a_kernel_that_may_not_read_its_worker_gets_results_through_shared_memor
 
 
 
+_WHERE_IN_WORKER = (
+    "def _where(a):\n"
+    "    address = a.__array_interface__['data'][0]\n"
+    "    for line in open('/proc/self/maps'):\n"
+    "        start, end = (int(x, 16) for x in line.split()[0].split('-'))\n"
+    "        if start <= address < end:\n"
+    "            return line.strip()\n"
+)
+
+
+def test_large_inputs_are_copied_into_the_workers_own_memory(kernel):
+    """Large inputs of a cell the kernel waits on are written straight into private memory
+    of the worker (no shared segment): exact bytes, writable, several buffers large and
+    small (one over the size that two threads copy), identity kept, nothing left behind."""
+    kernel.run(
+        "import numpy as np\nhuge = np.random.rand(9_000_000)\nmid = np.arange(300_000)\n"
+        "tiny = np.arange(10)\npair = (mid, mid)\nsums = (float(huge.sum()), int(mid.sum()))"
+    )
+    shm_before = shm_names()
+    res = kernel.run(
+        "%%isolate\n" + _WHERE_IN_WORKER + "seen = (float(huge.sum()), int(mid.sum()))\n"
+        "where = _where(huge)\nsame = pair[0] is pair[1] and pair[0] is mid\n"
+        "huge[0] = -1.0\nwritable = bool(huge[0] == -1.0)\ntail = int(tiny[-1])"
+    )
+    assert res.ok, res.error_text
+    assert kernel.value("seen == sums") is True
+    where = kernel.value("where")
+    assert "memfd" not in where and "/dev/shm" not in where, where
+    assert kernel.value("(writable, tail, same)") == (True, 9, True)
+    assert kernel.value("float(huge[0]) != -1.0") is True  # the notebook's array is untouched
+    assert not new_shm(shm_before)
+
+
+def test_inputs_travel_through_shared_memory_where_the_kernel_may_not_write_into_its_worker(kernel):
+    """Where the copy into the worker is refused (a ptrace policy, a seccomp profile; this
+    kernel's user may, so the refusal is made to happen here), the buffers go with the
+    answer through shared memory, and the cell sees the same inputs."""
+    kernel.run(
+        "import errno, numpy as np\nimport nbisolate.ship as _ship\n_real_place = _ship.place\n"
+        "def _refused(pid, spans, buffers):\n"
+        "    raise PermissionError(errno.EPERM, 'Operation not permitted')\n"
+        "_ship.place = _refused\nrefused_in = np.arange(2_000_000)"
+    )
+    shm_before = shm_names()
+    try:
+        res = kernel.run(
+            "%%isolate\n" + _WHERE_IN_WORKER + "last = int(refused_in[-1])\nwhere = _where(refused_in)"
+        )
+        assert res.ok, res.error_text
+        assert kernel.value("last") == 1_999_999
+        assert "memfd:nbisolate" in kernel.value("where")
+    finally:
+        kernel.run("_ship.place = _real_place\ndel refused_in")
+    assert not new_shm(shm_before)
+
+
 def test_a_rebound_result_frees_its_memory_at_once(kernel):
     """Rebinding a large result frees the old one's pages right away: nothing of the run
     that brought it (kept until the cyclic GC finds it) holds them, so the kernel never

@@ -87,4 +87,7 @@ class LocalBackend:
             # already carries its imports, so a capped cell gets a new interpreter
             # (exec'd by the template, which still kills it if the kernel dies).
             fresh=options.mem is not None,
+            # Large inputs are copied straight into the worker (Job._lend) for a cell the
+            # kernel waits on, and not under --mem, whose cap counts shared inputs apart.
+            lend=not options.background and options.mem is None,
         )
