@@ -194,7 +194,7 @@ class Shipment:
     value (both list only variables that have any), ``references`` the name a
     by-reference variable is looked up by. :attr:`travel` gathers them per
     variable and :attr:`how` gives the routes as short labels (``pickle``,
-    ``pickle + shared memory``, ``by reference``, ``by value``,
+    ``pickle + direct copy``, ``by reference``, ``by value``,
     ``module (re-imported)``, ``dill``), both built on first
     use, off the per-cell path. Shared memory is decided from the whole
     shipment's buffers exactly as :meth:`nbisolate.wire.Channel.send` decides
@@ -221,8 +221,8 @@ class Shipment:
         return len(self.data) + sum(b.nbytes for b in self.buffers)
 
     @property
-    def shared_memory(self) -> bool:
-        """True when the local channel sends these buffers through a memfd, not the socket."""
+    def large_buffers(self) -> bool:
+        """True when the buffers do not go through the socket (a direct copy, or a memfd)."""
         return HAVE_MEMFD and sum(b.nbytes for b in self.buffers) >= SHM_THRESHOLD
 
     def label(self, name: str) -> str | None:
@@ -294,7 +294,7 @@ def _attempt(
     Each value's route is noted as it is written: :func:`nbisolate.travel.route`
     of the value (the call the fast pickler itself makes for modules,
     functions and classes), ``DILL`` for a value only dill could write
-    (:class:`_ByDill`), and ``SHARED_MEMORY`` for values with buffers once the
+    (:class:`_ByDill`), and ``DIRECT_COPY`` for values with buffers once the
     total is known.
     """
     file = io.BytesIO()
@@ -334,7 +334,7 @@ def _attempt(
     if raw and HAVE_MEMFD and sum(oob.values()) >= SHM_THRESHOLD:  # as wire.Channel.send decides
         for name in oob:
             if routes[name] is _PICKLE:
-                routes[name] = _SHARED_MEMORY
+                routes[name] = _DIRECT_COPY
     shipment = Shipment(
         names=list(names),
         data=file.getvalue(),
@@ -354,7 +354,7 @@ def _attempt(
 # Members read once (an enum member lookup costs ~50 ns), and the types whose
 # route is PICKLE without asking: the per-cell path runs through here.
 _MODULE, _PICKLE, _DILL, _BY_VALUE = Route.MODULE, Route.PICKLE, Route.DILL, Route.BY_VALUE
-_REFERENCE, _SHARED_MEMORY = Route.REFERENCE, Route.SHARED_MEMORY
+_REFERENCE, _DIRECT_COPY = Route.REFERENCE, Route.DIRECT_COPY
 _ModuleType, _BuiltinType, _FunctionType = (
     types.ModuleType, types.BuiltinFunctionType, types.FunctionType
 )
@@ -568,7 +568,7 @@ def loads(
     return out
 
 
-# -- results read straight out of the worker ------------------------------------------------
+# -- large buffers copied straight between the kernel and a worker ----------------------------
 #
 # A large result used to travel the way inputs do: the worker copied its buffers into a
 # fresh memfd and the kernel mapped it. Measured on 400 MB, that costs ten times the
@@ -583,6 +583,11 @@ def loads(
 # the worker, which may exit at once. Where the kernel may not read the worker (a
 # seccomp profile, a ptrace policy) it answers ``PULL_RESEND`` and the buffers come
 # through shared memory as before.
+#
+# Inputs are the mirror image (:func:`room`, :func:`place`): the new worker makes room in
+# its own memory and the kernel writes the buffers in. The kernel writes rather than the
+# worker reads because a process may always write into its descendants, while reading an
+# ancestor is refused under Yama's ``ptrace_scope`` 1 (Ubuntu's default).
 
 PULL_TAKEN = b"T"
 """The kernel's answer on the channel: it copied the buffers; the worker may go on and exit."""

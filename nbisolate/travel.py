@@ -22,16 +22,18 @@ The routes, and the CPython/pickle behaviour behind each:
     must lead back to the very same object). Builtin functions always reduce to
     a name, and so do importable ``typing.TypeVar``/``ParamSpec``/``TypeVarTuple``
     objects and the members of an importable ``Enum``.
-``PICKLE`` / ``SHARED_MEMORY``
+``PICKLE`` / ``DIRECT_COPY``
     Everything else takes the C pickler's own path (``__reduce_ex__(5)``).
     Objects that support protocol 5 (numpy arrays, pandas blocks) hand their
     memory to ``buffer_callback`` as out-of-band buffers instead of copying it
     into the stream. When a shipment's buffers add up to
-    :data:`nbisolate.wire.SHM_THRESHOLD` or more and the system has
-    ``memfd_create``, :class:`nbisolate.wire.Channel` sends them through one
-    shared anonymous memfd instead of the socket: such a value is labelled
-    ``SHARED_MEMORY``. That depends on the whole shipment, so it is decided
-    after serialization (``Shipment.routes``), never guessed per value.
+    :data:`nbisolate.wire.SHM_THRESHOLD` or more (on Linux), they do not go
+    through the socket: the kernel copies them straight into the worker's
+    memory (:func:`nbisolate.ship.place`), or they go through one shared
+    anonymous memfd where that copy is refused or the notebook runs on
+    (``--bg``): such a value is labelled ``DIRECT_COPY``. That depends on the
+    whole shipment, so it is decided after serialization
+    (``Shipment.routes``), never guessed per value.
 ``BY_VALUE``
     What a fresh interpreter cannot find by name -- a function or class
     defined in the notebook (``__main__``), a lambda, a closure, a class made
@@ -66,7 +68,7 @@ class Route(str, enum.Enum):
     MODULE = "module (re-imported)"
     REFERENCE = "by reference"
     PICKLE = "pickle"
-    SHARED_MEMORY = "pickle + shared memory"
+    DIRECT_COPY = "pickle + direct copy"
     BY_VALUE = "by value"
     DILL = "dill"
 
@@ -219,7 +221,7 @@ class Travel(NamedTuple):
 
     @property
     def label(self) -> str:
-        """Short text for a table: ``pickle + shared memory``, ``by value``..."""
+        """Short text for a table: ``pickle + direct copy``, ``by value``..."""
         return LABELS[self.route]
 
 

@@ -22,10 +22,10 @@ copied into an anonymous ``memfd`` whose descriptor travels with the message
 anonymous memfd has no name in ``/dev/shm``, so a crash on either side cannot
 leak a segment: the memory is gone when the last mapping is.  The sender may
 pass an :class:`Arena` it keeps warm between messages, so the copy runs at
-memory speed instead of paying page faults every time. Large *results* take
-another way (:func:`nbisolate.ship.pull`: the kernel copies them straight out
-of the waiting worker); the memfd carries inputs, errors and that path's
-fallback.
+memory speed instead of paying page faults every time. Large inputs and
+results of a cell the kernel waits on take another way (:func:`nbisolate.ship.place`
+and :func:`nbisolate.ship.pull`: the kernel copies them straight into or out of
+the worker); the memfd carries errors, ``--bg`` inputs and those paths' fallback.
 
 This module is shared by the worker and imports only the standard library.
 """

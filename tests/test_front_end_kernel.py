@@ -1,8 +1,8 @@
 """What the front end shows says things once, about the user's code, and truly.
 
 %pickle_check never walks into the kernel's own objects; the output of processes an
-interrupted cell started is labelled as theirs; a large array says it travels through
-shared memory, as it does.
+interrupted cell started is labelled as theirs; a large array says its buffers are
+copied directly, as they are.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def test_output_of_an_interrupted_subprocess_is_labelled_as_its_own(fresh_kernel
     assert wait_until(lambda: k.value("1") == 1, 10)
 
 
-def test_a_large_array_says_it_travels_through_shared_memory(kernel):
+def test_a_large_array_says_it_travels_by_direct_copy(kernel):
     kernel.run("import numpy as np\nbig = np.ones(15 * 2**20 // 8)")
     res = kernel.run("%%isolate\ntotal = float(big.sum())")
     html = "".join(
@@ -50,4 +50,4 @@ def test_a_large_array_says_it_travels_through_shared_memory(kernel):
         if m["msg_type"] in ("display_data", "update_display_data")
     )
     row = html.split("data-name='big'", 1)[1].split("</tr>", 1)[0]
-    assert "shared memory" in row, row
+    assert "direct copy" in row, row

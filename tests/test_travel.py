@@ -86,17 +86,17 @@ def test_a_reference_names_what_it_is_looked_up_by() -> None:
 
 
 @pytest.mark.skipif(not HAVE_MEMFD, reason="shared memory needs memfd_create")
-def test_a_15_mb_array_says_shared_memory_because_the_channel_sends_it_that_way() -> None:
+def test_a_15_mb_array_says_direct_copy_because_its_buffers_skip_the_socket() -> None:
     big = np.zeros(15 * 2**20 // 8)
     s = ship.dumps({"big": big, "small": [1, 2]})
-    assert s.shared_memory and sum(b.nbytes for b in s.buffers) >= SHM_THRESHOLD
-    assert s.how == {"big": "pickle + shared memory", "small": "pickle"}
+    assert s.large_buffers and sum(b.nbytes for b in s.buffers) >= SHM_THRESHOLD
+    assert s.how == {"big": "pickle + direct copy", "small": "pickle"}
     assert s.travel["big"].buffer_bytes == big.nbytes
 
 
 def test_arrays_under_the_threshold_go_through_the_socket() -> None:
     s = ship.dumps({"a": np.zeros(SHM_THRESHOLD // 8 // 4)})
-    assert not s.shared_memory and s.how["a"] == "pickle"
+    assert not s.large_buffers and s.how["a"] == "pickle"
     assert s.travel["a"].buffer_bytes == SHM_THRESHOLD // 4
 
 
