@@ -1,4 +1,4 @@
-"""Big data through a real kernel: shared memory both ways, nothing left behind."""
+"""Big data through a real kernel: copied straight both ways (shared memory where refused), nothing left behind."""
 
 from __future__ import annotations
 
