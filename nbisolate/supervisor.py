@@ -982,13 +982,13 @@ class Job:
         are the notebook's own objects, read while the worker starts, and a
         ``--bg`` cell's notebook runs on meanwhile and may change them.
         """
-        if sum(memoryview(b).nbytes for b in self.buffers) < SHM_THRESHOLD:
+        sizes = [memoryview(b).nbytes for b in self.buffers]
+        if sum(sizes) < SHM_THRESHOLD:
             return
         from . import ship
 
         if ship.pull_spans(self.buffers) is None:  # not contiguous, or no process_vm_writev
             return
-        sizes = [memoryview(b).nbytes for b in self.buffers]
         self.payload = dict(self.payload, lend={"sizes": sizes})
         self._lent, self.buffers = self.buffers, []
 
