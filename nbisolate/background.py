@@ -21,7 +21,8 @@ namespace taken when the cell ran (a queued job does not see later
 assignments), and the results are bound when the job ends, between or during
 other cells.  A name the notebook changed meanwhile (assigned or deleted since
 the cell ran) keeps the notebook's newer value: the job's value stays in
-``job.result()`` and a line under the job's cell names each such name.
+``job.result()`` and a line under the job's cell names each such name.  A name
+the cell deleted (``del tmp``) is deleted in the notebook too, by the same rule.
 
 **Limits.** At most :data:`settings` ``["bg_limit"]`` jobs run at once (default:
 the number of cores); the others wait, shown as ``queued``.  Unloading the
@@ -71,6 +72,8 @@ class Job:
     unless the notebook changed that name (assigned or deleted it) since the
     cell ran; the notebook's newer value then wins, the job's value stays in
     ``job.result()``, and ``job.kept`` plus a line under the cell name it.
+    A name the cell deleted is deleted in the notebook (``job.deleted``) unless
+    the notebook assigned it since (``job.kept_deleted``).
     """
 
     def __init__(
@@ -92,6 +95,8 @@ class Job:
         self.values: dict[str, Any] = {}
         self.bound: list[str] = []
         self.kept: list[str] = []
+        self.deleted: list[str] = []  # names the cell deleted (`del name`), deleted here too
+        self.kept_deleted: list[str] = []  # ...but assigned by the notebook meanwhile: kept
         self.error: BaseException | None = None
         self._stop_asked = False
         self._event: asyncio.Event | None = None
@@ -461,6 +466,16 @@ class _Table:
                 job.bound.append(name)
             else:
                 job.kept.append(name)
+        # `del name` in the cell (the run took it out of the job's copy): out of the notebook
+        # too, under the same rule: a name the notebook assigned meanwhile keeps its value.
+        for name in [n for n in before if n not in scratch]:
+            if name not in ns:
+                continue
+            if ns[name] is job._start.get(name, _MISSING):
+                del ns[name]
+                job.deleted.append(name)
+            else:
+                job.kept_deleted.append(name)
 
 
 def _stopped_before_start(job: Job) -> KeyboardInterrupt:
@@ -547,6 +562,13 @@ def _show_end(job: Job) -> None:
     parts = [f"nbisolate: background job {job.id} done at {_stamp(job.ended)} "
              f"after {fmt_seconds(job.elapsed())}"]
     parts.append("; bound " + ", ".join(job.bound) if job.bound else "; bound nothing")
+    if job.deleted:
+        parts.append("; deleted " + ", ".join(job.deleted))
+    if job.kept_deleted:
+        parts.append(
+            f"; did not delete {', '.join(job.kept_deleted)}: the notebook assigned "
+            f"{'it' if len(job.kept_deleted) == 1 else 'them'} while the job ran"
+        )
     if job.kept:
         parts.append(
             f"; kept the notebook's newer {', '.join(job.kept)} (changed while the job ran): "

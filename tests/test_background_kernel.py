@@ -157,6 +157,28 @@ def test_the_notebooks_newer_value_is_kept_and_named(kernel: Kernel) -> None:
     assert "kept the notebook's newer clash" in end
 
 
+def test_a_name_the_job_deletes_is_deleted_unless_the_notebook_assigned_it(kernel: Kernel) -> None:
+    """``del`` in a --bg cell means what it means in a foreground one, under the same rule
+    as its results: a name the notebook assigned while the job ran keeps the newer value."""
+    others: list[dict[str, Any]] = []
+    kernel.run("scratch = [1]\nreassigned = 'old'\nuntouched = 3")
+    bg = start_bg(
+        kernel,
+        "%%isolate --bg\nimport time\ntotal = len(scratch) + untouched\ntime.sleep(1.5)\n"
+        "del scratch, reassigned\n",
+        others,
+    )
+    execute(kernel, "reassigned = 'new'", others)
+    execute(kernel, "job = _", others)
+    execute(kernel, "%isolate_wait", others)
+    drain(kernel, others)
+    assert kernel.value("'scratch' in dir()") is False
+    assert kernel.value("(reassigned, untouched, total)") == ("new", 3, 4)
+    assert kernel.value("(job.deleted, job.kept_deleted)") == (["scratch"], ["reassigned"])
+    end = text_of(of(others, bg, "display_data"))
+    assert "deleted scratch" in end and "did not delete reassigned" in end
+
+
 def test_handle_await_wait_and_result(kernel: Kernel) -> None:
     others: list[dict[str, Any]] = []
     start_bg(kernel, "%%isolate --bg\nimport time\ntime.sleep(1.5)\nawaited = [1, 2]\n", others)
