@@ -678,17 +678,88 @@ def _private(n: int) -> Any:
     return mm
 
 
-def room(sizes: Sequence[int]) -> tuple[list[memoryview], list[tuple[int, int]]]:
-    """Fresh memory here for buffers of ``sizes``: the views, and where each is (for :func:`place`).
+class Ready:
+    """Room for a coming cell's large inputs, made and faulted in before the cell arrives.
 
-    Each buffer of a megabyte or more gets a private anonymous mapping of its
-    own (freed when the last view of it goes, so dropping one value frees its
-    memory), the small ones share one ``bytearray``. Raises ``MemoryError``
-    when there is no room.
+    Copying into fresh memory costs the page faults that zero it as well as
+    the copy: measured on 400 MB, 1.5-2.5x a warm ``memcpy``, against 1.1-1.5x
+    into memory faulted in already. A worker waiting for its cell has time for
+    the faults (:meth:`fault_some`, a piece at a time, so a cell that arrives
+    meanwhile waits for one piece at most); memory not faulted in yet is
+    still room, just slower to copy into. :func:`room` uses it when the
+    cell's large buffers fit, and frees what they do not use.
+    """
+
+    STEP = 16 << 20
+
+    def __init__(self, nbytes: int) -> None:
+        self.size = _round_up(int(nbytes), 2 << 20)
+        self.map: Any = _private(self.size)
+        self.faulted = 0
+
+    def fault_some(self) -> bool:
+        """Fault in the next piece; False once all of it is in (or the system cannot be asked to)."""
+        if self.map is None or self.faulted >= self.size:
+            return False
+        step = min(self.STEP, self.size - self.faulted)
+        try:
+            self.map.madvise(_MADV_POPULATE_WRITE, self.faulted, step)
+        except (OSError, ValueError):  # before Linux 5.14: the copy faults them in instead
+            self.faulted = self.size
+            return False
+        self.faulted += step
+        return self.faulted < self.size
+
+    def carve(self, sizes: Sequence[int]) -> list[memoryview] | None:
+        """Views for buffers of ``sizes`` (page-aligned, in order), None when they do not fit."""
+        if self.map is None:
+            return None
+        offsets, end = [], 0
+        for n in sizes:
+            offsets.append(end)
+            end += _round_up(int(n), _PAGE)
+        if end > self.size:
+            return None
+        whole = memoryview(self.map)
+        views = [whole[o : o + int(n)] for o, n in zip(offsets, sizes, strict=True)]
+        if end < self.size:
+            try:
+                self.map.madvise(mmap.MADV_DONTNEED, end, self.size - end)  # the rest goes back
+            except (OSError, ValueError, AttributeError):
+                pass
+        self.map = None  # the views keep the mapping now
+        return views
+
+    def release(self) -> None:
+        if self.map is not None:
+            self.map.close()
+            self.map = None
+
+
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+; not in the mmap module's constants
+
+
+def _round_up(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+def room(sizes: Sequence[int], ready: Ready | None = None) -> tuple[list[memoryview], list[tuple[int, int]]]:
+    """Memory here for buffers of ``sizes``: the views, and where each is (for :func:`place`).
+
+    The large buffers take ``ready`` when they fit in it (what they leave of
+    it is freed; it is released when they do not fit). Otherwise each buffer
+    of a megabyte or more gets a fresh private mapping of its own (freed
+    when the last view of it goes, so dropping one value frees its memory).
+    The small ones share one ``bytearray``. Raises ``MemoryError`` when
+    there is no room.
     """
     import ctypes
 
     sizes = [int(n) for n in sizes]
+    large = [n for n in sizes if n >= _SMALL]
+    carved = ready.carve(large) if ready is not None and large else None
+    if ready is not None:
+        ready.release()  # unused (or carved: then a no-op)
     pool_view = memoryview(bytearray(sum(n for n in sizes if n < _SMALL)))
     out: list[memoryview] = []
     pos = 0
@@ -697,6 +768,8 @@ def room(sizes: Sequence[int]) -> tuple[list[memoryview], list[tuple[int, int]]]
             if n < _SMALL:
                 out.append(pool_view[pos : pos + n])
                 pos += n
+            elif carved:
+                out.append(carved.pop(0))
             else:
                 out.append(memoryview(_private(n)))
     except (OSError, ValueError) as exc:

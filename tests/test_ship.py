@@ -321,3 +321,20 @@ def test_place_writes_buffers_into_room_another_process_made():
         for fd in (to_child_r, to_child_w, to_parent_r, to_parent_w):
             os.close(fd)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_room_takes_memory_made_ready_ahead_when_the_buffers_fit():
+    ready = ship.Ready(5 << 20)
+    while ready.fault_some():
+        pass
+    assert ready.faulted == ready.size == 6 << 20  # rounded up to whole huge pages
+    views, spans = ship.room([3 << 20, 100, (1 << 20) + 1], ready)
+    assert [v.nbytes for v in views] == [3 << 20, 100, (1 << 20) + 1]
+    assert spans[2][0] - spans[0][0] == 3 << 20  # both large ones in the ready mapping, page-aligned
+    assert ready.map is None  # the views hold it now
+    views[2][:4] = b"abcd"
+    assert bytes(views[2][:4]) == b"abcd"
+
+    small = ship.Ready(2 << 20)
+    views, spans = ship.room([3 << 20], small)  # does not fit: fresh memory, and the ready one freed
+    assert views[0].nbytes == 3 << 20 and small.map is None
