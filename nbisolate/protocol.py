@@ -30,6 +30,7 @@ MSG_RESULT = "result"
 MSG_ERROR = "error"
 MSG_PLACE = "place"
 MSG_INPUTS = "inputs"
+MSG_VALUES = "values"
 
 KINDS: dict[str, str] = {
     MSG_RUN: "kernel -> worker, once, first: the job (RunPayload) and the inputs' buffers",
@@ -49,6 +50,10 @@ KINDS: dict[str, str] = {
     "answers with inputs",
     MSG_INPUTS: "kernel -> worker, the answer to place: {placed: True} when the buffers are in the "
     "worker's memory, else {placed: False} with the buffers themselves",
+    MSG_VALUES: "a sweep's leader -> kernel: a batch of its children's messages, a list of "
+    "(index, kind, body, number of buffers) with every buffer after it in order; kind is a "
+    "worker kind (phases are left out) or started (body: pid), dropped or exit (bodies as the "
+    "events'); a child's result/error goes without its pull, and its exit only when no outcome came",
 }
 """Every kind a worker's channel carries, with its sender and its body."""
 

@@ -52,6 +52,13 @@ from .units import short_repr
 from .wait import wait_async, wait_sync
 
 MAX_VALUES = 10_000
+LEADER_FROM = 8
+"""A local sweep of this many values or more runs them under one leader worker
+(:mod:`nbisolate.sweep_leader`), which forks a child per value; fewer values
+(and ``--mem``) get a worker each from the template, one run per value."""
+PROGRESS_SECONDS = 0.1
+"""A leader's sweep draws its progress at most this often, not once per value."""
+_LEADER = -1  # the index of the leader's own events in the wait's queue
 
 
 class SweepError(IsolateError):
@@ -230,6 +237,17 @@ class _Soon:
         return self.backend.start_soon(launch, deliver, held=self.held)
 
 
+class _LeaderBackend:
+    """The local backend as seen by a leader's launch: one worker for every value."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self.name = backend.name
+
+    def start(self, launch: Any, deliver: Callable[[Event], None]) -> Any:
+        return self.backend.start_sweep(launch, deliver)
+
+
 class Sweep:
     """Runs the cell of ``template`` (a :class:`CellRun`, never run itself) once per value of ``NAME``.
 
@@ -267,6 +285,11 @@ class Sweep:
         self._started: set[int] = set()
         self._t0 = 0.0
         self.seconds = 0.0
+        self.leader: Any = None  # the leader's handle, when one worker forks every value
+        self._leader_error: Event | None = None
+        self._leader_over = False
+        self._progress_at = 0.0
+        self._latest: tuple[int, str] | None = None
 
     @property
     def listeners(self) -> list[Callable[[Event], None]]:
@@ -484,11 +507,134 @@ class Sweep:
             self.prepare()
         self._t0 = time.perf_counter()
         self._put = put
+        if self._uses_leader():
+            self._start_leader(put)
+            return
         self._pending = list(range(len(self.runs)))
         self._launch()
 
+    def _uses_leader(self) -> bool:
+        """One leader worker for every value: local, no ``--mem`` (a value's cap must hold from
+        its first byte, which a fork of a leader cannot promise), and enough values."""
+        backend = self.template.backend
+        return (
+            hasattr(backend, "start_sweep")
+            and self.options.mem is None
+            and len(self.values) >= LEADER_FROM
+        )
+
+    def _start_leader(self, put: Callable[[tuple[int, Event]], None]) -> None:
+        """Ship every value (small, one by one: a value that cannot travel fails alone) and
+        start the one leader worker with them all."""
+        t = self.template
+        first = self.runs[0]
+        assert first.launch is not None and t.plan is not None
+        shared = first.shared
+        buffers: list[Any] = list(shared.buffers) if shared is not None else []
+        values: list[tuple[list[str], bytes, str, int]] = []
+        order: list[int] = []
+        for i, value in enumerate(self.values):
+            try:
+                shipped = (
+                    first.shipment
+                    if i == 0
+                    else ship.dumps({self.name: value}, main=t.main_namespace, uses=t.plan.names)
+                )
+                assert shipped is not None
+            except Exception as exc:  # this value cannot travel: it fails, the others run
+                values.append(([], b"", "pickle", 0))
+                self._settled.add(i)
+                self.errors[i] = exc
+                continue
+            values.append((shipped.names, shipped.data, shipped.engine, len(shipped.buffers)))
+            buffers.extend(shipped.buffers)
+            order.append(i)
+        for run in self.runs[1:]:
+            run.shipment = run.launch = None
+        payload = dict(first.launch.payload)
+        payload["sweep"] = {
+            "values": values,
+            "order": order,
+            "concurrency": self.concurrency,
+            "timeout": self.options.timeout,
+            "max_output": self.options.max_output,
+        }
+        launch = replace(first.launch, payload=payload, buffers=buffers, label=t.label)
+        self._running = set(order)
+        if not order:
+            self._leader_over = True
+            return
+        self.leader = backends.start_tracked(
+            _LeaderBackend(t.backend), launch, lambda event: put((_LEADER, event))
+        )
+
+    def _feed_leader(self, event: Event) -> None:
+        """What the leader says: its children's messages (demultiplexed), its own output, its end."""
+        kind = event.kind
+        if kind == "values":
+            buffers = event.buffers
+            at = 0
+            for index, what, body, count in event.data:
+                self._feed_value(index, Event(what, body, buffers[at : at + count], event.time))
+                at += count
+            event.buffers = []
+            self._draw()
+        elif kind == "stream":  # C-level output of a value's processes, to the leader's pipes
+            self.template.sink.stream(*event.data)
+        elif kind == "error":
+            self._leader_error = event
+        elif kind == "started":
+            self._notify(event)
+        elif kind == "exit":
+            self._leader_over = True
+            for i in sorted(self._running):
+                # The leader ended before this value did: it fails as the leader did, or
+                # (Stop, an interrupt) as its own run would have.
+                if self._leader_error is not None and not self.interrupted:
+                    last = Event("error", self._leader_error.data, list(self._leader_error.buffers))
+                else:
+                    last = Event("exit", dict(event.data, pid=event.data.get("pid")))
+                self._feed_value(i, last)
+            self._running.clear()
+            self._draw(force=True)
+
+    def _feed_value(self, i: int, event: Event) -> None:
+        if i in self._settled:
+            return
+        run = self.runs[i]
+        if event.kind == "started":
+            self._latest = (i, "started")
+            return
+        run.feed(event)
+        if run.busy:
+            return
+        self._running.discard(i)
+        self._settle(i, run)
+        self._latest = (i, "done" if self.ok[i] else "failed")
+
+    def _draw(self, force: bool = False) -> None:
+        """Progress, at most every PROGRESS_SECONDS (a thousand values would redraw a thousand times)."""
+        now = time.perf_counter()
+        if self._latest is None or (not force and now - self._progress_at < PROGRESS_SECONDS):
+            return
+        self._progress_at = now
+        self._progress(*self._latest)
+
+    def _settle(self, i: int, run: CellRun) -> None:
+        self._settled.add(i)
+        try:
+            self.results[i] = run.outcome()
+            self.ok[i] = True
+        except BaseException as exc:  # this value's failure; the others go on
+            self.errors[i] = exc
+        finally:
+            self.sinks[i].flush()
+
     def feed(self, item: tuple[int, Event]) -> None:
         i, event = item
+        if i == _LEADER:
+            self._feed_leader(event)
+            return
         if i in self._settled:
             return
         run = self.runs[i]
@@ -502,19 +648,14 @@ class Sweep:
         if run.busy:
             return
         self._forget(i)
-        self._settled.add(i)
-        try:
-            self.results[i] = run.outcome()
-            self.ok[i] = True
-        except BaseException as exc:  # this value's failure; the others go on
-            self.errors[i] = exc
-        finally:
-            self.sinks[i].flush()
+        self._settle(i, run)
         self._progress(i, "done" if self.ok[i] else "failed")
         self._launch()
 
     @property
     def busy(self) -> bool:
+        if self.leader is not None or self._leader_over:
+            return not self._leader_over
         return bool(self._running) or bool(self._held) or (bool(self._pending) and not self.interrupted)
 
     def tick(self) -> None:
@@ -523,6 +664,8 @@ class Sweep:
     def interrupt(self) -> None:
         self.interrupted = True
         self._pending.clear()
+        if self.leader is not None:  # its whole tree, every value's process with it
+            self.leader.stop("interrupt")
         for i in [*self._running, *self._held]:
             self.runs[i].stop("interrupt")
 

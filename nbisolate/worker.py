@@ -605,15 +605,18 @@ def _fit_result(
     return shipped, left_out
 
 
-def _run(chan: Channel, job: dict[str, Any], buffers: list[bytearray]) -> None:
+def _run(
+    chan: Channel, job: dict[str, Any], buffers: list[bytearray], main: types.ModuleType | None = None
+) -> None:
     global _stage
     from . import inplace, rng, ship
 
     t0 = time.perf_counter()
     os.chdir(job["cwd"])
     sys.path[:] = job["sys_path"]
-    main = types.ModuleType("__main__")
-    main.__dict__["__builtins__"] = __builtins__
+    if main is None:  # else a sweep leader's __main__, its shared inputs loaded, no cell run
+        main = types.ModuleType("__main__")
+        main.__dict__["__builtins__"] = __builtins__
     sys.modules["__main__"] = main
     ns = main.__dict__
     for hook in job.get("startup", ()):
@@ -913,6 +916,21 @@ def main(fd: int) -> None:
     chan.hold_until = time.monotonic() + chan.HOLD_SECONDS
     assert _watchdog is not None
     _watchdog.arm(chan, job.get("kernel_pid"))
+    if job.get("sweep") is not None:  # a sweep's leader: forks one child per value
+        from . import sweep_leader
+
+        sweep_leader.lead(chan, job, buffers)  # never returns
+    serve(chan, job, buffers)
+
+
+def serve(
+    chan: _WorkerChannel, job: dict[str, Any], buffers: list[bytearray], main: types.ModuleType | None = None
+) -> None:
+    """Run one cell on an armed channel and exit (never returns): the one run path.
+
+    A worker calls it with its job; a sweep leader's child (:mod:`nbisolate.sweep_leader`)
+    with its value's job and the leader's ``main``, whose shared inputs are loaded.
+    """
     output = _Output(chan)
     chan.output = output
     os.register_at_fork(after_in_child=output.forked)
@@ -926,7 +944,7 @@ def main(fd: int) -> None:
     code = 0
     try:
         _limit_memory(job.get("mem"))  # before the inputs load: they count against --mem
-        _run(chan, job, buffers)
+        _run(chan, job, buffers, main)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if exc.code is not None and not isinstance(exc.code, int):

@@ -66,13 +66,31 @@ class LocalBackend:
         job.start_soon(held=held)
         return job
 
+    def start_sweep(self, launch: Launch, deliver: Deliver) -> RunHandle:
+        """Start the one leader worker of a sweep (:mod:`nbisolate.sweep_leader`).
+
+        The leader forks a child per value and enforces each value's
+        ``--timeout`` itself, so its own job has no deadline; Stop and an
+        interrupt end its whole tree, every value's process with it.
+        """
+        job = self._job(launch, deliver, timeout=None)
+        try:
+            job.start()
+        except OSError as exc:
+            raise IsolateError(
+                f"could not start the worker that runs the sweep's values ({type(exc).__name__}: "
+                f"{exc}); nothing ran. Check that the working directory still exists and the "
+                "machine has free memory and process slots, then run the cell again."
+            ) from exc
+        return job
+
     def preload(self, packages: list[str]) -> None:
         """Have the template import ``packages`` before the next forks."""
         from ..supervisor import launcher
 
         launcher.preload(packages)
 
-    def _job(self, launch: Launch, deliver: Deliver) -> Job:
+    def _job(self, launch: Launch, deliver: Deliver, timeout: float | None | bool = True) -> Job:
         from ..supervisor import Job
 
         options = launch.options
@@ -80,7 +98,7 @@ class LocalBackend:
             launch.payload,
             launch.buffers,
             on_event=deliver,
-            timeout=options.timeout,
+            timeout=options.timeout if timeout is True else timeout,
             label=launch.label,
             max_output=options.max_output,
             # A memory cap must hold from the first byte: a fork of the template
