@@ -128,7 +128,12 @@ class RunPayload(_RunRequired, total=False):
     ``deletes`` the names the cell may ``del``; ``rng`` the kernel's global
     random states (:mod:`nbisolate.rng`); ``lend`` (``sizes``) says the
     inputs' large buffers did not come with the message: the worker makes
-    room for them and asks the kernel to copy them in (``place``).
+    room for them and asks the kernel to copy them in (``place``).  ``sweep``
+    makes the worker a sweep's leader (:mod:`nbisolate.sweep_leader`):
+    ``values`` (one ``(inputs, data, engine, buffers)`` shipment per value, its
+    buffers after the shared ones), ``order`` (the values to run),
+    ``concurrency``, ``timeout`` and ``max_output`` (per value) and
+    ``preload`` (modules to import once).
     """
 
     display_source: str
@@ -144,6 +149,7 @@ class RunPayload(_RunRequired, total=False):
     deletes: list[str]
     rng: dict[str, Any] | None
     lend: dict[str, list[int]]
+    sweep: dict[str, Any] | None
 
 
 class _ResultRequired(TypedDict):

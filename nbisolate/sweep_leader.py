@@ -44,6 +44,7 @@ FLUSH_SECONDS = 0.01
 FLUSH_COUNT = 256
 """A batch of this many messages goes at once."""
 _OUTCOMES = (MSG_RESULT, MSG_ERROR)
+_PR_SET_PDEATHSIG = 1
 
 
 class _Child:
@@ -76,6 +77,7 @@ class _Leader:
         self.concurrency = max(1, int(spec.get("concurrency") or 1))
         self.timeout: float | None = spec.get("timeout")
         self.max_output = int(spec.get("max_output") or 0)
+        self.preload: list[str] = list(spec.get("preload") or ())
         shared = job.get("shared")
         count = shared["buffers"] if shared else 0
         self.shared_buffers = buffers[:count]
@@ -102,6 +104,15 @@ class _Leader:
         sys.modules["__main__"] = main
         for hook in job.get("startup", ()):
             __import__(hook)
+        # What every child would import: once here, not once per value.
+        from . import display_worker, inplace, pools, rng  # noqa: F401
+
+        worker._c_library()
+        for name in self.preload:
+            try:
+                __import__(name)
+            except Exception:
+                pass  # the value that imports it meets the same error, and reports it
         shared = job.get("shared")
         if shared:
             main.__dict__.update(
@@ -147,8 +158,13 @@ class _Leader:
         self.values = self.value_buffers = []  # type: ignore[assignment]
         chan = worker._WorkerChannel(sock)
         chan.hold_until = time.monotonic() + chan.HOLD_SECONDS
-        worker._watchdog = worker._Watchdog()  # the leader's did not survive the fork
-        worker._watchdog.arm(chan, job.get("kernel_pid"))
+        # No watchdog thread of its own (a thread costs a fork a millisecond): the leader's
+        # watches the kernel and ends every child's tree when it goes, and a child whose
+        # leader is gone is killed by the system (the parent-death signal).
+        leader = os.getppid()
+        worker._c_library().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != leader:  # the leader went before the signal was set
+            os._exit(0)
         worker.serve(chan, job, buffers, main)
 
     def read(self, child: _Child) -> None:

@@ -149,9 +149,10 @@ def _kinds_sent(module_file: str) -> set[str]:
 
 
 def test_every_kind_a_worker_sends_is_in_the_protocol():
-    from nbisolate import display_worker, supervisor, worker
+    from nbisolate import display_worker, supervisor, sweep_leader, worker
 
     sent = _kinds_sent(worker.__file__) | _kinds_sent(display_worker.__file__)
+    assert {"values", "result", "error"} <= _kinds_sent(sweep_leader.__file__) <= set(protocol.KINDS)
     assert {"stream", "phase", "result", "error", "sysexit", "display", "clear_output"} <= sent
     assert sent <= set(protocol.KINDS), sorted(sent - set(protocol.KINDS))
     assert _kinds_sent(supervisor.__file__) & set(protocol.KINDS) == {protocol.MSG_RUN, protocol.MSG_INPUTS}

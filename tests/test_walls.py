@@ -33,6 +33,7 @@ WORKER_SIDE = {
     "nbisolate.errors",
     "nbisolate.pools",
     "nbisolate._mpchild",
+    "nbisolate.sweep_leader",
 }
 # The modules a kernel uses to run cells; none of them may pull in the worker.
 KERNEL_SIDE = [

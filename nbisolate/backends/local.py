@@ -66,14 +66,19 @@ class LocalBackend:
         job.start_soon(held=held)
         return job
 
-    def start_sweep(self, launch: Launch, deliver: Deliver) -> RunHandle:
+    def start_sweep(self, launch: Launch, deliver: Deliver, slim: bool = False) -> RunHandle:
         """Start the one leader worker of a sweep (:mod:`nbisolate.sweep_leader`).
 
         The leader forks a child per value and enforces each value's
         ``--timeout`` itself, so its own job has no deadline; Stop and an
-        interrupt end its whole tree, every value's process with it.
+        interrupt end its whole tree, every value's process with it.  With
+        ``slim`` the leader is a fresh interpreter (the kernel's ``sys.path``,
+        working directory and environment, as any spawned worker), not a fork
+        of the template and its preloaded packages: each value's fork then
+        copies a small process's mappings instead of a large one's.
         """
-        job = self._job(launch, deliver, timeout=None)
+        job = self._job(launch, deliver, deadline=False)
+        job.use_template = not slim
         try:
             job.start()
         except OSError as exc:
@@ -90,7 +95,7 @@ class LocalBackend:
 
         launcher.preload(packages)
 
-    def _job(self, launch: Launch, deliver: Deliver, timeout: float | None | bool = True) -> Job:
+    def _job(self, launch: Launch, deliver: Deliver, deadline: bool = True) -> Job:
         from ..supervisor import Job
 
         options = launch.options
@@ -98,7 +103,7 @@ class LocalBackend:
             launch.payload,
             launch.buffers,
             on_event=deliver,
-            timeout=options.timeout if timeout is True else timeout,
+            timeout=options.timeout if deadline else None,
             label=launch.label,
             max_output=options.max_output,
             # A memory cap must hold from the first byte: a fork of the template

@@ -1,0 +1,170 @@
+"""A local sweep of many values runs under one leader worker that forks a child per value.
+
+What must hold however the values are run: each value in a brand-new process
+that ran no cell code before; output per value, prefixed; results bound in the
+order of the values; a value's failure, timeout or unpicklable result is that
+value's alone; Stop ends every process of the sweep and binds nothing.
+"""
+
+from __future__ import annotations
+
+import textwrap
+import threading
+
+import psutil
+
+from nbisolate.sweep import LEADER_FROM
+
+from .conftest import wait_until
+from .kernel import Kernel
+
+N = max(LEADER_FROM, 12)
+
+
+def cell(text: str) -> str:
+    return textwrap.dedent(text).strip()
+
+
+def test_every_value_runs_in_a_process_of_its_own_results_in_order(kernel: Kernel):
+    res = kernel.run(
+        cell(
+            f"""
+            %%isolate --over v=range({N})
+            import os
+            who = os.getpid()
+            parent = os.getppid()
+            r = v * 10
+            """
+        ),
+        timeout=120,
+    )
+    assert res.ok, res.error_text
+    r, who, parent = kernel.value("(r, who, parent)")
+    assert r == [v * 10 for v in range(N)]
+    assert len(set(who)) == N and kernel.pid not in who
+    leader = set(parent)
+    assert len(leader) == 1 and not leader & set(who)  # one leader forked them all
+    assert kernel.value("'v' in globals()") is False  # the swept name is never bound
+
+
+def test_a_child_starts_from_the_inputs_having_run_no_cell_code(kernel: Kernel):
+    kernel.run("base = [1, 2]")
+    res = kernel.run(
+        cell(
+            f"""
+            %%isolate --over v=range({N})
+            base.append(v)  # a previous value's change must not be seen by the next
+            seen = list(base)
+            """
+        ),
+        timeout=120,
+    )
+    assert res.ok, res.error_text
+    assert kernel.value("seen") == [[1, 2, v] for v in range(N)]
+    assert kernel.value("base") == [1, 2]
+
+
+def test_output_per_value_is_prefixed_with_its_value(kernel: Kernel):
+    res = kernel.run(
+        cell(
+            f"""
+            %%isolate --quiet --over v=range({N})
+            print("value", v)
+            r = v
+            """
+        ),
+        timeout=120,
+    )
+    assert res.ok, res.error_text
+    lines = set(res.stdout.splitlines())
+    assert {f"[v={v}] value {v}" for v in range(N)} <= lines, res.stdout
+
+
+def test_one_failure_is_that_values_alone(kernel: Kernel):
+    res = kernel.execute(
+        cell(
+            f"""
+            %%isolate --quiet --over v=range({N})
+            r = 1 / (v - 3)
+            """
+        ),
+        timeout=120,
+        allow_error=True,
+    )
+    assert res.error["ename"] == "SweepError", res.error_text
+    assert "v=3: ZeroDivisionError: division by zero" in res.error_text
+    r = kernel.value("r")
+    assert r[3] is None and r[:3] == [1 / (v - 3) for v in range(3)] and len(r) == N
+
+
+def test_a_timeout_ends_that_value_and_its_processes_only(kernel: Kernel):
+    res = kernel.execute(
+        cell(
+            f"""
+            %%isolate --quiet --timeout 2 --over v=range({N})
+            import os, subprocess, sys, time
+            if v == 5:
+                kid = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+                print("kid", kid.pid, flush=True)
+                time.sleep(600)
+            r = v
+            """
+        ),
+        timeout=120,
+        allow_error=True,
+    )
+    assert res.error["ename"] == "SweepError", res.error_text
+    assert "v=5: IsolateTimeout" in res.error_text, res.error_text
+    assert kernel.value("r") == [None if v == 5 else v for v in range(N)]
+    kid = int(res.stdout.split("kid")[1].split()[0])
+    assert wait_until(lambda: not psutil.pid_exists(kid) or psutil.Process(kid).status() == "zombie", 10)
+
+
+def test_a_result_that_cannot_be_pickled_is_skipped_for_that_value(kernel: Kernel):
+    res = kernel.run(
+        cell(
+            f"""
+            %%isolate --quiet --over v=range({N})
+            r = (i for i in range(3)) if v == 2 else v
+            """
+        ),
+        timeout=120,
+    )
+    assert res.ok, res.error_text
+    assert "'r' was not copied back" in res.stderr, res.stderr
+    r = kernel.value("r")
+    assert r[2] is None and [x for i, x in enumerate(r) if i != 2] == [v for v in range(N) if v != 2]
+
+
+def test_random_state_differs_per_value(kernel: Kernel):
+    kernel.run("import random; random.seed(0)")
+    res = kernel.run(f"%%isolate --quiet --over v=range({N})\nimport random\nx = (v, random.random())", timeout=120)
+    assert res.ok, res.error_text
+    assert len({x for _, x in kernel.value("x")}) == N
+
+
+def test_stop_mid_sweep_leaves_no_process_and_binds_nothing(fresh_kernel: Kernel):
+    k = fresh_kernel
+    threading.Timer(3.0, k.interrupt).start()
+    res = k.execute(
+        cell(
+            f"""
+            %%isolate --over n=range({N})
+            import os, subprocess, sys, time
+            kid = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+            print(os.getpid(), os.getppid(), kid.pid, flush=True)
+            time.sleep(600)
+            swept = n
+            """
+        ),
+        timeout=60,
+    )
+    assert res.error["ename"] == "KeyboardInterrupt", res.error_text
+    pids = {int(p) for line in res.stdout.splitlines() if line.strip() for p in line.split()[-3:]}
+    assert len(pids) >= 3, res.stdout
+    assert wait_until(lambda: not any(psutil.pid_exists(p) for p in pids), 10), [
+        psutil.Process(p).status() for p in pids if psutil.pid_exists(p)
+    ]
+    assert k.value("'swept' in globals()") is False
+    assert k.run(f"%%isolate --over n=range({N})\nafter = n * 2").ok
+    assert k.value("after") == [n * 2 for n in range(N)]
