@@ -75,18 +75,14 @@ class LocalBackend:
         ``slim`` the leader is a fresh interpreter (the kernel's ``sys.path``,
         working directory and environment, as any spawned worker), not a fork
         of the template and its preloaded packages: each value's fork then
-        copies a small process's mappings instead of a large one's.
+        copies a small process's mappings instead of a large one's.  Forked
+        from the template, it is forked directly (as a sweep's values are),
+        leaving the spare for the next cell; a failure to start arrives as
+        the job's ``error`` and ``exit`` events, which every value then shares.
         """
         job = self._job(launch, deliver, deadline=False)
         job.use_template = not slim
-        try:
-            job.start()
-        except OSError as exc:
-            raise IsolateError(
-                f"could not start the worker that runs the sweep's values ({type(exc).__name__}: "
-                f"{exc}); nothing ran. Check that the working directory still exists and the "
-                "machine has free memory and process slots, then run the cell again."
-            ) from exc
+        job.start_soon()
         return job
 
     def preload(self, packages: list[str]) -> None:
