@@ -576,13 +576,16 @@ class Sweep:
             order.append(i)
         for run in self.runs[1:]:
             run.shipment = run.launch = None
-        # What the values will import, imported once by the leader before it forks (only
-        # modules this kernel has loaded, as the template preloads only the notebook's own).
+        # What the values will import, imported once by the leader before it forks: what the
+        # template would preload (the notebook's packages), the standard library, and the
+        # by-value engines the workers load anyway; a module of the notebook's own directory
+        # is still imported by each value, as it would be in a worker of its own.
         needed = {m.partition(".")[0] for m in first.launch.modules} | _imports(t.source)
-        needed.discard("nbisolate")
-        preload = sorted(m for m in needed if m in sys.modules and m not in ("__main__", "builtins"))
+        needed -= {"nbisolate", "__main__", "builtins"}
         stdlib = getattr(sys, "stdlib_module_names", frozenset())
-        slim = len(order) >= SLIM_FROM and all(m in stdlib for m in needed)
+        allowed = stdlib | set(self.packages) | {"cloudpickle", "dill"}
+        preload = sorted(m for m in needed if m in sys.modules and m in allowed)
+        slim = len(order) >= SLIM_FROM and all(m in stdlib or m in ("cloudpickle", "dill") for m in needed)
         payload = dict(first.launch.payload)
         payload["sweep"] = {
             "values": values,

@@ -12,8 +12,9 @@ import textwrap
 import threading
 
 import psutil
+import pytest
 
-from nbisolate.sweep import LEADER_FROM
+from nbisolate.sweep import LEADER_FROM, SLIM_FROM
 
 from .conftest import wait_until
 from .kernel import Kernel
@@ -168,3 +169,22 @@ def test_stop_mid_sweep_leaves_no_process_and_binds_nothing(fresh_kernel: Kernel
     assert k.value("'swept' in globals()") is False
     assert k.run(f"%%isolate --over n=range({N})\nafter = n * 2").ok
     assert k.value("after") == [n * 2 for n in range(N)]
+
+
+LEADER_PARENT = "int(open('/proc/%d/stat' % os.getppid()).read().rsplit(')', 1)[1].split()[1])"
+
+
+def test_the_leader_is_slim_unless_the_values_need_a_package_the_template_preloads(kernel: Kernel):
+    pytest.importorskip("numpy")
+    template = kernel.value("__import__('nbisolate.supervisor').supervisor.launcher.pid")
+    kernel.run("import numpy")
+    # Nothing third-party: a fresh interpreter (the kernel's child) leads, whose forks are cheap.
+    res = kernel.run(f"%%isolate --quiet --over v=range({SLIM_FROM})\nimport os\np = (v, {LEADER_PARENT})")
+    assert res.ok, res.error_text
+    assert {p for _, p in kernel.value("p")} == {kernel.pid}
+    # The cell imports NumPy: the leader is forked from the template, which has it already.
+    res = kernel.run(
+        f"%%isolate --quiet --over v=range({SLIM_FROM})\nimport os, numpy\np = (v, {LEADER_PARENT})"
+    )
+    assert res.ok, res.error_text
+    assert {p for _, p in kernel.value("p")} == {template}
