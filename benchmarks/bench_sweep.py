@@ -36,6 +36,7 @@ SETUP = textwrap.dedent(
     sys.path.insert(0, {str(ROOT)!r})
     from benchmarks import workloads as W
     ctx = multiprocessing.get_context("spawn")
+    import numpy as np, pandas as pd  # as in `make bench`'s kernel: the template preloads them
     """
 )
 
