@@ -188,3 +188,15 @@ def test_the_leader_is_slim_unless_the_values_need_a_package_the_template_preloa
     )
     assert res.ok, res.error_text
     assert {p for _, p in kernel.value("p")} == {template}
+
+
+def test_large_inputs_and_results_travel_through_the_leader(kernel: Kernel):
+    kernel.run("big = bytes(range(256)) * (16 * 1024)")  # 4 MB, shared by every value
+    res = kernel.run(
+        f"%%isolate --quiet --over v=range({N})\nout = big[v:v + 3] + bytes(2 * 1024 * 1024)\nsize = len(big)",
+        timeout=120,
+    )
+    assert res.ok, res.error_text
+    assert kernel.value("size") == [4 * 1024 * 1024] * N
+    assert kernel.value("[o[:3] for o in out]") == [bytes([v, v + 1, v + 2]) for v in range(N)]
+    assert kernel.value("{len(o) for o in out}") == {3 + 2 * 1024 * 1024}
