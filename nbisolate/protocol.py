@@ -62,10 +62,14 @@ CHANNEL_ONLY = frozenset({MSG_RUN, MSG_PLACE, MSG_INPUTS})
 
 TEMPLATE_KINDS: dict[str, str] = {
     "fork": "kernel -> template: {id, env, fresh, cwd, ahead} with fds [channel, stdout, stderr]; "
-    "env only when it changed since the last fork; ahead: a sweep's worker, forked directly "
-    "(the spare stays for the next cell)",
-    "job": "template -> its spare worker: the fork request with its descriptors (the spare, "
-    "forked ahead of the cell, takes it), sent after the kernel was told the worker's pid",
+    "env only when it changed since the last fork; ahead: a sweep's worker; forked directly "
+    "(the spare is the kernel's, for the next cell)",
+    "spare": "template -> kernel: {pid, env} with fds [the spare's socket]: a worker forked ahead, "
+    "which has run nothing; env: the template's environment changed since it started",
+    "job": "kernel -> an offered spare: {id: None, fresh: False} with fds [channel, stdout, "
+    "stderr]; sent as the offer arrives: the spare then waits on its channel for its cell",
+    "taken": "kernel -> template: {pid}: the spare took a cell (told once the cell is over or ran a "
+    "moment), or was found gone; fork the next one",
     "forked": "template -> kernel: {id, pid, fresh, threads}: the request's id and the new worker; "
     "also written on the worker's channel, ahead of anything the worker sends there",
     "preload": "kernel -> template: {names, sys_path}, modules to import once for every fork",
@@ -133,7 +137,9 @@ class RunPayload(_RunRequired, total=False):
     ``values`` (one ``(inputs, data, engine, buffers)`` shipment per value, its
     buffers after the shared ones), ``order`` (the values to run),
     ``concurrency``, ``timeout`` and ``max_output`` (per value) and
-    ``preload`` (modules to import once).
+    ``preload`` (modules to import once).  ``env`` is the kernel's environment,
+    for a spare that was handed its channel before the cell, when the spare's
+    environment is not the kernel's (set before anything of the cell runs).
     """
 
     display_source: str
@@ -150,6 +156,7 @@ class RunPayload(_RunRequired, total=False):
     rng: dict[str, Any] | None
     lend: dict[str, list[int]]
     sweep: dict[str, Any] | None
+    env: dict[str, str]
 
 
 class _ResultRequired(TypedDict):
@@ -165,6 +172,7 @@ class _ResultRequired(TypedDict):
     unchanged: list[str]
     deleted: list[str]
     rng: dict[str, Any] | None
+    env: dict[str, str]
     result_bundle: dict[str, Any] | None
     dump_seconds: float
 

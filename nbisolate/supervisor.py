@@ -68,7 +68,7 @@ from .protocol import (
     sync_mark,
 )
 from .template import bootstrap
-from .wire import SHM_THRESHOLD, Arena, Channel, ChannelClosed, frame_bytes, recv_frame
+from .wire import SHM_THRESHOLD, Arena, Channel, ChannelClosed, frame_bytes, recv_frame, send_frame
 
 IOPUB_RATE = 1_000_000
 """Jupyter server's default ``iopub_data_rate_limit`` (bytes/s) ..."""
@@ -76,6 +76,12 @@ IOPUB_WINDOW = 3.0
 """... averaged over its default ``rate_limit_window`` (s)."""
 
 GRACE_SECONDS = 2.0
+
+SPARE_AFTER = 0.008
+"""How long after its cell started (or its result arrived) a taken spare is replaced.
+
+Forking and preparing the next spare costs the machine a few milliseconds of
+work; done while the kernel replies to a quick cell, it slows the reply."""
 
 QUEUE_BYTES = 64 * 1024
 """A ``run`` message up to this size is put into the channel before the worker is asked for
@@ -193,6 +199,23 @@ class _Threads:
 _threads = _Threads()
 
 
+_environ_seen: list[Any] = [None, None]
+
+
+def _environ() -> dict[str, str]:
+    """``dict(os.environ)``, rebuilt only when the environment changed (do not modify it).
+
+    Decoding every variable cost each cell tens of microseconds; comparing
+    the raw table is a fraction of that.
+    """
+    raw = getattr(os.environ, "_data", None)
+    if raw is None:
+        return dict(os.environ)
+    if _environ_seen[0] != raw:
+        _environ_seen[:] = [dict(raw), dict(os.environ)]
+    return _environ_seen[1]
+
+
 
 
 class _Template:
@@ -219,6 +242,23 @@ class _Template:
         self.pending = 0  # requests (fork, preload) sent and not answered yet
         self.busy_since = 0.0  # when it last made progress on them
         self.env: dict[str, str] | None = None  # the environment last sent: not sent again
+        # The spare worker the template offered, given its channel and pipes ahead of its
+        # cell: a cell is handed to it directly (TemplateLauncher.take_spare).
+        self.spare: _Spare | None = None
+        self.preloading = 0  # preloads sent and not answered: spares offered meanwhile lack them
+        self.base_env = _environ()  # what the template, and so its spares, started with
+        try:  # /proc/PID/stat, kept open: one read tells the state (see stopped_now)
+            self._stat_fd: int | None = os.open(f"/proc/{proc.pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._stat_fd = None
+        self.untold: int | None = None  # the spare taken, the template not told yet (spare_taken)
+
+    def drop_spare(self) -> None:
+        """Close the held spare's channel: it reads the end and exits, having run nothing."""
+        spare, self.spare = self.spare, None
+        if spare is not None:
+            spare.close()
+            self.orphans.add(spare.pid)  # its exit, when reported, is nobody's
 
     def asked(self) -> None:
         """A request was sent (call with the launcher's condition held)."""
@@ -239,8 +279,58 @@ class _Template:
         found = proctree._stat(self.proc.pid)
         return None if found is None else found[0]
 
+    def stopped_now(self) -> bool:
+        """:meth:`stopped`, in one read of a file kept open (each cell asks, on its path)."""
+        fd = self._stat_fd
+        if fd is None:
+            return self.stopped()
+        try:
+            raw = os.pread(fd, 512, 0)
+        except OSError:
+            return self.stopped()
+        state = raw.rpartition(b")")[2].split(None, 1)[:1]
+        return state in ([b"T"], [b"t"])
+
+    def close_stat(self) -> None:
+        """Close the kept ``/proc`` file (the template is gone, or given up)."""
+        fd, self._stat_fd = self._stat_fd, None
+        if fd is not None:
+            os.close(fd)
+
     def stopped(self) -> bool:
         return self.state() in (b"T", b"t")
+
+
+class _Spare:
+    """A spare worker the template offered, with its channel and pipes already handed to it.
+
+    The kernel's thread that reads the template prepares it as the offer
+    arrives: it creates the worker's channel and output pipes and sends them
+    to the spare, which takes them and waits on the channel for its cell.  So
+    a cell costs one write (its ``run`` message) to start; the process is the
+    template's child, known by its pid, and has run nothing of any cell.
+    """
+
+    def __init__(self, pid: int, spare: socket.socket, env_changed: bool) -> None:
+        self.pid = pid
+        self.env_changed = env_changed  # the template's environment is not the kernel's any more
+        self.tree = proctree.Tree(pid)  # taken now, while the pid surely names the spare
+        self.chan, theirs = socket.socketpair()
+        self.out_r, out_w = os.pipe()
+        self.err_r, err_w = os.pipe()
+        try:
+            send_frame(spare, "job", {"id": None, "fresh": False}, fds=[theirs.fileno(), out_w, err_w])
+        except OSError:
+            self.close()
+            raise
+        finally:
+            theirs.close()
+            os.close(out_w)
+            os.close(err_w)
+
+    def close(self) -> None:
+        self.chan.close()
+        Job._close_fds(self.out_r, self.err_r)
 
 
 class _ForkedProcess:
@@ -396,11 +486,16 @@ class TemplateLauncher:
 
         try:
             while True:
-                kind, body, _ = recv(t.sock)
+                kind, body, fds = recv(t.sock)
                 late: int | None = None
                 with self._cond:
+                    if kind == "spare":
+                        self._offered(t, body, fds)
+                        continue
                     if kind in ("forked", "preloaded"):
                         t.answered()
+                    if kind == "preloaded":
+                        t.preloading = max(0, t.preloading - 1)
                     if kind == "forked":
                         rid, pid = body["id"], body["pid"]
                         t.live.add(pid)
@@ -427,9 +522,39 @@ class TemplateLauncher:
             pass
         with self._cond:
             t.alive = False
+            t.drop_spare()
+            t.close_stat()
             self._cond.notify_all()
         t.proc.wait()
         t.sock.close()
+
+    @staticmethod
+    def _offered(t: _Template, body: dict[str, Any], fds: list[int]) -> None:
+        """The template offers a spare worker: hand it its channel and keep it (condition held).
+
+        Kept while nothing makes it unfit: a spare offered while a preload is
+        on its way lacks the new imports, so it is dropped (the template
+        offers a new one after the preload), as is one from a template given up.
+        A spare that is gone already is dropped too: the template forks another.
+        """
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            return
+        sock = socket.socket(fileno=fds[0])
+        pid = int(body["pid"])
+        t.drop_spare()  # one at a time: a newer offer replaces one that died unused
+        try:
+            if t.preloading or not t.alive or t.lost:
+                t.orphans.add(pid)  # it reads the end of its socket and exits
+                return
+            # env: the template's environment is no longer the one it started with (an
+            # import changed it), so the spare must be given the kernel's whole environment.
+            t.spare = _Spare(pid, sock, bool(body.get("env")))
+        except OSError:
+            t.orphans.add(pid)
+        finally:
+            sock.close()
 
     def _preloaded(self, t: _Template, body: dict[str, Any]) -> None:
         culprit = body.get("threads")
@@ -449,6 +574,7 @@ class TemplateLauncher:
                 return
             t.lost = f"the template process (pid {t.proc.pid}) that starts workers {why}"
             self._notes.append(f"nbisolate: {t.lost}; it was killed and a new one replaces it.\n")
+            t.drop_spare()
             self._cond.notify_all()
         try:
             t.proc.kill()  # SIGKILL ends a stopped process too; its workers keep running
@@ -458,6 +584,7 @@ class TemplateLauncher:
     def _retire(self, t: _Template) -> None:
         with self._cond:
             t.lost = t.lost or "the template process was renewed"
+            t.drop_spare()
             self._cond.notify_all()
         try:
             t.sock.shutdown(socket.SHUT_RDWR)
@@ -520,6 +647,7 @@ class TemplateLauncher:
                 with self._cond:
                     t.waiting.discard(rid)
                 return None
+            self._tell_taken(t)  # after the request: this fork first, then the next spare
         return _Ticket(t, rid, time.monotonic() + FORK_SECONDS)
 
     def answer_on(
@@ -637,7 +765,12 @@ class TemplateLauncher:
         return None
 
     def preload(self, names: Sequence[str]) -> None:
-        """Have the template import ``names`` (it answers later; forks queue behind it)."""
+        """Have the template import ``names`` (it answers later; forks queue behind it).
+
+        The spare held meanwhile lacks them: it is dropped, and cells ask the
+        template for their workers until it answered, as before spares were
+        handed over directly.
+        """
         from .template import send
 
         t = self._current
@@ -647,13 +780,72 @@ class TemplateLauncher:
         if not todo:
             return
         with self._lock:
+            with self._cond:
+                t.preloading += 1
+                t.drop_spare()
             try:
                 send(t.sock, "preload", {"names": todo, "sys_path": list(sys.path)})
                 t.preloaded.update(todo)
             except OSError:
+                with self._cond:
+                    t.preloading -= 1
                 return
             with self._cond:
                 t.asked()
+
+    def take_spare(self) -> tuple[_Template, _Spare] | None:
+        """The spare worker the template offered, now this caller's to hand a cell; or None.
+
+        The template is told later (:meth:`spare_taken`) to fork the next
+        one.  None when there is no spare, or the template cannot be counted
+        on to report the worker's exit (stopped, given up, busy with a
+        preload): the caller then asks the template for a worker (:meth:`ask`),
+        which notices all of that.
+        """
+        t = self._current
+        if t is None or t.spare is None:
+            return None
+        if t.stopped_now():  # it would never reap this worker: the slow path gives it up
+            return None
+        with self._cond:
+            spare = t.spare
+            if spare is None or t.preloading or not t.alive or t.lost:
+                return None
+            t.spare = None
+            t.live.add(spare.pid)
+            t.untold = spare.pid
+        return t, spare
+
+    def spare_taken(self, t: _Template, pid: int) -> None:
+        """Tell the template its spare was taken: it forks the next one (once per spare).
+
+        Told by the job's reader thread once the quick cell is over (or has run
+        a moment), so that the fork does not compete with the cell; a cell that
+        finds no spare meanwhile tells it at once, with its fork request.
+        """
+        with self._lock:
+            self._tell_taken(t, pid)
+
+    @staticmethod
+    def _tell_taken(t: _Template, pid: int | None = None) -> None:
+        """Send ``taken`` for the spare not told of yet (``pid``: only if it is that one)."""
+        from .template import send
+
+        if t.untold is None or (pid is not None and t.untold != pid):
+            return
+        pid, t.untold = t.untold, None
+        try:
+            send(t.sock, "taken", {"pid": pid})
+        except OSError:
+            pass  # the template went: its reader says so, and the worker's exit is unknown
+
+    def spare_failed(self, t: _Template, spare: _Spare) -> None:
+        """A taken spare could not be handed its cell (it was gone): its exit is nobody's."""
+        spare.close()
+        with self._cond:
+            t.live.discard(spare.pid)
+            if t.status.pop(spare.pid, None) is None:
+                t.orphans.add(spare.pid)
 
     def close(self) -> None:
         """Stop the template (it kills the workers it still has)."""
@@ -661,6 +853,9 @@ class TemplateLauncher:
             t, self._current = self._current, None
         if t is None:
             return
+        with self._cond:
+            t.drop_spare()
+            t.close_stat()
         try:
             t.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -731,6 +926,7 @@ class Job:
         self._withhold = False  # stopped while held: its cell is never sent
         self._ahead = False  # a sweep's value: the template forks it, keeping its spare
         self._peer: socket.socket | None = None  # our copy of the worker's end, until it is known
+        self._spare_of: _Template | None = None  # handed to its template's spare: tell it so
 
     @property
     def pid(self) -> int | None:
@@ -757,6 +953,11 @@ class Job:
         thread is started while the worker starts rather than after.
         """
         if self.use_template:
+            if not (self.fresh or self._ahead or self._gate is not None):
+                handed = self._hand_to_spare()
+                if handed is not None:
+                    self._thread(_Supervision.start, *handed)
+                    return
             asked = self._ask_template()
             if asked is not None:
                 self._thread(_Supervision.start_forked, asked)
@@ -844,6 +1045,39 @@ class Job:
         self._now_running()
         return mine, out_r, err_r
 
+    def _hand_to_spare(self) -> tuple[socket.socket, int, int] | None:
+        """Hand the cell straight to the spare worker the template offered; our ends, or None.
+
+        The spare already holds its channel and waits there (see :class:`_Spare`),
+        and the kernel knew its pid before the cell existed: starting the cell
+        is writing its ``run`` message, with no round trip to the template
+        (told by the reader thread to fork the next spare, once the cell is
+        over or has run a moment: :data:`SPARE_AFTER`).  A spare that is
+        gone takes nothing (the write fails) and the template is asked
+        instead, so a cell never runs twice.
+        """
+        taken = launcher.take_spare()
+        if taken is None:
+            return None
+        t, spare = taken
+        env = _environ() if self.env is None else self.env
+        if spare.env_changed or env != t.base_env:
+            self.payload["env"] = env  # set by the worker before anything of the cell
+        try:
+            self._queue_run(spare.chan, strict=True)
+        except OSError:  # the spare went: nothing ran; the template forks another
+            self.payload.pop("env", None)
+            launcher.spare_failed(t, spare)
+            return None
+        self.proc = _ForkedProcess(spare.pid, t, launcher)
+        self.how_started = "forked from template"
+        self.tree = spare.tree
+        self.started_at = time.time()
+        self._spare_of = t
+        self._emit_notes()
+        self._emit("started", spare.pid)
+        return spare.chan, spare.out_r, spare.err_r
+
     def _ask_template(self) -> tuple[_Ticket, socket.socket, int, int] | None:
         """Ask the template for a worker; the request, and our ends of its channel and pipes.
 
@@ -861,7 +1095,7 @@ class Job:
         if self._queued is not None:  # to take the cell back if no worker comes (_run_taken)
             self._peer = theirs.dup()
         try:
-            env = dict(os.environ if self.env is None else self.env)
+            env = dict(_environ() if self.env is None else self.env)
             ticket = launcher.ask(
                 (theirs.fileno(), out_w, err_w), env, fresh=self.fresh, cwd=self.payload.get("cwd"),
                 ahead=self._ahead,
@@ -992,7 +1226,7 @@ class Job:
         self.payload = dict(self.payload, lend={"sizes": sizes})
         self._lent, self.buffers = self.buffers, []
 
-    def _queue_run(self, sock: socket.socket) -> None:
+    def _queue_run(self, sock: socket.socket, strict: bool = False) -> None:
         """Put a small ``run`` message into the channel now, before the worker is asked for.
 
         The worker then finds its cell waiting the moment it takes the
@@ -1011,7 +1245,11 @@ class Job:
             return
         try:
             sent = sock.send(frame, socket.MSG_DONTWAIT)
-        except OSError:  # no room after all: the reader thread sends it whole
+        except BlockingIOError:  # no room after all: the reader thread sends it whole
+            return
+        except OSError:  # nobody at the other end (``strict``: the caller wants to know)
+            if strict:
+                raise
             return
         self._queued = (sock, frame[sent:])
 
@@ -1159,6 +1397,7 @@ class _Supervision:
         ``error``): a cell never waits for ever on a bug of ours.
         """
         failure: BaseException | None = None
+        self.tell_at = time.perf_counter() + SPARE_AFTER
         try:
             self.send_run()
             while True:
@@ -1180,6 +1419,7 @@ class _Supervision:
             except Exception:
                 pass
         finally:
+            self.tell_taken()
             self.close()
         self.emit_exit(failure)
 
@@ -1264,6 +1504,11 @@ class _Supervision:
         even if the worker dies before they could be listed from it.
         """
         deadline = self.deadline if not self.finished and self.reason is None else None
+        if self.job._spare_of is not None:  # a cell that is not over at once: the next spare now
+            if now >= self.tell_at:
+                self.tell_taken()
+            else:
+                deadline = min(deadline, self.tell_at) if deadline else self.tell_at
         waits = [t - now for t in (deadline, self.kill_at) if t]
         if now >= self.next_scan and not self.finished:
             self.remember()
@@ -1279,6 +1524,12 @@ class _Supervision:
                 os.read(self.job._wake_r, 64)
             elif what == "exit":
                 self.exited = True
+
+    def tell_taken(self) -> None:
+        """Tell the template its spare was taken, so it forks the next one (once)."""
+        t, self.job._spare_of = self.job._spare_of, None
+        if t is not None:
+            launcher.spare_taken(t, self.proc.pid)
 
     def take_last_words(self) -> None:
         """The worker is gone: read what it managed to send and write before it went."""
@@ -1586,6 +1837,11 @@ class _Supervision:
                 {"dropped": self.dropped, "over_rate": self.over_rate, "max_output": self.job.max_output},
             )
         self.job._emit(kind, body, buffers)
+        if self.job._spare_of is not None:
+            # The kernel now replies to the cell, and the worker exits: forking the next
+            # spare (and this thread taking the exit) would compete with it for the cores.
+            time.sleep(SPARE_AFTER)
+            self.tell_taken()
         # A safety net behind the worker's own cleanup, off the critical path.
         self.remember()
 

@@ -20,24 +20,35 @@ Protocol, over a socketpair inherited from the kernel, in the frames of
 * ``("fork", {"id": n, "env": ..., "fresh": bool, "cwd": ..., "ahead": bool}, fds=[channel, stdout, stderr])``
   (``env`` only when it changed since the previous fork: the template keeps the last one;
   ``ahead``: a sweep's worker, asked for without waiting and forked while other values
-  run, which is forked directly and leaves the spare for the next cell)
+  run; every fork request is forked directly: the spare is the kernel's)
   -> ``("forked", {"id": n, "pid": pid, "fresh": bool, "threads": name or None})``; with
   ``fresh`` the child execs a new interpreter.  The request's ``id`` comes back so
   the kernel matches each reply to its request: a reply that arrives after the
   kernel stopped waiting must never be taken for the next cell's worker.
 * ``("preload", {"names": [...], "sys_path": [...]})`` ->
   ``("preloaded", {"errors": {name: error or None}, "threads": name or None})``
-* ``("exit", (pid, returncode))`` is sent whenever a worker is reaped.
+* ``("exit", (pid, returncode))`` is sent whenever a worker (or spare) is reaped.
+* ``("spare", {"pid": pid, "env": bool}, fds=[socket])``: the next spare, offered.
+* ``("taken", {"pid": pid})`` from the kernel: it took that spare; fork the next.
 
-The template keeps one *spare*: a child forked ahead of time that waits on a
-socket of its own for ``("job", <the fork request>, fds=[...])``, so a fork
-request is answered by handing the spare its descriptors (no fork, and the
-child's first steps already taken: :func:`nbisolate.worker.prepare` and
-:func:`nbisolate.worker.rehearse`), and the next spare is forked while that
-worker starts.  A spare has run no code of any cell; after a ``preload`` it is
-dropped (it lacks the new imports) and a new one is forked.
+The template keeps one *spare*: a child forked ahead of time that has run no
+code of any cell.  It is offered to the kernel at once, with the spare's end
+of a socket of its own, and the template keeps no copy: only the kernel sends
+it anything.  The kernel sends it ``("job", {...}, fds=[channel, stdout,
+stderr])`` as the offer arrives, and the spare, its first steps taken
+(:func:`nbisolate.worker.prepare` and :func:`nbisolate.worker.rehearse`),
+waits on that channel for its cell's ``run`` message: starting a cell is one
+write from the kernel, which knew the worker's pid before the cell existed.
+The kernel says ``taken`` once that cell is over (or has run a moment), and
+only then is the next spare forked, so that the fork does not compete with a
+quick cell and the kernel's reply to it.  A ``preload`` makes the kernel drop
+the spare (it lacks the new imports) and the next one is offered after the
+``preloaded`` reply.  ``env`` says that the template's environment is no
+longer the one it started with (an import set variables): the kernel then
+sends its own with the cell.
 
-The ``forked`` reply goes out before the worker gets its descriptors (a child
+A worker the kernel asks for with ``fork`` (no spare was at hand, a sweep's
+value, ``--mem``) is forked on the spot.  The ``forked`` reply goes out before the worker gets its descriptors (a child
 forked on the spot waits for a byte on a pipe): the kernel may have put the
 cell in the channel already, and the kernel must know the worker before the
 cell can run, since the cell may stop or kill this process.  It is written on
@@ -121,12 +132,14 @@ def _child(
 
 
 def _spare(control: socket.socket, wake_fds: tuple[int, int], sock: socket.socket) -> None:
-    """A worker forked ahead of its cell: it waits for its job (never returns).
+    """A worker forked ahead of its cell: it waits for its channel, then its cell (never returns).
 
     Forking, and a new process's first steps, cost milliseconds that a cell
     that runs for a few would wait for; the template keeps one such spare,
     forked from its imports as they are and having run no code of any cell,
-    and hands it the next cell's descriptors (see :func:`main`).
+    and offers it to the kernel, which sends it its channel and pipes ahead of
+    the cell (see :func:`main`).  It keeps the name :data:`SPARE_NAME` until
+    its cell arrives.
     """
     try:
         _detach(control, wake_fds, ())
@@ -146,21 +159,11 @@ def _spare(control: socket.socket, wake_fds: tuple[int, int], sock: socket.socke
         sock.close()
         if kind != "job":
             os._exit(0)
-        if name:
-            _set_name(name)
+        # Its channel came before its cell: it is named a worker once the cell arrives.
+        worker.named_after_spare = name
         _become(fds, body)
     finally:
         os._exit(71)
-
-
-def _waiting(sock: socket.socket) -> bool:
-    """Whether the spare at the other end of ``sock`` still waits for its job."""
-    try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
-    except BlockingIOError:
-        return True  # nothing to read and not closed: it waits
-    except OSError:
-        return False
 
 
 SPARE_NAME = "nbisolate-spare"
@@ -191,14 +194,9 @@ def _become(fds: list[int], job: dict[str, Any]) -> None:
                 os.close(fd)
         env = job.get("env")
         if env is not None:
-            # Only what differs: a putenv or unsetenv per variable, for the hundred that
-            # are usually the same, cost a millisecond of every worker's start.
-            current = os.environ
-            for key in [k for k in current if k not in env]:
-                del current[key]
-            for key, value in env.items():
-                if current.get(key) != value:
-                    current[key] = value
+            from .worker import set_environ
+
+            set_environ(env)
         if job.get("fresh"):
             # A fresh interpreter (a --mem cell must not start with the template's
             # imports), still the template's child: if the kernel dies while this
@@ -252,19 +250,20 @@ def main(fd: int) -> None:
     children: set[int] = set()
     threads_by: str | None = None  # the preloaded package that left a thread running
     last_env: dict[str, str] | None = None  # the kernel's environment, as last sent
+    start_env = dict(os.environ)  # the kernel's, when it started this process
     # The worker imports these anyway; paying for them once here is the point.
     from . import inplace, proctree, rng, ship, wire, worker  # noqa: F401
 
     worker._c_library()  # the C library handle for prctl and fflush, inherited by every fork
     worker.preimport()
 
-    # The spare worker (see _spare): its pid and our end of its socket. Spares that were
-    # dropped unused (the imports changed) are reaped without a word to the kernel.
-    spare: list[Any] = [None]
-    unused: set[int] = set()
+    # The spare worker (see _spare) offered to the kernel, by pid: the kernel holds its
+    # socket and hands it a cell directly; the next one is forked once the kernel says it
+    # took it (``taken``), or asks for a preload (it drops the spare: the imports changed).
+    offered: list[int | None] = [None]
 
     def make_spare() -> None:
-        if spare[0] is not None or threads_by is not None or thread_count() > 1:
+        if offered[0] is not None or threads_by is not None or thread_count() > 1:
             return
         ours, theirs = socket.socketpair()
         try:
@@ -278,14 +277,15 @@ def main(fd: int) -> None:
             _spare(control, (wake_r, wake_w), theirs)
         theirs.close()
         children.add(pid)
-        spare[0] = (pid, ours)
-
-    def drop_spare() -> None:
-        if spare[0] is not None:
-            pid, ours = spare[0]
-            spare[0] = None
-            ours.close()  # it reads EOF and exits
-            unused.add(pid)
+        # Offered at once, before it has prepared itself: a cell handed to it meanwhile
+        # waits in its socket. Our copy of the socket goes: only the kernel may send it a job.
+        try:
+            changed = os.environ != start_env  # a preloaded package set variables
+            send(control, "spare", {"pid": pid, "env": changed}, [ours.fileno()])
+            offered[0] = pid
+        except OSError:  # the kernel went: the loop below ends at its next read
+            pass
+        ours.close()
 
     def reap() -> None:
         while children:
@@ -296,9 +296,6 @@ def main(fd: int) -> None:
             if pid == 0:
                 return
             children.discard(pid)
-            if pid in unused:
-                unused.discard(pid)
-                continue
             send(control, "exit", (pid, os.waitstatus_to_exitcode(status)))
 
     make_spare()
@@ -322,26 +319,15 @@ def main(fd: int) -> None:
                 # Never fork a process that has other threads: the child would start
                 # with their locks held for ever. Exec a fresh interpreter instead.
                 fresh = bool(body.get("fresh")) or thread_count() > 1
-                pid = None
-                handover: socket.socket | None = None  # the spare's socket, to send it the job
-                go_w: int | None = None  # a child forked now waits for this before it runs
-                # A sweep's worker forked ahead ("ahead") is forked here directly: the spare
-                # stays for the next cell, which waits for its worker, where a sweep does not.
-                if not fresh and spare[0] is not None and not body.get("ahead"):
-                    pid, handover = spare[0]
-                    spare[0] = None
-                    if not _waiting(handover):  # the spare is gone (killed from outside): fork anew
-                        unused.add(pid)
-                        handover.close()
-                        pid = handover = None
-                if pid is None:
-                    go_r, go_w = os.pipe()
-                    pid = os.fork()
-                    if pid == 0:
-                        os.close(go_w)
-                        others = [spare[0][1]] if spare[0] is not None else []
-                        _child(control, (wake_r, wake_w), fds, dict(body, fresh=fresh), others, go_r)
-                    os.close(go_r)
+                # Forked here, directly: the spare (a sweep's "ahead" value, or a cell that
+                # found no spare) is the kernel's, and stays for the next cell. The child
+                # waits for a byte on go_r, sent once the kernel was told its pid.
+                go_r, go_w = os.pipe()
+                pid = os.fork()
+                if pid == 0:
+                    os.close(go_w)
+                    _child(control, (wake_r, wake_w), fds, dict(body, fresh=fresh), (), go_r)
+                os.close(go_r)
                 children.add(pid)
                 # The kernel hears of the worker before the worker can run anything: its cell
                 # may be waiting in its channel already, and may stop this very process.
@@ -351,19 +337,21 @@ def main(fd: int) -> None:
                 except (OSError, IndexError):
                     pass  # the kernel gave up on it: the control reply below tells it the rest
                 send(control, "forked", reply)
-                if handover is not None:
-                    try:
-                        send(handover, "job", body, fds)
-                    except OSError:  # it went just now: the kernel hears its exit, nothing ran
-                        pass
-                    handover.close()
-                if go_w is not None:
-                    os.write(go_w, b"x")
-                    os.close(go_w)
+                os.write(go_w, b"x")
+                os.close(go_w)
                 for passed in fds:
                     os.close(passed)
                 make_spare()  # for the next cell, while this one runs
+            elif kind == "taken":
+                # The kernel handed the offered spare a cell (or found it gone): the next one.
+                # Told once the cell is over or has run a moment: this fork must not compete
+                # with a quick cell, nor with the kernel's reply to it.
+                if body.get("pid") == offered[0]:
+                    offered[0] = None
+                make_spare()
             elif kind == "preload":
+                # The kernel drops a spare offered before the new imports: it lacks them.
+                offered[0] = None
                 outcome: dict[str, str | None] = {}
                 sys.path[:] = body["sys_path"]
                 for name in body["names"]:
@@ -376,10 +364,11 @@ def main(fd: int) -> None:
                         threads_by = name
                 _arm(wake_w)
                 worker.preimport()  # what the new imports make every worker import
-                # The spare was forked without these imports: the next one has them.
-                drop_spare()
-                make_spare()
+                # The spare was forked without these imports (the kernel dropped it): the
+                # next one has them. It is offered after the reply, which tells the kernel
+                # to take spares again.
                 send(control, "preloaded", {"errors": outcome, "threads": threads_by})
+                make_spare()
             elif kind == "ping":
                 send(control, "pong", os.getpid())
     except (EOFError, OSError):
