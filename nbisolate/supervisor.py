@@ -242,21 +242,23 @@ class _Template:
         self.pending = 0  # requests (fork, preload) sent and not answered yet
         self.busy_since = 0.0  # when it last made progress on them
         self.env: dict[str, str] | None = None  # the environment last sent: not sent again
-        # The spare worker the template offered, given its channel and pipes ahead of its
-        # cell: a cell is handed to it directly (TemplateLauncher.take_spare).
-        self.spare: _Spare | None = None
+        # The spare workers the template offered, given their channels and pipes ahead of
+        # their cells, oldest first: a cell is handed to one directly (TemplateLauncher.take_spare).
+        self.spares: list[_Spare] = []
         self.preloading = 0  # preloads sent and not answered: spares offered meanwhile lack them
         self.base_env = _environ()  # what the template, and so its spares, started with
         try:  # /proc/PID/stat, kept open: one read tells the state (see stopped_now)
             self._stat_fd: int | None = os.open(f"/proc/{proc.pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             self._stat_fd = None
-        self.untold: int | None = None  # the spare taken, the template not told yet (spare_taken)
+        self.untold: set[int] = set()  # spares taken, the template not told yet (spare_taken)
+        self.running = 0  # cells handed to spares and not over
+        self.calm_at = 0.0  # when the last of them was over, and SPARE_AFTER more
 
-    def drop_spare(self) -> None:
-        """Close the held spare's channel: it reads the end and exits, having run nothing."""
-        spare, self.spare = self.spare, None
-        if spare is not None:
+    def drop_spares(self) -> None:
+        """Close the held spares' channels: each reads the end and exits, having run nothing."""
+        spares, self.spares = self.spares, []
+        for spare in spares:
             spare.close()
             self.orphans.add(spare.pid)  # its exit, when reported, is nobody's
 
@@ -522,7 +524,7 @@ class TemplateLauncher:
             pass
         with self._cond:
             t.alive = False
-            t.drop_spare()
+            t.drop_spares()
             t.close_stat()
             self._cond.notify_all()
         t.proc.wait()
@@ -535,7 +537,8 @@ class TemplateLauncher:
         Kept while nothing makes it unfit: a spare offered while a preload is
         on its way lacks the new imports, so it is dropped (the template
         offers a new one after the preload), as is one from a template given up.
-        A spare that is gone already is dropped too: the template forks another.
+        A spare that is gone already is dropped too; it is found out when a
+        cell is handed to it (which then asks the template, as without spares).
         """
         if len(fds) != 1:
             for fd in fds:
@@ -543,14 +546,13 @@ class TemplateLauncher:
             return
         sock = socket.socket(fileno=fds[0])
         pid = int(body["pid"])
-        t.drop_spare()  # one at a time: a newer offer replaces one that died unused
         try:
             if t.preloading or not t.alive or t.lost:
                 t.orphans.add(pid)  # it reads the end of its socket and exits
                 return
             # env: the template's environment is no longer the one it started with (an
             # import changed it), so the spare must be given the kernel's whole environment.
-            t.spare = _Spare(pid, sock, bool(body.get("env")))
+            t.spares.append(_Spare(pid, sock, bool(body.get("env"))))
         except OSError:
             t.orphans.add(pid)
         finally:
@@ -574,7 +576,7 @@ class TemplateLauncher:
                 return
             t.lost = f"the template process (pid {t.proc.pid}) that starts workers {why}"
             self._notes.append(f"nbisolate: {t.lost}; it was killed and a new one replaces it.\n")
-            t.drop_spare()
+            t.drop_spares()
             self._cond.notify_all()
         try:
             t.proc.kill()  # SIGKILL ends a stopped process too; its workers keep running
@@ -584,7 +586,7 @@ class TemplateLauncher:
     def _retire(self, t: _Template) -> None:
         with self._cond:
             t.lost = t.lost or "the template process was renewed"
-            t.drop_spare()
+            t.drop_spares()
             self._cond.notify_all()
         try:
             t.sock.shutdown(socket.SHUT_RDWR)
@@ -782,7 +784,7 @@ class TemplateLauncher:
         with self._lock:
             with self._cond:
                 t.preloading += 1
-                t.drop_spare()
+                t.drop_spares()
             try:
                 send(t.sock, "preload", {"names": todo, "sys_path": list(sys.path)})
                 t.preloaded.update(todo)
@@ -796,53 +798,63 @@ class TemplateLauncher:
     def take_spare(self) -> tuple[_Template, _Spare] | None:
         """The spare worker the template offered, now this caller's to hand a cell; or None.
 
-        The template is told later (:meth:`spare_taken`) to fork the next
-        one.  None when there is no spare, or the template cannot be counted
+        The template is told to fork the next one later (:meth:`spare_taken`).
+        None when there is no spare, or the template cannot be counted
         on to report the worker's exit (stopped, given up, busy with a
         preload): the caller then asks the template for a worker (:meth:`ask`),
         which notices all of that.
         """
         t = self._current
-        if t is None or t.spare is None:
+        if t is None or not t.spares:
             return None
         if t.stopped_now():  # it would never reap this worker: the slow path gives it up
             return None
         with self._cond:
-            spare = t.spare
-            if spare is None or t.preloading or not t.alive or t.lost:
+            if not t.spares or t.preloading or not t.alive or t.lost:
                 return None
-            t.spare = None
+            spare = t.spares.pop(0)  # the oldest: the most likely to have prepared itself
             t.live.add(spare.pid)
-            t.untold = spare.pid
+            t.untold.add(spare.pid)
+            t.running += 1
         return t, spare
 
-    def spare_taken(self, t: _Template, pid: int) -> None:
-        """Tell the template its spare was taken: it forks the next one (once per spare).
+    def spare_over(self, t: _Template) -> None:
+        """A cell handed to a spare is over: it no longer counts as running (see :meth:`spare_taken`)."""
+        with self._cond:
+            t.running = max(0, t.running - 1)
+            t.calm_at = time.perf_counter() + SPARE_AFTER
 
-        Told by the job's reader thread once the quick cell is over (or has run
-        a moment), so that the fork does not compete with the cell; a cell that
-        finds no spare meanwhile tells it at once, with its fork request.
+    def spare_taken(self, t: _Template, calm: bool = False) -> None:
+        """Tell the template which spares were taken: it forks their successors.
+
+        With ``calm`` (the job's reader thread, :data:`SPARE_AFTER` after its
+        quick cell was over) only if no cell handed to a spare ran since, so
+        that forking competes neither with a quick cell nor with the kernel's
+        reply to it (the other spare serves a cell that comes meanwhile).
+        Without (a cell that runs on; a cell that found no spare tells at
+        once, with its fork request), now.
         """
         with self._lock:
-            self._tell_taken(t, pid)
+            if not calm or (not t.running and time.perf_counter() >= t.calm_at - 0.001):
+                self._tell_taken(t)
 
     @staticmethod
-    def _tell_taken(t: _Template, pid: int | None = None) -> None:
-        """Send ``taken`` for the spare not told of yet (``pid``: only if it is that one)."""
+    def _tell_taken(t: _Template) -> None:
+        """Send ``taken`` for the spares not told of yet."""
         from .template import send
 
-        if t.untold is None or (pid is not None and t.untold != pid):
-            return
-        pid, t.untold = t.untold, None
-        try:
-            send(t.sock, "taken", {"pid": pid})
-        except OSError:
-            pass  # the template went: its reader says so, and the worker's exit is unknown
+        for one in sorted(t.untold):
+            t.untold.discard(one)
+            try:
+                send(t.sock, "taken", {"pid": one})
+            except OSError:
+                return  # the template went: its reader says so, and the worker's exit is unknown
 
     def spare_failed(self, t: _Template, spare: _Spare) -> None:
         """A taken spare could not be handed its cell (it was gone): its exit is nobody's."""
         spare.close()
         with self._cond:
+            t.running = max(0, t.running - 1)
             t.live.discard(spare.pid)
             if t.status.pop(spare.pid, None) is None:
                 t.orphans.add(spare.pid)
@@ -854,7 +866,7 @@ class TemplateLauncher:
         if t is None:
             return
         with self._cond:
-            t.drop_spare()
+            t.drop_spares()
             t.close_stat()
         try:
             t.sock.shutdown(socket.SHUT_RDWR)
@@ -1397,7 +1409,7 @@ class _Supervision:
         ``error``): a cell never waits for ever on a bug of ours.
         """
         failure: BaseException | None = None
-        self.tell_at = time.perf_counter() + SPARE_AFTER
+        self.tell_at: float | None = time.perf_counter() + SPARE_AFTER
         try:
             self.send_run()
             while True:
@@ -1504,9 +1516,10 @@ class _Supervision:
         even if the worker dies before they could be listed from it.
         """
         deadline = self.deadline if not self.finished and self.reason is None else None
-        if self.job._spare_of is not None:  # a cell that is not over at once: the next spare now
-            if now >= self.tell_at:
-                self.tell_taken()
+        if self.job._spare_of is not None and self.tell_at is not None:
+            if now >= self.tell_at:  # a cell that is not over at once: the next spares now
+                self.tell_at = None
+                launcher.spare_taken(self.job._spare_of)
             else:
                 deadline = min(deadline, self.tell_at) if deadline else self.tell_at
         waits = [t - now for t in (deadline, self.kill_at) if t]
@@ -1525,11 +1538,16 @@ class _Supervision:
             elif what == "exit":
                 self.exited = True
 
-    def tell_taken(self) -> None:
-        """Tell the template its spare was taken, so it forks the next one (once)."""
+    def tell_taken(self, calm: bool = False) -> None:
+        """The cell is over: the template is told of the spares taken (see :meth:`TemplateLauncher.spare_taken`)."""
         t, self.job._spare_of = self.job._spare_of, None
         if t is not None:
-            launcher.spare_taken(t, self.proc.pid)
+            launcher.spare_over(t)
+            if calm:
+                # The kernel now replies to the cell, and the worker exits: forking the next
+                # spare (and this thread taking the exit) would compete with that.
+                time.sleep(SPARE_AFTER)
+            launcher.spare_taken(t, calm=calm)
 
     def take_last_words(self) -> None:
         """The worker is gone: read what it managed to send and write before it went."""
@@ -1837,11 +1855,7 @@ class _Supervision:
                 {"dropped": self.dropped, "over_rate": self.over_rate, "max_output": self.job.max_output},
             )
         self.job._emit(kind, body, buffers)
-        if self.job._spare_of is not None:
-            # The kernel now replies to the cell, and the worker exits: forking the next
-            # spare (and this thread taking the exit) would compete with it for the cores.
-            time.sleep(SPARE_AFTER)
-            self.tell_taken()
+        self.tell_taken(calm=True)
         # A safety net behind the worker's own cleanup, off the critical path.
         self.remember()
 

@@ -20,7 +20,7 @@ Protocol, over a socketpair inherited from the kernel, in the frames of
 * ``("fork", {"id": n, "env": ..., "fresh": bool, "cwd": ..., "ahead": bool}, fds=[channel, stdout, stderr])``
   (``env`` only when it changed since the previous fork: the template keeps the last one;
   ``ahead``: a sweep's worker, asked for without waiting and forked while other values
-  run; every fork request is forked directly: the spare is the kernel's)
+  run; every fork request is forked directly: the spares are the kernel's)
   -> ``("forked", {"id": n, "pid": pid, "fresh": bool, "threads": name or None})``; with
   ``fresh`` the child execs a new interpreter.  The request's ``id`` comes back so
   the kernel matches each reply to its request: a reply that arrives after the
@@ -31,24 +31,26 @@ Protocol, over a socketpair inherited from the kernel, in the frames of
 * ``("spare", {"pid": pid, "env": bool}, fds=[socket])``: the next spare, offered.
 * ``("taken", {"pid": pid})`` from the kernel: it took that spare; fork the next.
 
-The template keeps one *spare*: a child forked ahead of time that has run no
-code of any cell.  It is offered to the kernel at once, with the spare's end
+The template keeps :data:`SPARES` *spares*: children forked ahead of time that
+have run no code of any cell.  Each is offered to the kernel at once, with the spare's end
 of a socket of its own, and the template keeps no copy: only the kernel sends
 it anything.  The kernel sends it ``("job", {...}, fds=[channel, stdout,
 stderr])`` as the offer arrives, and the spare, its first steps taken
 (:func:`nbisolate.worker.prepare` and :func:`nbisolate.worker.rehearse`),
 waits on that channel for its cell's ``run`` message: starting a cell is one
 write from the kernel, which knew the worker's pid before the cell existed.
-The kernel says ``taken`` once that cell is over (or has run a moment), and
+The kernel says ``taken`` once the cell is over (or has run a moment), and
 only then is the next spare forked, so that the fork does not compete with a
-quick cell and the kernel's reply to it.  A ``preload`` makes the kernel drop
-the spare (it lacks the new imports) and the next one is offered after the
-``preloaded`` reply.  ``env`` says that the template's environment is no
+quick cell and the kernel's reply to it; the other spare serves a cell that
+comes meanwhile (a cell that finds none asks for a ``fork``, and says
+``taken`` at once).  A ``preload`` makes the kernel drop the spares (they lack the
+new imports) and the next ones are offered after the ``preloaded`` reply.  ``env`` says that the template's environment is no
 longer the one it started with (an import set variables): the kernel then
 sends its own with the cell.
 
 A worker the kernel asks for with ``fork`` (no spare was at hand, a sweep's
-value, ``--mem``) is forked on the spot.  The ``forked`` reply goes out before the worker gets its descriptors (a child
+value, ``--mem``) is forked on the spot.  The ``forked`` reply goes out before
+the worker gets its descriptors (a child
 forked on the spot waits for a byte on a pipe): the kernel may have put the
 cell in the channel already, and the kernel must know the worker before the
 cell can run, since the cell may stop or kill this process.  It is written on
@@ -149,16 +151,22 @@ def _spare(control: socket.socket, wake_fds: tuple[int, int], sock: socket.socke
         try:
             # The worker's own first steps, none of them a cell's, while nobody waits.
             worker.prepare()
-            worker.rehearse()
         except Exception:
             pass  # the worker's main() tries again, and reports what fails
         try:
             kind, body, fds = recv(sock)
-        except (EOFError, OSError):  # the template went, or dropped this spare
+        except (EOFError, OSError):  # the kernel dropped this spare, or went
             os._exit(0)
         sock.close()
         if kind != "job":
             os._exit(0)
+        try:
+            # Warming up pays only while nobody waits: a cell already in the channel (the
+            # cells come faster than spares) is better served cold at once.
+            if not select.select([fds[0]], [], [], 0)[0]:
+                worker.rehearse()
+        except Exception:
+            pass
         # Its channel came before its cell: it is named a worker once the cell arrives.
         worker.named_after_spare = name
         _become(fds, body)
@@ -218,6 +226,10 @@ def bootstrap(module: str, fd: int) -> str:
     return f"import sys; sys.path.insert(0, {root!r}); from nbisolate.{module} import main; main({fd})"
 
 
+SPARES = 2
+"""Spares kept offered: a cell takes one while the other serves the next cell at once, so the
+one taken is replaced only once its quick cell is over (see ``taken``)."""
+
 REAP_SECONDS = 1.0
 """Exited workers are reaped at least this often, even if ``SIGCHLD`` never arrives."""
 
@@ -257,21 +269,24 @@ def main(fd: int) -> None:
     worker._c_library()  # the C library handle for prctl and fflush, inherited by every fork
     worker.preimport()
 
-    # The spare worker (see _spare) offered to the kernel, by pid: the kernel holds its
-    # socket and hands it a cell directly; the next one is forked once the kernel says it
-    # took it (``taken``), or asks for a preload (it drops the spare: the imports changed).
-    offered: list[int | None] = [None]
+    # The spare workers (see _spare) offered to the kernel, by pid: the kernel holds their
+    # sockets and hands each a cell directly; the next one is forked once the kernel says it
+    # took one (``taken``), or asks for a preload (it drops them: the imports changed).
+    offered: set[int] = set()
 
     def make_spare() -> None:
-        if offered[0] is not None or threads_by is not None or thread_count() > 1:
-            return
+        while len(offered) < SPARES and threads_by is None and thread_count() <= 1:
+            if not fork_spare():
+                return
+
+    def fork_spare() -> bool:
         ours, theirs = socket.socketpair()
         try:
             pid = os.fork()
         except OSError:
             ours.close()
             theirs.close()
-            return
+            return False
         if pid == 0:
             ours.close()
             _spare(control, (wake_r, wake_w), theirs)
@@ -282,10 +297,12 @@ def main(fd: int) -> None:
         try:
             changed = os.environ != start_env  # a preloaded package set variables
             send(control, "spare", {"pid": pid, "env": changed}, [ours.fileno()])
-            offered[0] = pid
+            offered.add(pid)
         except OSError:  # the kernel went: the loop below ends at its next read
-            pass
+            ours.close()
+            return False
         ours.close()
+        return True
 
     def reap() -> None:
         while children:
@@ -346,12 +363,11 @@ def main(fd: int) -> None:
                 # The kernel handed the offered spare a cell (or found it gone): the next one.
                 # Told once the cell is over or has run a moment: this fork must not compete
                 # with a quick cell, nor with the kernel's reply to it.
-                if body.get("pid") == offered[0]:
-                    offered[0] = None
+                offered.discard(body.get("pid"))
                 make_spare()
             elif kind == "preload":
-                # The kernel drops a spare offered before the new imports: it lacks them.
-                offered[0] = None
+                # The kernel drops the spares offered before the new imports: they lack them.
+                offered.clear()
                 outcome: dict[str, str | None] = {}
                 sys.path[:] = body["sys_path"]
                 for name in body["names"]:

@@ -28,6 +28,7 @@ from .conftest import wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPARE_NAME = "nbisolate-spare"  # nbisolate.template.SPARE_NAME
+SPARES = 2  # nbisolate.template.SPARES
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -61,10 +62,11 @@ def test_a_spare_prepares_itself_but_its_cell_finds_a_fresh_main():
 
     ns: dict[str, object] = {"given": 5}
     run_isolated("first = given", ns)  # the template is up and has forked a spare
-    assert wait_until(lambda: bool(_spares_of(launcher.pid)), 10)
-    (spare,) = _spares_of(launcher.pid)
-    # Waiting for its job, it already runs its watchdog thread: no thread start on the cell's path.
-    assert wait_until(lambda: spare.num_threads() == 2, 10), spare.num_threads()
+    assert wait_until(lambda: len(_spares_of(launcher.pid)) == SPARES, 10)
+    spares = _spares_of(launcher.pid)
+    # Waiting for its cell, each already runs its watchdog thread: no thread start on the cell's path.
+    for spare in spares:
+        assert wait_until(lambda spare=spare: spare.num_threads() == 2, 10), spare.num_threads()
     run_isolated(
         "seen = sorted(k for k in globals() if not k.startswith('__'))\n"
         "used = given\n"
@@ -74,7 +76,7 @@ def test_a_spare_prepares_itself_but_its_cell_finds_a_fresh_main():
         "main_is_ours = sys.modules['__main__'].__dict__ is globals()\n",
         ns,
     )
-    assert ns["me"] == spare.pid  # this cell was handed to that spare
+    assert ns["me"] in {spare.pid for spare in spares}  # this cell was handed to a spare
     assert ns["seen"] == ["given"]  # its inputs alone: the rehearsal left nothing
     assert ns["underscore"] is False and ns["main_is_ours"] is True
 
@@ -272,3 +274,86 @@ def test_a_long_cell_reports_its_start_and_load_while_it_runs():
     assert heard["phase start"] <= heard["phase load"] <= heard["phase run"] <= heard["result"]
     assert heard["phase load"] - heard["started"] < 0.75, heard
     assert heard["result"] - heard["phase load"] > 0.75, heard
+
+
+def test_the_cell_goes_to_a_spare_that_holds_its_channel_and_is_named_a_worker_then():
+    """A spare is handed its channel before any cell and keeps its spare's name until its
+    cell arrives; the worker the cell ran in is the one the kernel announced as started."""
+    from nbisolate.supervisor import launcher
+
+    ns: dict[str, object] = {}
+    run_isolated("ready = 1", ns)  # the template is up
+    assert wait_until(lambda: len(_spares_of(launcher.pid)) == SPARES, 10)
+    spares = {p.pid for p in _spares_of(launcher.pid)}
+    t = launcher._current
+    assert wait_until(lambda: {s.pid for s in t.spares} == spares, 10)  # each holds its channel
+    started: list[Event] = []
+    run = CellRun("import os\nme = os.getpid()\nname = open('/proc/self/comm').read().strip()", ns)
+    run.listeners.append(lambda event: started.append(event) if event.kind == "started" else None)
+    run.run_sync()
+    assert ns["me"] in spares and [e.data for e in started] == [ns["me"]]
+    assert ns["name"] != SPARE_NAME  # a worker from the moment its cell arrived
+
+
+def test_a_spare_killed_before_its_cell_takes_nothing_and_the_cell_runs_once(tmp_path):
+    """Spares that are gone when a cell comes (killed from outside): the write of the cell
+    fails, nothing ran, and the cell runs once, in a worker forked for it."""
+    from nbisolate.supervisor import launcher
+
+    ns: dict[str, object] = {"log": str(tmp_path / "ran.txt")}
+    run_isolated("ready = 1", ns)
+    assert wait_until(lambda: len(_spares_of(launcher.pid)) == SPARES, 10)
+    t = launcher._current
+    assert wait_until(lambda: len(t.spares) == SPARES, 10)
+    killed = {p.pid for p in _spares_of(launcher.pid)}
+    for pid in killed:
+        os.kill(pid, 9)
+    assert wait_until(lambda: not (killed & {p.pid for p in _spares_of(launcher.pid)}), 10)
+    run_isolated("import os\nwith open(log, 'a') as f:\n    f.write(f'{os.getpid()}\\n')\nafter = 2", ns)
+    with open(str(ns["log"])) as f:
+        ran = f.read().split()
+    assert len(ran) == 1 and int(ran[0]) not in killed, (ran, killed)
+    assert ns["after"] == 2
+    run_isolated("again = 3", ns)  # and the next cells are served as usual
+    assert ns["again"] == 3
+
+
+def test_the_kernels_environment_of_the_moment_reaches_a_spare_prepared_before_it():
+    """The spare was forked, and handed its channel, before the variable changed: the cell
+    still sees the kernel's environment as it is when the cell runs."""
+    from nbisolate.supervisor import launcher
+
+    ns: dict[str, object] = {}
+    run_isolated("ready = 1", ns)
+    t = launcher._current
+    assert wait_until(lambda: len(t.spares) == SPARES, 10)
+    os.environ["NBISOLATE_START_PATH_VAR"] = "set after the spares"
+    try:
+        run_isolated("import os\nseen = os.environ.get('NBISOLATE_START_PATH_VAR')", ns)
+    finally:
+        del os.environ["NBISOLATE_START_PATH_VAR"]
+    assert ns["seen"] == "set after the spares"
+    run_isolated("import os\nseen = os.environ.get('NBISOLATE_START_PATH_VAR')", ns)
+    assert ns["seen"] is None
+
+
+def test_spares_forked_before_a_preload_are_dropped_for_ones_that_have_it(tmp_path):
+    """A preload makes the kernel drop the spares it holds (they lack the new import); the
+    cells after it run in workers that have it, as the ones forked after a preload did."""
+    from nbisolate.supervisor import launcher
+
+    (tmp_path / "start_path_preloaded.py").write_text("VALUE = 7\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        ns: dict[str, object] = {}
+        run_isolated("ready = 1", ns)
+        t = launcher._current
+        assert wait_until(lambda: len(t.spares) == SPARES, 10)
+        before = {s.pid for s in t.spares}
+        launcher.preload(["start_path_preloaded"])
+        assert wait_until(lambda: not t.preloading and len(t.spares) == SPARES, 10)
+        assert not before & {s.pid for s in t.spares}
+        run_isolated("import sys\nhad = 'start_path_preloaded' in sys.modules", ns)
+        assert ns["had"] is True
+    finally:
+        sys.path.remove(str(tmp_path))
