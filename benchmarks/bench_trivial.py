@@ -15,9 +15,13 @@ millisecond between the magic being called and the reply is accounted for:
   (from the magic's start to ``planned``);
 * ``serialize``: from ``planned`` to ``shipped`` (inspecting and pickling the
   inputs, in the preparing thread, and the hop to it);
-* ``fork``: from ``shipped`` to ``started`` (the template forks the worker);
+* ``fork``: from ``shipped`` to ``started`` (the template forks the worker;
+  about nothing when a spare takes the cell: the kernel writes the run
+  message to a spare it prepared, in the magic's own thread, so the start's
+  time shows in ``serialize``, whose events reach the listeners after it);
 * ``first message``: from ``started`` to the worker's ``start`` phase (the
-  worker's own start, the run message);
+  worker's own start, the run message; a quick cell's start phase travels
+  with its result);
 * ``run``: from the ``start`` phase to the worker's ``run`` phase (loading the
   inputs, running the cell);
 * ``result``: from the ``run`` phase to ``result`` (serializing the results,

@@ -137,9 +137,9 @@ def _spare(control: socket.socket, wake_fds: tuple[int, int], sock: socket.socke
     """A worker forked ahead of its cell: it waits for its channel, then its cell (never returns).
 
     Forking, and a new process's first steps, cost milliseconds that a cell
-    that runs for a few would wait for; the template keeps one such spare,
+    that runs for a few would wait for; the template keeps :data:`SPARES` such spares,
     forked from its imports as they are and having run no code of any cell,
-    and offers it to the kernel, which sends it its channel and pipes ahead of
+    and offers each to the kernel, which sends it its channel and pipes ahead of
     the cell (see :func:`main`).  It keeps the name :data:`SPARE_NAME` until
     its cell arrives.
     """
