@@ -83,6 +83,36 @@ SPARE_AFTER = 0.008
 Forking and preparing the next spare costs the machine a few milliseconds of
 work; done while the kernel replies to a quick cell, it slows the reply."""
 
+class _ReadyHint:
+    """How much room for large inputs the next spare should make ahead (see ``worker.get_ready``).
+
+    The largest input a cell lent in the last :data:`SECONDS`, from
+    :data:`ABOVE` on: a notebook that sends a large array to one cell
+    usually sends it to the next. Copying into room faulted in ahead costs
+    about a ``memcpy``; into fresh memory, the zeroing faults as well.
+    """
+
+    ABOVE = 8 << 20
+    SECONDS = 60.0
+
+    def __init__(self) -> None:
+        self._sizes: list[tuple[float, int]] = []
+        self._lock = threading.Lock()
+
+    def note(self, nbytes: int) -> None:
+        if nbytes >= self.ABOVE:
+            with self._lock:
+                self._sizes.append((time.monotonic(), nbytes))
+
+    def size(self) -> int:
+        with self._lock:
+            since = time.monotonic() - self.SECONDS
+            self._sizes = [(t, n) for t, n in self._sizes if t >= since]
+            return max((n for _, n in self._sizes), default=0)
+
+
+_ready_hint = _ReadyHint()
+
 QUEUE_BYTES = 64 * 1024
 """A ``run`` message up to this size is put into the channel before the worker is asked for
 (see :meth:`Job._queue_run`); a larger one is sent once the worker exists."""
@@ -313,15 +343,17 @@ class _Spare:
     template's child, known by its pid, and has run nothing of any cell.
     """
 
-    def __init__(self, pid: int, spare: socket.socket, env_changed: bool) -> None:
+    def __init__(self, pid: int, spare: socket.socket, env_changed: bool, ready: int = 0) -> None:
         self.pid = pid
         self.env_changed = env_changed  # the template's environment is not the kernel's any more
+        self.ready = ready  # bytes of room for large inputs it makes ahead (see _ReadyHint)
         self.tree = proctree.Tree(pid)  # taken now, while the pid surely names the spare
         self.chan, theirs = socket.socketpair()
         self.out_r, out_w = os.pipe()
         self.err_r, err_w = os.pipe()
         try:
-            send_frame(spare, "job", {"id": None, "fresh": False}, fds=[theirs.fileno(), out_w, err_w])
+            job = {"id": None, "fresh": False, "ready": ready}
+            send_frame(spare, "job", job, fds=[theirs.fileno(), out_w, err_w])
         except OSError:
             self.close()
             raise
@@ -552,7 +584,9 @@ class TemplateLauncher:
                 return
             # env: the template's environment is no longer the one it started with (an
             # import changed it), so the spare must be given the kernel's whole environment.
-            t.spares.append(_Spare(pid, sock, bool(body.get("env"))))
+            # One spare at a time makes room for large inputs, if recent cells had them.
+            ready = 0 if any(s.ready for s in t.spares) else _ready_hint.size()
+            t.spares.append(_Spare(pid, sock, bool(body.get("env")), ready))
         except OSError:
             t.orphans.add(pid)
         finally:
@@ -795,10 +829,13 @@ class TemplateLauncher:
             with self._cond:
                 t.asked()
 
-    def take_spare(self) -> tuple[_Template, _Spare] | None:
+    def take_spare(self, inputs: int = 0) -> tuple[_Template, _Spare] | None:
         """The spare worker the template offered, now this caller's to hand a cell; or None.
 
         The template is told to fork the next one later (:meth:`spare_taken`).
+        A cell with ``inputs`` bytes of large inputs takes the spare that made
+        room for them if there is one; any other takes a spare that made none
+        if it can, keeping that room for the cell it was made for.
         None when there is no spare, or the template cannot be counted
         on to report the worker's exit (stopped, given up, busy with a
         preload): the caller then asks the template for a worker (:meth:`ask`),
@@ -812,7 +849,9 @@ class TemplateLauncher:
         with self._cond:
             if not t.spares or t.preloading or not t.alive or t.lost:
                 return None
-            spare = t.spares.pop(0)  # the oldest: the most likely to have prepared itself
+            # The oldest that fits: the most likely to have prepared itself.
+            fits = [i for i, s in enumerate(t.spares) if (s.ready >= inputs if inputs else not s.ready)]
+            spare = t.spares.pop(fits[0] if fits else 0)
             t.live.add(spare.pid)
             t.untold.add(spare.pid)
             t.running += 1
@@ -1068,7 +1107,7 @@ class Job:
         gone takes nothing (the write fails) and the template is asked
         instead, so a cell never runs twice.
         """
-        taken = launcher.take_spare()
+        taken = launcher.take_spare(sum(self.payload.get("lend", {}).get("sizes", ())))
         if taken is None:
             return None
         t, spare = taken
@@ -1237,6 +1276,7 @@ class Job:
             return
         self.payload = dict(self.payload, lend={"sizes": sizes})
         self._lent, self.buffers = self.buffers, []
+        _ready_hint.note(sum(sizes))
 
     def _queue_run(self, sock: socket.socket, strict: bool = False) -> None:
         """Put a small ``run`` message into the channel now, before the worker is asked for.

@@ -165,6 +165,8 @@ def _spare(control: socket.socket, wake_fds: tuple[int, int], sock: socket.socke
             # cells come faster than spares) is better served cold at once.
             if not select.select([fds[0]], [], [], 0)[0]:
                 worker.rehearse()
+            if body.get("ready"):  # recent cells sent this much: room for the inputs, ahead
+                worker.get_ready(int(body["ready"]), fds[0])
         except Exception:
             pass
         # Its channel came before its cell: it is named a worker once the cell arrives.

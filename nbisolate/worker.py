@@ -29,6 +29,7 @@ import io
 import linecache
 import os
 import queue
+import select
 import signal
 import socket
 import sys
@@ -901,6 +902,35 @@ def rehearse() -> None:
     error_body(ValueError("rehearsal"))
 
 
+_ready: Any = None
+"""Room a spare made, and faulted in, for its cell's large inputs (a :class:`nbisolate.ship.Ready`)."""
+READY_IDLE_SECONDS = 60.0
+"""A spare that waited this long for its cell gives the room back: the notebook moved on."""
+
+
+def get_ready(nbytes: int, chan_fd: int) -> None:
+    """In a spare that holds its channel: make room for ``nbytes`` of inputs, faulted in ahead.
+
+    The kernel asks for it when recent cells sent that much (``ready`` in the
+    spare's job). The faults are taken a piece at a time until the cell
+    arrives, so a cell never waits for more than one piece; what is not
+    faulted in yet is still room, just slower to copy into. Given back if
+    no cell comes for :data:`READY_IDLE_SECONDS`.
+    """
+    global _ready
+    from . import ship
+
+    try:
+        _ready = ship.Ready(nbytes)
+    except (OSError, ValueError, MemoryError):
+        return
+    while not select.select([chan_fd], [], [], 0)[0] and _ready.fault_some():
+        pass
+    if not select.select([chan_fd], [], [], READY_IDLE_SECONDS)[0]:
+        _ready.release()
+        _ready = None
+
+
 def _borrow(chan: Channel, sizes: list[int]) -> list[Any]:
     """The inputs' large buffers, which the kernel kept: room made here, and the kernel copies them in.
 
@@ -910,10 +940,12 @@ def _borrow(chan: Channel, sizes: list[int]) -> list[Any]:
     for them the usual way, where the same shortage is reported as the
     inputs' error.
     """
+    global _ready
     from . import ship
 
+    ready, _ready = _ready, None
     try:
-        views, spans = ship.room(sizes)
+        views, spans = ship.room(sizes, ready)
     except MemoryError:
         views, spans = [], None
     try:
@@ -943,6 +975,8 @@ def main(fd: int) -> None:
         set_environ(job["env"])
     if "lend" in job:
         buffers = _borrow(chan, job.pop("lend")["sizes"])
+    elif _ready is not None:  # room made for inputs this cell does not have: not the cell's to carry
+        _ready.release()
     chan.hold_until = time.monotonic() + chan.HOLD_SECONDS
     assert _watchdog is not None
     _watchdog.arm(chan, job.get("kernel_pid"))

@@ -91,15 +91,15 @@ def _leftovers(k: Kernel, kernel_helpers: bool = False) -> list[str]:
     """Processes under the kernel other than the template (and the kernel's own helpers)."""
     out = []
     for proc in psutil.Process(k.pid).children(recursive=True):
-        try:
+        try:  # a process may end between any two of these reads
             cmd = " ".join(proc.cmdline())
+            if "nbisolate.template" in cmd:
+                continue
+            if kernel_helpers and any(h in cmd for h in KERNEL_HELPERS):
+                continue
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
         except psutil.Error:
-            continue
-        if "nbisolate.template" in cmd:
-            continue
-        if kernel_helpers and any(h in cmd for h in KERNEL_HELPERS):
-            continue
-        if proc.status() == psutil.STATUS_ZOMBIE:
             continue
         out.append(f"{proc.pid} {cmd[:120]}")
     return out

@@ -180,6 +180,28 @@ def test_large_inputs_are_copied_into_the_workers_own_memory(kernel):
     assert not new_shm(shm_before)
 
 
+def _spares(kernel) -> list[psutil.Process]:
+    template = [c for c in psutil.Process(kernel.pid).children() if "nbisolate.template" in " ".join(c.cmdline())]
+    return [p for p in template[0].children() if p.name() == "nbisolate-spare"] if template else []
+
+
+def test_after_a_cell_with_large_inputs_a_spare_makes_room_for_the_next_one_ahead(fresh_kernel):
+    """Once a cell sent large inputs, the next spare makes room for as much and faults it in
+    while it waits; the next such cell takes that spare (a small cell takes another), and
+    its inputs arrive whole."""
+    k = fresh_kernel
+    k.run("import numpy as np\nsrc = np.random.rand(100_000_000 // 8)\nwant = float(src.sum())")
+    k.run("%%isolate\nfirst = float(src.sum())")
+    assert wait_until(lambda: any(p.memory_info().rss > 100e6 for p in _spares(k)), 20)
+    ready = [p.pid for p in _spares(k) if p.memory_info().rss > 100e6]
+    assert len(ready) == 1  # one spare at a time holds the room
+    k.run("%%isolate\nimport os\nsmall_pid = os.getpid()")
+    assert k.value("small_pid") != ready[0]  # a cell without large inputs leaves it be
+    k.run("%%isolate\nimport os\nsecond = float(src.sum())\nbig_pid = os.getpid()")
+    assert k.value("big_pid") == ready[0]
+    assert k.value("first == second == want") is True
+
+
 def test_inputs_travel_through_shared_memory_where_the_kernel_may_not_write_into_its_worker(kernel):
     """Where the copy into the worker is refused (a ptrace policy, a seccomp profile; this
     kernel's user may, so the refusal is made to happen here), the buffers go with the
