@@ -15,10 +15,10 @@ listeners, so each run also gives its breakdown (medians, ms):
 
 * ``serialize``: planning and pickling the inputs in the kernel (to ``shipped``);
 * ``to worker``: from ``shipped`` to the worker's ``load`` phase (handing the
-  inputs over: the copy into shared memory, the fork, the mapping, unpickling),
-  of which ``launch to first word`` is the time from asking for a worker to its
-  first message (the kernel's copy into shared memory, the fork, the worker mapping
-  the segment) and ``worker load`` the worker unpickling them (its own clock);
+  inputs over: the kernel's copy into the worker's memory, unpickling), of which
+  ``launch to first word`` is the time from handing the cell to a worker to its
+  first message (the worker making room, the kernel's copy into it) and
+  ``worker load`` the worker unpickling them (its own clock);
 * ``run``: the cell in the worker (for ``np.ones``: allocating and faulting its pages);
 * ``worker return``: the worker serializing its results (from its own clock);
 * ``to kernel``: from the worker's ``run`` phase to the ``result`` event (serializing,

@@ -253,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
                 row["spread"][name] = _quartiles(values)
             if case.get("breakdown") and not args.smoke:
                 # Where the time of one isolated run goes: the worker's phases (run:
-                # allocating the array; return: serializing it into shared memory and
-                # rebuilding it here), each the median of n runs.
+                # allocating the array; return: serializing it, the kernel copying it out of
+                # the worker, rebuilding it here), each the median of n runs.
                 code = textwrap.dedent(
                     f"""
                     from nbisolate.runner import CellRun as _CR
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                         _ph.append({{
                             "start": _r.phases["start"],
                             "allocate in the worker (run)": _r.phases["run"],
-                            "serialize + copy into shared memory + message": _at["result"] - _at["phase run"],
+                            "serialize, then the kernel copies it out": _at["result"] - _at["phase run"],
                             "rebuild and bind in the kernel": _at["applied"] - _at["result"],
                             "whole run": _at["done"] - _at["planned"],
                         }})
