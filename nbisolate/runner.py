@@ -77,6 +77,12 @@ def inspect_value(name: str, value: Any) -> None:
         ) from None
 
 
+_PLAIN = frozenset(
+    {int, float, complex, bool, type(None), str, bytes, bytearray, list, tuple, dict, set, frozenset, range}
+)
+"""Types whose ``__class__`` and ``__reduce_ex__`` are the interpreter's own: inspecting cannot fail or block."""
+
+
 def _blocked(name: str, seconds: float) -> ShipError:
     return ShipError(
         f"notebook variable {name!r} did not answer within {seconds:g} s when nbisolate looked "
@@ -318,6 +324,8 @@ class CellRun:
     def _inspect_within(self, seconds: float) -> None:
         """Inspect every input (:func:`inspect_value`) in a helper thread, each within ``seconds``."""
         assert self.plan is not None
+        if all(type(self.namespace[name]) in _PLAIN for name in self.plan.inputs):
+            return  # nothing to look at: a builtin value answers at once (a thread costs more)
         where: list[Any] = [None, time.perf_counter()]
         failure: list[BaseException] = []
 

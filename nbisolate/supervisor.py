@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import codecs
 import errno
+import functools
 import itertools
 import os
 import queue
@@ -112,6 +113,12 @@ class _ReadyHint:
 
 
 _ready_hint = _ReadyHint()
+
+
+@functools.lru_cache(maxsize=1)
+def _hostname() -> str:
+    """This machine's name, for a handle's info: asked once (it costs a system call per cell)."""
+    return socket.gethostname()
 
 QUEUE_BYTES = 64 * 1024
 """A ``run`` message up to this size is put into the channel before the worker is asked for
@@ -991,7 +998,7 @@ class Job:
             pid=self.pid,
             started=self.started_at,
             timeout=self.timeout,
-            host=socket.gethostname(),
+            host=_hostname(),
         )
 
     # -- control ---------------------------------------------------------

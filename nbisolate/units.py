@@ -8,6 +8,7 @@ panel, in ``%pickle_check`` and in an error message (binary units throughout:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from .errors import IsolateUsageError
@@ -24,6 +25,7 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} GB"  # pragma: no cover
 
 
+@functools.lru_cache(maxsize=64)
 def parse_size(text: str) -> int:
     """``2G``, ``500M``, ``1.5GB``, ``1024`` (bytes) -> bytes; :class:`IsolateUsageError` otherwise.
 

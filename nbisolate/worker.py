@@ -24,6 +24,7 @@ before the inputs load.
 
 from __future__ import annotations
 
+import _signal
 import ast
 import io
 import linecache
@@ -80,6 +81,12 @@ class _NoStdin(io.TextIOBase):
 
     def fileno(self) -> int:
         raise io.UnsupportedOperation("the isolated worker has no stdin")
+
+
+# ``signal.pthread_sigmask`` turns every signal of the mask it returns into an enum member:
+# restoring a mask that blocked 55 of them cost 54 us per message, against 2 us for the C
+# function it wraps, which takes and returns plain numbers.
+_sigmask = getattr(_signal, "pthread_sigmask", signal.pthread_sigmask)
 
 
 class _WorkerChannel(Channel):
@@ -153,11 +160,11 @@ class _WorkerChannel(Channel):
             self.output.flush()
         if threading.current_thread() is not threading.main_thread():
             return self._send(kind, body, buffers)
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, self._BLOCK)
+        old = _sigmask(signal.SIG_BLOCK, self._BLOCK)
         try:
             self._send(kind, body, buffers)
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            _sigmask(signal.SIG_SETMASK, old)
 
     def _send(self, kind: str, body: Any, buffers: Any) -> None:
         """One message, after the phases held for it (in one write when it is small).
@@ -896,8 +903,8 @@ def rehearse() -> None:
     eval(body, scratch)
     if tail is not None:
         eval(tail, scratch)
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _WorkerChannel._BLOCK)
-    signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    old = _sigmask(signal.SIG_BLOCK, _WorkerChannel._BLOCK)
+    _sigmask(signal.SIG_SETMASK, old)
     frame_bytes(MSG_PHASE, ("start", 0.0))
     error_body(ValueError("rehearsal"))
 
