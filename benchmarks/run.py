@@ -306,9 +306,12 @@ def main(argv: list[str] | None = None) -> int:
         receiving = None if quick else _peak_receiving(kernel)
         sweep = None if args.smoke else _sweep(kernel, 200 if quick else 1000, 3)
         kernel.run("%pickle_check", timeout=300)  # warm
-        t0 = time.perf_counter()
-        kernel.run("%pickle_check", timeout=300)
-        check_seconds = time.perf_counter() - t0
+        checks = []
+        for _ in range(3):  # one run on a shared machine is one draw: the median of three
+            t0 = time.perf_counter()
+            kernel.run("%pickle_check", timeout=300)
+            checks.append(time.perf_counter() - t0)
+        check_seconds = statistics.median(checks)
     finally:
         kernel.execute("try:\n    _client.close(); _cluster.close()\nexcept Exception:\n    pass", timeout=60)
         kernel.shutdown()
@@ -460,7 +463,7 @@ def _report(
     print(f"\nmedian milliseconds (quartiles for the client-timed columns), {meta['date']}, {meta['machine']}\n")
     print(table)
     line = (
-        f"%pickle_check over the whole benchmark namespace: {check_seconds:.2f} s "
+        f"%pickle_check over the whole benchmark namespace: {check_seconds:.2f} s (median of 3) "
         f"(target <= 2 s: {'yes' if check_seconds <= 2 else 'NO'})"
     )
     print("\n" + line)
