@@ -25,6 +25,7 @@ Worker side: the standard library and nbisolate's worker modules only.
 
 from __future__ import annotations
 
+import codecs
 import os
 import select
 import selectors
@@ -50,7 +51,10 @@ _PR_SET_PDEATHSIG = 1
 class _Child:
     """One value's process, as the leader sees it."""
 
-    __slots__ = ("index", "pid", "sock", "chan", "pidfd", "started", "deadline", "outcome", "reason", "output", "dropped", "open")
+    __slots__ = (
+        "index", "pid", "sock", "chan", "pidfd", "started", "deadline", "outcome", "reason", "output", "dropped",
+        "open", "pipes",
+    )
 
     def __init__(self, index: int, pid: int, sock: socket.socket, pidfd: int, timeout: float | None) -> None:
         self.index = index
@@ -65,6 +69,8 @@ class _Child:
         self.output = 0  # bytes of text relayed, against the output limit
         self.dropped = 0
         self.open = True  # its channel may still carry messages
+        # Its own stdout and stderr below Python (C code, subprocesses): read end -> (name, decoder).
+        self.pipes: dict[int, tuple[str, Any]] = {}
 
 
 class _Leader:
@@ -124,19 +130,32 @@ class _Leader:
     # -- the children ------------------------------------------------------------------
     def fork(self, index: int, main: types.ModuleType) -> None:
         mine, theirs = socket.socketpair()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: never returns
             try:
                 mine.close()
+                # Its own pipes, so what it writes below Python is its value's output too.
+                os.dup2(out_w, 1)
+                os.dup2(err_w, 2)
+                for fd in (out_r, out_w, err_r, err_w):
+                    os.close(fd)
                 self.child(index, theirs, main)
             finally:
                 os._exit(71)
         theirs.close()
+        os.close(out_w)
+        os.close(err_w)
         pidfd = os.pidfd_open(pid)
         child = _Child(index, pid, mine, pidfd, self.timeout)
         self.children[pid] = child
         self.sel.register(mine, selectors.EVENT_READ, child)
         self.sel.register(pidfd, selectors.EVENT_READ, child)
+        for fd, name in ((out_r, "stdout"), (err_r, "stderr")):
+            os.set_blocking(fd, False)
+            child.pipes[fd] = (name, codecs.getincrementaldecoder("utf-8")("replace"))
+            self.sel.register(fd, selectors.EVENT_READ, child)
         self.value_buffers[index] = []
         self.add(index, "started", pid)
 
@@ -148,6 +167,8 @@ class _Leader:
         for child in self.children.values():
             child.sock.close()
             os.close(child.pidfd)
+            for fd in child.pipes:
+                os.close(fd)
         self.sel = None  # type: ignore[assignment]
         worker._become_subreaper()  # not inherited: what the cell leaves is found again
         worker._PULL_ABOVE = 1 << 62  # results travel with the message: the leader relays them
@@ -177,8 +198,19 @@ class _Leader:
             return
         if kind == MSG_PHASE or child.reason is not None:
             return
-        if kind == MSG_STREAM and self.max_output:
-            name, text = body
+        if kind == MSG_STREAM:
+            self.stream(child, *body)
+            return
+        if kind in _OUTCOMES:
+            self.drain(child)  # what it wrote below Python comes before its outcome
+            if child.dropped:
+                self.add(child.index, "dropped", {"dropped": child.dropped, "over_rate": 0, "max_output": self.max_output})
+            child.outcome = True
+        self.add(child.index, kind, body, buffers)
+
+    def stream(self, child: _Child, name: str, text: str) -> None:
+        """Relay a child's text, within the output limit (what is over it is counted as dropped)."""
+        if self.max_output:
             room = self.max_output - child.output
             size = len(text.encode("utf-8", "surrogatepass"))
             if size > room:
@@ -186,14 +218,36 @@ class _Leader:
                 if room <= 0:
                     return
                 text = text.encode("utf-8", "surrogatepass")[:room].decode("utf-8", "ignore")
-                body = (name, text)
                 size = room
             child.output += size
-        if kind in _OUTCOMES:
-            if child.dropped:
-                self.add(child.index, "dropped", {"dropped": child.dropped, "over_rate": 0, "max_output": self.max_output})
-            child.outcome = True
-        self.add(child.index, kind, body, buffers)
+        self.add(child.index, MSG_STREAM, (name, text))
+
+    def read_pipe(self, child: _Child, fd: int) -> bool:
+        """Relay what one of a child's pipes holds now; False at its end (then it is closed)."""
+        name, decoder = child.pipes[fd]
+        try:
+            data = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return True
+        except OSError:
+            data = b""
+        if not data:
+            self.sel.unregister(fd)
+            os.close(fd)
+            del child.pipes[fd]
+            text = decoder.decode(b"", final=True)
+        else:
+            text = decoder.decode(data)
+        if text and child.reason is None:
+            self.stream(child, name, text)
+        return bool(data)
+
+    def drain(self, child: _Child) -> None:
+        """Relay all a child's pipes hold now (a grandchild may keep them open: never wait for their end)."""
+        for fd in list(child.pipes):
+            while fd in child.pipes and self.read_pipe(child, fd):
+                if not select.select([fd], [], [], 0)[0]:
+                    break
 
     def ended(self, child: _Child) -> None:
         """A child exited: take its last words, reap it, say how it ended (unless its outcome did)."""
@@ -204,6 +258,11 @@ class _Leader:
             self.read(child)
         if child.open:
             self.sel.unregister(child.sock)
+        self.drain(child)
+        for fd in list(child.pipes):  # a grandchild may still hold them: what it writes now is lost
+            self.sel.unregister(fd)
+            os.close(fd)
+        child.pipes.clear()
         self.sel.unregister(child.pidfd)
         child.sock.close()
         os.close(child.pidfd)
@@ -266,8 +325,11 @@ class _Leader:
                 if key.fileobj is child.sock:
                     if child.open:
                         self.read(child)
-                else:
+                elif key.fd in child.pipes:
+                    self.read_pipe(child, key.fd)
+                elif key.fd == child.pidfd:
                     self.ended(child)
+                # else: a pipe this round already read to its end (draining before an outcome)
             now = time.perf_counter()
             self.expire(now)
             if self.batch and (len(self.batch) >= FLUSH_COUNT or now - self.first_at >= FLUSH_SECONDS):

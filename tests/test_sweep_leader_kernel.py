@@ -81,6 +81,29 @@ def test_output_per_value_is_prefixed_with_its_value(kernel: Kernel):
     assert {f"[v={v}] value {v}" for v in range(N)} <= lines, res.stdout
 
 
+def test_output_below_python_is_prefixed_with_its_value_too(kernel: Kernel):
+    """What a value's C code or subprocess writes straight to its file descriptors is that
+    value's output, prefixed like its prints, and arrives before the sweep ends."""
+    res = kernel.run(
+        cell(
+            f"""
+            %%isolate --quiet --over v=range({N})
+            import os, subprocess
+            os.write(1, b"fd-out %d\\n" % v)
+            os.write(2, b"fd-err %d\\n" % v)
+            subprocess.run(["echo", "child", str(v)], check=True)
+            r = v
+            """
+        ),
+        timeout=120,
+    )
+    assert res.ok, res.error_text
+    out, err = set(res.stdout.splitlines()), set(res.stderr.splitlines())
+    assert {f"[v={v}] fd-out {v}" for v in range(N)} <= out, res.stdout
+    assert {f"[v={v}] child {v}" for v in range(N)} <= out, res.stdout
+    assert {f"[v={v}] fd-err {v}" for v in range(N)} <= err, res.stderr
+
+
 def test_one_failure_is_that_values_alone(kernel: Kernel):
     res = kernel.execute(
         cell(
