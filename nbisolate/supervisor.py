@@ -69,7 +69,16 @@ from .protocol import (
     sync_mark,
 )
 from .template import bootstrap
-from .wire import SHM_THRESHOLD, Arena, Channel, ChannelClosed, frame_bytes, recv_frame, send_frame
+from .wire import (
+    SHM_THRESHOLD,
+    Arena,
+    Channel,
+    ChannelClosed,
+    frame_bytes,
+    read_some,
+    recv_frame,
+    send_frame,
+)
 
 IOPUB_RATE = 1_000_000
 """Jupyter server's default ``iopub_data_rate_limit`` (bytes/s) ..."""
@@ -1699,12 +1708,9 @@ class _Supervision:
         if fd not in self.sel.get_map():  # reached EOF earlier in this same round
             return False
         name, decoder = self.decoders[fd]
-        try:
-            data = os.read(fd, 65536)
-        except BlockingIOError:
+        data = read_some(fd)
+        if data is None:
             return False
-        except OSError:
-            data = b""
         if not data:
             self.sel.unregister(fd)
             self.forward(name, decoder.decode(self.pending[fd], final=True))

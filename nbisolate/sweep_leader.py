@@ -38,7 +38,7 @@ from typing import Any
 
 from . import proctree, worker
 from .protocol import MSG_ERROR, MSG_PHASE, MSG_RESULT, MSG_STREAM, MSG_VALUES
-from .wire import Channel, ChannelClosed
+from .wire import Channel, ChannelClosed, read_some
 
 FLUSH_SECONDS = 0.01
 """How long relayed messages may gather before they go to the kernel in one frame."""
@@ -225,12 +225,9 @@ class _Leader:
     def read_pipe(self, child: _Child, fd: int) -> bool:
         """Relay what one of a child's pipes holds now; False at its end (then it is closed)."""
         name, decoder = child.pipes[fd]
-        try:
-            data = os.read(fd, 1 << 16)
-        except BlockingIOError:
+        data = read_some(fd)
+        if data is None:
             return True
-        except OSError:
-            data = b""
         if not data:
             self.sel.unregister(fd)
             os.close(fd)

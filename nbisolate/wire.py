@@ -104,6 +104,20 @@ class Arena:
         self.size = 0
 
 
+def read_some(fd: int) -> bytes | None:
+    """What non-blocking pipe ``fd`` holds now (up to 64 KiB); ``b""`` at its end, None if nothing yet.
+
+    A read error counts as the end: the writer is gone either way, and a
+    reader of a dead process's output must not raise over it.
+    """
+    try:
+        return os.read(fd, 1 << 16)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+
+
 def recv_exact(sock: socket.socket, n: int) -> bytearray:
     buf = bytearray(n)
     view = memoryview(buf)
