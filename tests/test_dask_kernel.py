@@ -76,8 +76,16 @@ class Cluster:
         return {p.pid for p in self.tree() if "spawn_main" in " ".join(p.cmdline())}
 
     def isolated_workers(self) -> list[psutil.Process]:
-        """nbisolate worker subprocesses running under the cluster now."""
-        return [p for p in self.tree() if "nbisolate.worker" in " ".join(p.cmdline())]
+        """nbisolate worker subprocesses running under the cluster now (an exited one its parent
+        has not reaped yet is not running)."""
+        found = []
+        for p in self.tree():
+            try:  # a process may end, or be a zombie, between any two of these reads
+                if p.status() != psutil.STATUS_ZOMBIE and "nbisolate.worker" in " ".join(p.cmdline()):
+                    found.append(p)
+            except psutil.Error:
+                continue
+        return found
 
     def close(self) -> None:
         self.tree()

@@ -169,9 +169,12 @@ NO_WORKER = textwrap.dedent(
     template = launcher.pid
     os.kill(template, signal.SIGSTOP)  # it can no longer answer: the cell falls back to a spawn
     for _ in range(200):  # stopped for sure before the cell (a signal is delivered, not done, by kill)
-        with open(f"/proc/{{template}}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] == "T":
-                break
+        try:
+            with open(f"/proc/{{template}}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("T", "Z"):
+                    break
+        except FileNotFoundError:  # found stopped by the kernel side already, and killed
+            break
         time.sleep(0.005)
     sys.executable = "/nonexistent/python"  # which fails too
     t0 = time.monotonic()
