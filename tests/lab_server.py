@@ -384,8 +384,30 @@ def lab_fixtures(name: str, cells: list[str], width: int = 1400) -> tuple[Any, A
     return chromium, lab, page
 
 
+# JavaScript: is the kernel idle, and has its status not changed for ``quiet`` ms?  The page's
+# session reports every change (a probe or a comm opening flips it busy for a moment).
+SETTLED_JS = """(quiet) => {
+  const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+  const ctx = w && w.sessionContext;
+  if (!ctx) return false;
+  if (window.__nbisolateWatched !== ctx) {
+    window.__nbisolateWatched = ctx;
+    window.__nbisolateChanged = Date.now();
+    ctx.statusChanged.connect(() => { window.__nbisolateChanged = Date.now(); });
+  }
+  const k = ctx.session && ctx.session.kernel;
+  return !!k && k.status === 'idle' && Date.now() - window.__nbisolateChanged >= quiet;
+}"""
+
+
 def wait_kernel_idle(page: Any, timeout: float = 30_000) -> None:
     page.wait_for_function(f"() => ({KERNEL_JS})() === 'idle'", timeout=timeout)
+
+
+def wait_kernel_settled(page: Any, quiet: float = 1_500, timeout: float = 30_000) -> None:
+    """Wait until the kernel is idle and has stayed so for ``quiet`` ms: a kernel that went
+    back to busy (or never came back) fails here, saying so, rather than by a lucky sample."""
+    page.wait_for_function(SETTLED_JS, arg=quiet, timeout=timeout, polling=100)
 
 
 def cell(page: Any, index: int) -> Any:

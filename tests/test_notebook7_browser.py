@@ -29,6 +29,7 @@ from .lab_server import (
     require_chromium,
     running_lab,
     wait_kernel_idle,
+    wait_kernel_settled,
 )
 
 pytestmark = pytest.mark.browser
@@ -136,9 +137,10 @@ def test_the_page_is_notebook_7_and_the_command_is_usable(page: Any) -> None:
     assert not state["statusbar"], "Notebook 7's notebook page has no status bar"
     assert state["activated"] and state["has"], state
     assert state["enabled"] and state["visible"], state
-    # The extension's status comm may open just after the page first reads idle (the kernel is
-    # busy with it for a moment, truthfully): the kernel must come back to idle.
-    wait_kernel_idle(page)
+    # The extension probes and opens its status comm just after the page first reads idle (the
+    # kernel is busy with each for a moment, truthfully): the kernel must come back to idle, and
+    # stay there.
+    wait_kernel_settled(page)
     assert page.evaluate(KERNEL_JS) == "idle"
     shot(page, "nb7-01-opened")
 
