@@ -617,6 +617,10 @@ def _c() -> Any:
             call.restype = ctypes.c_ssize_t
             call.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong,
                              ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
+        # madvise through ctypes lets go of the GIL meanwhile (the mmap module's does not):
+        # a thread faulting in room would otherwise stall the kernel's other threads.
+        lib.madvise.restype = ctypes.c_int
+        lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         get = ctypes.pythonapi.PyObject_GetBuffer
         get.argtypes = [ctypes.py_object, ctypes.c_void_p, ctypes.c_int]
         get.restype = ctypes.c_int
@@ -667,6 +671,18 @@ def pull_spans(buffers: Sequence[Any]) -> list[tuple[int, int]] | None:
     return spans
 
 
+def available_memory() -> int | None:
+    """MemAvailable of this machine in bytes (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _private(n: int) -> Any:
     """``n`` bytes of fresh private memory of this process, in huge pages where they pay."""
     mm = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -679,31 +695,46 @@ def _private(n: int) -> Any:
 
 
 class Ready:
-    """Room for a coming cell's large inputs, made and faulted in before the cell arrives.
+    """Room for large buffers that are on their way, made and faulted in before they arrive.
 
     Copying into fresh memory costs the page faults that zero it as well as
     the copy: measured on 400 MB, 1.5-2.5x a warm ``memcpy``, against 1.1-1.5x
     into memory faulted in already. A worker waiting for its cell has time for
-    the faults (:meth:`fault_some`, a piece at a time, so a cell that arrives
-    meanwhile waits for one piece at most); memory not faulted in yet is
-    still room, just slower to copy into. :func:`room` uses it when the
-    cell's large buffers fit, and frees what they do not use.
+    the faults of its inputs, and the kernel, waiting for a cell, for those of
+    its result (:meth:`fault_some`, a piece at a time, so buffers that arrive
+    meanwhile wait for one piece at most); memory not faulted in yet is still
+    room, just slower to copy into. :func:`room` uses it when the large
+    buffers fit, and frees what they do not use.
+
+    Made in a process that then forks, its pages would be shared with the
+    child until written: each write would copy a page. The kernel makes its
+    room in a thread while the worker (forked by the template, not by it) runs.
     """
 
     STEP = 16 << 20
 
     def __init__(self, nbytes: int) -> None:
+        import ctypes
+
         self.size = _round_up(int(nbytes), 2 << 20)
         self.map: Any = _private(self.size)
         self.faulted = 0
+        first = ctypes.c_char.from_buffer(self.map)
+        self._base = ctypes.addressof(first)
+        del first  # an exported buffer would keep the map from closing
 
     def fault_some(self) -> bool:
         """Fault in the next piece; False once all of it is in (or the system cannot be asked to)."""
         if self.map is None or self.faulted >= self.size:
             return False
         step = min(self.STEP, self.size - self.faulted)
+        lib = _c()
         try:
-            self.map.madvise(_MADV_POPULATE_WRITE, self.faulted, step)
+            if lib is not None:
+                if lib.madvise(self._base + self.faulted, step, _MADV_POPULATE_WRITE) != 0:
+                    raise OSError("madvise")
+            else:
+                self.map.madvise(_MADV_POPULATE_WRITE, self.faulted, step)
         except (OSError, ValueError):  # before Linux 5.14: the copy faults them in instead
             self.faulted = self.size
             return False
@@ -783,18 +814,21 @@ def room(sizes: Sequence[int], ready: Ready | None = None) -> tuple[list[memoryv
     return out, spans
 
 
-def pull(pid: int, spans: Sequence[Sequence[int]]) -> list[memoryview]:
+def pull(pid: int, spans: Sequence[Sequence[int]], ready: Ready | None = None) -> list[memoryview]:
     """Copy ``spans`` (from :func:`pull_spans`) out of process ``pid`` into memory of this one.
 
-    The memory is :func:`room`'s; one ``process_vm_readv`` call copies up to
+    The memory is :func:`room`'s (``ready``'s when they fit in it, which is
+    used or released either way); one ``process_vm_readv`` call copies up to
     1,024 buffers, two threads share a large copy. Raises ``OSError`` when the
     process may not be read (``EPERM``), is gone (``ESRCH``) or the spans are
     not its memory (``EFAULT``), ``MemoryError`` when there is no room here.
     """
     lib = _c()
     if lib is None:
+        if ready is not None:
+            ready.release()
         raise OSError(errno.ENOSYS, "process_vm_readv is not available here")
-    out, here = room([n for _, n in spans])
+    out, here = room([n for _, n in spans], ready)
     _copy(lib.process_vm_readv, pid, [(h, int(a), n) for (h, n), (a, _) in zip(here, spans, strict=True)])
     return out
 

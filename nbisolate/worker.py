@@ -587,18 +587,6 @@ def _compile_cell(
 
 
 
-def _available_memory() -> int | None:
-    """MemAvailable of this machine in bytes (Linux), else None."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def _fit_result(
     values: dict[str, Any], shipped: Any, max_result: int | None, main: dict[str, Any] | None = None
 ) -> tuple[Any, set[str]]:
@@ -617,7 +605,7 @@ def _fit_result(
         why = f"over the result limit of {format_bytes(max_result)} (max_result)"
         limits.append((int(max_result), why))
     if shipped.nbytes > _CHECK_AVAILABLE_ABOVE:
-        available = _available_memory()
+        available = ship.available_memory()
         if available is not None:
             why = f"more than the {format_bytes(available)} of memory the machine has available"
             limits.append((available, why))

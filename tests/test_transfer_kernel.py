@@ -131,7 +131,7 @@ def test_a_kernel_that_may_not_read_its_worker_gets_results_through_shared_memor
     asked to send its buffers with the message, and the result arrives all the same."""
     kernel.run(
         "import errno, numpy as np\nimport nbisolate.ship as _ship\n_real_pull = _ship.pull\n"
-        "def _refused(pid, spans):\n"
+        "def _refused(pid, spans, ready=None):\n"
         "    raise PermissionError(errno.EPERM, 'Operation not permitted')\n"
         "_ship.pull = _refused"
     )
@@ -200,6 +200,46 @@ def test_after_a_cell_with_large_inputs_a_spare_makes_room_for_the_next_one_ahea
     k.run("%%isolate\nimport os\nsecond = float(src.sum())\nbig_pid = os.getpid()")
     assert k.value("big_pid") == ready[0]
     assert k.value("first == second == want") is True
+
+
+# Keeps what each isolated run's result says of its transfer (the kernel's side of the copy).
+TRANSFERS = """
+import nbisolate.panel as _P
+_transfers = []
+_attach = _P.attach
+def _noting_attach(run, **kw):
+    def listen(event):
+        if event.kind == "result" and isinstance(event.data, dict):
+            _transfers.append(event.data.get("transfer"))
+    run.listeners.append(listen)
+    return _attach(run, **kw)
+_P.attach = _noting_attach
+"""
+
+
+def test_after_a_large_result_the_kernel_makes_room_for_the_next_one_while_the_cell_runs(fresh_kernel):
+    """A cell that returned 80 MB makes the kernel fault in as much while the next cell runs:
+    the next result is copied into that room, whole and right; a cell with a small result
+    only borrows the room, which is freed when it ends, and no helper thread stays."""
+    k = fresh_kernel
+    k.run("import numpy as np, threading, time\n" + TRANSFERS)
+    k.run("%%isolate --quiet\nback = np.ones(10_000_000)")
+    first = k.value("_transfers[-1]")
+    assert first["pull_bytes"] == 80_000_000 and first["pull_room"] == 0  # nothing to go by yet
+    k.run("%%isolate --quiet\nimport time\ntime.sleep(0.3)\nback = np.arange(10_000_000, dtype=np.float64)")
+    second = k.value("_transfers[-1]")
+    assert second["pull_room"] >= 80_000_000, second  # all of it faulted in while the cell slept
+    assert k.value("(float(back[-1]), float(back[:1000].sum()), back.flags.writeable)") == (9_999_999.0, 499500.0, True)
+
+    kproc = psutil.Process(k.pid)
+    k.run("import gc; gc.collect()")
+    rss = kproc.memory_info().rss
+    k.run("%%isolate --quiet\nimport time\ntime.sleep(0.3)\nsmall = 7")
+    assert k.value("small") == 7
+    assert k.value("_transfers[-1]") is None  # a small result travels with its message
+    rooms = "[t.name for t in threading.enumerate() if t.name == 'nbisolate-room']"
+    assert wait_until(lambda: k.value(rooms) == [])
+    assert wait_until(lambda: kproc.memory_info().rss < rss + (30 << 20)), (rss, kproc.memory_info().rss)
 
 
 def test_inputs_travel_through_shared_memory_where_the_kernel_may_not_write_into_its_worker(kernel):
