@@ -907,15 +907,26 @@ def rehearse() -> None:
     rehearses them while it waits, so its cell finds those pages its own.
     Nothing of any cell runs here, and nothing is kept.
     """
-    from . import ship
+    from . import inplace, ship
 
-    scratch: dict[str, Any] = {"__builtins__": __builtins__}
+    scratch: dict[str, Any] = types.ModuleType("__main__").__dict__
+    scratch["__builtins__"] = __builtins__
     shipped = ship.dumps({"_": 0}, skip_failures=True, main=scratch, returning=True)
     ship.loads(shipped.names, shipped.data, shipped.buffers, shipped.engine, scratch)
+    watched = inplace.snapshot(scratch, ["_"])
     body, tail = _compile_cell("_ = 0\n_\n", "<nbisolate>", 0, True)
     eval(body, scratch)
     if tail is not None:
         eval(tail, scratch)
+    inplace.changed(scratch, watched)
+    _quick_to_send(scratch, ["_"], 0)
+    out = {"_": scratch["_"]}
+    pools.left_behind(out)
+    _fit_result(out, ship.dumps(out, skip_failures=True, main=scratch, returning=True), None, scratch)
+    output = _Output(None)  # type: ignore[arg-type]  # never written to: no channel needed
+    _LazyFlusher([_Stream("stdout", output, 1), _Stream("stderr", output, 2)])
+    _flush_c_stdio()
+    _unread(1)
     old = _sigmask(signal.SIG_BLOCK, _WorkerChannel._BLOCK)
     _sigmask(signal.SIG_SETMASK, old)
     frame_bytes(MSG_PHASE, ("start", 0.0))
