@@ -781,8 +781,8 @@ def end_of_cell(timeout: float = 3.0) -> None:
     from . import proctree
 
     trackers = proctree.kill_own_descendants_sparing(proctree.is_resource_tracker)
-    _close_tracker_fds()
-    if trackers:
+    if trackers:  # else no tracker waits on our end of a pipe: the exit closes them all
+        _close_tracker_fds()
         proctree.wait_for_exit(trackers, timeout)
     proctree.kill_own_descendants()
 

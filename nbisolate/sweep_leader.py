@@ -169,14 +169,15 @@ class _Leader:
             os.close(child.pidfd)
             for fd in child.pipes:
                 os.close(fd)
-        self.sel = None  # type: ignore[assignment]
+        # Its descriptor only: dropping the leader's objects here would write to every page they
+        # are on (a fault each, shared with the leader), for memory the exit gives back anyway.
+        os.close(self.sel.fileno())
         worker._become_subreaper()  # not inherited: what the cell leaves is found again
         worker._PULL_ABOVE = 1 << 62  # results travel with the message: the leader relays them
         names, data, engine, _ = self.values[index]
         job = dict(self.base, inputs=names, data=data, engine=engine, shared=None)
         job.pop("sync", None)  # the leader's pipes are marked by the leader
         buffers = self.value_buffers[index]
-        self.values = self.value_buffers = []  # type: ignore[assignment]
         chan = worker._WorkerChannel(sock)
         chan.hold_until = time.monotonic() + chan.HOLD_SECONDS
         # No watchdog thread of its own (a thread costs a fork a millisecond): the leader's
