@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import queue
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 TICK_SECONDS = 0.25
@@ -61,9 +63,20 @@ class Waitable(Protocol):
         """Tell the listeners, once, that the run is over."""
 
 
+@contextlib.contextmanager
+def _ending(run: Waitable) -> Iterator[None]:
+    """Tell ``run`` it is done when the wait ends: with the exception that ended it, if any."""
+    try:
+        yield
+    except BaseException as exc:
+        run.done(exc)
+        raise
+    run.done(None)
+
+
 def wait_sync(run: Waitable) -> Any:
     """Run ``run`` to its end in this thread; Ctrl-C stops it (and raises its outcome)."""
-    try:
+    with _ending(run):
         items: queue.SimpleQueue[Any] = queue.SimpleQueue()
         run.begin(items.put)
         next_tick = time.perf_counter() + TICK_SECONDS
@@ -81,21 +94,13 @@ def wait_sync(run: Waitable) -> Any:
                 continue
             run.feed(item)
         value = run.outcome()
-    except BaseException as exc:
-        run.done(exc)
-        raise
-    run.done(None)
     return value
 
 
 async def wait_async(run: Waitable) -> Any:
     """Run ``run`` to its end while awaiting on the running loop; SIGINT stops it."""
-    try:
+    with _ending(run):
         value = await _wait_async(run)
-    except BaseException as exc:
-        run.done(exc)
-        raise
-    run.done(None)
     return value
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from typing import Any
 
 import psutil
 import pytest
@@ -60,8 +61,8 @@ def _collect(job_events: list[Event], done: threading.Event):
 TEMPLATE = pytest.mark.parametrize("use_template", [True, False], ids=["forked", "spawned"])
 
 
-@TEMPLATE
-def test_a_held_worker_runs_its_cell_only_once_released(tmp_path, use_template):
+def _marking_job(tmp_path, use_template: bool) -> tuple[Job, list[Event], threading.Event, Any]:
+    """A job whose cell creates a marker file (to tell whether it ran), its events, its end."""
     marker = tmp_path / "ran"
     events: list[Event] = []
     done = threading.Event()
@@ -71,6 +72,12 @@ def test_a_held_worker_runs_its_cell_only_once_released(tmp_path, use_template):
         timeout=30,
         use_template=use_template,
     )
+    return job, events, done, marker
+
+
+@TEMPLATE
+def test_a_held_worker_runs_its_cell_only_once_released(tmp_path, use_template):
+    job, events, done, marker = _marking_job(tmp_path, use_template)
     try:
         job.start_soon(held=True)
         if use_template:  # forked ahead: the process exists and waits
@@ -89,15 +96,7 @@ def test_a_held_worker_runs_its_cell_only_once_released(tmp_path, use_template):
 
 @TEMPLATE
 def test_a_held_worker_stopped_before_release_never_gets_its_cell(tmp_path, use_template):
-    marker = tmp_path / "ran"
-    events: list[Event] = []
-    done = threading.Event()
-    job = Job(
-        _payload(f"open({str(marker)!r}, 'w').write('x')", str(tmp_path)),
-        on_event=_collect(events, done),
-        timeout=30,
-        use_template=use_template,
-    )
+    job, events, done, marker = _marking_job(tmp_path, use_template)
     job.start_soon(held=True)
     if use_template:
         assert wait_until(lambda: any(e.kind == "started" for e in events), 10)
