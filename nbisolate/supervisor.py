@@ -96,32 +96,33 @@ work; done while the kernel replies to a quick cell, it slows the reply."""
 class _ReadyHint:
     """How much room to make ahead for large buffers of one kind that are likely to come again.
 
-    The largest such transfer in the last :data:`SECONDS`, from ``above`` on:
-    a notebook that sends a large array to one cell usually sends it to the
-    next, and a cell that returned a large result is usually run again.
-    Copying into room faulted in ahead costs about a ``memcpy``; into fresh
-    memory, the zeroing faults as well.  Two of them: the inputs a spare
-    makes room for (``worker.get_ready``), the results the kernel does
-    (:class:`_ResultRoom`).
+    The largest such transfer in the last :data:`SECONDS`, from ``above`` on,
+    of the same ``key`` when there is one: a notebook that sends a large array
+    to one cell usually sends it to the next, and a cell that returned a large
+    result is usually run again. Copying into room faulted in ahead costs
+    about a ``memcpy``; into fresh memory, the zeroing faults as well.  Two of
+    them: the inputs a spare makes room for (``worker.get_ready``, any cell),
+    the results the kernel does (:class:`_ResultRoom`, keyed by the cell's
+    source: other cells would pay for room they never use).
     """
 
     SECONDS = 60.0
 
     def __init__(self, above: int) -> None:
         self.above = above
-        self._sizes: list[tuple[float, int]] = []
+        self._sizes: list[tuple[float, Any, int]] = []
         self._lock = threading.Lock()
 
-    def note(self, nbytes: int) -> None:
+    def note(self, nbytes: int, key: Any = None) -> None:
         if nbytes >= self.above:
             with self._lock:
-                self._sizes.append((time.monotonic(), nbytes))
+                self._sizes.append((time.monotonic(), key, nbytes))
 
-    def size(self) -> int:
+    def size(self, key: Any = None) -> int:
         with self._lock:
             since = time.monotonic() - self.SECONDS
-            self._sizes = [(t, n) for t, n in self._sizes if t >= since]
-            return max((n for _, n in self._sizes), default=0)
+            self._sizes = [entry for entry in self._sizes if entry[0] >= since]
+            return max((n for _, k, n in self._sizes if k == key), default=0)
 
 
 _ready_hint = _ReadyHint(8 << 20)
@@ -131,10 +132,11 @@ _result_hint = _ReadyHint(64 << 20)
 class _ResultRoom:
     """Room for the coming result, faulted in by a helper thread while the worker runs.
 
-    Made only when a cell returned at least as much in the last minute
-    (:data:`_result_hint`) and the machine has twice that available, once the
-    cell has run for :data:`AFTER`: the kernel then holds the room a little
-    before it holds the result.  A
+    Made only when the same cell (its source) returned at least as much in
+    the last minute (:data:`_result_hint`) and the machine has twice that
+    available, once the cell has run for :data:`AFTER`: the kernel then holds
+    the room a little before it holds the result.  Any other cell makes none:
+    faulting room in takes a core and memory bandwidth from its worker.  A
     result that fits takes it (:meth:`take`, see :func:`nbisolate.ship.room`);
     otherwise it is freed when the run ends (:meth:`release`).  Measured on a
     400 MB result: the copy out of the worker 17-22 ms into this room, 26-33
@@ -148,10 +150,10 @@ class _ResultRoom:
         self._thread.start()
 
     @classmethod
-    def maybe(cls) -> _ResultRoom | None:
+    def maybe(cls, source: Any) -> _ResultRoom | None:
         from . import ship
 
-        nbytes = _result_hint.size()
+        nbytes = _result_hint.size(source)
         if not nbytes:
             return None
         available = ship.available_memory()
@@ -1473,9 +1475,10 @@ class _Supervision:
         self._rate_room = IOPUB_RATE * IOPUB_WINDOW
         self._rate_at = time.perf_counter()
         self.arena: Arena | None = None
-        # A cell of a notebook that just received a large result: room for this one's.
+        # A cell that just returned a large result, run again: room for its result.
         waited = job._waited and not job._ahead and "sweep" not in job.payload
-        self.room = _ResultRoom.maybe() if waited else None
+        self.cell = hash(job.payload.get("source"))  # whose result hints at the next run's room
+        self.room = _ResultRoom.maybe(self.cell) if waited else None
         self.exit_fd: int | None = None
         self.waiter: tuple[int, int] | None = None
         for fd in self.decoders:
@@ -1936,7 +1939,7 @@ class _Supervision:
         ready = room.take() if room is not None else None
         roomy = ready.faulted if ready is not None else 0
         nbytes = sum(int(n) for _, n in where["spans"])
-        _result_hint.note(nbytes)
+        _result_hint.note(nbytes, self.cell)
         try:
             buffers = ship.pull(self.proc.pid, where["spans"], ready)
         except MemoryError as exc:

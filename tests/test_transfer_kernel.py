@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import psutil
 
@@ -217,26 +219,35 @@ _P.attach = _noting_attach
 """
 
 
-def test_after_a_large_result_the_kernel_makes_room_for_the_next_one_while_the_cell_runs(fresh_kernel):
-    """A cell that returned 80 MB makes the kernel fault in as much while the next cell runs:
-    the next result is copied into that room, whole and right; a cell with a small result
-    only borrows the room, which is freed when it ends, and no helper thread stays."""
+def test_a_cell_that_returned_a_large_result_gets_room_made_for_it_while_it_runs_again(fresh_kernel):
+    """A cell that returned 80 MB makes the kernel fault in as much while that cell runs again:
+    its next result is copied into that room, whole and right.  Another cell makes no room; the
+    same cell returning little leaves the room unused, freed when it ends, no helper thread left."""
     k = fresh_kernel
-    k.run("import numpy as np, threading, time\n" + TRANSFERS)
-    k.run("%%isolate --quiet\nback = np.ones(10_000_000)")
+    k.run("import numpy as np, threading\nn = 10_000_000\n" + TRANSFERS)
+    again = "%%isolate --quiet\nimport time\ntime.sleep(0.3)\nback = np.arange(n, dtype=np.float64)"
+    k.run(again)
     first = k.value("_transfers[-1]")
     assert first["pull_bytes"] == 80_000_000 and first["pull_room"] == 0  # nothing to go by yet
-    k.run("%%isolate --quiet\nimport time\ntime.sleep(0.3)\nback = np.arange(10_000_000, dtype=np.float64)")
+    k.run(again)
     second = k.value("_transfers[-1]")
     assert second["pull_room"] >= 80_000_000, second  # all of it faulted in while the cell slept
     assert k.value("(float(back[-1]), float(back[:1000].sum()), back.flags.writeable)") == (9_999_999.0, 499500.0, True)
+    k.run("%%isolate --quiet\nimport time\ntime.sleep(0.3)\nother = np.ones(n)")
+    assert k.value("_transfers[-1]")["pull_room"] == 0  # another cell: no room made for it
 
     kproc = psutil.Process(k.pid)
-    k.run("import gc; gc.collect()")
+    k.run("n = 10\nimport gc; gc.collect()")
     rss = kproc.memory_info().rss
-    k.run("%%isolate --quiet\nimport time\ntime.sleep(0.3)\nsmall = 7")
-    assert k.value("small") == 7
-    assert k.value("_transfers[-1]") is None  # a small result travels with its message
+    peak = [0]
+    running = threading.Thread(target=k.run, args=(again,))  # room for 80 MB while it sleeps
+    running.start()
+    while running.is_alive():
+        peak[0] = max(peak[0], kproc.memory_info().rss)
+        time.sleep(0.01)
+    assert peak[0] > rss + (60 << 20), (rss, peak)  # the room was made...
+    assert k.value("back.tolist()") == [float(i) for i in range(10)]  # ...and not needed
+    assert k.value("_transfers[-1]") is None
     rooms = "[t.name for t in threading.enumerate() if t.name == 'nbisolate-room']"
     assert wait_until(lambda: k.value(rooms) == [])
     assert wait_until(lambda: kproc.memory_info().rss < rss + (30 << 20)), (rss, kproc.memory_info().rss)
