@@ -822,11 +822,27 @@ def test_large_buffers_are_not_copied_into_the_loader(monkeypatch):
 
 
 def test_a_loader_that_cannot_start_leaves_the_verdict_unknown_not_failed(monkeypatch):
+    import datetime
+
     monkeypatch.setattr(sys, "executable", "/bin/false")
-    report = check_namespace({"x": [1, 2]}, serializers=["pickle"], verify_spawn=spawn_loads)
+    # A date is rebuilt by calling its class: loading it runs code, so only the loader may.
+    report = check_namespace(
+        {"x": [datetime.date(2020, 1, 2)]}, serializers=["pickle"], verify_spawn=spawn_loads
+    )
     res = report.reports["x"].results["pickle"]
     assert res.ok is None and res.loads_ok is None
     assert "could not start" in res.note and "/bin/false" in res.note
+
+
+def test_small_plain_data_is_loaded_back_here_without_the_loader(monkeypatch):
+    """Strings, numbers and builtin containers load without running any code: checked in
+    the kernel, they need no loader process (here none could start, and none is missed)."""
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    values = {"x": [1, "two", {"k": (3.0, None, b"4")}], "y": {5, 6}}
+    report = check_namespace(values, verify_spawn=spawn_loads)
+    for name in values:
+        for res in report.reports[name].results.values():
+            assert res.ok is True and res.loads_ok is True and not res.note, (name, res)
 
 
 def test_large_plain_data_is_serialized_once_and_judged_for_every_serializer():

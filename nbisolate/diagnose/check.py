@@ -133,6 +133,34 @@ class _Outcome:
     load_error: str | None = None
 
 
+_LOAD_HERE_BYTES = 4096
+"""Streams up to this size are scanned for opcodes that run code (see :func:`_runs_no_code`)."""
+
+_CODE_OPS = frozenset({
+    "GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "REDUCE", "BUILD",
+    "EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID",
+})
+"""The opcodes by which loading a pickle looks up a name or calls something; without them a
+stream can only build strings, numbers, bytes and the builtin containers."""
+
+
+def _runs_no_code(data: bytes, buffers: Sequence[Any]) -> bool:
+    """True for a small stream, without out-of-band buffers, that names no global and calls
+    nothing: loading it runs no code of any object, so it may be loaded in this process.
+
+    A notebook's many small lists, dicts and strings are checked this way; sending each of
+    them to the loader process (three times: once per serializer) cost ten times the check.
+    """
+    if buffers or len(data) > _LOAD_HERE_BYTES:
+        return False
+    import pickletools
+
+    try:
+        return not any(op.name in _CODE_OPS for op, _, _ in pickletools.genops(data))
+    except Exception:  # not a stream pickletools can read: the loader process decides
+        return False
+
+
 def _fast(
     ser: _Serializer, obj: Any, ctx: _Context, deadline: float, load_seconds: float = DEFAULT_MAX_SECONDS,
 ) -> _Outcome:
@@ -140,7 +168,8 @@ def _fast(
 
     The load runs in the check's loader process when it has one (loading runs
     the object's own code: never in the kernel), for at most ``load_seconds``
-    and not past ``deadline``.
+    and not past ``deadline``; a stream that can run no code
+    (:func:`_runs_no_code`) is loaded here.
     """
     # Serializers that send __main__ by value only need the module-name scan.
     sink = _Sink(ctx.pattern_refs if ser.by_value_main else ctx.pattern_all)
@@ -168,7 +197,7 @@ def _fast(
         unknown = False  # not loaded back, and what loading would do is not known
         if data is None:
             res.note = "not loaded back here: pickle too large to keep for the check"
-        elif ctx.loads_elsewhere:
+        elif ctx.loads_elsewhere and not _runs_no_code(data, keep.buffers):
             load_error, unknown = _load_elsewhere(
                 ser, data, keep, dumped.engine, ctx, res, deadline, load_seconds
             )
