@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import functools
 import re
 import symtable
 import sys
@@ -411,6 +412,43 @@ def _expanded_names(tree: ast.Module) -> set[str]:
     return found
 
 
+@dataclass(frozen=True)
+class _Reading:
+    """What a cell's text alone says (the names it reads and binds), whatever the notebook holds."""
+
+    free: tuple[str, ...]  # read at top level before being bound, in order
+    binds: tuple[str, ...]  # bound at top level, then in nested code (``global``), in order
+    others: tuple[str, ...]  # read in nested code or expanded by IPython lines, not in ``free``
+    has_result: bool
+    deletes: tuple[str, ...]
+    names: frozenset[str]
+
+
+@functools.lru_cache(maxsize=64)
+def _read(source: str, first_line: int, filename: str) -> _Reading:
+    """Parse and read a cell's text once: a cell run again (the usual way to work) is not
+    parsed again.  Raises :class:`SyntaxError` (never cached) as :func:`parse_cell` does."""
+    tree = parse_cell(source, first_line, filename)
+    scope = _ModuleScope()
+    for stmt in tree.body:
+        scope.visit(stmt)
+    nested_reads, nested_writes = _nested_globals(source)
+    expanded = _expanded_names(tree) - set(scope.free)
+    return _Reading(
+        free=tuple(scope.free),
+        binds=tuple(scope.binds) + tuple(sorted(nested_writes - set(scope.binds))),
+        others=tuple(sorted((nested_reads | expanded) - set(scope.free))),
+        has_result=last_expression(tree) is not None and not source.rstrip().endswith(";"),
+        deletes=tuple(scope.deleted),
+        names=frozenset(
+            node.id if isinstance(node, ast.Name) else node.attr
+            for part in (tree, *(m for m in map(magic_code, ast.walk(tree)) if m is not None))
+            for node in ast.walk(part)
+            if isinstance(node, (ast.Name, ast.Attribute))
+        ),
+    )
+
+
 def plan_cell(
     source: str,
     available: Container[str],
@@ -424,12 +462,7 @@ def plan_cell(
     ``inputs`` overrides detection (only those are shipped); a named input
     that does not exist is a usage error.  ``outputs`` narrows what comes back.
     """
-    tree = parse_cell(source, first_line, filename)
-    scope = _ModuleScope()
-    for stmt in tree.body:
-        scope.visit(stmt)
-    nested_reads, nested_writes = _nested_globals(source)
-
+    reading = _read(source, first_line, filename)
     if inputs is not None:
         chosen = tuple(dict.fromkeys(inputs))
         missing = [n for n in chosen if n not in available]
@@ -440,34 +473,21 @@ def plan_cell(
                 "%%isolate find the inputs itself."
             )
     else:
-        expanded = _expanded_names(tree) - set(scope.free)
-        wanted = list(scope.free) + sorted((nested_reads | expanded) - set(scope.free))
-        chosen = tuple(n for n in wanted if n in available)
+        chosen = tuple(n for n in reading.free + reading.others if n in available)
 
-    binds = list(scope.binds) + sorted(nested_writes - set(scope.binds))
-    if outputs is not None:
-        out = tuple(dict.fromkeys(outputs))
-    else:
-        out = tuple(binds)
-
-    source_text = source.rstrip()
-    has_result = last_expression(tree) is not None and not source_text.endswith(";")
+    binds = reading.binds
+    out = tuple(dict.fromkeys(outputs)) if outputs is not None else binds
     missing_reads = tuple(
-        n for n in scope.free if n not in available and n not in _BUILTINS and n not in binds
+        n for n in reading.free if n not in available and n not in _BUILTINS and n not in binds
     )
     return Plan(
         source=source,
         inputs=chosen,
         outputs=out,
-        has_result=has_result,
+        has_result=reading.has_result,
         missing=missing_reads,
-        deletes=tuple(scope.deleted),
-        names=frozenset(
-            node.id if isinstance(node, ast.Name) else node.attr
-            for part in (tree, *(m for m in map(magic_code, ast.walk(tree)) if m is not None))
-            for node in ast.walk(part)
-            if isinstance(node, (ast.Name, ast.Attribute))
-        ),
+        deletes=reading.deletes,
+        names=reading.names,
     )
 
 

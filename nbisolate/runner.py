@@ -358,7 +358,6 @@ class CellRun:
             options=self.options,
             label=self.label,
             shipment=self.shipment,
-            packages=user_packages(self.namespace) if self.packages is None else self.packages,
             shared=shared,
         )
         if check:
@@ -459,6 +458,11 @@ class CellRun:
             launch.payload["spent"] = self._spent
         self._start_clock = time.perf_counter()
         handle = backends.start_tracked(self.backend, launch, deliver)
+        preload = getattr(self.backend, "preload", None)
+        if preload is not None:
+            # The next cells that use the notebook's packages should not pay their import.  Found
+            # once the worker has its cell: looking at every notebook variable takes a moment.
+            preload(user_packages(self.namespace) if self.packages is None else self.packages)
         with self._lock:
             self.handle = handle
             stop = self._failed is not None

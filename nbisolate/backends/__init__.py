@@ -52,8 +52,6 @@ class Launch:
     options: RunOptions
     label: str
     shipment: Any = None
-    packages: list[str] = field(default_factory=list)
-    """Third-party packages the notebook imported (a local backend may preload them)."""
     shared: Any = None
     """Inputs serialized once for several launches (a sweep's), sent beside ``shipment``."""
 

@@ -44,10 +44,6 @@ class LocalBackend:
                 "nothing ran. Check that the working directory still exists and the machine "
                 "has free memory and process slots, then run the cell again."
             ) from exc
-        # The next cells that use the notebook's packages should not pay their import.
-        from ..supervisor import launcher
-
-        launcher.preload(launch.packages)
         return job
 
     def start_soon(self, launch: Launch, deliver: Deliver, held: bool = False) -> RunHandle:
