@@ -425,10 +425,10 @@ class _Reading:
 
 
 @functools.lru_cache(maxsize=64)
-def _read(source: str, first_line: int, filename: str) -> _Reading:
+def _read(source: str) -> _Reading:
     """Parse and read a cell's text once: a cell run again (the usual way to work) is not
     parsed again.  Raises :class:`SyntaxError` (never cached) as :func:`parse_cell` does."""
-    tree = parse_cell(source, first_line, filename)
+    tree = parse_cell(source)
     scope = _ModuleScope()
     for stmt in tree.body:
         scope.visit(stmt)
@@ -462,7 +462,11 @@ def plan_cell(
     ``inputs`` overrides detection (only those are shipped); a named input
     that does not exist is a usage error.  ``outputs`` narrows what comes back.
     """
-    reading = _read(source, first_line, filename)
+    try:
+        reading = _read(source)  # by its text alone: IPython names each run's code anew
+    except SyntaxError:
+        parse_cell(source, first_line, filename)  # raises it, placed as the user sees the cell
+        raise
     if inputs is not None:
         chosen = tuple(dict.fromkeys(inputs))
         missing = [n for n in chosen if n not in available]

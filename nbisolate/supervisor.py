@@ -201,6 +201,44 @@ QUEUE_BYTES = 64 * 1024
 _ids = itertools.count(1)
 
 
+class _WakePipes:
+    """A job's wake pipe, made ahead, off the next cell's path.
+
+    ``os.pipe()`` lets go of the GIL, and as a cell starts the kernel's other
+    threads are waiting for it (IOPub sending the cell's ``busy`` and
+    ``execute_input``, IPython saving its history): the magic waited 0.1 ms
+    to get it back, before its worker had the cell.  A job's reader thread
+    makes the next one once its job is over; a job that finds none (the
+    first, a sweep's many) makes its own.
+    """
+
+    AHEAD = 1
+
+    def __init__(self) -> None:
+        self._ready: list[tuple[int, int]] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> tuple[int, int]:
+        with self._lock:
+            if self._ready:
+                return self._ready.pop()
+        return os.pipe()
+
+    def make_ahead(self) -> None:
+        with self._lock:
+            if len(self._ready) >= self.AHEAD:
+                return
+        try:
+            pipe = os.pipe()
+        except OSError:  # out of descriptors: the next job says so when it makes its own
+            return
+        with self._lock:
+            self._ready.append(pipe)
+
+
+_wake_pipes = _WakePipes()
+
+
 class _Arenas:
     """Warm shared-memory arenas for inputs, kept a while between cells.
 
@@ -1044,7 +1082,7 @@ class Job:
         self.started_at = time.time()
         self._t0 = time.perf_counter()
         self._stop_reason: str | None = None
-        self._wake_r, self._wake_w = os.pipe()
+        self._wake_r, self._wake_w = _wake_pipes.take()
         # Guards the wake pipe: once the job is over its descriptors are closed, and a
         # late stop() must not write to a number the kernel has since reused for a file.
         self._wake_lock = threading.RLock()
@@ -1560,6 +1598,7 @@ class _Supervision:
             self.tell_taken()
             self.close()
         self.emit_exit(failure)
+        _wake_pipes.make_ahead()  # for the next job, now that this one is over
 
     def send_run(self) -> None:
         """Send the payload, its buffers in a warm arena when they are large (one memcpy).
