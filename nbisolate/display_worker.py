@@ -543,11 +543,22 @@ ADAPTERS: dict[str, Callable[[Any], None]] = {
 }
 
 
+_adapted: set[str] = set()
+"""The modules of :data:`ADAPTERS` already adapted in this process."""
+_untold: list[str] = []
+"""What could not be adapted before a cell had streams to say it on (see :func:`prepare`)."""
+
+
 def _adapt(name: str, module: Any) -> None:
+    _adapted.add(name)
     try:
         ADAPTERS[name](module)
     except Exception as exc:  # never break the cell's import over a nicety
-        _note(f"could not adapt {name} to the isolated cell ({type(exc).__name__}: {exc}).")
+        text = f"could not adapt {name} to the isolated cell ({type(exc).__name__}: {exc})."
+        if _chan is None:
+            _untold.append(text)
+        else:
+            _note(text)
 
 
 class _AdaptingLoader:
@@ -600,6 +611,19 @@ class AdaptOnImport:
         return spec
 
 
+def prepare() -> None:
+    """What :func:`install` does that needs no channel: ``display`` as a builtin, the modules
+    already imported adapted, the others as they are imported.  A spare worker does it while
+    it waits for its cell (off the cell's path); :func:`install` does what is left."""
+    builtins.display = display  # type: ignore[attr-defined]
+    if not any(isinstance(finder, AdaptOnImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, AdaptOnImport())
+    for name in ADAPTERS:
+        module = sys.modules.get(name)
+        if module is not None and name not in _adapted:
+            _adapt(name, module)
+
+
 def install(chan: Any) -> None:
     """Make the worker's output behave like the kernel's; call before the job's inputs load.
 
@@ -610,10 +634,6 @@ def install(chan: Any) -> None:
     global _chan
     _chan = chan
     _streams[:] = [sys.stdout, sys.stderr]
-    builtins.display = display  # type: ignore[attr-defined]
-    if not any(isinstance(finder, AdaptOnImport) for finder in sys.meta_path):
-        sys.meta_path.insert(0, AdaptOnImport())
-    for name in ADAPTERS:
-        module = sys.modules.get(name)
-        if module is not None:
-            _adapt(name, module)
+    prepare()
+    while _untold:
+        _note(_untold.pop(0))

@@ -702,7 +702,7 @@ def _run(
     run_seconds = time.perf_counter() - t2
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
-    _flush_c_stdio()
+    # (C-level output is flushed with the marks, after the results are serialized.)
     # Results that take no time to serialize: the kernel hears of the run's end with them.
     chan.phase("run", run_seconds, hold=_quick_to_send(ns, job["outputs"], value))  # type: ignore[attr-defined]
 
@@ -854,6 +854,7 @@ def prepare() -> None:
     _become_subreaper()
     sys.stdin = _NoStdin()
     pools.install()  # the cell's own process pools: by value, and children that report
+    display_worker.prepare()  # display(), plots, widgets: all but the channel
     _watchdog = _Watchdog()
 
 

@@ -223,6 +223,15 @@ def test_fd_level_and_subprocess_output_reach_the_cell(kernel):
     assert "child-err" in res.stderr
 
 
+def test_c_library_output_left_in_its_buffer_reaches_the_cell(kernel):
+    """printf from C code writes into the C library's buffer, not the pipe: the worker flushes
+    it when the cell ends (stdout is a pipe there, so the buffer is not flushed per line)."""
+    res = kernel.run(
+        "%%isolate\nimport ctypes\nctypes.CDLL(None).printf(b'from C, no newline')\ndone = 1"
+    )
+    assert "from C, no newline" in res.stdout, res.stdout
+
+
 def test_timeout_stops_an_endless_loop_and_kernel_keeps_working(kernel):
     kernel.run("guard = 'kept'")
     res = kernel.execute("%%isolate --timeout 1.5\nguard = 'lost'\nwhile True:\n    pass")
