@@ -150,10 +150,11 @@ class _ResultRoom:
         self._thread.start()
 
     @classmethod
-    def maybe(cls, source: Any) -> _ResultRoom | None:
+    def maybe(cls, cell: int) -> _ResultRoom | None:
+        """Room for the result of ``cell`` (the hash of its source), or None: see above."""
         from . import ship
 
-        nbytes = _result_hint.size(source)
+        nbytes = _result_hint.size(cell)
         if not nbytes:
             return None
         available = ship.available_memory()
