@@ -208,45 +208,53 @@ def test_a_value_sharing_objects_with_one_that_failed_says_so():
     assert "shares objects with 'fragile'" in str(failed["later"])
 
 
-def _child_holding(make):
-    """Fork a child that builds buffers with ``make``, reports their spans and waits;
-    returns (pid, spans, release), release() lets it exit and reaps it."""
-    import os
+# A child of this process, started fresh (forking pytest, which runs threads of earlier tests,
+# could deadlock the child): it runs MAKE (Python source defining ``make()``), prints where its
+# buffers are, and keeps them until it reads a byte.
+_HOLDING = """
+import json, sys
+import numpy as np
+from nbisolate import ship
+{make}
+buffers = make()
+sys.stdout.write(json.dumps(ship.pull_spans(buffers)) + "\\n")
+sys.stdout.flush()
+sys.stdin.read(1)
+"""
 
-    r, w = os.pipe()
-    r2, w2 = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        try:
-            buffers = make()
-            os.write(w, json.dumps(ship.pull_spans(buffers)).encode())
-            os.close(w)  # the parent reads to the end
-            os.read(r2, 1)
-        finally:
-            os._exit(0)
-    os.close(w)
-    os.close(r2)
-    data = b""
-    while chunk := os.read(r, 1 << 16):
-        data += chunk
-    os.close(r)
+
+def _child_holding(make: str):
+    """Start a child that builds buffers with ``make`` (source defining ``make()``), reports their
+    spans and waits; returns (pid, spans, release), release() lets it exit and reaps it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLDING.format(make=make)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout is not None and proc.stdin is not None
+    line = proc.stdout.readline()
 
     def release():
-        os.write(w2, b"x")
-        os.close(w2)
-        os.waitpid(pid, 0)
+        proc.stdin.close()  # its read returns: it exits
+        proc.wait(timeout=30)
+        proc.stdout.close()
 
-    return pid, json.loads(data), release
+    if not line:
+        release()
+        raise AssertionError(f"the child holding buffers failed (exit code {proc.returncode})")
+    return proc.pid, json.loads(line), release
 
 
 def test_pull_copies_buffers_out_of_another_process_into_private_memory():
-    def make():
-        big = np.arange(1_000_000, dtype=np.float64)
-        big.flags.writeable = False  # read-only there: still readable, and a copy here
-        small = [np.full(10, i, dtype=np.int16) for i in range(1500)]  # over one read's 1,024
-        return [memoryview(big).cast("B"), memoryview(b"bytes too"), memoryview(b""),
-                *(memoryview(a).cast("B") for a in small)]
-
+    make = """
+def make():
+    global kept
+    big = np.arange(1_000_000, dtype=np.float64)
+    big.flags.writeable = False  # read-only there: still readable, and a copy here
+    small = [np.full(10, i, dtype=np.int16) for i in range(1500)]  # over one read's 1,024
+    kept = [big, small]
+    return [memoryview(big).cast("B"), memoryview(b"bytes too"), memoryview(b""),
+            *(memoryview(a).cast("B") for a in small)]
+"""
     pid, spans, release = _child_holding(make)
     try:
         out = ship.pull(pid, spans)
@@ -262,7 +270,7 @@ def test_pull_copies_buffers_out_of_another_process_into_private_memory():
 def test_pull_says_why_it_cannot_read():
     import errno
 
-    pid, spans, release = _child_holding(lambda: [memoryview(bytearray(2 << 20))])
+    pid, spans, release = _child_holding("def make():\n    return [memoryview(bytearray(2 << 20))]")
     release()
     with pytest.raises(OSError) as gone:
         ship.pull(pid, spans)
@@ -287,40 +295,42 @@ def test_split_cuts_a_large_copy_into_two_halves_at_huge_page_boundaries():
     assert ship._split([(0, 0, 4096)]) == [[(0, 0, 4096)]]  # too small to cut: one part
 
 
+_ROOM = """
+import json, sys
+import numpy as np
+from nbisolate import ship
+views, spans = ship.room(json.loads(sys.argv[1]))
+sys.stdout.write(json.dumps(spans) + "\\n")
+sys.stdout.flush()
+sys.stdin.read(1)
+ok = (
+    np.frombuffer(views[0], dtype=np.float64)[-1] == 8_999_999
+    and bytes(views[1]) == b"small bytes"
+    and list(np.frombuffer(views[2], dtype=np.int8)) == [3] * 7
+)
+sys.exit(0 if ok else 3)
+"""
+
+
 def test_place_writes_buffers_into_room_another_process_made():
     """The input side: a child makes room, this process copies into it (over the size two
     threads share, and small buffers beside), and the child reads exactly what was sent."""
-    import os
-    import pickle
-
     sent = [np.arange(9_000_000, dtype=np.float64), b"small bytes", np.full(7, 3, dtype=np.int8)]
-    to_child_r, to_child_w = os.pipe()
-    to_parent_r, to_parent_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: room, then wait to be written into, then check
-        try:
-            views, spans = ship.room([memoryview(b).nbytes for b in sent])
-            os.write(to_parent_w, pickle.dumps(spans))
-            os.read(to_child_r, 1)
-            ok = (
-                np.frombuffer(views[0], dtype=np.float64)[-1] == 8_999_999
-                and bytes(views[1]) == b"small bytes"
-                and list(np.frombuffer(views[2], dtype=np.int8)) == [3] * 7
-            )
-            os._exit(0 if ok else 3)
-        except BaseException:
-            os._exit(4)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _ROOM, json.dumps([memoryview(b).nbytes for b in sent])],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout is not None and proc.stdin is not None
     try:
-        spans = pickle.loads(os.read(to_parent_r, 1 << 16))
-        ship.place(pid, spans, sent)
+        spans = json.loads(proc.stdout.readline())
+        ship.place(proc.pid, spans, sent)
         with pytest.raises(OSError):  # a buffer larger than the room made for it
-            ship.place(pid, [(spans[1][0], 3)], [b"too long"])
+            ship.place(proc.pid, [(spans[1][0], 3)], [b"too long"])
     finally:
-        os.write(to_child_w, b"x")
-        _, status = os.waitpid(pid, 0)
-        for fd in (to_child_r, to_child_w, to_parent_r, to_parent_w):
-            os.close(fd)
-    assert os.waitstatus_to_exitcode(status) == 0
+        proc.stdin.close()  # its read returns: it checks what it was sent
+        proc.wait(timeout=30)
+        proc.stdout.close()
+    assert proc.returncode == 0
 
 
 def test_room_takes_memory_made_ready_ahead_when_the_buffers_fit():
