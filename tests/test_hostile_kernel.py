@@ -98,6 +98,18 @@ def test_a_late_fork_reply_is_never_handed_to_the_next_cell(pkg_kernel, tmp_path
         res = k.execute("%%isolate\nimport os\nme = os.getpid()\nme", timeout=30)
         assert res.ok, res.error_text
         assert k.value("me") == int(res.result["text/plain"])
+    # Before the exit code is asked of it: the template (a new one, if the busy one was given up)
+    # has imported slowpkg and is idle. A template busy importing reports no exit until it is done,
+    # and says so; that is not what this test is about.
+    ready = (
+        "(lambda t: t is not None and 'slowpkg' in t.preloaded and not t.preloading and not t.pending)"
+        "(__import__('nbisolate.supervisor', fromlist=['x']).launcher._current)"
+    )
+    for _ in range(3):
+        if wait_until(lambda: k.value(ready), 20):
+            break
+        k.run("%%isolate\n1", timeout=30)  # a new template: this cell has it import slowpkg
+    assert k.value(ready)
     res = k.execute("%%isolate\nimport os\nos._exit(7)", timeout=30)
     assert "exit code 7" in res.error["evalue"], res.error_text
     still_fine(k)
