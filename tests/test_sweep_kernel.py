@@ -75,6 +75,14 @@ def _marking_job(tmp_path, use_template: bool) -> tuple[Job, list[Event], thread
     return job, events, done, marker
 
 
+def _running(proc: psutil.Process) -> bool:
+    """Alive and not a zombie (False for one that ended while it was looked at)."""
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 @TEMPLATE
 def test_a_held_worker_runs_its_cell_only_once_released(tmp_path, use_template):
     job, events, done, marker = _marking_job(tmp_path, use_template)
@@ -163,7 +171,7 @@ def test_interrupt_ends_running_and_held_workers_and_binds_nothing(fresh_kernel:
             children = psutil.Process(template).children()
         except psutil.NoSuchProcess:
             return True
-        return len([c for c in children if c.status() != psutil.STATUS_ZOMBIE]) <= SPARES
+        return len([c for c in children if _running(c)]) <= SPARES
 
     assert wait_until(only_the_spare_left, 10)
     assert k.value("'swept' in globals()") is False

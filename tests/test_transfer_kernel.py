@@ -182,9 +182,28 @@ def test_large_inputs_are_copied_into_the_workers_own_memory(kernel):
     assert not new_shm(shm_before)
 
 
+def _alive(look):
+    """``look()``, or None for a process that ended while it was looked at (a worker exiting)."""
+    try:
+        return look()
+    except psutil.NoSuchProcess:
+        return None
+
+
 def _spares(kernel) -> list[psutil.Process]:
-    template = [c for c in psutil.Process(kernel.pid).children() if "nbisolate.template" in " ".join(c.cmdline())]
-    return [p for p in template[0].children() if p.name() == "nbisolate-spare"] if template else []
+    template = [
+        c for c in psutil.Process(kernel.pid).children()
+        if "nbisolate.template" in " ".join(_alive(c.cmdline) or ())
+    ]
+    if not template:
+        return []
+    return [p for p in _alive(template[0].children) or () if _alive(p.name) == "nbisolate-spare"]
+
+
+def _roomy(spare: psutil.Process) -> bool:
+    """A spare that made room for 100 MB of inputs (its memory shows it)."""
+    info = _alive(spare.memory_info)
+    return info is not None and info.rss > 100e6
 
 
 def test_after_a_cell_with_large_inputs_a_spare_makes_room_for_the_next_one_ahead(fresh_kernel):
@@ -194,8 +213,8 @@ def test_after_a_cell_with_large_inputs_a_spare_makes_room_for_the_next_one_ahea
     k = fresh_kernel
     k.run("import numpy as np\nsrc = np.random.rand(100_000_000 // 8)\nwant = float(src.sum())")
     k.run("%%isolate\nfirst = float(src.sum())")
-    assert wait_until(lambda: any(p.memory_info().rss > 100e6 for p in _spares(k)), 20)
-    ready = [p.pid for p in _spares(k) if p.memory_info().rss > 100e6]
+    assert wait_until(lambda: any(_roomy(p) for p in _spares(k)), 20)
+    ready = [p.pid for p in _spares(k) if _roomy(p)]
     assert len(ready) == 1  # one spare at a time holds the room
     k.run("%%isolate\nimport os\nsmall_pid = os.getpid()")
     assert k.value("small_pid") != ready[0]  # a cell without large inputs leaves it be
