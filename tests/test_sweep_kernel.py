@@ -22,6 +22,7 @@ from nbisolate.template import SPARES
 
 from .conftest import wait_until
 from .kernel import Kernel
+from .test_faults_kernel import gone
 
 
 def cell(text: str) -> str:
@@ -73,14 +74,6 @@ def _marking_job(tmp_path, use_template: bool) -> tuple[Job, list[Event], thread
         use_template=use_template,
     )
     return job, events, done, marker
-
-
-def _running(proc: psutil.Process) -> bool:
-    """Alive and not a zombie (False for one that ended while it was looked at)."""
-    try:
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 @TEMPLATE
@@ -171,7 +164,7 @@ def test_interrupt_ends_running_and_held_workers_and_binds_nothing(fresh_kernel:
             children = psutil.Process(template).children()
         except psutil.NoSuchProcess:
             return True
-        return len([c for c in children if _running(c)]) <= SPARES
+        return len([c for c in children if not gone(c.pid)]) <= SPARES
 
     assert wait_until(only_the_spare_left, 10)
     assert k.value("'swept' in globals()") is False
