@@ -21,8 +21,12 @@ notebook went on meanwhile).
 notebook variables like any other and come back through
 :mod:`nbisolate.inplace`.
 
-Standard library only; NumPy is used only when it is imported anyway (in a
-worker that has not imported it, its state is set the moment the cell does).
+Standard library only; NumPy is used only when it is imported anyway. NumPy 2
+imports ``numpy.random`` only when it is first used, and that import costs
+about 10 ms: so looking at the state never imports it, and a worker sets
+NumPy's state the moment its cell first imports ``numpy.random``
+(``restore(..., lazily=True)``). A cell that never draws from NumPy does not
+pay for it.
 """
 
 from __future__ import annotations
@@ -37,8 +41,8 @@ State = dict[str, Any]
 def capture() -> State:
     """This process's global random states, as plain Python values."""
     state: State = {"random": random.getstate()}
-    np = sys.modules.get("numpy")
-    legacy = getattr(getattr(np, "random", None), "get_state", None)
+    # Not ``numpy.random`` by attribute: with NumPy 2 that would import it.
+    legacy = getattr(sys.modules.get("numpy.random"), "get_state", None)
     if legacy is not None:
         try:
             name, keys, pos, has_gauss, cached = legacy(legacy=True)
@@ -48,19 +52,25 @@ def capture() -> State:
     return state
 
 
-def restore(state: State | None) -> None:
-    """Set the global random states captured by :func:`capture` in another process."""
+def restore(state: State | None, lazily: bool = False) -> None:
+    """Set the global random states captured by :func:`capture` in another process.
+
+    NumPy's is set now if this process has imported NumPy; with ``lazily`` (a
+    worker, before its cell), only once ``numpy.random`` is imported, by the
+    cell or already.
+    """
     if not state:
         return
     if "random" in state:
         random.setstate(state["random"])
     if "numpy" in state:
-        if "numpy" in sys.modules:
+        trigger = "numpy.random" if lazily else "numpy"
+        if trigger in sys.modules:
             _set_numpy(state["numpy"])
-        else:  # importing NumPy costs ~50 ms: only if the cell does, and then at once
+        else:  # importing NumPy costs ~50 ms, numpy.random ~10: only if the cell does, and then at once
             from .pools import _when_imported
 
-            _when_imported("numpy", lambda: _set_numpy(state["numpy"]))
+            _when_imported(trigger, lambda: _set_numpy(state["numpy"]))
 
 
 def _set_numpy(packed: tuple[Any, ...]) -> None:
@@ -68,7 +78,10 @@ def _set_numpy(packed: tuple[Any, ...]) -> None:
         import numpy as np
 
         name, raw, dtype, pos, has_gauss, cached = packed
-        np.random.set_state((name, np.frombuffer(raw, dtype=dtype).copy(), pos, has_gauss, cached))
+        keys = np.frombuffer(raw, dtype=dtype).copy()
+        # From sys.modules when it is there: the hook runs while numpy.random is being imported.
+        generator = sys.modules.get("numpy.random") or np.random
+        generator.set_state((name, keys, pos, has_gauss, cached))
     except Exception:  # another NumPy version here: this side's own state
         pass
 

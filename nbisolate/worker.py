@@ -655,7 +655,7 @@ def _run(
     ns.update(ship.loads(job["inputs"], job["data"], buffers, job["engine"], ns))
     del buffers
     watched = inplace.snapshot(ns, job.get("watch") or ())
-    rng.restore(job.get("rng"))
+    rng.restore(job.get("rng"), lazily=True)
     chan.phase("load", time.perf_counter() - t1, hold=small)  # type: ignore[attr-defined]
 
     filename = job["filename"]

@@ -557,6 +557,21 @@ def test_out_naming_an_input_the_cell_left_alone_is_no_typo(kernel):
     assert kernel.value("(total, given is same_given)") == (3, True)
 
 
+def test_a_cell_that_draws_nothing_from_numpy_does_not_import_its_random_module(fresh_kernel):
+    """NumPy 2 imports numpy.random only when first used (about 10 ms): a worker sets the
+    notebook's NumPy state only once its cell imports it, and then the draws are the kernel's."""
+    k = fresh_kernel
+    k.run("import numpy as np\nnp.random.seed(5)\nexpected = [float(np.random.rand()) for _ in range(2)]")
+    k.run("np.random.seed(5)")
+    res = k.execute("%%isolate\nimport sys\nhad = 'numpy.random' in sys.modules\nones = np.ones(3).sum()")
+    assert res.ok, res.error_text
+    lazy = int(k.value("np.__version__.split('.')[0]")) >= 2
+    assert k.value("had") is (not lazy)
+    res = k.execute("%%isolate\nfirst = float(np.random.rand())")
+    assert res.ok, res.error_text
+    assert k.value("[first, float(np.random.rand())] == expected") is True
+
+
 def test_numpy_state_follows_even_when_the_worker_imports_numpy_itself(fresh_kernel):
     """NumPy seeded in the kernel but not bound in the notebook (so not preloaded): the worker
     does not pay for importing it up front, and a cell that imports it draws the kernel's numbers."""
