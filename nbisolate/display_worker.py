@@ -622,6 +622,8 @@ def prepare() -> None:
         module = sys.modules.get(name)
         if module is not None and name not in _adapted:
             _adapt(name, module)
+    if "IPython.core.pylabtools" in sys.modules:  # preloaded: set up what displaying will use
+        _ipython_formatter()
 
 
 def install(chan: Any) -> None:

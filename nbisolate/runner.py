@@ -36,7 +36,7 @@ from .backends import Backend, Launch, RunHandle
 from .errors import IsolateError, IsolateTimeout, RemoteError, ShipError, WorkerCrashed
 from .events import Event
 from .options import RunOptions
-from .plan import Plan, plan_cell, user_packages
+from .plan import Plan, cell_packages, plan_cell, user_packages
 from .protocol import CHANNEL_LOST, RESULT, safe_str
 from .sink import StdSink
 from .units import format_bytes, shorten
@@ -462,7 +462,11 @@ class CellRun:
         if preload is not None:
             # The next cells that use the notebook's packages should not pay their import.  Found
             # once the worker has its cell: looking at every notebook variable takes a moment.
-            preload(user_packages(self.namespace) if self.packages is None else self.packages)
+            if self.packages is None:
+                learned = cell_packages(self.plan.imports) if self.plan is not None else []
+                preload([*user_packages(self.namespace), *learned])
+            else:
+                preload(self.packages)
         with self._lock:
             self.handle = handle
             stop = self._failed is not None

@@ -889,13 +889,28 @@ def preimport() -> None:
 
     With ``multiprocess`` preloaded (the notebook uses it), the pool hooks of
     :func:`prepare` import its ``spawn`` module in each worker: a millisecond
-    of a fresh fork's time, and a fraction of it once in the template.
+    of a fresh fork's time, and a fraction of it once in the template.  With
+    pyplot preloaded, each worker switches it to the Agg backend and a figure
+    is drawn through PIL; with IPython, each sets up IPython's display formatter.
     """
     if "multiprocess" in sys.modules:
         try:
             import multiprocess.spawn  # noqa: F401
         except Exception:
             pass  # the worker's hooks meet the same error, and report it there
+    if "matplotlib.pyplot" in sys.modules:  # each worker switches pyplot to Agg (display_worker)
+        try:
+            import matplotlib.backends.backend_agg  # noqa: F401
+            import PIL.Image
+
+            PIL.Image.preinit()  # the image plugins a figure's first PNG would import
+        except Exception:
+            pass
+    if "IPython.core.formatters" in sys.modules:  # a worker's display formatter needs it
+        try:
+            import IPython.core.pylabtools  # noqa: F401
+        except Exception:
+            pass
 
 
 def rehearse() -> None:

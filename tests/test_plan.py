@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from nbisolate.errors import IsolateUsageError
-from nbisolate.plan import plan_cell
+from nbisolate.plan import cell_packages, plan_cell
 
 NS = {"x", "y", "df", "np", "helper", "total", "cfg", "print", "unused"}
 
@@ -117,3 +117,24 @@ def test_code_run_by_time_magics_is_planned_as_if_written_plainly(python, inputs
 def test_deleted_names_are_read_and_noted():
     plan = plan_cell("del a\nif b:\n    del c", {"a", "b", "c"})
     assert plan.inputs == ("a", "b", "c") and plan.deletes == ("a", "c")
+
+
+def test_imports_are_read_anywhere_in_the_cell_and_only_installed_packages_are_preloaded(tmp_path, monkeypatch):
+    source = (
+        "import numpy as np, os.path\n"
+        "from IPython.display import HTML\n"
+        "from . import sibling\n"
+        "def f():\n"
+        "    import matplotlib.pyplot as plt\n"
+        "    import torch\n"
+        "    import nbi_plan_own_module\n"
+    )
+    (tmp_path / "nbi_plan_own_module.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plan = plan_cell(source, available=set())
+    assert plan.imports == (
+        "numpy", "os.path", "IPython.display", "matplotlib.pyplot", "torch", "nbi_plan_own_module"
+    )
+    # The standard library, packages that start threads at import and the user's own
+    # module (not in site-packages) stay out.
+    assert cell_packages(plan.imports) == ["numpy", "IPython.display", "matplotlib.pyplot"]

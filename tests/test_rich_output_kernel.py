@@ -476,3 +476,49 @@ def test_formatting_without_ipython_gives_the_same_bundles_and_figure_size():
     assert got["ipython"]["ipython"] is True and got["no-ipython"]["ipython"] is False
     assert got["no-ipython"]["rich"] == got["ipython"]["rich"]
     assert got["no-ipython"]["png_size"] == got["ipython"]["png_size"]
+
+
+def test_what_a_cell_imports_the_template_imports_for_the_next_cells(fresh_kernel, tmp_path):
+    """A plotting cell's worker imports matplotlib (about 0.4 s) on every run unless the
+    template has it: once a cell has imported it, the template does, and the next runs show
+    the same figure and HTML.  A module of the user's own is still imported afresh by each
+    worker, so an edit to it shows in the next isolated cell."""
+    k = fresh_kernel
+    code = cell(
+        """
+        %%isolate
+        import sys
+        had = sorted(m for m in ('IPython.display', 'matplotlib.pyplot') if m in sys.modules)
+        from IPython.display import HTML
+        import matplotlib.pyplot as plt
+        plt.plot([1, 2])
+        HTML('<b>bold</b>')
+        """
+    )
+    first = k.execute(code)
+    assert first.ok, first.error_text
+    assert k.value("had") == []
+    later = None
+    for _ in range(40):  # the template imports them while the next cells run
+        later = k.execute(code)
+        assert later.ok, later.error_text
+        if k.value("had") == ["IPython.display", "matplotlib.pyplot"]:
+            break
+    else:
+        raise AssertionError(f"the template never had the cell's imports: {k.value('had')}")
+    for res in (first, later):
+        shown = dict(outputs(res))
+        assert sorted(shown) == ["display_data", "execute_result"], outputs(res)
+        assert "<b>bold</b>" in shown["execute_result"]["text/html"]
+    assert png_size(displays(later)[0]["data"]["image/png"]) == png_size(
+        displays(first)[0]["data"]["image/png"]
+    )
+
+    (tmp_path / "nbi_own_module.py").write_text("VALUE = 1\n")
+    k.run(f"import sys\nsys.path.insert(0, {str(tmp_path)!r})")
+    assert k.execute("%%isolate\nimport nbi_own_module\nseen = nbi_own_module.VALUE").ok
+    assert k.value("seen") == 1
+    k.run("import time\ntime.sleep(1.5)")  # time for a preload, had there been one
+    (tmp_path / "nbi_own_module.py").write_text("VALUE = 22\n")
+    assert k.execute("%%isolate\nimport nbi_own_module\nseen = nbi_own_module.VALUE").ok
+    assert k.value("seen") == 22
