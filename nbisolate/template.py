@@ -163,8 +163,12 @@ def _spare(control: socket.socket, wake_fds: tuple[int, int], sock: socket.socke
         try:
             # Warming up pays only while nobody waits: a cell already in the channel (the
             # cells come faster than spares) is better served cold at once.
-            if not select.select([fds[0]], [], [], 0)[0]:
+            def busy() -> bool:
+                return bool(select.select([fds[0]], [], [], 0)[0])
+
+            if not busy():
                 worker.rehearse()
+                worker.rehearse_packages(busy)
             if body.get("ready"):  # recent cells sent this much: room for the inputs, ahead
                 worker.get_ready(int(body["ready"]), fds[0])
         except Exception:

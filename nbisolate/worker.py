@@ -38,6 +38,7 @@ import threading
 import time
 import traceback
 import types
+from collections.abc import Callable
 from typing import Any
 
 from . import display_worker, pools, proctree
@@ -947,6 +948,39 @@ def rehearse() -> None:
     _sigmask(signal.SIG_SETMASK, old)
     frame_bytes(MSG_PHASE, ("start", 0.0))
     error_body(ValueError("rehearsal"))
+
+
+def _rehearse_numpy(np: Any) -> Any:
+    values = np.arange(4.0)
+    return (values * 2).sum(), values
+
+
+def _rehearse_pandas(pd: Any) -> Any:
+    frame = pd.DataFrame({"i": [1, 2], "f": [0.5, 1.5], "s": ["a", "b"]})
+    return frame["i"].sum(), frame.sum(numeric_only=True), frame
+
+
+_PACKAGE_REHEARSALS: dict[str, Callable[[Any], Any]] = {"numpy": _rehearse_numpy, "pandas": _rehearse_pandas}
+"""The common steps of a cell that uses a preloaded package, on values of our own."""
+
+
+def rehearse_packages(busy: Callable[[], bool]) -> None:
+    """Take the common steps of cells that use the preloaded packages, as :func:`rehearse` does
+    for every cell: making a small DataFrame and sending it back costs a fresh fork 3.3 ms of
+    page faults, 0.5 ms once rehearsed.  Stops when ``busy()`` says a cell has come."""
+    from . import ship
+
+    for name, steps in _PACKAGE_REHEARSALS.items():
+        module = sys.modules.get(name)
+        if module is None or busy():
+            continue
+        scratch: dict[str, Any] = types.ModuleType("__main__").__dict__
+        try:
+            made = steps(module)
+            shipped = ship.dumps({"_": made}, skip_failures=True, main=scratch, returning=True)
+            ship.loads(shipped.names, shipped.data, shipped.buffers, shipped.engine, scratch)
+        except Exception:
+            pass  # an unusual version: its cells take these steps themselves
 
 
 _ready: Any = None
