@@ -5,7 +5,9 @@ Each round runs every approach once, in the same order, so a burst of load
 on a shared machine hits all of them alike; the report gives the median and
 the quartiles of each, and the ratios of the medians.  Timed from the
 client (request to reply), so the kernel's own messaging and the panel's
-IOPub messages count, as they do for a user.
+IOPub messages count, as they do for a user.  Then the same again in a
+second kernel, in a notebook that imported NumPy and pandas (most do: the
+template then preloads them, and NumPy's random state goes with each cell).
 
 Then the phases of an isolated trivial cell, from inside the kernel: every
 event a run emits is stamped as it reaches the run's listeners, so each

@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                             e.kind + (" " + e.data[0] if e.kind == "phase" else ""), time.perf_counter()))
                         _r.prepare(); _r.run_sync()
                         _ph.append({{
-                            "start": _r.phases["start"],
+                            "launch to the first word (with the run: small phases ride with the result)": _r.phases["start"],
                             "allocate in the worker (run)": _r.phases["run"],
                             "serialize, then the kernel copies it out": _at["result"] - _at["phase run"],
                             "rebuild and bind in the kernel": _at["applied"] - _at["result"],
