@@ -951,6 +951,11 @@ def rehearse() -> None:
 
 
 def _rehearse_numpy(np: Any) -> Any:
+    from . import rng
+
+    state = rng.capture()  # the notebook's random state is set here, then compared at the end
+    rng.restore(state, lazily=True)
+    rng.changed_since(state)
     values = np.arange(4.0)
     return (values * 2).sum(), values
 
