@@ -28,6 +28,7 @@ from __future__ import annotations
 import ast
 import builtins
 import functools
+import os
 import re
 import symtable
 import sys
@@ -584,19 +585,33 @@ def cell_packages(imports: Iterable[str]) -> list[str]:
 def _installed(top: str) -> bool:
     """Whether the top-level package ``top`` is installed (in site-packages), without importing it."""
     import importlib.util
-    import sysconfig
 
     module = sys.modules.get(top)
     try:
         spec = module.__spec__ if module is not None else importlib.util.find_spec(top)
     except (ImportError, ValueError, AttributeError):
         return False
-    origin = getattr(spec, "origin", None) or next(iter(getattr(spec, "submodule_search_locations", None) or ()), None)
+    origin = getattr(spec, "origin", None)
+    if not origin or origin == "namespace":  # a namespace package: where its first part is
+        origin = next(iter(getattr(spec, "submodule_search_locations", None) or ()), None)
     if not origin:
         return False
+    return str(origin).startswith(_site_roots())
+
+
+@functools.lru_cache(maxsize=1)
+def _site_roots() -> tuple[str, ...]:
+    """Where installed packages live: this environment's site-packages, the system's and the user's."""
+    import site
+    import sysconfig
+
     paths = sysconfig.get_paths()
-    roots = {paths.get("purelib"), paths.get("platlib")} - {None}
-    return any(str(origin).startswith(str(root)) for root in roots)
+    roots = [paths.get("purelib"), paths.get("platlib")]
+    try:
+        roots += [*site.getsitepackages(), site.getusersitepackages()]
+    except AttributeError:  # an embedded interpreter's site module may lack them
+        pass
+    return tuple(os.path.join(str(root), "") for root in dict.fromkeys(roots) if root)
 
 
 _TYPE_MODULE = type.__dict__["__module__"]
