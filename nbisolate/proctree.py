@@ -57,6 +57,29 @@ def _stat(pid: int | str) -> tuple[bytes, int, int] | None:
         return None
 
 
+def zombie_returncode(pid: int, start: int) -> int | None:
+    """The return code of ``pid`` while it is a zombie nobody has reaped yet, as ``Popen`` gives it
+    (``-N`` for signal N); None when it is not that zombie or the code cannot be told.
+
+    ``/proc/PID/stat`` shows a dead process's wait status (its field 52) until its
+    parent reaps it, and until then the pid cannot name another process; ``start``
+    (the start time read while it surely named ours) rules out one started since.
+    A process this one may not inspect shows 0 there, so 0 tells nothing: None.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        if fields[0] != b"Z" or int(fields[19]) != start:
+            return None
+        status = int(fields[49])
+    except (OSError, ValueError, IndexError):
+        return None
+    if status == 0:
+        return None
+    return -(status & 0x7F) if status & 0x7F else (status >> 8) & 0xFF
+
+
 def descendants(root: int) -> list[Proc]:
     """Live (non-zombie) descendants of ``root``, read from ``/proc``; [] where there is none."""
     children: dict[int, list[Proc]] = {}

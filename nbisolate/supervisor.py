@@ -385,6 +385,7 @@ class _Template:
         self.waiting: set[int] = set()  # fork request ids someone still waits for
         self.claimed: set[int] = set()  # ids whose worker was taken from its channel's note
         self.status: dict[int, int] = {}  # worker pid -> return code, as reported
+        self.settled: set[int] = set()  # workers whose code was read from their zombie: its report is dropped
         self.live: set[int] = set()  # workers forked and not reported yet
         self.orphans: set[int] = set()  # workers whose fork reply came too late: killed
         self.preloaded: set[str] = set()
@@ -468,6 +469,7 @@ class _Spare:
         self.env_changed = env_changed  # the template's environment is not the kernel's any more
         self.ready = ready  # bytes of room for large inputs it makes ahead (see _ReadyHint)
         self.tree = proctree.Tree(pid)  # taken now, while the pid surely names the spare
+        self.start = _start_of(pid)  # its start time, the same way
         self.chan, theirs = socket.socketpair()
         self.out_r, out_w = os.pipe()
         self.err_r, err_w = os.pipe()
@@ -493,11 +495,17 @@ class _ForkedProcess:
     Waiting is never unbounded: once the worker is gone from ``/proc`` (or a
     zombie nobody reaps), its template has :data:`REPORT_SECONDS` to report its
     exit; a template that is stopped, wedged or dead is given up and the
-    return code stays unknown, with :attr:`lost` saying why.
+    return code stays unknown, with :attr:`lost` saying why.  With the
+    worker's ``start`` time known, a zombie tells its own code
+    (:func:`nbisolate.proctree.zombie_returncode`): a template busy importing a
+    package for seconds does not hold up the report of a cell that crashed.
     """
 
-    def __init__(self, pid: int, template: _Template, launcher: TemplateLauncher) -> None:
+    def __init__(
+        self, pid: int, template: _Template, launcher: TemplateLauncher, start: int | None = None
+    ) -> None:
         self.pid = pid
+        self._start = start
         self.returncode: int | None = None
         self.lost: str | None = None
         self._template = template
@@ -532,6 +540,13 @@ class _ForkedProcess:
                 if until is not None and now >= until:
                     return
                 stat = proctree._stat(pid)
+                if stat is not None and stat[0] == b"Z" and self._start is not None:
+                    code = proctree.zombie_returncode(pid, self._start)
+                    if code is not None:
+                        t.settled.add(pid)
+                        self.returncode = code
+                        self._done = True
+                        return
                 if stat is None or stat[0] == b"Z":
                     gone_since = gone_since or now
                     # A template busy importing a package reports when it is done;
@@ -552,6 +567,12 @@ class _ForkedProcess:
         launcher._give_up(t, why)
         self.lost = t.lost
         self._done = True
+
+
+def _start_of(pid: int) -> int | None:
+    """The start time of a worker the template just reported forking (see :class:`_ForkedProcess`)."""
+    stat = proctree._stat(pid)
+    return stat[2] if stat is not None else None
 
 
 FORK_SECONDS = 5.0
@@ -665,6 +686,8 @@ class TemplateLauncher:
                         t.live.discard(pid)
                         if pid in t.orphans:
                             t.orphans.discard(pid)
+                        elif pid in t.settled:
+                            t.settled.discard(pid)
                         else:
                             t.status[pid] = code
                     elif kind == "preloaded":
@@ -854,7 +877,7 @@ class TemplateLauncher:
             t.waiting.discard(rid)
             if t.replies.pop(rid, None) is None:
                 t.claimed.add(rid)  # its reply on the control socket is still to come
-        return _ForkedProcess(body["pid"], t, self)
+        return _ForkedProcess(body["pid"], t, self, _start_of(body["pid"]))
 
     @staticmethod
     def _note(sock: socket.socket) -> dict[str, Any] | None:
@@ -896,7 +919,7 @@ class TemplateLauncher:
             t.waiting.discard(rid)
             reply = t.replies.pop(rid, None)
         if reply is not None:
-            return _ForkedProcess(reply["pid"], t, self)
+            return _ForkedProcess(reply["pid"], t, self, _start_of(reply["pid"]))
         return self._no_answer(t, rid, stopped)
 
     def _no_answer(self, t: _Template, rid: int, stopped: bool) -> None:
@@ -1241,7 +1264,7 @@ class Job:
             self.payload.pop("env", None)
             launcher.spare_failed(t, spare)
             return None
-        self.proc = _ForkedProcess(spare.pid, t, launcher)
+        self.proc = _ForkedProcess(spare.pid, t, launcher, spare.start)
         self.how_started = "forked from template"
         self.tree = spare.tree
         self.started_at = time.time()

@@ -115,6 +115,25 @@ def test_a_late_fork_reply_is_never_handed_to_the_next_cell(pkg_kernel, tmp_path
     still_fine(k)
 
 
+def test_a_crash_is_reported_at_once_while_the_template_is_busy_importing(pkg_kernel, tmp_path):
+    """The template reaps and reports its workers between requests, so while it imports a slow
+    package for seconds a crashed worker waits unreaped.  Its zombie already holds its exit
+    status: the cell reports the exit code without waiting for the import to end."""
+    (tmp_path / "slowpkg_reap.py").write_text("import time\ntime.sleep(8)\n")
+    k = pkg_kernel
+    k.run("import slowpkg_reap", timeout=30)
+    template = "__import__('nbisolate.supervisor', fromlist=['x']).launcher._current"
+    # The template started with the extension; its spares know nothing of slowpkg_reap.
+    assert wait_until(lambda: k.value(f"(lambda t: t is not None and len(t.spares) == 2)({template})"), 10)
+    # The cell goes to a spare at once; then the template starts importing slowpkg_reap (8 s).
+    res = k.execute("%%isolate\nimport os, time\ntime.sleep(0.5)\nos._exit(7)", timeout=30)
+    assert "exit code 7" in res.error["evalue"], res.error_text
+    assert k.value(f"{template}.preloading") == 1  # the report did not wait for the import
+    assert k.value(f"(lambda t: not t.status and not t.lost)({template})")
+    assert wait_until(lambda: k.value(f"(lambda t: not t.preloading and not t.settled)({template})"), 20)
+    still_fine(k)
+
+
 def test_a_package_that_starts_a_thread_at_import_never_deadlocks_a_fork(pkg_kernel, tmp_path):
     (tmp_path / "lockpkg.py").write_text(
         textwrap.dedent(
