@@ -549,9 +549,10 @@ class _ForkedProcess:
                         return
                 if stat is None or stat[0] == b"Z":
                     gone_since = gone_since or now
-                    # A template busy importing a package reports when it is done;
-                    # one that is idle, or busy far too long, is wedged.
-                    if t.wedged() or (now - gone_since >= REPORT_SECONDS and not t.pending):
+                    # A template busy importing a package reports when it is done (its
+                    # time runs from its last answer); one that is idle, or busy far too
+                    # long, is wedged.
+                    if t.wedged() or (now - max(gone_since, t.busy_since) >= REPORT_SECONDS and not t.pending):
                         break
                 if t.stopped():
                     break

@@ -134,6 +134,22 @@ def test_a_crash_is_reported_at_once_while_the_template_is_busy_importing(pkg_ke
     still_fine(k)
 
 
+def test_an_exit_without_a_code_to_read_is_reported_once_the_busy_template_is_done(pkg_kernel, tmp_path):
+    """Exit code 0 cannot be read from the zombie (a process one may not inspect shows 0 too): the
+    kernel waits for the template, and the template's time to report starts when its import ends,
+    not when the worker died (a busy template was given up the moment it answered)."""
+    (tmp_path / "slowpkg_zero.py").write_text("import time\ntime.sleep(5)\n")
+    k = pkg_kernel
+    k.run("import slowpkg_zero", timeout=30)
+    template = "__import__('nbisolate.supervisor', fromlist=['x']).launcher._current"
+    assert wait_until(lambda: k.value(f"(lambda t: t is not None and len(t.spares) == 2)({template})"), 10)
+    first = template_pid(k)
+    res = k.execute("%%isolate\nimport os\nos._exit(0)", timeout=30)
+    assert "exit code 0" in res.error["evalue"], res.error_text
+    assert template_pid(k) == first and k.value(f"{template}.lost") is None  # not given up
+    still_fine(k)
+
+
 def test_a_package_that_starts_a_thread_at_import_never_deadlocks_a_fork(pkg_kernel, tmp_path):
     (tmp_path / "lockpkg.py").write_text(
         textwrap.dedent(
