@@ -46,14 +46,22 @@ def signal_group(pgid: int, sig: int) -> bool:
         return False
 
 
-def _stat(pid: int | str) -> tuple[bytes, int, int] | None:
-    """``(state, ppid, start time)`` of a process from ``/proc``, or None when it is gone."""
+def _stat_fields(pid: int | str) -> list[bytes] | None:
+    """The fields of ``/proc/PID/stat`` after the name (the state first), or None when it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
-        fields = stat[stat.rindex(b")") + 2 :].split()
-        return fields[0], int(fields[1]), int(fields[19])
-    except (OSError, ValueError, IndexError):
+        return stat[stat.rindex(b")") + 2 :].split()
+    except (OSError, ValueError):
+        return None
+
+
+def _stat(pid: int | str) -> tuple[bytes, int, int] | None:
+    """``(state, ppid, start time)`` of a process from ``/proc``, or None when it is gone."""
+    fields = _stat_fields(pid)
+    try:
+        return (fields[0], int(fields[1]), int(fields[19])) if fields is not None else None
+    except (ValueError, IndexError):
         return None
 
 
@@ -66,14 +74,12 @@ def zombie_returncode(pid: int, start: int) -> int | None:
     (the start time read while it surely named ours) rules out one started since.
     A process this one may not inspect shows 0 there, so 0 tells nothing: None.
     """
+    fields = _stat_fields(pid)
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        fields = stat[stat.rindex(b")") + 2 :].split()
-        if fields[0] != b"Z" or int(fields[19]) != start:
+        if fields is None or fields[0] != b"Z" or int(fields[19]) != start:
             return None
         status = int(fields[49])
-    except (OSError, ValueError, IndexError):
+    except (ValueError, IndexError):
         return None
     if status == 0:
         return None

@@ -926,10 +926,7 @@ def rehearse() -> None:
     """
     from . import inplace, ship
 
-    scratch: dict[str, Any] = types.ModuleType("__main__").__dict__
-    scratch["__builtins__"] = __builtins__
-    shipped = ship.dumps({"_": 0}, skip_failures=True, main=scratch, returning=True)
-    ship.loads(shipped.names, shipped.data, shipped.buffers, shipped.engine, scratch)
+    scratch = _round_trip(0)
     watched = inplace.snapshot(scratch, ["_"])
     body, tail = _compile_cell("_ = 0\n_\n", "<nbisolate>", 0, True)
     eval(body, scratch)
@@ -948,6 +945,18 @@ def rehearse() -> None:
     _sigmask(signal.SIG_SETMASK, old)
     frame_bytes(MSG_PHASE, ("start", 0.0))
     error_body(ValueError("rehearsal"))
+
+
+def _round_trip(value: Any) -> dict[str, Any]:
+    """Send ``value`` out and back as a cell's input would travel, in a scratch ``__main__``
+    of our own (returned, holding it as ``_``)."""
+    from . import ship
+
+    scratch: dict[str, Any] = types.ModuleType("__main__").__dict__
+    scratch["__builtins__"] = __builtins__
+    shipped = ship.dumps({"_": value}, skip_failures=True, main=scratch, returning=True)
+    scratch.update(ship.loads(shipped.names, shipped.data, shipped.buffers, shipped.engine, scratch))
+    return scratch
 
 
 def _rehearse_numpy(np: Any) -> Any:
@@ -973,17 +982,12 @@ def rehearse_packages(busy: Callable[[], bool]) -> None:
     """Take the common steps of cells that use the preloaded packages, as :func:`rehearse` does
     for every cell: making a small DataFrame and sending it back costs a fresh fork 3.3 ms of
     page faults, 0.5 ms once rehearsed.  Stops when ``busy()`` says a cell has come."""
-    from . import ship
-
     for name, steps in _PACKAGE_REHEARSALS.items():
         module = sys.modules.get(name)
         if module is None or busy():
             continue
-        scratch: dict[str, Any] = types.ModuleType("__main__").__dict__
         try:
-            made = steps(module)
-            shipped = ship.dumps({"_": made}, skip_failures=True, main=scratch, returning=True)
-            ship.loads(shipped.names, shipped.data, shipped.buffers, shipped.engine, scratch)
+            _round_trip(steps(module))
         except Exception:
             pass  # an unusual version: its cells take these steps themselves
 
