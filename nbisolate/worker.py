@@ -588,6 +588,11 @@ def _compile_cell(
 
 
 
+def compile_job(job: dict[str, Any]) -> tuple[types.CodeType, types.CodeType | None]:
+    """A job's cell, compiled as :func:`_run` runs it (a sweep's leader does it once for all values)."""
+    return _compile_cell(job["source"], job["filename"], job.get("line_offset", 0), job["has_result"])
+
+
 def _fit_result(
     values: dict[str, Any], shipped: Any, max_result: int | None, main: dict[str, Any] | None = None
 ) -> tuple[Any, set[str]]:
@@ -628,7 +633,11 @@ def _fit_result(
 
 
 def _run(
-    chan: Channel, job: dict[str, Any], buffers: list[bytearray], main: types.ModuleType | None = None
+    chan: Channel,
+    job: dict[str, Any],
+    buffers: list[bytearray],
+    main: types.ModuleType | None = None,
+    compiled: tuple[types.CodeType, types.CodeType | None] | None = None,
 ) -> None:
     global _stage
     from . import inplace, rng, ship
@@ -660,10 +669,9 @@ def _run(
     chan.phase("load", time.perf_counter() - t1, hold=small)  # type: ignore[attr-defined]
 
     filename = job["filename"]
-    offset = job.get("line_offset", 0)
     shown = job.get("display_source", job["source"])
     linecache.cache[filename] = (len(shown), None, shown.splitlines(True), filename)
-    body, tail = _compile_cell(job["source"], filename, offset, job["has_result"])
+    body, tail = compiled or compile_job(job)
     if "get_ipython" in job["source"]:  # IPython lines (!ls, %time), turned into calls
         from . import worker_shell
 
@@ -1078,12 +1086,17 @@ def main(fd: int) -> None:
 
 
 def serve(
-    chan: _WorkerChannel, job: dict[str, Any], buffers: list[bytearray], main: types.ModuleType | None = None
+    chan: _WorkerChannel,
+    job: dict[str, Any],
+    buffers: list[bytearray],
+    main: types.ModuleType | None = None,
+    compiled: tuple[types.CodeType, types.CodeType | None] | None = None,
 ) -> None:
     """Run one cell on an armed channel and exit (never returns): the one run path.
 
     A worker calls it with its job; a sweep leader's child (:mod:`nbisolate.sweep_leader`)
-    with its value's job and the leader's ``main``, whose shared inputs are loaded.
+    with its value's job, the leader's ``main``, whose shared inputs are loaded, and the
+    cell as the leader compiled it (from :func:`compile_job`), once for every value.
     """
     output = _Output(chan)
     chan.output = output
@@ -1098,7 +1111,7 @@ def serve(
     code = 0
     try:
         _limit_memory(job.get("mem"))  # before the inputs load: they count against --mem
-        _run(chan, job, buffers, main)
+        _run(chan, job, buffers, main, compiled)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if exc.code is not None and not isinstance(exc.code, int):

@@ -121,6 +121,26 @@ def test_one_failure_is_that_values_alone(kernel: Kernel):
     assert r[3] is None and r[:3] == [1 / (v - 3) for v in range(3)] and len(r) == N
 
 
+def test_a_failing_values_traceback_points_at_the_cells_line(kernel: Kernel):
+    # The leader compiles the cell once for every value: its lines must still be the cell's.
+    res = kernel.execute(
+        cell(
+            f"""
+            %%isolate --quiet --over v=range({N})
+            x = v
+            r = 1 / (v - 3)
+            r
+            """
+        ),
+        timeout=120,
+        allow_error=True,
+    )
+    assert res.error["ename"] == "SweepError", res.error_text
+    text = res.error_text.split("--- v=3 ---", 1)[1]
+    assert "line 3" in text and "---> 3" in text and "r = 1 / (v - 3)" in text, text
+    assert kernel.value("x") == [None if v == 3 else v for v in range(N)]  # a failed run binds None
+
+
 def test_a_timeout_ends_that_value_and_its_processes_only(kernel: Kernel):
     res = kernel.execute(
         cell(
