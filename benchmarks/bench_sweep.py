@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import subprocess
 import sys
 import textwrap
 import time
@@ -53,6 +54,37 @@ def codes(n: int, panel: bool = False) -> dict[str, str]:
     if panel:
         out["isolate_over_panel"] = f"%%isolate --over v=range({n})\nr = v + 1"
     return out
+
+
+# The floor of one fresh process per value on this machine: a bare interpreter (nothing
+# imported) forks ``n`` children that exit at once, as many at a time as there are cores.
+# No value is sent, run or returned: any sweep that gives each value a process of its own
+# costs at least this, so it shows how much of the target is left for the sweep's own work.
+FLOOR = textwrap.dedent(
+    """
+    import os, sys, time
+    n, width = int(sys.argv[1]), os.cpu_count() or 1
+    t0 = time.perf_counter()
+    live = 0
+    for _ in range(n):
+        if live >= width:
+            os.wait()
+            live -= 1
+        if os.fork() == 0:
+            os._exit(0)
+        live += 1
+    while live:
+        os.wait()
+        live -= 1
+    print(time.perf_counter() - t0)
+    """
+)
+
+
+def fork_floor(n: int) -> float:
+    """Seconds for a bare interpreter to fork ``n`` children that exit at once (see ``FLOOR``)."""
+    done = subprocess.run([sys.executable, "-I", "-S", "-c", FLOOR, str(n)], capture_output=True, text=True, check=True)
+    return float(done.stdout.strip())
 
 
 # Where one value's cost goes, from inside the kernel: the CPU time of the kernel process, of
@@ -103,10 +135,11 @@ def run(n: int = 1000, rounds: int = 5, panel: bool = False) -> dict[str, Any]:
         time.sleep(1.0)  # the template starts while a user reads
         k.run("%%isolate --quiet --over v=range(4)\nr = v + 1", timeout=120)  # warm
         cells = codes(n, panel)
-        times: dict[str, list[float]] = {name: [] for name in cells}
+        times: dict[str, list[float]] = {name: [] for name in [*cells, "fork_floor"]}
         load = []
         for _ in range(rounds):
             load.append(os.getloadavg()[0])
+            times["fork_floor"].append(fork_floor(n))
             for name, code in cells.items():
                 t0 = time.perf_counter()
                 res = k.run(code, timeout=1200)
@@ -118,6 +151,7 @@ def run(n: int = 1000, rounds: int = 5, panel: bool = False) -> dict[str, Any]:
         out["values"] = n
         out["rounds"] = rounds
         out["ratio"] = round(out["isolate_over"]["median"] / out["cf_pool_map"]["median"], 2)
+        out["floor_ratio"] = round(out["fork_floor"]["median"] / out["cf_pool_map"]["median"], 2)
         out["values_per_second"] = round(n / out["isolate_over"]["median"], 1)
         out["load_average"] = round(statistics.median(load), 2)
         out["per_value_ms"] = breakdown(k, n)
@@ -129,13 +163,16 @@ def run(n: int = 1000, rounds: int = 5, panel: bool = False) -> dict[str, Any]:
 def describe(result: dict[str, Any]) -> list[str]:
     n = result["values"]
     lines = [f"--over across {n:,} trivial values, {result['rounds']} interleaved rounds (s):"]
-    for name in ("isolate_over", "isolate_over_panel", "cf_pool_map"):
+    for name in ("isolate_over", "isolate_over_panel", "cf_pool_map", "fork_floor"):
         if name in result:
             s = result[name]
             lines.append(f"  {name:<20} median {s['median']:.3f}  quartiles {s['q1']:.3f}-{s['q3']:.3f}")
     lines.append(
         f"  sweep / pool: {result['ratio']:.2f} (target <= 2), {result['values_per_second']:.0f} values a "
         f"second, load average {result['load_average']:.2f} on {os.cpu_count()} cores"
+    )
+    lines.append(
+        f"  floor: a bare fork and exit per value, nothing run, {result['floor_ratio']:.2f} x the pool"
     )
     per = result.get("per_value_ms")
     if per:

@@ -397,17 +397,15 @@ def _peak_receiving(kernel: Kernel) -> dict[str, float]:
 
 def _sweep(kernel: Kernel, n: int, rounds: int) -> dict[str, float]:
     """``--over`` across ``n`` trivial values against a spawn ProcessPoolExecutor mapping the
-    same ``n`` calls, its start included; medians of ``rounds`` interleaved rounds (seconds)."""
+    same ``n`` calls, its start included, and the floor of a fresh process per value (see
+    :mod:`benchmarks.bench_sweep`); medians of ``rounds`` interleaved rounds (seconds)."""
+    from benchmarks import bench_sweep
+
     kernel.run("%%isolate --over v=range(4)\nr = v + 1", timeout=120)  # warm
-    codes = {
-        "isolate_over": f"%%isolate --quiet --over v=range({n})\nr = v + 1",
-        "cf_pool_map": (
-            "with concurrent.futures.ProcessPoolExecutor(mp_context=ctx) as _ex:\n"
-            f"    _rr = list(_ex.map(W.sweep_value, range({n})))"
-        ),
-    }
-    times: dict[str, list[float]] = {name: [] for name in codes}
+    codes = bench_sweep.codes(n)
+    times: dict[str, list[float]] = {name: [] for name in [*codes, "fork_floor"]}
     for _ in range(rounds):
+        times["fork_floor"].append(bench_sweep.fork_floor(n))
         for name, code in codes.items():
             t0 = time.perf_counter()
             kernel.run(code, timeout=1200)
@@ -415,6 +413,7 @@ def _sweep(kernel: Kernel, n: int, rounds: int) -> dict[str, float]:
     out = {name: round(statistics.median(v), 3) for name, v in times.items()}
     out["values"] = n
     out["ratio"] = round(out["isolate_over"] / out["cf_pool_map"], 2)
+    out["floor_ratio"] = round(out["fork_floor"] / out["cf_pool_map"], 2)
     print(f"- --over {n} values: {out}", flush=True)
     return out
 
@@ -473,7 +472,10 @@ def _report(
             f"--over {sweep['values']:,} trivial values: {sweep['isolate_over']:.2f} s "
             f"({sweep['values'] / sweep['isolate_over']:.0f} values/s) vs a spawn ProcessPoolExecutor "
             f"mapping them, its start included, {sweep['cf_pool_map']:.2f} s: {sweep['ratio']:.2f}x "
-            f"(target <= 2x: {'yes' if sweep['ratio'] <= 2 else 'NO'}); medians of 3 interleaved rounds"
+            f"(target <= 2x: {'yes' if sweep['ratio'] <= 2 else 'NO'}); medians of 3 interleaved rounds. "
+            f"The floor of a fresh process per value, a bare interpreter forking {sweep['values']:,} "
+            f"children that exit at once (nothing sent, run or returned): {sweep['fork_floor']:.2f} s, "
+            f"{sweep['floor_ratio']:.2f}x the pool"
         )
         print(line)
         table += "\n\n" + line
