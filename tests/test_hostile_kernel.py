@@ -32,6 +32,10 @@ def pkg_kernel(tmp_path) -> Iterator[Kernel]:
         yield k
 
 
+TEMPLATE = "__import__('nbisolate.supervisor', fromlist=['x']).launcher._current"
+"""The kernel's current template, as an expression to evaluate in the kernel."""
+
+
 def template_pid(k: Kernel) -> int:
     return k.value("__import__('nbisolate.supervisor', fromlist=['x']).launcher.pid")
 
@@ -99,12 +103,9 @@ def test_a_late_fork_reply_is_never_handed_to_the_next_cell(pkg_kernel, tmp_path
         assert res.ok, res.error_text
         assert k.value("me") == int(res.result["text/plain"])
     # Before the exit code is asked of it: the template (a new one, if the busy one was given up)
-    # has imported slowpkg and is idle. A template busy importing reports no exit until it is done,
-    # and says so; that is not what this test is about.
-    ready = (
-        "(lambda t: t is not None and 'slowpkg' in t.preloaded and not t.preloading and not t.pending)"
-        "(__import__('nbisolate.supervisor', fromlist=['x']).launcher._current)"
-    )
+    # has imported slowpkg and is idle. How a busy template's workers are reported is the subject
+    # of the two tests below, not of this one.
+    ready = f"(lambda t: t is not None and 'slowpkg' in t.preloaded and not t.preloading and not t.pending)({TEMPLATE})"
     for _ in range(3):
         if wait_until(lambda: k.value(ready), 20):
             break
@@ -122,15 +123,14 @@ def test_a_crash_is_reported_at_once_while_the_template_is_busy_importing(pkg_ke
     (tmp_path / "slowpkg_reap.py").write_text("import time\ntime.sleep(8)\n")
     k = pkg_kernel
     k.run("import slowpkg_reap", timeout=30)
-    template = "__import__('nbisolate.supervisor', fromlist=['x']).launcher._current"
     # The template started with the extension; its spares know nothing of slowpkg_reap.
-    assert wait_until(lambda: k.value(f"(lambda t: t is not None and len(t.spares) == 2)({template})"), 10)
+    assert wait_until(lambda: k.value(f"(lambda t: t is not None and len(t.spares) == 2)({TEMPLATE})"), 10)
     # The cell goes to a spare at once; then the template starts importing slowpkg_reap (8 s).
     res = k.execute("%%isolate\nimport os, time\ntime.sleep(0.5)\nos._exit(7)", timeout=30)
     assert "exit code 7" in res.error["evalue"], res.error_text
-    assert k.value(f"{template}.preloading") == 1  # the report did not wait for the import
-    assert k.value(f"(lambda t: not t.status and not t.lost)({template})")
-    assert wait_until(lambda: k.value(f"(lambda t: not t.preloading and not t.settled)({template})"), 20)
+    assert k.value(f"{TEMPLATE}.preloading") == 1  # the report did not wait for the import
+    assert k.value(f"(lambda t: not t.status and not t.lost)({TEMPLATE})")
+    assert wait_until(lambda: k.value(f"(lambda t: not t.preloading and not t.settled)({TEMPLATE})"), 20)
     still_fine(k)
 
 
@@ -141,12 +141,11 @@ def test_an_exit_without_a_code_to_read_is_reported_once_the_busy_template_is_do
     (tmp_path / "slowpkg_zero.py").write_text("import time\ntime.sleep(5)\n")
     k = pkg_kernel
     k.run("import slowpkg_zero", timeout=30)
-    template = "__import__('nbisolate.supervisor', fromlist=['x']).launcher._current"
-    assert wait_until(lambda: k.value(f"(lambda t: t is not None and len(t.spares) == 2)({template})"), 10)
+    assert wait_until(lambda: k.value(f"(lambda t: t is not None and len(t.spares) == 2)({TEMPLATE})"), 10)
     first = template_pid(k)
     res = k.execute("%%isolate\nimport os\nos._exit(0)", timeout=30)
     assert "exit code 0" in res.error["evalue"], res.error_text
-    assert template_pid(k) == first and k.value(f"{template}.lost") is None  # not given up
+    assert template_pid(k) == first and k.value(f"{TEMPLATE}.lost") is None  # not given up
     still_fine(k)
 
 

@@ -62,10 +62,22 @@ class StatusClient:
         self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 15.0
     ) -> dict[str, Any]:
         """The first status message from now on for which ``predicate`` holds."""
+        data = self._take(predicate, timeout)
+        if data is None:
+            raise AssertionError(f"no matching status message in {timeout} s; got {self.seen}")
+        return data
+
+    def drain(self, seconds: float) -> None:
+        """Take in what comes for ``seconds``: status messages into ``seen``, the rest into ``other``."""
+        self._take(lambda data: False, seconds)
+
+    def _take(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float
+    ) -> dict[str, Any] | None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                msg = self.kc.get_iopub_msg(timeout=0.1)
+                msg = self.kc.get_iopub_msg(timeout=max(0.01, min(0.1, deadline - time.monotonic())))
             except queue.Empty:
                 continue
             content = msg["content"]
@@ -77,7 +89,7 @@ class StatusClient:
                 raise AssertionError("the kernel closed the status comm")
             else:
                 self.other.append(msg)
-        raise AssertionError(f"no matching status message in {timeout} s; got {self.seen}")
+        return None
 
     def reply(self, msg_id: str, timeout: float = 30.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout

@@ -3,28 +3,12 @@ and reopened) asks the status comm what became of its panels, through a real ker
 
 from __future__ import annotations
 
-import queue
-import time
 from typing import Any
 
 from .kernel import Kernel
 from .test_labcomm_kernel import StatusClient, idle, running
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
-
-
-def drain(client: StatusClient, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            msg = client.kc.get_iopub_msg(timeout=0.05)
-        except queue.Empty:
-            continue
-        content = msg["content"]
-        if msg["msg_type"] == "comm_msg" and content.get("comm_id") == client.comm_id:
-            client.seen.append(content["data"])
-        else:
-            client.other.append(msg)
 
 
 def of_request(client: StatusClient, msg_id: str, msg_type: str) -> list[dict[str, Any]]:
@@ -42,7 +26,7 @@ def test_a_reloaded_page_gets_a_live_copy_of_the_panel_and_its_ending(kernel: Ke
     (worker,) = client.wait(running)["workers"]
     assert worker["cell"]["msg_id"] == msg_id
     # The live widgets are drawn once the cell has run for a tick: read what came meanwhile.
-    drain(client, 0.5)
+    client.drain(0.5)
     # The panel shows with its display id in the metadata, which a saved notebook keeps.
     panel = [d for d in of_request(client, msg_id, "display_data") if WIDGET_VIEW in d["data"]]
     assert len(panel) == 1, client.other
@@ -58,7 +42,7 @@ def test_a_reloaded_page_gets_a_live_copy_of_the_panel_and_its_ending(kernel: Ke
     client.send({"action": "mirror", "msg_id": msg_id})
     assert client.wait(lambda data: "mirror" in data)["mirror"] == {"msg_id": msg_id, "shown": True}
     client.wait(idle, timeout=20)
-    drain(client, 1.0)
+    client.drain(1.0)
     mirrors = [
         d for d in of_request(client, msg_id, "display_data")
         if d["metadata"].get("nbisolate", {}).get("mirror")
