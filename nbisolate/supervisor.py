@@ -949,7 +949,11 @@ class TemplateLauncher:
 
         The spare held meanwhile lacks them: it is dropped, and cells ask the
         template for their workers until it answered, as before spares were
-        handed over directly.
+        handed over directly.  The template imports them under the notebook's
+        environment, working directory and ``sys.path`` as they are now:
+        libraries read their settings when imported (thread counts from
+        ``OMP_NUM_THREADS``, a config file in the working directory), and the
+        notebook may have changed them since the template started.
         """
         from .template import send
 
@@ -963,9 +967,16 @@ class TemplateLauncher:
             with self._cond:
                 t.preloading += 1
                 t.drop_spares()
+            env = _environ()
+            request = {"names": todo, "sys_path": list(sys.path), "env": env}
             try:
-                send(t.sock, "preload", {"names": todo, "sys_path": list(sys.path)})
+                request["cwd"] = os.getcwd()
+            except OSError:  # the working directory was deleted: the template keeps its own
+                pass
+            try:
+                send(t.sock, "preload", request)
                 t.preloaded.update(todo)
+                t.base_env = env  # the spares it offers from now on start with it
             except OSError:
                 with self._cond:
                     t.preloading -= 1

@@ -25,7 +25,7 @@ Protocol, over a socketpair inherited from the kernel, in the frames of
   ``fresh`` the child execs a new interpreter.  The request's ``id`` comes back so
   the kernel matches each reply to its request: a reply that arrives after the
   kernel stopped waiting must never be taken for the next cell's worker.
-* ``("preload", {"names": [...], "sys_path": [...]})`` ->
+* ``("preload", {"names": [...], "sys_path": [...], "env": {...}, "cwd": "..."})`` ->
   ``("preloaded", {"errors": {name: error or None}, "threads": name or None})``
 * ``("exit", (pid, returncode))`` is sent whenever a worker (or spare) is reaped.
 * ``("spare", {"pid": pid, "env": bool}, fds=[socket])``: the next spare, offered.
@@ -44,9 +44,11 @@ only then is the next spare forked, so that the fork does not compete with a
 quick cell and the kernel's reply to it; the other spare serves a cell that
 comes meanwhile (a cell that finds none asks for a ``fork``, and says
 ``taken`` at once).  A ``preload`` makes the kernel drop the spares (they lack the
-new imports) and the next ones are offered after the ``preloaded`` reply.  ``env`` says that the template's environment is no
-longer the one it started with (an import set variables): the kernel then
-sends its own with the cell.
+new imports) and the next ones are offered after the ``preloaded`` reply.  A
+``preload`` carries the kernel's environment and working directory: the
+template imports under them, as the notebook would now.  ``env`` says that
+the template's environment is no longer the one the kernel last gave it (an
+import set variables): the kernel then sends its own with the cell.
 
 A worker the kernel asks for with ``fork`` (no spare was at hand, a sweep's
 value, ``--mem``) is forked on the spot.  The ``forked`` reply goes out before
@@ -268,7 +270,7 @@ def main(fd: int) -> None:
     children: set[int] = set()
     threads_by: str | None = None  # the preloaded package that left a thread running
     last_env: dict[str, str] | None = None  # the kernel's environment, as last sent
-    start_env = dict(os.environ)  # the kernel's, when it started this process
+    start_env = dict(os.environ)  # the kernel's, when it started this process or last asked a preload
     # The worker imports these anyway; paying for them once here is the point.
     from . import inplace, proctree, rng, ship, wire, worker  # noqa: F401
 
@@ -375,6 +377,15 @@ def main(fd: int) -> None:
                 # The kernel drops the spares offered before the new imports: they lack them.
                 offered.clear()
                 outcome: dict[str, str | None] = {}
+                # As the notebook would import them now: its settings, its directory, its path.
+                if body.get("env") is not None:
+                    worker.set_environ(body["env"])
+                    start_env = dict(os.environ)  # what an import changes from here is told with spares
+                if body.get("cwd"):
+                    try:
+                        os.chdir(body["cwd"])
+                    except OSError:
+                        pass  # gone or closed to us: relative imports fail here, and workers import them
                 sys.path[:] = body["sys_path"]
                 for name in body["names"]:
                     try:

@@ -581,3 +581,39 @@ def test_numpy_state_follows_even_when_the_worker_imports_numpy_itself(fresh_ker
     res = k.execute("%%isolate\nimport numpy\ngot = float(numpy.random.rand())")
     assert res.ok, res.error_text
     assert k.value("got == expected") is True
+
+
+# -- the template imports the notebook's packages as the notebook did -------------------------
+
+
+def test_a_preloaded_package_sees_the_notebooks_environment_and_directory(tmp_path):
+    """Libraries read settings when imported (thread counts from OMP_NUM_THREADS, a backend,
+    a config file in the working directory). The template imports the notebook's packages
+    ahead of its cells, later than the notebook did: it must do so under the notebook's
+    environment and working directory as they are then, not as they were when it started."""
+    from .conftest import wait_until
+    from .kernel import Kernel
+
+    start, work, lib = tmp_path / "start", tmp_path / "work", tmp_path / "lib"
+    for folder in (start, work, lib):
+        folder.mkdir()
+    (lib / "envprobe.py").write_text(
+        "import os\nSEEN = os.environ.get('NBISOLATE_TEST_PROBE')\nWHERE = os.getcwd()\nBY = os.getpid()\n"
+    )
+    k = Kernel(cwd=str(start))
+    try:
+        k.run("%load_ext nbisolate")
+        isolated(k, "warm = 1")  # the template runs, in the directory and environment it started with
+        k.run(f"import os\nos.environ['NBISOLATE_TEST_PROBE'] = 'set in the notebook'\nos.chdir({str(work)!r})")
+        k.run(f"import sys\nsys.path.insert(0, {str(lib)!r})\nimport envprobe")
+        assert k.value("(envprobe.SEEN, envprobe.WHERE)") == ("set in the notebook", str(work))
+        isolated(k, "first = envprobe.SEEN")  # the kernel now has the template preload it
+        template = "__import__('nbisolate.supervisor', fromlist=['x']).launcher._current"
+        assert wait_until(
+            lambda: k.value(f"(lambda t: 'envprobe' in t.preloaded and not t.preloading)({template})"), 20
+        )
+        isolated(k, "import os\npreloaded = envprobe.BY != os.getpid()\nseen, where = envprobe.SEEN, envprobe.WHERE")
+        assert k.value("preloaded") is True  # imported by the template: what this test is about
+        assert k.value("(first, seen, where)") == ("set in the notebook", "set in the notebook", str(work))
+    finally:
+        k.shutdown()
