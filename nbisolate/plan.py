@@ -599,6 +599,37 @@ def _installed(top: str) -> bool:
     return str(origin).startswith(_site_roots())
 
 
+def own_sources(packages: Iterable[str]) -> dict[str, tuple[str, int, int]]:
+    """The user's own modules among ``packages`` and their submodules, as loaded in this process:
+    module name -> (source file, modification time in ns, size).
+
+    The template imports a notebook's packages once and serves them to every
+    worker after, while a module of the user's own (outside site-packages)
+    may be edited and reloaded meanwhile (``importlib.reload``, ``%autoreload``).
+    These are the files to watch for that (:meth:`TemplateLauncher.refresh`);
+    installed packages are left out, as are compiled modules, which cannot be
+    reloaded.
+    """
+    tops = {name.partition(".")[0] for name in packages}
+    roots = _site_roots()
+    found: dict[str, tuple[str, int, int]] = {}
+    for name, module in list(sys.modules.items()):
+        if name.partition(".")[0] not in tops:
+            continue
+        try:
+            path = object.__getattribute__(module, "__dict__").get("__file__")
+        except Exception:  # not a module after all (a lazy proxy): nothing to watch
+            continue
+        if not isinstance(path, str) or not path.endswith(".py") or path.startswith(roots):
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        found[name] = (path, st.st_mtime_ns, st.st_size)
+    return found
+
+
 @functools.lru_cache(maxsize=1)
 def _site_roots() -> tuple[str, ...]:
     """Where installed packages live: this environment's site-packages, the system's and the user's."""

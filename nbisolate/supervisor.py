@@ -56,6 +56,7 @@ from . import proctree
 from .backends import HandleInfo
 from .events import Event
 from .options import DEFAULT_MAX_OUTPUT
+from .plan import own_sources
 from .protocol import (
     MSG_DISPLAY,
     MSG_ERROR,
@@ -389,6 +390,7 @@ class _Template:
         self.live: set[int] = set()  # workers forked and not reported yet
         self.orphans: set[int] = set()  # workers whose fork reply came too late: killed
         self.preloaded: set[str] = set()
+        self.sources: dict[str, tuple[str, int, int]] = {}  # the user's own preloaded modules (refresh)
         self.threads: str | None = None  # a preloaded package that left a thread running
         self.pending = 0  # requests (fork, preload) sent and not answered yet
         self.busy_since = 0.0  # when it last made progress on them
@@ -955,34 +957,67 @@ class TemplateLauncher:
         ``OMP_NUM_THREADS``, a config file in the working directory), and the
         notebook may have changed them since the template started.
         """
-        from .template import send
-
         t = self._current
         if t is None or not t.alive or t.lost:
             return
         todo = [n for n in names if n not in t.preloaded and n not in self._refused]
-        if not todo:
+        if todo and self._send_preload(t, {"names": todo}):
+            t.preloaded.update(todo)
+            t.sources.update(own_sources(todo))
+
+    def refresh(self) -> None:
+        """Have the template reload the notebook's own modules whose files changed since it
+        imported them; called before a worker is taken or asked for.
+
+        Without it a module the user edited and reloaded (``importlib.reload``,
+        ``%autoreload``) would run in the next isolated cells as the template
+        imported it, however old, while ordinary cells run the new code.  An
+        isolated cell runs the user's module as its file is now, as a worker
+        that imported it itself would (reloaded or not in the kernel).  Like
+        a preload, the reload drops the spares, and the cell's worker is forked
+        after it.  One ``stat`` per watched file, and none at all in a notebook
+        that preloads no module of its own.
+        """
+        t = self._current
+        if t is None or not t.sources or not t.alive or t.lost:
             return
+        changed = []
+        for name, (path, mtime, size) in list(t.sources.items()):
+            try:
+                st = os.stat(path)
+                now = (path, st.st_mtime_ns, st.st_size)
+            except OSError:  # gone: the reload says so, and the worker imports what it finds
+                now = (path, 0, -1)
+            if now != (path, mtime, size):
+                t.sources[name] = now
+                changed.append(name)
+        if changed:
+            self._send_preload(t, {"names": [], "reload": changed})
+
+    def _send_preload(self, t: _Template, request: dict[str, Any]) -> bool:
+        """Send a ``preload`` with the notebook's path, environment and directory; False if it could not go."""
+        from .template import send
+
         with self._lock:
             with self._cond:
                 t.preloading += 1
                 t.drop_spares()
             env = _environ()
-            request = {"names": todo, "sys_path": list(sys.path), "env": env}
+            request.update(sys_path=list(sys.path), env=env)
             try:
                 request["cwd"] = os.getcwd()
             except OSError:  # the working directory was deleted: the template keeps its own
                 pass
             try:
                 send(t.sock, "preload", request)
-                t.preloaded.update(todo)
-                t.base_env = env  # the spares it offers from now on start with it
             except OSError:
                 with self._cond:
                     t.preloading -= 1
-                return
+                return False
+            t.base_env = env  # the spares it offers from now on start with it
             with self._cond:
                 t.asked()
+            return True
 
     def take_spare(self, inputs: int = 0) -> tuple[_Template, _Spare] | None:
         """The spare worker the template offered, now this caller's to hand a cell; or None.
@@ -1160,6 +1195,7 @@ class Job:
         thread is started while the worker starts rather than after.
         """
         if self.use_template:
+            launcher.refresh()  # a module of the user's edited and reloaded: the worker has the new one
             if not (self.fresh or self._ahead or self._gate is not None):
                 handed = self._hand_to_spare()
                 if handed is not None:

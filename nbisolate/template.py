@@ -25,8 +25,9 @@ Protocol, over a socketpair inherited from the kernel, in the frames of
   ``fresh`` the child execs a new interpreter.  The request's ``id`` comes back so
   the kernel matches each reply to its request: a reply that arrives after the
   kernel stopped waiting must never be taken for the next cell's worker.
-* ``("preload", {"names": [...], "sys_path": [...], "env": {...}, "cwd": "..."})`` ->
+* ``("preload", {"names": [...], "reload": [...], "sys_path": [...], "env": {...}, "cwd": "..."})`` ->
   ``("preloaded", {"errors": {name: error or None}, "threads": name or None})``
+  (``reload``: the notebook's own modules whose files changed since they were imported here)
 * ``("exit", (pid, returncode))`` is sent whenever a worker (or spare) is reaped.
 * ``("spare", {"pid": pid, "env": bool}, fds=[socket])``: the next spare, offered.
 * ``("taken", {"pid": pid})`` from the kernel: it took that spare; fork the next.
@@ -74,6 +75,7 @@ workers it still has and exits.
 
 from __future__ import annotations
 
+import importlib
 import os
 import select
 import signal
@@ -387,6 +389,21 @@ def main(fd: int) -> None:
                     except OSError:
                         pass  # gone or closed to us: relative imports fail here, and workers import them
                 sys.path[:] = body["sys_path"]
+                # The notebook's own modules whose files changed: in place, as importlib.reload
+                # does in the kernel, submodules before the packages that may import from them.
+                for name in sorted(body.get("reload", ()), key=lambda n: -n.count(".")):
+                    module = sys.modules.get(name)
+                    try:
+                        if module is not None:
+                            importlib.reload(module)
+                        else:  # its last edit did not import: this one may
+                            __import__(name)
+                        outcome[name] = None
+                    except BaseException as exc:  # an edit that does not import: the worker says so
+                        sys.modules.pop(name, None)  # and imports it afresh, as it would without us
+                        outcome[name] = f"{type(exc).__name__}: {exc}"
+                    if threads_by is None and thread_count() > 1:
+                        threads_by = name
                 for name in body["names"]:
                     try:
                         __import__(name)

@@ -617,3 +617,34 @@ def test_a_preloaded_package_sees_the_notebooks_environment_and_directory(tmp_pa
         assert k.value("(first, seen, where)") == ("set in the notebook", "set in the notebook", str(work))
     finally:
         k.shutdown()
+
+
+def test_a_module_of_the_users_edited_and_reloaded_runs_its_new_code_isolated(tmp_path):
+    """The template imports the notebook's own modules once for every worker; after the user
+    edits one and reloads it (importlib.reload here; %autoreload does the same), isolated
+    cells run the new code, as ordinary cells do, and again after a second edit."""
+    from .conftest import wait_until
+    from .kernel import Kernel
+
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    source = lib / "mylib_edit.py"
+    source.write_text("def version():\n    return 1\n")
+    k = Kernel(cwd=str(tmp_path))
+    try:
+        k.run("%load_ext nbisolate")
+        k.run(f"import sys\nsys.path.insert(0, {str(lib)!r})\nimport importlib, mylib_edit")
+        isolated(k, "v = mylib_edit.version()")
+        template = "__import__('nbisolate.supervisor', fromlist=['x']).launcher._current"
+        assert wait_until(
+            lambda: k.value(f"(lambda t: 'mylib_edit' in t.preloaded and not t.preloading)({template})"), 20
+        )
+        for version in (2, 3):
+            source.write_text(f"import os\nBY = os.getpid()\n\ndef version():\n    return {version}  # edited\n")
+            k.run("importlib.reload(mylib_edit)")
+            assert k.value("mylib_edit.version()") == version
+            isolated(k, "import os\nv = mylib_edit.version()\nby_template = mylib_edit.BY != os.getpid()")
+            assert k.value("v") == version
+            assert k.value("by_template") is True  # the template's copy, reloaded: what this is about
+    finally:
+        k.shutdown()

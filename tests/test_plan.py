@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from nbisolate.errors import IsolateUsageError
@@ -138,3 +140,26 @@ def test_imports_are_read_anywhere_in_the_cell_and_only_installed_packages_are_p
     # The standard library, packages that start threads at import and the user's own
     # module (not in site-packages) stay out.
     assert cell_packages(plan.imports) == ["numpy", "IPython.display", "matplotlib.pyplot"]
+
+
+def test_own_sources_are_the_users_modules_and_their_submodules_not_installed_ones(tmp_path, monkeypatch):
+    from nbisolate.plan import own_sources
+
+    pkg = tmp_path / "nbi_own_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("from . import sub\n")
+    (pkg / "sub.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    importlib.import_module("nbi_own_pkg")
+    import numpy  # noqa: F401  (installed: never watched)
+
+    try:
+        found = own_sources(["nbi_own_pkg", "numpy"])
+        assert set(found) == {"nbi_own_pkg", "nbi_own_pkg.sub"}
+        path, mtime, size = found["nbi_own_pkg.sub"]
+        assert path == str(pkg / "sub.py") and size == len("X = 1\n") and mtime > 0
+    finally:
+        for name in ("nbi_own_pkg.sub", "nbi_own_pkg"):
+            sys.modules.pop(name, None)
