@@ -473,6 +473,14 @@ def _when_imported(name: str, hook: Callable[[], None]) -> None:
         return
     if _after_import is None:
         _after_import = _AfterImport()
+    earlier = _after_import.waiting.get(name)
+    if earlier is not None:  # two hooks on one module (the random state, the settings): both run
+        first, second = earlier, hook
+
+        def hook() -> None:
+            first()
+            second()
+
     _after_import.waiting[name] = hook
     if _after_import not in sys.meta_path:
         sys.meta_path.insert(0, _after_import)

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import replace
 from typing import Any
 
-from . import backends, inplace, rng, ship
+from . import backends, inplace, rng, settings, ship
 from .backends import Backend, Launch, RunHandle
 from .errors import IsolateError, IsolateTimeout, RemoteError, ShipError, WorkerCrashed
 from .events import Event
@@ -265,6 +265,9 @@ class CellRun:
         # The notebook's global random state goes with the cell (rng.py); not to the values of
         # a sweep, which would all draw the same numbers.
         self.carry_random = True
+        # The notebook's warning filters, recursion limit and NumPy settings (settings.py), read
+        # here, in the thread the cell would run in: NumPy 2 keeps its own per thread (context).
+        self.settings = settings.capture()
         # The notebook's packages, for the template to preload; a sweep looks them up once
         # for all its runs (reading every notebook variable's type per value cost milliseconds).
         self.packages: list[str] | None = None
@@ -424,6 +427,7 @@ class CellRun:
             "has_result": self.plan.has_result,
             "deletes": list(self.plan.deletes),
             "rng": rng.capture() if self.carry_random else None,
+            "settings": self.settings,
             "sys_path": list(sys.path),
             "cwd": _cwd(),
             "mem": opts.mem,

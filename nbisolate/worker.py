@@ -640,7 +640,7 @@ def _run(
     compiled: tuple[types.CodeType, types.CodeType | None] | None = None,
 ) -> None:
     global _stage
-    from . import inplace, rng, ship
+    from . import inplace, rng, settings, ship
 
     t0 = time.perf_counter()
     os.chdir(job["cwd"])
@@ -657,6 +657,9 @@ def _run(
     chan.phase("start", time.perf_counter() - t0, hold=small)  # type: ignore[attr-defined]
 
     t1 = time.perf_counter()
+    # The notebook's warning filters, recursion limit and NumPy settings, before the inputs
+    # load: a deep input needs the notebook's recursion limit to be rebuilt, as it did to be built.
+    settings.restore(job.get("settings"))
     shared = job.get("shared")
     if shared:  # inputs serialized once for a whole sweep: first, with the first buffers
         count = shared["buffers"]

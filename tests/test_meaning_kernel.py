@@ -648,3 +648,53 @@ def test_a_module_of_the_users_edited_and_reloaded_runs_its_new_code_isolated(tm
             assert k.value("by_template") is True  # the template's copy, reloaded: what this is about
     finally:
         k.shutdown()
+
+
+# -- the notebook's settings hold in the worker ---------------------------------------------
+
+
+SETTINGS_CELL = """
+import sys, warnings
+warnings.warn("silenced by the notebook", UserWarning)
+def depth(n):
+    return 0 if n == 0 else 1 + depth(n - 1)
+deep = depth(5000)  # past the default recursion limit of 1000
+try:
+    warnings.warn("an error in this notebook", FutureWarning)
+    raised = False
+except FutureWarning:
+    raised = True
+try:
+    np.float64(1.0) / np.float64(0.0)
+    divided = True
+except FloatingPointError:
+    divided = False
+shown = str(np.array([1 / 3]))
+"""
+
+
+def test_the_notebooks_warning_filters_recursion_limit_and_numpy_settings_hold_isolated(fresh_kernel):
+    """Set once at a notebook's top, obeyed by every later cell: an isolated cell obeys them too."""
+    k = fresh_kernel
+    k.run(
+        cell(
+            """
+            import sys, warnings
+            import numpy as np
+            warnings.filterwarnings("ignore", category=UserWarning)
+            warnings.simplefilter("error", FutureWarning)
+            sys.setrecursionlimit(20000)
+            np.seterr(divide="raise")
+            np.set_printoptions(precision=2)
+            """
+        )
+    )
+    names = "(deep, raised, divided, shown)"
+    ordinary = k.execute(cell(SETTINGS_CELL))
+    assert ordinary.ok, ordinary.error_text
+    expected = k.value(names)
+    assert expected == (5000, True, False, "[0.33]")  # what the settings mean, in the kernel
+    k.run("del deep, raised, divided, shown")
+    res = isolated(k, SETTINGS_CELL)
+    assert k.value(names) == expected
+    assert "silenced by the notebook" not in res.stderr + ordinary.stderr

@@ -1,0 +1,53 @@
+"""The notebook's settings, read in one process and taken in another (settings.py).
+
+The kernel test in test_meaning_kernel.py checks that an isolated cell obeys
+them; these check the round trip of the parts that are easy to get wrong: the
+interpreter's own filters (plain strings, not patterns), flags kept, and a
+category the other process cannot name left out rather than guessed.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+import warnings
+
+from nbisolate import settings
+
+
+def test_warning_filters_survive_a_round_trip_through_pickle():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Some.*text", category=FutureWarning, module=r"pkg\.mod")
+        warnings.simplefilter("error", UserWarning)
+        warnings.filters.append(("default", None, DeprecationWarning, "__main__", 0))  # the C defaults' shape
+        before = list(warnings.filters)
+        packed = pickle.loads(pickle.dumps(settings.capture()))
+        warnings.resetwarnings()
+        settings.restore(packed)
+        assert warnings.filters == before
+        ours = next(f for f in warnings.filters if f[2] is FutureWarning)
+        assert ours[1].flags == next(f for f in before if f[2] is FutureWarning)[1].flags  # IGNORECASE
+
+
+def test_a_category_this_process_cannot_name_is_left_out():
+    class NotebookWarning(UserWarning):  # a class of the notebook's: not importable here
+        pass
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotebookWarning)
+        warnings.simplefilter("error", RuntimeWarning)
+        before = [f for f in warnings.filters if f[2] is not NotebookWarning]
+        packed = settings.capture()
+        warnings.resetwarnings()
+        settings.restore(packed)
+        assert warnings.filters == before and warnings.filters[0][2] is RuntimeWarning
+
+
+def test_the_recursion_limit_travels():
+    limit = sys.getrecursionlimit()
+    try:
+        packed = {"recursion": limit + 500}
+        settings.restore(packed)
+        assert sys.getrecursionlimit() == limit + 500
+    finally:
+        sys.setrecursionlimit(limit)
