@@ -588,24 +588,33 @@ class _AdaptingLoader:
 class AdaptOnImport:
     """A ``sys.meta_path`` finder that adapts a few modules as soon as they are imported.
 
-    It finds nothing itself: for the watched names it asks the finders after
-    it and wraps the loader they return; every other import is untouched.
+    It finds nothing itself: for the watched names it asks the other finders
+    and wraps the loader they return; every other import is untouched.  A
+    finder that wraps loaders too (``pools``' import hooks) may ask this one
+    in turn for the same name: it gets None, so the two wrap one loader.
     """
 
+    def __init__(self) -> None:
+        self.resolving: set[str] = set()
+
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
-        if fullname not in ADAPTERS:
+        if fullname not in ADAPTERS or fullname in self.resolving:
             return None
-        for finder in sys.meta_path:
-            if finder is self or isinstance(finder, AdaptOnImport):
-                continue
-            find = getattr(finder, "find_spec", None)
-            if find is None:
-                continue
-            spec = find(fullname, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
+        self.resolving.add(fullname)
+        try:
+            for finder in sys.meta_path:
+                if finder is self or isinstance(finder, AdaptOnImport):
+                    continue
+                find = getattr(finder, "find_spec", None)
+                if find is None:
+                    continue
+                spec = find(fullname, path, target)
+                if spec is not None:
+                    break
+            else:
+                return None
+        finally:
+            self.resolving.discard(fullname)
         if spec.loader is not None and hasattr(spec.loader, "exec_module"):
             spec.loader = _AdaptingLoader(spec.loader, fullname)
         return spec

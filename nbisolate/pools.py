@@ -432,19 +432,27 @@ class _AfterImport:
 
     def __init__(self) -> None:
         self.waiting: dict[str, Callable[[], None]] = {}
+        # Names being looked up through the finders after us: another finder that wraps
+        # loaders the same way (display_worker.AdaptOnImport) asks us in turn, and must
+        # get None then, not a loop. Imports of one name never overlap (the import lock).
+        self.resolving: set[str] = set()
 
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
         hook = self.waiting.get(name)
-        if hook is None:
+        if hook is None or name in self.resolving:
             return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(name, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
+        self.resolving.add(name)
+        try:
+            for finder in sys.meta_path:
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec = finder.find_spec(name, path, target)
+                if spec is not None:
+                    break
+            else:
+                return None
+        finally:
+            self.resolving.discard(name)
         loader = spec.loader
         if loader is None or not hasattr(loader, "exec_module"):
             return spec

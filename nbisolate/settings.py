@@ -3,8 +3,10 @@
 A notebook sets some things once, near its top, and every later cell obeys
 them: ``warnings.filterwarnings("ignore")`` silences warnings,
 ``sys.setrecursionlimit(10_000)`` lets a deep recursion finish,
-``np.seterr(all="raise")`` turns a division by zero into an error and
-``np.set_printoptions(precision=3)`` prints arrays shorter. A worker is a fresh
+``np.seterr(all="raise")`` turns a division by zero into an error,
+``np.set_printoptions(precision=3)`` prints arrays shorter and
+``pd.set_option("display.max_columns", None)`` shows every column of a frame
+(a cell's last value is drawn in the worker). A worker is a fresh
 process with the defaults, so the same cell, isolated, would warn, fail or
 print otherwise. The kernel sends these settings with each cell
 (:func:`capture`) and the worker takes them after loading the inputs, just
@@ -15,10 +17,12 @@ function that sets them and resets them before it returns would. (The random
 state, which cells change all the time by drawing, does come back: see
 :mod:`nbisolate.rng`.)
 
-Standard library only: a worker imports this module. NumPy's settings are read
-only when the notebook has imported NumPy, and set in the worker only once
-NumPy is imported there (preloaded by the template, or by the cell), so a cell
-that never uses NumPy never pays for importing it.
+Standard library only: a worker imports this module. NumPy's and pandas'
+settings are read only when the notebook has imported them, and set in the
+worker only once the package is imported there (preloaded by the template, or
+by the cell), so a cell that never uses them never pays for importing them.
+Of pandas' options only those the notebook changed travel, and only plain
+values (a ``display.float_format`` function stays the worker's default).
 """
 
 from __future__ import annotations
@@ -44,6 +48,11 @@ def capture() -> Settings:
             out["numpy"] = {"err": dict(numpy.geterr()), "print": printing}
         except Exception:  # a NumPy being imported, or an unusual one: the worker keeps its own
             pass
+    pandas = sys.modules.get("pandas")
+    if pandas is not None:
+        changed = _pandas_changed(pandas)
+        if changed:
+            out["pandas"] = changed
     return out
 
 
@@ -59,13 +68,15 @@ def restore(settings: Settings | None) -> None:
             pass
     if "warnings" in settings:
         _unpack_filters(settings["warnings"])
-    if "numpy" in settings:
-        if "numpy" in sys.modules:
-            _set_numpy(settings["numpy"])
-        else:  # importing NumPy costs ~50 ms: only if the cell does, and then at once
+    for package, setter in (("numpy", _set_numpy), ("pandas", _set_pandas)):
+        if package not in settings:
+            continue
+        if package in sys.modules:
+            setter(settings[package])
+        else:  # importing NumPy costs ~50 ms, pandas more: only if the cell does, and then at once
             from .pools import _when_imported
 
-            _when_imported("numpy", lambda: _set_numpy(settings["numpy"]))
+            _when_imported(package, lambda setter=setter, packed=settings[package]: setter(packed))
 
 
 def _pack_filters() -> list[tuple[Any, ...]]:
@@ -118,3 +129,43 @@ def _set_numpy(packed: Settings) -> None:
         np.set_printoptions(**packed["print"])
     except Exception:  # another NumPy version here: its own settings
         pass
+
+
+def _pandas_changed(pandas: Any) -> dict[str, Any]:
+    """pandas' options whose values are not their defaults (plain values only), read from its
+    option table (about 20 us): ``get_option`` on each would take milliseconds, and warn
+    about the deprecated ones."""
+    try:
+        config = pandas._config.config
+        registered, current = config._registered_options, config._global_config
+    except AttributeError:  # another pandas: its options stay the worker's
+        return {}
+    changed: dict[str, Any] = {}
+    todo: list[tuple[str, Any]] = [("", current)]
+    while todo:
+        prefix, table = todo.pop()
+        for key, value in table.items():
+            if isinstance(value, dict):
+                todo.append((prefix + key + ".", value))
+                continue
+            option = registered.get(prefix + key)
+            if option is None or value is option.defval or not isinstance(value, _PLAIN_PRINT):
+                continue
+            try:
+                if value != option.defval:
+                    changed[prefix + key] = value
+            except Exception:  # a default that cannot be compared: leave it
+                continue
+    return changed
+
+
+def _set_pandas(changed: dict[str, Any]) -> None:
+    try:
+        import pandas
+    except Exception:
+        return
+    for key, value in changed.items():
+        try:
+            pandas.set_option(key, value)
+        except Exception:  # an option this pandas lacks or refuses: its own value
+            continue
