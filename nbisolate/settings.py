@@ -5,8 +5,10 @@ them: ``warnings.filterwarnings("ignore")`` silences warnings,
 ``sys.setrecursionlimit(10_000)`` lets a deep recursion finish,
 ``np.seterr(all="raise")`` turns a division by zero into an error,
 ``np.set_printoptions(precision=3)`` prints arrays shorter and
-``pd.set_option("display.max_columns", None)`` shows every column of a frame
-(a cell's last value is drawn in the worker). A worker is a fresh
+``pd.set_option("display.max_columns", None)`` shows every column of a frame,
+and ``plt.style.use("ggplot")`` or ``plt.rcParams["figure.figsize"] = (8, 3)``
+(or a library's theme, as seaborn's ``set_theme``) makes every later plot look
+alike. A worker is a fresh
 process with the defaults, so the same cell, isolated, would warn, fail or
 print otherwise. The kernel sends these settings with each cell
 (:func:`capture`) and the worker takes them after loading the inputs, just
@@ -21,12 +23,16 @@ Standard library only: a worker imports this module. NumPy's and pandas'
 settings are read only when the notebook has imported them, and set in the
 worker only once the package is imported there (preloaded by the template, or
 by the cell), so a cell that never uses them never pays for importing them.
-Of pandas' options only those the notebook changed travel, and only plain
-values (a ``display.float_format`` function stays the worker's default).
+Of pandas' options and matplotlib's ``rcParams`` only those the notebook
+changed travel (against pandas' defaults, and against what matplotlib read
+from its ``matplotlibrc``), and of pandas' only plain values (a
+``display.float_format`` function stays the worker's default); the plotting
+backend stays the worker's own (it draws without a kernel).
 """
 
 from __future__ import annotations
 
+import pickle
 import re
 import sys
 import warnings
@@ -48,11 +54,12 @@ def capture() -> Settings:
             out["numpy"] = {"err": dict(numpy.geterr()), "print": printing}
         except Exception:  # a NumPy being imported, or an unusual one: the worker keeps its own
             pass
-    pandas = sys.modules.get("pandas")
-    if pandas is not None:
-        changed = _pandas_changed(pandas)
-        if changed:
-            out["pandas"] = changed
+    for package, changes in (("pandas", _pandas_changed), ("matplotlib", _matplotlib_changed)):
+        module = sys.modules.get(package)
+        if module is not None:
+            changed = changes(module)
+            if changed:
+                out[package] = changed
     return out
 
 
@@ -68,7 +75,7 @@ def restore(settings: Settings | None) -> None:
             pass
     if "warnings" in settings:
         _unpack_filters(settings["warnings"])
-    for package, setter in (("numpy", _set_numpy), ("pandas", _set_pandas)):
+    for package, setter in (("numpy", _set_numpy), ("pandas", _set_pandas), ("matplotlib", _set_matplotlib)):
         if package not in settings:
             continue
         if package in sys.modules:
@@ -168,4 +175,53 @@ def _set_pandas(changed: dict[str, Any]) -> None:
         try:
             pandas.set_option(key, value)
         except Exception:  # an option this pandas lacks or refuses: its own value
+            continue
+
+
+_OWN_RC = frozenset({"backend", "backend_fallback", "interactive"})
+"""matplotlib settings that stay the worker's: it draws with Agg, without a kernel or a window."""
+
+
+def _matplotlib_changed(matplotlib: Any) -> dict[str, Any]:
+    """``rcParams`` the notebook changed since matplotlib read its ``matplotlibrc`` (a style, a
+    theme, a figure size), about 20 us; read as stored, so no deprecation warning fires."""
+    try:
+        current, original = matplotlib.rcParams, matplotlib.rcParamsOrig
+        changed: dict[str, Any] = {}
+        for key, value in dict.items(current):
+            before = dict.get(original, key)
+            if value is before or key in _OWN_RC:
+                continue
+            try:
+                if value == before:
+                    continue
+            except Exception:  # values that cannot be compared (arrays): sent, to be safe
+                pass
+            changed[key] = value
+    except Exception:  # a matplotlib being imported, or an unusual one: the worker keeps its own
+        return {}
+    try:  # the run message is pickled whole: one value that cannot be must not stop the cell
+        pickle.dumps(changed)
+    except Exception:
+        changed = {key: value for key, value in changed.items() if _picklable(value)}
+    return changed
+
+
+def _picklable(value: Any) -> bool:
+    try:
+        pickle.dumps(value)
+    except Exception:
+        return False
+    return True
+
+
+def _set_matplotlib(changed: dict[str, Any]) -> None:
+    try:
+        import matplotlib
+    except Exception:
+        return
+    for key, value in changed.items():
+        try:
+            matplotlib.rcParams[key] = value
+        except Exception:  # a key this matplotlib lacks, or a value it refuses: its own
             continue

@@ -701,3 +701,24 @@ def test_the_notebooks_warning_filters_recursion_limit_numpy_and_pandas_settings
     res = isolated(k, SETTINGS_CELL)
     assert k.value(names) == expected
     assert "silenced by the notebook" not in res.stderr + ordinary.stderr
+
+
+def test_a_plot_style_set_in_the_notebook_holds_isolated(fresh_kernel):
+    """A style, a theme or a figure size set once makes every later plot look alike."""
+    k = fresh_kernel
+    k.run(
+        cell(
+            """
+            import matplotlib.pyplot as plt
+            plt.style.use("ggplot")
+            plt.rcParams["figure.figsize"] = (3.0, 2.0)
+            plt.rcParams["lines.linewidth"] = 4.5
+            """
+        )
+    )
+    look = "(tuple(plt.rcParams['figure.figsize']), plt.rcParams['lines.linewidth'], plt.rcParams['axes.facecolor'])"
+    expected = k.value(look)
+    assert expected[:2] == ((3.0, 2.0), 4.5)
+    isolated(k, f"seen = {look}\nsize = tuple(float(x) for x in plt.figure().get_size_inches())\nplt.close('all')")
+    assert k.value("seen") == expected
+    assert k.value("size") == (3.0, 2.0)
