@@ -125,7 +125,9 @@ def _unpack_filters(packed: list[tuple[Any, ...]]) -> None:
             continue
     if filters != warnings.filters:
         warnings.filters[:] = filters
-        warnings._filters_mutated()  # type: ignore[attr-defined]  # what filterwarnings() calls
+        mutated = getattr(warnings, "_filters_mutated", None)  # what filterwarnings() calls
+        if mutated is not None:
+            mutated()
 
 
 def _set_numpy(packed: Settings) -> None:
