@@ -48,7 +48,9 @@ WIDGET_ADVICE = (
 )
 # The inline backend's defaults (matplotlib_inline.config.InlineBackend):
 # figure_formats={"png"}, print_figure_kwargs={"bbox_inches": "tight"},
-# close_figures=True, and no rc overrides.
+# close_figures=True, and no rc overrides; the kernel's own, when the notebook
+# changed them (%config InlineBackend.figure_formats), see figure_formats().
+FIGURE_FORMATS: tuple[str, ...] = ("png",)
 PRINT_FIGURE_KWARGS: dict[str, Any] = {"bbox_inches": "tight"}
 # pandas' display.max_columns when it runs in a notebook kernel; see _adapt_pandas.
 NOTEBOOK_MAX_COLUMNS = 20
@@ -120,23 +122,55 @@ def _ipython_formatter() -> Any:
     global _formatter
     if _formatter is None:
         try:
-            from functools import partial
-
+            from IPython.core import pylabtools  # noqa: F401  (figures are drawn through it)
             from IPython.core.formatters import DisplayFormatter
-            from IPython.core.pylabtools import print_figure
         except Exception:
             _formatter = False
             return None
         formatter = DisplayFormatter()
-        # What select_figure_formats(shell, {"png"}, bbox_inches="tight") registers in
-        # the kernel, by name so that matplotlib is not imported until a figure exists.
-        formatter.formatters["image/png"].for_type_by_name(
-            "matplotlib.figure",
-            "Figure",
-            partial(print_figure, fmt="png", base64=True, **PRINT_FIGURE_KWARGS),
-        )
+        _register_figures(formatter)
         _formatter = formatter
     return _formatter or None
+
+
+def _register_figures(formatter: Any) -> None:
+    """What IPython's ``select_figure_formats`` registers in the kernel for the inline backend,
+    by name, so that matplotlib is not imported until a figure exists."""
+    from functools import partial
+
+    from IPython.core.pylabtools import print_figure, retina_figure
+
+    for one in formatter.formatters.values():
+        one.pop("matplotlib.figure.Figure", None)
+    kwargs = PRINT_FIGURE_KWARGS
+    for fmt in FIGURE_FORMATS:
+        if fmt == "png":
+            mime, draw = "image/png", partial(print_figure, fmt="png", base64=True, **kwargs)
+        elif fmt in ("retina", "png2x"):
+            mime, draw = "image/png", partial(retina_figure, base64=True, **kwargs)
+        elif fmt in ("jpg", "jpeg"):
+            mime, draw = "image/jpeg", partial(print_figure, fmt="jpg", base64=True, **kwargs)
+        elif fmt == "svg":
+            mime, draw = "image/svg+xml", partial(print_figure, fmt="svg", **kwargs)
+        elif fmt == "pdf":
+            mime, draw = "application/pdf", partial(print_figure, fmt="pdf", base64=True, **kwargs)
+        else:  # a format this IPython does not know: the kernel refused it too
+            continue
+        formatter.formatters[mime].for_type_by_name("matplotlib.figure", "Figure", draw)
+
+
+def figure_formats(formats: Iterable[str], kwargs: dict[str, Any]) -> None:
+    """Draw figures as the kernel's inline backend does when the notebook chose other formats
+    (``%config InlineBackend.figure_formats = ["retina"]``, ``["svg"]``) or ``print_figure`` options."""
+    global FIGURE_FORMATS
+    FIGURE_FORMATS = tuple(formats)
+    PRINT_FIGURE_KWARGS.clear()
+    PRINT_FIGURE_KWARGS.update(kwargs)
+    if _formatter:  # built already (a spare builds it while it waits): drawn the new way from now on
+        try:
+            _register_figures(_formatter)
+        except Exception:
+            pass
 
 
 def _figure_png(fig: Any) -> str | None:

@@ -8,7 +8,8 @@ them: ``warnings.filterwarnings("ignore")`` silences warnings,
 ``pd.set_option("display.max_columns", None)`` shows every column of a frame,
 and ``plt.style.use("ggplot")`` or ``plt.rcParams["figure.figsize"] = (8, 3)``
 (or a library's theme, as seaborn's ``set_theme``) makes every later plot look
-alike. A worker is a fresh
+alike, as ``%config InlineBackend.figure_formats = ["retina"]`` makes them
+sharp. A worker is a fresh
 process with the defaults, so the same cell, isolated, would warn, fail or
 print otherwise. The kernel sends these settings with each cell
 (:func:`capture`) and the worker takes them after loading the inputs, just
@@ -60,6 +61,11 @@ def capture() -> Settings:
             changed = changes(module)
             if changed:
                 out[package] = changed
+    inline = sys.modules.get("matplotlib_inline.config")
+    if inline is not None:
+        figures = _inline_figures(inline)
+        if figures:
+            out["figures"] = figures
     return out
 
 
@@ -75,6 +81,10 @@ def restore(settings: Settings | None) -> None:
             pass
     if "warnings" in settings:
         _unpack_filters(settings["warnings"])
+    if "figures" in settings:
+        from . import display_worker
+
+        display_worker.figure_formats(settings["figures"]["formats"], settings["figures"]["kwargs"])
     for package, setter in (("numpy", _set_numpy), ("pandas", _set_pandas), ("matplotlib", _set_matplotlib)):
         if package not in settings:
             continue
@@ -227,3 +237,21 @@ def _set_matplotlib(changed: dict[str, Any]) -> None:
             matplotlib.rcParams[key] = value
         except Exception:  # a key this matplotlib lacks, or a value it refuses: its own
             continue
+
+
+def _inline_figures(config: Any) -> dict[str, Any] | None:
+    """The kernel's inline figure formats and ``print_figure`` options, when the notebook changed
+    them from the inline backend's defaults (``png``, ``bbox_inches="tight"``)."""
+    backend = getattr(config, "InlineBackend", None)
+    try:
+        if backend is None or not backend.initialized():
+            return None
+        inline = backend.instance()
+        formats, kwargs = sorted(inline.figure_formats), dict(inline.print_figure_kwargs)
+    except Exception:
+        return None
+    if formats == ["png"] and kwargs == {"bbox_inches": "tight"}:
+        return None
+    if not _picklable(kwargs):
+        kwargs = {"bbox_inches": "tight"}
+    return {"formats": formats, "kwargs": kwargs}

@@ -722,3 +722,17 @@ def test_a_plot_style_set_in_the_notebook_holds_isolated(fresh_kernel):
     isolated(k, f"seen = {look}\nsize = tuple(float(x) for x in plt.figure().get_size_inches())\nplt.close('all')")
     assert k.value("seen") == expected
     assert k.value("size") == (3.0, 2.0)
+
+
+def test_figures_are_drawn_in_the_formats_the_notebook_chose(fresh_kernel):
+    """``%config InlineBackend.figure_formats``: SVG (or retina PNG) isolated, as in the kernel."""
+    k = fresh_kernel
+    k.run("import matplotlib.pyplot as plt")
+    k.run("%config InlineBackend.figure_formats = ['svg']")
+    plot = "plt.plot([1, 3, 2])\nplt.show()"
+    ordinary = k.execute(plot)
+    res = isolated(k, plot)
+    kinds = [sorted(m["content"]["data"]) for m in ordinary.messages if m["msg_type"] == "display_data"]
+    assert kinds and all("image/svg+xml" in kind for kind in kinds), kinds  # what the setting means here
+    shown = [sorted(m["content"]["data"]) for m in res.messages if m["msg_type"] == "display_data"]
+    assert [kind for kind in shown if "image/svg+xml" in kind] == kinds, shown
