@@ -9,7 +9,8 @@ them: ``warnings.filterwarnings("ignore")`` silences warnings,
 and ``plt.style.use("ggplot")`` or ``plt.rcParams["figure.figsize"] = (8, 3)``
 (or a library's theme, as seaborn's ``set_theme``) makes every later plot look
 alike, as ``%config InlineBackend.figure_formats = ["retina"]`` makes them
-sharp. A worker is a fresh
+sharp; after ``logging.basicConfig(level=logging.INFO)`` every cell's log
+records show. A worker is a fresh
 process with the defaults, so the same cell, isolated, would warn, fail or
 print otherwise. The kernel sends these settings with each cell
 (:func:`capture`) and the worker takes them after loading the inputs, just
@@ -28,11 +29,15 @@ Of pandas' options and matplotlib's ``rcParams`` only those the notebook
 changed travel (against pandas' defaults, and against what matplotlib read
 from its ``matplotlibrc``), and of pandas' only plain values (a
 ``display.float_format`` function stays the worker's default); the plotting
-backend stays the worker's own (it draws without a kernel).
+backend stays the worker's own (it draws without a kernel). Of logging, the
+levels set and the root logger's handlers that write to the cell's output
+(``StreamHandler`` on ``sys.stdout`` or ``sys.stderr``, with their format) travel;
+a handler of another kind (a file, a service) stays the kernel's.
 """
 
 from __future__ import annotations
 
+import logging
 import pickle
 import re
 import sys
@@ -48,6 +53,9 @@ _PLAIN_PRINT = (bool, int, float, str, type(None))
 def capture() -> Settings:
     """This process's settings, as plain values any pickler takes (a few microseconds)."""
     out: Settings = {"recursion": sys.getrecursionlimit(), "warnings": _pack_filters()}
+    logs = _pack_logging()
+    if logs:
+        out["logging"] = logs
     numpy = sys.modules.get("numpy")
     if numpy is not None:
         try:
@@ -81,6 +89,8 @@ def restore(settings: Settings | None) -> None:
             pass
     if "warnings" in settings:
         _unpack_filters(settings["warnings"])
+    if "logging" in settings:
+        _unpack_logging(settings["logging"])
     if "figures" in settings:
         from . import display_worker
 
@@ -255,3 +265,48 @@ def _inline_figures(config: Any) -> dict[str, Any] | None:
     if not _picklable(kwargs):
         kwargs = {"bbox_inches": "tight"}
     return {"formats": formats, "kwargs": kwargs}
+
+
+_STYLES = {logging.PercentStyle: "%", logging.StrFormatStyle: "{", logging.StringTemplateStyle: "$"}
+
+
+def _pack_logging() -> Settings | None:
+    """The levels set and the root logger's output handlers; None while logging is as it starts."""
+    root = logging.getLogger()
+    levels = {
+        name: logger.level
+        for name, logger in list(logging.Logger.manager.loggerDict.items())
+        if isinstance(logger, logging.Logger) and logger.level
+    }
+    handlers = []
+    for handler in root.handlers:
+        stream = getattr(handler, "stream", None)
+        where = "stdout" if stream is sys.stdout else "stderr" if stream is sys.stderr else None
+        if type(handler) is not logging.StreamHandler or where is None:
+            continue  # a file, a service, the terminal the kernel was started from: not the cell's
+        form = handler.formatter
+        style = _STYLES.get(type(getattr(form, "_style", None)), "%")
+        handlers.append(
+            (where, handler.level, getattr(form, "_fmt", None), getattr(form, "datefmt", None), style)
+        )
+    if root.level == logging.WARNING and not levels and not handlers:
+        return None
+    return {"root": root.level, "levels": levels, "handlers": handlers}
+
+
+def _unpack_logging(packed: Settings) -> None:
+    root = logging.getLogger()
+    root.setLevel(packed["root"])
+    for name, level in packed["levels"].items():
+        logging.getLogger(name).setLevel(level)
+    if packed["handlers"]:
+        made: list[logging.Handler] = []
+        for where, level, fmt, datefmt, style in packed["handlers"]:
+            handler = logging.StreamHandler(sys.stdout if where == "stdout" else sys.stderr)
+            handler.setLevel(level)
+            try:
+                handler.setFormatter(logging.Formatter(fmt, datefmt, style))
+            except (ValueError, TypeError):
+                pass
+            made.append(handler)
+        root.handlers[:] = made

@@ -736,3 +736,15 @@ def test_figures_are_drawn_in_the_formats_the_notebook_chose(fresh_kernel):
     assert kinds and all("image/svg+xml" in kind for kind in kinds), kinds  # what the setting means here
     shown = [sorted(m["content"]["data"]) for m in res.messages if m["msg_type"] == "display_data"]
     assert [kind for kind in shown if "image/svg+xml" in kind] == kinds, shown
+
+
+def test_log_records_show_as_the_notebook_configured_them(fresh_kernel):
+    """After ``logging.basicConfig(level=logging.INFO)`` a cell's log records show, in its format."""
+    k = fresh_kernel
+    k.run('import logging\nlogging.basicConfig(level=logging.INFO, format="%(levelname)s|%(name)s|%(message)s")')
+    k.run('logging.getLogger("noisy.lib").setLevel(logging.ERROR)')
+    body = 'logging.getLogger("job").info("step one")\nlogging.getLogger("noisy.lib").warning("hidden")'
+    ordinary = k.execute(body)
+    assert "INFO|job|step one" in ordinary.stderr and "hidden" not in ordinary.stderr  # here
+    res = isolated(k, body)
+    assert "INFO|job|step one" in res.stderr and "hidden" not in res.stderr, res.stderr

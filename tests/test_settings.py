@@ -51,3 +51,23 @@ def test_the_recursion_limit_travels():
         assert sys.getrecursionlimit() == limit + 500
     finally:
         sys.setrecursionlimit(limit)
+
+
+def test_log_handlers_that_write_elsewhere_stay_behind(tmp_path):
+    import logging
+
+    root = logging.getLogger()
+    saved = (root.level, root.handlers[:])
+    try:
+        to_file = logging.FileHandler(tmp_path / "log.txt")
+        to_cell = logging.StreamHandler(sys.stderr)
+        to_cell.setFormatter(logging.Formatter("{levelname}: {message}", style="{"))
+        root.handlers[:] = [to_file, to_cell]
+        root.setLevel(logging.DEBUG)
+        packed = pickle.loads(pickle.dumps(settings.capture()))["logging"]
+        assert packed["root"] == logging.DEBUG
+        assert packed["handlers"] == [("stderr", logging.NOTSET, "{levelname}: {message}", None, "{")]
+        to_file.close()
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
