@@ -659,7 +659,10 @@ def _run(
     t1 = time.perf_counter()
     # The notebook's warning filters, recursion limit and NumPy settings, before the inputs
     # load: a deep input needs the notebook's recursion limit to be rebuilt, as it did to be built.
-    settings.restore(job.get("settings"))
+    try:
+        settings.restore(job.get("settings"))
+    except Exception:  # a setting this process cannot take: its own stays, the cell still runs
+        pass
     shared = job.get("shared")
     if shared:  # inputs serialized once for a whole sweep: first, with the first buffers
         count = shared["buffers"]
