@@ -163,6 +163,8 @@ def figure_formats(formats: Iterable[str], kwargs: dict[str, Any]) -> None:
     """Draw figures as the kernel's inline backend does when the notebook chose other formats
     (``%config InlineBackend.figure_formats = ["retina"]``, ``["svg"]``) or ``print_figure`` options."""
     global FIGURE_FORMATS
+    if tuple(formats) == FIGURE_FORMATS and kwargs == PRINT_FIGURE_KWARGS:
+        return
     FIGURE_FORMATS = tuple(formats)
     PRINT_FIGURE_KWARGS.clear()
     PRINT_FIGURE_KWARGS.update(kwargs)

@@ -50,8 +50,18 @@ _PLAIN_PRINT = (bool, int, float, str, type(None))
 """NumPy print options that travel: a ``formatter`` of functions does not (it stays the worker's)."""
 
 
+_latest: Settings | None = None
+"""The settings of the last run made in this process (the kernel): a spare takes them while it
+waits, so that its cell finds them in place (:func:`latest`)."""
+
+
+def latest() -> Settings | None:
+    return _latest
+
+
 def capture() -> Settings:
     """This process's settings, as plain values any pickler takes (a few microseconds)."""
+    global _latest
     out: Settings = {"recursion": sys.getrecursionlimit(), "warnings": _pack_filters()}
     logs = _pack_logging()
     if logs:
@@ -74,11 +84,19 @@ def capture() -> Settings:
         figures = _inline_figures(inline)
         if figures:
             out["figures"] = figures
+    _latest = out
     return out
 
 
 def restore(settings: Settings | None) -> None:
-    """Take the settings :func:`capture` read in the kernel; what cannot be set stays as it is."""
+    """Take the settings :func:`capture` read in the kernel; what cannot be set stays as it is.
+
+    Each part is compared before it is set: in a freshly forked worker, setting
+    them costs a millisecond of first-time work and page faults (compiling the
+    filters' patterns, NumPy's print options), comparing a fraction of that. A
+    spare takes the kernel's latest settings while it waits for its cell
+    (:mod:`nbisolate.template`), so its cell usually finds them in place.
+    """
     if not settings:
         return
     limit = settings.get("recursion")
@@ -126,10 +144,18 @@ def _unpack_pattern(packed: Any) -> Any:
     return re.compile(*packed) if isinstance(packed, tuple) else packed
 
 
+_filters_taken: Any = None
+"""The kernel's filters this process took last: its own differ where a category could not be
+named here, so comparing them with the kernel's would never find them equal."""
+
+
 def _unpack_filters(packed: list[tuple[Any, ...]]) -> None:
     """Make ``warnings.filters`` the kernel's: a filter whose category this process cannot
     name without importing anything (a class defined in the notebook, a package not imported
     here) is left out."""
+    global _filters_taken
+    if packed == _filters_taken or _pack_filters() == packed:
+        return
     filters = []
     for action, message, module_name, qualname, module, lineno in packed:
         category: Any = sys.modules.get(module_name or "")
@@ -143,6 +169,7 @@ def _unpack_filters(packed: list[tuple[Any, ...]]) -> None:
             )
         except re.error:
             continue
+    _filters_taken = packed
     if filters != warnings.filters:
         warnings.filters[:] = filters
         mutated = getattr(warnings, "_filters_mutated", None)  # what filterwarnings() calls
@@ -154,8 +181,12 @@ def _set_numpy(packed: Settings) -> None:
     try:
         import numpy as np
 
-        np.seterr(**packed["err"])
-        np.set_printoptions(**packed["print"])
+        if np.geterr() != packed["err"]:
+            np.seterr(**packed["err"])
+        now = np.get_printoptions()
+        changed = {key: value for key, value in packed["print"].items() if now.get(key) != value}
+        if changed:
+            np.set_printoptions(**changed)
     except Exception:  # another NumPy version here: its own settings
         pass
 
@@ -242,9 +273,11 @@ def _set_matplotlib(changed: dict[str, Any]) -> None:
         import matplotlib
     except Exception:
         return
+    current = matplotlib.rcParams
     for key, value in changed.items():
         try:
-            matplotlib.rcParams[key] = value
+            if dict.get(current, key) != value:
+                current[key] = value
         except Exception:  # a key this matplotlib lacks, or a value it refuses: its own
             continue
 
@@ -278,6 +311,14 @@ def _pack_logging() -> Settings | None:
         for name, logger in list(logging.Logger.manager.loggerDict.items())
         if isinstance(logger, logging.Logger) and logger.level
     }
+    handlers = _pack_handlers(root)
+    if root.level == logging.WARNING and not levels and not handlers:
+        return None
+    return {"root": root.level, "levels": levels, "handlers": handlers}
+
+
+def _pack_handlers(root: logging.Logger) -> list[tuple[Any, ...]]:
+    """The root logger's handlers that write to this process's ``sys.stdout`` or ``sys.stderr``."""
     handlers = []
     for handler in root.handlers:
         stream = getattr(handler, "stream", None)
@@ -289,17 +330,19 @@ def _pack_logging() -> Settings | None:
         handlers.append(
             (where, handler.level, getattr(form, "_fmt", None), getattr(form, "datefmt", None), style)
         )
-    if root.level == logging.WARNING and not levels and not handlers:
-        return None
-    return {"root": root.level, "levels": levels, "handlers": handlers}
+    return handlers
 
 
 def _unpack_logging(packed: Settings) -> None:
     root = logging.getLogger()
-    root.setLevel(packed["root"])
-    for name, level in packed["levels"].items():
-        logging.getLogger(name).setLevel(level)
-    if packed["handlers"]:
+    changed = False
+    for logger, level in ((root, packed["root"]), *((logging.getLogger(n), lv) for n, lv in packed["levels"].items())):
+        if logger.level != level:
+            logger.level = level  # not setLevel: that clears every logger's cache, once per call
+            changed = True
+    if changed:
+        logging.Logger.manager._clear_cache()  # once, as setLevel would
+    if packed["handlers"] and _pack_handlers(root) != packed["handlers"]:
         made: list[logging.Handler] = []
         for where, level, fmt, datefmt, style in packed["handlers"]:
             handler = logging.StreamHandler(sys.stdout if where == "stdout" else sys.stderr)

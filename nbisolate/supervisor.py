@@ -52,7 +52,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-from . import proctree
+from . import proctree, settings
 from .backends import HandleInfo
 from .events import Event
 from .options import DEFAULT_MAX_OUTPUT
@@ -476,7 +476,8 @@ class _Spare:
         self.out_r, out_w = os.pipe()
         self.err_r, err_w = os.pipe()
         try:
-            job = {"id": None, "fresh": False, "ready": ready}
+            # The notebook's latest settings: the spare takes them while it waits (settings.py).
+            job = {"id": None, "fresh": False, "ready": ready, "settings": settings.latest()}
             send_frame(spare, "job", job, fds=[theirs.fileno(), out_w, err_w])
         except OSError:
             self.close()

@@ -112,9 +112,16 @@ class _Leader:
         for hook in job.get("startup", ()):
             __import__(hook)
         # What every child would import: once here, not once per value.
-        from . import display_worker, inplace, pools, rng  # noqa: F401
+        from . import display_worker, inplace, pools, rng, settings  # noqa: F401
 
         worker._c_library()
+        # The notebook's settings, once for every value (a deep shared input needs the recursion
+        # limit): each child starts with them in place, and takes only its logging handlers,
+        # which write to its own output (see child).
+        try:
+            settings.restore(job.get("settings"))
+        except Exception:
+            pass
         for name in self.preload:
             try:
                 __import__(name)
@@ -180,7 +187,8 @@ class _Leader:
         worker._become_subreaper()  # not inherited: what the cell leaves is found again
         worker._PULL_ABOVE = 1 << 62  # results travel with the message: the leader relays them
         names, data, engine, _ = self.values[index]
-        job = dict(self.base, inputs=names, data=data, engine=engine, shared=None)
+        logs = (self.base.get("settings") or {}).get("logging")
+        job = dict(self.base, inputs=names, data=data, engine=engine, shared=None, settings={"logging": logs} if logs else None)
         job.pop("sync", None)  # the leader's pipes are marked by the leader
         buffers = self.value_buffers[index]
         chan = worker._WorkerChannel(sock)

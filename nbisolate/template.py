@@ -173,6 +173,10 @@ def _spare(control: socket.socket, wake_fds: tuple[int, int], sock: socket.socke
             if not busy():
                 worker.rehearse()
                 worker.rehearse_packages(busy)
+            if body.get("settings") and not busy():  # the notebook's, so its cell finds them in place
+                from . import settings
+
+                settings.restore(body["settings"])
             if body.get("ready"):  # recent cells sent this much: room for the inputs, ahead
                 worker.get_ready(int(body["ready"]), fds[0])
         except Exception:

@@ -243,3 +243,29 @@ def test_large_inputs_and_results_travel_through_the_leader(kernel: Kernel):
     assert kernel.value("size") == [4 * 1024 * 1024] * N
     assert kernel.value("[o[:3] for o in out]") == [bytes([v, v + 1, v + 2]) for v in range(N)]
     assert kernel.value("{len(o) for o in out}") == {3 + 2 * 1024 * 1024}
+
+
+def test_every_value_obeys_the_notebooks_settings(fresh_kernel: Kernel):
+    # Taken once by the leader; each value's logging handlers write to its own output.
+    k = fresh_kernel
+    k.run(
+        "import sys, logging\nsys.setrecursionlimit(20000)\n"
+        'logging.basicConfig(level=logging.INFO, format="%(levelname)s:%(message)s")'
+    )
+    res = k.execute(
+        cell(
+            f"""
+            %%isolate --over v=range({N})
+            import logging
+            def depth(n):
+                return 0 if n == 0 else 1 + depth(n - 1)
+            d = depth(3000 + v)
+            logging.getLogger("job").info("value %d", v)
+            """
+        ),
+        timeout=120,
+    )
+    assert res.ok, res.error_text
+    assert k.value("d") == [3000 + v for v in range(N)]
+    for v in range(N):
+        assert f"INFO:value {v}" in res.stderr + res.stdout, res.stderr
