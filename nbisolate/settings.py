@@ -37,11 +37,13 @@ a handler of another kind (a file, a service) stays the kernel's.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
 import re
 import sys
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 Settings = dict[str, Any]
@@ -96,6 +98,12 @@ def restore(settings: Settings | None) -> None:
     filters' patterns, NumPy's print options), comparing a fraction of that. A
     spare takes the kernel's latest settings while it waits for its cell
     (:mod:`nbisolate.template`), so its cell usually finds them in place.
+
+    The warning filters are not taken here but around the cell's own code
+    (:func:`cell_filters`): a notebook's ``simplefilter("error")`` is for its
+    cells, and must not turn a warning of the worker's own steps (loading the
+    inputs, sending the results) into a failure. Here their patterns are only
+    compiled ahead, so that taking them later costs next to nothing.
     """
     if not settings:
         return
@@ -106,7 +114,7 @@ def restore(settings: Settings | None) -> None:
         except (RecursionError, ValueError):  # the worker's stack is deeper than the limit: keep its own
             pass
     if "warnings" in settings:
-        _unpack_filters(settings["warnings"])
+        _warm_filters(settings["warnings"])
     if "logging" in settings:
         _unpack_logging(settings["logging"])
     if "figures" in settings:
@@ -144,17 +152,56 @@ def _unpack_pattern(packed: Any) -> Any:
     return re.compile(*packed) if isinstance(packed, tuple) else packed
 
 
+@contextlib.contextmanager
+def cell_filters(settings: Settings | None) -> Iterator[None]:
+    """The kernel's warning filters while the cell's code runs; this process's own again after."""
+    packed = (settings or {}).get("warnings")
+    if packed is None:
+        yield
+        return
+    own = warnings.filters[:]
+    try:
+        _unpack_filters(packed)
+    except Exception:  # filters this process cannot take: the cell runs under its own
+        pass
+    try:
+        yield
+    finally:
+        if warnings.filters != own:
+            warnings.filters[:] = own
+            _filters_changed()
+
+
+def _warm_filters(packed: list[tuple[Any, ...]]) -> None:
+    """Compile the filters' patterns into ``re``'s cache, so that :func:`cell_filters` finds them."""
+    for _action, message, _module_name, _qualname, module, _lineno in packed:
+        for pattern in (message, module):
+            if isinstance(pattern, tuple):
+                try:
+                    re.compile(*pattern)
+                except re.error:
+                    pass
+
+
+def _filters_changed() -> None:
+    mutated = getattr(warnings, "_filters_mutated", None)  # what filterwarnings() calls
+    if mutated is not None:
+        mutated()
+
+
 _filters_taken: Any = None
 """The kernel's filters this process took last: its own differ where a category could not be
 named here, so comparing them with the kernel's would never find them equal."""
+_filters_made: list[Any] = []
+"""What they became here (the filters are put back after each cell: see :func:`cell_filters`)."""
 
 
 def _unpack_filters(packed: list[tuple[Any, ...]]) -> None:
     """Make ``warnings.filters`` the kernel's: a filter whose category this process cannot
     name without importing anything (a class defined in the notebook, a package not imported
     here) is left out."""
-    global _filters_taken
-    if packed == _filters_taken or _pack_filters() == packed:
+    global _filters_taken, _filters_made
+    if (packed == _filters_taken and warnings.filters == _filters_made) or _pack_filters() == packed:
         return
     filters = []
     for action, message, module_name, qualname, module, lineno in packed:
@@ -169,12 +216,10 @@ def _unpack_filters(packed: list[tuple[Any, ...]]) -> None:
             )
         except re.error:
             continue
-    _filters_taken = packed
+    _filters_taken, _filters_made = packed, filters
     if filters != warnings.filters:
         warnings.filters[:] = filters
-        mutated = getattr(warnings, "_filters_mutated", None)  # what filterwarnings() calls
-        if mutated is not None:
-            mutated()
+        _filters_changed()
 
 
 def _set_numpy(packed: Settings) -> None:

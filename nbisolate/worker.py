@@ -657,8 +657,9 @@ def _run(
     chan.phase("start", time.perf_counter() - t0, hold=small)  # type: ignore[attr-defined]
 
     t1 = time.perf_counter()
-    # The notebook's warning filters, recursion limit and NumPy settings, before the inputs
-    # load: a deep input needs the notebook's recursion limit to be rebuilt, as it did to be built.
+    # The notebook's recursion limit, logging, NumPy's settings..., before the inputs load: a deep
+    # input needs the recursion limit to be rebuilt, as it did to be built. (Its warning filters
+    # hold around the cell's own code only: see below.)
     try:
         settings.restore(job.get("settings"))
     except Exception:  # a setting this process cannot take: its own stays, the cell still runs
@@ -688,9 +689,10 @@ def _run(
     _stage = "run"
     pools.arm()
     try:
-        value = _execute(body, ns)
-        if tail is not None:
-            value = _execute(tail, ns)
+        with settings.cell_filters(job.get("settings")):  # the notebook's, for its code alone
+            value = _execute(body, ns)
+            if tail is not None:
+                value = _execute(tail, ns)
     except BaseException as exc:  # the cell's exception, including KeyboardInterrupt
         pools.disarm(exc)
         if isinstance(exc, SystemExit):

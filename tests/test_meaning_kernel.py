@@ -748,3 +748,27 @@ def test_log_records_show_as_the_notebook_configured_them(fresh_kernel):
     assert "INFO|job|step one" in ordinary.stderr and "hidden" not in ordinary.stderr  # here
     res = isolated(k, body)
     assert "INFO|job|step one" in res.stderr and "hidden" not in res.stderr, res.stderr
+
+
+def test_warnings_as_errors_hold_for_the_cells_code_not_for_the_workers_own_steps(fresh_kernel):
+    """``simplefilter("error")`` in a notebook turns the cells' warnings into errors; a warning of
+    the worker's own (loading an input, sending a result) must not fail the cell."""
+    k = fresh_kernel
+    k.run(
+        cell(
+            """
+            import warnings
+            class Noisy:  # warns when rebuilt, as an old pickle of a library might
+                def __reduce__(self):
+                    return (_rebuild, ())
+            def _rebuild():
+                warnings.warn("rebuilt from an old format", DeprecationWarning)
+                return Noisy()
+            noisy = Noisy()
+            warnings.simplefilter("error")
+            """
+        )
+    )
+    res = k.execute("%%isolate\nkept = type(noisy).__name__\ntry:\n    warnings.warn('the cell', UserWarning)\n    raised = False\nexcept UserWarning:\n    raised = True")
+    assert res.ok, res.error_text
+    assert k.value("(kept, raised)") == ("Noisy", True)

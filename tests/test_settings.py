@@ -24,9 +24,12 @@ def test_warning_filters_survive_a_round_trip_through_pickle():
         packed = pickle.loads(pickle.dumps(settings.capture()))
         warnings.resetwarnings()
         settings.restore(packed)
-        assert warnings.filters == before
-        ours = next(f for f in warnings.filters if f[2] is FutureWarning)
-        assert ours[1].flags == next(f for f in before if f[2] is FutureWarning)[1].flags  # IGNORECASE
+        assert warnings.filters == []  # not outside the cell's code: see cell_filters
+        with settings.cell_filters(packed):
+            assert warnings.filters == before
+            ours = next(f for f in warnings.filters if f[2] is FutureWarning)
+            assert ours[1].flags == next(f for f in before if f[2] is FutureWarning)[1].flags  # IGNORECASE
+        assert warnings.filters == []  # this process's own again
 
 
 def test_a_category_this_process_cannot_name_is_left_out():
@@ -39,8 +42,8 @@ def test_a_category_this_process_cannot_name_is_left_out():
         before = [f for f in warnings.filters if f[2] is not NotebookWarning]
         packed = settings.capture()
         warnings.resetwarnings()
-        settings.restore(packed)
-        assert warnings.filters == before and warnings.filters[0][2] is RuntimeWarning
+        with settings.cell_filters(packed):
+            assert warnings.filters == before and warnings.filters[0][2] is RuntimeWarning
 
 
 def test_the_recursion_limit_travels():
