@@ -102,8 +102,8 @@ def restore(settings: Settings | None) -> None:
     The warning filters are not taken here but around the cell's own code
     (:func:`cell_filters`): a notebook's ``simplefilter("error")`` is for its
     cells, and must not turn a warning of the worker's own steps (loading the
-    inputs, sending the results) into a failure. Here their patterns are only
-    compiled ahead, so that taking them later costs next to nothing.
+    inputs, sending the results) into a failure. Here they are only taken once
+    and given back, so that taking them around the cell costs next to nothing.
     """
     if not settings:
         return
@@ -114,7 +114,8 @@ def restore(settings: Settings | None) -> None:
         except (RecursionError, ValueError):  # the worker's stack is deeper than the limit: keep its own
             pass
     if "warnings" in settings:
-        _warm_filters(settings["warnings"])
+        with cell_filters(settings):  # taken once and given back: the cell's own take is then warm
+            pass
     if "logging" in settings:
         _unpack_logging(settings["logging"])
     if "figures" in settings:
@@ -172,17 +173,6 @@ def cell_filters(settings: Settings | None) -> Iterator[None]:
             _filters_changed()
 
 
-def _warm_filters(packed: list[tuple[Any, ...]]) -> None:
-    """Compile the filters' patterns into ``re``'s cache, so that :func:`cell_filters` finds them."""
-    for _action, message, _module_name, _qualname, module, _lineno in packed:
-        for pattern in (message, module):
-            if isinstance(pattern, tuple):
-                try:
-                    re.compile(*pattern)
-                except re.error:
-                    pass
-
-
 def _filters_changed() -> None:
     mutated = getattr(warnings, "_filters_mutated", None)  # what filterwarnings() calls
     if mutated is not None:
@@ -193,7 +183,7 @@ _filters_taken: Any = None
 """The kernel's filters this process took last: its own differ where a category could not be
 named here, so comparing them with the kernel's would never find them equal."""
 _filters_made: list[Any] = []
-"""What they became here (the filters are put back after each cell: see :func:`cell_filters`)."""
+"""What they became here, taken again as they are (see :func:`cell_filters`)."""
 
 
 def _unpack_filters(packed: list[tuple[Any, ...]]) -> None:
@@ -201,8 +191,17 @@ def _unpack_filters(packed: list[tuple[Any, ...]]) -> None:
     name without importing anything (a class defined in the notebook, a package not imported
     here) is left out."""
     global _filters_taken, _filters_made
-    if (packed == _filters_taken and warnings.filters == _filters_made) or _pack_filters() == packed:
-        return
+    if packed == _filters_taken:  # taken before (by the spare, ahead): made already
+        filters = _filters_made
+    else:
+        filters = _make_filters(packed)
+        _filters_taken, _filters_made = packed, filters
+    if filters != warnings.filters:
+        warnings.filters[:] = filters
+        _filters_changed()
+
+
+def _make_filters(packed: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     filters = []
     for action, message, module_name, qualname, module, lineno in packed:
         category: Any = sys.modules.get(module_name or "")
@@ -216,10 +215,7 @@ def _unpack_filters(packed: list[tuple[Any, ...]]) -> None:
             )
         except re.error:
             continue
-    _filters_taken, _filters_made = packed, filters
-    if filters != warnings.filters:
-        warnings.filters[:] = filters
-        _filters_changed()
+    return filters
 
 
 def _set_numpy(packed: Settings) -> None:
