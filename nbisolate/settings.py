@@ -13,15 +13,17 @@ sharp; after ``logging.basicConfig(level=logging.INFO)`` every cell's log
 records show. A worker is a fresh
 process with the defaults, so the same cell, isolated, would warn, fail or
 print otherwise. The kernel sends these settings with each cell
-(:func:`capture`) and the worker takes them after loading the inputs, just
-before the cell runs (:func:`restore`).
+(:func:`capture`); the worker takes them before its inputs load (a deep input
+needs the recursion limit to be rebuilt, :func:`restore`), and the warning
+filters around the cell's own code only (:func:`cell_filters`).
 
 They do not come back: a cell that changes them changes its own worker's, as a
 function that sets them and resets them before it returns would. (The random
 state, which cells change all the time by drawing, does come back: see
 :mod:`nbisolate.rng`.)
 
-Standard library only: a worker imports this module. NumPy's and pandas'
+The standard library and nbisolate's worker modules only: a worker imports
+this module. NumPy's and pandas'
 settings are read only when the notebook has imported them, and set in the
 worker only once the package is imported there (preloaded by the template, or
 by the cell), so a cell that never uses them never pays for importing them.
