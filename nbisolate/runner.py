@@ -236,6 +236,7 @@ class CellRun:
         cell_label: str | None = None,
         backend: Backend | None = None,
         shared: ship.Shipment | None = None,
+        settings_of: settings.Settings | None = None,
         **option_values: Any,
     ) -> None:
         if options is None:
@@ -267,7 +268,8 @@ class CellRun:
         self.carry_random = True
         # The notebook's warning filters, recursion limit and NumPy settings (settings.py), read
         # here, in the thread the cell would run in: NumPy 2 keeps its own per thread (context).
-        self.settings = settings.capture()
+        # A sweep reads them once for all its values (``settings_of``).
+        self.settings = settings.capture() if settings_of is None else settings_of
         # The notebook's packages, for the template to preload; a sweep looks them up once
         # for all its runs (reading every notebook variable's type per value cost milliseconds).
         self.packages: list[str] | None = None

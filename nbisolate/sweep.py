@@ -400,6 +400,7 @@ class Sweep:
                     filename=t.filename,
                     backend=backend,
                     shared=shared,
+                    settings_of=t.settings,  # read once, with the sweep's own run
                 )
                 run.plan = plan  # the same for every value: planned once, above
                 run.watch = False  # values run side by side: no in-place changes come back
