@@ -50,8 +50,9 @@ from typing import Any
 
 Settings = dict[str, Any]
 
-_PLAIN_PRINT = (bool, int, float, str, type(None))
-"""NumPy print options that travel: a ``formatter`` of functions does not (it stays the worker's)."""
+_PLAIN = (bool, int, float, str, type(None))
+"""The values of NumPy's print options and pandas' options that travel: a function (NumPy's
+``formatter``, pandas' ``float_format``) does not, and stays the worker's default."""
 
 
 _latest: Settings | None = None
@@ -73,7 +74,7 @@ def capture() -> Settings:
     numpy = sys.modules.get("numpy")
     if numpy is not None:
         try:
-            printing = {k: v for k, v in numpy.get_printoptions().items() if isinstance(v, _PLAIN_PRINT)}
+            printing = {k: v for k, v in numpy.get_printoptions().items() if isinstance(v, _PLAIN)}
             out["numpy"] = {"err": dict(numpy.geterr()), "print": printing}
         except Exception:  # a NumPy being imported, or an unusual one: the worker keeps its own
             pass
@@ -252,7 +253,7 @@ def _pandas_changed(pandas: Any) -> dict[str, Any]:
                 todo.append((prefix + key + ".", value))
                 continue
             option = registered.get(prefix + key)
-            if option is None or value is option.defval or not isinstance(value, _PLAIN_PRINT):
+            if option is None or value is option.defval or not isinstance(value, _PLAIN):
                 continue
             try:
                 if value != option.defval:
