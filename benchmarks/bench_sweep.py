@@ -56,14 +56,20 @@ def codes(n: int, panel: bool = False) -> dict[str, str]:
     return out
 
 
-# The floor of one fresh process per value on this machine: a bare interpreter (nothing
-# imported) forks ``n`` children that exit at once, as many at a time as there are cores.
-# No value is sent, run or returned: any sweep that gives each value a process of its own
-# costs at least this, so it shows how much of the target is left for the sweep's own work.
+# The floors of one fresh process per value on this machine: an interpreter forks ``n``
+# children that exit at once, as many at a time as there are cores.  No value is sent, run or
+# returned.  "bare": nothing imported, so any sweep that gives each value a process of its own
+# costs at least this.  "leader": first it imports what a sweep's leader holds when it forks
+# (nbisolate's worker modules, with the standard library's threading, logging and random,
+# whose fork hooks run in every child), so it is the fork and exit of a process the size of
+# the leader; what the sweep takes above it is its own work per value.
 FLOOR = textwrap.dedent(
     """
     import os, sys, time
     n, width = int(sys.argv[1]), os.cpu_count() or 1
+    if sys.argv[2:] == ["leader"]:
+        from nbisolate import display_worker, inplace, pools, rng, settings, ship, sweep_leader, worker
+        worker.prepare()
     t0 = time.perf_counter()
     live = 0
     for _ in range(n):
@@ -79,12 +85,16 @@ FLOOR = textwrap.dedent(
     print(time.perf_counter() - t0)
     """
 )
+FLOORS = ("bare", "leader")
 
 
-def fork_floor(n: int) -> float:
-    """Seconds for a bare interpreter to fork ``n`` children that exit at once (see ``FLOOR``)."""
-    done = subprocess.run([sys.executable, "-I", "-S", "-c", FLOOR, str(n)], capture_output=True, text=True, check=True)
-    return float(done.stdout.strip())
+def fork_floor(n: int, kind: str = "bare") -> float:
+    """Seconds for an interpreter to fork ``n`` children that exit at once (see ``FLOOR``)."""
+    flags = ["-I", "-S"] if kind == "bare" else []
+    done = subprocess.run(
+        [sys.executable, *flags, "-c", FLOOR, str(n), kind], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 # Where one value's cost goes, from inside the kernel: the CPU time of the kernel process, of
@@ -135,11 +145,12 @@ def run(n: int = 1000, rounds: int = 5, panel: bool = False) -> dict[str, Any]:
         time.sleep(1.0)  # the template starts while a user reads
         k.run("%%isolate --quiet --over v=range(4)\nr = v + 1", timeout=120)  # warm
         cells = codes(n, panel)
-        times: dict[str, list[float]] = {name: [] for name in [*cells, "fork_floor"]}
+        times: dict[str, list[float]] = {name: [] for name in [*cells, *(f"floor_{k}" for k in FLOORS)]}
         load = []
         for _ in range(rounds):
             load.append(os.getloadavg()[0])
-            times["fork_floor"].append(fork_floor(n))
+            for kind in FLOORS:
+                times[f"floor_{kind}"].append(fork_floor(n, kind))
             for name, code in cells.items():
                 t0 = time.perf_counter()
                 res = k.run(code, timeout=1200)
@@ -151,7 +162,8 @@ def run(n: int = 1000, rounds: int = 5, panel: bool = False) -> dict[str, Any]:
         out["values"] = n
         out["rounds"] = rounds
         out["ratio"] = round(out["isolate_over"]["median"] / out["cf_pool_map"]["median"], 2)
-        out["floor_ratio"] = round(out["fork_floor"]["median"] / out["cf_pool_map"]["median"], 2)
+        for kind in FLOORS:
+            out[f"floor_{kind}_ratio"] = round(out[f"floor_{kind}"]["median"] / out["cf_pool_map"]["median"], 2)
         out["values_per_second"] = round(n / out["isolate_over"]["median"], 1)
         out["load_average"] = round(statistics.median(load), 2)
         out["per_value_ms"] = breakdown(k, n)
@@ -163,7 +175,7 @@ def run(n: int = 1000, rounds: int = 5, panel: bool = False) -> dict[str, Any]:
 def describe(result: dict[str, Any]) -> list[str]:
     n = result["values"]
     lines = [f"--over across {n:,} trivial values, {result['rounds']} interleaved rounds (s):"]
-    for name in ("isolate_over", "isolate_over_panel", "cf_pool_map", "fork_floor"):
+    for name in ("isolate_over", "isolate_over_panel", "cf_pool_map", *(f"floor_{k}" for k in FLOORS)):
         if name in result:
             s = result[name]
             lines.append(f"  {name:<20} median {s['median']:.3f}  quartiles {s['q1']:.3f}-{s['q3']:.3f}")
@@ -172,7 +184,8 @@ def describe(result: dict[str, Any]) -> list[str]:
         f"second, load average {result['load_average']:.2f} on {os.cpu_count()} cores"
     )
     lines.append(
-        f"  floor: a bare fork and exit per value, nothing run, {result['floor_ratio']:.2f} x the pool"
+        f"  floors, a fork and exit per value, nothing run: a bare interpreter {result['floor_bare_ratio']:.2f} x "
+        f"the pool, one the size of the sweep's leader {result['floor_leader_ratio']:.2f} x"
     )
     per = result.get("per_value_ms")
     if per:

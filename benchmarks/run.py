@@ -403,9 +403,11 @@ def _sweep(kernel: Kernel, n: int, rounds: int) -> dict[str, float]:
 
     kernel.run("%%isolate --over v=range(4)\nr = v + 1", timeout=120)  # warm
     codes = bench_sweep.codes(n)
-    times: dict[str, list[float]] = {name: [] for name in [*codes, "fork_floor"]}
+    floors = [f"floor_{kind}" for kind in bench_sweep.FLOORS]
+    times: dict[str, list[float]] = {name: [] for name in [*codes, *floors]}
     for _ in range(rounds):
-        times["fork_floor"].append(bench_sweep.fork_floor(n))
+        for kind in bench_sweep.FLOORS:
+            times[f"floor_{kind}"].append(bench_sweep.fork_floor(n, kind))
         for name, code in codes.items():
             t0 = time.perf_counter()
             kernel.run(code, timeout=1200)
@@ -413,7 +415,8 @@ def _sweep(kernel: Kernel, n: int, rounds: int) -> dict[str, float]:
     out = {name: round(statistics.median(v), 3) for name, v in times.items()}
     out["values"] = n
     out["ratio"] = round(out["isolate_over"] / out["cf_pool_map"], 2)
-    out["floor_ratio"] = round(out["fork_floor"] / out["cf_pool_map"], 2)
+    for name in floors:
+        out[f"{name}_ratio"] = round(out[name] / out["cf_pool_map"], 2)
     print(f"- --over {n} values: {out}", flush=True)
     return out
 
@@ -473,9 +476,10 @@ def _report(
             f"({sweep['values'] / sweep['isolate_over']:.0f} values/s) vs a spawn ProcessPoolExecutor "
             f"mapping them, its start included, {sweep['cf_pool_map']:.2f} s: {sweep['ratio']:.2f}x "
             f"(target <= 2x: {'yes' if sweep['ratio'] <= 2 else 'NO'}); medians of 3 interleaved rounds. "
-            f"The floor of a fresh process per value, a bare interpreter forking {sweep['values']:,} "
-            f"children that exit at once (nothing sent, run or returned): {sweep['fork_floor']:.2f} s, "
-            f"{sweep['floor_ratio']:.2f}x the pool"
+            f"The floors of a fresh process per value, an interpreter forking {sweep['values']:,} "
+            f"children that exit at once (nothing sent, run or returned): a bare one {sweep['floor_bare']:.2f} s, "
+            f"{sweep['floor_bare_ratio']:.2f}x the pool; one the size of the sweep's leader (nbisolate's "
+            f"worker modules imported) {sweep['floor_leader']:.2f} s, {sweep['floor_leader_ratio']:.2f}x"
         )
         print(line)
         table += "\n\n" + line
