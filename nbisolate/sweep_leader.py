@@ -93,6 +93,7 @@ class _Leader:
             self.value_buffers.append(buffers[at : at + nbuf])
             at += nbuf
         self.compiled: tuple[types.CodeType, types.CodeType | None] | None = None
+        self.settings = self.child_settings(job.get("settings"))
         self.sel = selectors.DefaultSelector()
         self.children: dict[int, _Child] = {}  # by pid
         self.batch: list[tuple[int, str, Any, int]] = []
@@ -138,6 +139,24 @@ class _Leader:
         except Exception:
             pass  # each value reports the error, as it would in a cell of its own
         return main
+
+    @staticmethod
+    def child_settings(settings: dict[str, Any] | None) -> dict[str, Any] | None:
+        """What of the notebook's settings each child takes again (the leader took them all, and
+        the children inherit what it took): the warning filters, which hold around the cell's
+        own code only (:func:`nbisolate.settings.cell_filters`; the leader made them once, so
+        taking them costs a child next to nothing), and the root logger's handlers, made again
+        to write to the child's own output.  Not the logging levels: comparing them again cost
+        every value a quarter of a millisecond."""
+        if not settings:
+            return None
+        mine: dict[str, Any] = {}
+        if "warnings" in settings:
+            mine["warnings"] = settings["warnings"]
+        logs = settings.get("logging")
+        if logs and logs["handlers"]:
+            mine["logging"] = dict(logs, levels={})
+        return mine or None
 
     # -- the children ------------------------------------------------------------------
     def fork(self, index: int, main: types.ModuleType) -> None:
@@ -187,8 +206,7 @@ class _Leader:
         worker._become_subreaper()  # not inherited: what the cell leaves is found again
         worker._PULL_ABOVE = 1 << 62  # results travel with the message: the leader relays them
         names, data, engine, _ = self.values[index]
-        logs = (self.base.get("settings") or {}).get("logging")
-        job = dict(self.base, inputs=names, data=data, engine=engine, shared=None, settings={"logging": logs} if logs else None)
+        job = dict(self.base, inputs=names, data=data, engine=engine, shared=None, settings=self.settings)
         job.pop("sync", None)  # the leader's pipes are marked by the leader
         buffers = self.value_buffers[index]
         chan = worker._WorkerChannel(sock)

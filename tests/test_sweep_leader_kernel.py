@@ -269,3 +269,34 @@ def test_every_value_obeys_the_notebooks_settings(fresh_kernel: Kernel):
     assert k.value("d") == [3000 + v for v in range(N)]
     for v in range(N):
         assert f"INFO:value {v}" in res.stderr + res.stdout, res.stderr
+
+
+def test_every_value_obeys_the_notebooks_warning_filters(fresh_kernel: Kernel):
+    # As in an ordinary cell: "error" turns the cell's warning into that value's failure,
+    # "ignore" silences it; the sweep's own steps are not the cell's and never fail by them.
+    k = fresh_kernel
+    k.run(
+        "import sys, warnings\n"
+        'warnings.filterwarnings("error", message="odd")\n'
+        'warnings.filterwarnings("ignore", message="hush")'
+    )
+    res = k.execute(
+        cell(
+            f"""
+            %%isolate --over v=range({N})
+            import warnings
+            warnings.warn("hush")
+            if v % 2:
+                warnings.warn(f"odd {{v}}")
+            r = v
+            """
+        ),
+        timeout=120,
+    )
+    assert not res.ok
+    assert f"{N // 2} of {N} runs of --over v failed" in res.error_text, res.error_text
+    for v in range(1, N, 2):
+        assert f"v={v}: UserWarning: odd {v}" in res.error_text, res.error_text
+    assert "hush" not in res.stderr + res.stdout, res.stderr
+    assert k.value("sorted(sys.last_value.errors)") == list(range(1, N, 2))  # the even values ran
+    assert k.value("[r[v] for v in range(0, len(r), 2)]") == list(range(0, N, 2))
