@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import re
 import shlex
 from typing import Any
 
@@ -34,6 +35,18 @@ def _visible_names(shell: Any) -> set[str]:
     hidden = shell.user_ns_hidden
     ns = shell.user_ns
     return {n for n in ns if n not in hidden or hidden[n] is not ns[n]}
+
+
+_HISTORY = re.compile(r"(?:_{1,3}|_\d+|_i{1,3}|_i\d+|_ih|_oh|_dh|In|Out)")
+"""IPython's history in the namespace: the last results (``_``, ``__``, ``___``, ``_7``),
+the inputs (``_i``, ``_i7``, ``In``) and outputs (``Out``) by number, the directories."""
+
+
+def _readable_names(shell: Any) -> set[str]:
+    """What a cell may read: the user's variables and IPython's history, which an ordinary
+    cell reads as it reads any variable (``_ * 2``, ``Out[3]``).  Only what the cell reads
+    travels; ``%pickle_check`` with no names checks the user's variables alone."""
+    return _visible_names(shell) | {n for n in shell.user_ns if _HISTORY.fullmatch(n)}
 
 
 @magics_class
@@ -168,7 +181,7 @@ class IsolateMagics(Magics):
                 transform(shell, cell),
                 shell.user_ns,
                 options,
-                available=_visible_names(shell),
+                available=_readable_names(shell),
                 line_offset=1,
                 display_source=shown,
                 # The name IPython gives the cell's code, so a syntax error, a warning or a

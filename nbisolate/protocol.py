@@ -129,8 +129,9 @@ class RunPayload(_RunRequired, total=False):
     how many of the buffers are its own) is a shipment serialized once for
     every run of a sweep, loaded before the run's own; ``watch`` are inputs
     to compare before and after the cell (:mod:`nbisolate.inplace`) and
-    ``deletes`` the names the cell may ``del``; ``rng`` the kernel's global
-    random states (:mod:`nbisolate.rng`); ``lend`` (``sizes``) says the
+    ``deletes`` the names the cell may ``del``; ``argv`` the kernel's
+    ``sys.argv``; ``rng`` the kernel's global random states
+    (:mod:`nbisolate.rng`); ``lend`` (``sizes``) says the
     inputs' large buffers did not come with the message: the worker makes
     room for them and asks the kernel to copy them in (``place``).  ``sweep``
     makes the worker a sweep's leader (:mod:`nbisolate.sweep_leader`):
@@ -153,6 +154,7 @@ class RunPayload(_RunRequired, total=False):
     shared: dict[str, Any] | None
     watch: list[str]
     deletes: list[str]
+    argv: list[str]
     rng: dict[str, Any] | None
     lend: dict[str, list[int]]
     sweep: dict[str, Any] | None

@@ -431,6 +431,7 @@ class CellRun:
             "rng": rng.capture() if self.carry_random else None,
             "settings": self.settings,
             "sys_path": list(sys.path),
+            "argv": list(sys.argv),
             "cwd": _cwd(),
             "mem": opts.mem,
             "max_result": opts.max_result,

@@ -107,6 +107,8 @@ class _Leader:
         job = self.base
         os.chdir(job["cwd"])
         sys.path[:] = job["sys_path"]
+        if "argv" in job:
+            sys.argv = list(job["argv"])
         main = types.ModuleType("__main__")
         main.__dict__["__builtins__"] = __builtins__
         sys.modules["__main__"] = main

@@ -645,6 +645,8 @@ def _run(
     t0 = time.perf_counter()
     os.chdir(job["cwd"])
     sys.path[:] = job["sys_path"]
+    if "argv" in job:  # the kernel's: code that reads its arguments finds what it would there
+        sys.argv = list(job["argv"])
     if main is None:  # else a sweep leader's __main__, its shared inputs loaded, no cell run
         main = types.ModuleType("__main__")
         main.__dict__["__builtins__"] = __builtins__

@@ -520,6 +520,33 @@ def test_a_name_the_cell_deletes_is_deleted_in_the_notebook(kernel):
     assert not res.ok and kernel.value("kept_name") == 1  # a failed cell deletes nothing
 
 
+# -- what IPython puts in the namespace, and the process's arguments ------------------------
+
+
+def test_ipython_history_reads_as_in_an_ordinary_cell(kernel):
+    """``_``, ``__``, ``Out[n]``, ``In[n]`` and ``_i``: an ordinary cell reads them as any
+    variable, and so does an isolated one (they travel only when the cell reads them)."""
+    kernel.run("6 * 7")
+    kernel.run("'forty-two'")
+    isolated(
+        kernel,
+        "seen = (_, __, Out[max(Out)], _i.strip(), [o for o in Out.values() if o == 42][-1:], In[-1] == _ih[-1])",
+    )
+    assert kernel.value("seen") == ("forty-two", 42, "forty-two", "'forty-two'", [42], True)
+    # A cell that only binds ``_`` (a loop) sends it back, as an ordinary cell would rebind it.
+    isolated(kernel, "for _ in range(3):\n    pass")
+    assert kernel.value("_") == 2
+
+
+def test_the_cell_sees_the_kernels_arguments(kernel):
+    """Code that reads its arguments (argparse in a notebook, a library's flags) finds the
+    kernel's, as in an ordinary cell: ``parse_known_args`` leaves the same ones unknown."""
+    probe = "import argparse, sys\n{0} = (sys.argv, argparse.ArgumentParser().parse_known_args()[1])"
+    isolated(kernel, probe.format("iso_args"))
+    kernel.run(probe.format("plain_args"))
+    assert kernel.value("iso_args == plain_args and len(plain_args[0]) > 1") is True, kernel.value("iso_args")
+
+
 # -- the notebook's random state -----------------------------------------------------------
 
 
