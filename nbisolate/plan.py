@@ -60,8 +60,9 @@ class Plan:
     """Every identifier and attribute name the code mentions (``xml``, ``dom``, ``minidom``):
     the submodules of a shipped module that the cell reaches are the ones it names."""
     deletes: tuple[str, ...] = ()
-    """Names the cell may ``del`` at top level: if they are gone when it ends, they go from
-    the notebook too (``del big_tmp`` frees it there, as in an ordinary cell)."""
+    """Names the cell may ``del``, at top level or in a function that declares them ``global``:
+    if they are gone when it ends, they go from the notebook too (``del big_tmp`` frees it
+    there, as in an ordinary cell)."""
     imports: tuple[str, ...] = ()
     """The modules the cell imports by absolute name (``matplotlib.pyplot``), anywhere in it."""
 
@@ -322,6 +323,10 @@ def _nested_globals(source: str) -> tuple[set[str], set[str]]:
 
     ``symtable`` applies Python's own scoping rules (class bodies,
     comprehensions, ``nonlocal``), which is more reliable than re-deriving them.
+    A name a function declares ``global`` and assigns counts as read too: the
+    table does not count ``counter += 1`` or ``del counter`` as a reference, yet
+    both need the notebook's value, and a function may rebind or delete it (its
+    name is among the cell's deletes: gone after the cell, it goes here too).
     """
     reads: set[str] = set()
     writes: set[str] = set()
@@ -334,6 +339,7 @@ def _nested_globals(source: str) -> tuple[set[str], set[str]]:
                 if sym.is_referenced():
                     reads.add(sym.get_name())
                 if sym.is_declared_global() and sym.is_assigned():
+                    reads.add(sym.get_name())
                     writes.add(sym.get_name())
         stack.extend(table.get_children())
     return reads, writes
@@ -443,7 +449,7 @@ def _read(source: str) -> _Reading:
         binds=tuple(scope.binds) + tuple(sorted(nested_writes - set(scope.binds))),
         others=tuple(sorted((nested_reads | expanded) - set(scope.free))),
         has_result=last_expression(tree) is not None and not source.rstrip().endswith(";"),
-        deletes=tuple(scope.deleted),
+        deletes=tuple(scope.deleted) + tuple(sorted(nested_writes - set(scope.deleted))),
         names=frozenset(
             node.id if isinstance(node, ast.Name) else node.attr
             for part in (tree, *(m for m in map(magic_code, ast.walk(tree)) if m is not None))

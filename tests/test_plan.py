@@ -62,6 +62,14 @@ def test_global_declared_in_function_is_output():
     assert "counter" in plan.outputs
 
 
+def test_a_global_a_function_updates_or_deletes_is_read_and_may_be_deleted():
+    # ``total += 1`` and ``del x`` under ``global`` are no reference to symtable, yet need the value.
+    plan = plan_cell("def f():\n    global total, x\n    total += 1\n    del x\nf()", NS)
+    assert set(plan.inputs) == {"total", "x"}
+    assert {"total", "x"} <= set(plan.outputs) and {"total", "x"} <= set(plan.deletes)
+    assert plan_cell("def f():\n    return total\n", NS).deletes == ()  # read only: never deleted
+
+
 def test_class_body_reads_globals():
     plan = plan_cell("class A:\n    scale = cfg\n    def m(self):\n        return np.ones(2)", NS)
     assert set(plan.inputs) == {"cfg", "np"}
