@@ -129,7 +129,8 @@ class RunPayload(_RunRequired, total=False):
     how many of the buffers are its own) is a shipment serialized once for
     every run of a sweep, loaded before the run's own; ``watch`` are inputs
     to compare before and after the cell (:mod:`nbisolate.inplace`) and
-    ``deletes`` the names the cell may ``del``; ``argv`` the kernel's
+    ``deletes`` the names the cell may ``del``; ``discover`` asks for the
+    names the cell binds at run time too (no ``--out``); ``argv`` the kernel's
     ``sys.argv``; ``rng`` the kernel's global random states
     (:mod:`nbisolate.rng`); ``lend`` (``sizes``) says the
     inputs' large buffers did not come with the message: the worker makes
@@ -154,6 +155,7 @@ class RunPayload(_RunRequired, total=False):
     shared: dict[str, Any] | None
     watch: list[str]
     deletes: list[str]
+    discover: bool
     argv: list[str]
     rng: dict[str, Any] | None
     lend: dict[str, list[int]]

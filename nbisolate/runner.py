@@ -423,6 +423,8 @@ class CellRun:
             "data": self.shipment.data,
             "engine": self.shipment.engine,
             "outputs": list(self.plan.outputs),
+            # Unless --out chose them, the names the cell binds at run time come back too.
+            "discover": opts.outputs is None,
             "watch": inplace.watchable(
                 {n: self.namespace[n] for n in self.shipment.names}, self.shipment.sizes
             ) if self.watch else [],

@@ -686,6 +686,9 @@ def _run(
 
         worker_shell.install(ns)
 
+    # What the namespace holds as the cell starts: a name its text does not show it binds
+    # (exec, globals()[...], ``from m import *``) is found bound, rebound or gone at its end.
+    before = dict(ns) if job.get("discover") else None
     t2 = time.perf_counter()
     value = None
     _stage = "run"
@@ -728,6 +731,7 @@ def _run(
     t3 = time.perf_counter()
     _stage = "return"
     out = {name: ns[name] for name in job["outputs"] if name in ns}
+    gone = _discover(ns, before, out) if before is not None else []
     mutated, same = inplace.changed(ns, watched)
     for name in same:  # still the notebook's object, unchanged: it keeps its own
         out.pop(name, None)
@@ -759,12 +763,30 @@ def _run(
         "left": behind,
         "mutated": [name for name in mutated if name in shipped.names],
         "unchanged": same,
-        "deleted": [name for name in job.get("deletes", ()) if name not in ns],
+        "deleted": [name for name in job.get("deletes", ()) if name not in ns] + gone,
         "rng": rng.changed_since(job.get("rng")),
         "result_bundle": bundle,
         "dump_seconds": time.perf_counter() - t3,
     }
     _send_result(chan, body, shipped.buffers, ship)
+
+
+def _discover(ns: dict[str, Any], before: dict[str, Any], out: dict[str, Any]) -> list[str]:
+    """Names the cell bound, rebound or deleted at run time, unseen in its text: added to
+    ``out`` (to come back); the deleted are returned (to go from the notebook too).
+
+    An ordinary cell's ``exec("y = 5")``, ``globals()["z"] = 1`` or ``from math import *``
+    binds in the notebook; the plan reads the text and cannot know.  Python's own names
+    (``__builtins__``, ``__name__``) are never the cell's results.
+    """
+    for name, value in ns.items():
+        if name not in out and not _dunder(name) and (name not in before or before[name] is not value):
+            out[name] = value
+    return [name for name in before if name not in ns and not _dunder(name)]
+
+
+def _dunder(name: str) -> bool:
+    return name.startswith("__") and name.endswith("__")
 
 
 _answers: queue.SimpleQueue[bytes] = queue.SimpleQueue()
