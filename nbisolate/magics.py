@@ -505,9 +505,12 @@ def load(shell: Any) -> None:
     """Register the magics, and in a kernel the async transformer and the status comm."""
     import threading
 
+    from . import settings
     from .supervisor import launcher
 
     shell.register_magics(IsolateMagics)
+    if settings.before_cell not in shell.events.callbacks["pre_run_cell"]:
+        shell.events.register("pre_run_cell", settings.before_cell)
     # Start the template now, in the background, so the first cell finds it warm.
     threading.Thread(target=launcher.start, daemon=True, name="nbisolate-prestart").start()
     if getattr(shell, "kernel", None) is not None:
@@ -530,6 +533,10 @@ def unload(shell: Any) -> None:
 
     launcher.close()
     labcomm.unregister(shell)
+    from . import settings
+
+    if settings.before_cell in shell.events.callbacks["pre_run_cell"]:
+        shell.events.unregister("pre_run_cell", settings.before_cell)
     import sys
 
     panel = sys.modules.get("nbisolate.panel")  # loaded only if a cell ran

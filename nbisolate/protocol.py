@@ -130,7 +130,10 @@ class RunPayload(_RunRequired, total=False):
     every run of a sweep, loaded before the run's own; ``watch`` are inputs
     to compare before and after the cell (:mod:`nbisolate.inplace`) and
     ``deletes`` the names the cell may ``del``; ``discover`` asks for the
-    names the cell binds at run time too (no ``--out``); ``argv`` the kernel's
+    names the cell binds at run time too (no ``--out``); ``settings_back`` for
+    what the cell changes of the settings, the environment, the working
+    directory and ``sys.path`` (:func:`nbisolate.settings.left_by_cell`);
+    ``argv`` the kernel's
     ``sys.argv``; ``rng`` the kernel's global random states
     (:mod:`nbisolate.rng`); ``lend`` (``sizes``) says the
     inputs' large buffers did not come with the message: the worker makes
@@ -156,6 +159,7 @@ class RunPayload(_RunRequired, total=False):
     watch: list[str]
     deletes: list[str]
     discover: bool
+    settings_back: bool
     argv: list[str]
     rng: dict[str, Any] | None
     lend: dict[str, list[int]]
@@ -176,7 +180,7 @@ class _ResultRequired(TypedDict):
     unchanged: list[str]
     deleted: list[str]
     rng: dict[str, Any] | None
-    env: dict[str, str]
+    settings: dict[str, Any] | None
     result_bundle: dict[str, Any] | None
     dump_seconds: float
 
@@ -192,7 +196,9 @@ class ResultBody(_ResultRequired, total=False):
     ``mutated`` the inputs the cell changed in place (see :mod:`nbisolate.inplace`),
     ``unchanged`` those it left as they were (not sent back: the notebook keeps its own);
     ``deleted`` the names the cell deleted (``del tmp``), to delete in the notebook too;
-    ``rng`` the worker's global random states after the cell;
+    ``rng`` the worker's global random states after the cell; ``settings`` what
+    the cell changed of the settings, the environment, the working directory
+    and ``sys.path``, when the run asked (``settings_back``);
     ``result_bundle`` is the display bundle of a last value that could not
     travel itself. Only sometimes: ``pull`` (large results: where the buffers
     are in the worker, for :func:`nbisolate.ship.pull`) and ``transfer``

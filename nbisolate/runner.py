@@ -266,6 +266,10 @@ class CellRun:
         # The notebook's global random state goes with the cell (rng.py); not to the values of
         # a sweep, which would all draw the same numbers.
         self.carry_random = True
+        # What the cell changes of the settings, the environment, the working directory and
+        # sys.path comes back (settings.py), as it stays after an ordinary cell: not for a job
+        # that ends while the notebook goes on, nor for a sweep's values, nor from another machine.
+        self.settings_back = not options.background
         # The notebook's warning filters, recursion limit and NumPy settings (settings.py), read
         # here, in the thread the cell would run in: NumPy 2 keeps its own per thread (context).
         # A sweep reads them once for all its values (``settings_of``).
@@ -432,6 +436,7 @@ class CellRun:
             "deletes": list(self.plan.deletes),
             "rng": rng.capture() if self.carry_random else None,
             "settings": self.settings,
+            "settings_back": self.settings_back and getattr(self.backend, "name", None) == "local",
             "sys_path": list(sys.path),
             "argv": list(sys.argv),
             "cwd": _cwd(),
@@ -746,6 +751,13 @@ class CellRun:
             self.namespace.pop(name, None)
         if not self.options.background:  # a job's state would rewind a notebook that went on
             rng.restore(body.get("rng"))
+        if self.settings_back and body.get("settings"):
+            for part in settings.apply(body["settings"]):
+                self.sink.stream(
+                    "stderr",
+                    f"nbisolate: the cell changed {part}, which the kernel could not take: it is "
+                    "as it was here. Change it in a normal cell.\n",
+                )
         self.returned = list(values)
         self._note_unbound(values, body.get("unchanged") or ())
         self._notify(

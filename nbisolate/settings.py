@@ -17,10 +17,14 @@ print otherwise. The kernel sends these settings with each cell
 needs the recursion limit to be rebuilt, :func:`restore`), and the warning
 filters around the cell's own code only (:func:`cell_filters`).
 
-They do not come back: a cell that changes them changes its own worker's, as a
-function that sets them and resets them before it returns would. (The random
-state, which cells change all the time by drawing, does come back: see
-:mod:`nbisolate.rng`.)
+What a cell changes comes back, as it would stay after an ordinary cell
+(:func:`left_by_cell` in the worker, :func:`apply` in the kernel): the same
+settings, and the process's environment variables, working directory and
+``sys.path`` (``os.environ["X"] = "1"``, ``%cd data``, ``sys.path.append``).
+Not from a failed cell, which changes nothing, nor from the values of a sweep
+(which value's would win?), a background job (the notebook went on) or another
+machine (its directories are not the kernel's). The random state comes back
+by :mod:`nbisolate.rng`.
 
 The standard library and nbisolate's worker modules only: a worker imports
 this module. NumPy's and pandas'
@@ -40,6 +44,7 @@ a handler of another kind (a file, a service) stays the kernel's.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import pickle
 import re
@@ -156,21 +161,35 @@ def _unpack_pattern(packed: Any) -> Any:
     return re.compile(*packed) if isinstance(packed, tuple) else packed
 
 
+class CellFilters:
+    """What :func:`cell_filters` yields: ``left`` is, once the block is over, the filters as the
+    cell's code left them (packed, as :func:`capture` packs them) if it changed them, else None."""
+
+    __slots__ = ("left",)
+
+    def __init__(self) -> None:
+        self.left: list[tuple[Any, ...]] | None = None
+
+
 @contextlib.contextmanager
-def cell_filters(settings: Settings | None) -> Iterator[None]:
+def cell_filters(settings: Settings | None) -> Iterator[CellFilters]:
     """The kernel's warning filters while the cell's code runs; this process's own again after."""
     packed = (settings or {}).get("warnings")
+    taken = CellFilters()
     if packed is None:
-        yield
+        yield taken
         return
     own = warnings.filters[:]
     try:
         _unpack_filters(packed)
     except Exception:  # filters this process cannot take: the cell runs under its own
         pass
+    start = warnings.filters[:]
     try:
-        yield
+        yield taken
     finally:
+        if warnings.filters != start:  # the cell's own filterwarnings(): they go back with it
+            taken.left = _pack_filters()
         if warnings.filters != own:
             warnings.filters[:] = own
             _filters_changed()
@@ -377,7 +396,9 @@ def _pack_handlers(root: logging.Logger) -> list[tuple[Any, ...]]:
     return handlers
 
 
-def _unpack_logging(packed: Settings) -> None:
+def _unpack_logging(packed: Settings, keep_others: bool = False) -> None:
+    """Set the levels and make the root's output handlers; with ``keep_others`` (in the kernel)
+    the root's other handlers (a file, a service) stay beside them."""
     root = logging.getLogger()
     changed = False
     for logger, level in ((root, packed["root"]), *((logging.getLogger(n), lv) for n, lv in packed["levels"].items())):
@@ -396,4 +417,157 @@ def _unpack_logging(packed: Settings) -> None:
             except (ValueError, TypeError):
                 pass
             made.append(handler)
+        if keep_others:
+            outputs = {id(sys.stdout), id(sys.stderr)}
+            made = [
+                h for h in root.handlers
+                if type(h) is not logging.StreamHandler or id(getattr(h, "stream", None)) not in outputs
+            ] + made
         root.handlers[:] = made
+
+
+# -- what a cell changed, back to the kernel -----------------------------------------------------
+
+
+def left_by_cell(job: dict[str, Any], environ: dict[str, str], filters: list[tuple[Any, ...]] | None) -> Settings:
+    """In the worker, as a cell ends well: what its code changed of the settings the kernel sent
+    (``job["settings"]``), of its environment (``environ``, as the cell started), working
+    directory and ``sys.path``, for :func:`apply`; ``filters`` are the warning filters the cell
+    left, if it changed them (:class:`CellFilters`).  A few tens of microseconds."""
+    import os
+
+    sent = job.get("settings") or {}
+    out: Settings = {}
+    limit = sys.getrecursionlimit()
+    if limit != sent.get("recursion", limit):
+        out["recursion"] = limit
+    if filters is not None:
+        out["warnings"] = filters
+    logs = _pack_logging()
+    if logs is not None and logs != sent.get("logging"):
+        out["logging"] = logs
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and "numpy" in sent:
+        try:
+            printing = {k: v for k, v in numpy.get_printoptions().items() if isinstance(v, _PLAIN)}
+            now = {"err": dict(numpy.geterr()), "print": printing}
+            if now != sent["numpy"]:
+                out["numpy"] = now
+        except Exception:
+            pass
+    for package, changes, defaults in (
+        ("pandas", _pandas_changed, _pandas_defaults),
+        ("matplotlib", _matplotlib_changed, _matplotlib_defaults),
+    ):
+        module = sys.modules.get(package)
+        if module is None:
+            continue
+        before, now = sent.get(package) or {}, changes(module)
+        if now != before:  # what went back to its default goes back there in the kernel too
+            out[package] = {**defaults(module, [k for k in before if k not in now]), **now}
+    if os.environ != environ:
+        from .pools import ENV_REPORT  # where the cell's own pools report to: this worker's alone
+
+        current = {k: v for k, v in os.environ.items() if k != ENV_REPORT}
+        env = {
+            "set": {k: v for k, v in current.items() if environ.get(k) != v},
+            "unset": [k for k in environ if k not in current and k != ENV_REPORT],
+        }
+        if env["set"] or env["unset"]:
+            out["env"] = env
+    try:
+        where = os.getcwd()
+    except OSError:  # the cell removed its own directory: nothing to follow
+        where = job["cwd"]
+    if where != job["cwd"]:
+        out["cwd"] = where
+    if sys.path != job["sys_path"]:
+        out["sys_path"] = list(sys.path)
+    return out
+
+
+def _pandas_defaults(pandas: Any, keys: list[str]) -> dict[str, Any]:
+    try:
+        registered = pandas._config.config._registered_options
+        return {key: registered[key].defval for key in keys if key in registered}
+    except Exception:
+        return {}
+
+
+def _matplotlib_defaults(matplotlib: Any, keys: list[str]) -> dict[str, Any]:
+    try:
+        original = matplotlib.rcParamsOrig
+        return {key: dict.__getitem__(original, key) for key in keys if key in original}
+    except Exception:
+        return {}
+
+
+def apply(changed: Settings) -> list[str]:
+    """In the kernel: take what an isolated cell changed (:func:`left_by_cell`), as if it had run
+    here.  A part this process cannot take stays as it is; returns the parts that could not be
+    taken, to be named to the user.  A package's settings are taken only where the notebook
+    has imported it (an ordinary cell would have, but importing it here now would cost the
+    kernel seconds for settings no cell of its own uses yet)."""
+    import os
+
+    failed: list[str] = []
+
+    def attempt(part: str, step: Any) -> None:
+        try:
+            step()
+        except Exception as exc:
+            failed.append(f"{part} ({type(exc).__name__}: {exc})")
+
+    if "recursion" in changed:
+        attempt("the recursion limit", lambda: sys.setrecursionlimit(changed["recursion"]))
+    if "warnings" in changed:
+
+        def take_filters() -> None:
+            warnings.filters[:] = _make_filters(changed["warnings"])
+            _filters_changed()
+
+        attempt("the warning filters", take_filters)
+    if "logging" in changed:
+        attempt("logging", lambda: _unpack_logging(changed["logging"], keep_others=True))
+    for package, setter in (("numpy", _set_numpy), ("pandas", _set_pandas), ("matplotlib", _set_matplotlib)):
+        if package in changed and package in sys.modules:
+            attempt(f"{package}'s settings", lambda setter=setter, package=package: setter(changed[package]))
+    if "numpy" in changed and "numpy" in sys.modules:
+        global _pending, _pending_id
+        _pending, _pending_id = changed["numpy"], _pending_id + 1
+    if "env" in changed:
+
+        def take_env() -> None:
+            os.environ.update(changed["env"]["set"])
+            for key in changed["env"]["unset"]:
+                os.environ.pop(key, None)
+
+        attempt("the environment", take_env)
+    if "cwd" in changed:
+        attempt("the working directory", lambda: os.chdir(changed["cwd"]))
+    if "sys_path" in changed:
+        sys.path[:] = changed["sys_path"]
+    return failed
+
+
+# NumPy 2 keeps its print options and error handling per context (contextvars), and a kernel
+# runs a cell that awaits (as an isolated cell does) in a copy of its context, which ends with
+# the cell: what ``apply`` set there would be lost for the cells after it.  They are set again
+# as each cell starts (:func:`before_cell`, an IPython ``pre_run_cell`` hook), until one
+# start finds them still set from the one before: then they live in the notebook's own context.
+_pending: Settings | None = None
+_pending_id = 0
+_taken: contextvars.ContextVar[int] = contextvars.ContextVar("nbisolate_numpy_settings", default=0)
+
+
+def before_cell(*_: Any) -> None:
+    """As a cell starts: NumPy's settings an isolated cell changed, set again until they hold."""
+    global _pending
+    if _pending is None:
+        return
+    if _taken.get() == _pending_id:  # set at the start of a cell before, and still: they hold
+        _pending = None
+        return
+    if "numpy" in sys.modules:
+        _set_numpy(_pending)
+    _taken.set(_pending_id)

@@ -689,12 +689,13 @@ def _run(
     # What the namespace holds as the cell starts: a name its text does not show it binds
     # (exec, globals()[...], ``from m import *``) is found bound, rebound or gone at its end.
     before = dict(ns) if job.get("discover") else None
+    environ = dict(os.environ) if job.get("settings_back") else None  # what it changes comes back
     t2 = time.perf_counter()
     value = None
     _stage = "run"
     pools.arm()
     try:
-        with settings.cell_filters(job.get("settings")):  # the notebook's, for its code alone
+        with settings.cell_filters(job.get("settings")) as filters:  # the notebook's, for its code alone
             value = _execute(body, ns)
             if tail is not None:
                 value = _execute(tail, ns)
@@ -765,6 +766,7 @@ def _run(
         "unchanged": same,
         "deleted": [name for name in job.get("deletes", ()) if name not in ns] + gone,
         "rng": rng.changed_since(job.get("rng")),
+        "settings": None if environ is None else settings.left_by_cell(job, environ, filters.left),
         "result_bundle": bundle,
         "dump_seconds": time.perf_counter() - t3,
     }

@@ -7,7 +7,6 @@ user counts (the ``%%isolate`` line is line 1).
 
 from __future__ import annotations
 
-import os
 import re
 import textwrap
 
@@ -42,6 +41,7 @@ def test_shell_escapes_run_in_the_worker_with_variables_expanded(kernel):
 
 
 def test_time_timeit_env_cd_and_matplotlib_inline(kernel, tmp_path):
+    home = kernel.value("__import__('os').getcwd()")
     res = kernel.run(
         cell(
             f"""
@@ -59,8 +59,12 @@ def test_time_timeit_env_cd_and_matplotlib_inline(kernel, tmp_path):
     assert "Wall time:" in res.stdout and "per loop" in res.stdout
     assert kernel.value("total") == 499500
     assert kernel.value("seen") == ("42", str(tmp_path))
-    assert os.environ.get("NBISOLATE_DEMO") is None  # the kernel's environment is untouched
-    assert kernel.value("__import__('os').environ.get('NBISOLATE_DEMO')") is None
+    # As after an ordinary cell, %env and %cd changed the kernel's environment and directory.
+    assert kernel.value("(__import__('os').environ.get('NBISOLATE_DEMO'), __import__('os').getcwd())") == (
+        "42",
+        str(tmp_path),
+    )
+    kernel.run(f"import os\nos.chdir({home!r})\ndel os.environ['NBISOLATE_DEMO']")
 
 
 def test_what_time_and_timeit_run_reads_inputs_and_binds_results(kernel):

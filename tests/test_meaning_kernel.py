@@ -7,6 +7,7 @@ the cell), and checks identity again back in the kernel.
 
 from __future__ import annotations
 
+import logging
 import textwrap
 
 import pytest
@@ -555,6 +556,64 @@ def test_names_bound_at_run_time_come_back_as_after_an_ordinary_cell(kernel):
     # Chosen with --out, only those come back.
     kernel.execute("%%isolate --out chosen\nchosen = 1\nexec('unchosen = 2')")
     assert kernel.value("(chosen, 'unchosen' in globals())") == (1, False)
+
+
+# -- what the cell changes of its process stays changed, as after an ordinary cell -------------
+
+
+def test_environment_directory_and_sys_path_the_cell_changes_stay_changed(fresh_kernel, tmp_path):
+    k = fresh_kernel
+    home = k.value("__import__('os').getcwd()")
+    k.run("import os, sys\nos.environ['NBI_GONE'] = 'x'")
+    code = f"""
+        os.environ["NBI_SET"] = "on"
+        del os.environ["NBI_GONE"]
+        os.chdir({str(tmp_path)!r})
+        sys.path.append("/nbi/extra")
+        %env NBI_MAGIC=2
+        """
+    isolated(k, code)
+    assert k.value(
+        "(os.environ.get('NBI_SET'), 'NBI_GONE' in os.environ, os.getcwd(), sys.path[-1], os.environ.get('NBI_MAGIC'))"
+    ) == ("on", False, str(tmp_path), "/nbi/extra", "2")
+    # A failed cell changes nothing, nor does a sweep (which value's would win?).
+    assert not k.execute("%%isolate\nos.environ['NBI_FAIL'] = '1'\nos.chdir('/')\nraise ValueError('x')").ok
+    assert k.execute("%%isolate --over v=range(3)\nos.environ['NBI_SWEEP'] = str(v)").ok
+    assert k.value("('NBI_FAIL' in os.environ, 'NBI_SWEEP' in os.environ, os.getcwd())") == (False, False, str(tmp_path))
+    # Where the cell's own process pools report is the worker's: it never reaches the kernel.
+    isolated(k, "import multiprocessing as mp\nwith mp.get_context('spawn').Pool(1) as pool:\n    got = pool.map(abs, [-1])")
+    assert k.value("(got, [key for key in os.environ if key.startswith('NBISOLATE_MP')])") == ([1], [])
+    k.run(f"os.chdir({home!r})")
+
+
+def test_settings_the_cell_changes_stay_changed(fresh_kernel):
+    k = fresh_kernel
+    k.run("import logging, sys, warnings\nimport numpy as np, pandas as pd")
+    code = """
+        warnings.filterwarnings("ignore", message="shush")
+        np.set_printoptions(precision=3)
+        pd.set_option("display.max_rows", 11)
+        sys.setrecursionlimit(4321)
+        logging.getLogger("nbi.probe").setLevel(logging.ERROR)
+        """
+    isolated(k, code)
+    assert k.value(
+        "(np.get_printoptions()['precision'], pd.get_option('display.max_rows'), sys.getrecursionlimit(),"
+        " logging.getLogger('nbi.probe').level)"
+    ) == (3, 11, 4321, logging.ERROR)
+    res = k.execute("warnings.warn('shush')\nwarnings.warn('speak')")
+    assert "speak" in res.stderr and "shush" not in res.stderr, res.stderr
+    # Back to a default in the cell: back to it here too.
+    isolated(k, 'pd.reset_option("display.max_rows")')
+    assert k.value("pd.get_option('display.max_rows')") == 60
+    # NumPy's, kept per context, hold across later isolated and ordinary cells; an ordinary
+    # cell that changes them again wins over what the isolated one left.
+    isolated(k, "np.set_printoptions(precision=2)")
+    isolated(k, "seen_inside = np.get_printoptions()['precision']")
+    assert k.value("(seen_inside, np.get_printoptions()['precision'])") == (2, 2)
+    k.run("np.set_printoptions(precision=5)")
+    k.run("pass")
+    assert k.value("np.get_printoptions()['precision']") == 5
 
 
 # -- what IPython puts in the namespace, and the process's arguments ------------------------

@@ -74,3 +74,68 @@ def test_log_handlers_that_write_elsewhere_stay_behind(tmp_path):
     finally:
         root.setLevel(saved[0])
         root.handlers[:] = saved[1]
+
+
+# -- what a cell changed, back to the kernel -------------------------------------------------
+
+
+def _job(**extra):
+    import os
+
+    return {"settings": settings.capture(), "cwd": os.getcwd(), "sys_path": list(sys.path), **extra}
+
+
+def test_left_by_cell_names_what_the_cell_changed_and_nothing_else(monkeypatch):
+    import os
+
+    from nbisolate.pools import ENV_REPORT
+
+    job = _job()
+    environ = dict(os.environ)
+    assert settings.left_by_cell(job, environ, None) == {}  # nothing changed: nothing comes back
+    monkeypatch.setenv("NBI_UNIT_SET", "1")
+    monkeypatch.setenv(ENV_REPORT, "@worker-own-socket")  # the worker's own pools': never sent
+    monkeypatch.syspath_prepend("/nbi/unit")
+    limit = sys.getrecursionlimit()
+    try:
+        sys.setrecursionlimit(limit + 7)
+        left = settings.left_by_cell(job, environ, [("ignore", None, "builtins", "UserWarning", None, 0)])
+    finally:
+        sys.setrecursionlimit(limit)
+    assert left["env"] == {"set": {"NBI_UNIT_SET": "1"}, "unset": []}
+    assert left["sys_path"][0] == "/nbi/unit" and left["recursion"] == limit + 7
+    assert left["warnings"] == [("ignore", None, "builtins", "UserWarning", None, 0)]
+    assert "cwd" not in left and "logging" not in left
+
+
+def test_apply_takes_the_changes_and_keeps_the_kernels_other_log_handlers(tmp_path, monkeypatch):
+    import logging
+    import os
+
+    root = logging.getLogger()
+    saved = (root.level, root.handlers[:], warnings.filters[:])
+    to_file = logging.FileHandler(tmp_path / "kernel.log")
+    monkeypatch.setenv("NBI_UNIT_GONE", "x")
+    monkeypatch.chdir(tmp_path)
+    try:
+        root.handlers[:] = [to_file]
+        changed = {
+            "logging": {"root": logging.INFO, "levels": {}, "handlers": [("stderr", 0, "%(message)s", None, "%")]},
+            "warnings": [("error", None, "builtins", "UserWarning", None, 0)],
+            "env": {"set": {"NBI_UNIT_NEW": "v"}, "unset": ["NBI_UNIT_GONE"]},
+            "cwd": "/",
+        }
+        assert settings.apply(changed) == []
+        assert root.level == logging.INFO and root.handlers[0] is to_file and len(root.handlers) == 2
+        assert root.handlers[1].stream is sys.stderr
+        assert warnings.filters[0][:3] == ("error", None, UserWarning)
+        assert os.environ.get("NBI_UNIT_NEW") == "v" and "NBI_UNIT_GONE" not in os.environ
+        assert os.getcwd() == "/"
+        assert settings.apply({"cwd": str(tmp_path / "not-there")})[0].startswith("the working directory")
+    finally:
+        os.environ.pop("NBI_UNIT_NEW", None)
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
+        warnings.filters[:] = saved[2]
+        warnings._filters_mutated()  # type: ignore[attr-defined]
+        to_file.close()
