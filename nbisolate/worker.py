@@ -689,7 +689,7 @@ def _run(
     # What the namespace holds as the cell starts: a name its text does not show it binds
     # (exec, globals()[...], ``from m import *``) is found bound, rebound or gone at its end.
     before = dict(ns) if job.get("discover") else None
-    environ = dict(os.environ) if job.get("settings_back") else None  # what it changes comes back
+    environ = settings.environment() if job.get("settings_back") else None  # what it changes comes back
     t2 = time.perf_counter()
     value = None
     _stage = "run"
@@ -966,7 +966,7 @@ def rehearse() -> None:
     rehearses them while it waits, so its cell finds those pages its own.
     Nothing of any cell runs here, and nothing is kept.
     """
-    from . import inplace, ship
+    from . import inplace, settings, ship
 
     scratch = _round_trip(0)
     watched = inplace.snapshot(scratch, ["_"])
@@ -979,6 +979,10 @@ def rehearse() -> None:
     out = {"_": scratch["_"]}
     pools.left_behind(out)
     _fit_result(out, ship.dumps(out, skip_failures=True, main=scratch, returning=True), None, scratch)
+    _discover(scratch, dict(scratch), {})
+    # What the cell changed of its process: NumPy's settings are read only when the kernel sent some.
+    settings.left_by_cell({"settings": {"numpy": {}}, "cwd": os.getcwd(), "sys_path": list(sys.path)},
+                          settings.environment(), None)
     output = _Output(None)  # type: ignore[arg-type]  # never written to: no channel needed
     _LazyFlusher([_Stream("stdout", output, 1), _Stream("stderr", output, 2)])
     _flush_c_stdio()

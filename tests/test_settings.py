@@ -86,12 +86,11 @@ def _job(**extra):
 
 
 def test_left_by_cell_names_what_the_cell_changed_and_nothing_else(monkeypatch):
-    import os
 
     from nbisolate.pools import ENV_REPORT
 
     job = _job()
-    environ = dict(os.environ)
+    environ = settings.environment()
     assert settings.left_by_cell(job, environ, None) == {}  # nothing changed: nothing comes back
     monkeypatch.setenv("NBI_UNIT_SET", "1")
     monkeypatch.setenv(ENV_REPORT, "@worker-own-socket")  # the worker's own pools': never sent
