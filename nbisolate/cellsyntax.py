@@ -31,7 +31,6 @@ ADVICE: dict[str, str] = {
     "store": "stored variables belong to the kernel: run `%store` in an ordinary cell, and use the "
     "value here (it is shipped as an input)",
     "reset": "it clears the kernel's namespace: run it in an ordinary cell",
-    "run": "run the script in an ordinary cell, or `!python script.py` here",
     "load": "it edits the cell in the front end: use it in an ordinary cell",
     "debug": "debug in an ordinary cell: the worker has no debugger front end",
     "pdb": "debug in an ordinary cell: the worker has no debugger front end",

@@ -363,6 +363,13 @@ def magic_code(node: ast.AST) -> ast.Module | None:
     if not (isinstance(owner, ast.Call) and getattr(owner.func, "id", None) == "get_ipython"):
         return None
     args = node.args
+    if (
+        node.func.attr == "run_line_magic"
+        and len(args) >= 2
+        and all(isinstance(a, ast.Constant) for a in args[:2])
+        and args[0].value == "run"
+    ):
+        return _run_in_place(args[1].value)
     if not args or not (isinstance(args[0], ast.Constant) and args[0].value in _CODE_MAGICS):
         return None
     if node.func.attr == "run_line_magic" and len(args) >= 2:
@@ -380,6 +387,37 @@ def magic_code(node: ast.AST) -> ast.Module | None:
         return ast.parse(text)
     except SyntaxError:
         return None
+
+
+_SCRIPT_MAX = 1 << 20
+"""A script ``%run -i`` runs is read for its names up to this size (larger: none are)."""
+
+
+def _run_in_place(line: Any) -> ast.Module | None:
+    """The script ``%run -i script.py`` runs in the cell's namespace, parsed, so the names it
+    reads travel as the cell's own would; ``%run`` without ``-i`` runs it in a namespace of its
+    own (what it binds is found when it ends), and a path with ``$``/``{}`` is known only then."""
+    import shlex
+
+    try:
+        words = shlex.split(line) if isinstance(line, str) else []
+    except ValueError:
+        return None
+    flags = []
+    while words and words[0].startswith("-"):
+        flags.append(words.pop(0))
+    if "-i" not in flags or "-m" in flags or not words or any(c in words[0] for c in "${}"):
+        return None
+    path = os.path.expanduser(words[0])
+    if not os.path.exists(path) and os.path.exists(path + ".py"):
+        path += ".py"
+    try:
+        if os.path.getsize(path) > _SCRIPT_MAX:
+            return None
+        with open(path, encoding="utf-8") as fh:
+            return ast.parse(fh.read())
+    except (OSError, SyntaxError, ValueError):
+        return None  # run time reports it
 
 
 def last_expression(tree: ast.Module) -> ast.Expr | None:
@@ -486,7 +524,9 @@ def plan_cell(
     that does not exist is a usage error.  ``outputs`` narrows what comes back.
     """
     try:
-        reading = _read(source)  # by its text alone: IPython names each run's code anew
+        # By its text alone (IPython names each run's code anew), but for a script that
+        # ``%run -i`` runs, which may have changed since.
+        reading = _read.__wrapped__(source) if "run_line_magic('run'" in source else _read(source)
     except SyntaxError:
         parse_cell(source, first_line, filename)  # raises it, placed as the user sees the cell
         raise

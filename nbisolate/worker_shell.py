@@ -16,6 +16,7 @@ worker's file descriptors 1 and 2, which stream into the cell like any output.
 
 from __future__ import annotations
 
+import builtins
 import gc
 import math
 import os
@@ -25,10 +26,11 @@ import subprocess
 import sys
 import time
 import timeit
+import types
 from collections.abc import MutableMapping
 from typing import Any
 
-LINE_MAGICS = frozenset({"time", "timeit", "env", "cd", "pwd", "matplotlib", "pip", "conda", "sx", "system"})
+LINE_MAGICS = frozenset({"time", "timeit", "env", "cd", "pwd", "matplotlib", "pip", "conda", "sx", "system", "run"})
 """Line magics an isolated cell may use (``!cmd`` is ``system``, ``x = !cmd`` is ``getoutput``)."""
 
 CELL_MAGICS = frozenset({"time", "timeit", "bash", "sh", "writefile"})
@@ -267,6 +269,108 @@ class WorkerShell:
         with open(names[0], "a" if append else "w") as fh:
             fh.write(cell)
         print(f"{'Appending to' if append else 'Overwriting' if exists else 'Writing'} {names[0]}")
+
+
+    # -- %run ---------------------------------------------------------------------------------
+    _RUN_FLAGS = frozenset({"-i", "-e", "-n"})
+
+    def _line_run(self, line: str) -> None:
+        """``%run [-i] [-e] [-n] FILE [ARGS]`` and ``%run -m MODULE [ARGS]``, as IPython runs a script.
+
+        The script runs as ``__main__`` (``-n``: under its own name) with ``sys.argv``
+        its name and ``ARGS`` and its directory first on ``sys.path``, in a namespace
+        of its own whose names then join the cell's (so they come back to the
+        notebook, as after IPython's ``%run``); with ``-i`` it runs in the cell's
+        namespace, seeing the variables the cell was given (the plan reads the
+        script for them: :func:`nbisolate.plan.magic_code`).  As IPython's, an
+        exception in the script is shown and the cell goes on, and a ``sys.exit``
+        ends the script, not the cell (a code other than 0 is shown; ``-e``: not
+        even that).
+        """
+        import runpy
+
+        args = shlex.split(self.var_expand(line))
+        flags: set[str] = set()
+        while args and args[0].startswith("-") and args[0] != "-m":
+            flag = args.pop(0)
+            if flag not in self._RUN_FLAGS:
+                raise ValueError(
+                    f"%run {flag}: an isolated cell runs scripts with -i, -e, -n and -m only; "
+                    "run it in an ordinary cell for the others (-t, -d, -p, -G)"
+                )
+            flags.add(flag)
+        module = None
+        if args[:1] == ["-m"]:
+            if len(args) < 2:
+                raise ValueError("%run -m needs a module name: %run -m package.module [ARGS]")
+            module = args[1]
+            args = args[2:]
+            path = module
+        elif not args:
+            raise ValueError("%run needs a file name: %run script.py [ARGS]")
+        else:
+            path = os.path.expanduser(args.pop(0))
+            if not os.path.exists(path) and os.path.exists(path + ".py"):
+                path += ".py"
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"%run: no file {path!r} (in {os.getcwd()})")
+            if not path.endswith(".py"):
+                raise ValueError(
+                    f"%run {path}: an isolated cell runs Python files (.py); run a notebook or an "
+                    ".ipy script in an ordinary cell"
+                )
+        saved_argv, saved_main = sys.argv, sys.modules.get("__main__")
+        sys.argv = [path, *args]
+        where = os.path.dirname(os.path.abspath(path)) if module is None else None
+        if where is not None and where not in sys.path:  # its own directory first, while it runs
+            sys.path.insert(0, where)
+        else:
+            where = None
+        name = "__main__" if "-n" not in flags else os.path.splitext(os.path.basename(path))[0]
+        made: dict[str, Any] = {}
+        try:
+            if module is not None:
+                made = runpy.run_module(module, run_name=name, alter_sys=True)
+            else:
+                with open(path, "rb") as fh:
+                    code = compile(fh.read(), path, "exec")
+                if "-i" in flags:  # in the cell's own namespace
+                    made = self.user_ns  # type: ignore[assignment]
+                else:  # a module of its own, the __main__ while it runs (as IPython's new_main_mod)
+                    script = types.ModuleType(name)
+                    made = script.__dict__
+                    made["__builtins__"] = builtins
+                    if name == "__main__":
+                        sys.modules["__main__"] = script
+                keep = made.get("__file__")
+                made["__file__"] = os.path.abspath(path)
+                try:
+                    exec(code, made)
+                finally:
+                    if made is self.user_ns:
+                        if keep is None:
+                            made.pop("__file__", None)
+                        else:
+                            made["__file__"] = keep
+        except SystemExit as exc:
+            if exc.code not in (None, 0) and "-e" not in flags:
+                sys.stdout.flush()
+                print(f"An exception has occurred: the script called sys.exit({exc.code!r}).\n"
+                      f"SystemExit: {exc.code}", file=sys.stderr)
+        except Exception as exc:  # shown, and the cell goes on, as IPython's %run does
+            import traceback
+
+            sys.stdout.flush()
+            shown = traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next if exc.__traceback__ else None)
+            sys.stderr.write("".join(shown))
+        finally:
+            sys.argv = saved_argv
+            if where is not None and where in sys.path:
+                sys.path.remove(where)
+            if saved_main is not None:
+                sys.modules["__main__"] = saved_main
+            if made is not self.user_ns:  # what the script bound joins the cell's names, as in IPython
+                self.user_ns.update({k: v for k, v in made.items() if not (k.startswith("__") and k.endswith("__"))})
 
 
 def install(ns: MutableMapping[str, Any]) -> WorkerShell:

@@ -128,3 +128,30 @@ def test_worker_tracebacks_name_the_cell_as_the_front_end_does(kernel):
     number = res.reply["content"]["execution_count"]
     text = plain("\n".join(res.error["traceback"]))
     assert f"Cell In[{number}], line 4" in text, text
+
+
+def test_run_a_script_isolated_as_ipython_runs_it(kernel, tmp_path):
+    """``%run script.py ARGS`` runs it as ``__main__`` with its arguments, and what it binds
+    comes to the notebook; ``-i`` runs it among the cell's variables (the plan reads the
+    script for them); its exception or ``sys.exit(2)`` is shown and the cell goes on."""
+    (tmp_path / "helper_mod.py").write_text("FACTOR = 2\n")
+    (tmp_path / "job.py").write_text(
+        "import sys\nfrom helper_mod import FACTOR\nargs = sys.argv[1:]\nname = __name__\n"
+        "def twice(v):\n    return FACTOR * v\nresult = twice(21)\n"
+    )
+    kernel.run(f"%%isolate\n%run {tmp_path / 'job.py'} --fast 3")
+    assert kernel.value("(args, name, result, twice(4))") == (["--fast", "3"], "__main__", 42, 8)
+    (tmp_path / "uses.py").write_text("total = base * 10\n")
+    kernel.run("base = 4")
+    kernel.run(f"%%isolate\n%run -i {tmp_path / 'uses.py'}")
+    assert kernel.value("total") == 40
+    (tmp_path / "uses.py").write_text("total = base * 100\n")  # edited: read again
+    kernel.run(f"%%isolate\n%run -i {tmp_path / 'uses.py'}")
+    assert kernel.value("total") == 400
+    (tmp_path / "quits.py").write_text("import sys\nbefore_exit = 1\nsys.exit(2)\n")
+    (tmp_path / "fails.py").write_text("before_error = 1\nraise KeyError('missing')\n")
+    res = kernel.run(f"%%isolate\n%run {tmp_path / 'quits.py'}\n%run {tmp_path / 'fails.py'}\nafter = 2")
+    assert "SystemExit: 2" in res.stderr and "KeyError: 'missing'" in res.stderr, res.stderr
+    assert kernel.value("(before_exit, before_error, after)") == (1, 1, 2)
+    res = kernel.execute("%%isolate\n%run -t job.py")
+    assert not res.ok and "-t" in res.error_text
