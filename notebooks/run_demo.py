@@ -33,6 +33,15 @@ def _digest(output: dict) -> str:
     return f"{label}: {head}" + (f"  [{', '.join(sorted(rich))}]" if rich else "")
 
 
+def execute(nb: nbformat.NotebookNode, folder: Path) -> None:
+    """Run ``nb`` top to bottom in a fresh kernel, in ``folder``, its outputs written into it.
+
+    Raises nbclient's ``CellExecutionError`` at the first cell that fails without the
+    ``raises-exception`` tag (the tests run the notebooks through this too).
+    """
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(folder)}}).execute()
+
+
 def run(folder: Path, out: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     failures = 0
@@ -40,9 +49,8 @@ def run(folder: Path, out: Path) -> int:
         nb = nbformat.read(path, as_version=4)
         start = time.perf_counter()
         print(f"\n=== {path.name}")
-        client = NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(folder)}})
         try:
-            client.execute()
+            execute(nb, folder)
         except Exception as exc:  # report, keep the executed copy, carry on with the others
             failures += 1
             print(f"FAILED: {type(exc).__name__}: {str(exc)[-600:]}")
