@@ -46,11 +46,19 @@ _UNCHANGEABLE = (
 
 
 def watchable(values: Mapping[str, Any], sizes: Mapping[str, int]) -> list[str]:
-    """The inputs worth watching: changeable in place, and small enough to compare cheaply."""
+    """The inputs worth watching: changeable in place, and small enough to compare cheaply.
+
+    Not the process's own state (``os.environ``, ``sys.path``: :func:`nbisolate.travel.process_state`):
+    each side's is its own, and what the cell changes of it comes back by :mod:`nbisolate.settings`.
+    """
+    from .travel import process_state
+
     return [
         name
         for name, value in values.items()
-        if not isinstance(value, _UNCHANGEABLE) and sizes.get(name, WATCH_LIMIT + 1) <= WATCH_LIMIT
+        if not isinstance(value, _UNCHANGEABLE)
+        and sizes.get(name, WATCH_LIMIT + 1) <= WATCH_LIMIT
+        and process_state(value) is None
     ]
 
 
@@ -109,6 +117,8 @@ def apply_in_place(original: Any, new: Any, swap: Mapping[int, Any]) -> bool:
     changed input that refers to another (``b = {"a": a}``) refers to the
     notebook's own object afterwards.
     """
+    if new is original:  # it came back as the notebook's own (the process's state): nothing to do
+        return True
     kind = type(original)
     if kind is not type(new):
         return False

@@ -56,6 +56,7 @@ from .travel import (
     Travel,
     module_is_importable,
     needs_value,
+    process_state,
     reference_name,
     route,
 )
@@ -326,8 +327,12 @@ def _attempt(
         if now != copied:
             by_value[name], copied = now - copied, now
         kind = type(value)
-        taken = _PICKLE if kind in _PLAIN else _DILL if kind is _ByDill else route(value)
-        if taken is _REFERENCE:
+        if kind is _ProcessState:
+            taken = _REFERENCE
+            references[name] = f"{value.module}.{value.attribute}"
+        else:
+            taken = _PICKLE if kind in _PLAIN else _DILL if kind is _ByDill else route(value)
+        if taken is _REFERENCE and kind is not _ProcessState:
             references[name] = reference_name(value)
         routes[name] = taken
     raw = [b.raw() for b in buffers]
@@ -360,6 +365,8 @@ _ModuleType, _BuiltinType, _FunctionType = (
 )
 _PLAIN = frozenset({int, float, complex, str, bytes, bytearray, bool, type(None), list, tuple,
                     dict, set, frozenset})
+_SCALARS = frozenset({int, float, complex, str, bytes, bool, type(None), tuple, frozenset})
+"""Values that are never a process's state object (:func:`nbisolate.travel.process_state`)."""
 
 
 def fast_pickler(
@@ -483,6 +490,11 @@ def dumps(
 
     todo = list(names)
     ready: dict[str, Any] = dict(values)  # a value only dill can write is replaced by its _ByDill
+    for name, value in values.items():
+        if type(value) not in _SCALARS:
+            state = process_state(value)
+            if state is not None:  # the process's own environ, sys.path...: the other side's own
+                ready[name] = _ProcessState(*state)
     while True:
         shipment, failed, exc = _attempt(fast, ready, todo)
         if shipment is not None:
@@ -510,6 +522,26 @@ def dumps(
             raise error from exc
         skipped[failed] = f"{type(values[failed]).__module__}.{type(values[failed]).__qualname__}: {detail}"
         todo = [n for n in todo if n != failed]
+
+
+class _ProcessState:
+    """A variable bound to an object that stands for the process's state (``os.environ``,
+    ``matplotlib.rcParams``: :data:`nbisolate.travel.PROCESS_STATE`): loaded as the loading
+    process's own."""
+
+    __slots__ = ("module", "attribute")
+
+    def __init__(self, module: str, attribute: str) -> None:
+        self.module, self.attribute = module, attribute
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return _own_state, (self.module, self.attribute)
+
+
+def _own_state(module: str, attribute: str) -> Any:
+    import importlib
+
+    return getattr(importlib.import_module(module), attribute)
 
 
 def loads(

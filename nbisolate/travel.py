@@ -21,7 +21,9 @@ The routes, and the CPython/pickle behaviour behind each:
     the same test as cloudpickle's ``_should_pickle_by_reference``: the name
     must lead back to the very same object). Builtin functions always reduce to
     a name, and so do importable ``typing.TypeVar``/``ParamSpec``/``TypeVarTuple``
-    objects and the members of an importable ``Enum``.
+    objects and the members of an importable ``Enum``. A variable bound to the
+    process's own state (``os.environ``, ``matplotlib.rcParams``:
+    :data:`PROCESS_STATE`) goes by reference too, as the other process's own.
 ``PICKLE`` / ``DIRECT_COPY``
     Everything else takes the C pickler's own path (``__reduce_ex__(5)``).
     Objects that support protocol 5 (numpy arrays, pandas blocks) hand their
@@ -223,6 +225,37 @@ class Travel(NamedTuple):
     def label(self) -> str:
         """Short text for a table: ``pickle + direct copy``, ``by value``..."""
         return LABELS[self.route]
+
+
+PROCESS_STATE: tuple[tuple[str, str], ...] = (
+    ("os", "environ"),
+    ("os", "environb"),
+    ("sys", "path"),
+    ("sys", "argv"),
+    ("warnings", "filters"),
+    ("matplotlib", "rcParams"),
+    ("matplotlib", "rcParamsDefault"),
+    ("matplotlib", "rcParamsOrig"),
+    ("pandas", "options"),
+    ("random", "_inst"),
+    ("numpy.random.mtrand", "_rand"),
+)
+"""Objects that stand for a process's own state, which nbisolate keeps alike on both sides (the
+environment, ``sys.path`` and ``argv``, the warning filters, matplotlib's and pandas' settings,
+see :mod:`nbisolate.settings`; the global random generators, see :mod:`nbisolate.rng`).  A variable bound to one travels *by reference*, as the other
+process's own: after ``from os import environ`` or ``from matplotlib import rcParams``, in an
+ordinary cell the name *is* the process's object, and setting through it changes the process;
+a copy would change nothing.  Other module-level objects travel as values: a fresh import's
+would not hold what the notebook did to them."""
+
+
+def process_state(value: Any) -> tuple[str, str] | None:
+    """``(module, attribute)`` when ``value`` is one of :data:`PROCESS_STATE` in this process."""
+    for module, attribute in PROCESS_STATE:
+        loaded = sys.modules.get(module)
+        if loaded is not None and getattr(loaded, attribute, None) is value:
+            return module, attribute
+    return None
 
 
 def reference_name(obj: Any) -> str | None:

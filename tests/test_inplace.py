@@ -75,3 +75,15 @@ def test_the_shipment_sizes_decide_with_the_real_pickler():
     small, big = [1, 2, 3], np.zeros(inplace.WATCH_LIMIT // 4)
     s = ship.dumps({"small": small, "big": big})
     assert inplace.watchable({"small": small, "big": big}, s.sizes) == ["small"]
+
+
+def test_an_object_applied_onto_itself_is_left_intact():
+    # A process-state value (os.environ) comes back as the kernel's own object: "applying" the
+    # change must not empty it first (clearing its __dict__ broke the kernel's os.environ).
+    class Holder:
+        def __init__(self) -> None:
+            self.data = {"k": 1}
+
+    obj, mapping = Holder(), {"a": 1}
+    assert inplace.apply_in_place(obj, obj, {}) and obj.data == {"k": 1}
+    assert inplace.apply_in_place(mapping, mapping, {}) and mapping == {"a": 1}

@@ -895,3 +895,22 @@ def test_warnings_as_errors_hold_for_the_cells_code_not_for_the_workers_own_step
     res = k.execute("%%isolate\nkept = type(noisy).__name__\ntry:\n    warnings.warn('the cell', UserWarning)\n    raised = False\nexcept UserWarning:\n    raised = True")
     assert res.ok, res.error_text
     assert k.value("(kept, raised)") == ("Noisy", True)
+
+
+def test_the_processs_own_state_travels_as_the_other_sides_own(kernel):
+    """``from os import environ``, ``from matplotlib import rcParams``: in an ordinary cell the
+    name is the process's own object, and setting through it changes the process."""
+    kernel.run("import os, sys, matplotlib\nfrom os import environ\nfrom matplotlib import rcParams\nfrom sys import path as search_path")
+    code = """
+        import os, sys, matplotlib
+        assert environ is os.environ and rcParams is matplotlib.rcParams and search_path is sys.path
+        environ["NBI_THROUGH_ALIAS"] = "yes"
+        from os import environ as env_too
+        from random import _inst as generator
+        kept = rcParams
+        """
+    isolated(kernel, code)
+    assert kernel.value(
+        "(env_too is os.environ, kept is matplotlib.rcParams, os.environ.pop('NBI_THROUGH_ALIAS'),"
+        " generator is __import__('random')._inst)"
+    ) == (True, True, "yes", True)
