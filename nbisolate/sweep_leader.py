@@ -25,6 +25,7 @@ Worker side: the standard library and nbisolate's worker modules only.
 
 from __future__ import annotations
 
+import builtins
 import codecs
 import os
 import select
@@ -110,7 +111,7 @@ class _Leader:
         if "argv" in job:
             sys.argv = list(job["argv"])
         main = types.ModuleType("__main__")
-        main.__dict__["__builtins__"] = __builtins__
+        main.__dict__["__builtins__"] = builtins  # the module, as in a notebook's __main__
         sys.modules["__main__"] = main
         for hook in job.get("startup", ()):
             __import__(hook)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import _signal
 import ast
+import builtins
 import io
 import linecache
 import os
@@ -649,7 +650,7 @@ def _run(
         sys.argv = list(job["argv"])
     if main is None:  # else a sweep leader's __main__, its shared inputs loaded, no cell run
         main = types.ModuleType("__main__")
-        main.__dict__["__builtins__"] = __builtins__
+        main.__dict__["__builtins__"] = builtins  # the module, as in a notebook's __main__
     sys.modules["__main__"] = main
     ns = main.__dict__
     for hook in job.get("startup", ()):
@@ -999,7 +1000,7 @@ def _round_trip(value: Any) -> dict[str, Any]:
     from . import ship
 
     scratch: dict[str, Any] = types.ModuleType("__main__").__dict__
-    scratch["__builtins__"] = __builtins__
+    scratch["__builtins__"] = builtins
     shipped = ship.dumps({"_": value}, skip_failures=True, main=scratch, returning=True)
     scratch.update(ship.loads(shipped.names, shipped.data, shipped.buffers, shipped.engine, scratch))
     return scratch

@@ -914,3 +914,8 @@ def test_the_processs_own_state_travels_as_the_other_sides_own(kernel):
         "(env_too is os.environ, kept is matplotlib.rcParams, os.environ.pop('NBI_THROUGH_ALIAS'),"
         " generator is __import__('random')._inst)"
     ) == (True, True, "yes", True)
+
+
+def test_builtins_is_the_module_as_in_a_notebooks_main(kernel):
+    isolated(kernel, "kind = type(__builtins__).__name__\nfound = __builtins__.len is len")
+    assert kernel.value("(kind, found)") == ("module", True)
