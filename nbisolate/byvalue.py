@@ -147,8 +147,18 @@ def loads_into(main: MutableMapping[str, Any] | None):
         _loading.main = previous
 
 
-def _rebuild_function(token: str | None, *args: Any) -> types.FunctionType:
-    return _arrived(_cp._make_function(*args), token)
+def _rebuild_function(token: str | None, code: Any, globals_: dict[str, Any], *args: Any) -> types.FunctionType:
+    # cloudpickle sets the globals' __builtins__ to the builtins *dict* (for free-threaded
+    # CPython); on a namespace that had its own (a notebook's __main__ has the module, and
+    # `__builtins__.len` works there), that one stays.
+    kept = globals_.get("__builtins__", _UNSET)
+    func = _cp._make_function(code, globals_, *args)
+    if kept is not _UNSET:
+        globals_["__builtins__"] = kept
+    return _arrived(func, token)
+
+
+_UNSET = object()
 
 
 def _rebuild_class(token: str | None, maker: Any, *args: Any) -> type:

@@ -917,5 +917,9 @@ def test_the_processs_own_state_travels_as_the_other_sides_own(kernel):
 
 
 def test_builtins_is_the_module_as_in_a_notebooks_main(kernel):
-    isolated(kernel, "kind = type(__builtins__).__name__\nfound = __builtins__.len is len")
-    assert kernel.value("(kind, found)") == ("module", True)
+    # A function or class that comes back by value is rebuilt on the notebook's namespace, and
+    # cloudpickle sets the builtins *dict* there: the notebook's own module must stay.
+    isolated(kernel, "def made_here():\n    return len([1])\nclass MadeHere:\n    pass")
+    assert kernel.value("(type(__builtins__).__name__, __builtins__.len is len, made_here())") == ("module", True, 1)
+    isolated(kernel, "kind = type(__builtins__).__name__\nfound = __builtins__.len is len\nagain = made_here()")
+    assert kernel.value("(kind, found, again)") == ("module", True, 1)
