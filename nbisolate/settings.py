@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import os
 import pickle
 import re
 import sys
@@ -76,13 +77,9 @@ def capture() -> Settings:
     logs = _pack_logging()
     if logs:
         out["logging"] = logs
-    numpy = sys.modules.get("numpy")
+    numpy = _numpy_settings()
     if numpy is not None:
-        try:
-            printing = {k: v for k, v in numpy.get_printoptions().items() if isinstance(v, _PLAIN)}
-            out["numpy"] = {"err": dict(numpy.geterr()), "print": printing}
-        except Exception:  # a NumPy being imported, or an unusual one: the worker keeps its own
-            pass
+        out["numpy"] = numpy
     for package, changes in (("pandas", _pandas_changed), ("matplotlib", _matplotlib_changed)):
         module = sys.modules.get(package)
         if module is not None:
@@ -96,6 +93,18 @@ def capture() -> Settings:
             out["figures"] = figures
     _latest = out
     return out
+
+
+def _numpy_settings() -> Settings | None:
+    """NumPy's error handling and plain print options, when it is imported (else None)."""
+    numpy = sys.modules.get("numpy")
+    if numpy is None:
+        return None
+    try:
+        printing = {k: v for k, v in numpy.get_printoptions().items() if isinstance(v, _PLAIN)}
+        return {"err": dict(numpy.geterr()), "print": printing}
+    except Exception:  # a NumPy being imported, or an unusual one: the worker keeps its own
+        return None
 
 
 def restore(settings: Settings | None) -> None:
@@ -130,7 +139,7 @@ def restore(settings: Settings | None) -> None:
         from . import display_worker
 
         display_worker.figure_formats(settings["figures"]["formats"], settings["figures"]["kwargs"])
-    for package, setter in (("numpy", _set_numpy), ("pandas", _set_pandas), ("matplotlib", _set_matplotlib)):
+    for package, setter in _SETTERS:
         if package not in settings:
             continue
         if package in sys.modules:
@@ -345,6 +354,10 @@ def _set_matplotlib(changed: dict[str, Any]) -> None:
             continue
 
 
+_SETTERS = (("numpy", _set_numpy), ("pandas", _set_pandas), ("matplotlib", _set_matplotlib))
+"""Each package whose settings travel, and what takes them."""
+
+
 def _inline_figures(config: Any) -> dict[str, Any] | None:
     """The kernel's inline figure formats and ``print_figure`` options, when the notebook changed
     them from the inline backend's defaults (``png``, ``bbox_inches="tight"``)."""
@@ -433,8 +446,6 @@ def environment() -> dict[Any, Any]:
     """The environment as a cell starts, for :func:`left_by_cell`: the raw table behind
     ``os.environ`` where there is one (copying and comparing it costs a fresh worker a
     fraction of what decoding every variable would)."""
-    import os
-
     raw = getattr(os.environ, "_data", None)
     return dict(raw) if isinstance(raw, dict) else dict(os.environ)
 
@@ -445,8 +456,6 @@ def left_by_cell(job: dict[str, Any], environ: dict[Any, Any], filters: list[tup
     cell started), working directory and ``sys.path``, for :func:`apply`; ``filters`` are the
     warning filters the cell left, if it changed them (:class:`CellFilters`).  About 0.1 ms
     in a worker that rehearsed it (:func:`nbisolate.worker.rehearse`)."""
-    import os
-
     sent = job.get("settings") or {}
     out: Settings = {}
     limit = sys.getrecursionlimit()
@@ -457,15 +466,10 @@ def left_by_cell(job: dict[str, Any], environ: dict[Any, Any], filters: list[tup
     logs = _pack_logging()
     if logs is not None and logs != sent.get("logging"):
         out["logging"] = logs
-    numpy = sys.modules.get("numpy")
-    if numpy is not None and "numpy" in sent:
-        try:
-            printing = {k: v for k, v in numpy.get_printoptions().items() if isinstance(v, _PLAIN)}
-            now = {"err": dict(numpy.geterr()), "print": printing}
-            if now != sent["numpy"]:
-                out["numpy"] = now
-        except Exception:
-            pass
+    if "numpy" in sent:
+        numpy = _numpy_settings()
+        if numpy is not None and numpy != sent["numpy"]:
+            out["numpy"] = numpy
     for package, changes, defaults in (
         ("pandas", _pandas_changed, _pandas_defaults),
         ("matplotlib", _matplotlib_changed, _matplotlib_defaults),
@@ -523,8 +527,6 @@ def apply(changed: Settings) -> list[str]:
     taken, to be named to the user.  A package's settings are taken only where the notebook
     has imported it (an ordinary cell would have, but importing it here now would cost the
     kernel seconds for settings no cell of its own uses yet)."""
-    import os
-
     failed: list[str] = []
 
     def attempt(part: str, step: Any) -> None:
@@ -536,18 +538,13 @@ def apply(changed: Settings) -> list[str]:
     if "recursion" in changed:
         attempt("the recursion limit", lambda: sys.setrecursionlimit(changed["recursion"]))
     if "warnings" in changed:
-
-        def take_filters() -> None:
-            warnings.filters[:] = _make_filters(changed["warnings"])
-            _filters_changed()
-
-        attempt("the warning filters", take_filters)
+        attempt("the warning filters", lambda: _unpack_filters(changed["warnings"]))
     if "logging" in changed:
         attempt("logging", lambda: _unpack_logging(changed["logging"], keep_others=True))
-    for package, setter in (("numpy", _set_numpy), ("pandas", _set_pandas), ("matplotlib", _set_matplotlib)):
+    for package, setter in _SETTERS:
         if package in changed and package in sys.modules:
             attempt(f"{package}'s settings", lambda setter=setter, package=package: setter(changed[package]))
-    if "numpy" in changed and "numpy" in sys.modules:
+    if "numpy" in changed and "numpy" in sys.modules:  # per context: see before_cell
         global _pending, _pending_id
         _pending, _pending_id = changed["numpy"], _pending_id + 1
     if "env" in changed:
