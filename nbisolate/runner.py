@@ -436,7 +436,7 @@ class CellRun:
             "deletes": list(self.plan.deletes),
             "rng": rng.capture() if self.carry_random else None,
             "settings": self.settings,
-            "settings_back": self.settings_back and getattr(self.backend, "name", None) == "local",
+            "settings_back": self.settings_back and getattr(self.backend, "here", False),
             "sys_path": list(sys.path),
             "argv": list(sys.argv),
             "cwd": _cwd(),

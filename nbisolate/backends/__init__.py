@@ -97,6 +97,10 @@ class Backend(Protocol):
     """Runs launches somewhere; see the module doc for the event contract."""
 
     name: str
+    here: bool
+    """Its workers run on this machine, in the kernel's environment and directories: what a
+    cell changes of its process (the environment, the working directory, ``sys.path``, the
+    settings) may then come back to the kernel (:mod:`nbisolate.settings`)."""
 
     def check(self, launch: Launch) -> None:
         """Raise (an :class:`~nbisolate.errors.IsolateError` saying what to do) if ``launch``

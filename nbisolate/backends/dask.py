@@ -605,6 +605,7 @@ class DaskBackend:
     """
 
     name = "dask"
+    here = False
 
     def __init__(self, client: Any, source: str = "", note: Callable[[str], None] | None = None) -> None:
         self.client = client

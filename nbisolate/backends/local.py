@@ -24,6 +24,7 @@ class LocalBackend:
     """Runs each launch in a new process here; as many at once as there are cores."""
 
     name = "local"
+    here = True
 
     def __init__(self, options: RunOptions | None = None, note: Callable[[str], None] | None = None) -> None:
         self.options = options
