@@ -30,23 +30,22 @@ from .runner import CellRun
 _TRANSFORM_MARK = "%%isolate"
 
 
-def _visible_names(shell: Any) -> set[str]:
-    """User variables: the namespace minus what IPython put there itself."""
+def _visible_names(shell: Any, history: bool = False) -> set[str]:
+    """User variables: the namespace minus what IPython put there itself.
+
+    With ``history``, IPython's history too, which an ordinary cell reads as it reads any
+    variable (``_ * 2``, ``Out[3]``): what a cell may read (only what it reads travels).
+    ``%pickle_check`` with no names checks the user's variables alone.
+    """
     hidden = shell.user_ns_hidden
     ns = shell.user_ns
-    return {n for n in ns if n not in hidden or hidden[n] is not ns[n]}
+    history_name = _HISTORY.fullmatch if history else (lambda n: False)
+    return {n for n in ns if n not in hidden or hidden[n] is not ns[n] or history_name(n)}
 
 
 _HISTORY = re.compile(r"(?:_{1,3}|_\d+|_i{1,3}|_i\d+|_ih|_oh|_dh|In|Out)")
 """IPython's history in the namespace: the last results (``_``, ``__``, ``___``, ``_7``),
 the inputs (``_i``, ``_i7``, ``In``) and outputs (``Out``) by number, the directories."""
-
-
-def _readable_names(shell: Any) -> set[str]:
-    """What a cell may read: the user's variables and IPython's history, which an ordinary
-    cell reads as it reads any variable (``_ * 2``, ``Out[3]``).  Only what the cell reads
-    travels; ``%pickle_check`` with no names checks the user's variables alone."""
-    return _visible_names(shell) | {n for n in shell.user_ns if _HISTORY.fullmatch(n)}
 
 
 @magics_class
@@ -181,7 +180,7 @@ class IsolateMagics(Magics):
                 transform(shell, cell),
                 shell.user_ns,
                 options,
-                available=_readable_names(shell),
+                available=_visible_names(shell, history=True),
                 line_offset=1,
                 display_source=shown,
                 # The name IPython gives the cell's code, so a syntax error, a warning or a
