@@ -289,69 +289,32 @@ class WorkerShell:
         """
         import runpy
 
-        args = shlex.split(self.var_expand(line))
-        flags: set[str] = set()
-        while args and args[0].startswith("-") and args[0] != "-m":
-            flag = args.pop(0)
-            if flag not in self._RUN_FLAGS:
-                raise ValueError(
-                    f"%run {flag}: an isolated cell runs scripts with -i, -e, -n and -m only; "
-                    "run it in an ordinary cell for the others (-t, -d, -p, -G)"
-                )
-            flags.add(flag)
-        module = None
-        if args[:1] == ["-m"]:
-            if len(args) < 2:
-                raise ValueError("%run -m needs a module name: %run -m package.module [ARGS]")
-            module = args[1]
-            args = args[2:]
-            path = module
-        elif not args:
-            raise ValueError("%run needs a file name: %run script.py [ARGS]")
-        else:
-            path = os.path.expanduser(args.pop(0))
-            if not os.path.exists(path) and os.path.exists(path + ".py"):
-                path += ".py"
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"%run: no file {path!r} (in {os.getcwd()})")
-            if not path.endswith(".py"):
-                raise ValueError(
-                    f"%run {path}: an isolated cell runs Python files (.py); run a notebook or an "
-                    ".ipy script in an ordinary cell"
-                )
+        flags, module, path, args = self._run_target(line)
         saved_argv, saved_main = sys.argv, sys.modules.get("__main__")
         sys.argv = [path, *args]
-        where = os.path.dirname(os.path.abspath(path)) if module is None else None
+        where = None if module is not None else os.path.dirname(os.path.abspath(path))
         if where is not None and where not in sys.path:  # its own directory first, while it runs
             sys.path.insert(0, where)
         else:
             where = None
         name = "__main__" if "-n" not in flags else os.path.splitext(os.path.basename(path))[0]
-        made: dict[str, Any] = {}
+        inside = "-i" in flags and module is None  # in the cell's own namespace
+        made: dict[str, Any] = self.user_ns if inside else {}  # type: ignore[assignment]
+        kept_file = made.get("__file__")
         try:
             if module is not None:
                 made = runpy.run_module(module, run_name=name, alter_sys=True)
             else:
                 with open(path, "rb") as fh:
                     code = compile(fh.read(), path, "exec")
-                if "-i" in flags:  # in the cell's own namespace
-                    made = self.user_ns  # type: ignore[assignment]
-                else:  # a module of its own, the __main__ while it runs (as IPython's new_main_mod)
+                if not inside:  # a module of its own, the __main__ while it runs (as IPython's new_main_mod)
                     script = types.ModuleType(name)
                     made = script.__dict__
                     made["__builtins__"] = builtins
                     if name == "__main__":
                         sys.modules["__main__"] = script
-                keep = made.get("__file__")
                 made["__file__"] = os.path.abspath(path)
-                try:
-                    exec(code, made)
-                finally:
-                    if made is self.user_ns:
-                        if keep is None:
-                            made.pop("__file__", None)
-                        else:
-                            made["__file__"] = keep
+                exec(code, made)
         except SystemExit as exc:
             if exc.code not in (None, 0) and "-e" not in flags:
                 sys.stdout.flush()
@@ -369,8 +332,44 @@ class WorkerShell:
                 sys.path.remove(where)
             if saved_main is not None:
                 sys.modules["__main__"] = saved_main
-            if made is not self.user_ns:  # what the script bound joins the cell's names, as in IPython
+            if inside:  # the cell's __file__ is as it was
+                if kept_file is None:
+                    made.pop("__file__", None)
+                else:
+                    made["__file__"] = kept_file
+            else:  # what the script bound joins the cell's names, as in IPython
                 self.user_ns.update({k: v for k, v in made.items() if not (k.startswith("__") and k.endswith("__"))})
+
+    def _run_target(self, line: str) -> tuple[set[str], str | None, str, list[str]]:
+        """``%run``'s line: its flags, the module (``-m``) or None, the file (or module) name,
+        and the script's arguments; a clear error for what an isolated cell cannot run."""
+        args = shlex.split(self.var_expand(line))
+        flags: set[str] = set()
+        while args and args[0].startswith("-") and args[0] != "-m":
+            flag = args.pop(0)
+            if flag not in self._RUN_FLAGS:
+                raise ValueError(
+                    f"%run {flag}: an isolated cell runs scripts with -i, -e, -n and -m only; "
+                    "run it in an ordinary cell for the others (-t, -d, -p, -G)"
+                )
+            flags.add(flag)
+        if args[:1] == ["-m"]:
+            if len(args) < 2:
+                raise ValueError("%run -m needs a module name: %run -m package.module [ARGS]")
+            return flags, args[1], args[1], args[2:]
+        if not args:
+            raise ValueError("%run needs a file name: %run script.py [ARGS]")
+        path = os.path.expanduser(args.pop(0))
+        if not os.path.exists(path) and os.path.exists(path + ".py"):
+            path += ".py"
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"%run: no file {path!r} (in {os.getcwd()})")
+        if not path.endswith(".py"):
+            raise ValueError(
+                f"%run {path}: an isolated cell runs Python files (.py); run a notebook or an "
+                ".ipy script in an ordinary cell"
+            )
+        return flags, None, path, args
 
 
 def install(ns: MutableMapping[str, Any]) -> WorkerShell:
