@@ -26,6 +26,11 @@ def cell(text: str) -> str:
     return textwrap.dedent(text).strip()
 
 
+def sweep(k: Kernel, body: str):
+    """Run ``body`` once per value of ``v`` (N of them) in one ``%%isolate --over`` cell."""
+    return k.execute(f"%%isolate --over v=range({N})\n" + cell(body), timeout=120)
+
+
 def test_every_value_runs_in_a_process_of_its_own_results_in_order(kernel: Kernel):
     res = kernel.run(
         cell(
@@ -252,18 +257,15 @@ def test_every_value_obeys_the_notebooks_settings(fresh_kernel: Kernel):
         "import sys, logging\nsys.setrecursionlimit(20000)\n"
         'logging.basicConfig(level=logging.INFO, format="%(levelname)s:%(message)s")'
     )
-    res = k.execute(
-        cell(
-            f"""
-            %%isolate --over v=range({N})
-            import logging
-            def depth(n):
-                return 0 if n == 0 else 1 + depth(n - 1)
-            d = depth(3000 + v)
-            logging.getLogger("job").info("value %d", v)
-            """
-        ),
-        timeout=120,
+    res = sweep(
+        k,
+        """
+        import logging
+        def depth(n):
+            return 0 if n == 0 else 1 + depth(n - 1)
+        d = depth(3000 + v)
+        logging.getLogger("job").info("value %d", v)
+        """,
     )
     assert res.ok, res.error_text
     assert k.value("d") == [3000 + v for v in range(N)]
@@ -280,18 +282,15 @@ def test_every_value_obeys_the_notebooks_warning_filters(fresh_kernel: Kernel):
         'warnings.filterwarnings("error", message="odd")\n'
         'warnings.filterwarnings("ignore", message="hush")'
     )
-    res = k.execute(
-        cell(
-            f"""
-            %%isolate --over v=range({N})
-            import warnings
-            warnings.warn("hush")
-            if v % 2:
-                warnings.warn(f"odd {{v}}")
-            r = v
-            """
-        ),
-        timeout=120,
+    res = sweep(
+        k,
+        """
+        import warnings
+        warnings.warn("hush")
+        if v % 2:
+            warnings.warn(f"odd {v}")
+        r = v
+        """,
     )
     assert not res.ok
     assert f"{N // 2} of {N} runs of --over v failed" in res.error_text, res.error_text
