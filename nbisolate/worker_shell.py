@@ -73,15 +73,58 @@ class _Formatter(string.Formatter):
             return expanded
 
 
-def _fmt_time(seconds: float) -> str:
-    """IPython's way: 3 significant digits with the fitting unit."""
+def _fmt_time(seconds: float, precision: int = 3) -> str:
+    """IPython's way: ``precision`` significant digits with the fitting unit."""
     if seconds >= 60:
         minutes, rest = divmod(seconds, 60)
         return f"{int(minutes)}min {rest:.0f}s"
     for unit, scale in (("s", 1.0), ("ms", 1e3), ("µs", 1e6), ("ns", 1e9)):
         if seconds * scale >= 1 or unit == "ns":
-            return f"{seconds * scale:.3g} {unit}"
-    return f"{seconds:.3g} s"  # pragma: no cover
+            return f"{seconds * scale:.{precision}g} {unit}"
+    return f"{seconds:.{precision}g} s"  # pragma: no cover
+
+
+def _timeit_result(loops: int, repeat: int, all_runs: list[float], precision: int) -> Any:
+    """What ``%timeit -o`` gives: IPython's own ``TimeitResult`` (``.average``, ``.best``,
+    ``.all_runs``...), printed as IPython prints it, when IPython is here (imported now, for
+    this); else :class:`_Timings`, with the same attributes."""
+    best, worst = min(all_runs) / loops, max(all_runs) / loops
+    try:
+        from IPython.core.magics.execution import TimeitResult
+    except ImportError:
+        return _Timings(loops, repeat, best, worst, all_runs, 0.0, precision)
+    return TimeitResult(loops, repeat, best, worst, all_runs, 0.0, precision)
+
+
+class _Timings:
+    """``%timeit -o``'s result where IPython is missing: IPython's ``TimeitResult``'s attributes."""
+
+    def __init__(
+        self, loops: int, repeat: int, best: float, worst: float, all_runs: list[float], compile_time: float,
+        precision: int,
+    ) -> None:
+        self.loops, self.repeat, self.best, self.worst = loops, repeat, best, worst
+        self.all_runs, self.compile_time, self._precision = all_runs, compile_time, precision
+        self.timings = [t / loops for t in all_runs]
+
+    @property
+    def average(self) -> float:
+        return math.fsum(self.timings) / len(self.timings)
+
+    @property
+    def stdev(self) -> float:
+        mean = self.average
+        return math.sqrt(math.fsum((t - mean) ** 2 for t in self.timings) / len(self.timings))
+
+    def __str__(self) -> str:
+        return (
+            f"{_fmt_time(self.average, self._precision)} ± {_fmt_time(self.stdev, self._precision)} per loop "
+            f"(mean ± std. dev. of {self.repeat} run{'s' if self.repeat != 1 else ''}, "
+            f"{self.loops:,} loop{'s' if self.loops != 1 else ''} each)"
+        )
+
+    def __repr__(self) -> str:
+        return f"<TimeitResult : {self}>"
 
 
 class WorkerShell:
@@ -157,19 +200,21 @@ class WorkerShell:
         return self._timed(cell)
 
     def _timeit(self, line: str, stmt: str | None = None) -> Any:
-        """``%timeit [-n N] [-r R] [-q] [-o] stmt`` / ``%%timeit [options] setup`` + body."""
-        number, repeat, quiet, give = 0, 7, False, False
+        """``%timeit [-n N] [-r R] [-p P] [-q] [-o] stmt`` / ``%%timeit [options] setup`` + body."""
+        number, repeat, precision, quiet, give = 0, 7, 3, False, False
         rest = line.strip()
         while rest.startswith("-"):
             option, _, rest = rest.partition(" ")
             rest = rest.lstrip()
-            if option in ("-n", "-r"):
+            if option in ("-n", "-r", "-p"):
                 value, _, rest = rest.partition(" ")
                 rest = rest.lstrip()
                 if option == "-n":
                     number = int(value)
-                else:
+                elif option == "-r":
                     repeat = max(1, int(value))
+                else:
+                    precision = int(value)
             elif option == "-q":
                 quiet = True
             elif option == "-o":
@@ -180,18 +225,19 @@ class WorkerShell:
             number, _ = timer.autorange()
         gc_was = gc.isenabled()
         try:
-            runs = [t / number for t in timer.repeat(repeat=repeat, number=number)]
+            all_runs = timer.repeat(repeat=repeat, number=number)
         finally:
             if gc_was:
                 gc.enable()
-        mean = sum(runs) / len(runs)
-        std = math.sqrt(sum((r - mean) ** 2 for r in runs) / len(runs))
+        result = _timeit_result(number, repeat, all_runs, precision)
         if not quiet:
-            print(
-                f"{_fmt_time(mean)} ± {_fmt_time(std)} per loop (mean ± std. dev. of {repeat} "
-                f"run{'s' if repeat != 1 else ''}, {number:,} loop{'s' if number != 1 else ''} each)"
-            )
-        return runs if give else None
+            if result.worst > 4 * result.best and result.best > 0 and result.worst > 1e-6:
+                print(
+                    f"The slowest run took {result.worst / result.best:0.2f} times longer than the fastest. "
+                    "This could mean that an intermediate result is being cached."
+                )
+            print(result)
+        return result if give else None
 
     def _line_timeit(self, line: str) -> Any:
         return self._timeit(line)

@@ -88,6 +88,21 @@ def test_what_time_and_timeit_run_reads_inputs_and_binds_results(kernel):
     assert kernel.value("cell_timed") == 499501
 
 
+def test_timeit_o_gives_what_it_gives_in_an_ordinary_cell(kernel):
+    """``r = %timeit -o stmt`` binds IPython's ``TimeitResult`` (``r.average``, ``r.best``), and
+    the line it prints reads as IPython's, digits aside."""
+    ordinary = kernel.run("plain = %timeit -o -n 3 -r 2 -p 4 sum(range(2000))")
+    res = kernel.run("%%isolate\nr = %timeit -o -n 3 -r 2 -p 4 sum(range(2000))\nparts = (r.loops, r.repeat, len(r.all_runs))")
+    assert kernel.value("(type(r) is type(plain), parts, r.best <= r.average <= r.worst)") == (True, (3, 2, 2), True)
+
+    def shape(text: str) -> str:  # the result's line (a slow first run may add one before it), numbers left out
+        return "".join(ch for ch in text.splitlines()[-1] if not ch.isdigit() and ch != ".")
+
+    assert shape(res.stdout) == shape(ordinary.stdout) and "per loop" in res.stdout
+    quiet = kernel.run("%%isolate\nq = %timeit -q -o -n 1 -r 1 sum(range(10))")
+    assert quiet.stdout == "" and kernel.value("q.loops") == 1
+
+
 def test_cell_magics_inside_the_body(kernel, tmp_path):
     target = tmp_path / "note.txt"
     res = kernel.run(f"%%isolate\n%%writefile {target}\nwritten in the worker\n")
