@@ -11,6 +11,7 @@ hand) the same magic runs and waits synchronously.
 from __future__ import annotations
 
 import argparse
+import ast
 import functools
 import re
 import shlex
@@ -500,6 +501,33 @@ def _transform(lines: list[str]) -> list[str]:
     ]
 
 
+_SETS_ATTRIBUTE = re.compile(r"\.\s*[A-Za-z_]\w*\s*(?://|\*\*|<<|>>|[-+*/%@&|^])?=(?!=)|\bdel\b|\b(?:set|del)attr\b")
+"""A cell that may set or delete an attribute: only such a cell is parsed after it ran."""
+
+
+def _note_attributes(result: Any) -> None:
+    """``post_run_cell``: remember what an ordinary cell set on a module, or on a class or a
+    function of a module (``config.LR = 0.5``), so that isolated cells find it set too
+    (:data:`nbisolate.attributes.registry`).  An isolated cell's come back by its results."""
+    raw = getattr(getattr(result, "info", None), "raw_cell", None)
+    if not raw or not _SETS_ATTRIBUTE.search(raw) or raw.lstrip().startswith("%%isolate"):
+        return
+    from IPython import get_ipython
+
+    from . import attributes
+    from .plan import stored_attributes
+
+    shell = get_ipython()
+    if shell is None:
+        return
+    try:
+        chains = stored_attributes(ast.parse(shell.transform_cell(raw)))
+    except Exception:  # not Python after all (a syntax error was shown already)
+        return
+    if chains:
+        attributes.registry.note(shell.user_ns, chains)
+
+
 def load(shell: Any) -> None:
     """Register the magics, and in a kernel the async transformer and the status comm."""
     import threading
@@ -510,6 +538,8 @@ def load(shell: Any) -> None:
     shell.register_magics(IsolateMagics)
     if settings.before_cell not in shell.events.callbacks["pre_run_cell"]:
         shell.events.register("pre_run_cell", settings.before_cell)
+    if _note_attributes not in shell.events.callbacks["post_run_cell"]:
+        shell.events.register("post_run_cell", _note_attributes)
     # Start the template now, in the background, so the first cell finds it warm.
     threading.Thread(target=launcher.start, daemon=True, name="nbisolate-prestart").start()
     if getattr(shell, "kernel", None) is not None:
@@ -536,6 +566,8 @@ def unload(shell: Any) -> None:
 
     if settings.before_cell in shell.events.callbacks["pre_run_cell"]:
         shell.events.unregister("pre_run_cell", settings.before_cell)
+    if _note_attributes in shell.events.callbacks["post_run_cell"]:
+        shell.events.unregister("post_run_cell", _note_attributes)
     import sys
 
     panel = sys.modules.get("nbisolate.panel")  # loaded only if a cell ran

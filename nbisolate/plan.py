@@ -65,6 +65,10 @@ class Plan:
     there, as in an ordinary cell)."""
     imports: tuple[str, ...] = ()
     """The modules the cell imports by absolute name (``matplotlib.pyplot``), anywhere in it."""
+    attributes: tuple[tuple[str, ...], ...] = ()
+    """The attributes the cell sets or deletes on a variable and the attributes after it
+    (``config.LR = 0.1`` gives ``("config", "LR")``), anywhere in it: those set on modules,
+    classes and functions come back (:mod:`nbisolate.attributes`)."""
 
 
 def parse_cell(source: str, first_line: int = 1, filename: str = "<isolated cell>") -> ast.Module:
@@ -420,6 +424,46 @@ def _run_in_place(line: Any) -> ast.Module | None:
         return None  # run time reports it
 
 
+def _chain(node: ast.AST) -> tuple[str, ...] | None:
+    """``a.b.c`` as ``("a", "b", "c")``; None for anything but a name and attributes."""
+    parts: list[str] = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        return None
+    parts.append(node.id)
+    return tuple(reversed(parts))
+
+
+def stored_attributes(tree: ast.AST) -> tuple[tuple[str, ...], ...]:
+    """Every attribute of a variable the code sets or deletes: ``x.a = v``, ``x.a.b += 1``,
+    ``del x.a``, ``setattr(x, "a", v)``, ``delattr(x, "a")``; as chains, in order, each once.
+
+    Inside functions too: what the cell defines and calls sets them when it runs.  Whether
+    ``x`` is a module, a class or an instance is for the running side to find out.
+    """
+    found: dict[tuple[str, ...], None] = {}
+    for node in ast.walk(tree):
+        chain = None
+        if isinstance(node, ast.Attribute) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            chain = _chain(node)
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("setattr", "delattr")
+            and len(node.args) >= 2
+            and isinstance(node.args[1], ast.Constant)
+            and isinstance(node.args[1].value, str)
+            and node.args[1].value.isidentifier()
+        ):
+            owner = _chain(node.args[0])
+            chain = None if owner is None else (*owner, node.args[1].value)
+        if chain is not None and len(chain) > 1:
+            found[chain] = None
+    return tuple(found)
+
+
 def last_expression(tree: ast.Module) -> ast.Expr | None:
     """The last statement, when it is an expression statement."""
     if tree.body and isinstance(tree.body[-1], ast.Expr):
@@ -470,6 +514,7 @@ class _Reading:
     deletes: tuple[str, ...]
     names: frozenset[str]
     imports: tuple[str, ...]
+    attributes: tuple[tuple[str, ...], ...]
 
 
 @functools.lru_cache(maxsize=64)
@@ -482,6 +527,7 @@ def _read(source: str) -> _Reading:
         scope.visit(stmt)
     nested_reads, nested_writes = _nested_globals(source)
     expanded = _expanded_names(tree) - set(scope.free)
+    parts = (tree, *(m for m in map(magic_code, ast.walk(tree)) if m is not None))  # and %time's code
     return _Reading(
         free=tuple(scope.free),
         binds=tuple(scope.binds) + tuple(sorted(nested_writes - set(scope.binds))),
@@ -490,7 +536,7 @@ def _read(source: str) -> _Reading:
         deletes=tuple(scope.deleted) + tuple(sorted(nested_writes - set(scope.deleted))),
         names=frozenset(
             node.id if isinstance(node, ast.Name) else node.attr
-            for part in (tree, *(m for m in map(magic_code, ast.walk(tree)) if m is not None))
+            for part in parts
             for node in ast.walk(part)
             if isinstance(node, (ast.Name, ast.Attribute))
         ),
@@ -507,6 +553,7 @@ def _read(source: str) -> _Reading:
                 )
             )
         ),
+        attributes=tuple(dict.fromkeys(chain for part in parts for chain in stored_attributes(part))),
     )
 
 
@@ -556,6 +603,7 @@ def plan_cell(
         deletes=reading.deletes,
         names=reading.names,
         imports=reading.imports,
+        attributes=reading.attributes,
     )
 
 

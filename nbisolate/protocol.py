@@ -133,7 +133,11 @@ class RunPayload(_RunRequired, total=False):
     names the cell binds at run time too (no ``--out``); ``settings_back`` for
     what the cell changes of the settings, the environment, the working
     directory and ``sys.path`` (:func:`nbisolate.settings.left_by_cell`);
-    ``argv`` the kernel's
+    ``attributes`` the attributes the cell sets (``config.LR``, as chains), to
+    send back those it set on modules, classes and functions, and ``patches``
+    what cells set on the notebook's modules before, as (module, qualified
+    name, attribute, value serialized or None, engine), set on the worker's
+    (:mod:`nbisolate.attributes`); ``argv`` the kernel's
     ``sys.argv``; ``rng`` the kernel's global random states
     (:mod:`nbisolate.rng`); ``lend`` (``sizes``) says the
     inputs' large buffers did not come with the message: the worker makes
@@ -160,6 +164,8 @@ class RunPayload(_RunRequired, total=False):
     deletes: list[str]
     discover: bool
     settings_back: bool
+    attributes: list[list[str]]
+    patches: list[tuple[str, str, str, bytes | None, str]]
     argv: list[str]
     rng: dict[str, Any] | None
     lend: dict[str, list[int]]
@@ -196,6 +202,9 @@ class ResultBody(_ResultRequired, total=False):
     ``mutated`` the inputs the cell changed in place (see :mod:`nbisolate.inplace`),
     ``unchanged`` those it left as they were (not sent back: the notebook keeps its own);
     ``deleted`` the names the cell deleted (``del tmp``), to delete in the notebook too;
+    among ``names`` and ``deleted``, those that begin with
+    :data:`nbisolate.attributes.PREFIX` are attributes the cell set (or deleted)
+    on a module, class or function, to set on the notebook's own;
     ``rng`` the worker's global random states after the cell; ``settings`` what
     the cell changed of the settings, the environment, the working directory
     and ``sys.path``, when the run asked (``settings_back``);

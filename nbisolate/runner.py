@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import replace
 from typing import Any
 
-from . import backends, inplace, rng, settings, ship
+from . import attributes, backends, inplace, rng, settings, ship
 from .backends import Backend, Launch, RunHandle
 from .errors import IsolateError, IsolateTimeout, RemoteError, ShipError, WorkerCrashed
 from .events import Event
@@ -270,6 +270,9 @@ class CellRun:
         # sys.path comes back (settings.py), as it stays after an ordinary cell: not for a job
         # that ends while the notebook goes on, nor for a sweep's values, nor from another machine.
         self.settings_back = not options.background
+        # What the cell sets on modules, classes and functions comes back (attributes.py); not
+        # from a sweep's values, each of which would set it its own way.
+        self.attributes_back = True
         # The notebook's warning filters, recursion limit and NumPy settings (settings.py), read
         # here, in the thread the cell would run in: NumPy 2 keeps its own per thread (context).
         # A sweep reads them once for all its values (``settings_of``).
@@ -435,6 +438,8 @@ class CellRun:
             "has_result": self.plan.has_result,
             "deletes": list(self.plan.deletes),
             "rng": rng.capture() if self.carry_random else None,
+            "attributes": list(self.plan.attributes) if self.attributes_back else [],
+            "patches": self._patches(),
             "settings": self.settings,
             "settings_back": self.settings_back and getattr(self.backend, "here", False),
             "sys_path": list(sys.path),
@@ -455,6 +460,30 @@ class CellRun:
                 "buffers": len(self.shared.buffers),
             },
         }
+
+    def _patches(self) -> list[tuple[str, str, str, bytes | None, str]]:
+        """What cells set on modules, and on classes and functions of modules
+        (:data:`nbisolate.attributes.registry`), as it is now: (module, qualified name,
+        attribute, the value serialized or None once deleted, engine).  A value that cannot
+        travel is left out, and said once: the worker has the module's own."""
+        out: list[tuple[str, str, str, bytes | None, str]] = []
+        for where, value in attributes.registry.current():
+            if attributes.is_missing(value):
+                out.append((*where, None, "pickle"))
+                continue
+            try:
+                data = ship.in_band(value, self.main_namespace)
+            except Exception as exc:
+                if attributes.registry.first_failure(where):
+                    self.sink.stream(
+                        "stderr",
+                        f"nbisolate: {where[0]}.{where[1] + '.' if where[1] else ''}{where[2]}, which the "
+                        f"notebook set, cannot travel to the worker ({type(exc).__name__}: {safe_str(exc)}); "
+                        "isolated cells see the module's own value. Set it inside the isolated cell.\n",
+                    )
+                continue
+            out.append((*where, data, "pickle"))
+        return out
 
     def start(self, deliver: Callable[[Event], None]) -> RunHandle:
         """Start the worker; events are handed to ``deliver`` from the backend's threads.
@@ -727,6 +756,7 @@ class CellRun:
         self.phases["return"] = body.get("dump_seconds", 0.0) + (time.perf_counter() - t0)
         self._apply_in_place(values, body.get("mutated") or ())
         value = values.pop(RESULT, None)
+        set_attributes = {name: values.pop(name) for name in list(values) if attributes.chain_of(name)}
         if body.get("result_bundle") is not None:
             value = RemoteValue(body["result_bundle"])
         self.skipped = dict(body.get("skipped") or {})
@@ -736,7 +766,7 @@ class CellRun:
                 f"{safe_str(exc)}{_raised_in(exc)}"
             )
         for name, why in self.skipped.items():
-            what = "the value of the last expression" if name == RESULT else f"result {name!r}"
+            what = "the value of the last expression" if name == RESULT else attributes.describe(name)
             self.sink.stream(
                 "stderr",
                 f"nbisolate: {what} was not copied back: {why.rstrip('.')}. The other results "
@@ -747,8 +777,12 @@ class CellRun:
             self.sink.stream("stderr", f"nbisolate: {name!r} ({kind}) stayed in the worker: it is {what}.\n")
             self.skipped[name] = why
         self.namespace.update(values)
-        for name in body.get("deleted") or ():  # `del name` in the cell: gone here too
+        deleted = body.get("deleted") or ()
+        for name in deleted:  # `del name` in the cell: gone here too
             self.namespace.pop(name, None)
+        # config.LR = 0.1, on the notebook's own module (after the results: the cell may import it)
+        for problem in attributes.apply(self.namespace, set_attributes, deleted, attributes.registry):
+            self.sink.stream("stderr", f"nbisolate: {problem}; it is as it was here. Set it in a normal cell.\n")
         if not self.options.background:  # a job's state would rewind a notebook that went on
             rng.restore(body.get("rng"))
         if self.settings_back and body.get("settings"):

@@ -524,6 +524,19 @@ def dumps(
         todo = [n for n in todo if n != failed]
 
 
+def in_band(value: Any, main: MutableMapping[str, Any] | None = None) -> bytes:
+    """One small value written whole into the message (no buffers beside it), as the fast path
+    writes it, or by dill where only dill can; read back with :func:`loads` (engine ``pickle``).
+    Raises what the pickler raised when neither can write it."""
+    file = io.BytesIO()
+    try:
+        fast_pickler(file, None, main=main).dump(value)
+    except Exception:
+        file = io.BytesIO()
+        fast_pickler(file, None, main=main).dump(_ByDill(value))  # dill's own error, if it cannot
+    return file.getvalue()
+
+
 class _ProcessState:
     """A variable bound to an object that stands for the process's state (``os.environ``,
     ``matplotlib.rcParams``: :data:`nbisolate.travel.PROCESS_STATE`): loaded as the loading

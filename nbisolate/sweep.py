@@ -406,6 +406,7 @@ class Sweep:
                 run.watch = False  # values run side by side: no in-place changes come back
                 run.carry_random = False  # nor one random state for all of them
                 run.settings_back = False  # nor the settings one of them changed
+                run.attributes_back = False  # nor what one of them set on a module
                 run.packages = packages
                 if i == 0:  # the others are serialized as they start (see _launch)
                     run.prepare(check=False)

@@ -641,7 +641,7 @@ def _run(
     compiled: tuple[types.CodeType, types.CodeType | None] | None = None,
 ) -> None:
     global _stage
-    from . import inplace, rng, settings, ship
+    from . import attributes, inplace, rng, settings, ship
 
     t0 = time.perf_counter()
     os.chdir(job["cwd"])
@@ -676,6 +676,8 @@ def _run(
     del buffers
     watched = inplace.snapshot(ns, job.get("watch") or ())
     rng.restore(job.get("rng"), lazily=True)
+    if job.get("patches"):  # what the notebook set on its modules, set on the worker's
+        attributes.patch(_patch_loaders(job["patches"], ns))
     chan.phase("load", time.perf_counter() - t1, hold=small)  # type: ignore[attr-defined]
 
     filename = job["filename"]
@@ -690,6 +692,7 @@ def _run(
     # What the namespace holds as the cell starts: a name its text does not show it binds
     # (exec, globals()[...], ``from m import *``) is found bound, rebound or gone at its end.
     before = dict(ns) if job.get("discover") else None
+    shared_attributes = attributes.watch(ns, job.get("attributes") or ())  # config.LR = 0.1 comes back
     environ = settings.environment() if job.get("settings_back") else None  # what it changes comes back
     t2 = time.perf_counter()
     value = None
@@ -734,6 +737,8 @@ def _run(
     _stage = "return"
     out = {name: ns[name] for name in job["outputs"] if name in ns}
     gone = _discover(ns, before, out) if before is not None else []
+    set_on_shared, deleted_attributes = attributes.changed(ns, shared_attributes)
+    out.update(set_on_shared)
     mutated, same = inplace.changed(ns, watched)
     for name in same:  # still the notebook's object, unchanged: it keeps its own
         out.pop(name, None)
@@ -765,13 +770,25 @@ def _run(
         "left": behind,
         "mutated": [name for name in mutated if name in shipped.names],
         "unchanged": same,
-        "deleted": [name for name in job.get("deletes", ()) if name not in ns] + gone,
+        "deleted": [name for name in job.get("deletes", ()) if name not in ns] + gone + deleted_attributes,
         "rng": rng.changed_since(job.get("rng")),
         "settings": None if environ is None else settings.left_by_cell(job, environ, filters.left),
         "result_bundle": bundle,
         "dump_seconds": time.perf_counter() - t3,
     }
     _send_result(chan, body, shipped.buffers, ship)
+
+
+def _patch_loaders(patches: list[Any], ns: dict[str, Any]) -> list[tuple[Any, Any]]:
+    """The job's patches (:meth:`nbisolate.runner.CellRun._patches`) as :func:`nbisolate.attributes.patch`
+    takes them: each value is loaded only when its module is imported, on the cell's ``__main__``."""
+    from . import ship
+
+    def loader(data: bytes, engine: str) -> Any:
+        return lambda: ship.loads(["value"], data, [], engine, ns)["value"]
+
+    return [((module, qualname, name), None if data is None else loader(data, engine))
+            for module, qualname, name, data, engine in patches]
 
 
 def _discover(ns: dict[str, Any], before: dict[str, Any], out: dict[str, Any]) -> list[str]:

@@ -923,3 +923,101 @@ def test_builtins_is_the_module_as_in_a_notebooks_main(kernel):
     assert kernel.value("(type(__builtins__).__name__, __builtins__.len is len, made_here())") == ("module", True, 1)
     isolated(kernel, "kind = type(__builtins__).__name__\nfound = __builtins__.len is len\nagain = made_here()")
     assert kernel.value("(kind, found, again)") == ("module", True, 1)
+
+
+# -- what cells set on modules, classes and functions ---------------------------------------
+
+
+def _config_module(kernel, folder, name: str) -> None:
+    """A module of the user's own, as a project's ``config.py`` is, imported by the notebook."""
+    (folder / f"{name}.py").write_text(
+        "LR = 1.0\nGONE = 'in the file'\nclass Knob:\n    n = 0\ndef lr():\n    return LR\n"
+    )
+    kernel.run(f"import sys\nsys.path.insert(0, {str(folder)!r})\nimport {name}")
+
+
+def test_what_an_isolated_cell_sets_on_modules_classes_and_functions_is_set_in_the_notebook(kernel, tmp_path):
+    """``config.LR = 0.1`` in an ordinary cell changes the module every cell shares; modules,
+    classes and functions arrive in the worker as its own and come back as the notebook's,
+    so what the cell set on them must come back as such."""
+    _config_module(kernel, tmp_path, "cfg_back")
+    kernel.run("from cfg_back import Knob\nclass Local:\n    seen = 0\ndef helper():\n    pass")
+    isolated(
+        kernel,
+        """
+        cfg_back.LR = 0.1
+        del cfg_back.GONE
+        Knob.n += 5
+        Local.seen = 2
+        helper.calls = 3
+        setattr(cfg_back, "ADDED", [1, 2])
+        import collections
+        collections.nbisolate_flag = "set"
+        def later(v):
+            cfg_back.LATER = v  # set by a function the cell defines and calls
+        later("called")
+        if False:
+            Knob.n = -1  # never runs: the notebook keeps what it has
+        """,
+    )
+    assert kernel.value(
+        "(cfg_back.LR, hasattr(cfg_back, 'GONE'), Knob.n, cfg_back.Knob is Knob, Local.seen, helper.calls,"
+        " cfg_back.ADDED, __import__('collections').nbisolate_flag, cfg_back.LATER, cfg_back.lr())"
+    ) == (0.1, False, 5, True, 2, 3, [1, 2], "set", "called", 0.1)
+    # Another isolated cell finds them set, as an ordinary cell would.
+    isolated(
+        kernel,
+        """
+        assert (cfg_back.LR, Knob.n, cfg_back.ADDED, cfg_back.lr()) == (0.1, 5, [1, 2], 0.1), cfg_back.LR
+        assert not hasattr(cfg_back, "GONE")
+        import cfg_back as again
+        assert again.LATER == "called"
+        """,
+    )
+    kernel.run("del __import__('collections').nbisolate_flag")
+
+
+def test_what_the_notebook_set_on_a_module_holds_in_isolated_cells(kernel, tmp_path):
+    """The worker imports a module from its file; what ordinary cells set on it since (a
+    learning rate, a class attribute, an attribute deleted) must hold there all the same:
+    in a module the cell names, one it imports itself under another name, and one that a
+    notebook function reads."""
+    _config_module(kernel, tmp_path, "cfg_there")
+    kernel.run(
+        "cfg_there.LR = 0.5\ncfg_there.Knob.n = 7\ndel cfg_there.GONE\n"
+        "def scaled(x):\n    return x * cfg_there.lr()"
+    )
+    isolated(
+        kernel,
+        """
+        import cfg_there as c
+        seen = (cfg_there.LR, c.Knob.n, hasattr(c, "GONE"), scaled(2))
+        assert seen == (0.5, 7, False, 1.0), seen
+        """,
+    )
+    assert kernel.value("seen") == (0.5, 7, False, 1.0)
+    kernel.run("cfg_there.LR = 0.25")  # changed again in an ordinary cell: the new value travels
+    isolated(kernel, "latest = cfg_there.lr()")
+    assert kernel.value("latest") == 0.25
+
+
+def test_an_attribute_that_cannot_travel_is_named_and_the_rest_holds(kernel, tmp_path):
+    _config_module(kernel, tmp_path, "cfg_locked")
+    kernel.run("cfg_locked.lines = (n for n in range(3))\ncfg_locked.LR = 0.5")  # no pickler writes a generator
+    first = isolated(kernel, "seen = cfg_locked.LR")
+    assert "cfg_locked.lines, which the notebook set, cannot travel to the worker" in first.stderr
+    assert kernel.value("seen") == 0.5
+    again = isolated(kernel, "seen = cfg_locked.LR + 1")
+    assert "cfg_locked.lines" not in again.stderr  # said once
+    back = isolated(kernel, "cfg_locked.LR = 0.75\ncfg_locked.other = (n for n in range(3))")
+    assert "the attribute cfg_locked.other was not copied back" in back.stderr
+    assert kernel.value("(cfg_locked.LR, hasattr(cfg_locked, 'other'))") == (0.75, False)
+
+
+def test_sweep_values_set_nothing_on_the_notebooks_modules(kernel, tmp_path):
+    _config_module(kernel, tmp_path, "cfg_swept")
+    res = kernel.run("%%isolate --quiet --over v=range(3)\ncfg_swept.LAST = v\nr = v", timeout=120)
+    assert res.ok
+    assert kernel.value("(r, hasattr(cfg_swept, 'LAST'), [n for n in globals() if '\\x00' in n])") == (
+        [0, 1, 2], False, []
+    )

@@ -26,6 +26,7 @@ WORKER_SIDE = {
     "nbisolate.wire",
     "nbisolate.ship",
     "nbisolate.inplace",
+    "nbisolate.attributes",
     "nbisolate.rng",
     "nbisolate.byvalue",
     "nbisolate.travel",
