@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import builtins
 import copyreg
+import functools
 import importlib
 import itertools
 import os
@@ -56,6 +57,8 @@ from typing import Any
 
 import cloudpickle
 from cloudpickle import cloudpickle as _cp
+
+from .travel import CACHED_FUNCTION
 
 PROTOCOL = 5
 
@@ -163,6 +166,10 @@ _UNSET = object()
 
 def _rebuild_class(token: str | None, maker: Any, *args: Any) -> type:
     return _arrived(maker(*args), token)
+
+
+def _rebuild_cached(token: str | None, func: Any, maxsize: int | None, typed: bool) -> Any:
+    return _arrived(functools.lru_cache(maxsize=maxsize, typed=typed)(func), token)
 
 
 def _function_setstate(func: types.FunctionType, state: tuple[dict, dict]) -> None:
@@ -300,6 +307,11 @@ class Pickler(cloudpickle.Pickler):
         (cloudpickle's dispatch table then copies run-time modules, TypeVars...)."""
         if type(obj) is types.FunctionType:
             return self._dynamic_function_reduce(obj)
+        if type(obj) is CACHED_FUNCTION:
+            # By name it would be looked up in the other side's __main__, which lacks it: made
+            # again there around its function, by value, with the same limits and an empty cache.
+            params = obj.cache_parameters()
+            return _rebuild_cached, (_token(obj), obj.__wrapped__, params["maxsize"], params["typed"])
         if not issubclass(type(obj), type):
             return NotImplemented
         reduced = _cp._class_reduce(obj)

@@ -68,7 +68,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from .travel import Route, route
+from .travel import CACHED_FUNCTION, Route, route
 
 __all__ = [
     "ENV_REPORT",
@@ -107,7 +107,7 @@ _KNOWN: weakref.WeakSet[Any] = weakref.WeakSet()
 def _reducer_override(self: Any, obj: Any) -> Any:
     """``ForkingPickler.reducer_override``: notebook functions and classes by value, all else as before."""
     kind = type(obj)
-    if kind is not _FunctionType and not issubclass(kind, type):
+    if kind is not _FunctionType and kind is not CACHED_FUNCTION and not issubclass(kind, type):
         return NotImplemented
     bv = sys.modules.get("nbisolate.byvalue")
     token = bv.arrived_token(obj) if bv is not None else None
@@ -203,7 +203,7 @@ def _pool_pickler() -> type:
         from . import byvalue
         from .ship import FastPickler
 
-        makers = (byvalue._rebuild_function, byvalue._rebuild_class)
+        makers = (byvalue._rebuild_function, byvalue._rebuild_class, byvalue._rebuild_cached)
 
         def keyed(rv: Any, obj: Any) -> Any:
             if not isinstance(rv, tuple) or rv[0] not in makers:
@@ -363,7 +363,7 @@ def _tokenize_main() -> None:
         return
     for value in values:
         kind = type(value)
-        if (kind is _FunctionType or issubclass(kind, type)) and route(value) is _BY_VALUE:
+        if (kind is _FunctionType or kind is CACHED_FUNCTION or issubclass(kind, type)) and route(value) is _BY_VALUE:
             bv._token(value)
 
 

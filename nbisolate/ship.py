@@ -51,6 +51,7 @@ from typing import Any
 from . import byvalue
 from .errors import ShipError
 from .travel import (
+    CACHED_FUNCTION,
     LABELS,
     Route,
     Travel,
@@ -161,7 +162,7 @@ class FastPickler(byvalue.Pickler):
 
     def reducer_override(self, obj: Any) -> Any:
         kind = type(obj)
-        if kind is _FunctionType or issubclass(kind, type):  # not isinstance: a weak proxy would forward it
+        if kind is _FunctionType or kind is CACHED_FUNCTION or issubclass(kind, type):  # not isinstance: a weak proxy would forward it
             back = self.sent_back(obj)
             if back is not None:  # it came from the other side: it goes back as itself
                 return back

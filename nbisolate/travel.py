@@ -58,6 +58,7 @@ the worker imports it through :mod:`nbisolate.ship`.
 from __future__ import annotations
 
 import enum
+import functools
 import sys
 import types
 import typing
@@ -147,6 +148,10 @@ def needs_value(obj: Any) -> bool:
 # and route() runs for every module, function and class a shipment holds.
 _MODULE, _REFERENCE, _PICKLE = Route.MODULE, Route.REFERENCE, Route.PICKLE
 _BY_VALUE, _DILL = Route.BY_VALUE, Route.DILL
+CACHED_FUNCTION = type(functools.lru_cache(maxsize=None)(lambda: None))
+"""``functools.lru_cache``'s (and ``cache``'s) wrapper: a function of the notebook's under it
+travels as its function does (by value, when the other side could not import it by name)."""
+
 _ModuleType, _BuiltinType, _FunctionType = (
     types.ModuleType, types.BuiltinFunctionType, types.FunctionType
 )
@@ -168,7 +173,7 @@ def route(obj: Any) -> Route:
         return _MODULE if module_is_importable(obj) else _BY_VALUE
     if kind is _BuiltinType:
         return _REFERENCE
-    if kind is _FunctionType or issubclass(kind, type):
+    if kind is _FunctionType or kind is CACHED_FUNCTION or issubclass(kind, type):
         hit = _lookup(obj)
         if hit is None or hit[1] is not obj or hit[0].startswith("__"):
             if kind is not _FunctionType and getattr(obj, "__module__", None) in _BUILTIN_MODULES:

@@ -290,6 +290,29 @@ ZOO = {
         "z = (square(9), bytes(view), runtime.hello())",
         "z == (81, b'abc', 'hi')",
     ),
+    "lru_cached_functions": (
+        """
+        import functools
+        @functools.lru_cache(maxsize=16)
+        def fib(n):
+            return n if n < 2 else fib(n - 1) + fib(n - 2)
+        @functools.cache
+        def label(n):
+            return f"#{fib(n)}"
+        def caller(n):
+            return label(n)
+        """,
+        """
+        assert fib.cache_parameters() == {"maxsize": 16, "typed": False}
+        z = (fib(20), caller(10), fib, label)
+        @functools.lru_cache
+        def made_here(n):
+            return -n
+        made = made_here
+        """,
+        "z[:2] == (6765, '#55') and z[2] is fib and z[3] is label and made(3) == -3"
+        " and made.cache_info().currsize == 1",
+    ),
 }
 
 

@@ -89,6 +89,22 @@ def test_notebook_function_is_a_spawn_trap_for_pickle_only(kernel):
     assert "Can't get attribute 'work'" in error
 
 
+def test_an_lru_cached_notebook_function_is_a_spawn_trap_for_cloudpickle_too(kernel):
+    """cloudpickle copies the notebook's functions, but writes one under ``functools.lru_cache``
+    by name, as pickle does; %%isolate sends it by value."""
+    kernel.run("import functools\n@functools.lru_cache\ndef memo(x):\n    return x * 2")
+    text = shown(kernel.run("%pickle_check memo"))["text/plain"]
+    assert "function __main__.memo (under functools.lru_cache)" in text
+    verdicts = kernel.value(
+        "{k: r.verdict for k, r in nbisolate.pickle_check(memo, 'memo').results.items()}"
+    )
+    assert verdicts == {"pickle": "spawn", "dill": "ok", "cloudpickle": "spawn"}
+    error = kernel.value(
+        "__import__('nbisolate.probe').probe.spawn_loads(__import__('cloudpickle').dumps(memo))"
+    )
+    assert "Can't get attribute 'memo'" in error
+
+
 def test_whole_namespace_lists_problems_first_and_modules_as_fine(kernel):
     kernel.run("import json\nclean_numbers = [1, 2, 3]\nlog_lock = __import__('threading').Lock()")
     data = shown(kernel.run("%pickle_check"))

@@ -36,6 +36,10 @@ class Box:
         self.v = v
 def box(v):
     return Box(v)
+import functools
+@functools.lru_cache
+def memo(v):
+    return -v
 """
 
 # One cell per pool kind: function, lambda, closure, class; `ctx` is the start method's context.
@@ -45,7 +49,7 @@ import multiprocessing
 ctx = multiprocessing.get_context({method!r}) if {method!r} else multiprocessing
 with ctx.Pool(2) as pool:
     r = (pool.map(sq, range(4)), pool.map(lambda v: v * k, range(3)), pool.map(add, range(2)),
-         pool.map(box, range(2)))
+         pool.map(box, range(2)), pool.map(memo, range(2)))
 """,
     "concurrent.futures": """
 import multiprocessing
@@ -53,24 +57,27 @@ from concurrent.futures import ProcessPoolExecutor
 ctx = multiprocessing.get_context({method!r}) if {method!r} else None
 with ProcessPoolExecutor(2, mp_context=ctx) as ex:
     r = (list(ex.map(sq, range(4))), list(ex.map(lambda v: v * k, range(3))),
-         list(ex.map(add, range(2))), list(ex.map(box, range(2))))
+         list(ex.map(add, range(2))), list(ex.map(box, range(2))), list(ex.map(memo, range(2))))
 """,
     "multiprocess": """
 import multiprocess
 ctx = multiprocess.get_context({method!r}) if {method!r} else multiprocess
 with ctx.Pool(2) as pool:
     r = (pool.map(sq, range(4)), pool.map(lambda v: v * k, range(3)), pool.map(add, range(2)),
-         pool.map(box, range(2)))
+         pool.map(box, range(2)), pool.map(memo, range(2)))
 """,
     "joblib": """
 from joblib import Parallel, delayed
 run = Parallel(n_jobs=2, backend="loky")
 r = (run(delayed(sq)(v) for v in range(4)), run(delayed(lambda v: v * k)(v) for v in range(3)),
-     run(delayed(add)(v) for v in range(2)), run(delayed(box)(v) for v in range(2)))
+     run(delayed(add)(v) for v in range(2)), run(delayed(box)(v) for v in range(2)),
+     # not memo: loky sends tasks with cloudpickle, which names an lru_cache'd notebook
+     # function instead of copying it, and fails on it in any notebook
+     [memo(v) for v in range(2)])
 """,
 }
-RESULT = "result = (r[0], r[1], r[2], [b.v for b in r[3]], all(type(b) is Box for b in r[3]))"
-EXPECTED = ([0, 1, 4, 9], [0, 3, 6], [10, 11], [0, 1], True)
+RESULT = "result = (r[0], r[1], r[2], [b.v for b in r[3]], all(type(b) is Box for b in r[3]), list(r[4]))"
+EXPECTED = ([0, 1, 4, 9], [0, 3, 6], [10, 11], [0, 1], True, [0, -1])
 
 
 def _cases() -> list[tuple[str, str | None]]:

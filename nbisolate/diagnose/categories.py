@@ -19,6 +19,8 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
+from ..travel import CACHED_FUNCTION
+
 
 def _is(obj: Any, classes: type | tuple[type, ...]) -> bool:
     """``isinstance`` by the real type.
@@ -263,8 +265,9 @@ _short.maxother = 60
 def _describe(obj: Any) -> str:
     if _is(obj, types.ModuleType):
         return f"module {obj.__name__}"
-    if _is(obj, (types.FunctionType, types.BuiltinFunctionType)):
-        return f"function {getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', '?')}"
+    if _is(obj, (types.FunctionType, types.BuiltinFunctionType, CACHED_FUNCTION)):
+        cached = " (under functools.lru_cache)" if _is(obj, CACHED_FUNCTION) else ""
+        return f"function {getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', '?')}{cached}"
     if _is(obj, type):
         return f"class {_type_name(obj)}"
     try:

@@ -75,7 +75,7 @@ class _Context:
         self.suspicious = self._find_suspicious()
         names = sorted(self.suspicious, key=len, reverse=True)
         self.pattern_all = _needle_pattern(["__main__", *names])
-        self.pattern_refs = _needle_pattern(names)
+        self.pattern_refs = _needle_pattern(names, [_MAIN_BY_NAME])
 
     @property
     def loads_elsewhere(self) -> bool:
@@ -159,11 +159,17 @@ class _Context:
         return self._verified[key]
 
 
-def _needle_pattern(names: Iterable[str]) -> re.Pattern[bytes] | None:
-    names = [n for n in names if n]
-    if not names:
+_MAIN_BY_NAME = rb"\x8c\x08__main__\x94\x8c.[\w.]+\x94\x93"
+"""A global looked up by name in ``__main__`` (protocol 4 and 5: two short strings, then
+``STACK_GLOBAL``), as even a serializer that copies the notebook's functions writes one it
+does not copy (an ``lru_cache``'d function); not the ``'__module__': '__main__'`` of a copy."""
+
+
+def _needle_pattern(names: Iterable[str], raw: Iterable[bytes] = ()) -> re.Pattern[bytes] | None:
+    needles = [re.escape(n.encode()) for n in names if n] + list(raw)
+    if not needles:
         return None
-    return re.compile(b"|".join(re.escape(n.encode()) for n in names))
+    return re.compile(b"|".join(needles), re.DOTALL)
 
 
 def _module_status(modname: str) -> str:

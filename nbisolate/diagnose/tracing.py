@@ -15,7 +15,7 @@ import types
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..travel import NAMED_INSTANCE_TYPES, refers_to_main
+from ..travel import CACHED_FUNCTION, NAMED_INSTANCE_TYPES, refers_to_main
 from .categories import _exc_text, _is, _resource_category, _type_name
 from .paths import _LabelCache, _render_path
 from .serializers import PROTOCOL, _cloudpickle, _IsolateDillPickler, _OutOfTime
@@ -65,9 +65,11 @@ def _resource_of(obj: Any) -> str | None:
 
 
 # What pickle writes as a module-and-name reference: classes, functions and
-# modules, and the instances whose __reduce__ returns a bare name (TypeVars).
+# modules, and the instances whose __reduce__ returns a bare name (TypeVars, the
+# wrapper of an lru_cache'd function).
 _BY_NAME: tuple[type, ...] = (
-    type, types.FunctionType, types.BuiltinFunctionType, types.ModuleType, *NAMED_INSTANCE_TYPES
+    type, types.FunctionType, types.BuiltinFunctionType, types.ModuleType, CACHED_FUNCTION,
+    *NAMED_INSTANCE_TYPES,
 )
 
 
@@ -186,7 +188,9 @@ class _TraceMixin:
                 if refers_to_main(obj):
                     self._nb_record(obj, "main", "")
                 return
-            if self._nb_by_value_main or _main_ref_loads_in_child(obj):
+            # cloudpickle copies the notebook's functions, but names an lru_cache'd one
+            by_value = self._nb_by_value_main and not _is(obj, CACHED_FUNCTION)
+            if by_value or _main_ref_loads_in_child(obj):
                 return
             self._nb_record(obj, "main", "")
             return
