@@ -11,20 +11,25 @@ Both ways, by the text of the cells:
 
 1. **Back** (:func:`watch` and :func:`changed` in the worker, :func:`apply` in the kernel).
    The plan lists the cell's ``X.a.b = ...``, ``X.a += ...``, ``del X.a`` and
-   ``setattr(X, "a", ...)`` (:func:`nbisolate.plan.stored_attributes`).  Before the cell the
-   worker notes each attribute whose owner (``X``, ``X.a``: modules, classes and functions
-   all the way) it can reach; after it, each one rebound or deleted goes back with the
-   results, under a name of its own (:data:`PREFIX`), and the kernel sets it on its own
-   object.  An owner the cell imported itself had no value before: its attribute goes back.
+   ``setattr(X, "a", ...)``, then the attributes it may change in place, ``X.a.append(...)``
+   and ``X.a[k] = ...`` (:func:`nbisolate.plan.attribute_uses`).  Before the cell the worker
+   notes each attribute whose owner (``X``, ``X.a``: modules, classes and functions all the
+   way) it can reach, with its value's state when that can change in place
+   (:func:`nbisolate.inplace.image`); after it, each one rebound, deleted or changed goes
+   back with the results, under a name of its own (:data:`PREFIX`), and the kernel sets it
+   on its own object, or puts the change into the value it has (``config.LAYERS`` stays the
+   list every other reference holds).  An owner the cell imported itself had no value
+   before: its attribute goes back.
 2. **There** (:class:`Registry` in the kernel, :func:`patch` in the worker).  The kernel
-   remembers every attribute that a cell, ordinary or isolated, set on a module or on a class
-   or function defined in one, and sends each one's value as it is now with every isolated
+   remembers every attribute that a cell, ordinary or isolated, set (or changed in place) on
+   a module or on a class or function defined in one, and sends each one's value as it is now with every isolated
    cell; the worker sets it on its module as that module is imported, at once when it is
    imported already.  Classes and functions of the notebook itself need no such help: they
    travel by value, their attributes with them.
 
-Not followed: what a function the cell calls sets (unseen in the cell's text), the attributes
-of instances (those travel as copies: :mod:`nbisolate.inplace` brings their changes back), and
+Not followed: what a function the cell calls sets or changes (unseen in the cell's text), the
+attributes of instances (those travel as copies: :mod:`nbisolate.inplace` brings their changes
+back), and
 ``sys``, ``os``, ``builtins`` and ``__main__``, whose state travels its own ways
 (:mod:`nbisolate.settings`, the namespace).
 
@@ -96,43 +101,68 @@ def describe(name: str) -> str:
 
 
 # -- back: in the worker, then in the kernel ------------------------------------------------
-def watch(ns: Mapping[str, Any], chains: Iterable[Chain]) -> dict[Chain, tuple[Any, Any]]:
-    """Before the cell: each attribute's owner and value (``_MISSING`` for what is not there yet)."""
-    seen: dict[Chain, tuple[Any, Any]] = {}
+Seen = dict[Chain, tuple[Any, Any, "bytes | None"]]
+"""Before the cell, per chain: its owner, its value, and that value's serialized state when the
+cell may change it in place (:func:`nbisolate.inplace.image`), else None."""
+
+
+def watch(ns: dict[str, Any], chains: Iterable[Chain]) -> Seen:
+    """Before the cell: each attribute's owner, value and state (``_MISSING`` for what is not there yet)."""
+    from . import inplace
+
+    seen: Seen = {}
     for chain in chains:
         chain = tuple(chain)
         obj = owner(ns, chain)
-        seen[chain] = (obj, _MISSING if obj is _MISSING else _value(obj, chain[-1]))
+        value = _MISSING if obj is _MISSING else _value(obj, chain[-1])
+        state = inplace.image(value, ns) if value is not _MISSING and inplace.holds_state(value) else None
+        seen[chain] = (obj, value, state)
     return seen
 
 
-def changed(ns: Mapping[str, Any], seen: Mapping[Chain, tuple[Any, Any]]) -> tuple[dict[str, Any], list[str]]:
-    """After the cell: the attributes rebound (by result name, with their values) and deleted."""
+def changed(ns: dict[str, Any], seen: Seen) -> tuple[dict[str, Any], list[str], list[str]]:
+    """After the cell: the attributes rebound or changed in place (by result name, with their
+    values), the names of those deleted, and of those changed in place (among the first)."""
+    from . import inplace
+
     values: dict[str, Any] = {}
     deleted: list[str] = []
-    for chain, (before_owner, before) in seen.items():
+    in_place: list[str] = []
+    for chain, (before_owner, before, state) in seen.items():
         obj = owner(ns, chain)
         if obj is _MISSING:
             continue
         now = _value(obj, chain[-1])
         if obj is before_owner and now is before:
+            if state is not None and inplace.image(now, ns) != state:  # config.LAYERS.append(3)
+                values[name_of(chain)] = now
+                in_place.append(name_of(chain))
             continue
         if now is not _MISSING:
             values[name_of(chain)] = now
         elif before is not _MISSING or obj is not before_owner:
             deleted.append(name_of(chain))
-    return values, deleted
+    return values, deleted, in_place
 
 
 def apply(
-    ns: Mapping[str, Any], values: Mapping[str, Any], deleted: Iterable[str], registry: Registry | None = None
+    ns: Mapping[str, Any],
+    values: Mapping[str, Any],
+    deleted: Iterable[str],
+    registry: Registry | None = None,
+    in_place: Iterable[str] = (),
 ) -> list[str]:
-    """In the kernel: set (or delete) each attribute on the notebook's own object.
+    """In the kernel: set (or delete) each attribute on the notebook's own object; one the cell
+    changed in place (``in_place``) takes the change into the object the notebook has, so every
+    other reference to it sees it (:func:`nbisolate.inplace.apply_in_place`).
 
     Returns what could not be set, as sentences.  Each one set is remembered in
     ``registry``, so the next isolated cell finds it there too.
     """
+    from . import inplace
+
     problems: list[str] = []
+    changed_in_place = set(in_place)
     todo = [(name, values[name]) for name in values] + [(name, _MISSING) for name in deleted]
     for name, value in todo:
         chain = chain_of(name)
@@ -147,7 +177,7 @@ def apply(
             if value is _MISSING:
                 if _value(obj, chain[-1]) is not _MISSING:
                     delattr(obj, chain[-1])
-            else:
+            elif name not in changed_in_place or not inplace.apply_in_place(_value(obj, chain[-1]), value, {}):
                 setattr(obj, chain[-1], value)
         except Exception as exc:
             problems.append(f"the cell set {where}, which the kernel could not take ({type(exc).__name__}: {exc})")
@@ -212,11 +242,14 @@ class Registry:
         if where is not None:
             self._set[(*where, attribute)] = None
 
-    def note(self, ns: Mapping[str, Any], chains: Iterable[Chain]) -> None:
-        """An ordinary cell ran: remember what its text set on shared objects of a module."""
-        for chain in chains:
+    def note(self, ns: Mapping[str, Any], stored: Iterable[Chain], touched: Iterable[Chain] = ()) -> None:
+        """An ordinary cell ran: remember what its text set (``stored``) or may have changed in
+        place (``touched``, if its value can change) on shared objects of a module."""
+        from . import inplace
+
+        for chain, always in [*((c, True) for c in stored), *((c, False) for c in touched)]:
             obj = owner(ns, tuple(chain))
-            if obj is not _MISSING:
+            if obj is not _MISSING and (always or inplace.holds_state(_value(obj, chain[-1]))):
                 self.record(obj, chain[-1])
 
     def current(self) -> list[tuple[Patch, Any]]:
@@ -281,9 +314,11 @@ class _PatchOnImport:
         self.pending = pending
 
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
-        if name not in self.pending:
+        # Taken first: another finder asked below may look the name up again (through us).
+        items = self.pending.pop(name, None)
+        if items is None:
             return None
-        for finder in sys.meta_path:
+        for finder in list(sys.meta_path):
             find = getattr(finder, "find_spec", None)
             if finder is self or find is None:
                 continue
@@ -291,10 +326,11 @@ class _PatchOnImport:
             if spec is None:
                 continue
             if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                spec.loader = _Patching(spec.loader, self.pending.pop(name))
+                spec.loader = _Patching(spec.loader, items)
                 if not self.pending and self in sys.meta_path:
                     sys.meta_path.remove(self)
             return spec
+        self.pending[name] = items  # not found now: perhaps once the cell changed sys.path
         return None
 
 

@@ -46,20 +46,29 @@ _UNCHANGEABLE = (
 
 
 def watchable(values: Mapping[str, Any], sizes: Mapping[str, int]) -> list[str]:
-    """The inputs worth watching: changeable in place, and small enough to compare cheaply.
+    """The inputs worth watching: changeable in place, and small enough to compare cheaply."""
+    return [name for name, value in values.items() if sizes.get(name, WATCH_LIMIT + 1) <= WATCH_LIMIT and changeable(value)]
+
+
+def holds_state(value: Any) -> bool:
+    """A value whose contents a cell changes in place and :func:`apply_in_place` can take: a
+    list, dict, set or bytearray, a NumPy array, an object whose state is its ``__dict__``
+    (not a function, a ufunc or another callable a module exports)."""
+    kind = type(value)
+    if kind in (list, dict, set, bytearray) or (kind.__name__ == "ndarray" and kind.__module__ == "numpy"):
+        return True
+    return changeable(value) and _plain_object(value)
+
+
+def changeable(value: Any) -> bool:
+    """A value a cell may change in place (not an ``int``, a ``str``, a module, a function...).
 
     Not the process's own state (``os.environ``, ``sys.path``: :func:`nbisolate.travel.process_state`):
     each side's is its own, and what the cell changes of it comes back by :mod:`nbisolate.settings`.
     """
     from .travel import process_state
 
-    return [
-        name
-        for name, value in values.items()
-        if not isinstance(value, _UNCHANGEABLE)
-        and sizes.get(name, WATCH_LIMIT + 1) <= WATCH_LIMIT
-        and process_state(value) is None
-    ]
+    return not isinstance(value, _UNCHANGEABLE) and process_state(value) is None
 
 
 class _TooBig(Exception):
@@ -73,7 +82,7 @@ class _Bounded(io.BytesIO):
         return super().write(data)
 
 
-def _image(value: Any, main: MutableMapping[str, Any]) -> bytes | None:
+def image(value: Any, main: MutableMapping[str, Any]) -> bytes | None:
     """The value serialized as the results would be (arrays in the stream): its state now."""
     from .ship import fast_pickler
 
@@ -92,9 +101,9 @@ def snapshot(
     taken: dict[str, tuple[Any, bytes]] = {}
     for name in names:
         if name in ns:
-            image = _image(ns[name], ns)
-            if image is not None:
-                taken[name] = (ns[name], image)
+            state = image(ns[name], ns)
+            if state is not None:
+                taken[name] = (ns[name], state)
     return taken
 
 
@@ -103,10 +112,10 @@ def changed(ns: MutableMapping[str, Any], taken: Mapping[str, tuple[Any, bytes]]
     in place, those still bound to it and unchanged)."""
     mutated: list[str] = []
     same: list[str] = []
-    for name, (obj, image) in taken.items():
+    for name, (obj, before) in taken.items():
         if name not in ns or ns[name] is not obj:
             continue  # the cell bound the name to something else: an ordinary result
-        (same if _image(obj, ns) == image else mutated).append(name)
+        (same if image(obj, ns) == before else mutated).append(name)
     return mutated, same
 
 

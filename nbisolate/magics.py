@@ -501,8 +501,11 @@ def _transform(lines: list[str]) -> list[str]:
     ]
 
 
-_SETS_ATTRIBUTE = re.compile(r"\.\s*[A-Za-z_]\w*\s*(?://|\*\*|<<|>>|[-+*/%@&|^])?=(?!=)|\bdel\b|\b(?:set|del)attr\b")
-"""A cell that may set or delete an attribute: only such a cell is parsed after it ran."""
+_SETS_ATTRIBUTE = re.compile(
+    r"\.\s*[A-Za-z_]\w*\s*(?://|\*\*|<<|>>|[-+*/%@&|^])?=(?!=)|\bdel\b|\b(?:set|del)attr\b|\w\s*\.\s*\w+\s*\.\s*\w+\s*\(|\w\s*\.\s*\w+\s*\[[^\]]*\]\s*\S?="
+)
+"""A cell that may set, delete or change in place an attribute (``x.a = 1``, ``x.a.append(2)``,
+``x.a[k] = 3``): only such a cell is parsed after it ran."""
 
 
 def _note_attributes(result: Any) -> None:
@@ -515,17 +518,17 @@ def _note_attributes(result: Any) -> None:
     from IPython import get_ipython
 
     from . import attributes
-    from .plan import stored_attributes
+    from .plan import attribute_uses
 
     shell = get_ipython()
     if shell is None:
         return
     try:
-        chains = stored_attributes(ast.parse(shell.transform_cell(raw)))
+        stored, touched = attribute_uses(ast.parse(shell.transform_cell(raw)))
     except Exception:  # not Python after all (a syntax error was shown already)
         return
-    if chains:
-        attributes.registry.note(shell.user_ns, chains)
+    if stored or touched:
+        attributes.registry.note(shell.user_ns, stored, touched)
 
 
 def load(shell: Any) -> None:

@@ -67,8 +67,9 @@ class Plan:
     """The modules the cell imports by absolute name (``matplotlib.pyplot``), anywhere in it."""
     attributes: tuple[tuple[str, ...], ...] = ()
     """The attributes the cell sets or deletes on a variable and the attributes after it
-    (``config.LR = 0.1`` gives ``("config", "LR")``), anywhere in it: those set on modules,
-    classes and functions come back (:mod:`nbisolate.attributes`)."""
+    (``config.LR = 0.1`` gives ``("config", "LR")``), anywhere in it, then those whose value
+    it may change in place (``config.LAYERS.append(3)``): those of modules, classes and
+    functions come back (:mod:`nbisolate.attributes`)."""
 
 
 def parse_cell(source: str, first_line: int = 1, filename: str = "<isolated cell>") -> ast.Module:
@@ -436,18 +437,32 @@ def _chain(node: ast.AST) -> tuple[str, ...] | None:
     return tuple(reversed(parts))
 
 
-def stored_attributes(tree: ast.AST) -> tuple[tuple[str, ...], ...]:
-    """Every attribute of a variable the code sets or deletes: ``x.a = v``, ``x.a.b += 1``,
-    ``del x.a``, ``setattr(x, "a", v)``, ``delattr(x, "a")``; as chains, in order, each once.
+def attribute_uses(tree: ast.AST) -> tuple[tuple[tuple[str, ...], ...], tuple[tuple[str, ...], ...]]:
+    """The attributes of variables the code changes, as chains (``config.LR`` is ``("config", "LR")``),
+    each once, in two tuples.
 
-    Inside functions too: what the cell defines and calls sets them when it runs.  Whether
-    ``x`` is a module, a class or an instance is for the running side to find out.
+    First those it sets or deletes: ``x.a = v``, ``x.a.b += 1``, ``del x.a``,
+    ``setattr(x, "a", v)``, ``delattr(x, "a")``.  Then those whose value it may change in
+    place, of two names or more: ``x.a.append(v)``, ``x.a[k] = v``, ``del x.a[k]``, and
+    ``x.a`` of ``x.a.b = v``.  Inside functions too: what the cell defines and calls runs.
+    Whether ``x`` is a module, a class or an instance is for the running side to find out.
     """
-    found: dict[tuple[str, ...], None] = {}
+    stored: dict[tuple[str, ...], None] = {}
+    touched: dict[tuple[str, ...], None] = {}
     for node in ast.walk(tree):
         chain = None
         if isinstance(node, ast.Attribute) and isinstance(node.ctx, (ast.Store, ast.Del)):
             chain = _chain(node)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            receiver = _chain(node.func.value)  # config.LAYERS of config.LAYERS.append(3)
+            if receiver is not None and len(receiver) > 1:
+                touched[receiver] = None
+            continue
+        elif isinstance(node, ast.Subscript) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            container = _chain(node.value)  # config.OPTS of config.OPTS["a"] = 1
+            if container is not None and len(container) > 1:
+                touched[container] = None
+            continue
         elif (
             isinstance(node, ast.Call)
             and isinstance(node.func, ast.Name)
@@ -460,8 +475,10 @@ def stored_attributes(tree: ast.AST) -> tuple[tuple[str, ...], ...]:
             owner = _chain(node.args[0])
             chain = None if owner is None else (*owner, node.args[1].value)
         if chain is not None and len(chain) > 1:
-            found[chain] = None
-    return tuple(found)
+            stored[chain] = None
+            if len(chain) > 2:  # config.model.lr = 0.1 changes config.model in place
+                touched[chain[:-1]] = None
+    return tuple(stored), tuple(c for c in touched if c not in stored)
 
 
 def last_expression(tree: ast.Module) -> ast.Expr | None:
@@ -553,7 +570,7 @@ def _read(source: str) -> _Reading:
                 )
             )
         ),
-        attributes=tuple(dict.fromkeys(chain for part in parts for chain in stored_attributes(part))),
+        attributes=tuple(dict.fromkeys(chain for part in parts for uses in attribute_uses(part) for chain in uses)),
     )
 
 

@@ -202,9 +202,9 @@ class ResultBody(_ResultRequired, total=False):
     ``mutated`` the inputs the cell changed in place (see :mod:`nbisolate.inplace`),
     ``unchanged`` those it left as they were (not sent back: the notebook keeps its own);
     ``deleted`` the names the cell deleted (``del tmp``), to delete in the notebook too;
-    among ``names`` and ``deleted``, those that begin with
-    :data:`nbisolate.attributes.PREFIX` are attributes the cell set (or deleted)
-    on a module, class or function, to set on the notebook's own;
+    among ``names``, ``deleted`` and ``mutated``, those that begin with
+    :data:`nbisolate.attributes.PREFIX` are attributes the cell set, deleted or
+    changed in place on a module, class or function, to set on the notebook's own;
     ``rng`` the worker's global random states after the cell; ``settings`` what
     the cell changed of the settings, the environment, the working directory
     and ``sys.path``, when the run asked (``settings_back``);

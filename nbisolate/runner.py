@@ -439,7 +439,8 @@ class CellRun:
             "deletes": list(self.plan.deletes),
             "rng": rng.capture() if self.carry_random else None,
             "attributes": list(self.plan.attributes) if self.attributes_back else [],
-            "patches": self._patches(),
+            # Into a worker of our own only: a Dask worker's modules serve every task it runs.
+            "patches": self._patches() if getattr(self.backend, "here", False) else [],
             "settings": self.settings,
             "settings_back": self.settings_back and getattr(self.backend, "here", False),
             "sys_path": list(sys.path),
@@ -781,7 +782,8 @@ class CellRun:
         for name in deleted:  # `del name` in the cell: gone here too
             self.namespace.pop(name, None)
         # config.LR = 0.1, on the notebook's own module (after the results: the cell may import it)
-        for problem in attributes.apply(self.namespace, set_attributes, deleted, attributes.registry):
+        in_place = body.get("mutated") or ()
+        for problem in attributes.apply(self.namespace, set_attributes, deleted, attributes.registry, in_place):
             self.sink.stream("stderr", f"nbisolate: {problem}; it is as it was here. Set it in a normal cell.\n")
         if not self.options.background:  # a job's state would rewind a notebook that went on
             rng.restore(body.get("rng"))

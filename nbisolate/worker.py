@@ -737,7 +737,7 @@ def _run(
     _stage = "return"
     out = {name: ns[name] for name in job["outputs"] if name in ns}
     gone = _discover(ns, before, out) if before is not None else []
-    set_on_shared, deleted_attributes = attributes.changed(ns, shared_attributes)
+    set_on_shared, deleted_attributes, attributes_in_place = attributes.changed(ns, shared_attributes)
     out.update(set_on_shared)
     mutated, same = inplace.changed(ns, watched)
     for name in same:  # still the notebook's object, unchanged: it keeps its own
@@ -768,7 +768,7 @@ def _run(
         "starts": shipped.starts,
         "skipped": shipped.skipped,
         "left": behind,
-        "mutated": [name for name in mutated if name in shipped.names],
+        "mutated": [name for name in (*mutated, *attributes_in_place) if name in shipped.names],
         "unchanged": same,
         "deleted": [name for name in job.get("deletes", ()) if name not in ns] + gone + deleted_attributes,
         "rng": rng.changed_since(job.get("rng")),

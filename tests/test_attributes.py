@@ -13,21 +13,24 @@ import types
 import pytest
 
 from nbisolate import attributes
-from nbisolate.plan import parse_cell, stored_attributes
+from nbisolate.plan import attribute_uses, parse_cell
 
 
-def test_the_plan_finds_every_attribute_the_text_sets_or_deletes():
+def test_the_plan_finds_every_attribute_the_text_sets_deletes_or_may_change_in_place():
     tree = parse_cell(
         "cfg.LR = 0.1\nK.n += 1\ndel cfg.OLD\nsetattr(cfg, 'NEW', 1)\ndelattr(K, 'gone')\n"
         "torch.backends.cudnn.benchmark = True\nx = cfg.READ\nitems[0].name = 'not a chain'\n"
         "def f(self):\n    self.seen = 1\nsetattr(cfg, name, 2)\n"
+        "cfg.LAYERS.append(3)\ncfg.OPTS['a'] = 1\ndel cfg.CACHE[0]\nfit(cfg.data)\nframe.plot()\n"
     )
-    found = stored_attributes(tree)
-    assert len(found) == len(set(found))
-    assert set(found) == {
+    stored, touched = attribute_uses(tree)
+    assert len(stored) == len(set(stored))
+    assert set(stored) == {
         ("cfg", "LR"), ("K", "n"), ("cfg", "OLD"), ("torch", "backends", "cudnn", "benchmark"),
         ("self", "seen"), ("cfg", "NEW"), ("K", "gone"),
     }
+    # frame.plot() calls a method of a variable (inplace.py watches variables); fit(cfg.data) only reads
+    assert set(touched) == {("torch", "backends", "cudnn"), ("cfg", "LAYERS"), ("cfg", "OPTS"), ("cfg", "CACHE")}
 
 
 def test_only_modules_classes_and_functions_are_followed():
@@ -45,22 +48,30 @@ def test_changes_found_after_the_cell_and_applied_on_the_other_sides_objects():
     class Before:
         kept, changed, removed = 1, 2, 3
 
+    Before.items, Before.same = [1], [2]
     ns = {"K": Before}
-    seen = attributes.watch(ns, [("K", "kept"), ("K", "changed"), ("K", "removed"), ("K", "added")])
+    chains = [("K", "kept"), ("K", "changed"), ("K", "removed"), ("K", "added"), ("K", "items"), ("K", "same")]
+    seen = attributes.watch(ns, chains)
     Before.changed = 20
     del Before.removed
     Before.added = [4]
-    values, deleted = attributes.changed(ns, seen)
-    assert values == {attributes.name_of(("K", "changed")): 20, attributes.name_of(("K", "added")): [4]}
-    assert deleted == [attributes.name_of(("K", "removed"))]
+    Before.items.append(5)
+    values, deleted, in_place = attributes.changed(ns, seen)
+    name = attributes.name_of
+    assert values == {name(("K", "changed")): 20, name(("K", "added")): [4], name(("K", "items")): [1, 5]}
+    assert deleted == [name(("K", "removed"))]
+    assert in_place == [name(("K", "items"))]
 
     class There:
         kept, changed, removed = 1, 2, 3
 
+    held = There.items = [1]  # another reference to the same list sees the change
     registry = attributes.Registry()
-    problems = attributes.apply({"K": There}, values, deleted, registry)
+    problems = attributes.apply({"K": There}, values, deleted, registry, in_place)
     assert problems == []
-    assert (There.changed, There.added, hasattr(There, "removed")) == (20, [4], False)
+    assert (There.changed, There.added, hasattr(There, "removed"), There.items, held is There.items) == (
+        20, [4], False, [1, 5], True
+    )
     assert len(registry) == 0  # a class of no module's (defined here, in a function): it travels by value
 
 
@@ -83,9 +94,12 @@ def fresh_module(tmp_path, monkeypatch):
 def test_the_registry_reads_values_as_they_are_now(fresh_module):
     module = importlib.import_module(fresh_module)
     registry = attributes.Registry()
-    registry.note({"m": module}, [("m", "LR"), ("m", "Knob", "n"), ("m", "nothing", "x")])
+    module.LAYERS = []
+    registry.note({"m": module}, [("m", "LR"), ("m", "Knob", "n"), ("m", "nothing", "x")], [("m", "LAYERS"), ("m", "Knob")])
     module.LR, module.Knob.n = 0.5, 7
-    assert registry.current() == [((fresh_module, "", "LR"), 0.5), ((fresh_module, "Knob", "n"), 7)]
+    assert registry.current() == [  # m.Knob is a class: what changes on it is set, not changed in place
+        ((fresh_module, "", "LR"), 0.5), ((fresh_module, "Knob", "n"), 7), ((fresh_module, "", "LAYERS"), []),
+    ]
     del module.LR
     assert attributes.is_missing(dict(registry.current())[(fresh_module, "", "LR")])
 

@@ -1024,6 +1024,31 @@ def test_what_the_notebook_set_on_a_module_holds_in_isolated_cells(kernel, tmp_p
     assert kernel.value("latest") == 0.25
 
 
+def test_a_modules_list_or_dict_changed_in_place_changes_both_ways(kernel, tmp_path):
+    """``config.LAYERS.append(3)`` and ``config.OPTS["a"] = 1`` change a value the module holds;
+    every reference to it sees the change, in the notebook as after an ordinary cell, and the
+    isolated cells after it see it too; so does a change an ordinary cell made."""
+    (tmp_path / "cfg_inplace.py").write_text("LAYERS = [1, 2]\nOPTS = {}\nclass Model:\n    pass\n")
+    kernel.run(
+        f"import sys\nsys.path.insert(0, {str(tmp_path)!r})\nimport cfg_inplace\n"
+        "from cfg_inplace import LAYERS\ncfg_inplace.Model.spec = {'depth': 1}"
+    )
+    isolated(
+        kernel,
+        """
+        cfg_inplace.LAYERS.append(3)
+        cfg_inplace.OPTS["lr"] = 0.1
+        cfg_inplace.Model.spec["depth"] = 2
+        """,
+    )
+    assert kernel.value(
+        "(cfg_inplace.LAYERS, LAYERS is cfg_inplace.LAYERS, cfg_inplace.OPTS, cfg_inplace.Model.spec)"
+    ) == ([1, 2, 3], True, {"lr": 0.1}, {"depth": 2})
+    kernel.run("cfg_inplace.LAYERS.append(4)\ncfg_inplace.OPTS['momentum'] = 0.9")  # ordinary cells
+    isolated(kernel, "seen = (list(cfg_inplace.LAYERS), dict(cfg_inplace.OPTS), cfg_inplace.Model.spec)")
+    assert kernel.value("seen") == ([1, 2, 3, 4], {"lr": 0.1, "momentum": 0.9}, {"depth": 2})
+
+
 def test_an_attribute_that_cannot_travel_is_named_and_the_rest_holds(kernel, tmp_path):
     _config_module(kernel, tmp_path, "cfg_locked")
     kernel.run("cfg_locked.lines = (n for n in range(3))\ncfg_locked.LR = 0.5")  # no pickler writes a generator
