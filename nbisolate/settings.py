@@ -3,6 +3,8 @@
 A notebook sets some things once, near its top, and every later cell obeys
 them: ``warnings.filterwarnings("ignore")`` silences warnings,
 ``sys.setrecursionlimit(10_000)`` lets a deep recursion finish,
+``decimal.getcontext().prec = 6`` rounds every ``Decimal`` to six digits,
+``sys.set_int_max_str_digits(0)`` prints integers of any length,
 ``np.seterr(all="raise")`` turns a division by zero into an error,
 ``np.set_printoptions(precision=3)`` prints arrays shorter and
 ``pd.set_option("display.max_columns", None)`` shows every column of a frame,
@@ -77,9 +79,15 @@ def capture() -> Settings:
     logs = _pack_logging()
     if logs:
         out["logging"] = logs
+    digits = _int_digits()
+    if digits is not None:
+        out["digits"] = digits
     numpy = _numpy_settings()
     if numpy is not None:
         out["numpy"] = numpy
+    decimal = _decimal_settings()
+    if decimal is not None:
+        out["decimal"] = decimal
     for package, changes in (("pandas", _pandas_changed), ("matplotlib", _matplotlib_changed)):
         module = sys.modules.get(package)
         if module is not None:
@@ -107,6 +115,52 @@ def _numpy_settings() -> Settings | None:
         return None
 
 
+def _int_digits() -> int | None:
+    """How many digits ``int`` and ``str`` convert between (Python 3.11 on; ``sys.set_int_max_str_digits``)."""
+    get = getattr(sys, "get_int_max_str_digits", None)
+    return None if get is None else get()
+
+
+_DECIMAL_FIELDS = ("prec", "rounding", "Emin", "Emax", "capitals", "clamp")
+
+
+def _decimal_settings(default: bool = False) -> Settings | None:
+    """The current ``decimal`` context's settings (precision, rounding, traps...), when the
+    notebook imported ``decimal`` and changed them from a new context's (else None; with
+    ``default``, a new context's then).  The flags it raised are not settings: they stay."""
+    decimal = sys.modules.get("decimal")
+    if decimal is None:
+        return None
+    try:
+        current, fresh = decimal.getcontext(), decimal.Context()
+        packed = _pack_decimal(current)
+        if packed == _pack_decimal(fresh):
+            return packed if default else None
+        return packed
+    except Exception:
+        return None
+
+
+def _pack_decimal(context: Any) -> Settings:
+    out: Settings = {name: getattr(context, name) for name in _DECIMAL_FIELDS}
+    out["traps"] = sorted(signal.__name__ for signal, on in context.traps.items() if on)
+    return out
+
+
+def _set_decimal(packed: Settings) -> None:
+    try:
+        import decimal
+
+        context = decimal.getcontext()
+        if _pack_decimal(context) == packed:
+            return
+        for name in _DECIMAL_FIELDS:
+            setattr(context, name, packed[name])
+        context.traps = {signal: signal.__name__ in packed["traps"] for signal in context.traps}
+    except Exception:  # a setting this Python refuses: its own stays
+        pass
+
+
 def restore(settings: Settings | None) -> None:
     """Take the settings :func:`capture` read in the kernel; what cannot be set stays as it is.
 
@@ -129,6 +183,12 @@ def restore(settings: Settings | None) -> None:
         try:
             sys.setrecursionlimit(limit)
         except (RecursionError, ValueError):  # the worker's stack is deeper than the limit: keep its own
+            pass
+    digits = settings.get("digits")
+    if digits is not None and digits != _int_digits():
+        try:
+            sys.set_int_max_str_digits(digits)
+        except (AttributeError, ValueError):  # an older Python here
             pass
     if "warnings" in settings:
         with cell_filters(settings):  # taken once and given back: the cell's own take is then warm
@@ -354,7 +414,9 @@ def _set_matplotlib(changed: dict[str, Any]) -> None:
             continue
 
 
-_SETTERS = (("numpy", _set_numpy), ("pandas", _set_pandas), ("matplotlib", _set_matplotlib))
+_SETTERS = (
+    ("numpy", _set_numpy), ("decimal", _set_decimal), ("pandas", _set_pandas), ("matplotlib", _set_matplotlib),
+)
 """Each package whose settings travel, and what takes them."""
 
 
@@ -466,10 +528,16 @@ def left_by_cell(job: dict[str, Any], environ: dict[Any, Any], filters: list[tup
     logs = _pack_logging()
     if logs is not None and logs != sent.get("logging"):
         out["logging"] = logs
+    if "digits" in sent and _int_digits() != sent["digits"]:
+        out["digits"] = _int_digits()
     if "numpy" in sent:
         numpy = _numpy_settings()
         if numpy is not None and numpy != sent["numpy"]:
             out["numpy"] = numpy
+    if "decimal" in sys.modules:
+        decimal = _decimal_settings()
+        if decimal != sent.get("decimal"):  # None: back to a new context's, which then go back
+            out["decimal"] = decimal if decimal is not None else _decimal_settings(default=True)
     for package, changes, defaults in (
         ("pandas", _pandas_changed, _pandas_defaults),
         ("matplotlib", _matplotlib_changed, _matplotlib_defaults),
@@ -537,6 +605,8 @@ def apply(changed: Settings) -> list[str]:
 
     if "recursion" in changed:
         attempt("the recursion limit", lambda: sys.setrecursionlimit(changed["recursion"]))
+    if "digits" in changed:
+        attempt("the int digits limit", lambda: sys.set_int_max_str_digits(changed["digits"]))
     if "warnings" in changed:
         attempt("the warning filters", lambda: _unpack_filters(changed["warnings"]))
     if "logging" in changed:
@@ -544,9 +614,10 @@ def apply(changed: Settings) -> list[str]:
     for package, setter in _SETTERS:
         if package in changed and package in sys.modules:
             attempt(f"{package}'s settings", lambda setter=setter, package=package: setter(changed[package]))
-    if "numpy" in changed and "numpy" in sys.modules:  # per context: see before_cell
+    per_context = {part: changed[part] for part in _PER_CONTEXT if part in changed and part in sys.modules}
+    if per_context:  # see before_cell
         global _pending, _pending_id
-        _pending, _pending_id = changed["numpy"], _pending_id + 1
+        _pending, _pending_id = {**(_pending or {}), **per_context}, _pending_id + 1
     if "env" in changed:
 
         def take_env() -> None:
@@ -562,24 +633,27 @@ def apply(changed: Settings) -> list[str]:
     return failed
 
 
-# NumPy 2 keeps its print options and error handling per context (contextvars), and a kernel
-# runs a cell that awaits (as an isolated cell does) in a copy of its context, which ends with
-# the cell: what ``apply`` set there would be lost for the cells after it.  They are set again
-# as each cell starts (:func:`before_cell`, an IPython ``pre_run_cell`` hook), until one
-# start finds them still set from the one before: then they live in the notebook's own context.
+# NumPy 2 keeps its print options and error handling per context (contextvars), as decimal
+# keeps its context, and a kernel runs a cell that awaits (as an isolated cell does) in a copy
+# of its context, which ends with the cell: what ``apply`` set there would be lost for the
+# cells after it.  They are set again as each cell starts (:func:`before_cell`, an IPython
+# ``pre_run_cell`` hook), until one start finds them still set from the one before: then they
+# live in the notebook's own context.
+_PER_CONTEXT = ("numpy", "decimal")
 _pending: Settings | None = None
 _pending_id = 0
-_taken: contextvars.ContextVar[int] = contextvars.ContextVar("nbisolate_numpy_settings", default=0)
+_taken: contextvars.ContextVar[int] = contextvars.ContextVar("nbisolate_context_settings", default=0)
 
 
 def before_cell(*_: Any) -> None:
-    """As a cell starts: NumPy's settings an isolated cell changed, set again until they hold."""
+    """As a cell starts: NumPy's and decimal's settings an isolated cell changed, set again until they hold."""
     global _pending
     if _pending is None:
         return
     if _taken.get() == _pending_id:  # set at the start of a cell before, and still: they hold
         _pending = None
         return
-    if "numpy" in sys.modules:
-        _set_numpy(_pending)
+    for part, setter in _SETTERS:
+        if part in _pending and part in sys.modules:
+            setter(_pending[part])
     _taken.set(_pending_id)

@@ -8,6 +8,7 @@ the cell), and checks identity again back in the kernel.
 from __future__ import annotations
 
 import logging
+import sys
 import textwrap
 
 import pytest
@@ -640,6 +641,35 @@ def test_settings_the_cell_changes_stay_changed(fresh_kernel):
 
 
 # -- what IPython puts in the namespace, and the process's arguments ------------------------
+
+
+def test_decimal_context_and_int_digits_hold_both_ways(fresh_kernel):
+    """``decimal.getcontext().prec = 6`` and ``sys.set_int_max_str_digits(0)`` hold for every
+    later cell of a notebook: isolated too, and what an isolated cell sets holds after it."""
+    k = fresh_kernel
+    digits = sys.version_info >= (3, 11)
+    k.run("import decimal, sys\ndecimal.getcontext().prec = 6" + ("\nsys.set_int_max_str_digits(0)" if digits else ""))
+    isolated(
+        k,
+        """
+        import decimal, sys
+        seventh = str(decimal.Decimal(1) / decimal.Decimal(7))
+        if sys.version_info >= (3, 11):
+            assert len(str(10 ** 5000)) == 5001  # past the default limit of 4300 digits
+        decimal.getcontext().prec = 4
+        decimal.getcontext().traps[decimal.DivisionByZero] = False
+        if sys.version_info >= (3, 11):
+            sys.set_int_max_str_digits(6000)
+        """,
+    )
+    assert k.value("seventh") == "0.142857"
+    assert k.value("(str(decimal.Decimal(1) / decimal.Decimal(7)), str(decimal.Decimal(1) / decimal.Decimal(0)))") == (
+        "0.1429", "Infinity"
+    )
+    if digits:
+        assert k.value("sys.get_int_max_str_digits()") == 6000
+    isolated(k, "decimal.setcontext(decimal.Context())")  # back to a new context's settings: here too
+    assert k.value("str(decimal.Decimal(1) / decimal.Decimal(7))") == "0.1428571428571428571428571429"
 
 
 def test_ipython_history_reads_as_in_an_ordinary_cell(kernel):

@@ -138,3 +138,23 @@ def test_apply_takes_the_changes_and_keeps_the_kernels_other_log_handlers(tmp_pa
         warnings.filters[:] = saved[2]
         warnings._filters_mutated()  # type: ignore[attr-defined]
         to_file.close()
+
+
+def test_a_changed_decimal_context_travels_and_a_new_ones_does_not():
+    import decimal
+
+    with decimal.localcontext():
+        assert "decimal" not in settings.capture()  # a new context's settings: nothing to send
+        decimal.getcontext().prec = 6
+        decimal.getcontext().traps[decimal.Inexact] = True
+        packed = pickle.loads(pickle.dumps(settings.capture()))["decimal"]
+        assert packed["prec"] == 6 and "Inexact" in packed["traps"]
+    with decimal.localcontext():
+        settings.restore({"decimal": packed})
+        assert decimal.getcontext().prec == 6 and decimal.getcontext().traps[decimal.Inexact]
+        job = {"settings": {"decimal": packed}, "cwd": __import__("os").getcwd(), "sys_path": list(sys.path)}
+        environ = settings.environment()
+        assert "decimal" not in settings.left_by_cell(job, environ, None)  # as it came
+        decimal.setcontext(decimal.Context())
+        back = settings.left_by_cell(job, environ, None)["decimal"]  # set back to a new context's
+        assert back["prec"] == decimal.Context().prec
