@@ -11,7 +11,10 @@ How, in three steps and on both sides:
    can change in place (not ``int``, ``str``, ``tuple``..., not modules,
    functions or classes) whose shipment is small (:data:`WATCH_LIMIT`): watching
    costs one extra serialization of each before the cell and one after, so large
-   data (a 400 MB array) is not watched, and the README says so.
+   data (a 400 MB array) is not watched, and the README says so.  The worker
+   adds the notebook variables that the inputs' functions brought along
+   (:func:`brought_along`: ``results`` of ``def run(x): results.append(x)``),
+   which the cell does not name but changes by calling them.
 2. **The worker compares** (:func:`snapshot` before the cell runs, :func:`changed`
    after): each watched input still bound to the object that arrived is
    serialized again with the same pickler, in the same process; different bytes
@@ -52,12 +55,36 @@ def watchable(values: Mapping[str, Any], sizes: Mapping[str, int]) -> list[str]:
 
 def holds_state(value: Any) -> bool:
     """A value whose contents a cell changes in place and :func:`apply_in_place` can take: a
-    list, dict, set or bytearray, a NumPy array, an object whose state is its ``__dict__``
-    (not a function, a ufunc or another callable a module exports)."""
+    list, dict, set or bytearray (``Counter`` and its kin too), a NumPy array, an object whose
+    state is its ``__dict__``; not a function, a ufunc or another callable a module exports,
+    nor the process's own state."""
+    if not changeable(value):
+        return False
     kind = type(value)
-    if kind in (list, dict, set, bytearray) or (kind.__name__ == "ndarray" and kind.__module__ == "numpy"):
+    if isinstance(value, (list, dict, set, bytearray)) or (kind.__name__ == "ndarray" and kind.__module__ == "numpy"):
         return True
-    return changeable(value) and _plain_object(value)
+    return _plain_object(value)
+
+
+def brought_along(ns: Mapping[str, Any], names: Iterable[str]) -> list[str]:
+    """Of the notebook variables the inputs' functions brought into the worker (``results`` of
+    ``def run(x): results.append(x)``), those worth watching: they hold state and are small.
+
+    The cell does not name them, so the kernel did not pick them (:func:`watchable`); their
+    size is not known before they are compared, so a cheap bound comes first: an object's own
+    size (a list's or dict's table, an array's data) over :data:`WATCH_LIMIT` is not watched.
+    """
+    import sys
+
+    out = []
+    for name in names:
+        value = ns.get(name)
+        try:
+            if holds_state(value) and sys.getsizeof(value) <= WATCH_LIMIT:
+                out.append(name)
+        except Exception:  # a __sizeof__ that fails: not watched
+            pass
+    return out
 
 
 def changeable(value: Any) -> bool:
@@ -136,15 +163,19 @@ def apply_in_place(original: Any, new: Any, swap: Mapping[int, Any]) -> bool:
         return swap.get(id(value), value)
 
     try:
+        # Item by item, not update(): a subclass may give update another meaning (Counter's
+        # counts what it is given), and its own item assignment keeps its order (OrderedDict).
         if isinstance(original, list):
             original[:] = [own(v) for v in new]
         elif isinstance(original, dict):
             original.clear()
-            original.update((k, own(v)) for k, v in new.items())
+            for k, v in new.items():
+                original[k] = own(v)
         elif isinstance(original, (set, bytearray)):
             if isinstance(original, set):
                 original.clear()
-                original.update(new)
+                for v in new:
+                    original.add(v)
             else:
                 original[:] = new
         elif kind.__name__ == "ndarray" and kind.__module__ == "numpy":

@@ -432,9 +432,10 @@ class CellRun:
             "outputs": list(self.plan.outputs),
             # Unless --out chose them, the names the cell binds at run time come back too.
             "discover": opts.outputs is None,
+            # None: nothing is watched, not even what the inputs' functions bring along.
             "watch": inplace.watchable(
                 {n: self.namespace[n] for n in self.shipment.names}, self.shipment.sizes
-            ) if self.watch else [],
+            ) if self.watch else None,
             "has_result": self.plan.has_result,
             "deletes": list(self.plan.deletes),
             "rng": rng.capture() if self.carry_random else None,

@@ -672,9 +672,15 @@ def _run(
         count = shared["buffers"]
         ns.update(ship.loads(shared["inputs"], shared["data"], buffers[:count], shared["engine"], ns))
         buffers = buffers[count:]
+    known = set(ns)
     ns.update(ship.loads(job["inputs"], job["data"], buffers, job["engine"], ns))
     del buffers
-    watched = inplace.snapshot(ns, job.get("watch") or ())
+    watch = job.get("watch")
+    if watch is not None:  # and what the inputs' functions brought along: they may change it
+        inputs = set(job["inputs"])
+        brought = [name for name in ns if name not in known and name not in inputs and not _dunder(name)]
+        watch = [*watch, *inplace.brought_along(ns, brought)] if brought else watch
+    watched = inplace.snapshot(ns, watch or ())
     rng.restore(job.get("rng"), lazily=True)
     if job.get("patches"):  # what the notebook set on its modules, set on the worker's
         attributes.patch(_patch_loaders(job["patches"], ns))

@@ -87,3 +87,18 @@ def test_an_object_applied_onto_itself_is_left_intact():
     obj, mapping = Holder(), {"a": 1}
     assert inplace.apply_in_place(obj, obj, {}) and obj.data == {"k": 1}
     assert inplace.apply_in_place(mapping, mapping, {}) and mapping == {"a": 1}
+
+
+def test_dict_and_set_kinds_take_a_change_with_their_own_meaning():
+    import collections
+
+    counts, ordered = collections.Counter(a=1), collections.OrderedDict(b=1, a=2)
+    assert inplace.apply_in_place(counts, collections.Counter(a=2, b=1), {})
+    assert dict(counts) == {"a": 2, "b": 1}  # set, not counted again
+    assert inplace.apply_in_place(ordered, collections.OrderedDict(a=3, c=4), {})
+    assert list(ordered.items()) == [("a", 3), ("c", 4)] and ordered.popitem() == ("c", 4)
+
+
+def test_what_functions_bring_along_is_watched_when_it_holds_state_and_is_small():
+    ns = {"results": [], "tally": {}, "big": list(range(200_000)), "n": 3, "arr": np.zeros(3), "f": len}
+    assert inplace.brought_along(ns, list(ns)) == ["results", "tally", "arr"]

@@ -524,6 +524,34 @@ def test_inputs_changed_in_place_change_in_the_notebook(kernel):
     assert kernel.value("(kept is kept_alias, total)") == (True, 3)
 
 
+def test_what_a_notebook_function_changes_of_its_globals_changes_in_the_notebook(kernel):
+    """``def run(x): results.append(x)`` then ``run(3)``: the cell names ``run``, not ``results``,
+    which travels with ``run``; what the call put in it must be in the notebook's own list."""
+    kernel.run(
+        cell(
+            """
+            import collections
+            results, seen, counts = [], {}, collections.Counter()
+            alias = results
+            def run(x):
+                results.append(x * 2)
+            def note(key):
+                seen[key] = True
+            def outer(key):
+                note(key)
+                for letter in key:
+                    counts[letter] += 1
+            """
+        )
+    )
+    isolated(kernel, "run(3)\nouter('abca')")
+    assert kernel.value("(results, alias is results, seen, dict(counts))") == (
+        [6], True, {"abca": True}, {"a": 2, "b": 1, "c": 1}
+    )
+    kernel.run("%%isolate --quiet --over v=range(8)\nrun(v)")  # the values of a sweep: side by side, not back
+    assert kernel.value("results") == [6]
+
+
 def test_a_failed_cell_changes_nothing_in_place(kernel):
     kernel.run("ledger = []")
     res = kernel.execute("%%isolate\nledger.append(1)\nraise ValueError('no')")
