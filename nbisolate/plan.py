@@ -65,6 +65,10 @@ class Plan:
     there, as in an ordinary cell)."""
     imports: tuple[str, ...] = ()
     """The modules the cell imports by absolute name (``matplotlib.pyplot``), anywhere in it."""
+    whole_namespace: str | None = None
+    """The first call by which the cell reads the namespace as a whole (``globals()``, ``dir()``),
+    which its text cannot tell the names of: only the variables it names travel, and the user
+    is told so."""
     attributes: tuple[tuple[str, ...], ...] = ()
     """The attributes the cell sets or deletes on a variable and the attributes after it
     (``config.LR = 0.1`` gives ``("config", "LR")``), anywhere in it, then those whose value
@@ -520,18 +524,64 @@ def _expanded_names(tree: ast.Module) -> set[str]:
     return found
 
 
+_NAMESPACE_CALLS = frozenset({"globals", "vars", "locals", "dir"})
+
+
+def _dynamic_reads(tree: ast.Module) -> tuple[set[str], str | None]:
+    """Names the code reads through the namespace, not by name: ``eval("a + 1")`` and
+    ``exec("r = a")`` with a literal text, ``globals()["a"]``, ``globals().get("a")``; and
+    the first call that reads the namespace as a whole (``globals()``, ``vars()``, ``dir()``,
+    ``locals()``; None if there is none), which no text can tell the names of."""
+    found: set[str] = set()
+    by_key: set[int] = set()  # globals() calls that read one literal key
+    for node in ast.walk(tree):
+        inner, key = None, None
+        if isinstance(node, ast.Subscript) and _namespace_call(node.value):
+            inner, key = node.value, node.slice
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get":
+            if _namespace_call(node.func.value) and node.args:
+                inner, key = node.func.value, node.args[0]
+        if inner is not None and isinstance(key, ast.Constant) and isinstance(key.value, str):
+            found.add(key.value)
+            by_key.add(id(inner))
+    whole: str | None = None
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name):
+            continue
+        name = node.func.id
+        if name in ("eval", "exec") and node.args:
+            text = node.args[0]
+            if isinstance(text, ast.Constant) and isinstance(text.value, str):
+                try:
+                    code = ast.parse(text.value, mode="eval" if name == "eval" else "exec")
+                except SyntaxError:
+                    continue
+                found.update(n.id for n in ast.walk(code) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load))
+        elif name in _NAMESPACE_CALLS and not node.args and id(node) not in by_key and whole is None:
+            whole = f"{name}()"
+    return found, whole
+
+
+def _namespace_call(node: ast.AST) -> bool:
+    return (
+        isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+        and node.func.id in ("globals", "vars", "locals") and not node.args
+    )
+
+
 @dataclass(frozen=True)
 class _Reading:
     """What a cell's text alone says (the names it reads and binds), whatever the notebook holds."""
 
     free: tuple[str, ...]  # read at top level before being bound, in order
     binds: tuple[str, ...]  # bound at top level, then in nested code (``global``), in order
-    others: tuple[str, ...]  # read in nested code or expanded by IPython lines, not in ``free``
+    others: tuple[str, ...]  # read in nested code, expanded by IPython lines or eval'd, not in ``free``
     has_result: bool
     deletes: tuple[str, ...]
     names: frozenset[str]
     imports: tuple[str, ...]
     attributes: tuple[tuple[str, ...], ...]
+    whole_namespace: str | None
 
 
 @functools.lru_cache(maxsize=64)
@@ -543,7 +593,8 @@ def _read(source: str) -> _Reading:
     for stmt in tree.body:
         scope.visit(stmt)
     nested_reads, nested_writes = _nested_globals(source)
-    expanded = _expanded_names(tree) - set(scope.free)
+    dynamic, whole = _dynamic_reads(tree)
+    expanded = (_expanded_names(tree) | dynamic) - set(scope.free)
     parts = (tree, *(m for m in map(magic_code, ast.walk(tree)) if m is not None))  # and %time's code
     return _Reading(
         free=tuple(scope.free),
@@ -571,6 +622,7 @@ def _read(source: str) -> _Reading:
             )
         ),
         attributes=tuple(dict.fromkeys(chain for part in parts for uses in attribute_uses(part) for chain in uses)),
+        whole_namespace=whole,
     )
 
 
@@ -621,6 +673,7 @@ def plan_cell(
         names=reading.names,
         imports=reading.imports,
         attributes=reading.attributes,
+        whole_namespace=reading.whole_namespace,
     )
 
 

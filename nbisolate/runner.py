@@ -401,6 +401,14 @@ class CellRun:
             )
         )
         self._notify(Event("phase", ("plan", self.phases["plan"])))
+        if plan.whole_namespace and opts.inputs is None:
+            sent = ", ".join(plan.inputs) or "none"
+            self.note(
+                f"nbisolate: the cell reads the notebook's namespace as a whole ({plan.whole_namespace}), "
+                f"which its text cannot name: only the variables it names travel ({sent}), so that is "
+                "all the worker's namespace holds. Name the others after %%isolate to send them too "
+                "(%%isolate name1 name2 ...).\n"
+            )
         return plan
 
     def _ship(self, plan: Plan, tell: Callable[[Event], None] | None = None) -> ship.Shipment:

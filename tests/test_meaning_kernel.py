@@ -700,6 +700,21 @@ def test_decimal_context_and_int_digits_hold_both_ways(fresh_kernel):
     assert k.value("str(decimal.Decimal(1) / decimal.Decimal(7))") == "0.1428571428571428571428571429"
 
 
+def test_names_read_through_eval_exec_and_globals_travel_and_the_whole_namespace_is_named(kernel):
+    kernel.run("a, b = 41, 2")
+    isolated(kernel, "via_eval = eval('a + 1')\nexec('via_exec = a + b')\nvia_globals = globals()['b']")
+    assert kernel.value("(via_eval, via_exec, via_globals)") == (42, 43, 2)
+    kernel.run("%isolate_config panel=text")
+    try:
+        res = isolated(kernel, "seen = sorted(k for k in globals() if not k.startswith('_')) + [a]")
+    finally:
+        kernel.run("%isolate_config panel=auto")
+    said = res.stdout + res.stderr + "".join(m["content"]["data"].get("text/plain", "") for m in res.of("display_data"))
+    assert "reads the notebook's namespace as a whole (globals())" in said
+    assert "only the variables it names travel (a)" in said
+    assert kernel.value("seen") == ["a", 41]
+
+
 def test_ipython_history_reads_as_in_an_ordinary_cell(kernel):
     """``_``, ``__``, ``Out[n]``, ``In[n]`` and ``_i``: an ordinary cell reads them as any
     variable, and so does an isolated one (they travel only when the cell reads them)."""

@@ -171,3 +171,20 @@ def test_own_sources_are_the_users_modules_and_their_submodules_not_installed_on
     finally:
         for name in ("nbi_own_pkg.sub", "nbi_own_pkg"):
             sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize(
+    ("source", "inputs", "whole"),
+    [
+        ("r = eval('a + 1')", ("a",), None),
+        ("exec('r = a + b')", ("a", "b"), None),
+        ("r = globals()['a'] + globals().get('b', 0)", ("a", "b"), None),
+        ("names = dir()", (), "dir()"),
+        ("frames = [k for k, v in globals().items()]", (), "globals()"),
+        ("r = '{a}'.format(**vars())", (), "vars()"),
+        ("exec(text)", ("text",), None),  # a text the plan cannot read: the worker may lack names
+    ],
+)
+def test_names_read_through_the_namespace(source, inputs, whole):
+    plan = plan_cell(source, {"a", "b", "text"})
+    assert (tuple(sorted(plan.inputs)), plan.whole_namespace) == (inputs, whole)
