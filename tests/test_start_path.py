@@ -41,6 +41,19 @@ def _template_closed():
     launcher.close()
 
 
+def _spares_idle(template_pid: int, quiet: float = 0.3) -> bool:
+    """True once every spare spent no CPU for ``quiet`` seconds: it is done warming up and waits."""
+    def spent() -> list[float] | None:
+        try:
+            return [sum(p.cpu_times()[:2]) for p in _spares_of(template_pid)]
+        except psutil.Error:
+            return None
+
+    before = spent()
+    time.sleep(quiet)
+    return before is not None and before == spent()
+
+
 def _spares_of(template_pid: int) -> list[psutil.Process]:
     try:
         children = psutil.Process(template_pid).children()
@@ -382,7 +395,8 @@ def test_a_spare_takes_the_page_faults_of_a_pandas_cell_before_its_cell_comes():
     t = launcher._current
     assert wait_until(lambda: "pandas" in t.preloaded and not t.preloading and len(t.spares) == SPARES, 30)
     assert wait_until(lambda: all(s.num_threads() == 2 for s in _spares_of(launcher.pid)), 10)
-    time.sleep(0.5)  # the spares rehearse after their watchdog starts
+    # The spares rehearse after their watchdog starts; on a busy machine that takes a while.
+    assert wait_until(lambda: _spares_idle(launcher.pid), 20)
     code = (
         "import resource\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
