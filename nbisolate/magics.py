@@ -518,17 +518,25 @@ def _note_attributes(result: Any) -> None:
     from IPython import get_ipython
 
     from . import attributes
-    from .plan import attribute_uses
 
     shell = get_ipython()
     if shell is None:
         return
-    try:
-        stored, touched = attribute_uses(ast.parse(shell.transform_cell(raw)))
-    except Exception:  # not Python after all (a syntax error was shown already)
-        return
+    stored, touched = _attribute_uses_of(shell, raw)
     if stored or touched:
         attributes.registry.note(shell.user_ns, stored, touched)
+
+
+@functools.lru_cache(maxsize=64)
+def _attribute_uses_of(shell: Any, raw: str) -> tuple[tuple[tuple[str, ...], ...], tuple[tuple[str, ...], ...]]:
+    """:func:`nbisolate.plan.attribute_uses` of an ordinary cell's text, once per text (a cell is
+    run again and again); nothing for a cell that is not Python after all (its error was shown)."""
+    from .plan import attribute_uses
+
+    try:
+        return attribute_uses(ast.parse(shell.transform_cell(raw)))
+    except Exception:
+        return (), ()
 
 
 def load(shell: Any) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import html
 import textwrap
 
+import pytest
+
 
 def cell(code: str) -> str:
     return textwrap.dedent(code).strip("\n")
@@ -72,37 +74,26 @@ def test_python_api_in_the_kernel(kernel):
     assert html.escape("cfg['feeds'][1]") in data["text/html"]
 
 
-def test_notebook_function_is_a_spawn_trap_for_pickle_only(kernel):
-    kernel.run("def work(x):\n    return x * 2")
-    data = shown(kernel.run("%pickle_check work"))
-    text = data["text/plain"]
-    assert "defined in the notebook" in text
-    assert "FAILS under spawn" in text
-    verdicts = kernel.value(
-        "{k: r.verdict for k, r in nbisolate.pickle_check(work, 'work').results.items()}"
-    )
-    assert verdicts == {"pickle": "spawn", "dill": "ok", "cloudpickle": "ok"}
+@pytest.mark.parametrize(
+    ("define", "name", "verdicts", "dumper", "shown_as"),
+    [
+        ("def work(x):\n    return x * 2", "work", {"pickle": "spawn", "dill": "ok", "cloudpickle": "ok"},
+         "pickle", "function __main__.work"),
+        # cloudpickle copies the notebook's functions, but writes one under lru_cache by name, as pickle does
+        ("import functools\n@functools.lru_cache\ndef memo(x):\n    return x * 2", "memo",
+         {"pickle": "spawn", "dill": "ok", "cloudpickle": "spawn"}, "cloudpickle",
+         "function __main__.memo (under functools.lru_cache)"),
+    ],
+)
+def test_a_notebook_function_is_a_spawn_trap_where_it_is_written_by_name(kernel, define, name, verdicts, dumper, shown_as):
+    kernel.run("import nbisolate\n" + define)
+    text = shown(kernel.run(f"%pickle_check {name}"))["text/plain"]
+    assert "defined in the notebook" in text and "FAILS under spawn" in text and shown_as in text
+    found = kernel.value(f"{{k: r.verdict for k, r in nbisolate.pickle_check({name}, {name!r}).results.items()}}")
+    assert found == verdicts
     # what a spawned child really says
-    error = kernel.value(
-        "__import__('nbisolate.probe').probe.spawn_loads(__import__('pickle').dumps(work))"
-    )
-    assert "Can't get attribute 'work'" in error
-
-
-def test_an_lru_cached_notebook_function_is_a_spawn_trap_for_cloudpickle_too(kernel):
-    """cloudpickle copies the notebook's functions, but writes one under ``functools.lru_cache``
-    by name, as pickle does; %%isolate sends it by value."""
-    kernel.run("import functools\n@functools.lru_cache\ndef memo(x):\n    return x * 2")
-    text = shown(kernel.run("%pickle_check memo"))["text/plain"]
-    assert "function __main__.memo (under functools.lru_cache)" in text
-    verdicts = kernel.value(
-        "{k: r.verdict for k, r in nbisolate.pickle_check(memo, 'memo').results.items()}"
-    )
-    assert verdicts == {"pickle": "spawn", "dill": "ok", "cloudpickle": "spawn"}
-    error = kernel.value(
-        "__import__('nbisolate.probe').probe.spawn_loads(__import__('cloudpickle').dumps(memo))"
-    )
-    assert "Can't get attribute 'memo'" in error
+    error = kernel.value(f"__import__('nbisolate.probe').probe.spawn_loads(__import__({dumper!r}).dumps({name}))")
+    assert f"Can't get attribute '{name}'" in error
 
 
 def test_whole_namespace_lists_problems_first_and_modules_as_fine(kernel):
