@@ -801,6 +801,28 @@ def end_of_cell(timeout: float = 3.0) -> None:
         _close_tracker_fds()
         proctree.wait_for_exit(trackers, timeout)
     proctree.kill_own_descendants()
+    _remove_temp_dirs()
+
+
+def _remove_temp_dirs() -> None:
+    """Remove the ``pymp-*`` folders the cell's pools made (a forkserver's socket is in one).
+
+    multiprocessing removes them as the interpreter exits, which a worker never does (it ends
+    with ``os._exit``): each folder's own finalizer is run here, and a finalizer runs only in
+    the process that made its folder, never in a template's or a spare's.
+    """
+    for family in ("multiprocessing", "multiprocess"):
+        util = sys.modules.get(f"{family}.util")
+        remove = getattr(util, "_remove_temp_dir", None)
+        registry = getattr(util, "_finalizer_registry", None)
+        if remove is None or not registry:
+            continue
+        for finalizer in list(registry.values()):
+            if getattr(finalizer, "_callback", None) is remove:
+                try:
+                    finalizer()
+                except Exception:
+                    pass
 
 
 # -- ordinary notebook cells: %isolate_config mp=on ------------------------------------------

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
@@ -69,6 +71,11 @@ def fresh_kernel() -> Iterator[Kernel]:
     """A kernel of its own, for tests that interrupt, restart or kill it."""
     with loaded_kernel() as k:
         yield k
+
+
+def mp_folders() -> set[Path]:
+    """multiprocessing's temporary folders (``pymp-*``; a forkserver's socket is in one)."""
+    return set(Path(tempfile.gettempdir()).glob("pymp-*"))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import nbformat
 import pytest
 from nbclient.exceptions import CellExecutionError
+
+from .conftest import mp_folders
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 sys.path.insert(0, str(NOTEBOOKS))
@@ -31,14 +32,10 @@ def _outputs(nb: nbformat.NotebookNode, starts: str) -> str:
     )
 
 
-def _mp_folders() -> set[Path]:
-    return set(Path(tempfile.gettempdir()).glob("pymp-*"))
-
-
 @pytest.mark.parametrize("name", sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")))
 def test_a_demo_notebook_runs_top_to_bottom(name: str):
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-    before = _mp_folders()
+    before = mp_folders()
     try:
         run_demo.execute(nb, NOTEBOOKS)  # raises at the first cell that fails unannounced
     except CellExecutionError as exc:
@@ -48,7 +45,7 @@ def test_a_demo_notebook_runs_top_to_bottom(name: str):
     finally:
         # The folder of the forkserver's socket that 05's ordinary cell started in the kernel:
         # ipykernel's shutdown ends the kernel before multiprocessing's exit handler removes it.
-        for folder in _mp_folders() - before:
+        for folder in mp_folders() - before:
             shutil.rmtree(folder, ignore_errors=True)
     announced = [c for c in nb.cells if "raises-exception" in c.metadata.get("tags", [])]
     for cell in announced:  # a failure the text announces still happens

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import time
 
 import psutil
 import pytest
 
-from .conftest import loaded_kernel, wait_until
+from .conftest import loaded_kernel, mp_folders, wait_until
 from .kernel import Kernel
 
 METHODS = multiprocessing.get_all_start_methods()
@@ -125,19 +126,27 @@ def _shm(prefix: str) -> set[str]:
 
 @pytest.mark.parametrize(("kind", "method"), _cases())
 def test_pools_work_inside_an_isolated_cell(kernel, kind, method):
+    before = mp_folders()
     cell = "%%isolate --timeout 90 --quiet\n" + DEFINITIONS + POOL_CELLS[kind].format(method=method) + RESULT
     res = kernel.execute(cell, timeout=120)
     assert res.ok, res.error_text
     assert kernel.value("result") == EXPECTED
     assert _workers_gone(kernel), _leftovers(kernel)
+    # The worker removes the folders its pools made as it ends, just after the cell's reply.
+    assert wait_until(lambda: not mp_folders() - before, 10), mp_folders() - before
 
 
 @pytest.fixture(scope="module")
 def mp_kernel():
     """A kernel of their own for ordinary cells: the forkserver and loky's workers stay in it."""
     pytest.importorskip("joblib")
+    before = mp_folders()
     with loaded_kernel() as k:
         yield k
+    # The kernel's own forkserver folders: ipykernel's shutdown ends the kernel before
+    # multiprocessing's exit handler removes them (an ordinary notebook's leave them too).
+    for folder in mp_folders() - before:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.mark.parametrize(("kind", "method"), _cases())
