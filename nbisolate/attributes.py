@@ -43,6 +43,8 @@ import types
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from . import inplace
+
 PREFIX = "\x00attribute\x00"
 """The result name of an attribute a cell set: ``PREFIX + "config.LR"`` (no variable has a NUL)."""
 
@@ -108,7 +110,6 @@ cell may change it in place (:func:`nbisolate.inplace.image`), else None."""
 
 def watch(ns: dict[str, Any], chains: Iterable[Chain]) -> Seen:
     """Before the cell: each attribute's owner, value and state (``_MISSING`` for what is not there yet)."""
-    from . import inplace
 
     seen: Seen = {}
     for chain in chains:
@@ -123,7 +124,6 @@ def watch(ns: dict[str, Any], chains: Iterable[Chain]) -> Seen:
 def changed(ns: dict[str, Any], seen: Seen) -> tuple[dict[str, Any], list[str], list[str]]:
     """After the cell: the attributes rebound or changed in place (by result name, with their
     values), the names of those deleted, and of those changed in place (among the first)."""
-    from . import inplace
 
     values: dict[str, Any] = {}
     deleted: list[str] = []
@@ -159,7 +159,6 @@ def apply(
     Returns what could not be set, as sentences.  Each one set is remembered in
     ``registry``, so the next isolated cell finds it there too.
     """
-    from . import inplace
 
     problems: list[str] = []
     changed_in_place = set(in_place)
@@ -245,7 +244,6 @@ class Registry:
     def note(self, ns: Mapping[str, Any], stored: Iterable[Chain], touched: Iterable[Chain] = ()) -> None:
         """An ordinary cell ran: remember what its text set (``stored``) or may have changed in
         place (``touched``, if its value can change) on shared objects of a module."""
-        from . import inplace
 
         for chain, always in [*((c, True) for c in stored), *((c, False) for c in touched)]:
             obj = owner(ns, tuple(chain))
