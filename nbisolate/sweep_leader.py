@@ -103,7 +103,7 @@ class _Leader:
 
     # -- setup: the shared inputs, once ------------------------------------------------
     def load(self) -> types.ModuleType:
-        from . import ship
+        from . import settings, ship
 
         job = self.base
         os.chdir(job["cwd"])
@@ -115,9 +115,7 @@ class _Leader:
         sys.modules["__main__"] = main
         for hook in job.get("startup", ()):
             __import__(hook)
-        # What every child would import: once here, not once per value.
-        from . import display_worker, inplace, pools, rng, settings  # noqa: F401
-
+        worker.import_run_path()  # what every child would import: once here, not once per value
         worker._c_library()
         # The notebook's settings, once for every value (a deep shared input needs the recursion
         # limit): each child starts with them in place, and takes only its logging handlers,

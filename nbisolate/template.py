@@ -278,7 +278,9 @@ def main(fd: int) -> None:
     last_env: dict[str, str] | None = None  # the kernel's environment, as last sent
     start_env = dict(os.environ)  # the kernel's, when it started this process or last asked a preload
     # The worker imports these anyway; paying for them once here is the point.
-    from . import attributes, inplace, proctree, rng, settings, ship, wire, worker  # noqa: F401
+    from . import proctree, wire, worker  # noqa: F401
+
+    worker.import_run_path()
 
     worker._c_library()  # the C library handle for prctl and fflush, inherited by every fork
     worker.preimport()

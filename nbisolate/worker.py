@@ -951,6 +951,18 @@ def set_environ(env: dict[str, str]) -> None:
             current[key] = value
 
 
+def import_run_path() -> None:
+    """Import every module a cell's run needs (:func:`_run` imports them where it uses them).
+
+    Called once by each process that forks workers, the template and a sweep's
+    leader, so that no forked worker imports one again: an import is a file
+    read, and a compile too where no bytecode is cached (``PYTHONDONTWRITEBYTECODE``),
+    about 5 ms for one module, which a sweep of a thousand values would pay a
+    thousand times.
+    """
+    from . import attributes, inplace, rng, settings, ship  # noqa: F401
+
+
 def preimport() -> None:
     """Import what every worker would import at its start; called by the template.
 

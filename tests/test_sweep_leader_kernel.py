@@ -238,6 +238,22 @@ def test_the_leader_is_slim_unless_the_values_need_a_package_the_template_preloa
     assert {p for _, p in kernel.value("p")} == {template}
 
 
+READ_BYTES = "int(dict(line.split(': ') for line in open('/proc/self/io').read().splitlines())['rchar'])"
+"""Bytes the process read from files so far (its own count starts at its fork)."""
+
+
+@pytest.mark.parametrize("values", [N, SLIM_FROM], ids=["forked leader", "slim leader"])
+def test_a_value_reads_no_module_file_its_leader_imported_what_it_runs(kernel: Kernel, values: int):
+    """Each import a value's process made would be a file read (and, where no bytecode is
+    cached, a compile of milliseconds) paid once per value: the leader makes them once."""
+    res = kernel.run(f"%%isolate --quiet --over v=range({values})\nread = (v, {READ_BYTES})", timeout=120)
+    assert res.ok, res.error_text
+    read = kernel.value("read")
+    assert len(read) == values
+    # The smallest module of nbisolate is more than 600 bytes; the cell itself reads none.
+    assert max(n for _, n in read) < 600, read[:3]
+
+
 def test_large_inputs_and_results_travel_through_the_leader(kernel: Kernel):
     kernel.run("big = bytes(range(256)) * (16 * 1024)")  # 4 MB, shared by every value
     res = kernel.run(
