@@ -1146,6 +1146,7 @@ class Job:
         if lend:
             self._lend()
         self.on_event = on_event
+        self._held: list[Event] | None = None  # events of one read, passed on together (see release_events)
         self.timeout = timeout
         self.label = label
         self.env = env
@@ -1514,7 +1515,22 @@ class Job:
 
     # -- internals -----------------------------------------------------
     def _emit(self, kind: str, data: Any = None, buffers: list[Any] | None = None) -> None:
-        self.on_event(Event(kind, data, buffers or []))
+        event = Event(kind, data, buffers or [])
+        if self._held is not None:
+            self._held.append(event)
+        else:
+            self.on_event(event)
+
+    def hold_events(self) -> None:
+        """Keep the events emitted from now on until :meth:`release_events` (the reader thread's)."""
+        if self._held is None:
+            self._held = []
+
+    def release_events(self) -> None:
+        """Pass on the events held since :meth:`hold_events`, in order, and stop holding."""
+        held, self._held = self._held, None
+        for event in held or ():
+            self.on_event(event)
 
     @staticmethod
     def _close_fds(*fds: int | None) -> None:
@@ -1553,6 +1569,9 @@ class _Supervision:
 
     SCAN_SECONDS = 0.5
     """How often the tree's descendants are remembered while the cell runs."""
+
+    BATCH_MESSAGES = 32
+    """At most this many messages read at once are passed on together (:meth:`read_messages`)."""
 
     def __init__(self, job: Job, chan: Channel, out_r: int, err_r: int) -> None:
         assert job.proc is not None and job.tree is not None
@@ -1770,11 +1789,29 @@ class _Supervision:
             if what == "pipe":
                 self.read_pipe(key.fd)
             elif what == "chan":
-                self.read_message()
+                self.read_messages()
             elif what == "wake":
                 os.read(self.job._wake_r, 64)
             elif what == "exit":
                 self.exited = True
+
+    def read_messages(self) -> None:
+        """Read every message the channel holds now, then pass their events on together.
+
+        A quick cell's phases and result arrive in one write.  Passed on one by
+        one, each would wake the kernel's waiting thread while this one parses the
+        next, and the two would take turns at the interpreter's lock for every
+        read; held, they reach it in one batch.  The outcome is never held back:
+        it releases the batch itself (see :meth:`deliver_outcome`).
+        """
+        sock = self.chan.sock
+        self.job.hold_events()
+        try:
+            for _ in range(self.BATCH_MESSAGES):  # a cell that writes without pause still streams
+                if not (self.read_message() and sock in self.sel.get_map() and select.select([sock], [], [], 0)[0]):
+                    break
+        finally:
+            self.job.release_events()
 
     def tell_taken(self, calm: bool = False) -> None:
         """The cell is over: the template is told of the spares taken (see :meth:`TemplateLauncher.spare_taken`)."""
@@ -1986,6 +2023,7 @@ class _Supervision:
         if kind in (MSG_RESULT, MSG_ERROR):
             if self.reason is None:
                 if kind == MSG_RESULT and isinstance(body, dict) and "pull" in body:
+                    self.job.release_events()  # what came before a large result is not kept waiting for its copy
                     pulled = self.pull_result(body)
                     if pulled is None:
                         return True  # sent again with its buffers, or the run ends without it
@@ -2099,6 +2137,7 @@ class _Supervision:
                 {"dropped": self.dropped, "over_rate": self.over_rate, "max_output": self.job.max_output},
             )
         self.job._emit(kind, body, buffers)
+        self.job.release_events()  # the outcome, and what the same read brought before it: now
         self.tell_taken(calm=True)
         # A safety net behind the worker's own cleanup, off the critical path.
         self.remember()

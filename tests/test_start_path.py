@@ -11,6 +11,7 @@ that each shortcut keeps the behaviour it replaced.
 from __future__ import annotations
 
 import os
+import queue
 import subprocess
 import sys
 import textwrap
@@ -129,6 +130,38 @@ def test_phases_arrive_in_order_before_the_result(source):
     worker = [k for k in kinds if k in ("started", "phase start", "phase load", "phase run", "result")]
     assert worker == ["started", "phase start", "phase load", "phase run", "result"], kinds
     assert all(seconds >= 0 for seconds in run.phases.values()), run.phases
+
+
+def test_what_one_read_brings_is_passed_on_together(monkeypatch):
+    """The run phase travels in the same write as the result: both reach the waiting thread
+    in one batch, after both were read, rather than one wake-up each while the reader parses."""
+    from nbisolate import wire
+
+    reads = [0]
+    recv = wire.Channel.recv
+
+    def counting(self: wire.Channel):
+        reads[0] += 1
+        return recv(self)
+
+    monkeypatch.setattr(wire.Channel, "recv", counting)
+    passed: list[tuple[str, int]] = []
+    items: queue.SimpleQueue = queue.SimpleQueue()
+
+    def put(item: object) -> None:  # in the reader thread, as each event is passed on
+        if isinstance(item, Event):
+            passed.append((item.kind if item.kind != "phase" else f"phase {item.data[0]}", reads[0]))
+        items.put(item)
+
+    run = CellRun("small = 1", {})
+    run.prepare()
+    run.begin(put)
+    while run.busy:
+        run.feed(items.get(timeout=60))
+    run.outcome()
+    run.done(None)
+    at = dict(passed)
+    assert at["phase run"] == at["result"], passed
 
 
 def test_the_reader_threads_are_kept_for_the_next_job_and_then_end():
