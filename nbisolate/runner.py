@@ -20,6 +20,7 @@ nothing.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -175,6 +176,18 @@ def _one_paragraph(exc: BaseException) -> BaseException:
     """Show ``exc`` in IPython as its message alone: nbisolate's own frames would only bury it."""
     exc._render_traceback_ = lambda: [f"{type(exc).__name__}: {exc}"]  # type: ignore[attr-defined]
     return exc
+
+
+@functools.lru_cache(maxsize=1)
+def _micro_sign() -> str:
+    """How this kernel's IPython writes microseconds (``µs`` up to IPython 8, ``μs`` from 9):
+    ``%time`` and ``%timeit`` in an isolated cell print what they print in the notebook."""
+    try:
+        from IPython.core.magics.execution import _format_time
+
+        return str(_format_time(2e-6)).split()[-1]
+    except Exception:  # no IPython here, or another one: the worker's own sign
+        return "µs"
 
 
 def _cwd() -> str:
@@ -431,6 +444,8 @@ class CellRun:
         return {
             "source": self.source,
             "display_source": self.display_source or self.source,
+            # For %time and %timeit (IPython lines, turned into get_ipython() calls).
+            "micro": _micro_sign() if "get_ipython" in self.source else None,
             "line_offset": self.line_offset,
             "filename": self.filename,
             "cell_label": self.cell_label,

@@ -693,7 +693,7 @@ def _run(
     if "get_ipython" in job["source"]:  # IPython lines (!ls, %time), turned into calls
         from . import worker_shell
 
-        worker_shell.install(ns)
+        worker_shell.install(ns, micro=job.get("micro"))
 
     # What the namespace holds as the cell starts: a name its text does not show it binds
     # (exec, globals()[...], ``from m import *``) is found bound, rebound or gone at its end.

@@ -73,12 +73,16 @@ class _Formatter(string.Formatter):
             return expanded
 
 
+_micro = "µs"
+"""Microseconds as the kernel's IPython writes them (the job's ``micro``, see :func:`install`)."""
+
+
 def _fmt_time(seconds: float, precision: int = 3) -> str:
     """IPython's way: ``precision`` significant digits with the fitting unit."""
     if seconds >= 60:
         minutes, rest = divmod(seconds, 60)
         return f"{int(minutes)}min {rest:.0f}s"
-    for unit, scale in (("s", 1.0), ("ms", 1e3), ("µs", 1e6), ("ns", 1e9)):
+    for unit, scale in (("s", 1.0), ("ms", 1e3), (_micro, 1e6), ("ns", 1e9)):
         if seconds * scale >= 1 or unit == "ns":
             return f"{seconds * scale:.{precision}g} {unit}"
     return f"{seconds:.{precision}g} s"  # pragma: no cover
@@ -418,8 +422,12 @@ class WorkerShell:
         return flags, None, path, args
 
 
-def install(ns: MutableMapping[str, Any]) -> WorkerShell:
-    """Make ``get_ipython()`` in ``ns`` return a :class:`WorkerShell` on ``ns``."""
+def install(ns: MutableMapping[str, Any], micro: str | None = None) -> WorkerShell:
+    """Make ``get_ipython()`` in ``ns`` return a :class:`WorkerShell` on ``ns``; ``micro`` is how
+    the kernel's IPython writes microseconds (``µs`` or, from IPython 9, ``μs``)."""
+    global _micro
+    if micro:
+        _micro = micro
     shell = WorkerShell(ns)
     ns["get_ipython"] = lambda: shell
     return shell

@@ -103,6 +103,17 @@ def test_timeit_o_gives_what_it_gives_in_an_ordinary_cell(kernel):
     assert quiet.stdout == "" and kernel.value("q.loops") == 1
 
 
+def test_time_writes_microseconds_as_the_kernels_ipython_does(kernel):
+    """IPython 9 writes ``μs`` (Greek mu), IPython 8 ``µs`` (the micro sign): ``%time`` in an
+    isolated cell prints the kernel's, though the worker never imports IPython for it."""
+    kernel.run("from IPython.core.magics.execution import _format_time")
+    res = kernel.run(
+        "%%isolate\n%time pass\nunit = __import__('nbisolate.worker_shell', fromlist=['_fmt_time'])._fmt_time(2e-6)"
+    )
+    assert "Wall time:" in res.stdout
+    assert kernel.value("unit") == kernel.value("_format_time(2e-6)")
+
+
 def test_cell_magics_inside_the_body(kernel, tmp_path):
     target = tmp_path / "note.txt"
     res = kernel.run(f"%%isolate\n%%writefile {target}\nwritten in the worker\n")
