@@ -29,6 +29,13 @@ How, in three steps and on both sides:
    that is not possible (a DataFrame, a class with its own ``__setattr__``) the
    name is bound to the changed copy.
 
+A notebook function's default arguments are state too: ``def log(x, seen=[])``
+keeps what each call appended, and so does ``def fib(n, memo={})``.  The function
+travels as a copy, defaults included, so the worker also watches the defaults of
+the functions among the inputs (:func:`defaults_of`); one that changed goes back
+under a name of its own (:data:`DEFAULT` + ``"log.seen"``) and the kernel changes
+the notebook's default object in place (:func:`default_in`).
+
 Standard library only: the worker imports it.
 """
 
@@ -85,6 +92,55 @@ def brought_along(ns: Mapping[str, Any], names: Iterable[str]) -> list[str]:
         except Exception:  # a __sizeof__ that fails: not watched
             pass
     return out
+
+
+DEFAULT = "\x00default\x00"
+"""The result name of a function's default argument the cell changed: ``DEFAULT + "log.seen"``."""
+
+
+def _defaults(function: types.FunctionType) -> dict[str, Any]:
+    """A function's default arguments by parameter name (keyword-only ones included)."""
+    code = function.__code__
+    values = function.__defaults__ or ()
+    positional = code.co_varnames[: code.co_argcount]
+    out = dict(zip(positional[max(0, len(positional) - len(values)):], values[-len(positional):] if positional else (), strict=False))
+    out.update(function.__kwdefaults__ or {})
+    return out
+
+
+def defaults_of(ns: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    """The default arguments worth watching of the notebook functions among ``names``, by result
+    name: those that hold state (``seen=[]``) and whose own size is within :data:`WATCH_LIMIT`."""
+    import sys
+
+    out: dict[str, Any] = {}
+    for name in names:
+        function = ns.get(name)
+        if type(function) is not types.FunctionType or function.__module__ != "__main__":
+            continue
+        for parameter, value in _defaults(function).items():
+            try:
+                if holds_state(value) and sys.getsizeof(value) <= WATCH_LIMIT:
+                    out[f"{DEFAULT}{name}.{parameter}"] = value
+            except Exception:  # a __sizeof__ that fails: not watched
+                pass
+    return out
+
+
+def default_in(ns: Mapping[str, Any], key: str) -> Any:
+    """The object a :data:`DEFAULT` result name names in ``ns`` (the function's default as it is
+    there), or None when the name is no function there with such a default."""
+    name, _, parameter = key[len(DEFAULT):].rpartition(".")
+    function = ns.get(name)
+    if type(function) is not types.FunctionType:
+        return None
+    return _defaults(function).get(parameter)
+
+
+def describe_default(key: str) -> str:
+    """How a message names a default argument's result: ``the default of seen in log()``."""
+    name, _, parameter = key[len(DEFAULT):].rpartition(".")
+    return f"the default of {parameter} in {name}()"
 
 
 def changeable(value: Any) -> bool:

@@ -780,6 +780,7 @@ class CellRun:
             ) from None
         self.phases["return"] = body.get("dump_seconds", 0.0) + (time.perf_counter() - t0)
         self._apply_in_place(values, body.get("mutated") or ())
+        self._apply_defaults(values)
         value = values.pop(RESULT, None)
         set_attributes = {name: values.pop(name) for name in list(values) if attributes.chain_of(name)}
         if body.get("result_bundle") is not None:
@@ -832,6 +833,19 @@ class CellRun:
         for name, original in originals.items():
             if inplace.apply_in_place(original, values[name], swap):
                 values[name] = original
+
+    def _apply_defaults(self, values: dict[str, Any]) -> None:
+        """Default arguments the cell changed (``def log(x, seen=[])``, then ``log(1)``): the
+        notebook function's own default takes the change; they are never bound as variables."""
+        for key in [k for k in values if k.startswith(inplace.DEFAULT)]:
+            changed = values.pop(key)
+            original = inplace.default_in(self.namespace, key)
+            if original is None or not inplace.apply_in_place(original, changed, {}):
+                self.sink.stream(
+                    "stderr",
+                    f"nbisolate: the cell changed {inplace.describe_default(key)}, which the kernel "
+                    "could not take in place: it is as it was here. Change it in a normal cell.\n",
+                )
 
     def _note_unbound(self, values: Mapping[str, Any], unchanged: Iterable[str] = ()) -> None:
         """``--out reslt``: say which names were asked for and not bound (a typo, a branch not

@@ -102,3 +102,15 @@ def test_dict_and_set_kinds_take_a_change_with_their_own_meaning():
 def test_what_functions_bring_along_is_watched_when_it_holds_state_and_is_small():
     ns = {"results": [], "tally": {}, "big": list(range(200_000)), "n": 3, "arr": np.zeros(3), "f": len}
     assert inplace.brought_along(ns, list(ns)) == ["results", "tally", "arr"]
+
+
+def test_the_defaults_watched_are_a_notebook_functions_that_hold_state():
+    ns: dict = {}
+    exec("def log(x, seen=[], n=0, *, counts={}, tag='t'):\n    pass\ndef plain(x):\n    pass", ns)
+    ns["log"].__module__ = ns["plain"].__module__ = "__main__"
+    ns["imported"] = inplace.holds_state  # not the notebook's: never watched
+    found = inplace.defaults_of(ns, ["log", "plain", "imported", "missing"])
+    assert found == {inplace.DEFAULT + "log.seen": [], inplace.DEFAULT + "log.counts": {}}
+    assert inplace.default_in(ns, inplace.DEFAULT + "log.counts") is ns["log"].__kwdefaults__["counts"]
+    assert inplace.default_in(ns, inplace.DEFAULT + "plain.seen") is None
+    assert inplace.describe_default(inplace.DEFAULT + "log.seen") == "the default of seen in log()"

@@ -1142,3 +1142,33 @@ def test_sweep_values_set_nothing_on_the_notebooks_modules(kernel, tmp_path):
     assert kernel.value("(r, hasattr(cfg_swept, 'LAST'), [n for n in globals() if '\\x00' in n])") == (
         [0, 1, 2], False, []
     )
+
+
+# -- a function's default arguments are state it keeps -----------------------------------
+
+
+def test_a_default_argument_the_cell_changes_is_changed_in_the_notebook(kernel):
+    """``def log(x, seen=[])`` keeps what each call appended: a call in an isolated cell
+    appends to the notebook's own list, as the same call in an ordinary cell does."""
+    kernel.run(
+        cell(
+            """
+            def log(x, seen=[], *, counts={}):
+                seen.append(x)
+                counts[x] = counts.get(x, 0) + 1
+                return len(seen)
+            log(0)
+            kept = log.__defaults__[0]
+            def fixed(x, k=3):
+                return x * k
+            """
+        )
+    )
+    isolated(kernel, "n = log(1)\nm = fixed(2)")
+    assert kernel.value("(n, m, log.__defaults__[0], log.__kwdefaults__)") == (2, 6, [0, 1], {"counts": {0: 1, 1: 1}})
+    assert kernel.value("log.__defaults__[0] is kept") is True  # the notebook's own list, changed
+    assert kernel.value("log(2)") == 3  # and the next ordinary call continues from it
+    assert kernel.value("[k for k in globals() if not k.isidentifier()]") == []
+    # A cell that defines the function anew brings back the new one, not the old one's defaults.
+    isolated(kernel, "def log(x, seen=[]):\n    seen.append(x)\n    return len(seen)\nlog(5)")
+    assert kernel.value("(log(6), kept)") == (2, [0, 1, 2])
