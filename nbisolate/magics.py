@@ -189,6 +189,8 @@ class IsolateMagics(Magics):
                 filename=_cell_filename(shell, shown, number),
                 cell_label=f"Cell In[{number}]",
             )
+            if "get_ipython" in run.source:  # IPython lines: %time prints as the kernel's does
+                run.micro = _micro_sign()
             if options.background:
                 # The job reads its inputs from the namespace as this cell saw it (a queued
                 # job starts later) and binds into a copy; nbisolate.background applies it.
@@ -454,6 +456,19 @@ async def isolate_async(line: str, cell: str) -> Any:
         return await run.run_async()
     finally:
         release_comms()
+
+
+@functools.lru_cache(maxsize=1)
+def _micro_sign() -> str:
+    """How this kernel's IPython writes microseconds (``µs`` up to IPython 8, ``μs`` from 9):
+    ``%time`` and ``%timeit`` in an isolated cell print what they print in the notebook, though
+    the worker never imports IPython for them."""
+    try:
+        from IPython.core.magics.execution import _format_time
+
+        return str(_format_time(2e-6)).split()[-1]
+    except Exception:  # another IPython: the worker's own sign
+        return "µs"
 
 
 def _expand(shell: Any, line: str) -> str:

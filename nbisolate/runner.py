@@ -20,7 +20,6 @@ nothing.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import signal
@@ -178,18 +177,6 @@ def _one_paragraph(exc: BaseException) -> BaseException:
     return exc
 
 
-@functools.lru_cache(maxsize=1)
-def _micro_sign() -> str:
-    """How this kernel's IPython writes microseconds (``µs`` up to IPython 8, ``μs`` from 9):
-    ``%time`` and ``%timeit`` in an isolated cell print what they print in the notebook."""
-    try:
-        from IPython.core.magics.execution import _format_time
-
-        return str(_format_time(2e-6)).split()[-1]
-    except Exception:  # no IPython here, or another one: the worker's own sign
-        return "µs"
-
-
 def _cwd() -> str:
     """The kernel's working directory, for the worker; a clear error if it was deleted."""
     try:
@@ -276,6 +263,8 @@ class CellRun:
         # In-place changes to inputs come back (inplace.py); not for a job that ends while
         # the notebook goes on (--bg), nor for the values of a sweep.
         self.watch = not options.background
+        # How the kernel's IPython writes microseconds, for %time in the cell (set by the magic).
+        self.micro: str | None = None
         # The notebook's global random state goes with the cell (rng.py); not to the values of
         # a sweep, which would all draw the same numbers.
         self.carry_random = True
@@ -444,8 +433,7 @@ class CellRun:
         return {
             "source": self.source,
             "display_source": self.display_source or self.source,
-            # For %time and %timeit (IPython lines, turned into get_ipython() calls).
-            "micro": _micro_sign() if "get_ipython" in self.source else None,
+            "micro": self.micro,
             "line_offset": self.line_offset,
             "filename": self.filename,
             "cell_label": self.cell_label,

@@ -403,6 +403,7 @@ class Sweep:
                     settings_of=t.settings,  # read once, with the sweep's own run
                 )
                 run.plan = plan  # the same for every value: planned once, above
+                run.micro = t.micro
                 run.watch = False  # values run side by side: no in-place changes come back
                 run.carry_random = False  # nor one random state for all of them
                 run.settings_back = False  # nor the settings one of them changed
