@@ -98,8 +98,8 @@ def chain_of(name: str) -> Chain | None:
 
 def describe(name: str) -> str:
     """How a message names a result: ``the attribute config.LR`` or ``result 'x'``."""
-    if name.startswith(inplace.DEFAULT):
-        return inplace.describe_default(name)
+    if name.startswith(inplace.STATE):
+        return inplace.describe_state(name)
     chain = chain_of(name)
     return f"the attribute {'.'.join(chain)}" if chain else f"result {name!r}"
 

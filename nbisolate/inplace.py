@@ -29,12 +29,14 @@ How, in three steps and on both sides:
    that is not possible (a DataFrame, a class with its own ``__setattr__``) the
    name is bound to the changed copy.
 
-A notebook function's default arguments are state too: ``def log(x, seen=[])``
-keeps what each call appended, and so does ``def fib(n, memo={})``.  The function
-travels as a copy, defaults included, so the worker also watches the defaults of
-the functions among the inputs (:func:`defaults_of`); one that changed goes back
-under a name of its own (:data:`DEFAULT` + ``"log.seen"``) and the kernel changes
-the notebook's default object in place (:func:`default_in`).
+A notebook function keeps state too: ``def log(x, seen=[])`` keeps what each
+call appended to its default, and a closure (``def counter(): n = 0; def inc():
+nonlocal n; n += 1``) keeps its variables.  The function travels as a copy,
+defaults and closure included, so the worker also watches what the notebook
+functions among the inputs keep (:func:`watch_functions`, :func:`functions_changed`);
+what changed goes back under a name of its own (:data:`STATE` + ``"log.seen"``),
+and the kernel sets it on the notebook's own function, in place where it can
+(:func:`take_function_state`).
 
 Standard library only: the worker imports it.
 """
@@ -70,6 +72,8 @@ def holds_state(value: Any) -> bool:
     kind = type(value)
     if isinstance(value, (list, dict, set, bytearray)) or (kind.__name__ == "ndarray" and kind.__module__ == "numpy"):
         return True
+    if isinstance(value, tuple):
+        return any(holds_state(item) for item in value)
     return _plain_object(value)
 
 
@@ -94,8 +98,15 @@ def brought_along(ns: Mapping[str, Any], names: Iterable[str]) -> list[str]:
     return out
 
 
-DEFAULT = "\x00default\x00"
-"""The result name of a function's default argument the cell changed: ``DEFAULT + "log.seen"``."""
+STATE = "\x00state\x00"
+"""The result name of state a notebook function keeps that the cell changed: a default argument
+(``STATE + "log.seen"``) or a variable of its closure (``STATE + "counter.n"``)."""
+
+_SIMPLE = (int, float, complex, str, bytes, bool, type(None))
+"""Values a closure's ``nonlocal n; n += 1`` rebinds: watched as values, not in place."""
+
+Seen = dict[str, tuple[Any, Any, "bytes | None"]]
+"""Before the cell, per :data:`STATE` name: the function, the value, and the value's image."""
 
 
 def _defaults(function: types.FunctionType) -> dict[str, Any]:
@@ -108,39 +119,86 @@ def _defaults(function: types.FunctionType) -> dict[str, Any]:
     return out
 
 
-def defaults_of(ns: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
-    """The default arguments worth watching of the notebook functions among ``names``, by result
-    name: those that hold state (``seen=[]``) and whose own size is within :data:`WATCH_LIMIT`."""
+def _closure(function: types.FunctionType) -> dict[str, Any]:
+    """The cells of a function's closure by variable name."""
+    return dict(zip(function.__code__.co_freevars, function.__closure__ or (), strict=False))
+
+
+def _kept_state(function: types.FunctionType) -> dict[str, Any]:
+    """What a function keeps between calls, by name: its defaults that hold state, and the values
+    of its closure that hold state or are plain values (``nonlocal n`` rebinds those)."""
     import sys
 
-    out: dict[str, Any] = {}
+    out = {name: value for name, value in _defaults(function).items() if holds_state(value)}
+    for name, cell in _closure(function).items():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # a variable not bound yet
+            continue
+        if isinstance(value, _SIMPLE) or holds_state(value):
+            out[name] = value
+    try:
+        return {name: value for name, value in out.items() if sys.getsizeof(value) <= WATCH_LIMIT}
+    except Exception:  # a __sizeof__ that fails: nothing of this function is watched
+        return {}
+
+
+def _functions(ns: Mapping[str, Any], names: Iterable[str]) -> Iterable[tuple[str, types.FunctionType]]:
     for name in names:
         function = ns.get(name)
-        if type(function) is not types.FunctionType or function.__module__ != "__main__":
-            continue
-        for parameter, value in _defaults(function).items():
-            try:
-                if holds_state(value) and sys.getsizeof(value) <= WATCH_LIMIT:
-                    out[f"{DEFAULT}{name}.{parameter}"] = value
-            except Exception:  # a __sizeof__ that fails: not watched
-                pass
+        if type(function) is types.FunctionType and function.__module__ == "__main__":
+            yield name, function
+
+
+def watch_functions(ns: MutableMapping[str, Any], names: Iterable[str]) -> Seen:
+    """Before the cell: the state the notebook functions among ``names`` keep, with its image."""
+    seen: Seen = {}
+    for name, function in _functions(ns, names):
+        for part, value in _kept_state(function).items():
+            seen[f"{STATE}{name}.{part}"] = (function, value, image(value, ns))
+    return seen
+
+
+def functions_changed(ns: MutableMapping[str, Any], seen: Seen) -> dict[str, Any]:
+    """After the cell: by :data:`STATE` name, the state a function keeps that the cell rebound
+    (a closure's ``nonlocal``) or changed in place, of functions still bound as they arrived."""
+    out: dict[str, Any] = {}
+    for key, (function, before, state) in seen.items():
+        name, _, part = key[len(STATE):].rpartition(".")
+        if ns.get(name) is not function:
+            continue  # defined anew by the cell: it comes back itself
+        now = _kept_state(function).get(part, before)
+        if now is not before or (state is not None and image(now, ns) != state):
+            out[key] = now
     return out
 
 
-def default_in(ns: Mapping[str, Any], key: str) -> Any:
-    """The object a :data:`DEFAULT` result name names in ``ns`` (the function's default as it is
-    there), or None when the name is no function there with such a default."""
-    name, _, parameter = key[len(DEFAULT):].rpartition(".")
+def take_function_state(ns: Mapping[str, Any], key: str, value: Any) -> bool:
+    """In the kernel: the notebook function's own state takes what the cell left (a default in
+    place, a closure's variable in place or rebound); False where it cannot."""
+    name, _, part = key[len(STATE):].rpartition(".")
     function = ns.get(name)
     if type(function) is not types.FunctionType:
-        return None
-    return _defaults(function).get(parameter)
+        return False
+    cell = _closure(function).get(part)
+    if cell is not None:
+        try:
+            if not (holds_state(cell.cell_contents) and apply_in_place(cell.cell_contents, value, {})):
+                cell.cell_contents = value
+            return True
+        except (ValueError, AttributeError):
+            return False
+    default = _defaults(function).get(part, _NOTHING)
+    return default is not _NOTHING and apply_in_place(default, value, {})
 
 
-def describe_default(key: str) -> str:
-    """How a message names a default argument's result: ``the default of seen in log()``."""
-    name, _, parameter = key[len(DEFAULT):].rpartition(".")
-    return f"the default of {parameter} in {name}()"
+_NOTHING: Any = object()
+
+
+def describe_state(key: str) -> str:
+    """How a message names a function's state: ``seen, which log() keeps``."""
+    name, _, part = key[len(STATE):].rpartition(".")
+    return f"{part}, which {name}() keeps"
 
 
 def changeable(value: Any) -> bool:
@@ -151,6 +209,8 @@ def changeable(value: Any) -> bool:
     """
     from .travel import process_state
 
+    if isinstance(value, tuple):  # ([1], {"a": 1}): its items can change, though it cannot
+        return any(changeable(item) for item in value)
     return not isinstance(value, _UNCHANGEABLE) and process_state(value) is None
 
 
@@ -234,6 +294,14 @@ def apply_in_place(original: Any, new: Any, swap: Mapping[int, Any]) -> bool:
                     original.add(v)
             else:
                 original[:] = new
+        elif isinstance(original, tuple):
+            # Its items are the same objects as before the cell (a tuple's cannot be replaced):
+            # each takes its own change in place, or was an equal value all along.
+            if len(original) != len(new):
+                return False
+            for before, after in zip(original, new, strict=True):
+                if not (own(after) is before or _equal(before, after) or apply_in_place(before, after, swap)):
+                    return False
         elif kind.__name__ == "ndarray" and kind.__module__ == "numpy":
             if original.shape != new.shape or original.dtype != new.dtype or not original.flags.writeable:
                 return False
@@ -247,6 +315,14 @@ def apply_in_place(original: Any, new: Any, swap: Mapping[int, Any]) -> bool:
     except Exception:
         return False
     return True
+
+
+def _equal(a: Any, b: Any) -> bool:
+    """``a == b`` as a plain truth (an array's comparison, or one that raises, is not)."""
+    try:
+        return type(a) is type(b) and (a == b) is True
+    except Exception:
+        return False
 
 
 class _Reference:

@@ -768,7 +768,7 @@ class CellRun:
             ) from None
         self.phases["return"] = body.get("dump_seconds", 0.0) + (time.perf_counter() - t0)
         self._apply_in_place(values, body.get("mutated") or ())
-        self._apply_defaults(values)
+        self._apply_function_state(values)
         value = values.pop(RESULT, None)
         set_attributes = {name: values.pop(name) for name in list(values) if attributes.chain_of(name)}
         if body.get("result_bundle") is not None:
@@ -822,17 +822,16 @@ class CellRun:
             if inplace.apply_in_place(original, values[name], swap):
                 values[name] = original
 
-    def _apply_defaults(self, values: dict[str, Any]) -> None:
-        """Default arguments the cell changed (``def log(x, seen=[])``, then ``log(1)``): the
-        notebook function's own default takes the change; they are never bound as variables."""
-        for key in [k for k in values if k.startswith(inplace.DEFAULT)]:
-            changed = values.pop(key)
-            original = inplace.default_in(self.namespace, key)
-            if original is None or not inplace.apply_in_place(original, changed, {}):
+    def _apply_function_state(self, values: dict[str, Any]) -> None:
+        """What notebook functions keep that the cell changed (``def log(x, seen=[])`` then
+        ``log(1)``, a closure's ``nonlocal n``): the notebook's own function takes it; none of
+        it is bound as a variable."""
+        for key in [k for k in values if k.startswith(inplace.STATE)]:
+            if not inplace.take_function_state(self.namespace, key, values.pop(key)):
                 self.sink.stream(
                     "stderr",
-                    f"nbisolate: the cell changed {inplace.describe_default(key)}, which the kernel "
-                    "could not take in place: it is as it was here. Change it in a normal cell.\n",
+                    f"nbisolate: the cell changed {inplace.describe_state(key)}, which the kernel "
+                    "could not take: it is as it was here. Change it in a normal cell.\n",
                 )
 
     def _note_unbound(self, values: Mapping[str, Any], unchanged: Iterable[str] = ()) -> None:

@@ -681,9 +681,8 @@ def _run(
         brought = [name for name in ns if name not in known and name not in inputs and not _dunder(name)]
         watch = [*watch, *inplace.brought_along(ns, brought)] if brought else watch
     watched = inplace.snapshot(ns, watch or ())
-    # And the default arguments of the notebook functions among the inputs (def log(x, seen=[])).
-    defaults = inplace.defaults_of(ns, job["inputs"]) if watch is not None else {}
-    watched_defaults = inplace.snapshot(defaults, defaults) if defaults else {}
+    # And what the notebook functions among the inputs keep: defaults (seen=[]), closures.
+    kept = inplace.watch_functions(ns, job["inputs"]) if watch is not None else {}
     rng.restore(job.get("rng"), lazily=True)
     if job.get("patches"):  # what the notebook set on its modules, set on the worker's
         attributes.patch(_patch_loaders(job["patches"], ns))
@@ -753,12 +752,8 @@ def _run(
         out.pop(name, None)
     for name in mutated:
         out[name] = ns[name]
-    if watched_defaults:  # the same functions' defaults as they are now (a redefined one has others)
-        now = inplace.defaults_of(ns, job["inputs"])
-        changed_defaults, _ = inplace.changed(now, watched_defaults)
-        for key in changed_defaults:
-            out[key] = now[key]
-        mutated = [*mutated, *changed_defaults]
+    if kept:
+        out.update(inplace.functions_changed(ns, kept))
     bundle = None
     if tail is not None and value is not None:
         out[RESULT] = value

@@ -104,13 +104,48 @@ def test_what_functions_bring_along_is_watched_when_it_holds_state_and_is_small(
     assert inplace.brought_along(ns, list(ns)) == ["results", "tally", "arr"]
 
 
-def test_the_defaults_watched_are_a_notebook_functions_that_hold_state():
+def test_what_a_notebook_function_keeps_is_watched_and_taken_back():
     ns: dict = {}
-    exec("def log(x, seen=[], n=0, *, counts={}, tag='t'):\n    pass\ndef plain(x):\n    pass", ns)
-    ns["log"].__module__ = ns["plain"].__module__ = "__main__"
+    exec(
+        "def log(x, seen=[], n=0, *, counts={}, tag='t'):\n    pass\n"
+        "def counter():\n    n = 0\n    hits = []\n    def inc():\n        nonlocal n\n        n += 1\n"
+        "        hits.append(n)\n        return n\n    return inc\n"
+        "inc = counter()",
+        ns,
+    )
+    ns["log"].__module__ = ns["inc"].__module__ = "__main__"
     ns["imported"] = inplace.holds_state  # not the notebook's: never watched
-    found = inplace.defaults_of(ns, ["log", "plain", "imported", "missing"])
-    assert found == {inplace.DEFAULT + "log.seen": [], inplace.DEFAULT + "log.counts": {}}
-    assert inplace.default_in(ns, inplace.DEFAULT + "log.counts") is ns["log"].__kwdefaults__["counts"]
-    assert inplace.default_in(ns, inplace.DEFAULT + "plain.seen") is None
-    assert inplace.describe_default(inplace.DEFAULT + "log.seen") == "the default of seen in log()"
+    seen = inplace.watch_functions(ns, ["log", "inc", "imported", "missing"])
+    assert sorted(seen) == sorted(inplace.STATE + k for k in ("log.seen", "log.counts", "inc.n", "inc.hits"))
+    ns["log"].__defaults__[0].append(1)
+    ns["inc"]()
+    changed = inplace.functions_changed(ns, seen)
+    assert changed == {inplace.STATE + "log.seen": [1], inplace.STATE + "inc.n": 1, inplace.STATE + "inc.hits": [1]}
+    # The kernel's own functions take it: a default in place, a closure's variable in place or rebound.
+    kernel: dict = {}
+    exec(
+        "def log(x, seen=[]):\n    pass\n"
+        "def counter():\n    n = 0\n    hits = []\n    def inc():\n        nonlocal n\n        n += 1\n"
+        "        hits.append(n)\n        return n\n    return inc\n"
+        "inc = counter()",
+        kernel,
+    )
+    own_seen, own_hits = kernel["log"].__defaults__[0], inplace._closure(kernel["inc"])["hits"].cell_contents
+    for key, value in changed.items():
+        assert inplace.take_function_state(kernel, key, value)
+    assert kernel["log"].__defaults__[0] is own_seen == [1]
+    assert kernel["inc"]() == 2 and own_hits == [1, 2]
+    assert not inplace.take_function_state(kernel, inplace.STATE + "missing.x", 1)
+    assert inplace.describe_state(inplace.STATE + "log.seen") == "seen, which log() keeps"
+
+
+def test_a_tuple_of_changeable_items_is_watched_and_its_items_take_the_change():
+    items, table = [1], {"a": 1}
+    pair = (items, table, 3)
+    assert inplace.changeable(pair) and inplace.holds_state(pair)
+    assert not inplace.changeable((1, "a")) and inplace.changeable(((1, [2]),))
+    assert inplace.apply_in_place(pair, ([1, 2], {"a": 1, "b": 2}, 3), {})
+    assert pair[0] is items == [1, 2] and pair[1] is table == {"a": 1, "b": 2}
+    assert not inplace.apply_in_place((1,), (2,), {})  # an item that is a value cannot change: rebound
+    array = np.zeros(2)
+    assert inplace.apply_in_place((array,), (np.ones(2),), {}) and array.tolist() == [1.0, 1.0]

@@ -1172,3 +1172,34 @@ def test_a_default_argument_the_cell_changes_is_changed_in_the_notebook(kernel):
     # A cell that defines the function anew brings back the new one, not the old one's defaults.
     isolated(kernel, "def log(x, seen=[]):\n    seen.append(x)\n    return len(seen)\nlog(5)")
     assert kernel.value("(log(6), kept)") == (2, [0, 1, 2])
+
+
+def test_a_closures_variables_the_cell_changes_are_changed_in_the_notebook(kernel):
+    """A counter made by a closure counts on after an isolated call, as after an ordinary one:
+    a rebound ``nonlocal`` and a list it appends to."""
+    kernel.run(
+        cell(
+            """
+            def make_counter():
+                n = 0
+                calls = []
+                def count(tag):
+                    nonlocal n
+                    n += 1
+                    calls.append(tag)
+                    return n
+                return count
+            count = make_counter()
+            count("a")
+            """
+        )
+    )
+    isolated(kernel, "got = count('b')")
+    assert kernel.value("(got, count('c'))") == (2, 3)
+    assert kernel.value("count.__closure__[count.__code__.co_freevars.index('calls')].cell_contents") == ["a", "b", "c"]
+
+
+def test_the_items_of_a_tuple_the_cell_changes_are_changed_in_the_notebook(kernel):
+    kernel.run("history, best = [], {}\npair = (history, best)")
+    isolated(kernel, "pair[0].append(0.5)\npair[1]['lr'] = 0.1")
+    assert kernel.value("(pair, pair[0] is history, pair[1] is best)") == (([0.5], {"lr": 0.1}), True, True)
