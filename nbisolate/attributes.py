@@ -188,6 +188,69 @@ def apply(
     return problems
 
 
+# -- the notebook's own classes: what their methods set on them ------------------------------
+# ``class Particle: count = 0; def __init__(self): Particle.count += 1``: a cell that makes
+# particles changes the class from inside a method, where its text shows nothing.  The
+# notebook's classes travel as copies, so the kernel names those the inputs bring (a class,
+# or an instance's class, bound in the notebook under its own name: :func:`class_roots`) and
+# the worker compares their data attributes (:func:`watch_classes`, :func:`classes_changed`).
+
+
+def class_roots(ns: Mapping[str, Any], inputs: Iterable[str]) -> dict[str, str]:
+    """In the kernel: for each notebook class an input is or is an instance of, bound in ``ns``
+    under its own name, that name and the input that brings it."""
+    roots: dict[str, str] = {}
+    for name in inputs:
+        value = ns.get(name)
+        kind = value if isinstance(value, type) else type(value)
+        root = getattr(kind, "__name__", None)
+        if kind.__module__ == "__main__" and isinstance(root, str) and root not in roots and ns.get(root) is kind:
+            roots[root] = name
+    return roots
+
+
+def _data(kind: type) -> dict[str, Any]:
+    """A class's own data attributes: not its dunders, methods, properties or nested classes."""
+    return {
+        name: value
+        for name, value in vars(kind).items()
+        if not (name.startswith("__") and name.endswith("__"))
+        and not hasattr(type(value), "__get__")
+        and not isinstance(value, type)
+    }
+
+
+ClassWatch = tuple[dict[str, type], Seen, dict[str, frozenset[str]]]
+"""What :func:`watch_classes` took: each class by its notebook name, its attributes as
+:func:`watch` saw them, and the names of its data attributes then."""
+
+
+def watch_classes(ns: Mapping[str, Any], roots: Mapping[str, str]) -> ClassWatch:
+    """In the worker, before the cell: the data attributes of the classes :func:`class_roots` named."""
+    classes: dict[str, type] = {}
+    for root, name in roots.items():
+        value = ns.get(name)
+        kind = value if isinstance(value, type) else type(value)
+        if kind.__module__ == "__main__":
+            classes[root] = kind
+    names = {root: frozenset(_data(kind)) for root, kind in classes.items()}
+    seen = watch(classes, [(root, attribute) for root in classes for attribute in names[root]])
+    return classes, seen, names
+
+
+def classes_changed(ns: Mapping[str, Any], watched: ClassWatch) -> tuple[dict[str, Any], list[str], list[str]]:
+    """After the cell: as :func:`changed`, for the classes' attributes, and those added to them;
+    not for a class whose name the cell bound to something else (it comes back itself)."""
+    classes, seen, names = watched
+    kept = {root: kind for root, kind in classes.items() if ns.get(root, kind) is kind}
+    values, deleted, in_place = changed(kept, {c: v for c, v in seen.items() if c[0] in kept})
+    for root, kind in kept.items():
+        for attribute, value in _data(kind).items():
+            if attribute not in names[root]:
+                values[name_of((root, attribute))] = value
+    return values, deleted, in_place
+
+
 # -- there: the kernel remembers, the worker sets --------------------------------------------
 Patch = tuple[str, str, str]
 """Where an attribute lives: (module, qualified name of a class or function in it or "", attribute)."""

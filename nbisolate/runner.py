@@ -451,6 +451,7 @@ class CellRun:
             "deletes": list(self.plan.deletes),
             "rng": rng.capture() if self.carry_random else None,
             "attributes": list(self.plan.attributes) if self.attributes_back else [],
+            "classes": attributes.class_roots(self.namespace, self.shipment.names) if self.attributes_back else {},
             # Into a worker of our own only: a Dask worker's modules serve every task it runs.
             "patches": self._patches() if getattr(self.backend, "here", False) else [],
             "settings": self.settings,

@@ -701,6 +701,7 @@ def _run(
     # (exec, globals()[...], ``from m import *``) is found bound, rebound or gone at its end.
     before = dict(ns) if job.get("discover") else None
     shared_attributes = attributes.watch(ns, job.get("attributes") or ())  # config.LR = 0.1 comes back
+    classes = attributes.watch_classes(ns, job.get("classes") or {})  # and what methods set on their class
     environ = settings.environment() if job.get("settings_back") else None  # what it changes comes back
     t2 = time.perf_counter()
     value = None
@@ -746,6 +747,11 @@ def _run(
     out = {name: ns[name] for name in job["outputs"] if name in ns}
     gone = _discover(ns, before, out) if before is not None else []
     set_on_shared, deleted_attributes, attributes_in_place = attributes.changed(ns, shared_attributes)
+    if classes[0]:
+        on_classes, deleted_on_classes, in_place_on_classes = attributes.classes_changed(ns, classes)
+        set_on_shared.update(on_classes)
+        deleted_attributes += deleted_on_classes
+        attributes_in_place += in_place_on_classes
     out.update(set_on_shared)
     mutated, same = inplace.changed(ns, watched)
     for name in same:  # still the notebook's object, unchanged: it keeps its own

@@ -1203,3 +1203,30 @@ def test_the_items_of_a_tuple_the_cell_changes_are_changed_in_the_notebook(kerne
     kernel.run("history, best = [], {}\npair = (history, best)")
     isolated(kernel, "pair[0].append(0.5)\npair[1]['lr'] = 0.1")
     assert kernel.value("(pair, pair[0] is history, pair[1] is best)") == (([0.5], {"lr": 0.1}), True, True)
+
+
+def test_what_methods_set_on_the_notebooks_class_is_set_on_it(kernel):
+    """``Particle.count += 1`` in ``__init__``: making particles in an isolated cell counts them
+    on the notebook's class, as an ordinary cell does, though the cell's text never names it."""
+    kernel.run(
+        cell(
+            """
+            class Particle:
+                count = 0
+                made = []
+                def __init__(self, name):
+                    Particle.count += 1
+                    Particle.made.append(name)
+                    type(self).last = name
+            first = Particle("a")
+            made_before = Particle.made
+            """
+        )
+    )
+    isolated(kernel, "ps = [Particle(n) for n in 'bc']")
+    assert kernel.value("(Particle.count, Particle.made, Particle.last)") == (3, ["a", "b", "c"], "c")
+    assert kernel.value("Particle.made is made_before and type(ps[0]) is Particle") is True
+    # An instance alone brings its class: a method called on it counts there too.
+    isolated(kernel, "first.__init__('d')")
+    assert kernel.value("(Particle.count, Particle.last)") == (4, "d")
+    assert kernel.value("[k for k in globals() if not k.isidentifier()]") == []
