@@ -27,7 +27,13 @@ How, in three steps and on both sides:
    shape, are replaced inside the notebook's object, so every other reference to
    it (``models[0]``, an alias) sees the change, as in an ordinary cell. Where
    that is not possible (a DataFrame, a class with its own ``__setattr__``) the
-   name is bound to the changed copy.
+   name is bound to the changed copy.  The objects inside an input keep their
+   identity too: the worker notes where each one that holds state sat before the
+   cell (:func:`identities`) and where those still inside sit after it
+   (:func:`same_objects`); the kernel's own objects at those places take their
+   changes in place and stand for their copies (:func:`keep_identities`), so
+   ``est_a`` is fitted after ``for m in models.values(): m.fit(X, y)``.  An input
+   whose objects were replaced by equal ones changed all the same (:func:`moved`).
 
 A notebook function keeps state too: ``def log(x, seen=[])`` keeps what each
 call appended to its default, and a closure (``def counter(): n = 0; def inc():
@@ -43,9 +49,10 @@ Standard library only: the worker imports it.
 
 from __future__ import annotations
 
+import collections
 import io
 import types
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 WATCH_LIMIT = 1 << 20
@@ -212,6 +219,129 @@ def changeable(value: Any) -> bool:
     if isinstance(value, tuple):  # ([1], {"a": 1}): its items can change, though it cannot
         return any(changeable(item) for item in value)
     return not isinstance(value, _UNCHANGEABLE) and process_state(value) is None
+
+
+Path = tuple[tuple[str, Any], ...]
+"""Where an object sits inside an input: ``("k", key)`` into a dict, ``("i", index)`` into a list
+or tuple, ``("a", name)`` into a plain object's attributes; ``()`` is the input itself."""
+
+WALK_LIMIT = 1_000
+"""At most this many items inside one input are looked at for their identity (a list of many
+numbers costs no more than this, and its numbers have none to keep)."""
+
+_ATOMS = frozenset({int, float, complex, str, bytes, bool, type(None)})
+
+
+def _inside(obj: Any) -> Iterator[tuple[tuple[str, Any], Any]]:
+    if isinstance(obj, dict):
+        return ((("k", key), value) for key, value in list(obj.items()))
+    if isinstance(obj, (list, tuple)):
+        return ((("i", index), value) for index, value in enumerate(obj))
+    if _plain_object(obj):
+        return ((("a", name), value) for name, value in list(vars(obj).items()))
+    return iter(())
+
+
+def _walk(value: Any) -> Iterator[tuple[Path, Any]]:
+    """The objects inside ``value`` that hold state, each once with a path to it, breadth first."""
+    seen = {id(value)}
+    todo: collections.deque[tuple[Path, Any]] = collections.deque([((), value)])
+    looked = 0
+    while todo:
+        path, obj = todo.popleft()
+        for step, item in _inside(obj):
+            looked += 1
+            if looked > WALK_LIMIT:
+                return
+            if type(item) in _ATOMS or id(item) in seen or not _has_state(item):
+                continue
+            seen.add(id(item))
+            yield (*path, step), item
+            todo.append(((*path, step), item))
+
+
+def _has_state(value: Any) -> bool:
+    """:func:`holds_state` less its look at the process's own state, for the many items of a walk."""
+    kind = type(value)
+    if isinstance(value, (list, dict, set, bytearray)) or (kind.__name__ == "ndarray" and kind.__module__ == "numpy"):
+        return True
+    if isinstance(value, tuple):
+        return any(type(item) not in _ATOMS and _has_state(item) for item in value)
+    return not isinstance(value, _UNCHANGEABLE) and _plain_object(value)
+
+
+def identities(value: Any) -> dict[int, tuple[Path, Any]]:
+    """Before the cell: each object inside ``value`` that holds state, by id, with its path.
+
+    The objects are kept with their paths, so no other object takes one's id while the cell
+    runs.
+    """
+    return {id(obj): (path, obj) for path, obj in _walk(value)}
+
+
+def same_objects(value: Any, before: Mapping[int, tuple[Path, Any]]) -> list[tuple[Path, Path]]:
+    """After the cell: ``(path now, path before)`` of each object inside ``value`` that was inside
+    it before the cell (``holder["q"]`` changed, ``log[0]`` moved to ``log[1]``), not of one the
+    cell put there new (``holder["q"] = Q()``)."""
+    out = []
+    for path, obj in _walk(value):
+        entry = before.get(id(obj))
+        if entry is not None and entry[1] is obj:
+            out.append((path, entry[0]))
+    return out
+
+
+def moved(value: Any, before: Mapping[int, tuple[Path, Any]]) -> bool:
+    """After the cell: whether the objects inside ``value`` are other ones, or elsewhere, than
+    before it, though its serialized state may be the same (``slots["x"] = Model()`` over an equal
+    model): then it changed all the same."""
+    found = 0
+    for path, obj in _walk(value):
+        entry = before.get(id(obj))
+        if entry is None or entry[1] is not obj or entry[0] != path:
+            return True
+        found += 1
+    return found != len(before)
+
+
+def _at(obj: Any, path: Path) -> Any:
+    for kind, key in path:
+        obj = vars(obj)[key] if kind == "a" else obj[key]
+    return obj
+
+
+def keep_identities(
+    originals: Mapping[str, Any],
+    values: Mapping[str, Any],
+    pairs: Mapping[str, list[tuple[Path, Path]]],
+    swap: dict[int, Any],
+) -> None:
+    """In the kernel, before the inputs take their change: each object that stayed inside a
+    changed input (the estimator in ``models["a"]``, ``trainer.model``) takes its own change in
+    place, and stands for its copy in ``swap``, so the input refers to the notebook's object as
+    before and every other reference to that object (``est_a``) sees the change.
+
+    All of them stand for their copies first (an object may refer back to its container); one
+    that cannot take its change is then left out, and the others take theirs again, so that
+    they refer to its changed copy instead.
+    """
+    found: list[tuple[Any, Any]] = []
+    for name, original in originals.items():
+        for now, before in pairs.get(name, ()):
+            try:
+                mine, theirs = _at(original, before), _at(values[name], now)
+            except Exception:  # not where it was here: the input takes its change as a whole
+                continue
+            if type(mine) is type(theirs) and id(theirs) not in swap:
+                found.append((mine, theirs))
+                swap[id(theirs)] = mine
+    while found:
+        failed = {id(theirs) for mine, theirs in found if not apply_in_place(mine, theirs, swap)}
+        if not failed:
+            return
+        for key in failed:
+            del swap[key]
+        found = [(mine, theirs) for mine, theirs in found if id(theirs) not in failed]
 
 
 class _TooBig(Exception):

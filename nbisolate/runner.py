@@ -768,7 +768,7 @@ class CellRun:
                 "rebuilt out with --out, or create it in a normal cell."
             ) from None
         self.phases["return"] = body.get("dump_seconds", 0.0) + (time.perf_counter() - t0)
-        self._apply_in_place(values, body.get("mutated") or ())
+        self._apply_in_place(values, body.get("mutated") or (), body.get("inside") or {})
         self._apply_function_state(values)
         value = values.pop(RESULT, None)
         set_attributes = {name: values.pop(name) for name in list(values) if attributes.chain_of(name)}
@@ -815,10 +815,15 @@ class CellRun:
         )
         return value
 
-    def _apply_in_place(self, values: dict[str, Any], mutated: Iterable[str]) -> None:
-        """Inputs the cell changed in place: the notebook's own objects take the change."""
+    def _apply_in_place(
+        self, values: dict[str, Any], mutated: Iterable[str], inside: Mapping[str, Any] | None = None
+    ) -> None:
+        """Inputs the cell changed in place: the notebook's own objects take the change, and so
+        do the objects inside them that stayed there (``inside``: see :func:`inplace.keep_identities`)."""
         originals = {n: self.namespace[n] for n in mutated if n in values and n in self.namespace}
         swap = {id(values[n]): obj for n, obj in originals.items()}
+        if inside:
+            inplace.keep_identities(originals, values, inside, swap)
         for name, original in originals.items():
             if inplace.apply_in_place(original, values[name], swap):
                 values[name] = original

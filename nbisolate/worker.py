@@ -681,6 +681,7 @@ def _run(
         brought = [name for name in ns if name not in known and name not in inputs and not _dunder(name)]
         watch = [*watch, *inplace.brought_along(ns, brought)] if brought else watch
     watched = inplace.snapshot(ns, watch or ())
+    inside = {name: inplace.identities(obj) for name, (obj, _) in watched.items()}  # what stays inside
     # And what the notebook functions among the inputs keep: defaults (seen=[]), closures.
     kept = inplace.watch_functions(ns, job["inputs"]) if watch is not None else {}
     rng.restore(job.get("rng"), lazily=True)
@@ -754,6 +755,10 @@ def _run(
         attributes_in_place += in_place_on_classes
     out.update(set_on_shared)
     mutated, same = inplace.changed(ns, watched)
+    for name in [n for n in same if inside.get(n) is not None and inplace.moved(ns[n], inside[n])]:
+        same.remove(name)  # equal again, but other objects inside: slots["x"] = Model()
+        mutated.append(name)
+    kept_inside = {name: inplace.same_objects(ns[name], inside[name]) for name in mutated if inside.get(name)}
     for name in same:  # still the notebook's object, unchanged: it keeps its own
         out.pop(name, None)
     for name in mutated:
@@ -786,6 +791,7 @@ def _run(
         "left": behind,
         "mutated": [name for name in (*mutated, *attributes_in_place) if name in shipped.names],
         "unchanged": same,
+        "inside": {name: pairs for name, pairs in kept_inside.items() if pairs and name in shipped.names},
         "deleted": [name for name in job.get("deletes", ()) if name not in ns] + gone + deleted_attributes,
         "rng": rng.changed_since(job.get("rng")),
         "settings": None if environ is None else settings.left_by_cell(job, environ, filters.left),

@@ -149,3 +149,36 @@ def test_a_tuple_of_changeable_items_is_watched_and_its_items_take_the_change():
     assert not inplace.apply_in_place((1,), (2,), {})  # an item that is a value cannot change: rebound
     array = np.zeros(2)
     assert inplace.apply_in_place((array,), (np.ones(2),), {}) and array.tolist() == [1.0, 1.0]
+
+
+def test_objects_that_stay_inside_an_input_keep_their_identity():
+    class Est:
+        def __init__(self) -> None:
+            self.coef = None
+
+    a, b, inner = Est(), Est(), [0]
+    models = {"a": a, "b": b, "log": [inner]}
+    before = inplace.identities(models)
+    assert {path for path, _ in before.values()} == {(("k", "a"),), (("k", "b"),), (("k", "log"),), (("k", "log"), ("i", 0))}
+    # As a worker would leave it: one fitted, one list moved, one object replaced by an equal new one.
+    a.coef = 3
+    models["log"].insert(0, ["new"])
+    models["b"] = Est()
+    pairs = inplace.same_objects(models, before)
+    assert (("k", "a"),) in [now for now, _ in pairs] and ((("k", "log"), ("i", 1)), (("k", "log"), ("i", 0))) in pairs
+    assert all(now != (("k", "b"),) for now, _ in pairs)
+    assert inplace.moved(models, before) and not inplace.moved(models, inplace.identities(models))
+    # The kernel's own objects take the change, and the input refers to them again.
+    a0, b0, inner0 = Est(), Est(), [0]
+    mine = {"a": a0, "b": b0, "log": [inner0]}
+    theirs = ship.loads(["m"], *_dumped(models))["m"]
+    swap = {id(theirs): mine}
+    inplace.keep_identities({"m": mine}, {"m": theirs}, {"m": pairs}, swap)
+    assert inplace.apply_in_place(mine, theirs, swap)
+    assert mine["a"] is a0 and a0.coef == 3 and mine["log"][1] is inner0 and mine["log"][0] == ["new"]
+    assert mine["b"] is not b0 and mine["b"].coef is None
+
+
+def _dumped(value):
+    shipped = ship.dumps({"m": value})
+    return shipped.data, shipped.buffers, shipped.engine

@@ -1230,3 +1230,30 @@ def test_what_methods_set_on_the_notebooks_class_is_set_on_it(kernel):
     isolated(kernel, "first.__init__('d')")
     assert kernel.value("(Particle.count, Particle.last)") == (4, "d")
     assert kernel.value("[k for k in globals() if not k.isidentifier()]") == []
+
+
+def test_an_object_inside_a_changed_input_stays_the_notebooks_own(kernel):
+    """``for m in models.values(): m.fit(3)`` fits the notebook's estimators themselves, so
+    ``est_a`` (named nowhere in the cell) is fitted too; an object moved inside an input keeps
+    its identity, and one the cell put in anew is new, as in an ordinary cell."""
+    kernel.run(
+        cell(
+            """
+            class Est:
+                def __init__(self):
+                    self.coef = None
+                def fit(self, v):
+                    self.coef = v
+            est_a, est_b = Est(), Est()
+            models = {"a": est_a, "b": est_b}
+            inner = [0]
+            log = [inner]
+            old = Est()
+            slots = {"x": old}
+            """
+        )
+    )
+    isolated(kernel, "for m in models.values():\n    m.fit(3)\nlog[0].append(1)\nlog.insert(0, ['new'])\nslots['x'] = Est()")
+    assert kernel.value("(est_a.coef, est_b.coef, models['a'] is est_a)") == (3, 3, True)
+    assert kernel.value("(log, log[1] is inner, inner)") == ([["new"], [0, 1]], True, [0, 1])
+    assert kernel.value("(slots['x'] is old, type(slots['x']) is Est)") == (False, True)
