@@ -50,7 +50,9 @@ Standard library only: the worker imports it.
 from __future__ import annotations
 
 import collections
+import functools
 import io
+import struct
 import types
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
@@ -61,6 +63,8 @@ WATCH_LIMIT = 1 << 20
 _UNCHANGEABLE = (
     int, float, complex, str, bytes, bool, type(None), range, frozenset, tuple,
     types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type,
+    # What these carry changes, never they themselves: see watch_functions.
+    types.MethodType, functools.partial,
 )
 
 
@@ -81,7 +85,7 @@ def holds_state(value: Any) -> bool:
         return True
     if isinstance(value, tuple):
         return any(holds_state(item) for item in value)
-    return _plain_object(value)
+    return _plain_object(value) or _slot_names(value) is not None
 
 
 def brought_along(ns: Mapping[str, Any], names: Iterable[str]) -> list[str]:
@@ -131,29 +135,39 @@ def _closure(function: types.FunctionType) -> dict[str, Any]:
     return dict(zip(function.__code__.co_freevars, function.__closure__ or (), strict=False))
 
 
-def _kept_state(function: types.FunctionType) -> dict[str, Any]:
-    """What a function keeps between calls, by name: its defaults that hold state, and the values
-    of its closure that hold state or are plain values (``nonlocal n`` rebinds those)."""
+def _kept_state(function: Any) -> dict[str, Any]:
+    """What a callable keeps between calls, by name: a function's defaults that hold state and
+    the values of its closure that hold state or are plain values (``nonlocal n`` rebinds those);
+    the object a method is bound to (``f = model.step``); a partial's arguments that hold state."""
     import sys
 
-    out = {name: value for name, value in _defaults(function).items() if holds_state(value)}
-    for name, cell in _closure(function).items():
-        try:
-            value = cell.cell_contents
-        except ValueError:  # a variable not bound yet
-            continue
-        if isinstance(value, _SIMPLE) or holds_state(value):
-            out[name] = value
+    if isinstance(function, types.MethodType):
+        out = {"__self__": function.__self__} if holds_state(function.__self__) else {}
+    elif isinstance(function, functools.partial):
+        out = {f"args[{i}]": value for i, value in enumerate(function.args) if holds_state(value)}
+        out.update({f"keywords[{k}]": v for k, v in function.keywords.items() if holds_state(v)})
+    else:
+        out = {name: value for name, value in _defaults(function).items() if holds_state(value)}
+        for name, cell in _closure(function).items():
+            try:
+                value = cell.cell_contents
+            except ValueError:  # a variable not bound yet
+                continue
+            if isinstance(value, _SIMPLE) or holds_state(value):
+                out[name] = value
     try:
         return {name: value for name, value in out.items() if sys.getsizeof(value) <= WATCH_LIMIT}
     except Exception:  # a __sizeof__ that fails: nothing of this function is watched
         return {}
 
 
-def _functions(ns: Mapping[str, Any], names: Iterable[str]) -> Iterable[tuple[str, types.FunctionType]]:
+def _functions(ns: Mapping[str, Any], names: Iterable[str]) -> Iterable[tuple[str, Any]]:
+    """The notebook's functions among ``names``, and its bound methods and partials."""
     for name in names:
         function = ns.get(name)
-        if type(function) is types.FunctionType and function.__module__ == "__main__":
+        if (type(function) is types.FunctionType and function.__module__ == "__main__") or isinstance(
+            function, (types.MethodType, functools.partial)
+        ):
             yield name, function
 
 
@@ -185,6 +199,9 @@ def take_function_state(ns: Mapping[str, Any], key: str, value: Any) -> bool:
     place, a closure's variable in place or rebound); False where it cannot."""
     name, _, part = key[len(STATE):].rpartition(".")
     function = ns.get(name)
+    if isinstance(function, (types.MethodType, functools.partial)):
+        mine = _kept_state(function).get(part, _NOTHING)
+        return mine is not _NOTHING and apply_in_place(mine, value, {})
     if type(function) is not types.FunctionType:
         return False
     cell = _closure(function).get(part)
@@ -205,7 +222,7 @@ _NOTHING: Any = object()
 def describe_state(key: str) -> str:
     """How a message names a function's state: ``seen, which log() keeps``."""
     name, _, part = key[len(STATE):].rpartition(".")
-    return f"{part}, which {name}() keeps"
+    return f"{name}.{part}" if part.startswith(("__self__", "args[", "keywords[")) else f"{part}, which {name}() keeps"
 
 
 def changeable(value: Any) -> bool:
@@ -239,6 +256,9 @@ def _inside(obj: Any) -> Iterator[tuple[tuple[str, Any], Any]]:
         return ((("i", index), value) for index, value in enumerate(obj))
     if _plain_object(obj):
         return ((("a", name), value) for name, value in list(vars(obj).items()))
+    slots = _slot_names(obj)
+    if slots is not None:
+        return ((("s", name), getattr(obj, name)) for name in slots if hasattr(obj, name))
     return iter(())
 
 
@@ -267,7 +287,7 @@ def _has_state(value: Any) -> bool:
         return True
     if isinstance(value, tuple):
         return any(type(item) not in _ATOMS and _has_state(item) for item in value)
-    return not isinstance(value, _UNCHANGEABLE) and _plain_object(value)
+    return not isinstance(value, _UNCHANGEABLE) and (_plain_object(value) or _slot_names(value) is not None)
 
 
 def identities(value: Any) -> dict[int, tuple[Path, Any]]:
@@ -306,7 +326,7 @@ def moved(value: Any, before: Mapping[int, tuple[Path, Any]]) -> bool:
 
 def _at(obj: Any, path: Path) -> Any:
     for kind, key in path:
-        obj = vars(obj)[key] if kind == "a" else obj[key]
+        obj = vars(obj)[key] if kind == "a" else getattr(obj, key) if kind == "s" else obj[key]
     return obj
 
 
@@ -440,6 +460,12 @@ def apply_in_place(original: Any, new: Any, swap: Mapping[int, Any]) -> bool:
             state = original.__dict__
             state.clear()
             state.update((k, own(v)) for k, v in new.__dict__.items())
+        elif (slots := _slot_names(original)) is not None:
+            for name in slots:
+                if hasattr(new, name):
+                    setattr(original, name, own(getattr(new, name)))
+                elif hasattr(original, name):
+                    delattr(original, name)
         else:
             return False
     except Exception:
@@ -453,6 +479,28 @@ def _equal(a: Any, b: Any) -> bool:
         return type(a) is type(b) and (a == b) is True
     except Exception:
         return False
+
+
+def _slot_names(obj: Any) -> list[str] | None:
+    """The slots of an object whose whole state is in them (a class with ``__slots__``, an
+    ``attrs`` or ``dataclass(slots=True)`` class), set without a custom ``__setattr__``; None
+    for any other object."""
+    kind = type(obj)
+    if kind.__setattr__ is not object.__setattr__ or kind.__dictoffset__ or isinstance(obj, type):
+        return None
+    names = [
+        name
+        for klass in kind.__mro__[:-1]
+        for name, member in vars(klass).items()
+        if isinstance(member, types.MemberDescriptorType)
+    ]
+    weakref = 1 if kind.__weakrefoffset__ > 0 else 0  # in the object itself before Python 3.12
+    if not names or kind.__basicsize__ != object.__basicsize__ + _POINTER * (len(names) + weakref):
+        return None  # state kept in C as well (a subclass of a C type): not only its slots
+    return names
+
+
+_POINTER = struct.calcsize("P")
 
 
 class _Reference:

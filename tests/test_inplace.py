@@ -182,3 +182,22 @@ def test_objects_that_stay_inside_an_input_keep_their_identity():
 def _dumped(value):
     shipped = ship.dumps({"m": value})
     return shipped.data, shipped.buffers, shipped.engine
+
+
+def test_an_object_kept_in_slots_takes_a_change_in_place_unless_c_keeps_state_too():
+    class Point:
+        __slots__ = ("x", "y", "__weakref__")
+
+    class Frozen:
+        __slots__ = ("x",)
+
+        def __setattr__(self, name, value):
+            raise AttributeError(name)
+
+    mine, theirs = Point(), Point()
+    mine.x, theirs.x, theirs.y = 1, 2, [3]
+    assert inplace.holds_state(mine) and inplace.apply_in_place(mine, theirs, {})
+    assert (mine.x, mine.y) == (2, [3])
+    del theirs.y
+    assert inplace.apply_in_place(mine, theirs, {}) and not hasattr(mine, "y")
+    assert inplace._slot_names(Frozen()) is None and inplace._slot_names(random.Random()) is None

@@ -1257,3 +1257,37 @@ def test_an_object_inside_a_changed_input_stays_the_notebooks_own(kernel):
     assert kernel.value("(est_a.coef, est_b.coef, models['a'] is est_a)") == (3, 3, True)
     assert kernel.value("(log, log[1] is inner, inner)") == ([["new"], [0, 1]], True, [0, 1])
     assert kernel.value("(slots['x'] is old, type(slots['x']) is Est)") == (False, True)
+
+
+def test_a_slotted_object_a_bound_method_and_a_partial_change_the_notebooks_objects(kernel):
+    """An object kept in ``__slots__`` takes its change in place (every alias sees it); a bound
+    method (``step = model.step``) and a partial (``partial(put, acc)``) change the object they
+    carry, the notebook's own, as they do in an ordinary cell."""
+    kernel.run(
+        cell(
+            """
+            import functools
+            class Point:
+                __slots__ = ("x", "y")
+                def __init__(self):
+                    self.x, self.y = 0, 0
+            pt = Point()
+            alias = pt
+            class Model:
+                def __init__(self):
+                    self.steps = 0
+                def step(self):
+                    self.steps += 1
+            model = Model()
+            step = model.step
+            acc = []
+            def put(target, x):
+                target.append(x)
+            add = functools.partial(put, acc)
+            """
+        )
+    )
+    isolated(kernel, "pt.x = 5\nstep()\nstep()\nadd(1)")
+    assert kernel.value("(pt.x, alias.x, pt is alias)") == (5, 5, True)
+    assert kernel.value("(model.steps, step.__self__ is model)") == (2, True)
+    assert kernel.value("(acc, add.args[0] is acc)") == ([1], True)
