@@ -60,6 +60,10 @@ from typing import Any
 WATCH_LIMIT = 1 << 20
 """Inputs whose shipment is larger than this (bytes) are not watched for in-place changes."""
 
+TUPLE_ITEMS = 1_000
+"""A tuple of more items is taken as a value: looking through it for one that can change would
+cost every cell that sees it (a long tuple of numbers, a module's table)."""
+
 _UNCHANGEABLE = (
     int, float, complex, str, bytes, bool, type(None), range, frozenset, tuple,
     types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type,
@@ -84,7 +88,7 @@ def holds_state(value: Any) -> bool:
     if isinstance(value, (list, dict, set, bytearray)) or (kind.__name__ == "ndarray" and kind.__module__ == "numpy"):
         return True
     if isinstance(value, tuple):
-        return any(holds_state(item) for item in value)
+        return len(value) <= TUPLE_ITEMS and any(holds_state(item) for item in value)
     return _plain_object(value) or _slot_names(value) is not None
 
 
@@ -234,7 +238,7 @@ def changeable(value: Any) -> bool:
     from .travel import process_state
 
     if isinstance(value, tuple):  # ([1], {"a": 1}): its items can change, though it cannot
-        return any(changeable(item) for item in value)
+        return len(value) <= TUPLE_ITEMS and any(changeable(item) for item in value)
     return not isinstance(value, _UNCHANGEABLE) and process_state(value) is None
 
 
@@ -286,7 +290,7 @@ def _has_state(value: Any) -> bool:
     if isinstance(value, (list, dict, set, bytearray)) or (kind.__name__ == "ndarray" and kind.__module__ == "numpy"):
         return True
     if isinstance(value, tuple):
-        return any(type(item) not in _ATOMS and _has_state(item) for item in value)
+        return len(value) <= TUPLE_ITEMS and any(type(item) not in _ATOMS and _has_state(item) for item in value)
     return not isinstance(value, _UNCHANGEABLE) and (_plain_object(value) or _slot_names(value) is not None)
 
 
