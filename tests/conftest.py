@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -14,6 +15,12 @@ import psutil
 import pytest
 
 from .kernel import Kernel
+
+# Dask clusters the tests start (in kernels and subprocesses, which inherit this process's
+# environment) keep their scratch folder here, not in the machine's shared
+# /tmp/dask-scratch-space, which they would leave behind; it is removed when the session ends.
+_DASK_SCRATCH = tempfile.mkdtemp(prefix="nbisolate-tests-dask-")
+os.environ.setdefault("DASK_TEMPORARY_DIRECTORY", _DASK_SCRATCH)
 
 WORKER_MARK = "from nbisolate."  # both the template and spawned workers
 # Kernels inherit the test session's environment, and so do their templates and
@@ -76,6 +83,12 @@ def fresh_kernel() -> Iterator[Kernel]:
 def mp_folders() -> set[Path]:
     """multiprocessing's temporary folders (``pymp-*``; a forkserver's socket is in one)."""
     return set(Path(tempfile.gettempdir()).glob("pymp-*"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def dask_scratch_removed() -> Iterator[None]:
+    yield
+    shutil.rmtree(_DASK_SCRATCH, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
