@@ -58,6 +58,7 @@ from typing import Any
 import cloudpickle
 from cloudpickle import cloudpickle as _cp
 
+from . import openfiles
 from .travel import CACHED_FUNCTION
 
 PROTOCOL = 5
@@ -107,6 +108,11 @@ def _sent_object(token: str, what: str) -> Any:
             "define it again and rerun the cell"
         )
     return found
+
+
+def sent(token: str) -> Any:
+    """The object this process sent with ``token``, or None if it is gone."""
+    return _SENT.get(token)
 
 
 def arrived_token(obj: Any) -> str | None:
@@ -235,8 +241,8 @@ def submodules_used(name: str, names: Iterable[str] | frozenset[str]) -> tuple[s
 
 
 # cloudpickle's reducers, but for open files: cloudpickle sends a text file's contents as a
-# StringIO (no longer a file, and a binary file not at all); the dill fallback re-opens it by
-# name at its position, which keeps its meaning.
+# StringIO (no longer a file, and a binary file not at all); here they travel as the same file
+# at the same place (Pickler.open_file, nbisolate.openfiles).
 _REDUCERS = {
     kind: reduce
     for kind, reduce in cloudpickle.Pickler._dispatch_table.items()
@@ -274,6 +280,8 @@ class Pickler(cloudpickle.Pickler):
         # looks it up for every non-basic object, and cloudpickle's ChainMap costs a
         # Python call each time; copyreg's current entries, so later registrations count.
         self.dispatch_table = {**copyreg.dispatch_table, **_REDUCERS}
+        for kind in openfiles.FILE_TYPES:
+            self.dispatch_table[kind] = self.open_file
         super().__init__(file, protocol=protocol, buffer_callback=buffer_callback)
         self.main = main
         self.names = frozenset(names)
@@ -334,6 +342,16 @@ class Pickler(cloudpickle.Pickler):
         if issubclass(type(obj), type) and obj in _cp._BUILTIN_TYPE_NAMES:
             return _cp._class_reduce(obj)
         return NotImplemented
+
+    def open_file(self, f: Any) -> tuple[Any, ...]:
+        """An open file, as :mod:`nbisolate.openfiles` carries it: the same file at the same place;
+        one that came from the other side goes back as itself."""
+        if self.returning:
+            token = openfiles.arrived(f)
+            if token is not None:
+                return _sent_object, (token, repr(f))
+            return openfiles.reduce(f, None)
+        return openfiles.reduce(f, _token(f))
 
     def sent_back(self, obj: Any) -> tuple[Any, ...] | None:
         """For an object that arrived from the other side: how to send it back as itself."""

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import replace
 from typing import Any
 
-from . import attributes, backends, inplace, rng, settings, ship
+from . import attributes, backends, byvalue, inplace, openfiles, rng, settings, ship
 from .backends import Backend, Launch, RunHandle
 from .errors import IsolateError, IsolateTimeout, RemoteError, ShipError, WorkerCrashed
 from .events import Event
@@ -736,6 +736,8 @@ class CellRun:
         if self._final is None:
             return self._raise_for_exit()
         body = self._final.data
+        if body.get("files"):  # the notebook's open files move on to where the cell left them
+            openfiles.catch_up(body["files"], byvalue.sent)
         if self._final.kind == "error":
             raise self._rebuild_error(body, self._final.buffers)
         t0 = time.perf_counter()

@@ -23,11 +23,13 @@ is what happened:
   (:mod:`nbisolate.byvalue`): cloudpickle's copy, rebuilt on the worker's
   ``__main__``, and sent back as the notebook's own original;
 * a function or class found by name goes by reference;
+* an open file is the same file, opened again in the worker at the same place
+  (:mod:`nbisolate.openfiles`);
 * everything else takes the C pickler's own path, including protocol-5
   out-of-band buffers, so arrays are never copied into the stream.
 
-If the fast path cannot serialize a variable (an open file, say, which dill
-can re-open by name), that variable alone is written by ``dill`` and its bytes
+If the fast path cannot serialize a variable (a lock, say, which dill makes
+anew), that variable alone is written by ``dill`` and its bytes
 are embedded in the fast stream (:class:`_ByDill`); everything else keeps the
 fast path and its meaning (a notebook class in another result still comes
 back as the notebook's own, an Enum member is still ``is``-identical). All
@@ -48,7 +50,7 @@ from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import byvalue
+from . import byvalue, openfiles
 from .errors import ShipError
 from .travel import (
     CACHED_FUNCTION,
@@ -395,6 +397,9 @@ def _is_exact_ndarray(obj: Any) -> bool:
     return kind.__name__ == "ndarray" and kind.__module__ == "numpy"
 
 
+_FILE_TYPES = frozenset(openfiles.FILE_TYPES)
+
+
 def dill_pickler_class() -> type:
     """The pickler of the dill fallback, keeping the two promises the fast path makes.
 
@@ -416,6 +421,13 @@ def dill_pickler_class() -> type:
                     return _import_module, (obj.__name__,)
                 if _is_exact_ndarray(obj):
                     return obj.__reduce_ex__(PROTOCOL)
+                if type(obj) in _FILE_TYPES:  # the same file at the same place, never truncated
+                    try:
+                        return openfiles.reduce(obj, byvalue._token(obj))
+                    except openfiles.Unreachable:
+                        raise
+                    except pickle.PicklingError:  # a pipe, a terminal: dill's own way
+                        return NotImplemented
                 return NotImplemented
 
         _dill_pickler_class = DillPickler
@@ -502,13 +514,15 @@ def dumps(
             shipment.skipped = skipped
             return shipment
         assert failed is not None and exc is not None
-        if type(ready[failed]) is not _ByDill:
+        if type(ready[failed]) is not _ByDill and not isinstance(exc, openfiles.Unreachable):
             try:
                 ready[failed] = _ByDill(values[failed])
                 continue  # again, with this one variable written by dill
             except Exception as dill_exc:
                 exc = dill_exc
         detail, path, report = _describe_failure(failed, values[failed], exc)
+        if isinstance(exc, openfiles.Unreachable):  # its own words say more than the category's
+            detail = f"{path or failed} is an open file, but {exc}"
         if not skip_failures:
             value = values[failed]
             error = ShipError(

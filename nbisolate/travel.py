@@ -44,9 +44,13 @@ The routes, and the CPython/pickle behaviour behind each:
     (cloudpickle, with the notebook namespace as the worker's ``__main__`` and
     identity kept both ways), in the same stream and memo as everything else:
     a factory and the class it builds arrive as one.
+``OPEN_FILE``
+    An open file is the same file in the worker, opened again at the same
+    place and never truncated, and the notebook's file moves on to where the
+    cell left it (:mod:`nbisolate.openfiles`).
 ``DILL``
-    When the fast path cannot serialize a variable at all (an open file,
-    which dill re-opens by name), that variable alone is written by dill and
+    When the fast path cannot serialize a variable at all (a lock, a value
+    holding a pipe), that variable alone is written by dill and
     embedded in the fast stream (:class:`nbisolate.ship._ByDill`); the others
     keep the fast path and its meaning. Modules are still re-imported and
     arrays still out of band.
@@ -64,6 +68,8 @@ import types
 import typing
 from typing import Any, NamedTuple
 
+from .openfiles import FILE_TYPES
+
 
 class Route(str, enum.Enum):
     """The path a value takes; the value of each member is its short label."""
@@ -73,6 +79,7 @@ class Route(str, enum.Enum):
     PICKLE = "pickle"
     DIRECT_COPY = "pickle + direct copy"
     BY_VALUE = "by value"
+    OPEN_FILE = "same file, opened again"
     DILL = "dill"
 
     def __str__(self) -> str:
@@ -147,7 +154,8 @@ def needs_value(obj: Any) -> bool:
 # Members read once: ``Route.MODULE`` goes through the enum metaclass (~50 ns),
 # and route() runs for every module, function and class a shipment holds.
 _MODULE, _REFERENCE, _PICKLE = Route.MODULE, Route.REFERENCE, Route.PICKLE
-_BY_VALUE, _DILL = Route.BY_VALUE, Route.DILL
+_BY_VALUE, _DILL, _OPEN_FILE = Route.BY_VALUE, Route.DILL, Route.OPEN_FILE
+_OPEN_FILES = frozenset(FILE_TYPES)
 CACHED_FUNCTION = type(functools.lru_cache(maxsize=None)(lambda: None))
 """``functools.lru_cache``'s (and ``cache``'s) wrapper: a function of the notebook's under it
 travels as its function does (by value, when the other side could not import it by name)."""
@@ -186,6 +194,8 @@ def route(obj: Any) -> Route:
         hit = _lookup(obj)
         found = hit is not None and hit[1] is obj and not hit[0].startswith("__")
         return _REFERENCE if found else _BY_VALUE
+    if kind in _OPEN_FILES:
+        return _OPEN_FILE
     return _PICKLE
 
 

@@ -641,7 +641,7 @@ def _run(
     compiled: tuple[types.CodeType, types.CodeType | None] | None = None,
 ) -> None:
     global _stage
-    from . import attributes, inplace, rng, settings, ship
+    from . import attributes, inplace, openfiles, rng, settings, ship
 
     t0 = time.perf_counter()
     os.chdir(job["cwd"])
@@ -721,6 +721,7 @@ def _run(
             display_worker.end_of_cell()  # figures left open show even when the cell failed
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
+        files = openfiles.settle()  # what it wrote before it failed stays written, as in a cell
         shipped = ship.dumps({"exc": exc}, skip_failures=True, main=ns, returning=True)
         marked = _mark_pipes(job.get("sync"))
         body = error_body(
@@ -732,6 +733,8 @@ def _run(
             seconds=time.perf_counter() - t2,
             marked=marked,
         )
+        if files:
+            body["files"] = files
         chan.send(MSG_ERROR, body, shipped.buffers)
         return
     pools.disarm()
@@ -745,6 +748,7 @@ def _run(
 
     t3 = time.perf_counter()
     _stage = "return"
+    files = openfiles.settle()  # the notebook's open files: flushed, and where they stand now
     out = {name: ns[name] for name in job["outputs"] if name in ns}
     gone = _discover(ns, before, out) if before is not None else []
     set_on_shared, deleted_attributes, attributes_in_place = attributes.changed(ns, shared_attributes)
@@ -796,6 +800,7 @@ def _run(
         "rng": rng.changed_since(job.get("rng")),
         "settings": None if environ is None else settings.left_by_cell(job, environ, filters.left),
         "result_bundle": bundle,
+        "files": files,
         "dump_seconds": time.perf_counter() - t3,
     }
     _send_result(chan, body, shipped.buffers, ship)
@@ -976,7 +981,7 @@ def import_run_path() -> None:
     about 5 ms for one module, which a sweep of a thousand values would pay a
     thousand times.
     """
-    from . import attributes, inplace, rng, settings, ship  # noqa: F401
+    from . import attributes, inplace, openfiles, rng, settings, ship  # noqa: F401
 
 
 def preimport() -> None:

@@ -9,6 +9,7 @@ import pickle
 import sqlite3
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -62,14 +63,12 @@ def test_arrays_travel_out_of_band_and_sizes_count_them():
     np.testing.assert_array_equal(out["arr"], arr)
 
 
-def test_falls_back_to_dill_for_what_only_dill_can_do(tmp_path):
-    path = tmp_path / "f.txt"
-    path.write_text("hello")
-    with open(path) as fh:
-        s, out = roundtrip({"fh": fh})
-    assert s.how == {"fh": "dill"}
-    assert out["fh"].read() == "hello"
-    out["fh"].close()
+def test_falls_back_to_dill_for_what_only_dill_can_do():
+    lock = threading.Lock()
+    lock.acquire()
+    s, out = roundtrip({"lock": lock})
+    assert s.how == {"lock": "dill"}
+    assert out["lock"].locked()  # dill makes a new lock, in the state the old one was
 
 
 def test_unshippable_raises_naming_the_variable():
@@ -148,13 +147,12 @@ def test_dill_fallback_reimports_local_modules_and_keeps_arrays_out_of_band(tmp_
     import local_helper_mod
 
     arr = np.arange(50_000, dtype=np.float64)
-    with open(tmp_path / "local_helper_mod.py") as fh:  # only dill can ship an open file
-        s, out = roundtrip({"holder": {"fh": fh, "mod": local_helper_mod, "arr": arr}, "n": 1})
+    holder = {"lock": threading.Lock(), "mod": local_helper_mod, "arr": arr}  # only dill: a lock
+    s, out = roundtrip({"holder": holder, "n": 1})
     assert s.how == {"holder": "dill", "n": "pickle"}
     assert out["holder"]["mod"] is local_helper_mod  # re-imported, not rebuilt by value
     assert len(s.buffers) == 1 and len(s.data) < arr.nbytes  # dill's buffer, out of band still
     np.testing.assert_array_equal(out["holder"]["arr"], arr)
-    out["holder"]["fh"].close()
 
 
 class _Fragile:

@@ -17,6 +17,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import threading
 import typing
 
 import numpy as np
@@ -109,8 +110,12 @@ def test_only_the_variable_the_fast_path_cannot_write_goes_by_dill(tmp_path) -> 
     path = tmp_path / "f.txt"
     path.write_text("x")
     with open(path) as fh:
-        s = ship.dumps({"fh": fh, "mod": json, "n": 1, "f": _closure()})
-    assert s.how == {"fh": "dill", "mod": "module (re-imported)", "n": "pickle", "f": "by value"}
+        s = ship.dumps({"lock": threading.Lock(), "mod": json, "n": 1, "f": _closure(), "fh": fh})
+    assert s.how == {
+        "lock": "dill", "mod": "module (re-imported)", "n": "pickle", "f": "by value",
+        "fh": "same file, opened again",
+    }
+    assert travel.route(fh) is Route.OPEN_FILE
 
 
 def test_the_route_is_the_decision_the_pickler_carried_out() -> None:

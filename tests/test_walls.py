@@ -26,6 +26,7 @@ WORKER_SIDE = {
     "nbisolate.wire",
     "nbisolate.ship",
     "nbisolate.inplace",
+    "nbisolate.openfiles",
     "nbisolate.attributes",
     "nbisolate.rng",
     "nbisolate.byvalue",

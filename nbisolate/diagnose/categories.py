@@ -54,10 +54,12 @@ _CATEGORIES: dict[str, _Category] = {
         "open file",
         "an open file is a handle in this process's table of file descriptors; another "
         "process can't use it.",
-        "Keep the path (and offset, if you need it) instead of the open file, and open it "
-        "inside the worker, e.g. lazily on first use or in `__setstate__`. dill (used by "
-        "%%isolate) re-opens a file by name in the worker: that only works when the same "
-        "path exists there, and the read position and unflushed writes are not shared.",
+        "%%isolate needs no change: it opens the same file again in the worker, at the same "
+        "place and never truncated, and the notebook's file moves on to where the cell left "
+        "it (the worker must see the same file system). For plain multiprocessing, "
+        "concurrent.futures or DataLoader workers, keep the path (and offset, if you need "
+        "it) instead of the open file, and open it inside the worker, e.g. lazily on first "
+        "use or in `__setstate__`.",
     ),
     "database": _Category(
         "database connection",

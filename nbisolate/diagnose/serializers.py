@@ -33,6 +33,7 @@ from typing import Any
 
 import dill
 
+from .. import openfiles
 from ..byvalue import loads_into
 from ..ship import FastPickler, dill_pickler_class
 from ..travel import refers_to_main
@@ -162,6 +163,8 @@ class _SafeDillUnpickler(dill.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if name == "_create_filehandle" and module in ("dill._dill", "dill.dill"):
             return _guarded_create_filehandle
+        if (module, name) == (openfiles.__name__, "reopen"):
+            return openfiles.check_reopen
         return _resolve(super().find_class, module, name)
 
 
@@ -206,7 +209,10 @@ def _untracked(make_skeleton: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class _CloudUnpickler(pickle.Unpickler):
-    _swaps: dict[tuple[str, str], Callable[..., Any]] = {}
+    # An open file is looked at, never opened, by a check (as dill's are, above).
+    _swaps: dict[tuple[str, str], Callable[..., Any]] = {
+        (openfiles.__name__, "reopen"): openfiles.check_reopen
+    }
 
     def find_class(self, module: str, name: str) -> Any:
         key = (module, name)
