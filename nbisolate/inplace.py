@@ -53,6 +53,7 @@ import collections
 import functools
 import io
 import struct
+import sys
 import types
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
@@ -129,7 +130,8 @@ def _defaults(function: types.FunctionType) -> dict[str, Any]:
     code = function.__code__
     values = function.__defaults__ or ()
     positional = code.co_varnames[: code.co_argcount]
-    out = dict(zip(positional[max(0, len(positional) - len(values)):], values[-len(positional):] if positional else (), strict=False))
+    # Defaults belong to the last parameters: pair both from the end.
+    out = dict(zip(reversed(positional), reversed(values), strict=False))
     out.update(function.__kwdefaults__ or {})
     return out
 
@@ -143,8 +145,6 @@ def _kept_state(function: Any) -> dict[str, Any]:
     """What a callable keeps between calls, by name: a function's defaults that hold state and
     the values of its closure that hold state or are plain values (``nonlocal n`` rebinds those);
     the object a method is bound to (``f = model.step``); a partial's arguments that hold state."""
-    import sys
-
     if isinstance(function, types.MethodType):
         out = {"__self__": function.__self__} if holds_state(function.__self__) else {}
     elif isinstance(function, functools.partial):
