@@ -24,9 +24,9 @@ How, in three steps and on both sides:
 3. **The kernel applies the change to its own object** (:func:`apply_in_place`):
    the contents of a list, dict, set or bytearray, the attributes of an ordinary
    object (an estimator, a dataclass), the elements of a NumPy array of the same
-   shape, are replaced inside the notebook's object, so every other reference to
+   shape, the contents of a pandas DataFrame or Series, are replaced inside the notebook's object, so every other reference to
    it (``models[0]``, an alias) sees the change, as in an ordinary cell. Where
-   that is not possible (a DataFrame, a class with its own ``__setattr__``) the
+   that is not possible (a class with its own ``__setattr__``) the
    name is bound to the changed copy.  The objects inside an input keep their
    identity too: the worker notes where each one that holds state sat before the
    cell (:func:`identities`) and where those still inside sit after it
@@ -80,13 +80,15 @@ def watchable(values: Mapping[str, Any], sizes: Mapping[str, int]) -> list[str]:
 
 def holds_state(value: Any) -> bool:
     """A value whose contents a cell changes in place and :func:`apply_in_place` can take: a
-    list, dict, set or bytearray (``Counter`` and its kin too), a NumPy array, an object whose
-    state is its ``__dict__``; not a function, a ufunc or another callable a module exports,
+    list, dict, set or bytearray (``Counter`` and its kin too), a NumPy array, a pandas DataFrame
+    or Series, an object whose state is its ``__dict__``; not a function, a ufunc or another callable a module exports,
     nor the process's own state."""
     if not changeable(value):
         return False
     kind = type(value)
     if isinstance(value, (list, dict, set, bytearray)) or (kind.__name__ == "ndarray" and kind.__module__ == "numpy"):
+        return True
+    if kind in _PANDAS or _pandas(kind):
         return True
     if isinstance(value, tuple):
         return len(value) <= TUPLE_ITEMS and any(holds_state(item) for item in value)
@@ -291,6 +293,8 @@ def _has_state(value: Any) -> bool:
         return True
     if isinstance(value, tuple):
         return len(value) <= TUPLE_ITEMS and any(type(item) not in _ATOMS and _has_state(item) for item in value)
+    if kind in _PANDAS or _pandas(kind):
+        return True
     return not isinstance(value, _UNCHANGEABLE) and (_plain_object(value) or _slot_names(value) is not None)
 
 
@@ -460,6 +464,8 @@ def apply_in_place(original: Any, new: Any, swap: Mapping[int, Any]) -> bool:
             if original.shape != new.shape or original.dtype != new.dtype or not original.flags.writeable:
                 return False
             original[...] = new
+        elif kind in _PANDAS or _pandas(kind):
+            _take_pandas(original, new)
         elif _plain_object(original):
             state = original.__dict__
             state.clear()
@@ -505,6 +511,39 @@ def _slot_names(obj: Any) -> list[str] | None:
 
 
 _POINTER = struct.calcsize("P")
+
+_PANDAS: set[type] = set()
+"""pandas' DataFrame and Series types, once met (pandas is never imported here)."""
+
+
+def _pandas(kind: type) -> bool:
+    if kind.__name__ in ("DataFrame", "Series") and kind.__module__ in ("pandas", "pandas.core.frame", "pandas.core.series"):
+        _PANDAS.add(kind)
+        return True
+    return False
+
+
+def _take_pandas(original: Any, new: Any) -> None:
+    """A DataFrame or Series takes what a changed copy holds, staying the notebook's object.
+
+    Its contents are its block manager (``_mgr``): the copy's becomes the
+    original's, with the copy's ``attrs``, ``flags`` and (a Series) name, and the
+    column cache pandas 2 keeps is emptied, so ``alias = df`` and ``bag["s"]``
+    see ``df["y"] = 2`` and ``bag["s"][0] = 9`` as after an ordinary cell. These are
+    pandas' own fields (pandas 2 and 3 alike); a pandas without them raises, and the
+    name is bound to the changed copy as before.
+    """
+    fields = {"_mgr": new._mgr, "_attrs": dict(new.attrs)}
+    flags = new.flags
+    fields["_flags"] = type(flags)(original, allows_duplicate_labels=flags.allows_duplicate_labels)
+    if type(original).__name__ == "Series":
+        fields["_name"] = new.name
+    original._mgr  # noqa: B018 - the field must be there before anything is set
+    for field, value in fields.items():
+        object.__setattr__(original, field, value)
+    clear = getattr(original, "_clear_item_cache", None)  # pandas 2: columns handed out before
+    if clear is not None:
+        clear()
 
 
 class _Reference:

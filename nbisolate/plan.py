@@ -74,6 +74,10 @@ class Plan:
     (``config.LR = 0.1`` gives ``("config", "LR")``), anywhere in it, then those whose value
     it may change in place (``config.LAYERS.append(3)``): those of modules, classes and
     functions come back (:mod:`nbisolate.attributes`)."""
+    written: tuple[str, ...] = ()
+    """Variables whose items the cell's text writes (``arr[0] = 5``, ``df["y"] = 2``,
+    ``df.loc[k, "a"] = v``, ``del d[k]``, ``arr += 1``): an input among them that is still the
+    same object when the cell ends changed in place, however large (:func:`item_writes`)."""
 
 
 def parse_cell(source: str, first_line: int = 1, filename: str = "<isolated cell>") -> ast.Module:
@@ -485,6 +489,27 @@ def attribute_uses(tree: ast.AST) -> tuple[tuple[tuple[str, ...], ...], tuple[tu
     return tuple(stored), tuple(c for c in touched if c not in stored)
 
 
+_INDEXERS = frozenset({"loc", "iloc", "at", "iat"})
+"""pandas' indexers: ``df.loc[k] = v`` writes into ``df``."""
+
+
+def item_writes(tree: ast.AST) -> tuple[str, ...]:
+    """The variables whose items (or whose own value, in place: ``arr += 1``) the code writes,
+    anywhere in it, each once: ``x[k] = v``, ``x[k] += v``, ``del x[k]``, ``x.loc[k] = v``
+    (pandas' ``loc``, ``iloc``, ``at``, ``iat``), ``x += v``.  Method calls are not among them:
+    most only read (``arr.sum()``), and the running side watches small inputs whatever the
+    cell does to them."""
+    found: dict[str, None] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Subscript) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            chain = _chain(node.value)
+            if chain is not None and (len(chain) == 1 or (len(chain) == 2 and chain[1] in _INDEXERS)):
+                found[chain[0]] = None
+        elif isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name):
+            found[node.target.id] = None
+    return tuple(found)
+
+
 def last_expression(tree: ast.Module) -> ast.Expr | None:
     """The last statement, when it is an expression statement."""
     if tree.body and isinstance(tree.body[-1], ast.Expr):
@@ -582,6 +607,7 @@ class _Reading:
     imports: tuple[str, ...]
     attributes: tuple[tuple[str, ...], ...]
     whole_namespace: str | None
+    written: tuple[str, ...]
 
 
 @functools.lru_cache(maxsize=64)
@@ -623,6 +649,7 @@ def _read(source: str) -> _Reading:
         ),
         attributes=tuple(dict.fromkeys(chain for part in parts for uses in attribute_uses(part) for chain in uses)),
         whole_namespace=whole,
+        written=tuple(dict.fromkeys(name for part in parts for name in item_writes(part))),
     )
 
 
@@ -674,6 +701,7 @@ def plan_cell(
         imports=reading.imports,
         attributes=reading.attributes,
         whole_namespace=reading.whole_namespace,
+        written=tuple(n for n in reading.written if n in chosen),
     )
 
 

@@ -444,9 +444,12 @@ class CellRun:
             # Unless --out chose them, the names the cell binds at run time come back too.
             "discover": opts.outputs is None,
             # None: nothing is watched, not even what the inputs' functions bring along.
-            "watch": inplace.watchable(
+            "watch": (watch := inplace.watchable(
                 {n: self.namespace[n] for n in self.shipment.names}, self.shipment.sizes
-            ) if self.watch else None,
+            ) if self.watch else None),
+            # Too large to watch, but written into by the cell's text (arr[0] = 5): taken as changed.
+            "written": [n for n in self.plan.written if n not in watch and n in self.shipment.names]
+            if watch is not None else [],
             "has_result": self.plan.has_result,
             "deletes": list(self.plan.deletes),
             "rng": rng.capture() if self.carry_random else None,

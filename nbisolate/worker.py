@@ -681,6 +681,7 @@ def _run(
         brought = [name for name in ns if name not in known and name not in inputs and not _dunder(name)]
         watch = [*watch, *inplace.brought_along(ns, brought)] if brought else watch
     watched = inplace.snapshot(ns, watch or ())
+    written = {name: ns[name] for name in job.get("written", ()) if name in ns}  # too large to watch
     inside = {name: inplace.identities(obj) for name, (obj, _) in watched.items()}  # what stays inside
     # And what the notebook functions among the inputs keep: defaults (seen=[]), closures.
     kept = inplace.watch_functions(ns, job["inputs"]) if watch is not None else {}
@@ -759,6 +760,7 @@ def _run(
         attributes_in_place += in_place_on_classes
     out.update(set_on_shared)
     mutated, same = inplace.changed(ns, watched)
+    mutated += [name for name, obj in written.items() if ns.get(name) is obj]  # arr[0] = 5 on 400 MB
     for name in [n for n in same if inside.get(n) is not None and inplace.moved(ns[n], inside[n])]:
         same.remove(name)  # equal again, but other objects inside: slots["x"] = Model()
         mutated.append(name)

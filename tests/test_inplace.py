@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import threading
 
 import numpy as np
+import pytest
 
 from nbisolate import inplace, ship
 
@@ -199,3 +201,23 @@ def test_an_object_kept_in_slots_takes_a_change_in_place_unless_c_keeps_state_to
     del theirs.y
     assert inplace.apply_in_place(mine, theirs, {}) and not hasattr(mine, "y")
     assert inplace._slot_names(Frozen()) is None and inplace._slot_names(random.Random()) is None
+
+
+def test_a_dataframe_and_a_series_take_their_copy_in_place():
+    pd = pytest.importorskip("pandas")
+    df = pd.DataFrame({"a": [1, 2]})
+    col = df["a"]
+    copy = pickle.loads(pickle.dumps(df))
+    copy["y"] = 2
+    copy.attrs["k"] = 1
+    assert inplace.holds_state(df) and inplace.apply_in_place(df, copy, {})
+    assert list(df.columns) == ["a", "y"] and df.attrs == {"k": 1} and col.tolist() == [1, 2]
+    df["z"] = 3  # the notebook's frame goes on as a whole one
+    assert df.shape == (2, 3)
+    ser = pd.Series([1, 2], name="s")
+    copy = pickle.loads(pickle.dumps(ser))
+    copy[0] = 9
+    copy.name = "t"
+    assert inplace.apply_in_place(ser, copy, {}) and ser.tolist() == [9, 2] and ser.name == "t"
+    # Inside a changed input, a Series is an object that keeps its identity.
+    assert list(inplace.identities({"s": ser}).values())[0][1] is ser

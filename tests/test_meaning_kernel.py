@@ -552,6 +552,59 @@ def test_what_a_notebook_function_changes_of_its_globals_changes_in_the_notebook
     assert kernel.value("results") == [6]
 
 
+def test_a_dataframe_or_series_changed_in_place_is_the_notebooks_own(kernel):
+    """``alias = df`` then ``df["y"] = 2`` isolated: the alias sees the column, as after an ordinary
+    cell (the name used to be bound to the changed copy, and the alias kept the old frame); a
+    Series inside a dict takes ``bag["s"][0] = 9`` itself; attrs and a Series' name come too."""
+    kernel.run(
+        cell(
+            """
+            import pandas as pd
+            df = pd.DataFrame({"a": [1, 2]})
+            alias = df
+            ser = pd.Series([1, 2], name="s")
+            bag = {"s": ser}
+            """
+        )
+    )
+    isolated(kernel, 'df["y"] = df.a * 10\ndf.attrs["source"] = "lab"\nbag["s"][0] = 9\nbag["s"].name = "t"')
+    assert kernel.value(
+        "(alias is df, list(alias.columns), alias.y.tolist(), alias.attrs, "
+        "bag['s'] is ser, ser.tolist(), ser.name)"
+    ) == (True, ["a", "y"], [10, 20], {"source": "lab"}, True, [9, 2], "t")
+    kernel.run('df["z"] = 0')  # and it is a whole frame, not a half-taken one
+    assert kernel.value("(df.shape, list(alias.columns))") == ((2, 3), ["a", "y", "z"])
+
+
+def test_inputs_too_large_to_watch_take_what_the_cell_writes_into_them(kernel):
+    """Over the watch limit an input is not compared, but what the cell's text writes into it
+    (``arr[0] = 5``, ``big["y"] = 2``, ``big.loc[0, "a"] = -1``, ``arr += 1``, ``del lst[0]``)
+    changes the notebook's own object, which every alias sees; a cell that only reads it
+    sends nothing back."""
+    kernel.run(
+        cell(
+            """
+            import numpy as np, pandas as pd
+            arr = np.zeros(300_000); arr_alias = arr
+            big = pd.DataFrame({"a": np.arange(300_000)}); big_alias = big
+            lst = list(range(300_000)); lst_alias = lst
+            """
+        )
+    )
+    res = isolated(kernel, "print(float(arr.sum()) + len(lst))")
+    said = [
+        m["content"]["data"]["text/plain"]
+        for m in res.messages
+        if m["msg_type"] in ("display_data", "update_display_data") and "ran " in m["content"]["data"].get("text/plain", "")
+    ]
+    assert said and said[-1].endswith("0 out"), said  # only read: nothing comes back
+    isolated(kernel, 'arr[0] = 5\narr += 1\nbig["y"] = 2\nbig.loc[0, "a"] = -1\ndel lst[0]')
+    assert kernel.value(
+        "(arr_alias is arr, float(arr_alias[0]), float(arr_alias[1]), big_alias is big, "
+        "list(big_alias.columns), int(big_alias.loc[0, 'a']), lst_alias is lst, lst_alias[0], len(lst))"
+    ) == (True, 6.0, 1.0, True, ["a", "y"], -1, True, 1, 299_999)
+
+
 def test_a_failed_cell_changes_nothing_in_place(kernel):
     kernel.run("ledger = []")
     res = kernel.execute("%%isolate\nledger.append(1)\nraise ValueError('no')")

@@ -188,3 +188,14 @@ def test_own_sources_are_the_users_modules_and_their_submodules_not_installed_on
 def test_names_read_through_the_namespace(source, inputs, whole):
     plan = plan_cell(source, {"a", "b", "text"})
     assert (tuple(sorted(plan.inputs)), plan.whole_namespace) == (inputs, whole)
+
+
+def test_item_writes_are_the_variables_whose_items_the_text_writes():
+    plan = plan_cell(
+        "arr[0] = 5\nbig['y'] = 2\ndf.loc[0, 'a'] = 1\ndel d[k]\nn += 1\ncfg.opts['a'] = 1\n"
+        "s = arr.sum()\nother.append(1)\ndef f():\n    g[0] = 1",
+        {"arr", "big", "df", "d", "k", "n", "cfg", "other", "g"},
+    )
+    # cfg.opts[...] is an attribute's item (nbisolate.attributes); a call may only read.
+    assert set(plan.written) == {"arr", "big", "df", "d", "n", "g"}
+    assert plan_cell("x = arr[0]", {"arr"}).written == ()

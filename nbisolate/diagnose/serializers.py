@@ -287,7 +287,7 @@ _SERIALIZERS: dict[str, _Serializer] = {
         False, _dump_pickle, _pickle_loads,
     ),
     "dill": _Serializer(
-        "dill", "%%isolate", "%%isolate (by value; dill for files)", True, _dump_isolate,
+        "dill", "%%isolate", "%%isolate (by value; dill for what only dill writes)", True, _dump_isolate,
         _isolate_loads,
     ),
 }
