@@ -741,6 +741,9 @@ class CellRun:
         body = self._final.data
         if body.get("files"):  # the notebook's open files move on to where the cell left them
             openfiles.catch_up(body["files"], byvalue.sent)
+        logs = (self.settings or {}).get("logging") or {}
+        if any(packed[1] == "file" for packed in logs.get("handlers", ())):
+            settings.catch_up_logs()  # and its log files, past what the cell appended
         if self._final.kind == "error":
             raise self._rebuild_error(body, self._final.buffers)
         t0 = time.perf_counter()

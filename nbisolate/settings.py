@@ -38,9 +38,11 @@ changed travel (against pandas' defaults, and against what matplotlib read
 from its ``matplotlibrc``), and of pandas' only plain values (a
 ``display.float_format`` function stays the worker's default); the plotting
 backend stays the worker's own (it draws without a kernel). Of logging, the
-levels set and the root logger's handlers that write to the cell's output
-(``StreamHandler`` on ``sys.stdout`` or ``sys.stderr``, with their format) travel;
-a handler of another kind (a file, a service) stays the kernel's.
+levels set and each logger's handlers that write to the cell's output
+(``StreamHandler`` on ``sys.stdout`` or ``sys.stderr``) or to a file
+(``FileHandler``, appended to in the worker), with their level and format,
+travel, both ways; a handler of another kind (a service, a queue) stays the
+kernel's.
 """
 
 from __future__ import annotations
@@ -442,38 +444,83 @@ _STYLES = {logging.PercentStyle: "%", logging.StrFormatStyle: "{", logging.Strin
 
 
 def _pack_logging() -> Settings | None:
-    """The levels set and the root logger's output handlers; None while logging is as it starts."""
+    """The levels set and the log handlers that travel; None while logging is as it starts."""
     root = logging.getLogger()
-    levels = {
-        name: logger.level
-        for name, logger in list(logging.Logger.manager.loggerDict.items())
-        if isinstance(logger, logging.Logger) and logger.level
-    }
-    handlers = _pack_handlers(root)
-    if root.level == logging.WARNING and not levels and not handlers:
+    levels: dict[str, int] = {}
+    alone: list[str] = []
+    handlers: list[tuple[Any, ...]] = []
+    for name, logger in _loggers():  # one pass: a kernel has a hundred loggers or more
+        if logger.level and name:
+            levels[name] = logger.level
+        if not logger.propagate:
+            alone.append(name)
+        if logger.handlers:
+            handlers += _pack_handlers(name, logger)
+    if root.level == logging.WARNING and not levels and not handlers and not alone:
         return None
-    return {"root": root.level, "levels": levels, "handlers": handlers}
+    handlers.sort(key=lambda packed: packed[0])  # the same order in any process (a stable sort)
+    packed: Settings = {"root": root.level, "levels": levels, "handlers": handlers}
+    if alone:
+        alone.sort()  # logger.propagate = False: its records stop at its own handlers
+        packed["alone"] = alone
+    return packed
 
 
-def _pack_handlers(root: logging.Logger) -> list[tuple[Any, ...]]:
-    """The root logger's handlers that write to this process's ``sys.stdout`` or ``sys.stderr``."""
-    handlers = []
-    for handler in root.handlers:
+def _loggers() -> list[tuple[str, logging.Logger]]:
+    """The root logger (named ``""`` here) and every logger made so far."""
+    return [("", logging.getLogger())] + [
+        (name, logger)
+        for name, logger in list(logging.Logger.manager.loggerDict.items())
+        if isinstance(logger, logging.Logger)
+    ]
+
+
+def _spec(handler: logging.Handler) -> tuple[str, Any] | None:
+    """What a handler writes to, if it travels: ``("stdout", None)`` or ``("stderr", None)`` for a
+    ``StreamHandler`` on this process's output (the cell's output in a worker), ``("file",
+    (path, encoding))`` for a ``FileHandler``; None for any other (a service, the terminal the
+    kernel was started from), which stays where it is."""
+    kind = type(handler)
+    if kind is logging.StreamHandler:
         stream = getattr(handler, "stream", None)
         where = "stdout" if stream is sys.stdout else "stderr" if stream is sys.stderr else None
-        if type(handler) is not logging.StreamHandler or where is None:
-            continue  # a file, a service, the terminal the kernel was started from: not the cell's
-        form = handler.formatter
-        style = _STYLES.get(type(getattr(form, "_style", None)), "%")
-        handlers.append(
-            (where, handler.level, getattr(form, "_fmt", None), getattr(form, "datefmt", None), style)
-        )
+        return None if where is None else (where, None)
+    if kind is logging.FileHandler:
+        return ("file", (handler.baseFilename, handler.encoding))
+    return None
+
+
+def _pack_handlers(name: str, logger: logging.Logger) -> list[tuple[Any, ...]]:
+    """A logger's handlers that travel (:func:`_spec`), with their level and format."""
+    handlers = []
+    for handler in logger.handlers:
+        spec = _spec(handler)
+        if spec is not None:
+            handlers.append((name, *spec, *_look(handler)))
     return handlers
 
 
+def _look(handler: logging.Handler) -> tuple[Any, ...]:
+    """A handler's level and format, as packed."""
+    form = handler.formatter
+    style = _STYLES.get(type(getattr(form, "_style", None)), "%")
+    return handler.level, getattr(form, "_fmt", None), getattr(form, "datefmt", None), style
+
+
+def _make_handler(where: str, target: Any) -> logging.Handler:
+    if where == "file":
+        path, encoding = target
+        # Appending, never "w": the file is the notebook's log, whatever mode it was opened in.
+        return logging.FileHandler(path, mode="a", encoding=encoding, delay=True)
+    return logging.StreamHandler(sys.stdout if where == "stdout" else sys.stderr)
+
+
 def _unpack_logging(packed: Settings, keep_others: bool = False) -> None:
-    """Set the levels and make the root's output handlers; with ``keep_others`` (in the kernel)
-    the root's other handlers (a file, a service) stay beside them."""
+    """Set the levels, and give each logger the handlers that travel as packed: one already
+    there that writes to the same place with the same level and format is kept, the others
+    made (or, gone from the pack, closed and taken off). Handlers that do not travel (a
+    service, a queue) stay as they are.  ``keep_others``: in the kernel, taking what a cell
+    changed, where a file handler taken off is closed."""
     root = logging.getLogger()
     changed = False
     for logger, level in ((root, packed["root"]), *((logging.getLogger(n), lv) for n, lv in packed["levels"].items())):
@@ -482,23 +529,76 @@ def _unpack_logging(packed: Settings, keep_others: bool = False) -> None:
             changed = True
     if changed:
         logging.Logger.manager._clear_cache()  # once, as setLevel would
-    if packed["handlers"] and _pack_handlers(root) != packed["handlers"]:
-        made: list[logging.Handler] = []
-        for where, level, fmt, datefmt, style in packed["handlers"]:
-            handler = logging.StreamHandler(sys.stdout if where == "stdout" else sys.stderr)
-            handler.setLevel(level)
-            try:
-                handler.setFormatter(logging.Formatter(fmt, datefmt, style))
-            except (ValueError, TypeError):
-                pass
-            made.append(handler)
-        if keep_others:
-            outputs = {id(sys.stdout), id(sys.stderr)}
-            made = [
-                h for h in root.handlers
-                if type(h) is not logging.StreamHandler or id(getattr(h, "stream", None)) not in outputs
-            ] + made
-        root.handlers[:] = made
+    alone = set(packed.get("alone", ()))
+    for name, logger in _loggers():
+        if logger.propagate == (name in alone):
+            logger.propagate = name not in alone
+    for name in alone:
+        logging.getLogger(name).propagate = False
+    wanted: dict[str, list[tuple[Any, ...]]] = {}
+    for name, *spec in packed["handlers"]:
+        wanted.setdefault(name, []).append(tuple(spec))
+    for name, logger in _loggers():
+        specs = wanted.pop(name, [])
+        if specs or any(type(h) in _OURS for h in logger.handlers):
+            _reconcile(logger, specs, kernel=keep_others)
+    for name, specs in wanted.items():  # a logger the cell made
+        _reconcile(logging.getLogger(name) if name else root, specs, kernel=keep_others)
+
+
+_OURS = (logging.StreamHandler, logging.FileHandler)
+
+
+def _reconcile(logger: logging.Logger, specs: list[tuple[Any, ...]], kernel: bool) -> None:
+    """``logger``'s handlers as ``specs`` say. In a worker every plain stream or file handler is
+    the pack's to make (one a spare made before the fork writes to an output the worker no
+    longer has); in the kernel one that does not travel (the terminal's) stays, and one the cell
+    took off is closed."""
+    have: list[tuple[tuple[Any, ...], logging.Handler]] = []
+    kept: list[logging.Handler] = []
+    for handler in logger.handlers:
+        spec = _spec(handler)
+        if spec is None:
+            if kernel or type(handler) not in _OURS:
+                kept.append(handler)
+            continue
+        have.append(((*spec, *_look(handler)), handler))
+    if [spec for spec, _ in have] == specs and len(kept) + len(have) == len(logger.handlers):
+        return
+    made: list[logging.Handler] = []
+    for spec in specs:
+        found = next((h for s, h in have if s == spec), None)
+        if found is not None:
+            have = [(s, h) for s, h in have if h is not found]
+            made.append(found)
+            continue
+        where, target, level, fmt, datefmt, style = spec
+        handler = _make_handler(where, target)
+        handler.setLevel(level)
+        try:
+            handler.setFormatter(logging.Formatter(fmt, datefmt, style))
+        except (ValueError, TypeError):
+            pass
+        made.append(handler)
+    if kernel:
+        for _, handler in have:
+            if isinstance(handler, logging.FileHandler):
+                handler.close()
+    logger.handlers[:] = kept + made
+
+
+def catch_up_logs() -> None:
+    """In the kernel after an isolated cell: a log file the notebook opened for writing (not
+    appending) moves to its end, past what the worker appended, so the notebook's next line
+    follows the cell's instead of writing over them."""
+    for _, logger in _loggers():
+        for handler in logger.handlers:
+            if type(handler) is logging.FileHandler and handler.stream is not None and "a" not in handler.mode:
+                try:
+                    handler.flush()
+                    handler.stream.seek(0, os.SEEK_END)
+                except (OSError, ValueError):
+                    pass
 
 
 # -- what a cell changed, back to the kernel -----------------------------------------------------

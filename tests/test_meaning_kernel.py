@@ -1022,6 +1022,58 @@ def test_log_records_show_as_the_notebook_configured_them(fresh_kernel):
     assert "INFO|job|step one" in res.stderr and "hidden" not in res.stderr, res.stderr
 
 
+def test_log_handlers_of_any_logger_write_where_they_write_in_the_notebook(fresh_kernel, tmp_path):
+    """A training loop logging to a file, a named logger that prints to the cell, a logger that
+    does not propagate, ``basicConfig(filename=...)`` in the cell itself: the same lines, in the
+    same places and order, as after ordinary cells. Before, a record of the cell's on a logger
+    with its own handlers went nowhere (the worker's logger had none), and a log file the
+    notebook opened with mode "w" would have been written over by the notebook's next line."""
+    k = fresh_kernel
+    outs = {}
+    for way in ("ordinary", "isolated"):
+        folder = tmp_path / way
+        folder.mkdir()
+        k.run(
+            cell(
+                f"""
+                import logging, sys
+                D = {str(folder)!r}
+                train = logging.getLogger(f"train.{way}")
+                train.setLevel(logging.INFO)
+                train.propagate = False
+                to_file = logging.FileHandler(f"{{D}}/train.log", mode="w")
+                to_file.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+                train.addHandler(to_file)
+                shown = logging.getLogger(f"shown.{way}")
+                shown.setLevel(logging.INFO)
+                shown.addHandler(logging.StreamHandler(sys.stdout))
+                train.info("epoch 0")
+                """
+            )
+        )
+        body = (
+            'train.info("epoch 1")\nshown.info("to the cell")\n'
+            'logging.basicConfig(filename=f"{D}/root.log", level=logging.INFO, force=True)\n'
+            'logging.info("configured in the cell")'
+        )
+        res = k.execute(("%%isolate\n" if way == "isolated" else "") + body)
+        assert res.ok, res.error_text + res.stderr
+        k.run('train.info("epoch 2")\nlogging.info("after the cell")\n[h.flush() for h in (*train.handlers, *logging.getLogger().handlers)]')
+        outs[way] = (
+            res.stdout,
+            k.value('open(f"{D}/train.log").read()'),
+            k.value('open(f"{D}/root.log").read()'),
+            k.value("(train.propagate, len(train.handlers), type(logging.getLogger().handlers[-1]).__name__)"),
+        )
+        k.run("to_file.close()\nlogging.basicConfig(force=True)")
+    assert outs["ordinary"] == outs["isolated"] == (
+        "to the cell\n",
+        "INFO epoch 0\nINFO epoch 1\nINFO epoch 2\n",
+        "INFO:root:configured in the cell\nINFO:root:after the cell\n",
+        (False, 1, "FileHandler"),
+    )
+
+
 def test_warnings_as_errors_hold_for_the_cells_code_not_for_the_workers_own_steps(fresh_kernel):
     """``simplefilter("error")`` in a notebook turns the cells' warnings into errors; a warning of
     the worker's own (loading an input, sending a result) must not fail the cell."""

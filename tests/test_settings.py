@@ -56,24 +56,37 @@ def test_the_recursion_limit_travels():
         sys.setrecursionlimit(limit)
 
 
-def test_log_handlers_that_write_elsewhere_stay_behind(tmp_path):
+def test_log_handlers_to_the_output_and_to_files_travel_and_others_stay_behind(tmp_path):
+    import io
     import logging
 
     root = logging.getLogger()
+    named = logging.getLogger("nbisolate-unit-named")
     saved = (root.level, root.handlers[:])
     try:
-        to_file = logging.FileHandler(tmp_path / "log.txt")
+        to_file = logging.FileHandler(tmp_path / "log.txt", encoding="utf-8")
         to_cell = logging.StreamHandler(sys.stderr)
         to_cell.setFormatter(logging.Formatter("{levelname}: {message}", style="{"))
-        root.handlers[:] = [to_file, to_cell]
+        elsewhere = logging.StreamHandler(io.StringIO())  # not the cell's output: stays here
+        root.handlers[:] = [to_file, to_cell, elsewhere]
         root.setLevel(logging.DEBUG)
+        named.addHandler(logging.StreamHandler(sys.stdout))
+        named.propagate = False
         packed = pickle.loads(pickle.dumps(settings.capture()))["logging"]
         assert packed["root"] == logging.DEBUG
-        assert packed["handlers"] == [("stderr", logging.NOTSET, "{levelname}: {message}", None, "{")]
+        mine = [h for h in packed["handlers"] if h[0] in ("", "nbisolate-unit-named")]  # not a library's
+        assert mine == [
+            ("", "file", (str(tmp_path / "log.txt"), "utf-8"), logging.NOTSET, None, None, "%"),
+            ("", "stderr", None, logging.NOTSET, "{levelname}: {message}", None, "{"),
+            ("nbisolate-unit-named", "stdout", None, logging.NOTSET, None, None, "%"),
+        ]
+        assert "nbisolate-unit-named" in packed["alone"]
         to_file.close()
     finally:
         root.setLevel(saved[0])
         root.handlers[:] = saved[1]
+        named.handlers.clear()
+        named.propagate = True
 
 
 # -- what a cell changed, back to the kernel -------------------------------------------------
@@ -108,18 +121,19 @@ def test_left_by_cell_names_what_the_cell_changed_and_nothing_else(monkeypatch):
 
 
 def test_apply_takes_the_changes_and_keeps_the_kernels_other_log_handlers(tmp_path, monkeypatch):
+    import io
     import logging
     import os
 
     root = logging.getLogger()
     saved = (root.level, root.handlers[:], warnings.filters[:])
-    to_file = logging.FileHandler(tmp_path / "kernel.log")
+    to_file = logging.StreamHandler(io.StringIO())  # a handler that never travels
     monkeypatch.setenv("NBI_UNIT_GONE", "x")
     monkeypatch.chdir(tmp_path)
     try:
         root.handlers[:] = [to_file]
         changed = {
-            "logging": {"root": logging.INFO, "levels": {}, "handlers": [("stderr", 0, "%(message)s", None, "%")]},
+            "logging": {"root": logging.INFO, "levels": {}, "handlers": [("", "stderr", None, 0, "%(message)s", None, "%")]},
             "warnings": [("error", None, "builtins", "UserWarning", None, 0)],
             "env": {"set": {"NBI_UNIT_NEW": "v"}, "unset": ["NBI_UNIT_GONE"]},
             "cwd": "/",
