@@ -841,6 +841,34 @@ def test_small_plain_data_is_loaded_back_here_without_the_loader(monkeypatch):
             assert res.ok is True and res.loads_ok is True and not res.note, (name, res)
 
 
+def test_classes_and_functions_of_installed_packages_are_looked_up_here(monkeypatch):
+    """``from collections import OrderedDict``, ``from json import dumps``: pickled by reference,
+    loading them is a lookup in a module a fresh interpreter imports from the same file, so the
+    kernel looks them up itself (the loader would import the package again: a second for some).
+    A class of a module made at run time, or a value whose loading calls code, still goes to
+    the loader process, which cannot start here: their verdicts stay unknown."""
+    import collections
+    import datetime
+    import json
+
+    made = types.ModuleType("nbi_made_at_run_time")
+    exec("class Local:\n    pass\n", made.__dict__)
+    made.Local.__module__ = made.__name__
+    monkeypatch.setitem(sys.modules, made.__name__, made)
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    values = {"od": collections.OrderedDict, "dumps": json.dumps, "both": [json.loads, collections.Counter]}
+    report = check_namespace(
+        {**values, "local": made.Local, "day": datetime.date(2020, 1, 2)},
+        serializers=["pickle"], verify_spawn=spawn_loads,
+    )
+    for name in values:
+        res = report.reports[name].results["pickle"]
+        assert res.ok is True and res.loads_ok is True and not res.note, (name, res)
+    for name in ("local", "day"):  # not looked up here: sent to the loader, which is not there
+        res = report.reports[name].results["pickle"]
+        assert res.ok is not True and "could not start" in res.note, (name, res)
+
+
 def test_large_plain_data_is_serialized_once_and_judged_for_every_serializer():
     """A large object of plain data is written the same by every C-pickler serializer:
     %pickle_check serializes it once (a notebook's worth of frames stays within seconds)."""

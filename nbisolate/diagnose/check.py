@@ -144,21 +144,60 @@ _CODE_OPS = frozenset({
 stream can only build strings, numbers, bytes and the builtin containers."""
 
 
-def _runs_no_code(data: bytes, buffers: Sequence[Any]) -> bool:
-    """True for a small stream, without out-of-band buffers, that names no global and calls
-    nothing: loading it runs no code of any object, so it may be loaded in this process.
+_STRING_OPS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"})
+
+
+def _runs_no_code(data: bytes, buffers: Sequence[Any], ctx: _Context | None = None) -> bool:
+    """True for a small stream, without out-of-band buffers, that calls nothing: loading it runs
+    no code of any object, so it may be loaded in this process.
 
     A notebook's many small lists, dicts and strings are checked this way; sending each of
     them to the loader process (three times: once per serializer) cost ten times the check.
+    With ``ctx``, a stream may also look names up (``from sklearn.ensemble import
+    RandomForestClassifier``, pickled by reference) in modules a fresh interpreter imports
+    from the same file (:meth:`_Context.module_status` ``ok``, not one of the working
+    directory's): loading that here is ``getattr`` on a module this process imported, and in
+    the loader process it would cost importing the package again, a second for some.
     """
     if buffers or len(data) > _LOAD_HERE_BYTES:
         return False
     import pickletools
 
+    strings: list[str] = []  # the strings pushed, newest last, and those memoized
+    memo: dict[int, str] = {}
     try:
-        return not any(op.name in _CODE_OPS for op, _, _ in pickletools.genops(data))
+        for op, arg, _ in pickletools.genops(data):
+            name = op.name
+            if name in _STRING_OPS:
+                strings.append(arg)
+            elif name == "MEMOIZE":
+                memo[len(memo)] = strings[-1] if strings else ""
+            elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
+                memo[int(arg)] = strings[-1] if strings else ""
+            elif name in ("BINGET", "LONG_BINGET", "GET"):
+                strings.append(memo.get(int(arg), ""))
+            elif name == "STACK_GLOBAL":
+                if ctx is None or len(strings) < 2 or not _found_fresh(strings[-2], ctx):
+                    return False
+            elif name == "GLOBAL":
+                if ctx is None or not _found_fresh(str(arg).partition(" ")[0], ctx):
+                    return False
+            elif name in _CODE_OPS:
+                return False
+            elif name not in ("PROTO", "FRAME", "STOP"):
+                strings.append("")  # anything else pushed: a STACK_GLOBAL must not pair across it
     except Exception:  # not a stream pickletools can read: the loader process decides
         return False
+    return True
+
+
+def _found_fresh(module: str, ctx: _Context) -> bool:
+    """A module a fresh interpreter imports from the same file as this process did."""
+    return (
+        module.partition(".")[0] not in ctx.suspicious
+        and module not in ctx.suspicious
+        and ctx.module_status(module) == "ok"
+    )
 
 
 def _fast(
@@ -197,7 +236,7 @@ def _fast(
         unknown = False  # not loaded back, and what loading would do is not known
         if data is None:
             res.note = "not loaded back here: pickle too large to keep for the check"
-        elif ctx.loads_elsewhere and not _runs_no_code(data, keep.buffers):
+        elif ctx.loads_elsewhere and not _runs_no_code(data, keep.buffers, ctx):
             load_error, unknown = _load_elsewhere(
                 ser, data, keep, dumped.engine, ctx, res, deadline, load_seconds
             )
