@@ -31,9 +31,11 @@ import platform
 import shutil
 import statistics
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -223,6 +225,16 @@ def main(argv: list[str] | None = None) -> int:
     global REPEATS
     if args.smoke:
         REPEATS = 1
+    # The Dask cluster's lock files in a folder of the run's own, not the machine's /tmp/dask-scratch-space.
+    scratch = tempfile.mkdtemp(prefix="nbisolate-bench-dask-")
+    os.environ.setdefault("DASK_TEMPORARY_DIRECTORY", scratch)
+    try:
+        return _run(args, quick)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run(args: Any, quick: bool) -> int:
     kernel = Kernel(cwd=str(ROOT))
     rows = []
     try:
