@@ -42,9 +42,9 @@ import pickle
 from collections.abc import Callable, Mapping
 from typing import Any
 
-FILE_TYPES: tuple[type, ...] = (
+FILE_TYPES: frozenset[type] = frozenset({
     io.TextIOWrapper, io.BufferedReader, io.BufferedWriter, io.BufferedRandom, io.FileIO,
-)
+})
 """The kinds of object ``open()`` returns: text, buffered binary, and raw (``buffering=0``)."""
 
 class Unreachable(pickle.PicklingError):

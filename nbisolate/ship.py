@@ -397,9 +397,6 @@ def _is_exact_ndarray(obj: Any) -> bool:
     return kind.__name__ == "ndarray" and kind.__module__ == "numpy"
 
 
-_FILE_TYPES = frozenset(openfiles.FILE_TYPES)
-
-
 def dill_pickler_class() -> type:
     """The pickler of the dill fallback, keeping the two promises the fast path makes.
 
@@ -421,7 +418,7 @@ def dill_pickler_class() -> type:
                     return _import_module, (obj.__name__,)
                 if _is_exact_ndarray(obj):
                     return obj.__reduce_ex__(PROTOCOL)
-                if type(obj) in _FILE_TYPES:  # the same file at the same place, never truncated
+                if type(obj) in openfiles.FILE_TYPES:  # the same file at the same place, never truncated
                     try:
                         return openfiles.reduce(obj, byvalue._token(obj))
                     except openfiles.Unreachable:

@@ -155,7 +155,6 @@ def needs_value(obj: Any) -> bool:
 # and route() runs for every module, function and class a shipment holds.
 _MODULE, _REFERENCE, _PICKLE = Route.MODULE, Route.REFERENCE, Route.PICKLE
 _BY_VALUE, _DILL, _OPEN_FILE = Route.BY_VALUE, Route.DILL, Route.OPEN_FILE
-_OPEN_FILES = frozenset(FILE_TYPES)
 CACHED_FUNCTION = type(functools.lru_cache(maxsize=None)(lambda: None))
 """``functools.lru_cache``'s (and ``cache``'s) wrapper: a function of the notebook's under it
 travels as its function does (by value, when the other side could not import it by name)."""
@@ -194,7 +193,7 @@ def route(obj: Any) -> Route:
         hit = _lookup(obj)
         found = hit is not None and hit[1] is obj and not hit[0].startswith("__")
         return _REFERENCE if found else _BY_VALUE
-    if kind in _OPEN_FILES:
+    if kind in FILE_TYPES:
         return _OPEN_FILE
     return _PICKLE
 
