@@ -27,6 +27,8 @@ everything the notebook had written before.  Here, both ways:
    back by token, :mod:`nbisolate.byvalue`); a file the cell opened comes back
    opened again the same way, so its contents are never truncated by the trip.
 
+A closed file arrives closed (:func:`closed_file`), its path never touched:
+dill would open it again with ``open(name, "w")`` to close it, truncating it.
 Only files known by a path and able to tell their position take this road: a
 pipe, a terminal or ``sys.stdout`` cannot be opened again by a name, and keep
 the serializers' own handling.
@@ -91,8 +93,9 @@ def reduce(f: Any, token: str | None) -> tuple[Any, tuple[Any, ...]]:
     """How ``f`` travels: flushed, as ``reopen(token, path, ...)``; :class:`Unreachable` when it
     cannot (no path, deleted, replaced), ``pickle.PicklingError`` when it is not a file that a
     path and a position describe (a pipe, a terminal)."""
-    if f.closed:
-        raise pickle.PicklingError("a closed file is left to the serializer")
+    if f.closed:  # a closed file, never opened again (dill's re-opener would truncate its path)
+        text = getattr(f, "mode", "r") if isinstance(f, io.TextIOWrapper) else None
+        return closed_file, (f.name, _raw(f).mode, not isinstance(f, io.FileIO), text)
     if not f.seekable() or f.isatty():
         raise pickle.PicklingError("a file that cannot seek (a pipe, a terminal) has no position to carry")
     if f.writable():
@@ -107,11 +110,27 @@ def reduce(f: Any, token: str | None) -> tuple[Any, tuple[Any, ...]]:
         ) from None
     text = isinstance(f, io.TextIOWrapper)
     buffered = not isinstance(f, io.FileIO)
-    details = (f.encoding, f.errors, f.line_buffering) if text else None
+    details = (f.encoding, f.errors, f.line_buffering, getattr(f, "mode", "r")) if text else None
     return reopen, (
         token, path, f.name, _raw(f).mode, position, buffered, details,
         opened.st_dev, opened.st_ino,
     )
+
+
+def closed_file(name: Any, mode: str, buffered: bool, text: str | None) -> Any:
+    """A closed file object of the same kind, name and mode (``text``: a text file's own mode),
+    made without touching the file."""
+    raw = io.FileIO(os.devnull, "rb+" if "+" in mode else "rb" if "r" in mode else "wb")
+    raw.name = name
+    f: Any = raw
+    if buffered:
+        kind = io.BufferedRandom if "+" in mode else io.BufferedReader if "r" in mode else io.BufferedWriter
+        f = kind(raw)
+    if text is not None:
+        f = io.TextIOWrapper(f)
+        f.mode = text
+    f.close()
+    return f
 
 
 _ARRIVED: list[tuple[str, Any, int]] = []
@@ -147,7 +166,7 @@ def _check(path: str, name: str, dev: int, ino: int) -> None:
 
 def reopen(
     token: str | None, path: str, name: str, mode: str, position: int, buffered: bool,
-    details: tuple[str, str, bool] | None, dev: int, ino: int,
+    details: tuple[str, str, bool, str] | None, dev: int, ino: int,
 ) -> Any:
     """The same file, opened again here with the same access and moved to the same place."""
     _check(path, name, dev, ino)
@@ -163,8 +182,9 @@ def reopen(
         kind = io.BufferedRandom if "+" in mode else io.BufferedWriter if raw.writable() else io.BufferedReader
         f = kind(raw)
     if details is not None:
-        encoding, errors, line_buffering = details
+        encoding, errors, line_buffering, text_mode = details
         f = io.TextIOWrapper(f, encoding=encoding, errors=errors, line_buffering=line_buffering)
+        f.mode = text_mode  # as open() sets it: `log.mode` reads "w", not the raw file's "wb"
     if "a" not in mode:  # (appending writes at the end wherever it stands)
         f.seek(position)
     if token is not None:
@@ -192,7 +212,7 @@ def arrived(f: Any) -> str | None:
 
 def check_reopen(
     token: str | None, path: str, name: str, mode: str, position: int, buffered: bool,
-    details: tuple[str, str, bool] | None, dev: int, ino: int,
+    details: tuple[str, str, bool, str] | None, dev: int, ino: int,
 ) -> Any:
     """:func:`reopen` for a check that must change nothing (``%pickle_check``): the file is
     looked at (there, the same, accessible as the mode needs), never opened."""

@@ -39,11 +39,11 @@ def test_a_log_the_notebook_writes_to_keeps_what_it_wrote(kernel, tmp_path):
         log = open(f"{D}/run.log", "w")
         log.write("one\\n")
         """,
-        'log.write("two\\n")',
+        'log.write(f"two {log.mode}\\n")',
         '(log.write("three\\n"), log.flush(), open(f"{D}/run.log").read(), log.tell())',
         tmp_path,
     )
-    assert ordinary == isolated == (6, None, "one\ntwo\nthree\n", 14)
+    assert ordinary == isolated == (6, None, "one\ntwo w\nthree\n", 16)
     kernel.run("log.close()")
 
 

@@ -28,7 +28,7 @@ def test_a_write_handle_is_opened_again_in_place_and_the_original_catches_up(tmp
     assert shipped.how == {"log": "same file, opened again"}
     assert path.read_text() == "one\n"
     copy = ship.loads(shipped.names, shipped.data, shipped.buffers, shipped.engine)["log"]
-    assert copy is not log and copy.name == str(path) and copy.tell() == 4
+    assert copy is not log and copy.name == str(path) and copy.tell() == 4 and copy.mode == "w"
     assert path.read_text() == "one\n"  # never truncated
     copy.write("two\n")
     report = openfiles.settle()  # flushes, and tells where it stands
@@ -97,3 +97,24 @@ def test_pickle_check_of_a_write_handle_changes_nothing(tmp_path):
         report = pickle_check(keep, "keep")
         assert report.isolate_ok
         assert path.read_text() == "kept" and keep.tell() == 4
+
+
+def test_a_closed_file_arrives_closed_and_its_file_untouched(tmp_path):
+    """dill opened a closed write handle again by name to close it: ``open(name, "w")``, which
+    emptied the file (and made one where none was any more)."""
+    path = tmp_path / "done.txt"
+    done = open(path, "w")
+    done.write("kept")
+    done.close()
+    reader = open(path, "rb")
+    reader.close()
+    gone = tmp_path / "gone.txt"
+    deleted = open(gone, "w")
+    deleted.close()
+    gone.unlink()
+    shipped = ship.dumps({"done": done, "reader": reader, "deleted": deleted})
+    assert set(shipped.how.values()) == {"same file, opened again"}
+    out = ship.loads(shipped.names, shipped.data, shipped.buffers, shipped.engine)
+    assert all(f.closed for f in out.values())
+    assert (out["done"].name, out["done"].mode, type(out["reader"])) == (str(path), "w", type(reader))
+    assert path.read_text() == "kept" and not gone.exists()
