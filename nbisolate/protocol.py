@@ -90,6 +90,18 @@ running the cell (``run``), sending results back (``return``), or the kernel
 receiving a message it could not read (``receive``)."""
 
 
+LET_GO = b"G"
+"""The one raw byte the kernel sends a worker whose outcome it took, once the cell is over there.
+
+A worker that asked to linger (``linger`` in its job) waits for it before it
+exits.  Exiting is work for the machine (a forked process's memory is torn
+down, its parent reaps it and tells the kernel), and done the moment the
+outcome is sent it competes with the kernel binding the results, showing the
+summary and replying: on two cores a trivial cell's reply came a millisecond
+or more later.  Answers of the kernel are single raw bytes, like
+``ship.PULL_TAKEN``; several may arrive in one read."""
+
+
 def sync_mark(token: str) -> bytes:
     """The bytes a worker writes to its stdout and stderr pipes right before its outcome.
 
@@ -149,6 +161,8 @@ class RunPayload(_RunRequired, total=False):
     ``preload`` (modules to import once).  ``env`` is the kernel's environment,
     for a spare that was handed its channel before the cell, when the spare's
     environment is not the kernel's (set before anything of the cell runs).
+    ``linger`` (seconds): once its outcome is sent, the worker waits at most
+    this long for :data:`LET_GO` before it exits.
     """
 
     display_source: str
@@ -171,6 +185,7 @@ class RunPayload(_RunRequired, total=False):
     lend: dict[str, list[int]]
     sweep: dict[str, Any] | None
     env: dict[str, str]
+    linger: float
 
 
 class _ResultRequired(TypedDict):

@@ -58,6 +58,7 @@ from .events import Event
 from .options import DEFAULT_MAX_OUTPUT
 from .plan import own_sources
 from .protocol import (
+    LET_GO,
     MSG_DISPLAY,
     MSG_ERROR,
     MSG_INPUTS,
@@ -93,6 +94,10 @@ SPARE_AFTER = 0.008
 
 Forking and preparing the next spare costs the machine a few milliseconds of
 work; done while the kernel replies to a quick cell, it slows the reply."""
+
+LINGER_SECONDS = 0.5
+"""A cell's worker waits at most this long after its outcome for the kernel to let it go
+(:class:`_Departures`, :data:`nbisolate.protocol.LET_GO`).  A sweep's values exit at once."""
 
 class _ReadyHint:
     """How much room to make ahead for large buffers of one kind that are likely to come again.
@@ -292,6 +297,63 @@ class _Arenas:
 
 
 _arenas = _Arenas()
+
+
+class _Departures:
+    """Workers whose cell is over, kept from exiting until the kernel is calm (see ``LET_GO``).
+
+    A worker's exit is work for the machine, as is forking the next spare; done
+    while the kernel replies to a cell, or while it runs the next one, it slows
+    that cell.  So a job's reader thread, :data:`SPARE_AFTER` after its
+    outcome, lets every waiting worker go only when no other cell is running;
+    else they wait for that cell to be over and calm in turn, as the spares'
+    successors do (:meth:`TemplateLauncher.spare_taken`).  Cells that come
+    back to back keep at most :data:`WAITING` workers waiting: the oldest goes
+    when another would wait.  A worker never waits more than
+    :data:`LINGER_SECONDS`: it then leaves on its own.
+    """
+
+    WAITING = 2
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running = 0
+        self._waiting: list[_Supervision] = []
+
+    def running(self) -> None:
+        """A cell whose worker will wait began."""
+        with self._lock:
+            self._running += 1
+
+    def over(self, worker: _Supervision | None) -> None:
+        """A cell began by :meth:`running` is over; ``worker`` (its supervision) waits, if given."""
+        with self._lock:
+            self._running = max(0, self._running - 1)
+            if worker is None:
+                return
+            self._waiting.append(worker)
+            leaving = self._waiting[: -self.WAITING]
+            del self._waiting[: -self.WAITING]
+        for one in leaving:
+            one.answer(LET_GO)
+
+    def calm(self) -> None:
+        """Let every waiting worker go, unless a cell is running."""
+        with self._lock:
+            if self._running:
+                return
+            leaving, self._waiting = self._waiting, []
+        for one in leaving:
+            one.answer(LET_GO)
+
+    def forget(self, worker: _Supervision) -> None:
+        """``worker`` is gone (it left on its own, or was stopped)."""
+        with self._lock:
+            if worker in self._waiting:
+                self._waiting.remove(worker)
+
+
+_departures = _Departures()
 
 
 class _Threads:
@@ -1171,6 +1233,14 @@ class Job:
         self._ahead = False  # a sweep's value: the template forks it, keeping its spare
         self._peer: socket.socket | None = None  # our copy of the worker's end, until it is known
         self._spare_of: _Template | None = None  # handed to its template's spare: tell it so
+        self.lingers = True  # its worker waits to exit until let go (a sweep's value: at once)
+
+    def _run_message(self) -> dict[str, Any]:
+        """The body of the ``run`` message: the payload, the sync token, how long to linger."""
+        body = dict(self.payload, sync=self.sync)
+        if self.lingers:
+            body["linger"] = LINGER_SECONDS
+        return body
 
     @property
     def pid(self) -> int | None:
@@ -1245,6 +1315,7 @@ class Job:
         if held:
             self._gate = threading.Event()
         self._ahead = True
+        self.lingers = False
         try:
             self.start()
         except OSError as exc:  # not even a fresh interpreter could be started
@@ -1486,7 +1557,7 @@ class Job:
         total = sum(memoryview(b).nbytes for b in self.buffers)
         if total >= QUEUE_BYTES:
             return
-        frame = frame_bytes(MSG_RUN, dict(self.payload, sync=self.sync), self.buffers)
+        frame = frame_bytes(MSG_RUN, self._run_message(), self.buffers)
         if frame is None or len(frame) > QUEUE_BYTES:
             return
         try:
@@ -1564,7 +1635,8 @@ class _Supervision:
     bytes, a message, a wake-up, the worker's exit), and once the worker is
     gone take its last words, stop the tree, reap and emit ``exit``
     (:meth:`run`).  All its state lives here, read and written by this one
-    thread; :meth:`Job.stop` only sets a reason and writes the wake pipe.
+    thread; :meth:`Job.stop` only sets a reason and writes the wake pipe, and
+    another job's thread may only let its worker go (:meth:`answer`).
     """
 
     SCAN_SECONDS = 0.5
@@ -1596,6 +1668,8 @@ class _Supervision:
         self.labelled = False  # output after a stop was said to be the cell's processes'
         self.finished = False  # a result or an error arrived
         self.exited = False
+        self.waits = False  # counted as running by _departures, until its outcome
+        self._answering = threading.Lock()  # answer() from another thread, and close()
         self.next_scan = time.perf_counter() + self.SCAN_SECONDS
         self.output_bytes = 0
         self.dropped = 0
@@ -1666,6 +1740,9 @@ class _Supervision:
         """
         failure: BaseException | None = None
         self.tell_at: float | None = time.perf_counter() + SPARE_AFTER
+        if self.job.lingers:
+            self.waits = True
+            _departures.running()
         try:
             self.send_run()
             while True:
@@ -1687,6 +1764,9 @@ class _Supervision:
             except Exception:
                 pass
         finally:
+            if self.waits:  # no outcome came: the cell is over all the same
+                self.waits = False
+                _departures.over(None)
             self.tell_taken()
             self.close()
         self.emit_exit(failure)
@@ -1726,7 +1806,7 @@ class _Supervision:
             else:
                 if sum(memoryview(b).nbytes for b in job.buffers) >= SHM_THRESHOLD:
                     self.arena = _arenas.take()
-                self.chan.send(MSG_RUN, dict(job.payload, sync=job.sync), job.buffers, arena=self.arena)
+                self.chan.send(MSG_RUN, job._run_message(), job.buffers, arena=self.arena)
         except OSError:
             pass  # the worker died at start; the exit step explains how
         job.buffers = []
@@ -1818,10 +1898,11 @@ class _Supervision:
         t, self.job._spare_of = self.job._spare_of, None
         if t is not None:
             launcher.spare_over(t)
-            if calm:
-                # The kernel now replies to the cell, and the worker exits: forking the next
-                # spare (and this thread taking the exit) would compete with that.
-                time.sleep(SPARE_AFTER)
+        if calm and (t is not None or self.job.lingers):
+            # The kernel now replies to the cell: forking the next spare, and the worker's exit
+            # (see LET_GO), would compete with that.
+            time.sleep(SPARE_AFTER)
+        if t is not None:
             launcher.spare_taken(t, calm=calm)
 
     def take_last_words(self) -> None:
@@ -1844,7 +1925,9 @@ class _Supervision:
             except (KeyError, ValueError):
                 pass
         self.sel.close()
-        self.chan.close()
+        _departures.forget(self)
+        with self._answering:
+            self.chan.close()
         job = self.job
         with job._wake_lock:
             job._closed = True
@@ -2109,11 +2192,12 @@ class _Supervision:
         return buffers
 
     def answer(self, word: bytes) -> None:
-        """Tell a worker waiting on a pulled result how it went (nothing if it is gone)."""
-        try:
-            self.chan.sock.sendall(word)
-        except OSError:
-            pass
+        """Send the worker one raw byte: how its pulled result went, or :data:`LET_GO` (nothing if it is gone)."""
+        with self._answering:
+            try:
+                self.chan.sock.sendall(word)
+            except OSError:  # gone, or closed here
+                pass
 
     def room_for(self, body: Any, buffers: list[Any]) -> bool:
         """Count a display against the same output limit as text; False when it is over."""
@@ -2138,7 +2222,12 @@ class _Supervision:
             )
         self.job._emit(kind, body, buffers)
         self.job.release_events()  # the outcome, and what the same read brought before it: now
+        waits, self.waits = self.waits, False
+        if waits:
+            _departures.over(self)  # its worker waits to exit until the kernel is calm
         self.tell_taken(calm=True)
+        if waits:
+            _departures.calm()
         # A safety net behind the worker's own cleanup, off the critical path.
         self.remember()
 

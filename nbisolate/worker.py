@@ -45,6 +45,7 @@ from typing import Any
 from . import display_worker, pools, proctree
 from .protocol import (
     CHANNEL_LOST,
+    LET_GO,
     MSG_ERROR,
     MSG_INPUTS,
     MSG_PHASE,
@@ -114,6 +115,7 @@ class _WorkerChannel(Channel):
     """
 
     output: _Output | None = None
+    outcome_sent = False  # the result or error went: the kernel has what it waits for
 
     _BLOCK = frozenset(
         s
@@ -168,13 +170,16 @@ class _WorkerChannel(Channel):
     def send(self, kind: str, body: Any = None, buffers: Any = ()) -> None:
         if kind != MSG_STREAM and self.output is not None:
             self.output.flush()
-        if threading.current_thread() is not threading.main_thread():
-            return self._send(kind, body, buffers)
-        old = _sigmask(signal.SIG_BLOCK, self._BLOCK)
-        try:
+        if threading.current_thread() is threading.main_thread():
+            old = _sigmask(signal.SIG_BLOCK, self._BLOCK)
+            try:
+                self._send(kind, body, buffers)
+            finally:
+                _sigmask(signal.SIG_SETMASK, old)
+        else:
             self._send(kind, body, buffers)
-        finally:
-            _sigmask(signal.SIG_SETMASK, old)
+        if kind in (MSG_RESULT, MSG_ERROR):
+            self.outcome_sent = True
 
     def _send(self, kind: str, body: Any, buffers: Any) -> None:
         """One message, after the phases held for it (in one write when it is small).
@@ -356,7 +361,8 @@ def _watch_parent(chan: Channel, kernel_pid: int | None) -> None:
                 answer = chan.sock.recv(4096)
                 if not answer:
                     break
-                _answers.put(answer)  # the kernel took (or refused to take) a result (_send_result)
+                for i in range(len(answer)):  # one raw byte each: whether it took a result, let go
+                    _answers.put(answer[i : i + 1])
             if pidfd is None and os.getppid() != parent:
                 break
     except OSError:
@@ -861,12 +867,12 @@ def _send_result(chan: Channel, body: dict[str, Any], buffers: list[Any], ship: 
     if spans is not None:
         chan.send(MSG_RESULT, dict(body, pull={"spans": spans}))
         answer = b""
-        while not answer:
+        while answer not in (ship.PULL_TAKEN, ship.PULL_RESEND):
             try:
                 answer = _answers.get(timeout=0.5)
             except queue.Empty:
                 continue
-        if answer[:1] == ship.PULL_TAKEN:
+        if answer == ship.PULL_TAKEN:
             return
     chan.send(MSG_RESULT, body, buffers)
 
@@ -1194,6 +1200,7 @@ def serve(
     A worker calls it with its job; a sweep leader's child (:mod:`nbisolate.sweep_leader`)
     with its value's job, the leader's ``main``, whose shared inputs are loaded, and the
     cell as the leader compiled it (from :func:`compile_job`), once for every value.
+    A worker whose job asks it to linger exits once the kernel lets it go (:func:`_linger`).
     """
     output = _Output(chan)
     chan.output = output
@@ -1234,4 +1241,25 @@ def serve(
     # Nothing the cell started outlives it, even on success; resource trackers first clean up
     # the semaphores and shared memory the cell's multiprocessing registered.
     pools.end_of_cell()
+    if main is None and chan.outcome_sent:  # a sweep's children go at once: their leader reaps them
+        _linger(job.get("linger"))
     os._exit(code)
+
+
+def _linger(seconds: float | None) -> None:
+    """Wait, at most ``seconds``, for the kernel to let this worker go (:data:`~nbisolate.protocol.LET_GO`).
+
+    The cell is over and nothing it started is left; only the exit is put off,
+    until the kernel has replied to the cell (see ``LET_GO``).  A kernel that
+    goes away meanwhile closes the channel, and the watchdog ends this process
+    as it would at any other time.
+    """
+    if not seconds:
+        return
+    until = time.monotonic() + seconds
+    while (left := until - time.monotonic()) > 0:
+        try:
+            if _answers.get(timeout=left) == LET_GO:
+                return
+        except queue.Empty:
+            return

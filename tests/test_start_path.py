@@ -440,3 +440,88 @@ def test_a_spare_takes_the_page_faults_of_a_pandas_cell_before_its_cell_comes():
     run_isolated(code, ns)
     assert ns["total"] == 4950 and ns["frame"].equals(pd.DataFrame({"a": range(100), "b": [0.5] * 100}))
     assert ns["faults"] < 200, ns["faults"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _worker_pids(run: CellRun) -> list[int]:
+    pids: list[int] = []
+    run.listeners.append(lambda event: pids.append(event.data) if event.kind == "started" else None)
+    return pids
+
+
+def test_a_worker_exits_once_the_kernel_lets_it_go_and_not_while_a_cell_runs(monkeypatch):
+    """A cell's worker exits after its outcome only when the kernel lets it go: once no
+    other cell runs (its exit would slow that cell). Here a worker would wait a minute on
+    its own, so only the kernel's word can end it."""
+    from nbisolate import supervisor
+
+    monkeypatch.setattr(supervisor, "LINGER_SECONDS", 60.0)
+    ns: dict[str, object] = {}
+    run_isolated("ready = 1", ns)
+    slow = CellRun("import time\ntime.sleep(4)\nslow = 1", ns)
+    slow_pids = _worker_pids(slow)
+    slow.prepare()
+    running = threading.Thread(target=slow.run_sync)
+    running.start()
+    try:
+        assert wait_until(lambda: slow_pids, 10)
+        quick = CellRun("quick = 1", ns)
+        quick_pids = _worker_pids(quick)
+        quick.prepare()
+        quick.run_sync()
+        assert ns["quick"] == 1 and quick_pids
+        time.sleep(1.0)  # long past the moment its cell was over: the slow cell still runs
+        assert "slow" not in ns and _alive(quick_pids[0])
+    finally:
+        running.join(60)
+    assert ns["slow"] == 1
+    # The slow cell over, both go (each would wait a minute otherwise).
+    assert wait_until(lambda: not _alive(quick_pids[0]) and not _alive(slow_pids[0]), 10)
+
+
+@pytest.mark.parametrize("let_go", [True, False], ids=["let go", "never let go"])
+def test_a_worker_waits_for_the_word_after_its_outcome_at_most_as_long_as_it_was_told(let_go):
+    """The worker's side, over its channel: after the result it waits for ``LET_GO`` (which
+    may come in one read with another answer), and without it leaves once ``linger`` is
+    over; either way it exits with 0, having sent its result."""
+    import socket
+
+    from nbisolate.protocol import LET_GO, MSG_RESULT, MSG_RUN
+    from nbisolate.template import bootstrap
+    from nbisolate.wire import recv_frame, send_frame
+
+    run = CellRun("answer = 6 * 7", {})
+    run.prepare()
+    assert run.launch is not None
+    payload = dict(run.launch.payload, sync="0" * 16, linger=60.0 if let_go else 0.5)
+    mine, theirs = socket.socketpair()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", bootstrap("worker", theirs.fileno())],
+        pass_fds=(theirs.fileno(),),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    theirs.close()
+    try:
+        send_frame(mine, MSG_RUN, payload)
+        kind = None
+        while kind != MSG_RESULT:
+            kind, body, _, _ = recv_frame(mine)
+        assert body["names"] == ["answer"]
+        if let_go:
+            time.sleep(0.5)
+            assert proc.poll() is None  # its cell is over, and it waits
+            mine.sendall(b"x" + LET_GO)  # an answer it does not wait for, and the word, in one read
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        mine.close()
