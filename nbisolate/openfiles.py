@@ -49,6 +49,7 @@ FILE_TYPES: frozenset[type] = frozenset({
 })
 """The kinds of object ``open()`` returns: text, buffered binary, and raw (``buffering=0``)."""
 
+
 class Unreachable(pickle.PicklingError):
     """The file cannot be opened again by its path: it was deleted, replaced or never had one."""
 

@@ -26,6 +26,7 @@ MIN_MEM = 32 * 1024 * 1024
 """A worker needs about 30 MB just to run Python and load nbisolate; a ``--mem`` below this
 could only end in a confusing crash."""
 
+
 def _names(value: Iterable[str] | str | None, option: str) -> tuple[str, ...] | None:
     if value is None:
         return None

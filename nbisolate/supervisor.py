@@ -99,6 +99,7 @@ LINGER_SECONDS = 0.5
 """A cell's worker waits at most this long after its outcome for the kernel to let it go
 (:class:`_Departures`, :data:`nbisolate.protocol.LET_GO`).  A sweep's values exit at once."""
 
+
 class _ReadyHint:
     """How much room to make ahead for large buffers of one kind that are likely to come again.
 
