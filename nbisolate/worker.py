@@ -711,6 +711,7 @@ def _run(
     shared_attributes = attributes.watch(ns, job.get("attributes") or ())  # config.LR = 0.1 comes back
     classes = attributes.watch_classes(ns, job.get("classes") or {})  # and what methods set on their class
     environ = settings.environment() if job.get("settings_back") else None  # what it changes comes back
+    threads = {thread.ident for thread in threading.enumerate()}  # those it starts are told apart
     t2 = time.perf_counter()
     value = None
     _stage = "run"
@@ -726,6 +727,7 @@ def _run(
             raise
         if not isinstance(exc, KeyboardInterrupt):
             display_worker.end_of_cell()  # figures left open show even when the cell failed
+        _say_running_threads(threads, {})
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         files = openfiles.settle()  # what it wrote before it failed stays written, as in a cell
@@ -786,6 +788,7 @@ def _run(
     shipped = ship.dumps(out, skip_failures=True, main=ns, returning=True)
     shipped, too_big = _fit_result(out, shipped, job.get("max_result"), ns)
     display_worker.explain_skipped(shipped.skipped, out)
+    _say_running_threads(threads, {name: ns.get(name) for name in behind})
     if RESULT in shipped.skipped and RESULT not in too_big:
         bundle = display_worker.result_bundle(value)  # the kernel's formatter, or _fallback_bundle
         shipped.skipped.pop(RESULT)
@@ -812,6 +815,34 @@ def _run(
         "dump_seconds": time.perf_counter() - t3,
     }
     _send_result(chan, body, shipped.buffers, ship)
+
+
+def _say_running_threads(before: set[int | None], bound: dict[str, Any]) -> None:
+    """Say which threads the cell started to run the notebook's code are still running.
+
+    In the notebook such a thread runs on after its cell; here it stops with the
+    worker process, and what it would have done from then on (append to a list,
+    write a file) silently never happens.  Threads of libraries (an executor's
+    idle workers, a progress bar's monitor) are not the cell's work and are not
+    named.  ``bound``: the results that stayed behind, by name (a thread among
+    them is named by its variable too).
+    """
+    names = {id(value): name for name, value in bound.items()}
+    for thread in threading.enumerate():
+        if thread.ident in before or not thread.is_alive():
+            continue
+        target = getattr(thread, "_target", None)
+        code = getattr(target, "func", target) if target is not None else type(thread).run
+        if getattr(code, "__module__", None) != "__main__":
+            continue
+        what = f" to run {getattr(code, '__qualname__', 'its code')}()" if target is not None else ""
+        called = f" ({names[id(thread)]})" if id(thread) in names else ""
+        sys.stderr.write(
+            f"nbisolate: thread {thread.name!r}{called}, which the cell started{what}, was still running when "
+            "the cell ended: it stopped with the worker process, so nothing it would have done from "
+            "then on happens. Wait for it in the cell (its .join()), or run the cell without "
+            "%%isolate to let it run on.\n"
+        )
 
 
 def _patch_loaders(patches: list[Any], ns: dict[str, Any]) -> list[tuple[Any, Any]]:

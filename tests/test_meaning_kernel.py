@@ -1396,3 +1396,34 @@ def test_a_slotted_object_a_bound_method_and_a_partial_change_the_notebooks_obje
     assert kernel.value("(pt.x, alias.x, pt is alias)") == (5, 5, True)
     assert kernel.value("(model.steps, step.__self__ is model)") == (2, True)
     assert kernel.value("(acc, add.args[0] is acc)") == ([1], True)
+
+
+def test_a_thread_still_running_as_the_cell_ends_is_named_not_lost_silently(kernel):
+    """In the notebook a thread runs on after its cell; in a worker it stops with the
+    process, and what it would have done never happens. The cell names each thread it
+    started that was still running; a thread that finished, and the threads of a library
+    (an executor left open), are not named."""
+    res = isolated(
+        kernel,
+        """
+        import threading, time
+        from concurrent.futures import ThreadPoolExecutor
+        done = []
+        def work():
+            time.sleep(60)
+            done.append("late")
+        def quick():
+            done.append(0)
+        threading.Thread(target=work, daemon=True, name="loader").start()
+        finished = threading.Thread(target=quick)
+        finished.start()
+        finished.join()
+        pool = ThreadPoolExecutor(2)
+        pool.submit(quick).result()
+        """,
+    )
+    said = [line for line in res.stderr.splitlines() if line.startswith("nbisolate: thread ")]
+    assert len(said) == 1, res.stderr
+    assert "thread 'loader', which the cell started to run work(), was still running" in said[0]
+    assert ".join()" in said[0] and "ThreadPoolExecutor-" not in res.stderr
+    assert kernel.value("done") == [0, 0]
