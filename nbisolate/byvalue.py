@@ -45,6 +45,7 @@ import copyreg
 import functools
 import importlib
 import itertools
+import linecache
 import os
 import pickle
 import sys
@@ -156,7 +157,9 @@ def loads_into(main: MutableMapping[str, Any] | None):
         _loading.main = previous
 
 
-def _rebuild_function(token: str | None, code: Any, globals_: dict[str, Any], *args: Any) -> types.FunctionType:
+def _rebuild_function(
+    token: str | None, name: str | None, code: Any, globals_: dict[str, Any], *args: Any
+) -> types.FunctionType:
     # cloudpickle sets the globals' __builtins__ to the builtins *dict* (for free-threaded
     # CPython); on a namespace that had its own (a notebook's __main__ has the module, and
     # `__builtins__.len` works there), that one stays.
@@ -164,14 +167,19 @@ def _rebuild_function(token: str | None, code: Any, globals_: dict[str, Any], *a
     func = _cp._make_function(code, globals_, *args)
     if kept is not _UNSET:
         globals_["__builtins__"] = kept
+    if name is not None:  # bound there as in the notebook (see Pickler.notebook_name)
+        globals_.setdefault(name, func)
     return _arrived(func, token)
 
 
 _UNSET = object()
 
 
-def _rebuild_class(token: str | None, maker: Any, *args: Any) -> type:
-    return _arrived(maker(*args), token)
+def _rebuild_class(token: str | None, name: str | None, maker: Any, *args: Any) -> type:
+    cls = _arrived(maker(*args), token)
+    if name is not None:  # bound there as in the notebook (see Pickler.notebook_name)
+        _main_namespace().setdefault(name, cls)
+    return cls
 
 
 def _rebuild_cached(token: str | None, func: Any, maxsize: int | None, typed: bool) -> Any:
@@ -207,6 +215,13 @@ def _function_setstate(func: types.FunctionType, state: tuple[dict, dict]) -> No
             func.__closure__[i].cell_contents = value  # type: ignore[index]
     for name, value in slots.items():
         setattr(func, name, value)
+
+
+def _rebuild_code(filename: str, lines: list[str], make: Any, *args: Any) -> types.CodeType:
+    """A code object, its cell's text put where tracebacks and ``inspect`` look for it first."""
+    if filename not in linecache.cache:
+        linecache.cache[filename] = (sum(map(len, lines)), None, list(lines), filename)
+    return make(*args)
 
 
 # -- modules ------------------------------------------------------------------------------------
@@ -249,6 +264,9 @@ _REDUCERS = {
     if reduce is not _cp._file_reduce
 }
 
+_cp_dynamic_file = "<dynamic-code>"
+"""What cloudpickle names the file of every code object it copies (see :meth:`Pickler.code`)."""
+
 # Only these make a new class on the loading side; only a new class is tracked by a token.
 _CLASS_MAKERS = (_cp._make_skeleton_class, _cp._make_skeleton_enum)
 
@@ -282,6 +300,7 @@ class Pickler(cloudpickle.Pickler):
         self.dispatch_table = {**copyreg.dispatch_table, **_REDUCERS}
         for kind in openfiles.FILE_TYPES:
             self.dispatch_table[kind] = self.open_file
+        self.dispatch_table[types.CodeType] = self.code
         super().__init__(file, protocol=protocol, buffer_callback=buffer_callback)
         self.main = main
         self.names = frozenset(names)
@@ -290,6 +309,7 @@ class Pickler(cloudpickle.Pickler):
         # that came back from an earlier worker to a new one) sends it by value again.
         self.returning = returning
         self.modules: set[str] = set()
+        self.cells: set[str] = set()  # the notebook cells whose text went with their code
 
     # cloudpickle's hooks for dynamic functions --------------------------------------------------
     def _function_getnewargs(self, func: types.FunctionType) -> tuple[Any, ...]:
@@ -301,7 +321,30 @@ class Pickler(cloudpickle.Pickler):
     def _dynamic_function_reduce(self, func: types.FunctionType) -> tuple[Any, ...]:
         newargs = self._function_getnewargs(func)
         state = _cp._function_getstate(func)
-        return (_rebuild_function, (_token(func), *newargs), state, None, None, _function_setstate)
+        name = self.notebook_name(func) if newargs[1] is _MAIN else None
+        return (_rebuild_function, (_token(func), name, *newargs), state, None, None, _function_setstate)
+
+    def notebook_name(self, obj: Any) -> str | None:
+        """The notebook's name for a function or class it defined, for the worker to bind it too.
+
+        In the notebook ``pickle.dumps(p)`` finds ``p``'s class as ``__main__.P``;
+        a class that reached the worker inside ``p`` (not named by the cell) was
+        bound nowhere there, and pickling failed (``attribute lookup P on __main__
+        failed``), as did saving a model with ``joblib.dump``.  So what the
+        notebook has bound under its own name is bound under that name in the
+        worker's ``__main__`` too (where the name is free: loading never
+        overwrites a variable).  Only on the way to a worker: a result comes back
+        under the names the cell bound, and no other.
+        """
+        if self.returning or self.main is None:
+            return None
+        name = getattr(obj, "__qualname__", None)
+        if not isinstance(name, str) or not name.isidentifier():  # Outer.Inner, f.<locals>.g
+            return None
+        try:
+            return name if self.main.get(name) is obj else None
+        except Exception:  # a namespace that cannot be asked: nothing is bound
+            return None
 
     # the three reductions :class:`nbisolate.ship.FastPickler` chooses from ---------------------
     def module_by_name(self, module: types.ModuleType) -> tuple[Any, ...]:
@@ -332,7 +375,7 @@ class Pickler(cloudpickle.Pickler):
             # class on the way back. Slots must exist when the class is made.
             type_kwargs = dict(args[3], __slots__=obj.__dict__["__slots__"])
             args = (*args[:3], type_kwargs, *args[4:])
-        return (_rebuild_class, (_token(obj), maker, *args), *rest)
+        return (_rebuild_class, (_token(obj), self.notebook_name(obj), maker, *args), *rest)
 
     @staticmethod
     def by_name(obj: Any) -> Any:
@@ -342,6 +385,26 @@ class Pickler(cloudpickle.Pickler):
         if issubclass(type(obj), type) and obj in _cp._BUILTIN_TYPE_NAMES:
             return _cp._class_reduce(obj)
         return NotImplemented
+
+    def code(self, obj: types.CodeType) -> tuple[Any, ...]:
+        """cloudpickle's copy of a code object, but still saying where it was written.
+
+        cloudpickle names every copied code's file ``<dynamic-code>`` (so that its
+        output does not depend on where a function was defined); a traceback through
+        a notebook function in the worker then showed ``File <dynamic-code>:7`` and
+        no line, and ``inspect.getsource(f)`` failed.  Here the code keeps its file
+        (``Cell In[2]`` to IPython), and the text of a cell, which exists only in
+        this process's ``linecache`` (IPython keeps cells there, with no time
+        stamp), travels with it, once per stream.
+        """
+        make, args = _cp._code_reduce(obj)
+        filename = obj.co_filename
+        args = tuple(filename if type(arg) is str and arg == _cp_dynamic_file else arg for arg in args)
+        entry = linecache.cache.get(filename)
+        if entry is None or entry[1] is not None:  # a file: the other side reads it itself
+            return make, args
+        self.cells.add(filename)
+        return _rebuild_code, (filename, entry[2], make, *args)
 
     def open_file(self, f: Any) -> tuple[Any, ...]:
         """An open file, as :mod:`nbisolate.openfiles` carries it: the same file at the same place;

@@ -191,6 +191,7 @@ class IsolateMagics(Magics):
             )
             if "get_ipython" in run.source:  # IPython lines: %time prints as the kernel's does
                 run.micro = _micro_sign()
+            run.label_cells = functools.partial(_cell_label, shell)
             if options.background:
                 # The job reads its inputs from the namespace as this cell saw it (a queued
                 # job starts later) and binds into a copy; nbisolate.background applies it.
@@ -381,6 +382,13 @@ def _cell_filename(shell: Any, shown: str, number: int) -> str:
     if isinstance(names, dict):
         names[name] = number
     return name
+
+
+def _cell_label(shell: Any, filename: str) -> str | None:
+    """How IPython names the cell a code object's file name stands for (``Cell In[2]``), or None."""
+    names = getattr(getattr(shell, "compile", None), "_filename_map", None)
+    number = names.get(filename) if isinstance(names, dict) else None
+    return None if number is None else f"Cell In[{number}]"
 
 
 def _usage() -> str:

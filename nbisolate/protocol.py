@@ -162,7 +162,9 @@ class RunPayload(_RunRequired, total=False):
     for a spare that was handed its channel before the cell, when the spare's
     environment is not the kernel's (set before anything of the cell runs).
     ``linger`` (seconds): once its outcome is sent, the worker waits at most
-    this long for :data:`LET_GO` before it exits.
+    this long for :data:`LET_GO` before it exits.  ``cell_label`` names the
+    cell in tracebacks (``Cell In[5]``), and ``cell_labels`` the notebook cells
+    whose functions and classes came by value, by file name.
     """
 
     display_source: str
@@ -186,6 +188,8 @@ class RunPayload(_RunRequired, total=False):
     sweep: dict[str, Any] | None
     env: dict[str, str]
     linger: float
+    cell_label: str
+    cell_labels: dict[str, str]
 
 
 class _ResultRequired(TypedDict):

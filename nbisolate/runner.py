@@ -256,6 +256,9 @@ class CellRun:
         self.sink = sink if sink is not None else StdSink()
         self.filename = filename
         self.cell_label = cell_label or filename  # how tracebacks name the cell: Cell In[n]
+        # How the notebook names the cell a file name stands for (Cell In[2]), if it can tell:
+        # tracebacks through notebook functions name their cells so (see _cell_labels).
+        self.label_cells: Callable[[str], str | None] | None = None
         self.backend = backend
         # Inputs serialized once for many runs (a sweep's, apart from the swept name): sent
         # as they are, beside this run's own shipment, never serialized again.
@@ -437,6 +440,7 @@ class CellRun:
             "line_offset": self.line_offset,
             "filename": self.filename,
             "cell_label": self.cell_label,
+            "cell_labels": self._cell_labels(),
             "inputs": self.shipment.names,
             "data": self.shipment.data,
             "engine": self.shipment.engine,
@@ -477,6 +481,15 @@ class CellRun:
                 "buffers": len(self.shared.buffers),
             },
         }
+
+    def _cell_labels(self) -> dict[str, str]:
+        """The names of the notebook cells whose functions and classes the inputs carry by value
+        (``Cell In[2]``), by file name: the worker's tracebacks name them as IPython does."""
+        label, shipment = self.label_cells, self.shipment
+        if label is None or shipment is None:
+            return {}
+        files = [*shipment.cells, *(self.shared.cells if self.shared is not None else ())]
+        return {name: said for name in files if (said := label(name)) is not None}
 
     def _patches(self) -> list[tuple[str, str, str, bytes | None, str]]:
         """What cells set on modules, and on classes and functions of modules

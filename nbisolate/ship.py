@@ -219,6 +219,8 @@ class Shipment:
     module_refs: set[str] | None = None  # noted while pickling; None: scan the stream
     starts: list[tuple[int, int]] = field(default_factory=list)
     """Per name, where its pickle starts: (offset in ``data``, index of its first buffer)."""
+    cells: list[str] = field(default_factory=list)
+    """The file names of the notebook cells whose code went by value, with their text."""
 
     @property
     def nbytes(self) -> int:
@@ -356,6 +358,7 @@ def _attempt(
         starts=starts,
     )
     shipment.module_refs = getattr(pickler, "modules", None)
+    shipment.cells = sorted(getattr(pickler, "cells", ()))
     return shipment, None, None
 
 

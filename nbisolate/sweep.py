@@ -398,12 +398,14 @@ class Sweep:
                     display_source=t.display_source,
                     sink=sink,
                     filename=t.filename,
+                    cell_label=t.cell_label,
                     backend=backend,
                     shared=shared,
                     settings_of=t.settings,  # read once, with the sweep's own run
                 )
                 run.plan = plan  # the same for every value: planned once, above
                 run.micro = t.micro
+                run.label_cells = t.label_cells
                 run.watch = False  # values run side by side: no in-place changes come back
                 run.carry_random = False  # nor one random state for all of them
                 run.settings_back = False  # nor the settings one of them changed

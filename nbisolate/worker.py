@@ -504,15 +504,20 @@ _CONTEXT = 2  # lines shown before the line that raised, as IPython does
 _OWN_FILES = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
-def _cell_traceback(exc: BaseException, filename: str, label: str | None = None) -> str:
+def _cell_traceback(
+    exc: BaseException, filename: str, label: str | None = None, cells: dict[str, str] | None = None
+) -> str:
     """The cell's traceback as IPython shows an ordinary cell's, without IPython.
 
     From the cell's first frame on (the worker's own frames are noise); the
     cell's frames are named like IPython names a cell (``Cell In[n], line k``),
-    with a few lines of context and an arrow, other files as ``File path:line,
-    in func()``; chained exceptions come first, as in Python.
+    and so are those of notebook functions defined in other cells (``cells``:
+    their file names, as the kernel's IPython names them), with a few lines of
+    context and an arrow, other files as ``File path:line, in func()``; chained
+    exceptions come first, as in Python.
     """
     label = label or filename
+    cells = cells or {}
     parts: list[str] = []
     seen: set[int] = set()
 
@@ -525,13 +530,13 @@ def _cell_traceback(exc: BaseException, filename: str, label: str | None = None)
         elif context is not None and not err.__suppress_context__ and id(context) not in seen:
             one(context)
             parts.append("\nDuring handling of the above exception, another exception occurred:\n")
-        parts.append(_one_traceback(err, filename, label))
+        parts.append(_one_traceback(err, filename, label, cells))
 
     one(exc)
     return "\n".join(parts)
 
 
-def _one_traceback(exc: BaseException, filename: str, label: str) -> str:
+def _one_traceback(exc: BaseException, filename: str, label: str, cells: dict[str, str]) -> str:
     tb = exc.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename != filename:
         tb = tb.tb_next
@@ -549,6 +554,8 @@ def _one_traceback(exc: BaseException, filename: str, label: str) -> str:
         lineno = frame.lineno or 0
         if frame.filename == filename:
             out.append(f"{_CYAN}{label}{_RESET}, line {lineno}")
+        elif frame.filename in cells:
+            out.append(f"{_CYAN}{cells[frame.filename]}{_RESET}, line {lineno}, in {_CYAN}{frame.name}(){_RESET}")
         else:
             out.append(
                 f"File {_GREEN}{frame.filename}:{lineno}{_RESET}, in {_CYAN}{frame.name}(){_RESET}"
@@ -735,7 +742,7 @@ def _run(
         marked = _mark_pipes(job.get("sync"))
         body = error_body(
             exc,
-            traceback=_cell_traceback(exc, filename, job.get("cell_label")),
+            traceback=_cell_traceback(exc, filename, job.get("cell_label"), job.get("cell_labels")),
             names=shipped.names,
             data=shipped.data,
             engine=shipped.engine,

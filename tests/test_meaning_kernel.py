@@ -1427,3 +1427,70 @@ def test_a_thread_still_running_as_the_cell_ends_is_named_not_lost_silently(kern
     assert "thread 'loader', which the cell started to run work(), was still running" in said[0]
     assert ".join()" in said[0] and "ThreadPoolExecutor-" not in res.stderr
     assert kernel.value("done") == [0, 0]
+
+
+# -- what the notebook defined, found by name and by its text, in the worker ---------------
+
+
+def test_pickling_an_instance_of_a_notebook_class_works_in_the_worker_as_in_the_notebook(kernel):
+    """``pickle.dumps(p)`` finds ``p``'s class as ``__main__.P``. A class that reached the worker
+    inside ``p`` (the cell does not name it) is bound there under the notebook's name, and so
+    is a notebook function inside a value: saving them works isolated as it does in the
+    notebook, and what was saved loads back in the notebook. A class the notebook no longer
+    has under its name is bound nowhere, in either place."""
+    kernel.run(
+        cell(
+            """
+            import pickle
+            class P:
+                def __init__(self, v): self.v = v
+            def scale(x): return 2 * x
+            p = P(3)
+            hooks = {"scale": scale}
+            class Old: pass
+            old = Old()
+            class Old: pass
+            """
+        )
+    )
+    isolated(
+        kernel,
+        """
+        blob = pickle.dumps((p, hooks))
+        again, their_hooks = pickle.loads(blob)
+        assert again.v == 3 and their_hooks["scale"](4) == 8
+        try:
+            pickle.dumps(old)
+        except pickle.PicklingError as exc:
+            refused = str(exc)
+        """,
+    )
+    assert kernel.value("(lambda t: (type(t[0]) is P, t[0].v, t[1]['scale'] is scale))(pickle.loads(blob))") == (
+        True,
+        3,
+        True,
+    )
+    assert "Old" in kernel.value("refused")
+
+
+def test_a_traceback_through_a_notebook_function_shows_its_cell_and_lines(kernel):
+    """An error inside a notebook function the isolated cell calls names the function's cell
+    as IPython does (``Cell In[n], line 3, in f()``) with its lines, not a copy's nameless
+    file; ``inspect.getsource`` finds a notebook function's text in the worker; and a
+    function an isolated cell defined shows its lines when it fails in the notebook."""
+    defined = kernel.execute(cell(
+        """
+        def f(x):
+            y = x + 1
+            return 1 / (y - y)
+        """
+    ))
+    number = defined.reply["content"]["execution_count"]
+    res = kernel.execute("%%isolate\nf(1)", allow_error=True)
+    assert f"Cell In[{number}]" in res.error_text and "return 1 / (y - y)" in res.error_text
+    assert "dynamic-code" not in res.error_text and "ipykernel_" not in res.error_text
+    isolated(kernel, "import inspect\nsource = inspect.getsource(f)")
+    assert kernel.value("source") == kernel.value("inspect.getsource(f)")
+    isolated(kernel, "def g(x):\n    z = x * 2\n    return z / 0")
+    res = kernel.execute("g(1)", allow_error=True)
+    assert "return z / 0" in res.error_text and "dynamic-code" not in res.error_text
