@@ -60,6 +60,7 @@ import cloudpickle
 from cloudpickle import cloudpickle as _cp
 
 from . import openfiles
+from .inplace import dispatch_registry
 from .travel import CACHED_FUNCTION
 
 PROTOCOL = 5
@@ -180,6 +181,24 @@ def _rebuild_class(token: str | None, name: str | None, maker: Any, *args: Any) 
     if name is not None:  # bound there as in the notebook (see Pickler.notebook_name)
         _main_namespace().setdefault(name, cls)
     return cls
+
+
+def _single_dispatch(func: types.FunctionType) -> tuple[Any, tuple[tuple[Any, Any], ...]] | None:
+    """The function and the implementations a ``functools.singledispatch`` function was made of,
+    or None for any other function."""
+    impls = dispatch_registry(func)
+    return None if impls is None else (func.__wrapped__, impls)
+
+
+def _rebuild_single_dispatch(
+    token: str | None, name: str | None, wrapped: Any, impls: tuple[tuple[Any, Any], ...]
+) -> Any:
+    func = functools.singledispatch(wrapped)
+    for kind, impl in impls:
+        func.register(kind, impl)
+    if name is not None:  # bound there as in the notebook (see Pickler.notebook_name)
+        getattr(wrapped, "__globals__", {}).setdefault(name, func)
+    return _arrived(func, token)
 
 
 def _rebuild_cached(token: str | None, func: Any, maxsize: int | None, typed: bool) -> Any:
@@ -357,6 +376,11 @@ class Pickler(cloudpickle.Pickler):
         """A function or class as cloudpickle copies it, tokened; anything else: NotImplemented
         (cloudpickle's dispatch table then copies run-time modules, TypeVars...)."""
         if type(obj) is types.FunctionType:
+            dispatch = _single_dispatch(obj)
+            if dispatch is not None:
+                # Made again around its function, with the same implementations: copied as a
+                # function, its dispatch cache (a WeakKeyDictionary) could not be pickled at all.
+                return _rebuild_single_dispatch, (_token(obj), self.notebook_name(obj), *dispatch)
             return self._dynamic_function_reduce(obj)
         if type(obj) is CACHED_FUNCTION:
             # By name it would be looked up in the other side's __main__, which lacks it: made

@@ -177,12 +177,32 @@ def _functions(ns: Mapping[str, Any], names: Iterable[str]) -> Iterable[tuple[st
             yield name, function
 
 
+def dispatch_registry(function: Any) -> tuple[tuple[Any, Any], ...] | None:
+    """The implementations a ``functools.singledispatch`` function holds, by type, in the order
+    they were registered (not the default one, for ``object``); None for any other callable."""
+    registry = getattr(function, "registry", None)
+    if type(registry) is not types.MappingProxyType or getattr(function, "__wrapped__", None) is None:
+        return None
+    if not callable(getattr(function, "register", None)):
+        return None
+    return tuple((kind, impl) for kind, impl in registry.items() if kind is not object)
+
+
+REGISTRY = "registry"
+"""The part of a ``singledispatch`` function's state that a cell changes with ``@f.register``."""
+
+
 def watch_functions(ns: MutableMapping[str, Any], names: Iterable[str]) -> Seen:
-    """Before the cell: the state the notebook functions among ``names`` keep, with its image."""
+    """Before the cell: the state the notebook functions among ``names`` keep, with its image;
+    and the implementations of a ``singledispatch`` function (``@show.register`` in the cell
+    registers one on the notebook's function, as an ordinary cell would)."""
     seen: Seen = {}
     for name, function in _functions(ns, names):
         for part, value in _kept_state(function).items():
             seen[f"{STATE}{name}.{part}"] = (function, value, image(value, ns))
+        impls = dispatch_registry(function)
+        if impls is not None:
+            seen[f"{STATE}{name}.{REGISTRY}"] = (function, impls, None)
     return seen
 
 
@@ -194,6 +214,11 @@ def functions_changed(ns: MutableMapping[str, Any], seen: Seen) -> dict[str, Any
         name, _, part = key[len(STATE):].rpartition(".")
         if ns.get(name) is not function:
             continue  # defined anew by the cell: it comes back itself
+        if part == REGISTRY:
+            impls = dispatch_registry(function)
+            if impls != before:
+                out[key] = impls
+            continue
         now = _kept_state(function).get(part, before)
         if now is not before or (state is not None and image(now, ns) != state):
             out[key] = now
@@ -210,6 +235,13 @@ def take_function_state(ns: Mapping[str, Any], key: str, value: Any) -> bool:
         return mine is not _NOTHING and apply_in_place(mine, value, {})
     if type(function) is not types.FunctionType:
         return False
+    if part == REGISTRY:
+        if dispatch_registry(function) is None:
+            return False
+        for kind, impl in value or ():
+            if function.registry.get(kind) is not impl:
+                function.register(kind, impl)
+        return True
     cell = _closure(function).get(part)
     if cell is not None:
         try:

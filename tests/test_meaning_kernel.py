@@ -1494,3 +1494,37 @@ def test_a_traceback_through_a_notebook_function_shows_its_cell_and_lines(kernel
     isolated(kernel, "def g(x):\n    z = x * 2\n    return z / 0")
     res = kernel.execute("g(1)", allow_error=True)
     assert "return z / 0" in res.error_text and "dynamic-code" not in res.error_text
+
+
+def test_a_singledispatch_function_travels_and_what_the_cell_registers_on_it_stays(kernel):
+    """A ``functools.singledispatch`` function of the notebook dispatches in the worker as in
+    the notebook (copied as a plain function it could not travel at all: its dispatch cache
+    cannot be pickled); ``@show.register`` in the isolated cell registers on the notebook's
+    own function, as in an ordinary cell, and the function stays the notebook's."""
+    kernel.run(
+        cell(
+            """
+            import functools
+            @functools.singledispatch
+            def show(x):
+                return "any"
+            @show.register
+            def _(x: int):
+                return "int"
+            class Q:
+                pass
+            _show_before = show
+            """
+        )
+    )
+    isolated(
+        kernel,
+        """
+        @show.register
+        def _(x: Q):
+            return "Q"
+        seen = (show(1), show(Q()), show(1.5))
+        """,
+    )
+    assert kernel.value("seen") == ("int", "Q", "any")
+    assert kernel.value("(show is _show_before, show(Q()), show(2), show('s'))") == (True, "Q", "int", "any")
