@@ -201,6 +201,32 @@ def _rebuild_single_dispatch(
     return _arrived(func, token)
 
 
+def _reduce_cached_property(prop: functools.cached_property) -> tuple[Any, ...]:
+    """A ``functools.cached_property`` as its function and name: up to Python 3.11 it holds
+    a lock, which no pickler takes, so a notebook class with one went to dill (and one with a
+    ``singledispatchmethod`` as well could not travel at all)."""
+    return _rebuild_cached_property, (prop.func, prop.attrname)
+
+
+def _rebuild_cached_property(func: Any, attrname: str | None) -> functools.cached_property:
+    prop = functools.cached_property(func)
+    prop.attrname = attrname
+    return prop
+
+
+def _reduce_single_dispatch_method(method: functools.singledispatchmethod) -> tuple[Any, ...]:
+    """A ``functools.singledispatchmethod`` as its function and implementations: from Python
+    3.13 it keeps a cache of bound methods (a WeakKeyDictionary), which no pickler takes."""
+    return _rebuild_single_dispatch_method, (method.func, dispatch_registry(method.dispatcher) or ())
+
+
+def _rebuild_single_dispatch_method(func: Any, impls: tuple[tuple[Any, Any], ...]) -> Any:
+    method = functools.singledispatchmethod(func)
+    for kind, impl in impls:
+        method.register(kind, impl)
+    return method
+
+
 def _rebuild_cached(token: str | None, func: Any, maxsize: int | None, typed: bool) -> Any:
     return _arrived(functools.lru_cache(maxsize=maxsize, typed=typed)(func), token)
 
@@ -320,6 +346,8 @@ class Pickler(cloudpickle.Pickler):
         for kind in openfiles.FILE_TYPES:
             self.dispatch_table[kind] = self.open_file
         self.dispatch_table[types.CodeType] = self.code
+        self.dispatch_table[functools.cached_property] = _reduce_cached_property
+        self.dispatch_table[functools.singledispatchmethod] = _reduce_single_dispatch_method
         super().__init__(file, protocol=protocol, buffer_callback=buffer_callback)
         self.main = main
         self.names = frozenset(names)

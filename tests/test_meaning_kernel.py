@@ -1528,3 +1528,29 @@ def test_a_singledispatch_function_travels_and_what_the_cell_registers_on_it_sta
     )
     assert kernel.value("seen") == ("int", "Q", "any")
     assert kernel.value("(show is _show_before, show(Q()), show(2), show('s'))") == (True, "Q", "int", "any")
+
+
+def test_a_class_with_a_cached_property_and_a_singledispatchmethod_travels(kernel):
+    """Up to Python 3.11 a ``functools.cached_property`` holds a lock, which no pickler takes:
+    such a class went to dill, and with a ``singledispatchmethod`` beside it could not travel
+    at all. Its instance works in the worker as in the notebook, the value cached here too."""
+    kernel.run(
+        cell(
+            """
+            import functools
+            class Report:
+                def __init__(self, rows): self.rows = rows
+                @functools.cached_property
+                def total(self): return sum(self.rows)
+                @functools.singledispatchmethod
+                def fmt(self, x): return f"any {x}"
+                @fmt.register
+                def _(self, x: int): return f"int {x}"
+            report = Report([1, 2, 3])
+            report.total
+            """
+        )
+    )
+    isolated(kernel, "seen = (report.total, report.fmt(1), report.fmt('a'), type(report).__name__)")
+    assert kernel.value("seen") == (6, "int 1", "any a", "Report")
+    assert kernel.value("type(report) is Report")
