@@ -306,9 +306,10 @@ class _Departures:
     A worker's exit is work for the machine, as is forking the next spare; done
     while the kernel replies to a cell, or while it runs the next one, it slows
     that cell.  So a job's reader thread, :data:`SPARE_AFTER` after its
-    outcome, lets every waiting worker go only when no other cell is running;
-    else they wait for that cell to be over and calm in turn, as the spares'
-    successors do (:meth:`TemplateLauncher.spare_taken`).  Cells that come
+    outcome, lets every waiting worker go only when no other cell is running,
+    nor was over less than :data:`SPARE_AFTER` ago (the kernel may be replying
+    to it); else they wait for that cell to be over and calm in turn, as the
+    spares' successors do (:meth:`TemplateLauncher.spare_taken`).  Cells that come
     back to back keep at most :data:`WAITING` workers waiting: the oldest goes
     when another would wait.  A worker never waits more than
     :data:`LINGER_SECONDS`: it then leaves on its own.
@@ -319,6 +320,7 @@ class _Departures:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._running = 0
+        self._calm_at = 0.0  # SPARE_AFTER after the last cell was over
         self._waiting: list[_Supervision] = []
 
     def running(self) -> None:
@@ -330,6 +332,7 @@ class _Departures:
         """A cell began by :meth:`running` is over; ``worker`` (its supervision) waits, if given."""
         with self._lock:
             self._running = max(0, self._running - 1)
+            self._calm_at = time.perf_counter() + SPARE_AFTER
             if worker is None:
                 return
             self._waiting.append(worker)
@@ -339,9 +342,9 @@ class _Departures:
             one.answer(LET_GO)
 
     def calm(self) -> None:
-        """Let every waiting worker go, unless a cell is running."""
+        """Let every waiting worker go, unless a cell is running or was over a moment ago."""
         with self._lock:
-            if self._running:
+            if self._running or time.perf_counter() < self._calm_at - 0.001:
                 return
             leaving, self._waiting = self._waiting, []
         for one in leaving:
