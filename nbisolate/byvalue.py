@@ -168,18 +168,23 @@ def _rebuild_function(
     func = _cp._make_function(code, globals_, *args)
     if kept is not _UNSET:
         globals_["__builtins__"] = kept
-    if name is not None:  # bound there as in the notebook (see Pickler.notebook_name)
-        globals_.setdefault(name, func)
+    _bind_as_in_notebook(name, func)
     return _arrived(func, token)
 
 
 _UNSET = object()
 
 
+def _bind_as_in_notebook(name: str | None, obj: Any) -> None:
+    """Bind what arrived under the notebook's name for it, where that name is free
+    (see :meth:`Pickler.notebook_name`); None: it is bound nowhere."""
+    if name is not None:
+        _main_namespace().setdefault(name, obj)
+
+
 def _rebuild_class(token: str | None, name: str | None, maker: Any, *args: Any) -> type:
     cls = _arrived(maker(*args), token)
-    if name is not None:  # bound there as in the notebook (see Pickler.notebook_name)
-        _main_namespace().setdefault(name, cls)
+    _bind_as_in_notebook(name, cls)
     return cls
 
 
@@ -196,8 +201,7 @@ def _rebuild_single_dispatch(
     func = functools.singledispatch(wrapped)
     for kind, impl in impls:
         func.register(kind, impl)
-    if name is not None:  # bound there as in the notebook (see Pickler.notebook_name)
-        getattr(wrapped, "__globals__", {}).setdefault(name, func)
+    _bind_as_in_notebook(name, func)
     return _arrived(func, token)
 
 
