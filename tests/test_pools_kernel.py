@@ -11,14 +11,13 @@ multiprocessing made (processes, named semaphores, shared memory) outlives it.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import shutil
 import time
 
 import psutil
 import pytest
 
-from .conftest import loaded_kernel, mp_folders, wait_until
+from .conftest import loaded_kernel, mp_folders, new_shm, shm_names, wait_until
 from .kernel import Kernel
 
 METHODS = multiprocessing.get_all_start_methods()
@@ -115,13 +114,6 @@ def _leftovers(k: Kernel, kernel_helpers: bool = False) -> list[str]:
 
 def _workers_gone(k: Kernel, kernel_helpers: bool = False) -> bool:
     return wait_until(lambda: not _leftovers(k, kernel_helpers), 10)
-
-
-def _shm(prefix: str) -> set[str]:
-    try:
-        return {n for n in os.listdir("/dev/shm") if n.startswith(prefix)}
-    except OSError:
-        return set()
 
 
 @pytest.mark.parametrize(("kind", "method"), _cases())
@@ -322,17 +314,17 @@ with ctx.Pool(1) as pool:
     ids=["success", "failure", "timeout"],
 )
 def test_semaphores_and_shared_memory_do_not_outlive_the_cell(kernel, opts, tail, ok):
-    before_sem, before_psm = _shm("sem.mp-"), _shm("psm_")
+    before_sem, before_psm = shm_names("sem.mp-"), shm_names("psm_")
     res = kernel.execute(SEMAPHORE_CELL.format(opts=opts, tail=tail), timeout=60)
     assert res.ok is ok, res.error_text
-    assert wait_until(lambda: not (_shm("sem.mp-") - before_sem) and not (_shm("psm_") - before_psm), 10), (
-        _shm("sem.mp-") - before_sem, _shm("psm_") - before_psm
+    assert wait_until(lambda: not new_shm(before_sem, "sem.mp-") and not new_shm(before_psm, "psm_"), 10), (
+        new_shm(before_sem, "sem.mp-"), new_shm(before_psm, "psm_")
     )
     assert _workers_gone(kernel), _leftovers(kernel)
 
 
 def test_stop_cleans_up_semaphores_too(fresh_kernel):
-    before_sem, before_psm = _shm("sem.mp-"), _shm("psm_")
+    before_sem, before_psm = shm_names("sem.mp-"), shm_names("psm_")
     fresh_kernel.kc.execute(SEMAPHORE_CELL.format(opts="", tail="print('ready', flush=True)\ntime.sleep(60)"))
     deadline = time.monotonic() + 30
     seen = ""
@@ -342,8 +334,8 @@ def test_stop_cleans_up_semaphores_too(fresh_kernel):
             seen += msg["content"]["text"]
     assert "ready" in seen
     fresh_kernel.interrupt()
-    assert wait_until(lambda: not (_shm("sem.mp-") - before_sem) and not (_shm("psm_") - before_psm), 15), (
-        _shm("sem.mp-") - before_sem, _shm("psm_") - before_psm
+    assert wait_until(lambda: not new_shm(before_sem, "sem.mp-") and not new_shm(before_psm, "psm_"), 15), (
+        new_shm(before_sem, "sem.mp-"), new_shm(before_psm, "psm_")
     )
     assert _workers_gone(fresh_kernel), _leftovers(fresh_kernel)
 

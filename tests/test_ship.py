@@ -17,6 +17,8 @@ import pytest
 from nbisolate import ship
 from nbisolate.errors import ShipError
 
+from .conftest import new_shm, shm_names
+
 
 def roundtrip(values):
     s = ship.dumps(values)
@@ -112,7 +114,6 @@ def test_bytesio_roundtrip_uses_fast_path():
 
 def test_large_buffers_cross_a_real_channel_through_shared_memory():
     """Above the threshold buffers travel in a memfd: zero-copy views, nothing in /dev/shm."""
-    import os
     import socket
 
     from nbisolate.wire import SHM_THRESHOLD, Arena, Channel
@@ -120,7 +121,7 @@ def test_large_buffers_cross_a_real_channel_through_shared_memory():
     arr = np.arange(SHM_THRESHOLD // 8 * 3, dtype=np.float64)
     s = ship.dumps({"arr": arr, "small": [1, 2]})
     a, b = socket.socketpair()
-    before = set(os.listdir("/dev/shm"))
+    before = shm_names()
     arena = Arena()
     try:
         sender, receiver = Channel(a), Channel(b)
@@ -138,7 +139,7 @@ def test_large_buffers_cross_a_real_channel_through_shared_memory():
         arena.close()
         a.close()
         b.close()
-    assert set(os.listdir("/dev/shm")) == before
+    assert not new_shm(before)
 
 
 def test_dill_fallback_reimports_local_modules_and_keeps_arrays_out_of_band(tmp_path, monkeypatch):

@@ -13,15 +13,14 @@ Prints a table of what it found; all must be zero.
 
 from __future__ import annotations
 
-import os
 import time
 
 import psutil
 import pytest
 
-from .conftest import wait_until
+from .conftest import new_shm, shm_names, wait_until
 from .kernel import Kernel
-from .test_faults_kernel import MIXED_CELLS, run_mixed, shm_entries, usage
+from .test_faults_kernel import MIXED_CELLS, run_mixed, usage
 
 CELLS = 500
 
@@ -45,14 +44,6 @@ POOL_CELLS = [
 POOL_ROUNDS = 5
 
 
-def named(prefix: str) -> set[str]:
-    """``/dev/shm`` entries starting with ``prefix`` (``sem.mp-``: named semaphores, ``psm_``)."""
-    try:
-        return {n for n in os.listdir("/dev/shm") if n.startswith(prefix)}
-    except OSError:
-        return set()
-
-
 @pytest.mark.soak
 @pytest.mark.timeout(1800)
 def test_500_mixed_cells_leak_nothing(tmp_path):
@@ -60,8 +51,8 @@ def test_500_mixed_cells_leak_nothing(tmp_path):
     try:
         k.run("%load_ext nbisolate")
         k.run("import numpy as np\nguard = 'kept'\nbig_in = np.ones(1 << 18)")
-        shm_before = shm_entries()
-        sem_before, psm_before = named("sem.mp-"), named("psm_")
+        shm_before = shm_names()
+        sem_before, psm_before = shm_names("sem.mp-"), shm_names("psm_")
         run_mixed(k, 1)  # warm-up, not counted
         time.sleep(0.5)
         base = usage(k, str(tmp_path), shm_before)
@@ -78,8 +69,8 @@ def test_500_mixed_cells_leak_nothing(tmp_path):
         # Workers of the last cells may still be exiting; the arenas' idle timer may be pending.
         wait_until(lambda: all(v <= 0 for v in usage(k, str(tmp_path), shm_before).minus(base).values()), 40)
         end = usage(k, str(tmp_path), shm_before)
-        wait_until(lambda: not (named("sem.mp-") - sem_before) and not (named("psm_") - psm_before), 10)
-        sems, psms = named("sem.mp-") - sem_before, named("psm_") - psm_before
+        wait_until(lambda: not new_shm(sem_before, "sem.mp-") and not new_shm(psm_before, "psm_"), 10)
+        sems, psms = new_shm(sem_before, "sem.mp-"), new_shm(psm_before, "psm_")
         growth = end.minus(base)
         rss_growth = psutil.Process(k.pid).memory_info().rss - rss_base
         assert k.value("guard") == "kept"

@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
 import psutil
 
-from .conftest import wait_until
+from .conftest import new_shm, shm_names, wait_until
 
 
-def shm_names() -> set[str]:
-    return set(os.listdir("/dev/shm"))
-
-
-def new_shm(before: set[str]) -> set[str]:
-    """Segments that appeared since ``before``: moving arrays must create none (they travel
+def new_segments(before: set[str]) -> set[str]:
+    """Segments this session made since ``before``: moving arrays must make none (they travel
     through anonymous memfds). multiprocessing's named semaphores (``sem.mp-*``) are left out:
     they come and go with its resource tracker, and tests/test_pools_kernel.py checks that
     none outlives a cell."""
-    return {n for n in shm_names() - before if not n.startswith("sem.mp-")}
+    return {n for n in new_shm(before) if not n.startswith("sem.mp-")}
 
 
 def test_big_arrays_round_trip_through_shared_memory(kernel):
@@ -33,7 +28,7 @@ def test_big_arrays_round_trip_through_shared_memory(kernel):
     assert kernel.value("inside == checksum") is True
     assert kernel.value("bool((back == big * 2).all()) and int(fresh[-1])") == 2_999_999
     assert kernel.value("back.flags.writeable") is True
-    assert not new_shm(before)
+    assert not new_segments(before)
 
 
 def test_worker_crash_with_big_input_leaks_nothing(kernel):
@@ -46,7 +41,7 @@ def test_worker_crash_with_big_input_leaks_nothing(kernel):
         res = kernel.execute("%%isolate\nimport os\nx = float(payload.sum())\nos._exit(9)")
         assert res.error["ename"] == "WorkerCrashed" and "exit code 9" in res.error["evalue"]
     assert wait_until(lambda: kproc.num_fds() <= fds_before + 2)
-    assert not new_shm(shm_before)
+    assert not new_segments(shm_before)
 
 
 def test_workers_are_forked_from_a_template_not_from_the_kernel(kernel):
@@ -109,7 +104,7 @@ def test_a_large_result_is_the_kernels_own_memory_and_outlives_its_worker(kernel
     assert kernel.value("float(big_back[0])") == -1.0
     assert "memfd" not in _mapping_of(kernel, "big_back")
     assert _mapping_of(kernel, "big_back").split()[1].endswith("p")  # private, not shared
-    assert not new_shm(shm_before)
+    assert not new_segments(shm_before)
 
 
 def test_many_small_arrays_and_large_ones_come_back_together(kernel):
@@ -145,7 +140,7 @@ def test_a_kernel_that_may_not_read_its_worker_gets_results_through_shared_memor
         assert "memfd:nbisolate" in _mapping_of(kernel, "via_shm")  # mapped, as it came
     finally:
         kernel.run("_ship.pull = _real_pull\ndel via_shm")
-    assert not new_shm(shm_before)
+    assert not new_segments(shm_before)
 
 
 
@@ -182,7 +177,7 @@ def test_large_inputs_are_copied_into_the_workers_own_memory(kernel):
     # The worker wrote into its own copy; the write comes back into the notebook's own array
     # (the cell's text writes into it), as after an ordinary cell.
     assert kernel.value("(float(huge_alias[0]), huge_alias is huge)") == (-1.0, True)
-    assert not new_shm(shm_before)
+    assert not new_segments(shm_before)
 
 
 def _alive(look):
@@ -295,7 +290,7 @@ def test_inputs_travel_through_shared_memory_where_the_kernel_may_not_write_into
         assert "memfd:nbisolate" in kernel.value("where")
     finally:
         kernel.run("_ship.place = _real_place\ndel refused_in")
-    assert not new_shm(shm_before)
+    assert not new_segments(shm_before)
 
 
 def test_a_rebound_result_frees_its_memory_at_once(kernel):
