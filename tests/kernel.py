@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,17 +88,19 @@ class Kernel:
         timeout: float = 60.0,
         allow_error: bool = True,
         others: list[dict[str, Any]] | None = None,
+        watch: Callable[[CellResult], None] | None = None,
     ) -> CellResult:
         """Run ``code`` and collect its IOPub messages until idle. With ``others``, IOPub
         messages of *other* requests go there instead of being dropped (a background job's
-        output carries the parent header of the cell that started it).
+        output carries the parent header of the cell that started it). ``watch`` is called
+        with the result so far after each message of this request (to act while it runs).
 
         ipykernel 6 aborts execute requests for a moment after a cell that raised (its
         "stop on error" window ends with a callback queued behind the reply): a request sent
         right after such a reply may come back ``aborted`` without running. The tests send
         one request at a time, so that is never the answer meant: it is sent again."""
         for _ in range(20):
-            result = self._execute_once(code, timeout, others)
+            result = self._execute_once(code, timeout, others, watch)
             if result.reply["content"].get("status") != "aborted" or result.messages:
                 break
             time.sleep(0.1)
@@ -106,7 +109,11 @@ class Kernel:
         return result
 
     def _execute_once(
-        self, code: str, timeout: float, others: list[dict[str, Any]] | None
+        self,
+        code: str,
+        timeout: float,
+        others: list[dict[str, Any]] | None,
+        watch: Callable[[CellResult], None] | None,
     ) -> CellResult:
         start = time.perf_counter()
         msg_id = self.kc.execute(code)
@@ -127,6 +134,8 @@ class Kernel:
                 continue
             result.messages.append(msg)
             result.times.append(time.perf_counter() - start)
+            if watch is not None:
+                watch(result)
         reply = self.kc.get_shell_msg(timeout=max(1.0, deadline - time.monotonic()))
         while reply["parent_header"].get("msg_id") != msg_id:
             reply = self.kc.get_shell_msg(timeout=max(1.0, deadline - time.monotonic()))

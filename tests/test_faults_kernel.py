@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import psutil
 import pytest
 
-from .conftest import wait_until
+from .conftest import shm_held, shm_names, wait_until
 from .kernel import CellResult, Kernel
 
 TEMPLATE_MARK = "nbisolate.template"
@@ -140,31 +140,16 @@ def run_and_act(
 
     Returns what IOPub said and the time (from the request) the action ran.
     """
-    start = time.perf_counter()
-    msg_id = k.kc.execute(code)
-    result = CellResult(reply={})
-    fired_at = -1.0
-    deadline = time.monotonic() + timeout
-    while True:
-        msg = k.kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
-        if msg["parent_header"].get("msg_id") != msg_id:
-            continue
-        if msg["msg_type"] == "status":
-            if msg["content"]["execution_state"] == "idle":
-                break
-            continue
-        result.messages.append(msg)
-        result.times.append(time.perf_counter() - start)
+    fired_at = [-1.0]
+
+    def watch(result: CellResult) -> None:
         ready = trigger(result) if callable(trigger) else trigger in result.stdout
-        if fired_at < 0 and ready:
-            fired_at = time.perf_counter() - start
+        if fired_at[0] < 0 and ready:
+            fired_at[0] = result.times[-1]
             action(result)
-    reply = k.kc.get_shell_msg(timeout=10)
-    while reply["parent_header"].get("msg_id") != msg_id:
-        reply = k.kc.get_shell_msg(timeout=10)
-    result.reply = reply
-    result.reply_time = time.perf_counter() - start
-    return result, fired_at
+
+    result = k.execute(code, timeout=timeout, watch=watch)
+    return result, fired_at[0]
 
 
 def start_cell(k: Kernel, code: str, mark: str, processes: int = 2) -> str:
@@ -206,34 +191,10 @@ class Usage:
         return {name: getattr(self, name) - getattr(other, name) for name in self.__dataclass_fields__}
 
 
-def shm_entries() -> set[str]:
-    try:
-        return set(os.listdir("/dev/shm"))
-    except OSError:
-        return set()
-
-
 def shm_in_use_elsewhere(k: Kernel) -> set[str]:
-    """/dev/shm entries mapped or open in processes outside this kernel's tree.
-
-    Other programs on the machine (other test runs, browsers, process pools)
-    create segments too; a segment nbisolate leaked is one nobody holds.
-    """
+    """/dev/shm entries mapped or open in processes outside this kernel's tree."""
     ours = {k.pid} | {p.pid for p in psutil.Process(k.pid).children(recursive=True)}
-    held: set[str] = set()
-    for pid in psutil.pids():
-        if pid in ours:
-            continue
-        try:
-            with open(f"/proc/{pid}/maps") as f:
-                held.update(line.rsplit("/dev/shm/", 1)[1].split()[0] for line in f if "/dev/shm/" in line)
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith("/dev/shm/"):
-                    held.add(target[len("/dev/shm/") :].split()[0])
-        except (OSError, IndexError):
-            pass
-    return held
+    return shm_held(lambda proc: proc.pid not in ours)
 
 
 def usage(k: Kernel, tmpdir: str, shm_before: set[str]) -> Usage:
@@ -248,7 +209,7 @@ def usage(k: Kernel, tmpdir: str, shm_before: set[str]) -> Usage:
         fds=proc.num_fds(),
         threads=proc.num_threads(),
         workers=len(workers_of(k)),
-        shm=len(shm_entries() - shm_before - shm_in_use_elsewhere(k)),
+        shm=len(shm_names() - shm_before - shm_in_use_elsewhere(k)),
         tmp_files=sum(len(files) + len(dirs) for _, dirs, files in os.walk(tmpdir)),
         memfds=memfds,
         strays=len(marked(LEAK_MARK)),
@@ -607,7 +568,7 @@ def test_forty_mixed_cells_leave_nothing_behind(kernel, kernel_tmp):
     """Normal, failing, timing-out, crashing, flooding and child-starting cells, with big
     inputs and results through shared memory: the kernel's fds, threads and children,
     /dev/shm and TMPDIR are where they were."""
-    shm_before = shm_entries()
+    shm_before = shm_names()
     run_mixed(kernel, 1)  # warm caches: the template, shared-memory arenas, IOPub
     time.sleep(0.5)
     base = usage(kernel, kernel_tmp, shm_before)

@@ -169,7 +169,8 @@ def test_a_package_that_starts_a_thread_at_import_never_deadlocks_a_fork(pkg_ker
     k = pkg_kernel
     k.run("import lockpkg")
     k.run("%%isolate\nlockpkg.work()")
-    time.sleep(1)  # the template has preloaded lockpkg
+    # The template preloads lockpkg after that cell and reports the thread it started.
+    assert wait_until(lambda: k.value(f"(lambda t: t is not None and bool(t.threads))({TEMPLATE})"), 20)
     notes = ""
     for _ in range(5):
         res = k.execute("%%isolate --timeout 20\nlockpkg.work()", timeout=40)
