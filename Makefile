@@ -9,16 +9,20 @@ LABEXT_SRC := $(shell find labextension/src labextension/style labextension/sche
               labextension/package.json labextension/package-lock.json
 
 # The kernel suite (every test but browser and soak tests) also runs on each of these
-# Pythons that is present, one after another, each in its own .venv-X.Y; LOWEST_PY's gets
-# the lowest dependency versions pyproject.toml allows (LOWEST). A missing Python is skipped.
+# Pythons that is present, each in its own .venv-X.Y; LOWEST_PY's gets the lowest
+# dependency versions pyproject.toml allows (LOWEST). A missing Python is skipped.
+# The suites run side by side (SUITES_AT_ONCE): a kernel test spends most of its time
+# waiting on a kernel, a worker or a timeout (one suite keeps a third of one core busy),
+# and each session keeps its temporary files and its leftover checks to itself.
 OTHER_PYS ?= 3.10 3.12 3.13
+SUITES_AT_ONCE ?= 4
 LOWEST_PY ?= 3.10
 LOWEST := tests/constraints-lowest.txt
 PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo "$$HOME/.pyenv")
 # The newest X.Y.Z under pyenv, else pythonX.Y on PATH; empty when neither exists.
 find_py = $(or $(shell ls -d $(PYENV_ROOT)/versions/$(1).*/bin/python$(1) 2>/dev/null | sort -V | tail -n1),$(shell command -v python$(1) 2>/dev/null))
 
-.PHONY: env demo test lint bench soak lab chromium clean test-pythons FORCE
+.PHONY: env demo test lint bench soak lab chromium clean test-suites test-main FORCE
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -45,24 +49,22 @@ chromium:
 	  || echo "chromium unavailable: the browser tests will be skipped"; }
 
 test: env lint chromium
-	$(BIN)/python -m pytest -q -m "not soak"
-	@$(MAKE) --no-print-directory test-pythons
+	@$(MAKE) --no-print-directory -k -j$(SUITES_AT_ONCE) --output-sync=target test-suites
 
-# Every Python runs even when one fails; then the failures fail the target.
-test-pythons:
-	@failed=""; for v in $(OTHER_PYS); do \
-	  $(MAKE) --no-print-directory test-py-$$v || failed="$$failed $$v"; \
-	done; \
-	if [ -n "$$failed" ]; then echo "the kernel suite failed on Python$$failed (output above)"; exit 1; fi
+# Each suite's output is shown whole when it ends; every suite runs even when one fails,
+# and any failure fails the target. A Python that is not here is named and skipped.
+PRESENT_PYS := $(foreach v,$(OTHER_PYS),$(if $(call find_py,$(v)),$(v)))
+MISSING_PYS := $(filter-out $(PRESENT_PYS),$(OTHER_PYS))
+test-suites: test-main $(addprefix test-py-,$(PRESENT_PYS))
+	@$(foreach v,$(MISSING_PYS),echo "Python $(v) not found (neither under $(PYENV_ROOT)/versions nor python$(v) on PATH): its kernel suite is skipped";)
 
-test-py-%: FORCE
-	@if [ -z "$(call find_py,$*)" ]; then \
-	  echo "Python $* not found (neither under $(PYENV_ROOT)/versions nor python$* on PATH): its kernel suite is skipped"; \
-	else \
-	  $(MAKE) --no-print-directory .venv-$*/.installed && \
-	  echo "kernel suite on $$(.venv-$*/bin/python -c 'import sys, IPython, ipykernel, ipywidgets; print("Python", sys.version.split()[0], "with IPython", IPython.__version__, "ipykernel", ipykernel.__version__, "ipywidgets", ipywidgets.__version__)')" && \
-	  .venv-$*/bin/python -m pytest -q -m "not soak and not browser"; \
-	fi
+test-main: env
+	@echo "all tests on $$($(BIN)/python -c 'import sys; print("Python", sys.version.split()[0])')"
+	@$(BIN)/python -m pytest -q -m "not soak" || { echo "the tests failed on Python $$($(BIN)/python -c 'import sys; print(sys.version.split()[0])') (output above)"; exit 1; }
+
+test-py-%: .venv-%/.installed FORCE
+	@echo "kernel suite on $$(.venv-$*/bin/python -c 'import sys, IPython, ipykernel, ipywidgets; print("Python", sys.version.split()[0], "with IPython", IPython.__version__, "ipykernel", ipykernel.__version__, "ipywidgets", ipywidgets.__version__)')"
+	@.venv-$*/bin/python -m pytest -q -m "not soak and not browser" || { echo "the kernel suite failed on Python $* (output above)"; exit 1; }
 
 # Made anew whenever pyproject.toml or the constraints change, so a lowered pin takes effect.
 # The JupyterLab extension is already built by `env`; the editable install reuses it.
