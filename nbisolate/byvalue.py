@@ -231,6 +231,52 @@ def _rebuild_single_dispatch_method(func: Any, impls: tuple[tuple[Any, Any], ...
     return method
 
 
+# -- weak references ---------------------------------------------------------------------------
+# No pickler takes a weak reference, and dill copies each one's referent on its own: a
+# cell given ``wr = weakref.ref(o)`` and ``o`` saw ``wr() is o`` False, and, when only
+# ``wr`` went, ``wr()`` None (a copy held by nothing). Here a weak reference, and the weak
+# containers, travel as their referents, in the stream of every other value: they refer
+# to the same copies the rest of the values hold. A referent is held by whatever holds it
+# on the sending side, not by the reference; so the loading side holds each one it rebuilt
+# (:data:`_HELD`): a worker for its cell, the kernel until the results are bound and the
+# inputs' in-place changes taken (:func:`release_referents`). Then only what the
+# notebook holds keeps a copy alive, as it would be had the cell run there.
+
+_HELD: list[Any] = []
+"""Referents of the weak references rebuilt here, alive until :func:`release_referents`."""
+
+
+def release_referents() -> None:
+    """Let go of the referents rebuilt so far: what nothing else holds is gone, as it would be."""
+    _HELD.clear()
+
+
+class _Gone:
+    """The referent of a weak reference that was dead already: it dies as it is made."""
+
+
+def _rebuild_weakref(target: Any, callback: Any) -> weakref.ref:
+    if target is None:
+        return weakref.ref(_Gone())
+    _HELD.append(target)
+    return weakref.ref(target, callback) if callback is not None else weakref.ref(target)
+
+
+def _rebuild_weak_values(items: dict[Any, Any]) -> weakref.WeakValueDictionary:
+    _HELD.extend(items.values())
+    return weakref.WeakValueDictionary(items)
+
+
+def _rebuild_weak_keys(items: list[tuple[Any, Any]]) -> weakref.WeakKeyDictionary:
+    _HELD.extend(key for key, _ in items)
+    return weakref.WeakKeyDictionary(items)
+
+
+def _rebuild_weak_set(items: list[Any]) -> weakref.WeakSet:
+    _HELD.extend(items)
+    return weakref.WeakSet(items)
+
+
 def _rebuild_cached(token: str | None, func: Any, maxsize: int | None, typed: bool) -> Any:
     return _arrived(functools.lru_cache(maxsize=maxsize, typed=typed)(func), token)
 
@@ -352,6 +398,10 @@ class Pickler(cloudpickle.Pickler):
         self.dispatch_table[types.CodeType] = self.code
         self.dispatch_table[functools.cached_property] = _reduce_cached_property
         self.dispatch_table[functools.singledispatchmethod] = _reduce_single_dispatch_method
+        self.dispatch_table[weakref.ref] = self.weak_reference
+        self.dispatch_table[weakref.WeakValueDictionary] = self.weak_container
+        self.dispatch_table[weakref.WeakKeyDictionary] = self.weak_container
+        self.dispatch_table[weakref.WeakSet] = self.weak_container
         super().__init__(file, protocol=protocol, buffer_callback=buffer_callback)
         self.main = main
         self.names = frozenset(names)
@@ -461,6 +511,21 @@ class Pickler(cloudpickle.Pickler):
             return make, args
         self.cells.add(filename)
         return _rebuild_code, (filename, entry[2], make, *args)
+
+    @staticmethod
+    def weak_reference(ref: weakref.ref) -> tuple[Any, ...]:
+        """A weak reference as its referent and callback (see "weak references" above)."""
+        target = ref()
+        return _rebuild_weakref, (target, ref.__callback__ if target is not None else None)
+
+    @staticmethod
+    def weak_container(box: Any) -> tuple[Any, ...]:
+        """A ``WeakValueDictionary``, ``WeakKeyDictionary`` or ``WeakSet`` as what it holds now."""
+        if type(box) is weakref.WeakValueDictionary:
+            return _rebuild_weak_values, (dict(box.items()),)
+        if type(box) is weakref.WeakKeyDictionary:
+            return _rebuild_weak_keys, (list(box.items()),)
+        return _rebuild_weak_set, (list(box),)
 
     def open_file(self, f: Any) -> tuple[Any, ...]:
         """An open file, as :mod:`nbisolate.openfiles` carries it: the same file at the same place;

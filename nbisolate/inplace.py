@@ -55,6 +55,7 @@ import io
 import struct
 import sys
 import types
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
@@ -277,8 +278,13 @@ def changeable(value: Any) -> bool:
 
 
 Path = tuple[tuple[str, Any], ...]
-"""Where an object sits inside an input: ``("k", key)`` into a dict, ``("i", index)`` into a list
-or tuple, ``("a", name)`` into a plain object's attributes; ``()`` is the input itself."""
+"""Where an object sits inside an input: ``("k", key)`` into a dict (or a weak dictionary's
+values), ``("i", index)`` into a list or tuple, ``("a", name)`` into a plain object's attributes,
+``("w", None)`` a weak reference's referent; ``()`` is the input itself."""
+
+_WEAK = (weakref.ref, weakref.WeakValueDictionary, weakref.WeakKeyDictionary, weakref.WeakSet)
+"""Weak references and containers: what they refer to travels with them (see
+:mod:`nbisolate.byvalue`), and a change to it comes back to the notebook's own referents."""
 
 WALK_LIMIT = 1_000
 """At most this many items inside one input are looked at for their identity (a list of many
@@ -288,6 +294,12 @@ _ATOMS = frozenset({int, float, complex, str, bytes, bool, type(None)})
 
 
 def _inside(obj: Any) -> Iterator[tuple[tuple[str, Any], Any]]:
+    kind = type(obj)
+    if kind is weakref.ref:  # its referent, which the cell may change through it
+        target = obj()
+        return iter(()) if target is None else iter(((("w", None), target),))
+    if kind is weakref.WeakValueDictionary:
+        return ((("k", key), value) for key, value in list(obj.items()))
     if isinstance(obj, dict):
         return ((("k", key), value) for key, value in list(obj.items()))
     if isinstance(obj, (list, tuple)):
@@ -321,6 +333,8 @@ def _walk(value: Any) -> Iterator[tuple[Path, Any]]:
 def _has_state(value: Any) -> bool:
     """:func:`holds_state` less its look at the process's own state, for the many items of a walk."""
     kind = type(value)
+    if kind in _WEAK:
+        return True
     if isinstance(value, (list, dict, set, bytearray)) or (kind.__name__ == "ndarray" and kind.__module__ == "numpy"):
         return True
     if isinstance(value, tuple):
@@ -366,7 +380,12 @@ def moved(value: Any, before: Mapping[int, tuple[Path, Any]]) -> bool:
 
 def _at(obj: Any, path: Path) -> Any:
     for kind, key in path:
-        obj = vars(obj)[key] if kind == "a" else getattr(obj, key) if kind == "s" else obj[key]
+        if kind == "w":
+            obj = obj()
+            if obj is None:
+                raise LookupError("a weak reference's referent is gone")
+        else:
+            obj = vars(obj)[key] if kind == "a" else getattr(obj, key) if kind == "s" else obj[key]
     return obj
 
 
@@ -471,7 +490,21 @@ def apply_in_place(original: Any, new: Any, swap: Mapping[int, Any]) -> bool:
     try:
         # Item by item, not update(): a subclass may give update another meaning (Counter's
         # counts what it is given), and its own item assignment keeps its order (OrderedDict).
-        if isinstance(original, list):
+        if kind is weakref.ref:
+            # The notebook's reference stays; its referent takes the change made through it.
+            mine, theirs = original(), new()
+            if mine is None or theirs is None:
+                return mine is theirs
+            return own(theirs) is mine or apply_in_place(mine, theirs, swap)
+        if kind in _WEAK:
+            original.clear()
+            if isinstance(original, weakref.WeakSet):
+                for v in new:
+                    original.add(own(v))
+            else:
+                for k, v in new.items():
+                    original[own(k)] = own(v)
+        elif isinstance(original, list):
             original[:] = [own(v) for v in new]
         elif isinstance(original, dict):
             original.clear()

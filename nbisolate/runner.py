@@ -813,6 +813,7 @@ class CellRun:
             self.sink.stream("stderr", f"nbisolate: {name!r} ({kind}) stayed in the worker: it is {what}.\n")
             self.skipped[name] = why
         self.namespace.update(values)
+        byvalue.release_referents()  # copies that only weak references held are gone, as they would be
         deleted = body.get("deleted") or ()
         for name in deleted:  # `del name` in the cell: gone here too
             self.namespace.pop(name, None)

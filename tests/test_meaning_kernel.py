@@ -1554,3 +1554,35 @@ def test_a_class_with_a_cached_property_and_a_singledispatchmethod_travels(kerne
     isolated(kernel, "seen = (report.total, report.fmt(1), report.fmt('a'), type(report).__name__)")
     assert kernel.value("seen") == (6, "int 1", "any a", "Report")
     assert kernel.value("type(report) is Report")
+
+
+def test_weak_references_refer_to_the_same_objects_and_changes_through_them_come_back(kernel):
+    """A weak reference or weak container travelled as dill makes it: a copy of its referent
+    of its own, held by nothing in the worker, so ``wr() is o`` was False and ``wr()`` alone
+    was None. They travel with their referents now, which stay alive for the cell, and what
+    the cell changes through them is changed on the notebook's own objects."""
+    kernel.run(
+        cell(
+            """
+            import weakref
+            class Node:
+                def __init__(self): self.v = 0
+            node = Node()
+            ref = weakref.ref(node)
+            cache = weakref.WeakValueDictionary({"a": node})
+            nodes = weakref.WeakSet([node])
+            dead = weakref.ref(Node())
+            """
+        )
+    )
+    isolated(kernel, "assert ref() is node and cache['a'] is node and node in nodes and dead() is None")
+    isolated(kernel, "assert ref() is not None and type(ref()).__name__ == 'Node'")  # the referent alone
+    isolated(kernel, "ref().v = 5")  # through the reference only: the notebook's node changes
+    assert kernel.value("(node.v, ref() is node, cache['a'] is node)") == (5, True, True)
+    isolated(kernel, "fresh = Node()\ncache['b'] = fresh\nkept = weakref.ref(fresh)")
+    assert kernel.value("(sorted(cache), cache['b'] is fresh, kept() is fresh, cache['a'] is node)") == (
+        ["a", "b"], True, True, True,
+    )
+    # A copy that only a weak reference holds is gone once the results are bound, as it would be.
+    isolated(kernel, "gone = weakref.ref(Node())")
+    assert kernel.value("gone() is None")
