@@ -54,6 +54,7 @@ import functools
 import io
 import struct
 import sys
+import threading
 import types
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
@@ -66,11 +67,19 @@ TUPLE_ITEMS = 1_000
 """A tuple of more items is taken as a value: looking through it for one that can change would
 cost every cell that sees it (a long tuple of numbers, a module's table)."""
 
+_SYNC = (
+    type(threading.Lock()), type(threading.RLock()), threading.Condition, threading.Event,
+    threading.Semaphore, threading.Barrier,
+)
+"""Each process's own: an object holding one that takes the cell's change keeps the notebook's
+(a thread of the kernel may hold or wait on it), and what the cell did to one stays in the worker."""
+
 _UNCHANGEABLE = (
     int, float, complex, str, bytes, bool, type(None), range, frozenset, tuple,
     types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type,
     # What these carry changes, never they themselves: see watch_functions.
     types.MethodType, functools.partial,
+    *_SYNC,
 )
 
 
@@ -441,8 +450,16 @@ def image(value: Any, main: MutableMapping[str, Any]) -> bytes | None:
     file = _Bounded()
     try:
         fast_pickler(file, None, main=main, returning=True).dump(value)
-    except Exception:  # too big, or only dill can write it: not watched
+    except _TooBig:
         return None
+    except Exception:  # only dill can write it (an object holding a lock): as it travels
+        from .ship import dill_pickler
+
+        file = _Bounded()
+        try:
+            dill_pickler(file, main=main, returning=True).dump(value)
+        except Exception:  # too big, or not even dill can: not watched
+            return None
     return file.getvalue()
 
 
@@ -533,12 +550,14 @@ def apply_in_place(original: Any, new: Any, swap: Mapping[int, Any]) -> bool:
             _take_pandas(original, new)
         elif _plain_object(original):
             state = original.__dict__
+            kept = {k: v for k, v in state.items() if isinstance(v, _SYNC)}
             state.clear()
-            state.update((k, own(v)) for k, v in new.__dict__.items())
+            state.update((k, kept[k] if _same_kind(kept.get(k), v) else own(v)) for k, v in new.__dict__.items())
         elif (slots := _slot_names(original)) is not None:
             for name in slots:
                 if hasattr(new, name):
-                    setattr(original, name, own(getattr(new, name)))
+                    mine, theirs = getattr(original, name, None), getattr(new, name)
+                    setattr(original, name, mine if isinstance(mine, _SYNC) and _same_kind(mine, theirs) else own(theirs))
                 elif hasattr(original, name):
                     delattr(original, name)
         else:
@@ -546,6 +565,11 @@ def apply_in_place(original: Any, new: Any, swap: Mapping[int, Any]) -> bool:
     except Exception:
         return False
     return True
+
+
+def _same_kind(mine: Any, theirs: Any) -> bool:
+    """``mine`` (a lock, an event...) stands for ``theirs``, its copy: the notebook keeps its own."""
+    return mine is not None and type(mine) is type(theirs)
 
 
 def _equal(a: Any, b: Any) -> bool:

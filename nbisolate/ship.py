@@ -401,13 +401,19 @@ def _is_exact_ndarray(obj: Any) -> bool:
 
 
 def dill_pickler_class() -> type:
-    """The pickler of the dill fallback, keeping the two promises the fast path makes.
+    """The pickler of the dill fallback, keeping the promises the fast path makes.
 
     Plain dill pickles a module that is not installed (a ``.py`` next to the
     notebook) by value, namespace and all, and copies numpy arrays in-band
     (it reduces them without protocol 5).  Modules are re-imported by name and
-    exact arrays keep their out-of-band buffers here too. A class made on
-    first use, because importing dill costs time a worker should not pay
+    exact arrays keep their out-of-band buffers here too.  And the notebook's
+    functions and classes travel as the fast path sends them
+    (:class:`nbisolate.byvalue.Pickler`'s reductions, their members written by
+    dill): dill's own copy of a class was another class on the other side, so
+    an object that only dill can write (one holding a lock) came back an
+    instance of a copy of its notebook class (``type(s) is Store`` False).
+    ``main``, ``names`` and ``returning`` are the fast pickler's.  A class made
+    on first use, because importing dill costs time a worker should not pay
     unless it needs it; ``%pickle_check`` subclasses it to judge (and trace)
     exactly what ``%%isolate`` does.
     """
@@ -416,12 +422,40 @@ def dill_pickler_class() -> type:
         import dill
 
         class DillPickler(dill.Pickler):  # type: ignore[misc]
+            def __init__(
+                self,
+                file: Any,
+                *args: Any,
+                main: MutableMapping[str, Any] | None = None,
+                names: Iterable[str] = (),
+                returning: bool = False,
+                **kwds: Any,
+            ) -> None:
+                super().__init__(file, *args, **kwds)
+                self._notebook = (main, names, returning)
+                self._by_value: byvalue.Pickler | None = None
+
+            def notebook_reduction(self, obj: Any) -> Any:
+                """A notebook function or class as the fast path writes it; NotImplemented otherwise."""
+                if self._by_value is None:
+                    main, names, returning = self._notebook
+                    self._by_value = byvalue.Pickler(io.BytesIO(), main=main, names=names, returning=returning)
+                back = self._by_value.sent_back(obj)
+                if back is not None:
+                    return back
+                if route(obj) is not Route.BY_VALUE:
+                    return NotImplemented
+                return self._by_value.by_value(obj)
+
             def reducer_override(self, obj: Any) -> Any:
-                if type(obj) is types.ModuleType and route(obj) is Route.MODULE:
+                kind = type(obj)
+                if kind is _FunctionType or kind is CACHED_FUNCTION or issubclass(kind, type):
+                    return self.notebook_reduction(obj)
+                if kind is types.ModuleType and route(obj) is Route.MODULE:
                     return _import_module, (obj.__name__,)
                 if _is_exact_ndarray(obj):
                     return obj.__reduce_ex__(PROTOCOL)
-                if type(obj) in openfiles.FILE_TYPES:  # the same file at the same place, never truncated
+                if kind in openfiles.FILE_TYPES:  # the same file at the same place, never truncated
                     try:
                         return openfiles.reduce(obj, byvalue._token(obj))
                     except openfiles.Unreachable:
@@ -434,10 +468,17 @@ def dill_pickler_class() -> type:
     return _dill_pickler_class
 
 
-def dill_pickler(file: Any, buffer_callback: Any = None) -> pickle.Pickler:
+def dill_pickler(
+    file: Any,
+    buffer_callback: Any = None,
+    main: MutableMapping[str, Any] | None = None,
+    names: Iterable[str] = (),
+    returning: bool = False,
+) -> pickle.Pickler:
     """The pickler of the dill fallback (``recurse=True``, protocol 5) writing to ``file``."""
     return dill_pickler_class()(
-        file, protocol=PROTOCOL, recurse=True, buffer_callback=buffer_callback
+        file, protocol=PROTOCOL, recurse=True, buffer_callback=buffer_callback,
+        main=main, names=names, returning=returning,
     )
 
 
@@ -457,10 +498,16 @@ class _ByDill:
 
     __slots__ = ("data", "buffers")
 
-    def __init__(self, value: Any) -> None:
+    def __init__(
+        self,
+        value: Any,
+        main: MutableMapping[str, Any] | None = None,
+        names: Iterable[str] = (),
+        returning: bool = False,
+    ) -> None:
         file = io.BytesIO()
         buffers: list[pickle.PickleBuffer] = []
-        dill_pickler(file, buffer_callback=buffers.append).dump(value)
+        dill_pickler(file, buffers.append, main=main, names=names, returning=returning).dump(value)
         self.data = file.getvalue()
         self.buffers = buffers
 
@@ -516,7 +563,7 @@ def dumps(
         assert failed is not None and exc is not None
         if type(ready[failed]) is not _ByDill and not isinstance(exc, openfiles.Unreachable):
             try:
-                ready[failed] = _ByDill(values[failed])
+                ready[failed] = _ByDill(values[failed], main=main, names=uses, returning=returning)
                 continue  # again, with this one variable written by dill
             except Exception as dill_exc:
                 exc = dill_exc
@@ -548,7 +595,7 @@ def in_band(value: Any, main: MutableMapping[str, Any] | None = None) -> bytes:
         fast_pickler(file, None, main=main).dump(value)
     except Exception:
         file = io.BytesIO()
-        fast_pickler(file, None, main=main).dump(_ByDill(value))  # dill's own error, if it cannot
+        fast_pickler(file, None, main=main).dump(_ByDill(value, main=main))  # dill's own error, if it cannot
     return file.getvalue()
 
 

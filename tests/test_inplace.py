@@ -42,8 +42,25 @@ def test_a_change_is_seen_and_an_untouched_or_rebound_input_is_not():
     assert inplace.changed(ns, taken) == (["a", "c"], ["b"])
 
 
-def test_values_only_dill_can_write_are_not_watched():
-    assert inplace.snapshot({"lock": threading.Lock()}, ["lock"]) == {}
+def test_a_value_only_dill_can_write_is_watched_as_dill_writes_it_a_lock_itself_never():
+    holder = Plain()
+    holder.lock, holder.items = threading.Lock(), []
+    ns = {"lock": threading.Lock(), "holder": holder}
+    # A lock is each process's own: nothing of it comes back.
+    assert inplace.watchable(ns, {"lock": 100, "holder": 100}) == ["holder"]
+    taken = inplace.snapshot(ns, ["holder"])
+    assert inplace.changed(ns, taken) == ([], ["holder"])
+    holder.items.append(1)
+    assert inplace.changed(ns, taken) == (["holder"], [])
+
+
+def test_an_object_taking_a_change_keeps_its_own_locks_and_events():
+    obj, new = Plain(), Plain()
+    obj.lock, obj.ready, obj.n = threading.Lock(), threading.Event(), 1
+    new.lock, new.ready, new.n = threading.Lock(), threading.Event(), 2
+    lock, ready = obj.lock, obj.ready
+    assert inplace.apply_in_place(obj, new, {})
+    assert obj.n == 2 and obj.lock is lock and obj.ready is ready
 
 
 def test_apply_keeps_the_notebooks_objects_and_their_links():

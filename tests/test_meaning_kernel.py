@@ -1586,3 +1586,36 @@ def test_weak_references_refer_to_the_same_objects_and_changes_through_them_come
     # A copy that only a weak reference holds is gone once the results are bound, as it would be.
     isolated(kernel, "gone = weakref.ref(Node())")
     assert kernel.value("gone() is None")
+
+
+def test_an_object_holding_a_lock_takes_the_cells_change_and_keeps_its_own_lock(kernel):
+    """An input only dill can write (an object holding a lock, a queue) was never compared, so
+    what a cell changed in it stayed in the worker, silently: ``store.items.append(1)`` was
+    lost. It is compared as it travels now, and takes the change; the locks, conditions and
+    events it holds stay the notebook's own (a thread of the kernel may hold or wait on one)."""
+    kernel.run(
+        cell(
+            """
+            import queue, threading
+            class Store:
+                def __init__(self):
+                    self.lock = threading.Lock()
+                    self.ready = threading.Event()
+                    self.items = []
+            store = Store()
+            items, lock, ready = store.items, store.lock, store.ready
+            jobs = queue.Queue()
+            jobs.put("first")
+            jobs.put("second")
+            waiting_on = jobs.not_empty
+            """
+        )
+    )
+    isolated(kernel, "with store.lock:\n    store.items.append(1)\nfirst = jobs.get_nowait()")
+    assert kernel.value("(store.items, items is store.items, first, jobs.qsize(), jobs.get_nowait())") == (
+        [1], True, "first", 1, "second",
+    )
+    assert kernel.value("(store.lock is lock, store.ready is ready, jobs.not_empty is waiting_on)") == (
+        True, True, True,
+    )
+    assert kernel.value("(lock.locked(), jobs.mutex.locked())") == (False, False)
