@@ -1619,3 +1619,6 @@ def test_an_object_holding_a_lock_takes_the_cells_change_and_keeps_its_own_lock(
         True, True, True,
     )
     assert kernel.value("(lock.locked(), jobs.mutex.locked())") == (False, False)
+    # Made in the cell, it comes back an instance of the notebook's class, not of a copy.
+    isolated(kernel, "fresh = Store()\nfresh.items.append(2)")
+    assert kernel.value("(type(fresh) is Store, isinstance(fresh, Store), fresh.items)") == (True, True, [2])
