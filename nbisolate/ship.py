@@ -599,6 +599,45 @@ def in_band(value: Any, main: MutableMapping[str, Any] | None = None) -> bytes:
     return file.getvalue()
 
 
+def portable_exception(exc: BaseException) -> Any:
+    """``exc``, to be serialized so that it loads on the other side as the same exception.
+
+    Pickle rebuilds an exception by calling its class with ``exc.args``: one whose
+    ``__init__`` takes other arguments (``PairError(a, b)`` calling
+    ``super().__init__(f"{a}-{b}")``) cannot be loaded, and the notebook saw a
+    ``RemoteError`` where an ordinary cell raises ``PairError``. An exception of a
+    class made by a ``class`` statement that keeps pickle's way is made again
+    without calling its ``__init__``: its ``args`` and attributes as they were.
+    """
+    kind = type(exc)
+    if kind.__reduce__ is not BaseException.__reduce__ or not kind.__flags__ & _HEAPTYPE:
+        return exc
+    return _Raised(exc)
+
+
+_HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: made by a class statement
+
+
+class _Raised:
+    """An exception that travels as its class, ``args`` and attributes (see :func:`portable_exception`)."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        exc = self.exc
+        return _rebuild_exception, (type(exc), exc.args, dict(vars(exc)) or None)
+
+
+def _rebuild_exception(kind: type, args: tuple[Any, ...], state: dict[str, Any] | None) -> BaseException:
+    exc = kind.__new__(kind, *args)
+    if state:
+        exc.__dict__.update(state)
+    return exc
+
+
 class _ProcessState:
     """A variable bound to an object that stands for the process's state (``os.environ``,
     ``matplotlib.rcParams``: :data:`nbisolate.travel.PROCESS_STATE`): loaded as the loading

@@ -1622,3 +1622,32 @@ def test_an_object_holding_a_lock_takes_the_cells_change_and_keeps_its_own_lock(
     # Made in the cell, it comes back an instance of the notebook's class, not of a copy.
     isolated(kernel, "fresh = Store()\nfresh.items.append(2)")
     assert kernel.value("(type(fresh) is Store, isinstance(fresh, Store), fresh.items)") == (True, True, [2])
+
+
+def test_an_exception_whose_init_takes_other_arguments_is_raised_as_itself(kernel):
+    """Pickle rebuilds an exception by calling its class with its ``args``: one whose
+    ``__init__`` takes other arguments could not be loaded, so the notebook saw a
+    ``RemoteError`` where an ordinary cell raises the notebook's own exception."""
+    kernel.run(
+        cell(
+            """
+            class PairError(Exception):
+                def __init__(self, a, b):
+                    super().__init__(f"{a}-{b}")
+                    self.a, self.b = a, b
+            """
+        )
+    )
+    res = kernel.execute("%%isolate\nraise PairError(1, 2)")
+    assert (res.error["ename"], res.error["evalue"]) == ("PairError", "1-2"), res.error_text
+    kernel.run(
+        cell(
+            """
+            try:
+                get_ipython().run_cell_magic("isolate", "--quiet", "raise PairError(3, 4)")
+            except PairError as e:
+                caught = (type(e) is PairError, e.a, e.b, str(e))
+            """
+        )
+    )
+    assert kernel.value("caught") == (True, 3, 4, "3-4")
