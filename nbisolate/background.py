@@ -102,6 +102,10 @@ class Job:
         self._event: asyncio.Event | None = None
         self._next_tick = 0.0
         self._where = ("", "")
+        # The ids of its workers' handles, kept when the run is let go: a worker outlives its
+        # result for a moment (it exits once the kernel lets it go), and the status item must
+        # name it this job's, not take it for a cell running in the foreground.
+        self.handle_ids: list[str] = []
         self.outputs: list[dict[str, Any]] = []
         """The cell's output so far, for a view that opens later (:func:`replay`)."""
         self._kept_bytes = 0
@@ -446,6 +450,7 @@ class _Table:
         # The table keeps every job; the namespace copies and the run (its panel, its
         # shipment) would keep the notebook's old values alive with it.
         job._where = job.where()
+        job.handle_ids = _handle_ids(job)
         job.run = None
         job.namespace = {}
         job._start = {}
@@ -663,6 +668,12 @@ LAB_JOBS = 20
 """Jobs the JupyterLab status item is told about: every unfinished one and the newest ended."""
 
 
+def _handle_ids(job: Job) -> list[str]:
+    """The ids of the handles of the workers ``job``'s run started (a sweep's: one per value)."""
+    runs = getattr(job.run, "runs", None) or ([job.run] if job.run is not None else [])
+    return [str(handle.id) for handle in (getattr(run, "handle", None) for run in runs) if handle is not None]
+
+
 def lab_snapshot() -> tuple[dict[str, Job], list[dict[str, Any]]]:
     """For nbisolate.labcomm (any thread): which worker handle belongs to which job, and one
     row per job (unfinished ones, then the newest ended) for the status item."""
@@ -671,10 +682,8 @@ def lab_snapshot() -> tuple[dict[str, Job], list[dict[str, Any]]]:
     listed = list(_table.jobs.values())
     ended = [j for j in listed if j.done()][-LAB_JOBS:]
     for job in [j for j in listed if not j.done()] + ended:
-        for run in getattr(job.run, "runs", None) or ([job.run] if job.run is not None else []):
-            handle = getattr(run, "handle", None)
-            if handle is not None:
-                owners[str(handle.id)] = job
+        for handle_id in _handle_ids(job) if job.run is not None else job.handle_ids:
+            owners[handle_id] = job
         error = job.error
         rows.append({
             "id": job.id,

@@ -383,3 +383,31 @@ def test_bg_without_a_kernel_is_refused_before_anything_runs(tmp_path: Any) -> N
     assert "UsageError" in proc.stderr and "--bg runs the cell in the background" in proc.stderr
     assert "Run the cell without --bg" in proc.stderr
     assert "isolated cell starting" not in proc.stderr  # no panel, nothing planned
+
+
+def test_a_jobs_worker_that_outlives_its_result_is_still_named_the_jobs(fresh_kernel: Kernel) -> None:
+    """A worker exits once the kernel lets it go, after its result; a job's worker, still
+    listed then, lost its job (the job had let its run go) and was sent as a foreground
+    cell's: a page that reloaded meanwhile marked the job's cell running ([*]), for good."""
+    from .test_labcomm_kernel import StatusClient
+
+    k = fresh_kernel
+    # Workers wait for the kernel's word as long as a cell runs (and at most 30 s).
+    k.run("import nbisolate.supervisor as _sup\n_sup.LINGER_SECONDS = 30.0")
+    client = StatusClient(k)
+    client.open()
+    bg = k.kc.execute("%%isolate --bg\nimport time\ntime.sleep(0.5)\nbg_done = 1")
+    others: list[dict[str, Any]] = []
+    res = execute(k, "%%isolate --quiet\nimport time\ntime.sleep(4)", others)  # the job ends meanwhile
+    client.drain(0.5)
+    seen = [m["content"]["data"] for m in [*res.messages, *others]
+            if m["msg_type"] == "comm_msg" and m["content"].get("comm_id") == client.comm_id] + client.seen
+    ended = [d for d in seen if any(j["cell"]["msg_id"] == bg and j["state"] == "done" for j in d.get("jobs", []))]
+    # The job is over while its worker, waiting for the kernel's word, is still listed.
+    assert any(w["pid"] for d in ended for w in d["workers"]), seen
+    for data in seen:
+        for worker in data["workers"]:
+            if (worker.get("cell") or {}).get("msg_id") == bg:
+                assert worker.get("job") is not None, data
+    assert k.value("bg_done") == 1
+    client.close()
