@@ -202,6 +202,19 @@ class _Publisher:
                 self._cells.pop(job_id, None)
             self._mark_dirty()
 
+    def cell_over(self, msg_id: str | None) -> None:
+        """The cell of request ``msg_id`` is over: a worker of its still listed (it exits a
+        moment after its result, once the kernel lets it go) no longer names it, so no page
+        takes it for a cell still running and marks it so ([*]) with nothing to end the mark."""
+        if not msg_id:
+            return
+        with self._lock:
+            over = [job_id for job_id, cell in self._cells.items() if cell.get("msg_id") == msg_id]
+            for job_id in over:
+                del self._cells[job_id]
+            if over:
+                self._mark_dirty()
+
     # -- publisher thread ---------------------------------------------------------------
 
     def _mark_dirty(self) -> None:  # under _lock
@@ -418,6 +431,7 @@ class BusyStatus:
         with self._lock:
             self._cells.pop(msg_id, None)
             self._info.pop(msg_id, None)
+        _publisher.cell_over(msg_id)
 
     def publish(self, status: str, channel: str = "shell", parent: Any = None) -> None:
         """Replaces the kernel's ``_publish_status``."""
@@ -426,12 +440,14 @@ class BusyStatus:
         if status != "idle":
             return
         with self._lock:
-            if about in self._cells:  # the cell's own idle (post_run_cell did not run)
+            over = about in self._cells  # the cell's own idle (post_run_cell did not run)
+            if over:
                 del self._cells[about]
                 self._info.pop(about, None)
-                return
             running = list(self._cells.values())
-        if running:
+        if over:
+            _publisher.cell_over(about)
+        elif running:
             self._original("busy", "shell", running[-1])
 
     def install(self, shell: Any) -> None:

@@ -411,3 +411,25 @@ def test_a_jobs_worker_that_outlives_its_result_is_still_named_the_jobs(fresh_ke
                 assert worker.get("job") is not None, data
     assert k.value("bg_done") == 1
     client.close()
+
+
+def test_a_worker_that_outlives_its_cell_no_longer_names_the_cell(fresh_kernel: Kernel) -> None:
+    """The same for a cell in the foreground: once the cell is over, a worker still listed
+    (waiting for the kernel's word while a job runs) no longer names it, so another view of
+    the notebook does not take it for a cell still running."""
+    from .test_labcomm_kernel import StatusClient
+
+    k = fresh_kernel
+    k.run("import nbisolate.supervisor as _sup\n_sup.LINGER_SECONDS = 30.0")
+    client = StatusClient(k)
+    client.open()
+    others: list[dict[str, Any]] = []
+    execute(k, "%%isolate --bg\nimport time\ntime.sleep(5)", others)  # a cell running: no worker goes
+    res = execute(k, "%%isolate --quiet\nimport os\nfg_pid = os.getpid()", others)
+    fg = res.reply["parent_header"]["msg_id"]
+    pid = k.value("fg_pid")
+    client.send({"action": "refresh"})
+    listed = client.wait(lambda d: any(w["pid"] == pid for w in d["workers"]), 10)
+    row = next(w for w in listed["workers"] if w["pid"] == pid)
+    assert (row.get("cell") or {}).get("msg_id") != fg, listed
+    client.close()
