@@ -738,7 +738,7 @@ def _run(
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         files = openfiles.settle()  # what it wrote before it failed stays written, as in a cell
-        shipped = ship.dumps({"exc": ship.portable_exception(exc)}, skip_failures=True, main=ns, returning=True)
+        shipped = ship.dumps({"exc": exc}, skip_failures=True, main=ns, returning=True)
         marked = _mark_pipes(job.get("sync"))
         body = error_body(
             exc,

@@ -1651,3 +1651,8 @@ def test_an_exception_whose_init_takes_other_arguments_is_raised_as_itself(kerne
         )
     )
     assert kernel.value("caught") == (True, 3, 4, "3-4")
+    # Kept in a variable, both ways: it comes back, and goes to the next cell, as itself.
+    isolated(kernel, "try:\n    raise PairError(5, 6)\nexcept PairError as e:\n    err = e")
+    assert kernel.value("(type(err) is PairError, err.a, err.b, str(err))") == (True, 5, 6, "5-6")
+    isolated(kernel, "seen = (type(err) is PairError, err.a, str(err))")
+    assert kernel.value("seen") == (True, 5, "5-6")

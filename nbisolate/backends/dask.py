@@ -585,7 +585,7 @@ def _error_event(exc: BaseException) -> Event:
     from .. import ship
     from ..protocol import error_body
 
-    shipped = ship.dumps({"exc": ship.portable_exception(exc)}, skip_failures=True)
+    shipped = ship.dumps({"exc": exc}, skip_failures=True)
     body = error_body(
         exc,
         traceback=f"{type(exc).__name__}: {exc}\n",
