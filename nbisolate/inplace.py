@@ -22,7 +22,7 @@ How, in three steps and on both sides:
    watched input that did not change does not go back at all, even when the cell
    might have bound it (``if False: x = 1``), so the notebook keeps its object.
 3. **The kernel applies the change to its own object** (:func:`apply_in_place`):
-   the contents of a list, dict, set or bytearray, the attributes of an ordinary
+   the contents of a list, dict, set, deque or bytearray, the attributes of an ordinary
    object (an estimator, a dataclass), the elements of a NumPy array of the same
    shape, the contents of a pandas DataFrame or Series, are replaced inside the notebook's object, so every other reference to
    it (``models[0]``, an alias) sees the change, as in an ordinary cell. Where
@@ -67,6 +67,9 @@ TUPLE_ITEMS = 1_000
 """A tuple of more items is taken as a value: looking through it for one that can change would
 cost every cell that sees it (a long tuple of numbers, a module's table)."""
 
+_CONTAINERS = (list, dict, set, bytearray, collections.deque)
+"""Containers whose contents :func:`apply_in_place` replaces inside the notebook's own object."""
+
 _SYNC = (
     type(threading.Lock()), type(threading.RLock()), threading.Condition, threading.Event,
     threading.Semaphore, threading.Barrier,
@@ -90,13 +93,13 @@ def watchable(values: Mapping[str, Any], sizes: Mapping[str, int]) -> list[str]:
 
 def holds_state(value: Any) -> bool:
     """A value whose contents a cell changes in place and :func:`apply_in_place` can take: a
-    list, dict, set or bytearray (``Counter`` and its kin too), a NumPy array, a pandas DataFrame
+    list, dict, set, deque or bytearray (``Counter`` and its kin too), a NumPy array, a pandas DataFrame
     or Series, an object whose state is its ``__dict__``; not a function, a ufunc or another callable a module exports,
     nor the process's own state."""
     if not changeable(value):
         return False
     kind = type(value)
-    if isinstance(value, (list, dict, set, bytearray)) or (kind.__name__ == "ndarray" and kind.__module__ == "numpy"):
+    if isinstance(value, _CONTAINERS) or (kind.__name__ == "ndarray" and kind.__module__ == "numpy"):
         return True
     if kind in _PANDAS or _pandas(kind):
         return True
@@ -311,7 +314,7 @@ def _inside(obj: Any) -> Iterator[tuple[tuple[str, Any], Any]]:
         return ((("k", key), value) for key, value in list(obj.items()))
     if isinstance(obj, dict):
         return ((("k", key), value) for key, value in list(obj.items()))
-    if isinstance(obj, (list, tuple)):
+    if isinstance(obj, (list, tuple, collections.deque)):
         return ((("i", index), value) for index, value in enumerate(obj))
     if _plain_object(obj):
         return ((("a", name), value) for name, value in list(vars(obj).items()))
@@ -344,7 +347,7 @@ def _has_state(value: Any) -> bool:
     kind = type(value)
     if kind in _WEAK:
         return True
-    if isinstance(value, (list, dict, set, bytearray)) or (kind.__name__ == "ndarray" and kind.__module__ == "numpy"):
+    if isinstance(value, _CONTAINERS) or (kind.__name__ == "ndarray" and kind.__module__ == "numpy"):
         return True
     if isinstance(value, tuple):
         return len(value) <= TUPLE_ITEMS and any(type(item) not in _ATOMS and _has_state(item) for item in value)
@@ -523,6 +526,11 @@ def apply_in_place(original: Any, new: Any, swap: Mapping[int, Any]) -> bool:
                     original[own(k)] = own(v)
         elif isinstance(original, list):
             original[:] = [own(v) for v in new]
+        elif isinstance(original, collections.deque):
+            if original.maxlen != new.maxlen:
+                return False
+            original.clear()
+            original.extend(own(v) for v in new)
         elif isinstance(original, dict):
             original.clear()
             for k, v in new.items():

@@ -1656,3 +1656,11 @@ def test_an_exception_whose_init_takes_other_arguments_is_raised_as_itself(kerne
     assert kernel.value("(type(err) is PairError, err.a, err.b, str(err))") == (True, 5, 6, "5-6")
     isolated(kernel, "seen = (type(err) is PairError, err.a, str(err))")
     assert kernel.value("seen") == (True, 5, "5-6")
+
+
+def test_a_deque_the_cell_changes_is_changed_in_place(kernel):
+    """A ``collections.deque`` changed by an isolated cell was rebound to the changed copy:
+    another name for it (or a list holding it) still saw it as it was."""
+    kernel.run("import collections\nrecent = collections.deque([1], maxlen=3)\nsame_recent = recent")
+    isolated(kernel, "recent.extend([2, 3, 4])")
+    assert kernel.value("(list(recent), same_recent is recent, recent.maxlen)") == ([2, 3, 4], True, 3)
