@@ -310,9 +310,7 @@ def _inside(obj: Any) -> Iterator[tuple[tuple[str, Any], Any]]:
     if kind is weakref.ref:  # its referent, which the cell may change through it
         target = obj()
         return iter(()) if target is None else iter(((("w", None), target),))
-    if kind is weakref.WeakValueDictionary:
-        return ((("k", key), value) for key, value in list(obj.items()))
-    if isinstance(obj, dict):
+    if isinstance(obj, dict) or kind is weakref.WeakValueDictionary:
         return ((("k", key), value) for key, value in list(obj.items()))
     if isinstance(obj, (list, tuple, collections.deque)):
         return ((("i", index), value) for index, value in enumerate(obj))
