@@ -559,6 +559,7 @@ def apply_in_place(original: Any, new: Any, swap: Mapping[int, Any]) -> bool:
             kept = {k: v for k, v in state.items() if isinstance(v, _SYNC)}
             state.clear()
             state.update((k, kept[k] if _same_kind(kept.get(k), v) else own(v)) for k, v in new.__dict__.items())
+            _wake(kept.values())
         elif (slots := _slot_names(original)) is not None:
             for name in slots:
                 if hasattr(new, name):
@@ -571,6 +572,19 @@ def apply_in_place(original: Any, new: Any, swap: Mapping[int, Any]) -> bool:
     except Exception:
         return False
     return True
+
+
+def _wake(kept: Iterable[Any]) -> None:
+    """Wake the kernel's threads waiting on the conditions of an object that took a change
+    (a consumer in ``queue.get()`` of a queue the cell put items in), as the cell's own
+    ``put`` would have; each checks again what it waits for. A condition another thread
+    holds now is left alone: that thread sees the change when it looks."""
+    for condition in kept:
+        if isinstance(condition, threading.Condition) and condition.acquire(blocking=False):
+            try:
+                condition.notify_all()
+            finally:
+                condition.release()
 
 
 def _same_kind(mine: Any, theirs: Any) -> bool:

@@ -1664,3 +1664,20 @@ def test_a_deque_the_cell_changes_is_changed_in_place(kernel):
     kernel.run("import collections\nrecent = collections.deque([1], maxlen=3)\nsame_recent = recent")
     isolated(kernel, "recent.extend([2, 3, 4])")
     assert kernel.value("(list(recent), same_recent is recent, recent.maxlen)") == ([2, 3, 4], True, 3)
+
+
+def test_a_thread_waiting_on_a_queue_gets_what_an_isolated_cell_put(kernel):
+    """A kernel thread blocked in ``queue.get()`` was not woken by the items an isolated cell
+    put in the notebook's queue: they arrived in its deque, and the thread slept on."""
+    kernel.run(
+        cell(
+            """
+            import queue, threading
+            work, got = queue.Queue(), []
+            consumer = threading.Thread(target=lambda: got.append(work.get(timeout=20)), daemon=True)
+            consumer.start()
+            """
+        )
+    )
+    isolated(kernel, "work.put('job 1')")
+    assert kernel.value("(consumer.join(10), got, consumer.is_alive())") == (None, ["job 1"], False)
