@@ -9,7 +9,10 @@ fails the whole run.
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,7 +72,25 @@ def run(folder: Path, out: Path) -> int:
     return failures
 
 
+def run_leaving_nothing(folder: Path, out: Path) -> int:
+    """:func:`run` with a temporary folder of its own for the kernels and all they start,
+    removed afterwards: the demos' scratch files, the Dask cluster's scratch space and the
+    folder of a forkserver's socket (a kernel ends before multiprocessing's exit handler
+    would remove it) would otherwise stay behind in the machine's /tmp."""
+    scratch = tempfile.mkdtemp(prefix="nbisolate-demo-")
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = scratch
+    try:
+        return run(folder, out)
+    finally:
+        if before is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = before
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 if __name__ == "__main__":
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "notebooks")
     target = Path(sys.argv[2] if len(sys.argv) > 2 else "build/notebooks")
-    sys.exit(1 if run(folder, target) else 0)
+    sys.exit(1 if run_leaving_nothing(folder, target) else 0)
