@@ -555,7 +555,8 @@ def dumps(
             state = process_state(value)
             if state is not None:  # the process's own environ, sys.path...: the other side's own
                 ready[name] = _ProcessState(*state)
-            elif isinstance(value, BaseException):  # raised, or kept (`err = e`): it loads as itself
+            elif issubclass(type(value), BaseException):  # raised, or kept (`err = e`): loads as itself
+                # (type(), not isinstance: a dead weak proxy raises when asked for its class)
                 ready[name] = portable_exception(value)
     while True:
         shipment, failed, exc = _attempt(fast, ready, todo)
