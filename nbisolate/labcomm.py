@@ -328,6 +328,16 @@ def _request_is_isolated(code: str, parent: Any) -> bool:
     return _is_isolated(code) or marked_options(parent) is not None
 
 
+def _isolated_request(request: Any) -> bool:
+    """Whether ``request`` is an ``execute_request`` for an isolated cell."""
+    try:
+        if request["header"]["msg_type"] != "execute_request":
+            return False
+        return _request_is_isolated(str(request["content"].get("code") or ""), request)
+    except (KeyError, TypeError, AttributeError):
+        return False
+
+
 class MarkedCells:
     """An input transformer: a cell marked to run isolated gets its ``%%isolate`` line.
 
@@ -435,7 +445,13 @@ class BusyStatus:
 
     def publish(self, status: str, channel: str = "shell", parent: Any = None) -> None:
         """Replaces the kernel's ``_publish_status``."""
-        about = _msg_id(parent if parent is not None else self._parent(channel))
+        request = parent if parent is not None else self._parent(channel)
+        about = _msg_id(request)
+        if status == "busy" and channel == "shell" and _isolated_request(request):
+            # Noted before its "busy" goes out: an "idle" about another message that another
+            # thread publishes next (before the cell reaches pre_run_cell) is followed by "busy".
+            with self._lock:
+                self._cells.setdefault(about, request)
         self._original(status, channel, parent)
         if status != "idle":
             return
