@@ -13,6 +13,7 @@ from __future__ import annotations
 import multiprocessing
 import shutil
 import time
+import uuid
 
 import psutil
 import pytest
@@ -297,11 +298,16 @@ from multiprocessing import shared_memory
 ctx = multiprocessing.get_context('spawn')
 q = ctx.Queue()
 lock = ctx.Lock()
-seg = shared_memory.SharedMemory(create=True, size=4096)
+seg = shared_memory.SharedMemory(name={segment!r}, create=True, size=4096)
 with ctx.Pool(1) as pool:
     pool.map(abs, range(2))
 {tail}
 """
+
+
+def _segment() -> str:
+    """A name for the cell's shared memory that no other test run side by side makes."""
+    return f"psm_nbi_{uuid.uuid4().hex[:12]}"
 
 
 @pytest.mark.parametrize(
@@ -314,18 +320,20 @@ with ctx.Pool(1) as pool:
     ids=["success", "failure", "timeout"],
 )
 def test_semaphores_and_shared_memory_do_not_outlive_the_cell(kernel, opts, tail, ok):
-    before_sem, before_psm = shm_names("sem.mp-"), shm_names("psm_")
-    res = kernel.execute(SEMAPHORE_CELL.format(opts=opts, tail=tail), timeout=60)
+    before_sem, segment = shm_names("sem.mp-"), _segment()
+    res = kernel.execute(SEMAPHORE_CELL.format(opts=opts, tail=tail, segment=segment), timeout=60)
     assert res.ok is ok, res.error_text
-    assert wait_until(lambda: not new_shm(before_sem, "sem.mp-") and not new_shm(before_psm, "psm_"), 10), (
-        new_shm(before_sem, "sem.mp-"), new_shm(before_psm, "psm_")
+    assert wait_until(lambda: not new_shm(before_sem, "sem.mp-") and not shm_names(segment), 20), (
+        new_shm(before_sem, "sem.mp-"), shm_names(segment)
     )
     assert _workers_gone(kernel), _leftovers(kernel)
 
 
 def test_stop_cleans_up_semaphores_too(fresh_kernel):
-    before_sem, before_psm = shm_names("sem.mp-"), shm_names("psm_")
-    fresh_kernel.kc.execute(SEMAPHORE_CELL.format(opts="", tail="print('ready', flush=True)\ntime.sleep(60)"))
+    before_sem, segment = shm_names("sem.mp-"), _segment()
+    fresh_kernel.kc.execute(
+        SEMAPHORE_CELL.format(opts="", tail="print('ready', flush=True)\ntime.sleep(60)", segment=segment)
+    )
     deadline = time.monotonic() + 30
     seen = ""
     while "ready" not in seen and time.monotonic() < deadline:
@@ -334,8 +342,8 @@ def test_stop_cleans_up_semaphores_too(fresh_kernel):
             seen += msg["content"]["text"]
     assert "ready" in seen
     fresh_kernel.interrupt()
-    assert wait_until(lambda: not new_shm(before_sem, "sem.mp-") and not new_shm(before_psm, "psm_"), 15), (
-        new_shm(before_sem, "sem.mp-"), new_shm(before_psm, "psm_")
+    assert wait_until(lambda: not new_shm(before_sem, "sem.mp-") and not shm_names(segment), 20), (
+        new_shm(before_sem, "sem.mp-"), shm_names(segment)
     )
     assert _workers_gone(fresh_kernel), _leftovers(fresh_kernel)
 
