@@ -40,13 +40,14 @@ between them stay shared on the other side (``b['x'] is a`` still holds).
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import mmap
 import os
 import pickle
 import time
 import types
-from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -498,16 +499,11 @@ class _ByDill:
 
     __slots__ = ("data", "buffers")
 
-    def __init__(
-        self,
-        value: Any,
-        main: MutableMapping[str, Any] | None = None,
-        names: Iterable[str] = (),
-        returning: bool = False,
-    ) -> None:
+    def __init__(self, value: Any, pickler: Callable[[Any, Any], pickle.Pickler] | None = None) -> None:
+        """``pickler(file, buffer_callback)``: :func:`dill_pickler`, with the notebook's namespace."""
         file = io.BytesIO()
         buffers: list[pickle.PickleBuffer] = []
-        dill_pickler(file, buffers.append, main=main, names=names, returning=returning).dump(value)
+        (pickler or dill_pickler)(file, buffers.append).dump(value)
         self.data = file.getvalue()
         self.buffers = buffers
 
@@ -548,6 +544,9 @@ def dumps(
     def fast(file: Any, buffer_callback: Any = None) -> pickle.Pickler:
         return fast_pickler(file, buffer_callback, main=main, names=uses, returning=returning)
 
+    def slow(file: Any, buffer_callback: Any = None) -> pickle.Pickler:
+        return dill_pickler(file, buffer_callback, main=main, names=uses, returning=returning)
+
     todo = list(names)
     ready: dict[str, Any] = dict(values)  # a value only dill can write is replaced by its _ByDill
     for name, value in values.items():
@@ -566,7 +565,7 @@ def dumps(
         assert failed is not None and exc is not None
         if type(ready[failed]) is not _ByDill and not isinstance(exc, openfiles.Unreachable):
             try:
-                ready[failed] = _ByDill(values[failed], main=main, names=uses, returning=returning)
+                ready[failed] = _ByDill(values[failed], slow)
                 continue  # again, with this one variable written by dill
             except Exception as dill_exc:
                 exc = dill_exc
@@ -598,7 +597,8 @@ def in_band(value: Any, main: MutableMapping[str, Any] | None = None) -> bytes:
         fast_pickler(file, None, main=main).dump(value)
     except Exception:
         file = io.BytesIO()
-        fast_pickler(file, None, main=main).dump(_ByDill(value, main=main))  # dill's own error, if it cannot
+        slow = functools.partial(dill_pickler, main=main)
+        fast_pickler(file, None, main=main).dump(_ByDill(value, slow))  # dill's own error, if it cannot
     return file.getvalue()
 
 
