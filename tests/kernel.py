@@ -73,10 +73,25 @@ class Kernel:
         kenv.update(env or {})
         # The kernel must run from the project's environment, whatever kernelspec is installed.
         self.km.kernel_cmd = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-        self.km.start_kernel(cwd=cwd, env=kenv)
-        self.kc = self.km.client()
-        self.kc.start_channels()
-        self.kc.wait_for_ready(timeout=60)
+        for attempt in range(3):
+            self.km.start_kernel(cwd=cwd, env=kenv)
+            self.kc = self.km.client()
+            self.kc.start_channels()
+            try:
+                self.kc.wait_for_ready(timeout=60)
+                break
+            except RuntimeError:
+                # jupyter_client picks free TCP ports, then the kernel binds them: a kernel of
+                # another test session side by side can take one in between, and this one dies
+                # ("Address already in use"). Its ports and connection file go; it starts anew.
+                self.kc.stop_channels()
+                self.km.shutdown_kernel(now=True)
+                self.km.cleanup_resources()
+                self.km.connection_file = ""
+                for port in ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port"):
+                    setattr(self.km, port, 0)  # new free ones are picked
+                if attempt == 2:
+                    raise
 
     @property
     def pid(self) -> int:
