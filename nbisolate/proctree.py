@@ -223,13 +223,18 @@ def kill_own_descendants_sparing(spare: Any) -> list[Proc]:
     return spared
 
 
-def wait_for_exit(procs: list[Proc], timeout: float) -> bool:
-    """Wait until every process of ``procs`` has exited (reaping our own children); False on timeout."""
+def wait_for_exit(procs: list[Proc], timeout: float, reap: bool = True) -> bool:
+    """Wait until every process of ``procs`` has exited; False on timeout.
+
+    With ``reap`` (the worker, which owns every child it has) exited children
+    are reaped on the way; the supervisor, in a kernel whose other children are
+    not its own, passes False and counts a zombie as exited.
+    """
     deadline = time.monotonic() + timeout
     pause = 0.002
     while True:
         try:
-            while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            while reap and os.waitpid(-1, os.WNOHANG)[0] > 0:
                 pass
         except OSError:
             pass
@@ -241,6 +246,26 @@ def wait_for_exit(procs: list[Proc], timeout: float) -> bool:
             return False
         time.sleep(pause)
         pause = min(pause * 2, 0.05)
+
+
+def group_members(pgid: int) -> list[Proc]:
+    """Live processes of process group ``pgid``, read from ``/proc``.
+
+    Safe only while the group's id cannot be reused: its leader not reaped.
+    """
+    members: list[Proc] = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return members
+    for entry in entries:
+        fields = _stat_fields(entry) if entry.isdigit() else None
+        try:
+            if fields is not None and fields[0] not in (b"Z", b"X") and int(fields[2]) == pgid:
+                members.append((int(entry), int(fields[19])))
+        except (ValueError, IndexError):
+            pass
+    return members
 
 
 def kill_own_descendants_until_quiet(rounds: int = 20, pause: float = 0.01) -> None:
@@ -317,6 +342,9 @@ class Tree:
                     pass
             stopped = stop_descendants(self.pid)
             self.remember()
+        trackers = [p for p in stopped + self._known_procs() if is_resource_tracker(p)]
+        if trackers:
+            self._let_trackers_clean_up(trackers, stopped)
         self.signal(signal.SIGKILL)
         for victim in stopped:
             send(victim, signal.SIGKILL)
@@ -327,6 +355,46 @@ class Tree:
             except Exception:
                 pass
         self._known = []
+
+    #: How long the resource trackers get to unlink what the cell left registered.
+    TRACKER_SECONDS = 3.0
+
+    def _known_procs(self) -> list[Proc]:
+        """The remembered descendants still running, as identities for :func:`send`."""
+        procs: list[Proc] = []
+        for proc in self._known:
+            try:
+                stat = _stat(proc.pid)
+                if stat is not None and proc.is_running():
+                    procs.append((proc.pid, stat[2]))
+            except Exception:
+                pass
+        return procs
+
+    def _let_trackers_clean_up(self, trackers: list[Proc], stopped: list[Proc]) -> None:
+        """Kill all but the resource trackers, then let those unlink what the cell left and exit.
+
+        A tracker (which ignores SIGTERM and SIGINT) unlinks the shared memory
+        and semaphores still registered once the last writer of its pipe is
+        gone; killed with the rest, it leaves them in ``/dev/shm`` for good.
+        So every other process of the tree goes first (the worker, its group,
+        each descendant), which closes the pipe; the trackers are continued and
+        get :data:`TRACKER_SECONDS`; the caller kills whatever is left.
+        """
+        spare = {pid for pid, _ in trackers}
+        try:
+            if self._ps is not None and self._ps.is_running():
+                self._ps.kill()
+        except Exception:
+            pass
+        for victim in stopped + self._known_procs() + group_members(self.pid):
+            if victim[0] not in spare:
+                send(victim, signal.SIGKILL)
+        for proc in trackers:
+            send(proc, signal.SIGCONT)
+        wait_for_exit(trackers, self.TRACKER_SECONDS, reap=False)
+        for proc in trackers:
+            send(proc, signal.SIGKILL)
 
 
 def _process(pid: int) -> Any:

@@ -316,8 +316,11 @@ def _segment() -> str:
         ("", "x = 1", True),
         ("", "raise ValueError('the cell failed')", False),
         ("--timeout 3", "time.sleep(60)", False),
+        # The worker lives through SIGTERM, so the grace ends in a kill of the whole tree:
+        # the resource tracker must still get to unlink the segment.
+        ("--timeout 3", "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(60)", False),
     ],
-    ids=["success", "failure", "timeout"],
+    ids=["success", "failure", "timeout", "timeout-ignoring-sigterm"],
 )
 def test_semaphores_and_shared_memory_do_not_outlive_the_cell(kernel, opts, tail, ok):
     before_sem, segment = shm_names("sem.mp-"), _segment()
