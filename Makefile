@@ -15,7 +15,7 @@ LABEXT_SRC := $(shell find labextension/src labextension/style labextension/sche
 # waiting on a kernel, a worker or a timeout (one suite keeps a third of one core busy),
 # and each session keeps its temporary files and its leftover checks to itself.
 OTHER_PYS ?= 3.10 3.12 3.13
-SUITES_AT_ONCE ?= 1
+SUITES_AT_ONCE ?= 4
 LOWEST_PY ?= 3.10
 LOWEST := tests/constraints-lowest.txt
 PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo "$$HOME/.pyenv")
