@@ -67,6 +67,8 @@ test-py-%: .venv-%/.installed FORCE
 	@.venv-$*/bin/python -m pytest -q -m "not soak and not browser" || { echo "the kernel suite failed on Python $* (output above)"; exit 1; }
 
 # Made anew whenever pyproject.toml or the constraints change, so a lowered pin takes effect.
+# Kept (not an intermediate file make deletes), so the next `make test` reuses the environment.
+.PRECIOUS: .venv-%/.installed
 # The JupyterLab extension is already built by `env`; the editable install reuses it.
 .venv-%/.installed: pyproject.toml $(LOWEST) | $(STAMP)
 	rm -rf .venv-$*
