@@ -39,6 +39,7 @@ between them stay shared on the other side (``b['x'] is a`` still holds).
 
 from __future__ import annotations
 
+import copyreg
 import errno
 import functools
 import io
@@ -55,6 +56,7 @@ from . import byvalue, openfiles
 from .errors import ShipError
 from .travel import (
     CACHED_FUNCTION,
+    HEAPTYPE,
     LABELS,
     Route,
     Travel,
@@ -170,6 +172,8 @@ class FastPickler(byvalue.Pickler):
             if back is not None:  # it came from the other side: it goes back as itself
                 return back
         elif kind is not _ModuleType and kind is not _BuiltinType:
+            if kind.__reduce__ is _EXCEPTION_REDUCE and rebuilt_without_init(kind):
+                return exception_reduction(obj)
             return NotImplemented
         how = route(obj)
         if how is _MODULE:
@@ -456,6 +460,8 @@ def dill_pickler_class() -> type:
                     return _import_module, (obj.__name__,)
                 if _is_exact_ndarray(obj):
                     return obj.__reduce_ex__(PROTOCOL)
+                if kind.__reduce__ is _EXCEPTION_REDUCE and rebuilt_without_init(kind):
+                    return exception_reduction(obj)
                 if kind in openfiles.FILE_TYPES:  # the same file at the same place, never truncated
                     try:
                         return openfiles.reduce(obj, byvalue._token(obj))
@@ -554,9 +560,6 @@ def dumps(
             state = process_state(value)
             if state is not None:  # the process's own environ, sys.path...: the other side's own
                 ready[name] = _ProcessState(*state)
-            elif issubclass(type(value), BaseException):  # raised, or kept (`err = e`): loads as itself
-                # (type(), not isinstance: a dead weak proxy raises when asked for its class)
-                ready[name] = portable_exception(value)
     while True:
         shipment, failed, exc = _attempt(fast, ready, todo)
         if shipment is not None:
@@ -602,36 +605,31 @@ def in_band(value: Any, main: MutableMapping[str, Any] | None = None) -> bytes:
     return file.getvalue()
 
 
-def portable_exception(exc: BaseException) -> Any:
-    """``exc``, to be serialized so that it loads on the other side as the same exception.
+def exception_reduction(exc: BaseException) -> tuple[Any, ...]:
+    """How an exception of a class made by a ``class`` statement travels: so that it loads as itself.
 
-    Pickle rebuilds an exception by calling its class with ``exc.args``: one whose
-    ``__init__`` takes other arguments (``PairError(a, b)`` calling
-    ``super().__init__(f"{a}-{b}")``) cannot be loaded, and the notebook saw a
-    ``RemoteError`` where an ordinary cell raises ``PairError``. An exception of a
-    class made by a ``class`` statement that keeps pickle's way is made again
-    without calling its ``__init__``: its ``args`` and attributes as they were.
+    Pickle's own way (``BaseException.__reduce__``) rebuilds an exception by
+    calling its class with ``exc.args``: one whose ``__init__`` takes other
+    arguments (``PairError(a, b)`` calling ``super().__init__(f"{a}-{b}")``)
+    cannot be loaded, so a cell raising it showed a ``RemoteError`` where an
+    ordinary cell raises ``PairError``, and a list of such errors did not come
+    back at all.  Both picklers send such an exception, wherever it is (raised,
+    kept as ``err = e``, in a list of failures), as its class, its ``args`` and
+    its attributes, and it is made again without calling its ``__init__``.  A
+    class that defines its own way (``__reduce__``, ``__reduce_ex__``, a
+    ``copyreg`` reducer) keeps it.  The picklers ask only for a type whose
+    ``__reduce__`` is ``BaseException``'s, one attribute lookup for any object.
     """
-    kind = type(exc)
-    if kind.__reduce__ is not BaseException.__reduce__ or not kind.__flags__ & _HEAPTYPE:
-        return exc
-    return _Raised(exc)
+    return _rebuild_exception, (type(exc), exc.args, dict(vars(exc)) or None)
 
 
-_HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: made by a class statement
+_EXCEPTION_REDUCE = BaseException.__reduce__
+_OBJECT_REDUCE_EX = object.__reduce_ex__
 
 
-class _Raised:
-    """An exception that travels as its class, ``args`` and attributes (see :func:`portable_exception`)."""
-
-    __slots__ = ("exc",)
-
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        exc = self.exc
-        return _rebuild_exception, (type(exc), exc.args, dict(vars(exc)) or None)
+def rebuilt_without_init(kind: type) -> bool:
+    """True for an exception class (``kind.__reduce__`` is pickle's) that travels as :func:`exception_reduction` says."""
+    return bool(kind.__flags__ & HEAPTYPE) and kind.__reduce_ex__ is _OBJECT_REDUCE_EX and kind not in copyreg.dispatch_table
 
 
 def _rebuild_exception(kind: type, args: tuple[Any, ...], state: dict[str, Any] | None) -> BaseException:

@@ -156,6 +156,8 @@ def needs_value(obj: Any) -> bool:
 _MODULE, _REFERENCE, _PICKLE = Route.MODULE, Route.REFERENCE, Route.PICKLE
 _BY_VALUE, _DILL, _OPEN_FILE = Route.BY_VALUE, Route.DILL, Route.OPEN_FILE
 CACHED_FUNCTION = type(functools.lru_cache(maxsize=None)(lambda: None))
+HEAPTYPE = 1 << 9
+"""``Py_TPFLAGS_HEAPTYPE`` in a type's ``__flags__``: the type was made by a ``class`` statement."""
 """``functools.lru_cache``'s (and ``cache``'s) wrapper: a function of the notebook's under it
 travels as its function does (by value, when the other side could not import it by name)."""
 

@@ -1656,6 +1656,33 @@ def test_an_exception_whose_init_takes_other_arguments_is_raised_as_itself(kerne
     assert kernel.value("(type(err) is PairError, err.a, err.b, str(err))") == (True, 5, 6, "5-6")
     isolated(kernel, "seen = (type(err) is PairError, err.a, str(err))")
     assert kernel.value("seen") == (True, 5, "5-6")
+    # Inside what a cell returns (a list of failures, a dict of them), where it was not
+    # copied back at all ("missing 1 required positional argument"), and inside an input.
+    isolated(kernel, "failures = {'x': [PairError(7, 8)]}\nboth = (failures, err)")
+    assert kernel.value(
+        "(type(failures['x'][0]) is PairError, failures['x'][0].b, str(failures['x'][0]), both[1].a)"
+    ) == (True, 8, "7-8", 5)
+    isolated(kernel, "inner = (type(failures['x'][0]) is PairError, failures['x'][0].a)")
+    assert kernel.value("inner") == (True, 7)
+    # A class with its own way to be pickled keeps it.
+    kernel.run(
+        cell(
+            """
+            class OwnWay(Exception):
+                def __init__(self, n):
+                    super().__init__(n)
+                    self.n, self.reduced = n, False
+                def __reduce__(self):
+                    return (_own_way, (self.n,))
+            def _own_way(n):
+                e = OwnWay(n)
+                e.reduced = True
+                return e
+            """
+        )
+    )
+    isolated(kernel, "own = [OwnWay(3)]")
+    assert kernel.value("(type(own[0]) is OwnWay, own[0].n, own[0].reduced)") == (True, 3, True)
 
 
 def test_a_deque_the_cell_changes_is_changed_in_place(kernel):

@@ -19,7 +19,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from ..travel import CACHED_FUNCTION
+from ..travel import CACHED_FUNCTION, HEAPTYPE
 
 
 def _is(obj: Any, classes: type | tuple[type, ...]) -> bool:
@@ -339,13 +339,12 @@ def _classify(obj: Any, error: str) -> str:
         return "generator"
     # "cannot pickle 'X' object" comes from object.__reduce_ex__ refusing a
     # type with C-level fields: the signature of an extension type.
-    if _C_REFUSAL.search(error) or not (t.__flags__ & _HEAPTYPE):
+    if _C_REFUSAL.search(error) or not (t.__flags__ & HEAPTYPE):
         return "c-extension"
     return "unpicklable"
 
 
 _WEAKREF_TYPES = (weakref.ReferenceType, weakref.ProxyType, weakref.CallableProxyType)
-_HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: the type was made by a class statement
 _C_REFUSAL = re.compile(
     r"cannot pickle '[^']+' (object|instances)|cannot pickle \w+ objects|containing pointers"
 )
