@@ -41,6 +41,7 @@ not import).
 from __future__ import annotations
 
 import builtins
+import contextvars
 import copyreg
 import functools
 import importlib
@@ -123,6 +124,89 @@ def arrived_token(obj: Any) -> str | None:
         return _ARRIVED.get(obj)
     except TypeError:
         return None
+
+
+# -- context variables ------------------------------------------------------------------------
+#
+# A ``ContextVar`` cannot be pickled, and in a notebook it is one object that functions
+# read (``request_id.get()``) and cells set, the value staying set for the next cell.  So
+# one travels as its name, its default and its value in the sending cell's context; the
+# loading side makes one variable per token and sets that value in its own context (the
+# worker loads its inputs in the thread the cell runs in).  Back in the kernel it is the
+# notebook's own variable again, and a value the cell set is set on it (a variable carries
+# its value only if the cell set one: an unchanged value keeps its identity).  They are
+# held strongly: a ContextVar takes no weak reference, and is made once, at module level.
+
+_VARS_SENT: dict[str, contextvars.ContextVar[Any]] = {}
+_VAR_TOKENS: dict[contextvars.ContextVar[Any], str] = {}
+_VARS_ARRIVED: dict[contextvars.ContextVar[Any], tuple[str, Any]] = {}
+"""A variable rebuilt here -> its token and the value it arrived with."""
+_VARS_MADE: dict[str, contextvars.ContextVar[Any]] = {}
+"""token -> the variable rebuilt here: one per token, however many streams carry it."""
+
+
+class _NoValue:
+    """A variable without a default, or not set: one object on both sides (pickled by name)."""
+
+    def __reduce__(self) -> str:
+        return "_NO_VALUE"
+
+    def __repr__(self) -> str:
+        return "<no value>"
+
+
+_NO_VALUE = _NoValue()
+
+
+def _var_token(var: contextvars.ContextVar[Any]) -> str:
+    with _lock:
+        token = _VAR_TOKENS.get(var)
+        if token is None:
+            token = _VAR_TOKENS[var] = f"{_prefix}v{next(_counter)}"
+            _VARS_SENT[token] = var
+    return token
+
+
+def _var_default(var: contextvars.ContextVar[Any]) -> Any:
+    """The default ``var`` was made with (it has no attribute for it), or :data:`_NO_VALUE`."""
+    try:
+        return contextvars.Context().run(var.get)
+    except LookupError:
+        return _NO_VALUE
+
+
+def reduce_context_var(var: contextvars.ContextVar[Any], returning: bool) -> tuple[Any, ...]:
+    """How ``var`` travels (see "context variables" above)."""
+    value = var.get(_NO_VALUE)
+    arrived = _VARS_ARRIVED.get(var) if returning else None
+    if arrived is not None:
+        token, first = arrived
+        return _context_var_back, (token, var.name, _NO_VALUE if value is first else value)
+    return _rebuild_context_var, (_var_token(var), var.name, _var_default(var), value)
+
+
+def _rebuild_context_var(token: str, name: str, default: Any, value: Any) -> contextvars.ContextVar[Any]:
+    var = _VARS_MADE.get(token)
+    if var is None:
+        var = _VARS_MADE[token] = (
+            contextvars.ContextVar(name) if default is _NO_VALUE else contextvars.ContextVar(name, default=default)
+        )
+    if value is not _NO_VALUE:
+        var.set(value)
+    _VARS_ARRIVED[var] = (token, var.get(_NO_VALUE))
+    return var
+
+
+def _context_var_back(token: str, name: str, value: Any) -> contextvars.ContextVar[Any]:
+    """The notebook's own variable, with the value the cell set (if it set one) set on it."""
+    var = _VARS_SENT.get(token)
+    if var is None:
+        raise pickle.UnpicklingError(f"context variable {name!r} came from this notebook, but it is gone")
+    if value is not _NO_VALUE:
+        from . import settings
+
+        settings.hold_in_context(var, value)
+    return var
 
 
 # -- the notebook namespace ----------------------------------------------------------------
@@ -402,6 +486,7 @@ class Pickler(cloudpickle.Pickler):
         self.dispatch_table[weakref.WeakValueDictionary] = self.weak_container
         self.dispatch_table[weakref.WeakKeyDictionary] = self.weak_container
         self.dispatch_table[weakref.WeakSet] = self.weak_container
+        self.dispatch_table[contextvars.ContextVar] = self.context_var
         super().__init__(file, protocol=protocol, buffer_callback=buffer_callback)
         self.main = main
         self.names = frozenset(names)
@@ -526,6 +611,10 @@ class Pickler(cloudpickle.Pickler):
         if type(box) is weakref.WeakKeyDictionary:
             return _rebuild_weak_keys, (list(box.items()),)
         return _rebuild_weak_set, (list(box),)
+
+    def context_var(self, var: contextvars.ContextVar[Any]) -> tuple[Any, ...]:
+        """A ``ContextVar``: its name, default and value, and back as the notebook's own."""
+        return reduce_context_var(var, self.returning)
 
     def open_file(self, f: Any) -> tuple[Any, ...]:
         """An open file, as :mod:`nbisolate.openfiles` carries it: the same file at the same place;

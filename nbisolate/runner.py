@@ -20,6 +20,7 @@ nothing.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import signal
@@ -616,7 +617,10 @@ class CellRun:
             except BaseException as exc:
                 put(_Failed(exc))
 
-        threading.Thread(target=work, daemon=True, name="nbisolate-prepare").start()
+        # In the cell's context: a context variable among the inputs travels with the value the
+        # cell sees (as do decimal's context and NumPy's print options), not a fresh thread's.
+        cell_context = contextvars.copy_context()
+        threading.Thread(target=cell_context.run, args=(work,), daemon=True, name="nbisolate-prepare").start()
 
     def _serialize_and_start(self, put: Callable[[Any], None]) -> None:
         """Serialize the inputs and start the worker, each stage noted for a stop meanwhile."""

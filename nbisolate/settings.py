@@ -736,24 +736,38 @@ def apply(changed: Settings) -> list[str]:
 # NumPy 2 keeps its print options and error handling per context (contextvars), as decimal
 # keeps its context, and a kernel runs a cell that awaits (as an isolated cell does) in a copy
 # of its context, which ends with the cell: what ``apply`` set there would be lost for the
-# cells after it.  They are set again as each cell starts (:func:`before_cell`, an IPython
-# ``pre_run_cell`` hook), until one start finds them still set from the one before: then they
-# live in the notebook's own context.
+# cells after it.  So are the notebook's own context variables an isolated cell set
+# (``request_id.set(7)``, see :func:`hold_in_context`).  They are set again as each cell
+# starts (:func:`before_cell`, an IPython ``pre_run_cell`` hook), until one start finds them
+# still set from the one before: then they live in the notebook's own context.
 _PER_CONTEXT = ("numpy", "decimal")
 _pending: Settings | None = None
+_pending_vars: dict[contextvars.ContextVar[Any], Any] = {}
 _pending_id = 0
 _taken: contextvars.ContextVar[int] = contextvars.ContextVar("nbisolate_context_settings", default=0)
 
 
+def hold_in_context(var: contextvars.ContextVar[Any], value: Any) -> None:
+    """In the kernel: set the notebook's ``var`` to the value an isolated cell set, so that it holds
+    for the cells after it (set now, and again as cells start until it holds: see above)."""
+    global _pending_id
+    var.set(value)
+    _pending_vars[var] = value
+    _pending_id += 1
+
+
 def before_cell(*_: Any) -> None:
-    """As a cell starts: NumPy's and decimal's settings an isolated cell changed, set again until they hold."""
+    """As a cell starts: the settings and context variables an isolated cell changed, set again until they hold."""
     global _pending
-    if _pending is None:
+    if _pending is None and not _pending_vars:
         return
     if _taken.get() == _pending_id:  # set at the start of a cell before, and still: they hold
         _pending = None
+        _pending_vars.clear()
         return
     for part, setter in _SETTERS:
-        if part in _pending and part in sys.modules:
+        if _pending and part in _pending and part in sys.modules:
             setter(_pending[part])
+    for var, value in _pending_vars.items():
+        var.set(value)
     _taken.set(_pending_id)

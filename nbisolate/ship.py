@@ -39,6 +39,7 @@ between them stay shared on the other side (``b['x'] is a`` still holds).
 
 from __future__ import annotations
 
+import contextvars
 import copyreg
 import errno
 import functools
@@ -462,6 +463,8 @@ def dill_pickler_class() -> type:
                     return obj.__reduce_ex__(PROTOCOL)
                 if kind.__reduce__ is _EXCEPTION_REDUCE and rebuilt_without_init(kind):
                     return exception_reduction(obj)
+                if kind is contextvars.ContextVar:
+                    return byvalue.reduce_context_var(obj, self._notebook[2])
                 if kind in openfiles.FILE_TYPES:  # the same file at the same place, never truncated
                     try:
                         return openfiles.reduce(obj, byvalue._token(obj))

@@ -1685,6 +1685,40 @@ def test_an_exception_whose_init_takes_other_arguments_is_raised_as_itself(kerne
     assert kernel.value("(type(own[0]) is OwnWay, own[0].n, own[0].reduced)") == (True, 3, True)
 
 
+def test_context_variables_travel_and_what_the_cell_sets_holds_after_it(kernel):
+    """A ``ContextVar`` could not be sent at all (``cannot pickle '_contextvars.ContextVar'``).
+    It goes as the notebook's variable: its value in the notebook's context goes with it, it
+    comes back as itself, and a value the cell set stays set for the cells after it, as an
+    ordinary cell's ``set`` does (though a kernel runs an awaiting cell in a copy of its context)."""
+    kernel.run(
+        cell(
+            """
+            import contextvars
+            request_id = contextvars.ContextVar("request_id", default="none")
+            unset = contextvars.ContextVar("unset")
+            def current():
+                return request_id.get()
+            """
+        )
+    )
+    isolated(kernel, "seen = (current(), request_id.get(), request_id.name)")
+    assert kernel.value("seen") == ("none", "none", "request_id")
+    kernel.run("_ = request_id.set('r1')")
+    isolated(kernel, "seen = current()\ntry:\n    unset.get()\nexcept LookupError:\n    missing = True")
+    assert kernel.value("(seen, missing)") == ("r1", True)
+    isolated(kernel, "_ = request_id.set('r2')\ninside = current()\nsame = (request_id, unset)")
+    assert kernel.value("(inside, request_id.get(), current(), same[0] is request_id, same[1] is unset)") == (
+        "r2", "r2", "r2", True, True,
+    )
+    assert kernel.value("request_id.get()") == "r2"  # and in the cell after that one
+    isolated(kernel, "again = request_id.get()")
+    assert kernel.value("again") == "r2"
+    # A cell that does not set it leaves the notebook's value alone, even bound again.
+    kernel.run("_ = request_id.set('r3')")
+    isolated(kernel, "alias = request_id")
+    assert kernel.value("(request_id.get(), alias is request_id)") == ("r3", True)
+
+
 def test_a_deque_the_cell_changes_is_changed_in_place(kernel):
     """A ``collections.deque`` changed by an isolated cell was rebound to the changed copy:
     another name for it (or a list holding it) still saw it as it was."""
