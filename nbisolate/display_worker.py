@@ -25,7 +25,9 @@ before any input is loaded) makes the worker behave like the kernel:
   ``plt.show()`` displays figures as the inline backend does; figures still
   open when the cell ends are shown by :func:`end_of_cell`; pandas gets the
   column limit it has in a notebook; ``getpass`` explains that there is no
-  terminal; widgets say clearly that they cannot live in a worker.
+  one to ask (a cell the kernel waits on replaces it again, to ask the kernel:
+  :func:`nbisolate.worker._let_ask`); widgets say clearly that they cannot live
+  in a worker.
 
 The worker runs exactly one cell and exits, so patching these modules in
 place changes nothing outside that one cell.
@@ -501,9 +503,10 @@ def _adapt_pandas(pandas: Any) -> None:
 
 def _getpass(prompt: str = "Password: ", stream: Any = None) -> str:
     raise EOFError(
-        "getpass() is not available in an isolated cell: the worker process has no terminal "
-        "and no stdin. Ask for the secret in a normal cell (getpass works there) and use that "
-        "variable here, where it arrives as an input; or read it from an environment variable."
+        "getpass() has no one to ask in a background cell (--bg), a sweep's value (--over) or a "
+        "cell run on Dask: nothing waits there to answer. Ask for the secret in a normal cell "
+        "and use that variable here, where it arrives as an input; or read it from an "
+        "environment variable."
     )
 
 

@@ -31,6 +31,7 @@ MSG_ERROR = "error"
 MSG_PLACE = "place"
 MSG_INPUTS = "inputs"
 MSG_VALUES = "values"
+MSG_ASK = "ask"
 
 KINDS: dict[str, str] = {
     MSG_RUN: "kernel -> worker, once, first: the job (RunPayload) and the inputs' buffers",
@@ -50,6 +51,9 @@ KINDS: dict[str, str] = {
     "answers with inputs",
     MSG_INPUTS: "kernel -> worker, the answer to place: {placed: True} when the buffers are in the "
     "worker's memory, else {placed: False} with the buffers themselves",
+    MSG_ASK: "worker -> kernel: {prompt, password}, the cell called input() or getpass() (or read "
+    "sys.stdin); the kernel asks the front end, as an ordinary cell would, and answers with "
+    "ask_reply() on the channel (only a job with ask=True asks: a cell the kernel waits on)",
     MSG_VALUES: "a sweep's leader -> kernel: a batch of its children's messages, a list of "
     "(index, kind, body, number of buffers) with every buffer after it in order; kind is a "
     "worker kind (phases are left out) or started (body: pid), dropped or exit (bodies as the "
@@ -100,6 +104,42 @@ outcome is sent it competes with the kernel binding the results, showing the
 summary and replying: on two cores a trivial cell's reply came a millisecond
 or more later.  Answers of the kernel are single raw bytes, like
 ``ship.PULL_TAKEN``; several may arrive in one read."""
+
+
+ASK_REPLY = b"A"
+"""Starts the kernel's answer to an ``ask``: then 4 bytes of length (big-endian) and the answer,
+``=`` and the text typed, or ``!`` and what the kernel raised (``StdinNotImplementedError:
+...`` where the front end takes no input).  Among the single-byte answers on the same channel."""
+
+
+def ask_reply(ok: bool, text: str) -> bytes:
+    """The bytes of the kernel's answer to an ``ask`` (see :data:`ASK_REPLY`)."""
+    payload = (b"=" if ok else b"!") + text.encode("utf-8", "surrogatepass")
+    return ASK_REPLY + len(payload).to_bytes(4, "big") + payload
+
+
+def read_answers(data: bytes, put_byte: Any, put_reply: Any) -> bytes:
+    """Split what the kernel wrote on the channel into single-byte answers and ask replies.
+
+    ``data`` is what is left from before plus what was just read; each whole
+    answer goes to ``put_byte(byte)`` or ``put_reply(ok, text)``; returns the
+    tail that is the start of a reply, to be read on with the next bytes.
+    """
+    i, n = 0, len(data)
+    while i < n:
+        if data[i : i + 1] != ASK_REPLY:
+            put_byte(data[i : i + 1])
+            i += 1
+            continue
+        if n - i < 5:
+            break
+        size = int.from_bytes(data[i + 1 : i + 5], "big")
+        if n - i - 5 < size:
+            break
+        payload = data[i + 5 : i + 5 + size]
+        put_reply(payload[:1] == b"=", payload[1:].decode("utf-8", "surrogatepass"))
+        i += 5 + size
+    return data[i:]
 
 
 def sync_mark(token: str) -> bytes:

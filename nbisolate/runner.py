@@ -671,6 +671,9 @@ class CellRun:
                     self._failed = event.exc
             return
         kind = event.kind
+        if kind == "ask":
+            self._ask_front_end(event.data)
+            return
         if kind == "stream":
             self.sink.stream(*event.data)
         elif kind in ("display", "update_display", "clear_output"):
@@ -690,6 +693,35 @@ class CellRun:
             self._final = event
         elif kind == "exit":
             self._exit = event
+
+    def _ask_front_end(self, ask: dict[str, Any]) -> None:
+        """The cell called ``input()`` or ``getpass()``: ask here, as an ordinary cell would, and answer.
+
+        In a kernel that is ipykernel's own ``input``, an input request to the
+        front end (a password box for ``getpass``); a front end that takes no
+        input makes it raise, and the cell gets that as its ``EOFError``.
+        Ctrl-C (the interrupt button) while it waits stops the cell, as it does
+        an ordinary one: the wait's own SIGINT handler steps aside meanwhile,
+        since the request waits for an interrupt to raise ``KeyboardInterrupt``.
+        """
+        import builtins
+        import getpass
+
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            asking = getpass.getpass if ask.get("password") else builtins.input
+            text, ok = asking(ask.get("prompt", "")), True
+        except KeyboardInterrupt:
+            self.interrupt()
+            return
+        except Exception as exc:
+            text, ok = f"{type(exc).__name__}: {exc}", False
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        ask["reply"](ok, str(text))
 
     @property
     def busy(self) -> bool:

@@ -59,6 +59,7 @@ from .options import DEFAULT_MAX_OUTPUT
 from .plan import own_sources
 from .protocol import (
     LET_GO,
+    MSG_ASK,
     MSG_DISPLAY,
     MSG_ERROR,
     MSG_INPUTS,
@@ -67,6 +68,7 @@ from .protocol import (
     MSG_RUN,
     MSG_STREAM,
     MSG_UPDATE_DISPLAY,
+    ask_reply,
     error_body,
     sync_mark,
 )
@@ -1244,6 +1246,8 @@ class Job:
         body = dict(self.payload, sync=self.sync)
         if self.lingers:
             body["linger"] = LINGER_SECONDS
+            if self._waited and "sweep" not in body:  # input() asks the kernel (and the front end)
+                body["ask"] = True
         return body
 
     @property
@@ -2119,6 +2123,8 @@ class _Supervision:
             return True
         if kind == MSG_STREAM:
             self.forward(*body)
+        elif kind == MSG_ASK:  # the waiting thread asks the front end, then calls reply
+            self.job._emit(kind, dict(body, reply=self.reply))
         elif kind in (MSG_DISPLAY, MSG_UPDATE_DISPLAY) and not self.room_for(body, buffers):
             pass  # over the output limit: counted as dropped, said after the output
         else:
@@ -2194,6 +2200,10 @@ class _Supervision:
             "pull_room": roomy,  # bytes of it faulted in ahead (see _ResultRoom)
         }
         return buffers
+
+    def reply(self, ok: bool, text: str) -> None:
+        """Answer the worker's ``ask``: the line typed, or what asking raised (see :func:`~nbisolate.protocol.ask_reply`)."""
+        self.answer(ask_reply(ok, text))
 
     def answer(self, word: bytes) -> None:
         """Send the worker one raw byte: how its pulled result went, or :data:`LET_GO` (nothing if it is gone)."""

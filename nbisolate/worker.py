@@ -46,6 +46,7 @@ from . import display_worker, pools, proctree
 from .protocol import (
     CHANNEL_LOST,
     LET_GO,
+    MSG_ASK,
     MSG_ERROR,
     MSG_INPUTS,
     MSG_PHASE,
@@ -56,6 +57,7 @@ from .protocol import (
     MSG_SYSEXIT,
     RESULT,
     error_body,
+    read_answers,
     sync_mark,
 )
 from .units import format_bytes
@@ -73,8 +75,9 @@ _stage = "setup"
 class _NoStdin(io.TextIOBase):
     def _refuse(self, *args: Any) -> str:
         raise EOFError(
-            "input() is not available in an isolated cell: the worker process has no stdin. "
-            "Read the value in a normal cell first and use it here (it is shipped as an input)."
+            "input() has no one to ask in a background cell (--bg), a sweep's value (--over) or "
+            "a cell run on Dask: nothing waits there to answer. Read the value in a normal cell "
+            "first and use it here (it is shipped as an input)."
         )
 
     read = readline = _refuse
@@ -84,6 +87,65 @@ class _NoStdin(io.TextIOBase):
 
     def fileno(self) -> int:
         raise io.UnsupportedOperation("the isolated worker has no stdin")
+
+
+# -- input(), getpass() and sys.stdin: asked of the kernel -------------------------------------
+#
+# In a cell the kernel waits on (the job says ``ask``), they ask the kernel, which asks the
+# front end as it would for an ordinary cell: the input box, a password box for getpass().
+# The question is a message (``ask``); the answer comes back on the channel among the
+# kernel's single-byte answers, read by the watchdog thread (:func:`_watch_parent`), and is
+# handed over here.  One question at a time, whichever thread asks.
+
+_replies: queue.SimpleQueue[tuple[bool, str]] = queue.SimpleQueue()
+_asking: Channel | None = None
+_ask_lock = threading.Lock()
+
+
+def _ask(prompt: str, password: bool) -> str:
+    """Ask the kernel for a line of input; what it raised there is raised here as EOFError."""
+    chan = _asking
+    if chan is None:
+        return _NoStdin()._refuse()
+    for stream in (sys.stdout, sys.stderr):  # what the cell printed comes before the question
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    with _ask_lock:
+        chan.send(MSG_ASK, {"prompt": str(prompt), "password": bool(password)})
+        ok, text = _replies.get()
+    if not ok:
+        raise EOFError(f"input() in an isolated cell asked the kernel, which raised {text}")
+    return text
+
+
+def _input(prompt: object = "") -> str:
+    return _ask(str(prompt), False)
+
+
+def _getpass(prompt: str = "Password: ", stream: Any = None) -> str:
+    return _ask(prompt, True)
+
+
+class _AskStdin(_NoStdin):
+    """``sys.stdin`` of a worker whose kernel answers: each line read is asked for."""
+
+    def _refuse(self, *args: Any) -> str:
+        return _ask("", False) + "\n"
+
+    read = readline = _refuse
+
+
+def _let_ask(chan: Channel) -> None:
+    """From now on input(), getpass() and sys.stdin ask the kernel over ``chan`` (see above)."""
+    global _asking
+    import getpass
+
+    _asking = chan
+    builtins.input = _input
+    getpass.getpass = _getpass
+    sys.stdin = _AskStdin()
 
 
 try:  # imported here, so the template has them: a worker importing them costs a millisecond
@@ -344,6 +406,7 @@ def _watch_parent(chan: Channel, kernel_pid: int | None) -> None:
             pidfd = None
     # Phases held back for the next message go out by this time at the latest (see hold_until).
     flush_at: float | None = getattr(chan, "hold_until", None)
+    tail = b""  # the start of an answer to an ask, the rest still on its way
     try:
         while pidfd != -1:
             watched = [chan.sock] + ([pidfd] if pidfd is not None else [])
@@ -361,8 +424,8 @@ def _watch_parent(chan: Channel, kernel_pid: int | None) -> None:
                 answer = chan.sock.recv(4096)
                 if not answer:
                     break
-                for i in range(len(answer)):  # one raw byte each: whether it took a result, let go
-                    _answers.put(answer[i : i + 1])
+                # One raw byte each (whether it took a result, let go), and answers to asks.
+                tail = read_answers(tail + answer, _answers.put, lambda ok, text: _replies.put((ok, text)))
             if pidfd is None and os.getppid() != parent:
                 break
     except OSError:
@@ -668,6 +731,8 @@ def _run(
     ns = main.__dict__
     for hook in job.get("startup", ()):
         __import__(hook)
+    if job.get("ask"):
+        _let_ask(chan)
     # Small inputs load at once: the kernel hears of the start and load with the next message.
     small = not buffers and not job.get("shared") and len(job["data"]) < _HOLD_BELOW
     chan.phase("start", time.perf_counter() - t0, hold=small)  # type: ignore[attr-defined]
@@ -1027,6 +1092,8 @@ def import_run_path() -> None:
     about 5 ms for one module, which a sweep of a thousand values would pay a
     thousand times.
     """
+    import getpass  # noqa: F401  (a cell that asks for a password finds it replaced: _let_ask)
+
     from . import attributes, inplace, openfiles, rng, settings, ship  # noqa: F401
 
 

@@ -9,6 +9,7 @@ produce these results.
 from __future__ import annotations
 
 import os
+import queue
 import sys
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ class CellResult:
     messages: list[dict[str, Any]] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
     reply_time: float = 0.0
+    asked: list[dict[str, Any]] = field(default_factory=list)  # the input requests' contents
 
     def of(self, msg_type: str) -> list[dict[str, Any]]:
         return [m for m in self.messages if m["msg_type"] == msg_type]
@@ -104,8 +106,12 @@ class Kernel:
         allow_error: bool = True,
         others: list[dict[str, Any]] | None = None,
         watch: Callable[[CellResult], None] | None = None,
+        answers: list[str] | None = None,
     ) -> CellResult:
-        """Run ``code`` and collect its IOPub messages until idle. With ``others``, IOPub
+        """Run ``code`` and collect its IOPub messages until idle. With ``answers`` the request
+        allows stdin, as a notebook front end does, and each input request is answered with
+        the next of them (its content goes to ``asked``); without, it does not, as nbclient
+        does not (``input()`` raises in the kernel). With ``others``, IOPub
         messages of *other* requests go there instead of being dropped (a background job's
         output carries the parent header of the cell that started it). ``watch`` is called
         with the result so far after each message of this request (to act while it runs).
@@ -115,7 +121,7 @@ class Kernel:
         right after such a reply may come back ``aborted`` without running. The tests send
         one request at a time, so that is never the answer meant: it is sent again."""
         for _ in range(20):
-            result = self._execute_once(code, timeout, others, watch)
+            result = self._execute_once(code, timeout, others, watch, answers)
             if result.reply["content"].get("status") != "aborted" or result.messages:
                 break
             time.sleep(0.1)
@@ -129,17 +135,29 @@ class Kernel:
         timeout: float,
         others: list[dict[str, Any]] | None,
         watch: Callable[[CellResult], None] | None,
+        answers: list[str] | None = None,
     ) -> CellResult:
         start = time.perf_counter()
-        msg_id = self.kc.execute(code)
+        msg_id = self.kc.execute(code, allow_stdin=answers is not None)
         result = CellResult(reply={})
         deadline = time.monotonic() + timeout
         idle = False
+        left = list(answers or ())
         while not idle:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"no idle status within {timeout} s for: {code[:80]!r}")
-            msg = self.kc.get_iopub_msg(timeout=remaining)
+            if answers is not None:
+                while self.kc.stdin_channel.msg_ready():
+                    request = self.kc.get_stdin_msg(timeout=1)
+                    result.asked.append(request["content"])
+                    self.kc.input(left.pop(0) if left else "")
+                try:
+                    msg = self.kc.get_iopub_msg(timeout=min(remaining, 0.02))
+                except queue.Empty:
+                    continue
+            else:
+                msg = self.kc.get_iopub_msg(timeout=remaining)
             if msg["parent_header"].get("msg_id") != msg_id:
                 if others is not None:
                     others.append(msg)

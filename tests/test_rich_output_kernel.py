@@ -14,6 +14,8 @@ import subprocess
 import sys
 import textwrap
 
+from .conftest import wait_until
+
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 
 
@@ -355,18 +357,54 @@ def test_warnings_and_logging_reach_stderr(kernel):
     assert res.stdout == "done\n"
 
 
-def test_input_and_getpass_explain_there_is_no_stdin(kernel):
+def test_input_and_getpass_ask_the_front_end_as_in_an_ordinary_cell(kernel):
+    """``input()``, ``getpass()`` and ``sys.stdin`` raised ``EOFError`` in an isolated cell:
+    the worker has no stdin. They ask the kernel, which sends the front end the same input
+    request an ordinary cell's would (a password box for ``getpass``)."""
+    res = kernel.execute(
+        "%%isolate\nprint('before')\nname = input('Your name: ')\nprint('hello', name)", answers=["Ada"]
+    )
+    assert res.ok, res.error_text
+    assert res.asked == [{"prompt": "Your name: ", "password": False}]
+    assert res.stdout == "before\nhello Ada\n"
+    res = kernel.execute(
+        "%%isolate\nimport getpass, sys\nsecret = getpass.getpass('Token: ')\nline = sys.stdin.readline()",
+        answers=["s3cret", "a line"],
+    )
+    assert res.ok, res.error_text
+    assert res.asked == [{"prompt": "Token: ", "password": True}, {"prompt": "", "password": False}]
+    assert kernel.value("(name, secret, line)") == ("Ada", "s3cret", "a line\n")
+    assert "GetPassWarning" not in res.stderr
+
+
+def test_input_where_no_one_can_answer_says_so(kernel):
+    # A front end that takes no input (nbclient, a script): what the kernel raised, as EOFError.
     res = kernel.execute("%%isolate\nname = input('name? ')")
     assert res.error["ename"] == "EOFError"  # what input() raises without a stdin, as in Python
     tb = "\n".join(res.error["traceback"])
     assert "nbisolate" not in tb and "name = input('name? ')" in tb  # the user's code only
-    assert "input() is not available in an isolated cell" in res.error["evalue"]
-    assert "normal cell" in res.error["evalue"]
-    res = kernel.execute("%%isolate\nimport getpass\nsecret = getpass.getpass()")
-    assert res.error["ename"] == "EOFError"
-    assert "getpass() is not available in an isolated cell" in res.error["evalue"]
-    assert "normal cell" in res.error["evalue"]
-    assert "GetPassWarning" not in res.stderr
+    assert "StdinNotImplementedError" in res.error["evalue"], res.error["evalue"]
+    # A background cell: nothing waits to answer.
+    kernel.run("%%isolate --bg\nimport getpass\ntry:\n    getpass.getpass()\nexcept EOFError as e:\n    why = str(e)")
+    assert wait_until(lambda: kernel.value("'why' in dir()"), 20)
+    assert "getpass() has no one to ask in a background cell" in kernel.value("why")
+    assert "normal cell" in kernel.value("why")
+
+
+def test_interrupting_a_cell_waiting_for_input_stops_it(fresh_kernel):
+    k = fresh_kernel
+    k.run("kept = 'before'")
+    msg_id = k.kc.execute("%%isolate\nkept = input('wait: ')", allow_stdin=True)
+    request = k.kc.get_stdin_msg(timeout=30)
+    assert request["content"]["prompt"] == "wait: "
+    k.interrupt()
+    reply = k.kc.get_shell_msg(timeout=30)
+    while reply["parent_header"].get("msg_id") != msg_id:
+        reply = k.kc.get_shell_msg(timeout=30)
+    assert reply["content"]["status"] == "error"
+    assert reply["content"]["ename"] == "KeyboardInterrupt", reply["content"]
+    assert k.value("kept") == "before"
+    assert k.run("%%isolate\n'still fine'").result == {"text/plain": "'still fine'"}
 
 
 def test_widgets_say_they_cannot_live_in_the_worker(kernel):
