@@ -299,6 +299,8 @@ class CellRun:
         self._final: Event | None = None
         self._exit: Event | None = None
         self._sysexit: dict[str, Any] | None = None
+        self._asking = False  # the waiting thread is asking the front end (see _ask_front_end)
+        self._ask_lock = threading.Lock()
         self._noted_dropped = False
         self._done_sent = False
         # Preparing in the background (the magic in a kernel): what is being done since
@@ -531,7 +533,7 @@ class CellRun:
                 raise self._timed_out("serializing its inputs")
             launch.payload["spent"] = self._spent
         self._start_clock = time.perf_counter()
-        handle = backends.start_tracked(self.backend, launch, deliver)
+        handle = backends.start_tracked(self.backend, launch, self._watching_asks(deliver))
         preload = getattr(self.backend, "preload", None)
         if preload is not None:
             # The next cells that use the notebook's packages should not pay their import.  Found
@@ -703,6 +705,8 @@ class CellRun:
         Ctrl-C (the interrupt button) while it waits stops the cell, as it does
         an ordinary one: the wait's own SIGINT handler steps aside meanwhile,
         since the request waits for an interrupt to raise ``KeyboardInterrupt``.
+        A worker that ends meanwhile (``--timeout``, a crash) ends the question
+        the same way (:meth:`_watching_asks`): nobody is left to take the answer.
         """
         import builtins
         import getpass
@@ -711,10 +715,16 @@ class CellRun:
         if threading.current_thread() is threading.main_thread():
             previous = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
-            asking = getpass.getpass if ask.get("password") else builtins.input
-            text, ok = asking(ask.get("prompt", "")), True
+            try:
+                with self._ask_lock:
+                    self._asking = previous is not None
+                asking = getpass.getpass if ask.get("password") else builtins.input
+                text, ok = asking(ask.get("prompt", "")), True
+            finally:
+                with self._ask_lock:
+                    self._asking = False
         except KeyboardInterrupt:
-            self.interrupt()
+            self.interrupt()  # a worker already gone is not stopped again
             return
         except Exception as exc:
             text, ok = f"{type(exc).__name__}: {exc}", False
@@ -722,6 +732,18 @@ class CellRun:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
         ask["reply"](ok, str(text))
+
+    def _watching_asks(self, deliver: Callable[[Event], None]) -> Callable[[Event], None]:
+        """``deliver``, which also ends a question to the front end once the worker is gone."""
+
+        def watched(event: Event) -> None:
+            if event.kind == "exit":
+                with self._ask_lock:
+                    if self._asking:  # the main thread waits in the input request: end it
+                        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            deliver(event)
+
+        return watched
 
     @property
     def busy(self) -> bool:

@@ -407,6 +407,19 @@ def test_interrupting_a_cell_waiting_for_input_stops_it(fresh_kernel):
     assert k.run("%%isolate\n'still fine'").result == {"text/plain": "'still fine'"}
 
 
+def test_a_timeout_ends_a_question_nobody_answers(fresh_kernel):
+    """The worker is gone at its --timeout: the kernel stops waiting for the answer too."""
+    k = fresh_kernel
+    msg_id = k.kc.execute("%%isolate --timeout 2\nkept = input('never answered: ')", allow_stdin=True)
+    assert k.kc.get_stdin_msg(timeout=30)["content"]["prompt"] == "never answered: "
+    reply = k.kc.get_shell_msg(timeout=30)  # no answer sent
+    while reply["parent_header"].get("msg_id") != msg_id:
+        reply = k.kc.get_shell_msg(timeout=30)
+    assert reply["content"]["ename"] == "IsolateTimeout", reply["content"]
+    assert k.run("%%isolate\n'still fine'").result == {"text/plain": "'still fine'"}
+    assert k.value("'kept' in dir()") is False
+
+
 def test_widgets_say_they_cannot_live_in_the_worker(kernel):
     res = kernel.run(
         cell(
