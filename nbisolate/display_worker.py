@@ -24,7 +24,8 @@ before any input is loaded) makes the worker behave like the kernel:
   to the channel; matplotlib gets the Agg backend (no window ever opens) and
   ``plt.show()`` displays figures as the inline backend does; figures still
   open when the cell ends are shown by :func:`end_of_cell`; pandas gets the
-  column limit it has in a notebook; ``getpass`` explains that there is no
+  column limit it has in a notebook; ``tqdm.notebook`` draws tqdm's text bar
+  (its widget could not be shown); ``getpass`` explains that there is no
   one to ask (a cell the kernel waits on replaces it again, to ask the kernel:
   :func:`nbisolate.worker._let_ask`); widgets say clearly that they cannot live
   in a worker.
@@ -569,6 +570,27 @@ def explain_skipped(skipped: dict[str, str], values: dict[str, Any]) -> None:
             )
 
 
+def _adapt_tqdm_notebook(module: Any) -> None:
+    """``tqdm.notebook``'s bar is a widget, which cannot live in the worker: each bar drew a
+    frozen ``0%`` and a warning per widget.  Its names give tqdm's text bar instead, the one
+    ``tqdm.auto`` picks here, live on the cell's stderr (Jupyter redraws a line on ``\\r``)."""
+    from tqdm import std
+
+    class tqdm_notebook(std.tqdm):
+        """tqdm's text bar, taking the notebook bar's own keyword (``display``) too."""
+
+        def __init__(self, *args: Any, display: bool = True, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+
+    def tnrange(*args: Any, **kwargs: Any) -> Any:
+        return tqdm_notebook(range(*args), **kwargs)
+
+    # Found by name, so the class goes back to the kernel as the notebook's own bar.
+    tqdm_notebook.__module__, tqdm_notebook.__qualname__ = module.__name__, "tqdm_notebook"
+    module.tqdm_notebook = module.tqdm = tqdm_notebook
+    module.tnrange = module.trange = tnrange
+
+
 # -- the import hook -------------------------------------------------------------------
 ADAPTERS: dict[str, Callable[[Any], None]] = {
     "IPython.core.display_functions": _adapt_ipython_display,
@@ -579,6 +601,7 @@ ADAPTERS: dict[str, Callable[[Any], None]] = {
     "pandas": _adapt_pandas,
     "getpass": _adapt_getpass,
     "ipywidgets.widgets.widget": _adapt_widgets,
+    "tqdm.notebook": _adapt_tqdm_notebook,
 }
 
 

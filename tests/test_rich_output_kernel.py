@@ -420,6 +420,31 @@ def test_a_timeout_ends_a_question_nobody_answers(fresh_kernel):
     assert k.value("'kept' in dir()") is False
 
 
+def test_a_notebook_progress_bar_draws_as_text_live(kernel):
+    """``from tqdm.notebook import tqdm`` made a widget per bar in the worker: a warning for
+    each and a bar frozen at 0%. It draws tqdm's text bar on the cell's stderr (as
+    ``tqdm.auto`` does there), and the name comes back as the notebook's own bar class."""
+    res = kernel.execute(
+        cell(
+            """
+            %%isolate
+            from tqdm.notebook import tqdm, trange
+            total = 0
+            for i in tqdm(range(5), desc="epochs", display=True):
+                total += i
+            for j in trange(3):
+                pass
+            """
+        )
+    )
+    assert res.ok, res.error_text
+    assert "epochs: 100%" in res.stderr and "5/5" in res.stderr and "3/3" in res.stderr, res.stderr
+    assert "\r" in res.stderr  # one line, redrawn
+    assert "widget" not in res.stderr, res.stderr
+    assert not [m for m in own_messages(res) if m["msg_type"] == "display_data"]
+    assert kernel.value("(total, tqdm is __import__('tqdm.notebook').notebook.tqdm_notebook)") == (10, True)
+
+
 def test_widgets_say_they_cannot_live_in_the_worker(kernel):
     res = kernel.run(
         cell(
