@@ -433,3 +433,11 @@ def test_a_worker_that_outlives_its_cell_no_longer_names_the_cell(fresh_kernel: 
     row = next(w for w in listed["workers"] if w["pid"] == pid)
     assert (row.get("cell") or {}).get("msg_id") != fg, listed
     client.close()
+
+
+def test_input_in_a_background_cell_says_nothing_waits_to_answer(kernel):
+    """A foreground cell's input() asks the front end; a background cell's has no one to ask."""
+    kernel.run("%%isolate --bg\nimport getpass\ntry:\n    input('x? ')\nexcept EOFError as e:\n    why = str(e)")
+    assert wait_until(lambda: kernel.value("'why' in dir()"), 20)
+    assert "input() has no one to ask in a background cell" in kernel.value("why")
+    assert "normal cell" in kernel.value("why")

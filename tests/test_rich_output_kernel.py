@@ -14,8 +14,6 @@ import subprocess
 import sys
 import textwrap
 
-from .conftest import wait_until
-
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 
 
@@ -384,11 +382,15 @@ def test_input_where_no_one_can_answer_says_so(kernel):
     tb = "\n".join(res.error["traceback"])
     assert "nbisolate" not in tb and "name = input('name? ')" in tb  # the user's code only
     assert "StdinNotImplementedError" in res.error["evalue"], res.error["evalue"]
-    # A background cell: nothing waits to answer.
-    kernel.run("%%isolate --bg\nimport getpass\ntry:\n    getpass.getpass()\nexcept EOFError as e:\n    why = str(e)")
-    assert wait_until(lambda: kernel.value("'why' in dir()"), 20)
-    assert "getpass() has no one to ask in a background cell" in kernel.value("why")
-    assert "normal cell" in kernel.value("why")
+    # A sweep's values, each its own worker, or children of one leader: nothing waits to answer.
+    for values in (2, 8):
+        kernel.run(
+            f"%%isolate --over v=range({values})\nimport getpass\ntry:\n    getpass.getpass(f'{{v}}? ')\n"
+            "except EOFError as e:\n    why = str(e)"
+        )
+        why = kernel.value("why")
+        assert len(why) == values and all("getpass() has no one to ask" in w for w in why), why
+        assert "normal cell" in why[0]
 
 
 def test_interrupting_a_cell_waiting_for_input_stops_it(fresh_kernel):
