@@ -102,8 +102,9 @@ _asking: Channel | None = None
 _ask_lock = threading.Lock()
 
 
-def _ask(prompt: str, password: bool) -> str:
-    """Ask the kernel for a line of input; what it raised there is raised here as EOFError."""
+def _ask(prompt: str, password: bool, what: str) -> str:
+    """Ask the kernel for a line of input for ``what`` (``input()``...); what it raised there is
+    raised here as EOFError."""
     chan = _asking
     if chan is None:
         return _NoStdin()._refuse()
@@ -116,23 +117,27 @@ def _ask(prompt: str, password: bool) -> str:
         chan.send(MSG_ASK, {"prompt": str(prompt), "password": bool(password)})
         ok, text = _replies.get()
     if not ok:
-        raise EOFError(f"input() in an isolated cell asked the kernel, which raised {text}")
+        raise EOFError(
+            f"{what} in an isolated cell asked the kernel, which raised {text.rstrip('.')}. Where the "
+            "front end takes no input (a script, nbclient), read the value in a normal cell or from an "
+            "environment variable first, and use it here (it is shipped as an input)."
+        )
     return text
 
 
 def _input(prompt: object = "") -> str:
-    return _ask(str(prompt), False)
+    return _ask(str(prompt), False, "input()")
 
 
 def _getpass(prompt: str = "Password: ", stream: Any = None) -> str:
-    return _ask(prompt, True)
+    return _ask(prompt, True, "getpass()")
 
 
 class _AskStdin(_NoStdin):
     """``sys.stdin`` of a worker whose kernel answers: each line read is asked for."""
 
     def _refuse(self, *args: Any) -> str:
-        return _ask("", False) + "\n"
+        return _ask("", False, "reading sys.stdin") + "\n"
 
     read = readline = _refuse
 

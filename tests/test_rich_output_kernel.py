@@ -382,6 +382,9 @@ def test_input_where_no_one_can_answer_says_so(kernel):
     tb = "\n".join(res.error["traceback"])
     assert "nbisolate" not in tb and "name = input('name? ')" in tb  # the user's code only
     assert "StdinNotImplementedError" in res.error["evalue"], res.error["evalue"]
+    assert "normal cell" in res.error["evalue"]  # and what to do
+    res = kernel.execute("%%isolate\nimport getpass\ntoken = getpass.getpass('Token: ')")
+    assert res.error["evalue"].startswith("getpass() in an isolated cell asked the kernel"), res.error["evalue"]
     # A sweep's values, each its own worker, or children of one leader: nothing waits to answer.
     for values in (2, 8):
         kernel.run(
