@@ -502,13 +502,18 @@ def _adapt_pandas(pandas: Any) -> None:
         pass
 
 
-def _getpass(prompt: str = "Password: ", stream: Any = None) -> str:
-    raise EOFError(
-        "getpass() has no one to ask in a background cell (--bg), a sweep's value (--over) or a "
-        "cell run on Dask: nothing waits there to answer. Ask for the secret in a normal cell "
-        "and use that variable here, where it arrives as an input; or read it from an "
-        "environment variable."
+def nobody_to_ask(what: str) -> EOFError:
+    """The error of ``input()``, ``getpass()`` or ``sys.stdin`` in a worker whose kernel does not
+    wait to answer (a cell the kernel waits on asks it instead: :func:`nbisolate.worker._let_ask`)."""
+    return EOFError(
+        f"{what} has no one to ask in a background cell (--bg), a sweep's value (--over) or a cell "
+        "run on Dask: nothing waits there to answer. Read the value in a normal cell, or from an "
+        "environment variable, and use it here (it arrives as an input)."
     )
+
+
+def _getpass(prompt: str = "Password: ", stream: Any = None) -> str:
+    raise nobody_to_ask("getpass()")
 
 
 def _adapt_getpass(module: Any) -> None:

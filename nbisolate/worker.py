@@ -74,11 +74,7 @@ _stage = "setup"
 
 class _NoStdin(io.TextIOBase):
     def _refuse(self, *args: Any) -> str:
-        raise EOFError(
-            "input() has no one to ask in a background cell (--bg), a sweep's value (--over) or "
-            "a cell run on Dask: nothing waits there to answer. Read the value in a normal cell "
-            "first and use it here (it is shipped as an input)."
-        )
+        raise display_worker.nobody_to_ask("input()")
 
     read = readline = _refuse
 
@@ -107,7 +103,7 @@ def _ask(prompt: str, password: bool, what: str) -> str:
     raised here as EOFError."""
     chan = _asking
     if chan is None:
-        return _NoStdin()._refuse()
+        raise display_worker.nobody_to_ask(what)
     for stream in (sys.stdout, sys.stderr):  # what the cell printed comes before the question
         try:
             stream.flush()
