@@ -70,6 +70,11 @@ cost every cell that sees it (a long tuple of numbers, a module's table)."""
 _CONTAINERS = (list, dict, set, bytearray, collections.deque)
 """Containers whose contents :func:`apply_in_place` replaces inside the notebook's own object."""
 
+
+def is_ndarray_type(kind: type) -> bool:
+    """``kind`` is NumPy's ``ndarray`` itself (not a subclass), asked without importing NumPy."""
+    return kind.__name__ == "ndarray" and kind.__module__ == "numpy"
+
 _SYNC = (
     type(threading.Lock()), type(threading.RLock()), threading.Condition, threading.Event,
     threading.Semaphore, threading.Barrier,
@@ -99,7 +104,7 @@ def holds_state(value: Any) -> bool:
     if not changeable(value):
         return False
     kind = type(value)
-    if isinstance(value, _CONTAINERS) or (kind.__name__ == "ndarray" and kind.__module__ == "numpy"):
+    if isinstance(value, _CONTAINERS) or is_ndarray_type(kind):
         return True
     if kind in _PANDAS or _pandas(kind):
         return True
@@ -345,7 +350,7 @@ def _has_state(value: Any) -> bool:
     kind = type(value)
     if kind in _WEAK:
         return True
-    if isinstance(value, _CONTAINERS) or (kind.__name__ == "ndarray" and kind.__module__ == "numpy"):
+    if isinstance(value, _CONTAINERS) or is_ndarray_type(kind):
         return True
     if isinstance(value, tuple):
         return len(value) <= TUPLE_ITEMS and any(type(item) not in _ATOMS and _has_state(item) for item in value)
@@ -548,7 +553,7 @@ def apply_in_place(original: Any, new: Any, swap: Mapping[int, Any]) -> bool:
             for before, after in zip(original, new, strict=True):
                 if not (own(after) is before or _equal(before, after) or apply_in_place(before, after, swap)):
                     return False
-        elif kind.__name__ == "ndarray" and kind.__module__ == "numpy":
+        elif is_ndarray_type(kind):
             if original.shape != new.shape or original.dtype != new.dtype or not original.flags.writeable:
                 return False
             original[...] = new

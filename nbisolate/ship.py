@@ -55,6 +55,7 @@ from typing import Any
 
 from . import byvalue, openfiles
 from .errors import ShipError
+from .inplace import is_ndarray_type
 from .travel import (
     CACHED_FUNCTION,
     HEAPTYPE,
@@ -402,8 +403,7 @@ _dill_pickler_class: Any = None
 
 
 def _is_exact_ndarray(obj: Any) -> bool:
-    kind = type(obj)
-    return kind.__name__ == "ndarray" and kind.__module__ == "numpy"
+    return is_ndarray_type(type(obj))
 
 
 def dill_pickler_class() -> type:
