@@ -108,7 +108,7 @@ class WorkerCrashed(IsolateError):
         likely = _LIKELY.get(signame or "")
         if likely is None:
             if returncode is not None and returncode > 0:
-                likely = "the cell called sys.exit() or os._exit(), or a C library exited"
+                likely = "the cell (or a library it called) called os._exit(), or a C library called exit()"
             elif returncode == 0:
                 likely = "the cell ended the process (sys.exit(0) or os._exit(0))"
             else:

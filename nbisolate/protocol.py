@@ -301,11 +301,17 @@ class ErrorBody(_ErrorRequired, total=False):
     marked: dict[str, bool]
 
 
-class SysExitBody(TypedDict):
-    """The body of ``sysexit``: the argument of ``sys.exit`` (its repr) and the exit status."""
-
+class _SysExitRequired(TypedDict):
     code: str
     status: int
+
+
+class SysExitBody(_SysExitRequired, total=False):
+    """The body of ``sysexit``: the argument of ``sys.exit`` (its repr), the worker's exit
+    status and, when there was an argument, ``arg``: itself if None, an int or a str, else
+    its repr again."""
+
+    arg: Any
 
 
 StreamBody = tuple[str, str]

@@ -962,11 +962,12 @@ class CellRun:
                 "notebook variable was changed. Run the cell again; please report this if it "
                 "happens again."
             )
-        cause = None
         if self._sysexit is not None:
-            code = self._sysexit.get("code", "")
-            cause = f"the cell called sys.exit({'' if code == 'None' else code})"
-        elif info.get("returncode") == CHANNEL_LOST:
+            # As in an ordinary cell: SystemExit where the cell ran, which IPython shows
+            # without a traceback, and nothing bound (the worker is gone, as after any failure).
+            raise SystemExit(*([self._sysexit["arg"]] if "arg" in self._sysexit else []))
+        cause = None
+        if info.get("returncode") == CHANNEL_LOST:
             cause = (
                 "the worker's connection to the kernel was closed from inside the cell (it closed "
                 "file descriptors it did not open, e.g. os.closerange(3, ...)), so it could not "

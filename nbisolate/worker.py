@@ -1323,12 +1323,17 @@ def serve(
         _limit_memory(job.get("mem"))  # before the inputs load: they count against --mem
         _run(chan, job, buffers, main, compiled)
     except SystemExit as exc:
+        # The cell called sys.exit(): the worker ends with that status, as a script would, and
+        # the kernel raises SystemExit(arg) where the cell ran, as IPython shows it for an
+        # ordinary cell ("An exception has occurred ... SystemExit: 3"); its argument goes
+        # as itself when it is plain, else as its repr.
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        if exc.code is not None and not isinstance(exc.code, int):
-            sys.stderr.write(f"{exc.code}\n")
-        try:  # so the kernel can say "the cell called sys.exit(...)" rather than guess
+        said: dict[str, Any] = {"code": repr(exc.code), "status": code}
+        if exc.args:  # sys.exit() and sys.exit(None) read differently
+            said["arg"] = exc.code if exc.code is None or isinstance(exc.code, (int, str)) else repr(exc.code)
+        try:
             output.flush()
-            chan.send(MSG_SYSEXIT, {"code": repr(exc.code), "status": code})
+            chan.send(MSG_SYSEXIT, said)
         except OSError:
             pass
     except BaseException:

@@ -198,8 +198,14 @@ def test_a_run_that_timed_out_or_died_changes_nothing_and_says_how():
     with pytest.raises(IsolateTimeout, match="1.5"):
         run.run_sync()
     run = CellRun("m = n", ns, backend=ScriptedBackend(lambda p: [
-        Event("sysexit", {"code": "3", "status": 3}), Event("exit", _exit(43, "crashed", 3))]), sink=_Sink())
-    with pytest.raises(WorkerCrashed, match=r"sys.exit\(3\)"):
+        Event("sysexit", {"code": "3", "arg": 3, "status": 3}), Event("exit", _exit(43, "crashed", 3))]),
+        sink=_Sink())
+    with pytest.raises(SystemExit) as exited:  # as the same code raises in an ordinary cell
+        run.run_sync()
+    assert exited.value.code == 3
+    run = CellRun("m = n", ns, backend=ScriptedBackend(lambda p: [Event("exit", _exit(44, "crashed", -9))]),
+                  sink=_Sink())
+    with pytest.raises(WorkerCrashed, match="SIGKILL"):
         run.run_sync()
     assert ns == {"n": 1}
 
