@@ -202,6 +202,16 @@ class Loader:
         self._lock = threading.Lock()
         self._closed = False
 
+    def begin(self, imports: Sequence[str] = ()) -> None:
+        """Start the process now rather than at the first load, importing ``imports`` (top-level
+        packages) as it starts: a check serializes its first large values while the loader
+        imports what loading them will need (pandas alone takes half a second to import), on
+        another core. An import that fails is left for the load that needs it to report."""
+        with self._lock:
+            if not self._closed and self._proc is None:
+                self._proc = _start_loader_process(imports)
+                self._ready = False
+
     def loads(
         self, serializer: str, data: bytes, buffers: Sequence[Any], engine: str, timeout: float
     ) -> tuple[str, str | None]:
@@ -320,9 +330,9 @@ def _raw(buf: Any) -> memoryview:
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
-def _start_loader_process() -> subprocess.Popen[bytes]:
+def _start_loader_process(imports: Sequence[str] = ()) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from nbisolate.probe import _loader_main; _loader_main()"],
+        [sys.executable, "-c", "from nbisolate.probe import _loader_main; _loader_main()", *imports],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -428,6 +438,15 @@ def _loader_main() -> None:  # pragma: no cover - runs in the loader process (te
     serializers._on_missing = _stand_in
     _guard_files()
     replies.write(b"R")  # ready: what fails from here on is a load's doing
+    # What the check's loads will import anyway (Loader.begin), before the first arrives. Not
+    # in a thread beside the loads: two threads importing one package at once can meet on its
+    # import locks, and a thread that only imports holds the GIL from the loads for its
+    # switch interval at every turn (a 0.5 ms load took 10).
+    for package in sys.argv[1:]:
+        try:
+            __import__(package)
+        except BaseException:  # the load that needs it reports it
+            pass
 
     def read_exact(n: int) -> bytearray | None:
         buf = bytearray(n)

@@ -11,6 +11,8 @@ what really happens when that serializer dumps and loads it.
 
 from __future__ import annotations
 
+import collections
+import datetime
 import io
 import os
 import pickle
@@ -24,6 +26,7 @@ import time
 import tracemalloc
 import types
 import warnings
+from pathlib import Path
 
 import cloudpickle
 import dill
@@ -793,6 +796,34 @@ def test_a_load_that_kills_the_loader_is_reported_and_the_next_one_gets_a_new_lo
     assert all(r.ok for r in report.reports["fine"].results.values())
 
 
+def test_the_loader_imports_ahead_what_the_loads_need_and_survives_what_it_cannot(tmp_path):
+    """``Loader.begin`` starts the process with the packages to import before the first load
+    (so a check's serializing overlaps them); one that is missing, or exits the process as
+    it is imported, leaves the loads to report what they find."""
+    from nbisolate.probe import Loader
+
+    (tmp_path / "nbi_exits_on_import.py").write_text("import os\nos._exit(4)\n")
+    marks = tmp_path / "nbi_marks_its_import.py"  # maps itself: its path shows in the maps
+    marks.write_text("import mmap\n_f = open(__file__, 'rb')\n_m = mmap.mmap(_f.fileno(), 0, "
+                     "access=mmap.ACCESS_READ)\n")
+    sys.path.insert(0, str(tmp_path))
+    frame = pickle.dumps([1, 2j], protocol=5)
+    loader = Loader()
+    try:
+        loader.begin(["nbi_no_such_package", "nbi_marks_its_import"])
+        assert loader.loads("pickle", frame, [], "pickle", 30) == ("ok", None)
+        assert str(marks) in Path(f"/proc/{loader._proc.pid}/maps").read_text()
+        loader.close()
+        loader = Loader()
+        loader.begin(["nbi_exits_on_import"])
+        verdict, text = loader.loads("pickle", frame, [], "pickle", 30)
+        assert verdict == "error" and "exit code 4" in text, (verdict, text)
+        assert loader.loads("pickle", frame, [], "pickle", 30) == ("ok", None)  # a new one
+    finally:
+        loader.close()
+        sys.path.remove(str(tmp_path))
+
+
 def test_a_notebook_class_that_refuses_to_load_fails_in_the_loader_as_here(notebook_main):
     # sent by value, the class is rebuilt in the loader, and its reconstructor raises there
     ns = notebook_main(
@@ -818,8 +849,6 @@ def test_large_buffers_are_not_copied_into_the_loader(monkeypatch):
 
 
 def test_a_loader_that_cannot_start_leaves_the_verdict_unknown_not_failed(monkeypatch):
-    import datetime
-
     monkeypatch.setattr(sys, "executable", "/bin/false")
     # A date is rebuilt by calling its class: loading it runs code, so only the loader may.
     report = check_namespace(
@@ -830,15 +859,34 @@ def test_a_loader_that_cannot_start_leaves_the_verdict_unknown_not_failed(monkey
     assert "could not start" in res.note and "/bin/false" in res.note
 
 
-def test_small_plain_data_is_loaded_back_here_without_the_loader(monkeypatch):
-    """Strings, numbers and builtin containers load without running any code: checked in
-    the kernel, they need no loader process (here none could start, and none is missed)."""
+def test_plain_data_needs_no_loader_at_any_size(monkeypatch):
+    """Strings, numbers and builtin containers load without running any code, and back as
+    they were: they need no loader process (here none could start, and none is missed),
+    whatever their size, and are serialized once, not once per serializer."""
     monkeypatch.setattr(sys, "executable", "/bin/false")
-    values = {"x": [1, "two", {"k": (3.0, None, b"4")}], "y": {5, 6}}
+    rows = [{"id": i, "v": i * 0.5, "k": f"r{i}", "t": (i, None, b"4")} for i in range(50_000)]
+    values = {"x": [1, "two", {"k": (3.0, None, b"4")}], "y": {5, 6}, "rows": rows}
     report = check_namespace(values, verify_spawn=spawn_loads)
     for name in values:
-        for res in report.reports[name].results.values():
-            assert res.ok is True and res.loads_ok is True and not res.note, (name, res)
+        results = report.reports[name].results
+        assert results["pickle"].ok is True and results["pickle"].loads_ok is True, results
+        assert not results["pickle"].note, results
+        for res in results.values():
+            assert res.ok is True and res.loads_ok is True, (name, res)
+            assert not res.note or res.note.startswith("plain data"), (name, res)
+
+
+@pytest.mark.parametrize("value", [
+    collections.OrderedDict(a=1),  # a subclass of dict: rebuilt by calling it
+    [1, 2j],  # complex numbers are rebuilt by calling complex()
+    {"when": datetime.date(2020, 1, 2)},
+])
+def test_containers_of_anything_but_plain_builtins_are_loaded_back(value, monkeypatch):
+    """Only the exact builtin types skip the load-back; inside a list or dict, anything else
+    makes the stream call code, so it goes to the loader (here one that cannot start)."""
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    res = check_namespace({"v": value}, serializers=["pickle"], verify_spawn=spawn_loads).reports["v"]
+    assert res.results["pickle"].loads_ok is None and "could not start" in res.results["pickle"].note
 
 
 def test_classes_and_functions_of_installed_packages_are_looked_up_here(monkeypatch):
@@ -847,8 +895,6 @@ def test_classes_and_functions_of_installed_packages_are_looked_up_here(monkeypa
     kernel looks them up itself (the loader would import the package again: a second for some).
     A class of a module made at run time, or a value whose loading calls code, still goes to
     the loader process, which cannot start here: their verdicts stay unknown."""
-    import collections
-    import datetime
     import json
 
     made = types.ModuleType("nbi_made_at_run_time")

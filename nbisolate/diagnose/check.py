@@ -131,6 +131,7 @@ class _Outcome:
     needs_trace: bool
     needs_refs: bool
     load_error: str | None = None
+    only_builtins: bool = False  # the stream holds plain builtins alone (serializers._BuiltinsWatch)
 
 
 _LOAD_HERE_BYTES = 4096
@@ -234,7 +235,9 @@ def _fast(
         data = sink.value()
         load_error = None
         unknown = False  # not loaded back, and what loading would do is not known
-        if data is None:
+        if dumped.only_builtins:
+            res.loads_ok = True  # strings, numbers and builtin containers: nothing that can fail
+        elif data is None:
             res.note = "not loaded back here: pickle too large to keep for the check"
         elif ctx.loads_elsewhere and not _runs_no_code(data, keep.buffers, ctx):
             load_error, unknown = _load_elsewhere(
@@ -250,7 +253,8 @@ def _fast(
         res.seconds = time.perf_counter() - t0
         res.ok = None if unknown else res.loads_ok is not False
         return _Outcome(
-            res, needs_trace=False, needs_refs=sink.hit or dumped.main_refs, load_error=load_error
+            res, needs_trace=False, needs_refs=sink.hit or dumped.main_refs, load_error=load_error,
+            only_builtins=dumped.only_builtins,
         )
     finally:
         keep.release()
@@ -262,7 +266,8 @@ cloudpickle are the C pickler; they differ only for what pickle finds by name in
 ``__main__`` or cannot write at all)."""
 
 _PLAIN_SHORTCUT_BYTES = 1 << 20
-"""From this size on, plain data is serialized once, not once per serializer."""
+"""From this size on, plain data is serialized once, not once per serializer (and at any size
+when it holds builtins alone)."""
 
 
 def _is_plain_data(outcome: _Outcome) -> bool:
@@ -271,7 +276,8 @@ def _is_plain_data(outcome: _Outcome) -> bool:
     res = outcome.result
     return (
         res.ok is True and res.loads_ok is True and not outcome.needs_trace
-        and not outcome.needs_refs and (res.size or 0) >= _PLAIN_SHORTCUT_BYTES
+        and not outcome.needs_refs
+        and (outcome.only_builtins or (res.size or 0) >= _PLAIN_SHORTCUT_BYTES)
     )
 
 

@@ -23,6 +23,11 @@ _IPYTHON_NAMES = frozenset(
 )
 
 
+_PLAIN_TYPES = frozenset(
+    {int, float, complex, bool, str, bytes, list, tuple, dict, set, frozenset, type(None)}
+)
+
+
 def _is_user_variable(name: str) -> bool:
     return name not in _IPYTHON_NAMES and not name.startswith("_")
 
@@ -150,7 +155,13 @@ def check_namespace(
     reports: dict[str, Report] = {}
     modules: list[str] = []
     notes: list[str] = []
+    position = {var: i for i, var in enumerate(chosen)}  # the reports keep the notebook's order
+    if not explicit:
+        # The notebook's plain data first (it loads back here): meanwhile the loader process
+        # starts and imports the packages the others need.
+        chosen.sort(key=lambda var: type(user_ns[var]) not in _PLAIN_TYPES)
     try:
+        ctx.prepare(user_ns[var] for var in chosen)
         for i, var in enumerate(chosen):
             value = user_ns[var]
             if not explicit and _is(value, types.ModuleType):
@@ -176,7 +187,7 @@ def check_namespace(
     finally:  # the loader process (if the check started one) ends with the call
         runner.close()
         ctx.close()
-    ordered = dict(sorted(reports.items(), key=lambda kv: _report_rank(kv[1])))
+    ordered = dict(sorted(reports.items(), key=lambda kv: (_report_rank(kv[1]), position[kv[0]])))
     return NamespaceReport(
         reports=ordered, modules=modules, seconds=time.perf_counter() - started, notes=notes
     )

@@ -96,6 +96,35 @@ class _Context:
                 loader = self._loader = self._start_loader()
         return loader.loads(serializer, data, buffers, engine, timeout)
 
+    def prepare(self, values: Iterable[Any]) -> None:
+        """Start the loader process ahead of the first load, when some of ``values`` will be
+        loaded there: instances of a package's types (their streams call its code, or carry
+        buffers). It imports those packages meanwhile, in parallel with the checks before it."""
+        if self._start_loader is None:
+            return
+        packages = []
+        for value in values:
+            kind = type(value)
+            module = getattr(kind, "__module__", None)
+            if not isinstance(module, str) or isinstance(value, type):
+                continue  # a class travels by name: looked up here (_runs_no_code)
+            top = module.partition(".")[0]
+            if top in ("builtins", "__main__", "__mp_main__") or top in self.suspicious:
+                continue
+            if top not in packages and self.module_status(top) == "ok":
+                packages.append(top)
+        if not packages:
+            return
+        with self._lock:
+            if self._closed:
+                return
+            if self._loader is None:
+                self._loader = self._start_loader()
+            loader = self._loader
+        begin = getattr(loader, "begin", None)
+        if begin is not None:
+            begin(packages)
+
     def close(self) -> None:
         """End the loader process (and all it started), if one was started; idempotent."""
         with self._lock:
