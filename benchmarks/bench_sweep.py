@@ -62,35 +62,53 @@ def codes(n: int, panel: bool = False) -> dict[str, str]:
 # costs at least this.  "leader": first it imports what a sweep's leader holds when it forks
 # (nbisolate's worker modules, with the standard library's threading, logging and random,
 # whose fork hooks run in every child), so it is the fork and exit of a process the size of
-# the leader; what the sweep takes above it is its own work per value.
+# the leader; what the sweep takes above it is its own work per value. "minimal": a bare
+# interpreter whose child runs the body with its value, pickles the result and writes it to a
+# pipe the parent reads before it exits: the least any sweep that gives each value a fresh
+# process does, with no channel, output, error handling or kernel in it.
 FLOOR = textwrap.dedent(
     """
     import os, sys, time
     n, width = int(sys.argv[1]), os.cpu_count() or 1
-    if sys.argv[2:] == ["leader"]:
+    kind = sys.argv[2]
+    if kind == "leader":
         from nbisolate import display_worker, inplace, pools, rng, settings, ship, sweep_leader, worker
         worker.prepare()
+    if kind == "minimal":
+        import pickle
+        body = compile("r = v + 1", "<cell>", "exec")
+        read, write = os.pipe()
+        results = os.fdopen(read, "rb", buffering=0)
     t0 = time.perf_counter()
     live = 0
-    for _ in range(n):
+    for i in range(n):
         if live >= width:
+            if kind == "minimal":
+                pickle.loads(results.read(int.from_bytes(results.read(4), "little")))
             os.wait()
             live -= 1
         if os.fork() == 0:
+            if kind == "minimal":
+                ns = {"v": i}
+                exec(body, ns)
+                data = pickle.dumps(ns["r"])
+                os.write(write, len(data).to_bytes(4, "little") + data)
             os._exit(0)
         live += 1
     while live:
+        if kind == "minimal":
+            pickle.loads(results.read(int.from_bytes(results.read(4), "little")))
         os.wait()
         live -= 1
     print(time.perf_counter() - t0)
     """
 )
-FLOORS = ("bare", "leader")
+FLOORS = ("bare", "minimal", "leader")
 
 
 def fork_floor(n: int, kind: str = "bare") -> float:
     """Seconds for an interpreter to fork ``n`` children that exit at once (see ``FLOOR``)."""
-    flags = ["-I", "-S"] if kind == "bare" else []
+    flags = ["-I", "-S"] if kind in ("bare", "minimal") else []
     done = subprocess.run(
         [sys.executable, *flags, "-c", FLOOR, str(n), kind], capture_output=True, text=True, check=True, cwd=ROOT
     )
@@ -185,7 +203,8 @@ def describe(result: dict[str, Any]) -> list[str]:
     )
     lines.append(
         f"  floors, a fork and exit per value, nothing run: a bare interpreter {result['floor_bare_ratio']:.2f} x "
-        f"the pool, one the size of the sweep's leader {result['floor_leader_ratio']:.2f} x"
+        f"the pool, one the size of the sweep's leader {result['floor_leader_ratio']:.2f} x; a bare "
+        f"interpreter whose child runs the body and pipes its pickled result back {result['floor_minimal_ratio']:.2f} x"
     )
     per = result.get("per_value_ms")
     if per:

@@ -491,7 +491,10 @@ def _report(
             f"The floors of a fresh process per value, an interpreter forking {sweep['values']:,} "
             f"children that exit at once (nothing sent, run or returned): a bare one {sweep['floor_bare']:.2f} s, "
             f"{sweep['floor_bare_ratio']:.2f}x the pool; one the size of the sweep's leader (nbisolate's "
-            f"worker modules imported) {sweep['floor_leader']:.2f} s, {sweep['floor_leader_ratio']:.2f}x"
+            f"worker modules imported) {sweep['floor_leader']:.2f} s, {sweep['floor_leader_ratio']:.2f}x. "
+            f"The least a fresh process per value does, a bare interpreter whose child runs the body with its "
+            f"value and pipes the pickled result back (no channel, output, errors or kernel): "
+            f"{sweep['floor_minimal']:.2f} s, {sweep['floor_minimal_ratio']:.2f}x"
         )
         print(line)
         table += "\n\n" + line
