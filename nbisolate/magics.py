@@ -21,7 +21,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from . import backends
+from . import backends, magicline
 from .cellsyntax import cell_number, transform
 from .errors import IsolateUsageError
 from .kernel_comms import let_comms_through
@@ -462,6 +462,8 @@ async def isolate_async(line: str, cell: str) -> Any:
     release_comms = let_comms_through()
     try:
         return await run.run_async()
+    except magicline.UsageError as exc:  # a magic's line in the cell (%timeit -z): as IPython shows it
+        raise UsageError(str(exc)) from None
     finally:
         release_comms()
 

@@ -37,7 +37,9 @@ from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from . import magicline
 from .errors import IsolateUsageError
+from .magicline import UsageError, split_options
 
 _BUILTINS = frozenset(dir(builtins))
 
@@ -360,6 +362,7 @@ def _nested_globals(source: str) -> tuple[set[str], set[str]]:
 
 # Magics whose argument (line) or body (cell) is Python run in the user's namespace.
 _CODE_MAGICS = frozenset({"time", "timeit", "prun"})
+_CODE_MAGIC_OPTIONS = {"timeit": magicline.TIMEIT, "prun": magicline.PRUN}  # %time takes none
 
 
 def magic_code(node: ast.AST) -> ast.Module | None:
@@ -394,8 +397,12 @@ def magic_code(node: ast.AST) -> ast.Module | None:
     if not (isinstance(code, ast.Constant) and isinstance(code.value, str)):
         return None
     text = code.value
-    if node.func.attr == "run_line_magic":  # options first: %timeit -n 3 x = f()
-        text = re.sub(r"^\s*(-[a-zA-Z]+(\s+(?!-)[^\s=]+)?\s+)*", "", text)
+    spec = _CODE_MAGIC_OPTIONS.get(args[0].value)
+    if node.func.attr == "run_line_magic" and spec:  # options first: %timeit -n1 x = f()
+        try:
+            text = split_options(text, spec)[1]
+        except UsageError:  # refused when it runs, as IPython refuses it
+            return None
     try:
         return ast.parse(text)
     except SyntaxError:

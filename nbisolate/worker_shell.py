@@ -30,6 +30,8 @@ import types
 from collections.abc import MutableMapping
 from typing import Any
 
+from .magicline import TIMEIT, split_options
+
 LINE_MAGICS = frozenset({"time", "timeit", "env", "cd", "pwd", "matplotlib", "pip", "conda", "sx", "system", "run"})
 """Line magics an isolated cell may use (``!cmd`` is ``system``, ``x = !cmd`` is ``getoutput``)."""
 
@@ -205,28 +207,18 @@ class WorkerShell:
 
     def _timeit(self, line: str, stmt: str | None = None) -> Any:
         """``%timeit [-n N] [-r R] [-p P] [-q] [-o] stmt`` / ``%%timeit [options] setup`` + body."""
-        number, repeat, precision, quiet, give = 0, 7, 3, False, False
-        rest = line.strip()
-        while rest.startswith("-"):
-            option, _, rest = rest.partition(" ")
-            rest = rest.lstrip()
-            if option in ("-n", "-r", "-p"):
-                value, _, rest = rest.partition(" ")
-                rest = rest.lstrip()
-                if option == "-n":
-                    number = int(value)
-                elif option == "-r":
-                    repeat = max(1, int(value))
-                else:
-                    precision = int(value)
-            elif option == "-q":
-                quiet = True
-            elif option == "-o":
-                give = True
-        setup, body = (rest, stmt) if stmt is not None else ("", rest)
-        timer = timeit.Timer(body or "pass", setup or "pass", globals=self.user_ns)
-        if not number:
-            number, _ = timer.autorange()
+        options, rest = split_options(line, TIMEIT)  # as IPython reads them: -n1 -r 3 -qo
+        number = int(options.get("n", 0))
+        repeat = int(options.get("r", max(timeit.default_repeat, 7)))
+        precision = int(options.get("p", 3))
+        clock = time.time if "t" in options else time.process_time if "c" in options else time.perf_counter
+        setup, body = (rest.strip(), stmt) if stmt is not None else ("", rest.strip())
+        timer = timeit.Timer(body or "pass", setup or "pass", timer=clock, globals=self.user_ns)
+        if not number:  # IPython's rule: the first power of ten taking 0.2 s or more
+            for power in range(10):
+                number = 10**power
+                if timer.timeit(number) >= 0.2:
+                    break
         gc_was = gc.isenabled()
         try:
             all_runs = timer.repeat(repeat=repeat, number=number)
@@ -234,14 +226,16 @@ class WorkerShell:
             if gc_was:
                 gc.enable()
         result = _timeit_result(number, repeat, all_runs, precision)
-        if not quiet:
+        if "v" in options:  # IPython 9's -v NAME
+            self.user_ns[options["v"]] = result
+        if "q" not in options:
             if result.worst > 4 * result.best and result.best > 0 and result.worst > 1e-6:
                 print(
                     f"The slowest run took {result.worst / result.best:0.2f} times longer than the fastest. "
                     "This could mean that an intermediate result is being cached."
                 )
             print(result)
-        return result if give else None
+        return result if "o" in options else None
 
     def _line_timeit(self, line: str) -> Any:
         return self._timeit(line)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 import textwrap
 
+import pytest
+
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -101,6 +103,32 @@ def test_timeit_o_gives_what_it_gives_in_an_ordinary_cell(kernel):
     assert shape(res.stdout) == shape(ordinary.stdout) and "per loop" in res.stdout
     quiet = kernel.run("%%isolate\nq = %timeit -q -o -n 1 -r 1 sum(range(10))")
     assert quiet.stdout == "" and kernel.value("q.loops") == 1
+
+
+@pytest.mark.parametrize("options", ["-n1 -r1", "-n 2 -r 3 -p 2", "-q -o -n1 -r2", "-t -n1 -r1", "-c -r1 -n1"])
+def test_timeit_reads_its_options_as_in_an_ordinary_cell(kernel, options):
+    """getopt's forms, as IPython reads them (``-n1``, grouped ``-qo``), loop as often and print
+    the same line (times aside); ``-n1 -r1`` ran seven rounds of millions of loops instead."""
+    ordinary = kernel.run(f"%timeit {options} sum(range(50))")
+    res = kernel.run(f"%%isolate\n%timeit {options} sum(range(50))")
+
+    def shape(text: str) -> str:
+        last = text.strip().splitlines()[-1] if text else ""
+        return re.sub(r"[\d.]+(?:e[+-]\d+)? (?:s|ms|μs|µs|us|ns)\b", "TIME", last)
+
+    assert shape(res.stdout) == shape(ordinary.stdout), (res.stdout, ordinary.stdout)
+    assert res.result == ordinary.result or (ordinary.result and res.result), (res.result, ordinary.result)
+
+
+def test_timeit_refuses_an_option_it_does_not_take_as_ipython_does(kernel):
+    """IPython shows a UsageError as one line on stderr, without a traceback; so here."""
+    ordinary = kernel.execute("%timeit -z pass", allow_error=True)
+    res = kernel.execute("%%isolate\n%timeit -z pass", allow_error=True)
+    assert not ordinary.ok and not res.ok
+    assert ordinary.stderr.startswith("UsageError: option -z not recognized (")
+    # (then the options it takes, which IPython 8 writes otherwise, without -v)
+    assert res.stderr.split(" (")[0] == ordinary.stderr.split(" (")[0], res.stderr
+    assert res.error == ordinary.error, res.error
 
 
 def test_time_writes_microseconds_as_the_kernels_ipython_does(kernel):

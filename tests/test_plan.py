@@ -114,6 +114,11 @@ def test_comprehension_reads_are_inputs_and_loop_variables_are_not():
         # what IPython's transform makes of `%time total = work(n)` and friends
         ("get_ipython().run_line_magic('time', 'total = work(n)')", ("work", "n"), ("total",)),
         ("get_ipython().run_line_magic('timeit', '-n 3 -r 1 y = f(a)')", ("f", "a"), ("y",)),
+        ("get_ipython().run_line_magic('timeit', '-n3 -r1 y = f(a)')", ("f", "a"), ("y",)),  # getopt's
+        ("get_ipython().run_line_magic('timeit', '-qo -p 2 f(a)')", ("f", "a"), ()),
+        ("get_ipython().run_line_magic('timeit', '-q n')", ("n",), ()),  # -q takes no value
+        ("get_ipython().run_line_magic('time', '-n')", ("n",), ()),  # %time takes no options
+        ("get_ipython().run_line_magic('timeit', '-z f(a)')", (), ()),  # refused when it runs
         ("get_ipython().run_cell_magic('time', '', 'z = g(b)\\nw = 2\\n')", ("g", "b"), ("z", "w")),
         ("get_ipython().run_line_magic('time', '!ls')", (), ()),  # not Python: left to run time
         ("get_ipython().run_line_magic('env', 'X=1')", (), ()),  # not code
