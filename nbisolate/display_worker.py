@@ -24,11 +24,17 @@ before any input is loaded) makes the worker behave like the kernel:
   to the channel; matplotlib gets the Agg backend (no window ever opens) and
   ``plt.show()`` displays figures as the inline backend does; figures still
   open when the cell ends are shown by :func:`end_of_cell`; pandas gets the
-  column limit it has in a notebook; ``tqdm.notebook`` draws tqdm's text bar
-  (its widget could not be shown); ``getpass`` explains that there is no
+  column limit it has in a notebook; ``getpass`` explains that there is no
   one to ask (a cell the kernel waits on replaces it again, to ask the kernel:
-  :func:`nbisolate.worker._let_ask`); widgets say clearly that they cannot live
-  in a worker.
+  :func:`nbisolate.worker._let_ask`).
+* Widgets (ipywidgets 8.1 on) made in a cell the kernel waits on are shown and
+  updated as the kernel's own: their comm messages go over the channel
+  (``("comm", {...})`` with the widget's buffers) and the kernel opens, updates and
+  closes a comm of the same id (:meth:`nbisolate.sink.StdSink.comm`), so a progress
+  bar (``tqdm.notebook`` too) moves as the cell runs.  They live as long as the
+  worker: what the front end does to them afterwards reaches nobody, and they do
+  not come back as values.  Elsewhere (``--bg``, ``--over``, Dask, ipywidgets 8.0)
+  a widget says it cannot be shown, and ``tqdm.notebook`` draws tqdm's text bar.
 
 The worker runs exactly one cell and exits, so patching these modules in
 place changes nothing outside that one cell.
@@ -43,6 +49,8 @@ import threading
 from binascii import b2a_hex
 from collections.abc import Callable, Iterable
 from typing import Any
+
+from .protocol import MSG_COMM
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 WIDGET_ADVICE = (
@@ -63,6 +71,9 @@ _streams: list[Any] = []
 _formatter: Any = None  # IPython's DisplayFormatter; False when IPython cannot be imported
 _warned_widgets: set[str] = set()
 _local = threading.local()
+_relaying = False  # widgets' comms go to the kernel (relay_widgets)
+_relayed: set[str] = set()  # the comm ids (a widget's model id) the kernel has opened
+_tqdm_widget_bar: dict[str, Any] = {}  # tqdm.notebook's own names, while its text bar stands in
 
 
 # -- sending ------------------------------------------------------------------
@@ -109,6 +120,9 @@ def _drop_widget_view(data: dict[str, Any], obj: Any = None) -> dict[str, Any]:
     """Remove a widget view (it would point at a model the kernel never had) and say why."""
     if WIDGET_MIME not in data:
         return data
+    view = data[WIDGET_MIME]
+    if isinstance(view, dict) and view.get("model_id") in _relayed:
+        return data  # the kernel opened its model (relay_widgets)
     data = {k: v for k, v in data.items() if k != WIDGET_MIME}
     name = type(obj).__name__ if obj is not None and not isinstance(obj, dict) else "a widget"
     if name in _warned_widgets:
@@ -520,16 +534,103 @@ def _adapt_getpass(module: Any) -> None:
     module.getpass = _getpass
 
 
+def relay_widgets() -> None:
+    """The kernel waits on this cell and shows its widgets: relay their comms from now on, and
+    give ``tqdm.notebook`` its widget bar back."""
+    global _relaying
+    _relaying = True
+    module = sys.modules.get("tqdm.notebook")
+    if module is not None and _widgets_relayed():  # (ipywidgets 8.0's stay in the worker)
+        for name, value in _tqdm_widget_bar.items():
+            setattr(module, name, value)
+
+
+def _widgets_relayed() -> bool:
+    """Widgets made now are shown in the notebook: relayed, and made by ``comm.create_comm``."""
+    create = getattr(sys.modules.get("comm"), "create_comm", None)
+    return _relaying and getattr(create, "_nbisolate", False)
+
+
+_RELAYED_COMM: list[Any] = []
+
+
+def _relayed_comm_class() -> Any:
+    """A comm whose messages go to the kernel, which sends them on from a comm of the same id."""
+    if _RELAYED_COMM:
+        return _RELAYED_COMM[0]
+    from comm.base_comm import BaseComm
+
+    class RelayedComm(BaseComm):
+        def publish_msg(
+            self, msg_type: str, data: Any = None, metadata: Any = None, buffers: Any = None, **keys: Any
+        ) -> None:
+            if msg_type == "comm_open":
+                _relayed.add(self.comm_id)
+            body = {"msg_type": msg_type, "comm_id": self.comm_id, "data": data or {}, "metadata": metadata or {}}
+            body.update((k, v) for k, v in keys.items() if k in ("target_name", "target_module"))
+            _flush_streams()  # in the order the cell made them, with its text and displays
+            if _chan is not None:
+                try:
+                    _chan.send(MSG_COMM, body, [memoryview(b).cast("B") for b in buffers or ()])
+                except OSError:
+                    pass  # the kernel went away; the worker's watchdog ends the process
+
+    _RELAYED_COMM.append(RelayedComm)
+    return RelayedComm
+
+
+def widget_from_kernel(cls: type, comm_id: str | None, traits: dict[str, Any]) -> Any:
+    """The notebook's widget ``comm_id``, in the worker: one of its class on a comm of that id, so
+    that what the cell sets on it goes to the kernel's widget (and the page) as it runs, and its
+    views may be displayed here. Where comms cannot be relayed (ipywidgets 8.0), a widget alone."""
+    module = sys.modules.get("ipywidgets.widgets.widget")
+    if comm_id is None or module is None or not hasattr(module, "comm") or "comm" not in sys.modules:
+        return cls(**traits)
+    comm = _relayed_comm_class()(comm_id=comm_id, primary=False, target_name="jupyter.widget")
+    _relayed.add(comm_id)
+    comm.publish_msg = _quiet  # its traits arrive as the kernel's widget has them: nothing to send
+    try:
+        return cls(comm=comm, **traits)
+    finally:
+        del comm.publish_msg
+
+
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    pass
+
+
+def _relay_comms(module: Any) -> None:
+    """ipywidgets 8.1 on makes each widget's comm with ``comm.create_comm``: make it a relayed one
+    in a cell whose kernel shows them (decided when the widget is made, not at import: a spare
+    imports ipywidgets before it knows its cell)."""
+    comm = sys.modules.get("comm")
+    if comm is None or not hasattr(module, "comm"):  # the package, or ipywidgets.comm on top of it
+        return  # ipywidgets 8.0 makes ipykernel's Comm itself: its widgets stay in the worker
+    if getattr(comm.create_comm, "_nbisolate", False):
+        return
+    original = comm.create_comm
+
+    def create_comm(*args: Any, **kwargs: Any) -> Any:
+        if not _relaying:
+            return original(*args, **kwargs)
+        return _relayed_comm_class()(*args, **kwargs)
+
+    create_comm._nbisolate = True  # type: ignore[attr-defined]
+    comm.create_comm = create_comm
+
+
 def _adapt_widgets(module: Any) -> None:
     widget_cls = getattr(module, "Widget", None)
     if widget_cls is None or getattr(widget_cls.__init__, "_nbisolate", False):
         return
+    _relay_comms(module)
     original_init = widget_cls.__init__
 
     def __init__(self: Any, **kwargs: Any) -> None:
         depth = getattr(_local, "widget_depth", 0)
         name = type(self).__name__
-        if depth == 0 and name not in _warned_widgets:  # not for the Layout a slider makes
+        relayed = _widgets_relayed() or bool(_RELAYED_COMM and isinstance(kwargs.get("comm"), _RELAYED_COMM[0]))
+        if depth == 0 and name not in _warned_widgets and not relayed:  # not a slider's Layout
             _warned_widgets.add(name)
             _note(
                 f"{name} widget created in an isolated cell: it cannot be shown or used "
@@ -542,10 +643,12 @@ def _adapt_widgets(module: Any) -> None:
             _local.widget_depth = depth
 
     def __reduce_ex__(self: Any, protocol: Any) -> Any:
-        raise TypeError(
-            f"the {type(self).__name__} widget made in an isolated cell cannot be copied to "
-            f"the notebook: {WIDGET_ADVICE}"
-        )
+        # Back in the kernel, a widget of its class on the kernel's comm for its model (a new
+        # one if the kernel never opened it), with its synced traits: nbisolate.widgetrelay.
+        from .widgetrelay import rebuild, synced_traits
+
+        comm_id = getattr(self.comm, "comm_id", None)
+        return rebuild, (type(self), comm_id if comm_id in _relayed else None, synced_traits(self))
 
     __init__._nbisolate = True  # type: ignore[attr-defined]
     __init__.__doc__ = original_init.__doc__
@@ -553,33 +656,18 @@ def _adapt_widgets(module: Any) -> None:
     widget_cls.__reduce_ex__ = __reduce_ex__
 
 
-def explain_skipped(skipped: dict[str, str], values: dict[str, Any]) -> None:
-    """Say plainly why a widget did not come back, instead of generic pickling advice."""
-    module = sys.modules.get("ipywidgets.widgets.widget")
-    widget_cls = getattr(module, "Widget", None)
-    if widget_cls is None:
-        return
-    for name in skipped:
-        value = values.get(name)
-        if isinstance(value, widget_cls):
-            kind = type(value)
-            # No final period: the runner's note goes on after the reason.
-            if kind.__name__ in _warned_widgets:  # the cell's output explained it already
-                skipped[name] = f"it is a widget ({kind.__name__}) made in the worker (see above)"
-                continue
-            _warned_widgets.add(kind.__name__)
-            skipped[name] = (
-                f"{kind.__module__}.{kind.__qualname__} is a widget made in the worker; widgets "
-                "need the kernel's comm channel, and this cell runs in a separate worker process "
-                "(create widgets in a normal cell; compute values in the isolated one)"
-            )
-
-
 def _adapt_tqdm_notebook(module: Any) -> None:
-    """``tqdm.notebook``'s bar is a widget, which cannot live in the worker: each bar drew a
-    frozen ``0%`` and a warning per widget.  Its names give tqdm's text bar instead, the one
-    ``tqdm.auto`` picks here, live on the cell's stderr (Jupyter redraws a line on ``\\r``)."""
+    """``tqdm.notebook``'s bar is a widget, which a worker whose widgets are not relayed cannot
+    show: each bar drew a frozen ``0%`` and a warning per widget.  There its names give tqdm's
+    text bar instead, the one ``tqdm.auto`` picks here, live on the cell's stderr (Jupyter
+    redraws a line on ``\\r``); :func:`relay_widgets` puts the widget bar back."""
+    if _widgets_relayed():  # (it imported ipywidgets first)
+        return
     from tqdm import std
+
+    _tqdm_widget_bar.update(
+        (name, getattr(module, name)) for name in ("tqdm_notebook", "tqdm", "tnrange", "trange") if hasattr(module, name)
+    )
 
     class tqdm_notebook(std.tqdm):
         """tqdm's text bar, taking the notebook bar's own keyword (``display``) too."""

@@ -23,6 +23,7 @@ MSG_RUN = "run"
 MSG_STREAM = "stream"
 MSG_PHASE = "phase"
 MSG_DISPLAY = "display"
+MSG_COMM = "comm"
 MSG_UPDATE_DISPLAY = "update_display"
 MSG_CLEAR_OUTPUT = "clear_output"
 MSG_SYSEXIT = "sysexit"
@@ -38,6 +39,8 @@ KINDS: dict[str, str] = {
     MSG_STREAM: "worker -> kernel: (name, text), stdout or stderr text as the cell writes it",
     MSG_PHASE: "worker -> kernel: (name, seconds), a phase ended (start, load, run)",
     MSG_DISPLAY: "worker -> kernel: a display_data bundle (data, metadata, transient)",
+    MSG_COMM: "worker -> kernel: a widget's comm message (msg_type, comm_id, data, metadata, "
+    "target_name) with its buffers; the kernel sends it on from a comm of the same id",
     MSG_UPDATE_DISPLAY: "worker -> kernel: an update of an earlier display by its display id",
     MSG_CLEAR_OUTPUT: "worker -> kernel: {wait}, clear the cell's output",
     MSG_SYSEXIT: "worker -> kernel: SysExitBody, the cell called sys.exit()",

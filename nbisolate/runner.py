@@ -680,6 +680,10 @@ class CellRun:
             self.sink.stream(*event.data)
         elif kind in ("display", "update_display", "clear_output"):
             self.sink.display(kind, event.data)
+        elif kind == "comm":  # a widget the cell made: a sink that cannot show it drops it
+            relay = getattr(self.sink, "comm", None)
+            if relay is not None:
+                relay(event.data, event.buffers)
         elif kind == "phase":
             name, seconds = event.data
             if name == "start":  # as the kernel saw it: from asking for a worker to its first word

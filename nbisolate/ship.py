@@ -53,7 +53,7 @@ from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequenc
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import byvalue, openfiles
+from . import byvalue, openfiles, widgetrelay
 from .errors import ShipError
 from .inplace import is_ndarray_type
 from .travel import (
@@ -176,6 +176,8 @@ class FastPickler(byvalue.Pickler):
         elif kind is not _ModuleType and kind is not _BuiltinType:
             if kind.__reduce__ is _EXCEPTION_REDUCE and rebuilt_without_init(kind):
                 return exception_reduction(obj)
+            if not self.returning and widgetrelay.is_widget(obj):  # the page's widget, by id
+                return widgetrelay.reduction(obj)
             return NotImplemented
         how = route(obj)
         if how is _MODULE:
@@ -465,6 +467,8 @@ def dill_pickler_class() -> type:
                     return exception_reduction(obj)
                 if kind is contextvars.ContextVar:
                     return byvalue.reduce_context_var(obj, self._notebook[2])
+                if not self._notebook[2] and widgetrelay.is_widget(obj):
+                    return widgetrelay.reduction(obj)
                 if kind in openfiles.FILE_TYPES:  # the same file at the same place, never truncated
                     try:
                         return openfiles.reduce(obj, byvalue._token(obj))

@@ -16,6 +16,14 @@ from typing import Any
 class StdSink:
     """Where a cell's output goes: the kernel's own streams and display machinery."""
 
+    def comm(self, body: dict[str, Any], buffers: list[Any]) -> None:
+        """A widget's comm message from the worker: sent on as the kernel's own
+        (:func:`nbisolate.widgetrelay.relay`), so the front end shows the widget as it shows
+        an ordinary cell's."""
+        from .widgetrelay import relay
+
+        relay(body, buffers)
+
     def stream(self, name: str, text: str) -> None:
         stream = sys.stdout if name == "stdout" else sys.stderr
         stream.write(text)

@@ -1246,8 +1246,9 @@ class Job:
         body = dict(self.payload, sync=self.sync)
         if self.lingers:
             body["linger"] = LINGER_SECONDS
-            if self._waited and "sweep" not in body:  # input() asks the kernel (and the front end)
-                body["ask"] = True
+            if self._waited and "sweep" not in body:  # input() asks the kernel (and the front end),
+                body["ask"] = True  # and the kernel shows the widgets the cell makes, as its own
+                body["widgets"] = True
         return body
 
     @property

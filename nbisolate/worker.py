@@ -734,6 +734,8 @@ def _run(
         __import__(hook)
     if job.get("ask"):
         _let_ask(chan)
+    if job.get("widgets"):
+        display_worker.relay_widgets()
     # Small inputs load at once: the kernel hears of the start and load with the next message.
     small = not buffers and not job.get("shared") and len(job["data"]) < _HOLD_BELOW
     chan.phase("start", time.perf_counter() - t0, hold=small)  # type: ignore[attr-defined]
@@ -860,7 +862,6 @@ def _run(
         del out[name]
     shipped = ship.dumps(out, skip_failures=True, main=ns, returning=True)
     shipped, too_big = _fit_result(out, shipped, job.get("max_result"), ns)
-    display_worker.explain_skipped(shipped.skipped, out)
     _say_running_threads(threads, {name: ns.get(name) for name in behind})
     if RESULT in shipped.skipped and RESULT not in too_big:
         bundle = display_worker.result_bundle(value)  # the kernel's formatter, or _fallback_bundle

@@ -113,7 +113,7 @@ PROCESSES = ("subprocess", "multiprocessing", "multiprocess", "concurrent.future
 def test_wall_1_the_worker_side_loads_nothing_of_the_kernel_side():
     worker_side = _modules(
         "worker", "display_worker", "protocol", "wire", "proctree", "ship", "byvalue", "travel",
-        "worker_shell", "magicline", "pools", "_mpchild", "inplace", "attributes", "rng", "sweep_leader",
+        "worker_shell", "magicline", "widgetrelay", "pools", "_mpchild", "inplace", "attributes", "rng", "sweep_leader",
     )
     assert worker_side
     bad = _violations(worker_side, (*KERNEL_SIDE, "IPython", "ipywidgets", "ipykernel"), top_level_only=True)

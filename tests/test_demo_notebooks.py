@@ -50,6 +50,8 @@ def test_a_demo_notebook_runs_top_to_bottom(name: str):
     announced = [c for c in nb.cells if "raises-exception" in c.metadata.get("tags", [])]
     for cell in announced:  # a failure the text announces still happens
         assert any(o.output_type == "error" for o in cell.outputs), cell.source
+    if name == "03-rich-output.ipynb":  # the bar the isolated cell moved is the notebook's widget
+        assert "('IntProgress', 5)" in _outputs(nb, 'bar.description = "done"')
     if name == "01-quickstart.ipynb":
         assert "back in the kernel: 100.875 True" in _outputs(nb, 'print("back in the kernel:"')
         assert "3 ['w0', 'w1', 'w2'] 30 v2" in _outputs(nb, 'warnings.warn("old API")')

@@ -14,6 +14,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+from tests.conftest import wait_until
+
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 
 
@@ -425,61 +429,159 @@ def test_a_timeout_ends_a_question_nobody_answers(fresh_kernel):
     assert k.value("'kept' in dir()") is False
 
 
-def test_a_notebook_progress_bar_draws_as_text_live(kernel):
-    """``from tqdm.notebook import tqdm`` made a widget per bar in the worker: a warning for
-    each and a bar frozen at 0%. It draws tqdm's text bar on the cell's stderr (as
-    ``tqdm.auto`` does there), and the name comes back as the notebook's own bar class."""
-    res = kernel.execute(
+def _widget_traffic(res) -> list[tuple]:
+    """The cell's widget messages as a front end reads them: which models open (by kind), which
+    model each display shows and what each update says, the random model ids put in order."""
+    ids: dict[str, str] = {}
+
+    def named(comm_id: str) -> str:
+        return ids.setdefault(comm_id, f"model{len(ids)}")
+
+    seen = []
+    for msg in res.messages:
+        kind, content = msg["msg_type"], msg["content"]
+        if kind == "comm_open" and content.get("target_name") == "jupyter.widget":
+            state = content["data"]["state"]
+            if "nbisolate" in str(state.get("_dom_classes", "")):
+                continue  # the panel's own
+            seen.append(("open", named(content["comm_id"]), state["_model_name"]))
+        elif kind == "comm_msg" and content["comm_id"] in ids:
+            seen.append(("update", named(content["comm_id"]), content["data"].get("state")))
+        elif kind == "display_data" and WIDGET_MIME in content["data"]:
+            seen.append(("display", named(content["data"][WIDGET_MIME]["model_id"])))
+    return seen
+
+
+def _relays_widgets(kernel) -> bool:
+    """ipywidgets 8.1 on makes its comms with ``comm.create_comm``, which the worker relays."""
+    return kernel.value("hasattr(__import__('ipywidgets').widgets.widget, 'comm')")
+
+
+WIDGET_CELL = cell(
+    """
+    import ipywidgets as widgets
+    import time
+    bar = widgets.IntProgress(min=0, max=3, description="steps")
+    display(bar)
+    for step in range(1, 4):
+        bar.value = step
+        time.sleep(0.02)
+    bar.bar_style = "success"
+    """
+)
+
+
+def test_a_widget_shows_and_moves_as_in_an_ordinary_cell(kernel):
+    """A widget the cell makes sends the front end what an ordinary cell's sends: its models
+    open with their state, the display names its model, each change is an update, in order."""
+    if not _relays_widgets(kernel):
+        pytest.skip("ipywidgets 8.0 makes ipykernel's Comm itself: its widgets stay in the worker")
+    ordinary = kernel.run(WIDGET_CELL)
+    res = kernel.run("%%isolate --quiet\n" + WIDGET_CELL)  # (the panel is made of widgets too)
+    assert _widget_traffic(res) == _widget_traffic(ordinary), (_widget_traffic(res), _widget_traffic(ordinary))
+    assert ("update", "model2", {"value": 3}) in _widget_traffic(res)
+    assert "widget" not in res.stderr, res.stderr
+
+
+def test_a_widget_the_cell_binds_comes_back_on_the_model_it_shows(kernel):
+    """``bar`` is then the kernel's widget for the model shown above: a normal cell moves it, and
+    what the front end changes reaches it, as for a widget an ordinary cell made."""
+    if not _relays_widgets(kernel):
+        pytest.skip("ipywidgets 8.0 makes ipykernel's Comm itself: its widgets stay in the worker")
+    res = kernel.run("%%isolate --quiet\n" + WIDGET_CELL)  # (the panel is made of widgets too)
+    shown = [m["content"]["data"][WIDGET_MIME]["model_id"] for m in res.of("display_data") if WIDGET_MIME in m["content"]["data"]]
+    assert kernel.value("(type(bar).__name__, bar.model_id, bar.value, bar.bar_style, bar.description)") == (
+        "IntProgress", shown[0], 3, "success", "steps"
+    )
+    assert kernel.value("__import__('ipywidgets').widgets.widget._instances[bar.model_id] is bar")
+    after = kernel.run("bar.value = 1")
+    assert [(m["content"]["comm_id"], m["content"]["data"]["state"]) for m in after.of("comm_msg")] == [(shown[0], {"value": 1})]
+    # the front end moves it (as a slider's drag would): the kernel's widget takes the change
+    kc = kernel.kc
+    kc.session.send(kc.shell_channel.socket, kc.session.msg("comm_msg", {
+        "comm_id": shown[0], "data": {"method": "update", "state": {"value": 2}, "buffer_paths": []},
+    }))
+    assert wait_until(lambda: kernel.value("bar.value") == 2, 10)
+
+
+def test_a_notebook_widget_moves_as_the_cell_runs_and_stays_itself(kernel):
+    """A bar made in a normal cell and moved by a training loop in an isolated one: the page gets
+    each step as the cell runs, the notebook's widget takes them (its observers run), and
+    ``bar`` is the same object after the cell, as after an ordinary cell."""
+    if not _relays_widgets(kernel):
+        pytest.skip("ipywidgets 8.0 makes ipykernel's Comm itself: its widgets stay in the worker")
+    setup = (
+        "import ipywidgets as widgets\nbar = widgets.IntProgress(max=4)\nseen = []\n"
+        "bar.observe(lambda change: seen.append(change['new']), 'value')\nbar_id = id(bar)"
+    )
+    loop = "import time\nfor step in range(1, 5):\n    bar.value = step\n    time.sleep(0.01)\nlast = bar.value"
+    kernel.run(setup)
+    ordinary = kernel.run(loop)
+    ordinary_seen = kernel.value("seen")
+    kernel.run(setup)
+    model = kernel.value("bar.model_id")
+    res = kernel.run("%%isolate --quiet\n" + loop)
+    steps = [m["content"]["data"]["state"] for m in res.of("comm_msg") if m["content"]["comm_id"] == model]
+    assert steps == [m["content"]["data"]["state"] for m in ordinary.of("comm_msg")] == [{"value": v} for v in range(1, 5)]
+    assert kernel.value("(id(bar) == bar_id, bar.value, seen, last)") == (True, 4, ordinary_seen, 4)
+    assert ordinary_seen == [1, 2, 3, 4]
+
+
+def test_a_notebook_progress_bar_is_the_notebooks_widget_bar(kernel):
+    """``from tqdm.notebook import tqdm`` draws its widget bar, as in an ordinary cell (it drew
+    tqdm's text bar when widgets could not leave the worker)."""
+    if not _relays_widgets(kernel):
+        pytest.skip("ipywidgets 8.0 makes ipykernel's Comm itself: its widgets stay in the worker")
+    code = cell(
+        """
+        from tqdm.notebook import tqdm, trange
+        total = 0
+        for i in tqdm(range(5), desc="epochs"):
+            total += i
+        for j in trange(3):
+            pass
+        """
+    )
+    ordinary = kernel.run(code)
+    res = kernel.run("%%isolate --quiet\n" + code)
+    opened = [m[2] for m in _widget_traffic(res) if m[0] == "open"]
+    assert opened == [m[2] for m in _widget_traffic(ordinary) if m[0] == "open"] and "FloatProgressModel" in opened
+    assert [m[0] for m in _widget_traffic(res)] == [m[0] for m in _widget_traffic(ordinary)]
+    assert "epochs" not in res.stderr and "widget" not in res.stderr, res.stderr
+    assert kernel.value("total") == 10
+    # The kernel has a widget for each bar shown, as after an ordinary cell: a page that reloads
+    # asks the kernel's widgets for their state, and gets the bars at 100%.
+    shown = [d["data"][WIDGET_MIME]["model_id"] for d in displays(res) if WIDGET_MIME in d["data"]]
+    assert len(shown) == 2
+    kernel.run("from ipywidgets.widgets.widget import _instances")
+    assert kernel.value(f"[type(_instances[m]).__name__ for m in {shown!r}]") == ["HBox", "HBox"]
+    assert kernel.value(f"[_instances[m].children[1].value for m in {shown!r}]") == [5, 3]
+
+
+def test_where_nothing_shows_widgets_a_sweep_makes_say_so_and_come_back_new(kernel):
+    """A sweep's values run where the kernel shows no widgets: a widget says it cannot be shown
+    there, a progress bar draws as text, and what a value binds comes back as a new widget
+    with its state."""
+    res = kernel.run(
         cell(
             """
-            %%isolate
-            from tqdm.notebook import tqdm, trange
-            total = 0
-            for i in tqdm(range(5), desc="epochs", display=True):
-                total += i
-            for j in trange(3):
+            %%isolate --over v=range(2)
+            import ipywidgets as widgets
+            from tqdm.notebook import tqdm
+            slider = widgets.IntSlider(value=v + 3)
+            display(slider)
+            for i in tqdm(range(2), desc="inner"):
                 pass
             """
         )
     )
     assert res.ok, res.error_text
-    assert "epochs: 100%" in res.stderr and "5/5" in res.stderr and "3/3" in res.stderr, res.stderr
-    assert "\r" in res.stderr  # one line, redrawn
-    assert "widget" not in res.stderr, res.stderr
-    assert not [m for m in own_messages(res) if m["msg_type"] == "display_data"]
-    assert kernel.value("(total, tqdm is __import__('tqdm.notebook').notebook.tqdm_notebook)") == (10, True)
-
-
-def test_widgets_say_they_cannot_live_in_the_worker(kernel):
-    res = kernel.run(
-        cell(
-            """
-            %%isolate
-            import ipywidgets as widgets
-            slider = widgets.IntSlider(value=3)
-            display(slider)
-            doubled = slider.value * 2
-            """
-        )
-    )
-    assert res.ok
-    err = res.stderr
-    assert "IntSlider widget created in an isolated cell" in err
-    assert "comm channel" in err and "Create widgets in a normal cell" in err
-    # Explained once: not again when it is displayed, nor when it stays behind.
-    assert err.count("comm channel") == 1, err
-    assert "cannot display IntSlider" not in err
-    assert "result 'slider' was not copied back: it is a widget (IntSlider) made in the worker (see above)" in err
-    assert all(WIDGET_MIME not in d["data"] for d in displays(res))
-    assert displays(res)[0]["data"] == {"text/plain": "IntSlider(value=3)"}
-    assert kernel.value("doubled") == 6
-    assert kernel.value("'slider' in globals()") is False
-    # A widget as the cell's value shows its text, never a view of a model the kernel lacks.
-    res = kernel.run("%%isolate\nimport ipywidgets\nipywidgets.Button(description='go')")
-    assert WIDGET_MIME not in res.result
-    assert "Button" in res.result["text/plain"]
-    assert res.stderr.count("comm channel") == 1, res.stderr
-    assert "Button widget created in an isolated cell" in res.stderr
+    assert "IntSlider widget created in an isolated cell" in res.stderr and "comm channel" in res.stderr
+    assert "inner: 100%" in res.stderr
+    assert sorted(d["data"]["text/plain"] for d in displays(res)) == ["IntSlider(value=3)", "IntSlider(value=4)"]
+    assert not [d for d in displays(res) if WIDGET_MIME in d["data"]]
+    assert kernel.value("[(type(s).__name__, s.value) for s in slider]") == [("IntSlider", 3), ("IntSlider", 4)]
+    assert kernel.value("len({s.model_id for s in slider})") == 2
 
 
 def test_a_widget_display_dict_is_explained_once(kernel):

@@ -36,6 +36,7 @@ WORKER_SIDE = {
     "nbisolate.pools",
     "nbisolate._mpchild",
     "nbisolate.sweep_leader",
+    "nbisolate.widgetrelay",  # shared: the worker names its rebuild, ship asks it what a widget is
 }
 # The modules a kernel uses to run cells; none of them may pull in the worker.
 KERNEL_SIDE = [

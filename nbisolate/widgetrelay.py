@@ -1,0 +1,175 @@
+"""Widgets an isolated cell makes, shown and kept by the kernel as its own.
+
+A widget is a model in the front end and an object in the kernel, tied by a comm of
+the same id. The worker has no comms of its own: in a cell the kernel waits on,
+:mod:`nbisolate.display_worker` sends each widget's comm messages over the channel,
+and the kernel sends them on from a comm it opens with the same id (:func:`relay`).
+The front end thus sees exactly what an ordinary cell's widget sends: its ``comm_open``
+with the state, the display that names its model, each update while the cell runs.
+
+When the cell binds a widget (``bar = IntProgress()``), the worker's object cannot
+come back as it is, as no object bound to a comm can; it comes back rebuilt
+(:func:`rebuild`) as a widget of the same class on the kernel's comm for that model,
+so the notebook goes on with the widget it sees (``bar.value = 10`` moves the bar shown
+above, the page's reload finds it among the kernel's widgets). A widget whose model the
+kernel never opened (a ``--bg`` cell's, a sweep's) comes back as a new widget with the
+same state.
+
+The other way, a widget the notebook made goes to the worker as a widget of its class on
+a comm of the same id (:func:`reduction`, :func:`in_worker`): what the cell sets on it
+(``bar.value = epoch`` in a training loop) reaches the kernel's widget and the page as the
+cell runs, and ``bar`` is the notebook's own object again after it.
+
+Standard library only at import: both sides import it (the worker to name :func:`rebuild`,
+the kernel's pickler to ask :func:`is_widget`).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+__all__ = ["RELAYED", "TWINS", "in_worker", "is_widget", "rebuild", "reduction", "relay"]
+
+_SKIP = ("_model_", "_view_")  # the model's and view's names: the class has them
+
+
+def synced_traits(widget: Any) -> dict[str, Any]:
+    """What a widget is, for another process: its synced traits but its class's own names."""
+    return {name: getattr(widget, name) for name in widget.keys if name == "_view_count" or not name.startswith(_SKIP)}
+
+
+def is_widget(obj: Any) -> bool:
+    """An ipywidgets widget (without importing ipywidgets: no notebook that has none holds one)."""
+    module = sys.modules.get("ipywidgets.widgets.widget")
+    widget = getattr(module, "Widget", None)
+    return widget is not None and isinstance(obj, widget)
+
+
+def reduction(widget: Any) -> tuple[Any, ...]:
+    """In the kernel: how the notebook's ``widget`` travels to a worker (:func:`in_worker`)."""
+    comm = getattr(widget, "comm", None)
+    return in_worker, (type(widget), getattr(comm, "comm_id", None), synced_traits(widget))
+
+
+def in_worker(cls: type, comm_id: str | None, traits: dict[str, Any]) -> Any:
+    """In the worker: the notebook's widget ``comm_id`` (display_worker.widget_from_kernel)."""
+    from .display_worker import widget_from_kernel
+
+    return widget_from_kernel(cls, comm_id, traits)
+
+RELAYED: dict[str, Any] = {}
+"""The kernel's comms for the widgets isolated cells made, by id; like a kernel's own widgets'
+they stay open (the front end keeps their views) until the worker closes them."""
+
+TWINS: dict[str, Any] = {}
+"""The kernel's widget for each relayed model whose class the kernel knows, by id: made from the
+state the model opened with and kept up to date with its updates, as ipywidgets makes a widget
+the front end opens (``Widget.handle_comm_opened``). It answers the page (a reload asks the
+kernel's widgets for their state, a drag updates it) and is what a cell that binds the widget
+gets back."""
+
+
+def relay(body: dict[str, Any], buffers: list[Any]) -> None:
+    """In the kernel: one comm message of a worker's widget, sent on from the comm of its id."""
+    import comm
+
+    kind, comm_id = body.get("msg_type"), body.get("comm_id")
+    data, metadata = body.get("data") or {}, body.get("metadata") or {}
+    if kind == "comm_open" and isinstance(comm_id, str):
+        RELAYED[comm_id] = comm.create_comm(
+            target_name=body.get("target_name") or "comm", target_module=body.get("target_module"),
+            data=data, metadata=metadata, buffers=buffers, comm_id=comm_id,
+        )
+        if body.get("target_name") == "jupyter.widget":
+            _make_twin(comm_id, data, buffers)
+    elif kind == "comm_msg":
+        twin = TWINS.get(comm_id) or _kernel_widget(comm_id)
+        if twin is not None and data.get("method") == "update":
+            _take(twin, data, buffers)
+        kernel_comm = RELAYED.get(comm_id) or getattr(twin, "comm", None)
+        if kernel_comm is not None:
+            kernel_comm.send(data=data, metadata=metadata, buffers=buffers)
+    elif kind == "comm_close":
+        TWINS.pop(comm_id, None)
+        if comm_id in RELAYED:
+            RELAYED.pop(comm_id).close(data=data, metadata=metadata, buffers=buffers)
+        elif _kernel_widget(comm_id) is not None:  # the cell closed the notebook's widget
+            _kernel_widget(comm_id).close()
+
+
+def _kernel_widget(comm_id: Any) -> Any:
+    """The kernel's own widget of this id (one the notebook made and sent to the worker)."""
+    module = sys.modules.get("ipywidgets.widgets.widget")
+    instances = getattr(module, "_instances", None)
+    return instances.get(comm_id) if isinstance(instances, dict) and isinstance(comm_id, str) else None
+
+
+def _make_twin(comm_id: str, data: dict[str, Any], buffers: list[Any]) -> None:
+    """The kernel's widget on the relayed comm, if the kernel knows the model's class (a package
+    it has not imported, a class only the worker defined: none, the comm is relayed alone)."""
+    try:
+        from ipywidgets.widgets.widget import _instances, _registry
+
+        state = data["state"]
+        cls = _registry.get(
+            state["_model_module"], state["_model_module_version"], state["_model_name"],
+            state["_view_module"], state["_view_module_version"], state["_view_name"],
+        )
+    except Exception:
+        return
+    kernel_comm = RELAYED[comm_id]
+    kernel_comm.publish_msg = _silent  # the page has the model: making the twin sends nothing
+    try:
+        twin = cls(comm=kernel_comm)
+    except Exception:  # a class that cannot be made so: the comm is relayed alone
+        _instances.pop(comm_id, None)
+        kernel_comm.on_msg(None)
+        return
+    finally:
+        del kernel_comm.publish_msg
+    try:
+        _take(twin, data, buffers)
+    except Exception:  # a state this class cannot take
+        _instances.pop(comm_id, None)
+        kernel_comm.on_msg(None)
+        return
+    TWINS[comm_id] = twin
+
+
+def _take(twin: Any, data: dict[str, Any], buffers: list[Any]) -> None:
+    """Set ``twin``'s state from an ``open`` or ``update`` the page gets as it is: nothing goes
+    back (ipywidgets 8 would echo what it is told, for a page that told it)."""
+    from ipywidgets.widgets.widget import _put_buffers
+
+    state = dict(data.get("state") or {})
+    if data.get("buffer_paths"):
+        _put_buffers(state, data["buffer_paths"], buffers)
+    twin.comm.publish_msg = _silent
+    try:
+        twin.set_state(state)
+    finally:
+        del twin.comm.publish_msg
+
+
+def rebuild(cls: type, comm_id: str | None, traits: dict[str, Any]) -> Any:
+    """In the kernel: the widget a cell bound. Its twin (:data:`TWINS`) when the kernel made one,
+    else a widget of its class on the kernel's comm for its model, else (the kernel never opened
+    it) a new widget. ``traits`` are its synced traits, widgets among them already rebuilt (they
+    travel the same way), so a slider comes back with its own layout and style."""
+    twin = (TWINS.get(comm_id) or _kernel_widget(comm_id)) if comm_id is not None else None
+    if twin is not None and type(twin) is cls:
+        return twin  # (the notebook's own object, for one it sent: as after an ordinary cell)
+    kernel_comm = RELAYED.get(comm_id) if comm_id is not None else None
+    if kernel_comm is None:
+        return cls(**traits)
+    # Setting its traits would send each back to the front end, which has them all already.
+    kernel_comm.publish_msg = _silent
+    try:
+        return cls(comm=kernel_comm, **traits)
+    finally:
+        del kernel_comm.publish_msg
+
+
+def _silent(*args: Any, **kwargs: Any) -> None:
+    pass
