@@ -104,9 +104,9 @@ class _Context:
             return
         packages = []
         for value in values:
-            kind = type(value)
+            kind = type(value)  # never the value's own attributes: a proxy's may block for good
             module = getattr(kind, "__module__", None)
-            if not isinstance(module, str) or isinstance(value, type):
+            if not isinstance(module, str) or issubclass(kind, type):
                 continue  # a class travels by name: looked up here (_runs_no_code)
             top = module.partition(".")[0]
             if top in ("builtins", "__main__", "__mp_main__") or top in self.suspicious:
