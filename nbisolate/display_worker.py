@@ -619,6 +619,49 @@ def _relay_comms(module: Any) -> None:
     comm.create_comm = create_comm
 
 
+def _adapt_widget_output(module: Any) -> None:
+    """``with out:`` on a relayed ``Output`` widget: the cell's output goes into it, as in an
+    ordinary cell. ipywidgets sets its ``msg_id`` to the request the kernel runs, which the
+    worker does not know: it sets a mark the kernel replaces (``widgetrelay.THIS_CELL``). An
+    exception inside is shown in the widget and goes no further, as IPython has it."""
+    output = getattr(module, "Output", None)
+    if output is None or getattr(output.__enter__, "_nbisolate", False):
+        return
+    from .widgetrelay import THIS_CELL
+
+    original_enter, original_exit = output.__enter__, output.__exit__
+
+    def relayed(widget: Any) -> bool:
+        return getattr(widget.comm, "comm_id", None) in _relayed
+
+    def __enter__(self: Any) -> Any:
+        if not relayed(self):
+            return original_enter(self)
+        _flush_streams()
+        depth = self.__dict__.get("_nbisolate_depth", 0)
+        self.__dict__["_nbisolate_depth"] = depth + 1
+        if depth == 0:
+            self.msg_id = THIS_CELL
+        return None
+
+    def __exit__(self: Any, etype: Any, evalue: Any, tb: Any) -> Any:
+        if not relayed(self):
+            return original_exit(self, etype, evalue, tb)
+        if etype is not None:
+            import traceback
+
+            traceback.print_exception(etype, evalue, tb)
+        _flush_streams()
+        depth = self.__dict__.get("_nbisolate_depth", 1) - 1
+        self.__dict__["_nbisolate_depth"] = depth
+        if depth == 0:
+            self.msg_id = ""
+        return True if etype is not None else None
+
+    __enter__._nbisolate = True  # type: ignore[attr-defined]
+    output.__enter__, output.__exit__ = __enter__, __exit__
+
+
 def _adapt_widgets(module: Any) -> None:
     widget_cls = getattr(module, "Widget", None)
     if widget_cls is None or getattr(widget_cls.__init__, "_nbisolate", False):
@@ -694,6 +737,7 @@ ADAPTERS: dict[str, Callable[[Any], None]] = {
     "pandas": _adapt_pandas,
     "getpass": _adapt_getpass,
     "ipywidgets.widgets.widget": _adapt_widgets,
+    "ipywidgets.widgets.widget_output": _adapt_widget_output,
     "tqdm.notebook": _adapt_tqdm_notebook,
 }
 

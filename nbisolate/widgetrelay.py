@@ -33,6 +33,11 @@ __all__ = ["RELAYED", "TWINS", "in_worker", "is_widget", "rebuild", "reduction",
 
 _SKIP = ("_model_", "_view_")  # the model's and view's names: the class has them
 
+THIS_CELL = "nbisolate:this-cell"
+"""What an ``Output`` widget's ``msg_id`` is set to in the worker by ``with out:``: the kernel puts
+the id of the cell's request in its place (the worker never sees it), as ipywidgets does in an
+ordinary cell, and the page shows the cell's output from then on in the widget."""
+
 
 def synced_traits(widget: Any) -> dict[str, Any]:
     """What a widget is, for another process: its synced traits but its class's own names."""
@@ -84,6 +89,12 @@ def relay(body: dict[str, Any], buffers: list[Any]) -> None:
         if body.get("target_name") == "jupyter.widget":
             _make_twin(comm_id, data, buffers)
     elif kind == "comm_msg":
+        state = data.get("state")
+        if isinstance(state, dict) and "msg_id" in state:  # an Output widget starts or stops taking
+            sys.stdout.flush()  # the cell's output: what it printed before goes where it was printed
+            sys.stderr.flush()
+            if state["msg_id"] == THIS_CELL:
+                data = dict(data, state=dict(state, msg_id=_request_id()))
         twin = TWINS.get(comm_id) or _kernel_widget(comm_id)
         if twin is not None and data.get("method") == "update":
             _take(twin, data, buffers)
@@ -96,6 +107,21 @@ def relay(body: dict[str, Any], buffers: list[Any]) -> None:
             RELAYED.pop(comm_id).close(data=data, metadata=metadata, buffers=buffers)
         elif _kernel_widget(comm_id) is not None:  # the cell closed the notebook's widget
             _kernel_widget(comm_id).close()
+
+
+def _request_id() -> str:
+    """The id of the request the kernel is running (the isolated cell's)."""
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    for get in (getattr(shell, "get_parent", None), getattr(getattr(shell, "kernel", None), "get_parent", None)):
+        try:
+            msg_id = (get() or {}).get("header", {}).get("msg_id") if callable(get) else None
+        except Exception:
+            continue
+        if msg_id:
+            return str(msg_id)
+    return ""
 
 
 def _kernel_widget(comm_id: Any) -> Any:

@@ -527,6 +527,45 @@ def test_a_notebook_widget_moves_as_the_cell_runs_and_stays_itself(kernel):
     assert ordinary_seen == [1, 2, 3, 4]
 
 
+def test_with_an_output_widget_the_cells_output_goes_into_it(kernel):
+    """``with out:`` sets the widget's ``msg_id`` to the request the kernel runs, which the page
+    reads as "this cell's output goes into the widget now": the same messages, in the same
+    order, as in an ordinary cell (the worker's mark replaced by the request's id)."""
+    if not _relays_widgets(kernel):
+        pytest.skip("ipywidgets 8.0 makes ipykernel's Comm itself: its widgets stay in the worker")
+    code = cell(
+        """
+        import ipywidgets as widgets
+        out = widgets.Output()
+        display(out)
+        print("before")
+        with out:
+            print("inside")
+            display({"text/plain": "shown inside"}, raw=True)
+        print("after")
+        """
+    )
+
+    def sequence(res) -> list[tuple[str, str]]:
+        request = res.reply["parent_header"]["msg_id"]
+        seen = []
+        for msg in own_messages(res) + res.of("comm_msg"):
+            kind, content = msg["msg_type"], msg["content"]
+            state = content.get("data", {}).get("state") if kind == "comm_msg" else None
+            if kind == "stream":
+                seen.append((msg["header"]["date"], "stream", content["text"]))
+            elif state and "msg_id" in state:
+                seen.append((msg["header"]["date"], "into the widget", "yes" if state["msg_id"] == request else state["msg_id"]))
+            elif kind == "display_data":
+                seen.append((msg["header"]["date"], "display", content["data"]["text/plain"]))
+        return [item[1:] for item in sorted(seen)]
+
+    ordinary = kernel.run(code)
+    res = kernel.run("%%isolate --quiet\n" + code)
+    assert sequence(res) == sequence(ordinary), (sequence(res), sequence(ordinary))
+    assert ("into the widget", "yes") in sequence(res) and ("stream", "inside\n") in sequence(res)
+
+
 def test_a_notebook_progress_bar_is_the_notebooks_widget_bar(kernel):
     """``from tqdm.notebook import tqdm`` draws its widget bar, as in an ordinary cell (it drew
     tqdm's text bar when widgets could not leave the worker)."""
