@@ -586,17 +586,11 @@ def widget_from_kernel(cls: type, comm_id: str | None, traits: dict[str, Any]) -
     module = sys.modules.get("ipywidgets.widgets.widget")
     if comm_id is None or module is None or not hasattr(module, "comm") or "comm" not in sys.modules:
         return cls(**traits)
+    from .widgetrelay import widget_on
+
     comm = _relayed_comm_class()(comm_id=comm_id, primary=False, target_name="jupyter.widget")
     _relayed.add(comm_id)
-    comm.publish_msg = _quiet  # its traits arrive as the kernel's widget has them: nothing to send
-    try:
-        return cls(comm=comm, **traits)
-    finally:
-        del comm.publish_msg
-
-
-def _quiet(*args: Any, **kwargs: Any) -> None:
-    pass
+    return widget_on(comm, cls, traits)  # (its traits are the kernel's widget's: nothing to send)
 
 
 def _relay_comms(module: Any) -> None:

@@ -26,10 +26,12 @@ the kernel's pickler to ask :func:`is_widget`).
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["RELAYED", "TWINS", "in_worker", "is_widget", "rebuild", "reduction", "relay"]
+__all__ = ["RELAYED", "TWINS", "in_worker", "is_widget", "rebuild", "reduction", "relay", "widget_on"]
 
 _SKIP = ("_model_", "_view_")  # the model's and view's names: the class has them
 
@@ -145,15 +147,12 @@ def _make_twin(comm_id: str, data: dict[str, Any], buffers: list[Any]) -> None:
     except Exception:
         return
     kernel_comm = RELAYED[comm_id]
-    kernel_comm.publish_msg = _silent  # the page has the model: making the twin sends nothing
     try:
-        twin = cls(comm=kernel_comm)
+        twin = widget_on(kernel_comm, cls, {})  # (its state follows, as ipywidgets sets it)
     except Exception:  # a class that cannot be made so: the comm is relayed alone
         _instances.pop(comm_id, None)
         kernel_comm.on_msg(None)
         return
-    finally:
-        del kernel_comm.publish_msg
     try:
         _take(twin, data, buffers)
     except Exception:  # a state this class cannot take
@@ -171,11 +170,8 @@ def _take(twin: Any, data: dict[str, Any], buffers: list[Any]) -> None:
     state = dict(data.get("state") or {})
     if data.get("buffer_paths"):
         _put_buffers(state, data["buffer_paths"], buffers)
-    twin.comm.publish_msg = _silent
-    try:
+    with _silenced(twin.comm):
         twin.set_state(state)
-    finally:
-        del twin.comm.publish_msg
 
 
 def rebuild(cls: type, comm_id: str | None, traits: dict[str, Any]) -> Any:
@@ -189,12 +185,23 @@ def rebuild(cls: type, comm_id: str | None, traits: dict[str, Any]) -> Any:
     kernel_comm = RELAYED.get(comm_id) if comm_id is not None else None
     if kernel_comm is None:
         return cls(**traits)
-    # Setting its traits would send each back to the front end, which has them all already.
-    kernel_comm.publish_msg = _silent
+    return widget_on(kernel_comm, cls, traits)
+
+
+def widget_on(comm: Any, cls: type, traits: dict[str, Any]) -> Any:
+    """A widget of ``cls`` on ``comm`` with ``traits``, for a model the page has with them all
+    already: setting them sends nothing (it would send each one back)."""
+    with _silenced(comm):
+        return cls(comm=comm, **traits)
+
+
+@contextlib.contextmanager
+def _silenced(comm: Any) -> Iterator[None]:
+    comm.publish_msg = _silent  # on the instance, over its class's method, for a moment
     try:
-        return cls(comm=kernel_comm, **traits)
+        yield
     finally:
-        del kernel_comm.publish_msg
+        del comm.publish_msg
 
 
 def _silent(*args: Any, **kwargs: Any) -> None:

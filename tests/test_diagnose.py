@@ -484,6 +484,23 @@ def test_time_bound_stops_early_and_says_so():
     assert "note:" in str(report)
 
 
+def test_a_whole_namespace_check_looks_for_each_variables_culprits_briefly(monkeypatch):
+    """Checking every variable, one whose culprits take long to find (a function whose globals
+    reach a cluster client took a second) gets a short search, says so and names the longer
+    one; the verdicts still come from complete dumps, and a named check searches as before."""
+    from nbisolate.diagnose import namespace
+
+    monkeypatch.setattr(namespace, "NAMESPACE_SEARCH_SECONDS", 0.01)
+    values = {"rows": [{"i": i} for i in range(60_000)] + [threading.Lock()], "fine": [1, 2]}
+    whole = check_namespace(values).reports["rows"]
+    assert whole.results["pickle"].ok is False and whole.truncated
+    assert any("stopped looking" in n for n in whole.notes), whole.notes
+    assert "%pickle_check rows alone looks for up to 5 s" in whole.notes
+    named = check_namespace(values, ["rows"]).reports["rows"]
+    assert not any("looks for up to" in n or "stopped looking" in n for n in named.notes), named.notes
+    assert named.problems[0].path == "rows[60000]"
+
+
 def test_depth_bound_stops_early_and_says_so():
     head = node = Node()
     for _ in range(300):

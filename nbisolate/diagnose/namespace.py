@@ -28,6 +28,13 @@ _PLAIN_TYPES = frozenset(
 )
 
 
+NAMESPACE_SEARCH_SECONDS = 0.5
+"""How long ``%pickle_check`` with no names looks for one variable's culprits (its verdicts
+always come from complete dumps): a function whose globals reach a cluster client took a
+second, half the whole notebook's. ``%pickle_check NAME`` looks for up to
+:data:`~nbisolate.diagnose.check.DEFAULT_MAX_SECONDS`."""
+
+
 def _is_user_variable(name: str) -> bool:
     return name not in _IPYTHON_NAMES and not name.startswith("_")
 
@@ -138,7 +145,8 @@ def check_namespace(
     asked for by name gets a full report) and raise :class:`UnknownNameError`
     when missing. ``max_seconds`` is the budget for the whole namespace; each
     variable gets at most :data:`DEFAULT_MAX_SECONDS` of it for the search for
-    culprits. Variables with problems come first in the result.
+    culprits when named, :data:`NAMESPACE_SEARCH_SECONDS` when the whole
+    namespace is checked. Variables with problems come first in the result.
     """
     started = time.perf_counter()
     deadline = started + max_seconds
@@ -175,7 +183,7 @@ def check_namespace(
                     f"{' ...' if len(chosen) - i > 10 else ''}"
                 )
                 break
-            limit = min(DEFAULT_MAX_SECONDS, left)
+            limit = min(DEFAULT_MAX_SECONDS if explicit else NAMESPACE_SEARCH_SECONDS, left)
             budget = min(2 * limit, left) + 1.0
             report = runner.run(
                 lambda value=value, var=var, limit=limit: pickle_check(
@@ -183,6 +191,10 @@ def check_namespace(
                 ),
                 budget,
             )
+            if report is not None and not explicit and any("stopped looking" in n for n in report.notes):
+                report.notes.append(
+                    f"%pickle_check {var} alone looks for up to {DEFAULT_MAX_SECONDS:g} s"
+                )
             reports[var] = report or _given_up(var, value, serializers, budget)
     finally:  # the loader process (if the check started one) ends with the call
         runner.close()
