@@ -865,6 +865,24 @@ def test_large_buffers_are_not_copied_into_the_loader(monkeypatch):
         assert all(res.ok and res.loads_ok for res in r.results.values()), r
 
 
+def test_a_whole_namespace_checks_loads_keep_their_own_bound(tmp_path):
+    """Checking every variable, only the search for culprits is short: a load that waits for the
+    loader's imports (here a package that takes a second to import) still gets its verdict."""
+    (tmp_path / "nbi_slow_to_import.py").write_text(
+        "import time\ntime.sleep(1.0)\nclass Slow:\n    def __init__(self):\n        self.n = 1\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import nbi_slow_to_import
+
+        report = check_namespace({"slow": nbi_slow_to_import.Slow()}, verify_spawn=spawn_loads)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("nbi_slow_to_import", None)
+    res = report.reports["slow"].results["pickle"]
+    assert res.ok is True and res.loads_ok is True, (res, report.reports["slow"].notes)
+
+
 def test_a_loader_that_cannot_start_leaves_the_verdict_unknown_not_failed(monkeypatch):
     monkeypatch.setattr(sys, "executable", "/bin/false")
     # A date is rebuilt by calling its class: loading it runs code, so only the loader may.

@@ -394,6 +394,7 @@ def pickle_check(
     max_problems: int = DEFAULT_MAX_PROBLEMS,
     large_bytes: int = LARGE_BYTES,
     _ctx: _Context | None = None,
+    _search_seconds: float | None = None,
 ) -> Report:
     """Check whether ``obj`` can be sent to another process, and name every culprit.
 
@@ -458,6 +459,10 @@ def pickle_check(
 
         to_trace = [s for s in names if outcomes[s].needs_trace or outcomes[s].needs_refs]
         depth_hits: list[tuple[str, str]] = []
+        searched = max_seconds
+        if _search_seconds is not None:  # (check_namespace's shorter search, after the loads)
+            searched = _search_seconds
+            deadline = min(deadline, time.perf_counter() + _search_seconds)
         for i, sname in enumerate(to_trace):
             ser = _SERIALIZERS[sname]
             now = time.perf_counter()
@@ -469,7 +474,7 @@ def pickle_check(
                 report.truncated = True
                 report.notes.append(
                     f"{sname}: stopped looking for culprits after the time limit "
-                    f"(max_seconds={max_seconds:g}); the problems listed are real, more may exist"
+                    f"(max_seconds={searched:g}); the problems listed are real, more may exist"
                 )
             if tr.depth_paths:
                 report.truncated = True

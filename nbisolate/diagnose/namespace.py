@@ -30,9 +30,9 @@ _PLAIN_TYPES = frozenset(
 
 NAMESPACE_SEARCH_SECONDS = 0.5
 """How long ``%pickle_check`` with no names looks for one variable's culprits (its verdicts
-always come from complete dumps): a function whose globals reach a cluster client took a
-second, half the whole notebook's. ``%pickle_check NAME`` looks for up to
-:data:`~nbisolate.diagnose.check.DEFAULT_MAX_SECONDS`."""
+always come from complete dumps and loads, which keep their own bound): a function whose
+globals reach a cluster client took a second, half the whole notebook's. ``%pickle_check NAME``
+looks for up to :data:`~nbisolate.diagnose.check.DEFAULT_MAX_SECONDS`."""
 
 
 def _is_user_variable(name: str) -> bool:
@@ -183,11 +183,13 @@ def check_namespace(
                     f"{' ...' if len(chosen) - i > 10 else ''}"
                 )
                 break
-            limit = min(DEFAULT_MAX_SECONDS if explicit else NAMESPACE_SEARCH_SECONDS, left)
+            limit = min(DEFAULT_MAX_SECONDS, left)
+            search = None if explicit else min(NAMESPACE_SEARCH_SECONDS, limit)
             budget = min(2 * limit, left) + 1.0
             report = runner.run(
-                lambda value=value, var=var, limit=limit: pickle_check(
+                lambda value=value, var=var, limit=limit, search=search: pickle_check(
                     value, name=var, serializers=serializers, max_seconds=limit, _ctx=ctx,
+                    _search_seconds=search,
                 ),
                 budget,
             )
