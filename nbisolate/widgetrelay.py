@@ -185,7 +185,24 @@ def rebuild(cls: type, comm_id: str | None, traits: dict[str, Any]) -> Any:
     kernel_comm = RELAYED.get(comm_id) if comm_id is not None else None
     if kernel_comm is None:
         return cls(**traits)
-    return widget_on(kernel_comm, cls, traits)
+    try:
+        return widget_on(kernel_comm, cls, traits)
+    except Exception:
+        if twin is None:
+            raise
+        # A class not made from its traits alone (ipywidgets' interactive takes its function):
+        # the kernel's widget of the model's registered class, on the model the page shows.
+        _kernel_widget_registered(twin)
+        return twin
+
+
+def _kernel_widget_registered(twin: Any) -> None:
+    """Make ``twin`` the kernel's widget for its model again (a failed rebuild may have replaced it)."""
+    module = sys.modules.get("ipywidgets.widgets.widget")
+    instances = getattr(module, "_instances", None)
+    if isinstance(instances, dict):
+        instances[twin.model_id] = twin
+    twin.comm.on_msg(twin._handle_msg)
 
 
 def widget_on(comm: Any, cls: type, traits: dict[str, Any]) -> Any:

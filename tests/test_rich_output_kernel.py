@@ -566,6 +566,29 @@ def test_with_an_output_widget_the_cells_output_goes_into_it(kernel):
     assert ("into the widget", "yes") in sequence(res) and ("stream", "inside\n") in sequence(res)
 
 
+def test_interact_shows_as_in_an_ordinary_cell_and_its_widget_comes_back(kernel):
+    """``interact`` opens the same models and shows the function's output in its Output widget; the
+    function comes back with its ``widget``: ipywidgets' ``interactive`` cannot be made from its
+    traits alone, so it is the kernel's widget for the model shown."""
+    if not _relays_widgets(kernel):
+        pytest.skip("ipywidgets 8.0 makes ipykernel's Comm itself: its widgets stay in the worker")
+    code = cell(
+        """
+        from ipywidgets import interact, IntSlider
+        def shown(x):
+            print("x is", x)
+        shown = interact(shown, x=IntSlider(value=3, max=10))
+        """
+    )
+    ordinary = kernel.run(code)
+    res = kernel.run("%%isolate --quiet\n" + code)
+    opened = [m[2] for m in _widget_traffic(res) if m[0] == "open"]
+    assert opened == [m[2] for m in _widget_traffic(ordinary) if m[0] == "open"] and "SliderStyleModel" in opened
+    assert res.stdout == ordinary.stdout == "x is 3\n" and res.stderr == "", res.stderr
+    shown = [d["data"][WIDGET_MIME]["model_id"] for d in displays(res) if WIDGET_MIME in d["data"]]
+    assert kernel.value("(shown.widget.model_id, shown.widget.children[0].value)") == (shown[0], 3)
+
+
 def test_a_notebook_progress_bar_is_the_notebooks_widget_bar(kernel):
     """``from tqdm.notebook import tqdm`` draws its widget bar, as in an ordinary cell (it drew
     tqdm's text bar when widgets could not leave the worker)."""
