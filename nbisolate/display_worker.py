@@ -30,11 +30,13 @@ before any input is loaded) makes the worker behave like the kernel:
 * Widgets (ipywidgets 8.1 on) made in a cell the kernel waits on are shown and
   updated as the kernel's own: their comm messages go over the channel
   (``("comm", {...})`` with the widget's buffers) and the kernel opens, updates and
-  closes a comm of the same id (:meth:`nbisolate.sink.StdSink.comm`), so a progress
-  bar (``tqdm.notebook`` too) moves as the cell runs.  They live as long as the
-  worker: what the front end does to them afterwards reaches nobody, and they do
-  not come back as values.  Elsewhere (``--bg``, ``--over``, Dask, ipywidgets 8.0)
-  a widget says it cannot be shown, and ``tqdm.notebook`` draws tqdm's text bar.
+  closes a comm of the same id, keeping a widget of its own for each model
+  (:mod:`nbisolate.widgetrelay`), so a progress bar (``tqdm.notebook`` too) moves as
+  the cell runs and a widget the cell binds comes back as the kernel's.  A notebook
+  widget arrives as one on a relayed comm of its id (:func:`widget_from_kernel`);
+  ``with out:`` sends the cell's output into an ``Output`` widget.  Elsewhere
+  (``--bg``, ``--over``, Dask, ipywidgets 8.0) a widget says it cannot be shown, and
+  ``tqdm.notebook`` draws tqdm's text bar.
 
 The worker runs exactly one cell and exits, so patching these modules in
 place changes nothing outside that one cell.

@@ -7,9 +7,10 @@ and the kernel sends them on from a comm it opens with the same id (:func:`relay
 The front end thus sees exactly what an ordinary cell's widget sends: its ``comm_open``
 with the state, the display that names its model, each update while the cell runs.
 
-When the cell binds a widget (``bar = IntProgress()``), the worker's object cannot
-come back as it is, as no object bound to a comm can; it comes back rebuilt
-(:func:`rebuild`) as a widget of the same class on the kernel's comm for that model,
+The kernel keeps a widget of its own for each model it relays (:data:`TWINS`), made as
+ipywidgets makes one the page opens and kept up to date. When the cell binds a widget
+(``bar = IntProgress()``), the worker's object cannot come back as it is, as no object
+bound to a comm can; it comes back as the kernel's widget for that model (:func:`rebuild`),
 so the notebook goes on with the widget it sees (``bar.value = 10`` moves the bar shown
 above, the page's reload finds it among the kernel's widgets). A widget whose model the
 kernel never opened (a ``--bg`` cell's, a sweep's) comes back as a new widget with the
@@ -50,7 +51,7 @@ def is_widget(obj: Any) -> bool:
     """An ipywidgets widget (without importing ipywidgets: no notebook that has none holds one)."""
     module = sys.modules.get("ipywidgets.widgets.widget")
     widget = getattr(module, "Widget", None)
-    return widget is not None and isinstance(obj, widget)
+    return widget is not None and issubclass(type(obj), widget)  # (a proxy's __class__ may block)
 
 
 def reduction(widget: Any) -> tuple[Any, ...]:
