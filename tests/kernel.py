@@ -70,12 +70,12 @@ class Kernel:
     """One running kernel and a blocking client for it."""
 
     def __init__(self, cwd: str | None = None, env: dict[str, str] | None = None) -> None:
-        self.km = KernelManager(kernel_name="python3")
         kenv = dict(os.environ)
         kenv.update(env or {})
-        # The kernel must run from the project's environment, whatever kernelspec is installed.
-        self.km.kernel_cmd = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
         for attempt in range(3):
+            self.km = KernelManager(kernel_name="python3")
+            # The kernel must run from the project's environment, whatever kernelspec is installed.
+            self.km.kernel_cmd = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
             self.km.start_kernel(cwd=cwd, env=kenv)
             self.kc = self.km.client()
             self.kc.start_channels()
@@ -85,13 +85,12 @@ class Kernel:
             except RuntimeError:
                 # jupyter_client picks free TCP ports, then the kernel binds them: a kernel of
                 # another test session side by side can take one in between, and this one dies
-                # ("Address already in use"). Its ports and connection file go; it starts anew.
+                # ("Address already in use"). It goes with its connection file and its manager
+                # (whose ZMQ context the cleanup closes: a manager cannot start a kernel again),
+                # and a new manager starts one on new ports.
                 self.kc.stop_channels()
                 self.km.shutdown_kernel(now=True)
                 self.km.cleanup_resources()
-                self.km.connection_file = ""
-                for port in ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port"):
-                    setattr(self.km, port, 0)  # new free ones are picked
                 if attempt == 2:
                     raise
 
