@@ -56,7 +56,7 @@ KINDS: dict[str, str] = {
     "worker's memory, else {placed: False} with the buffers themselves",
     MSG_ASK: "worker -> kernel: {prompt, password}, the cell called input() or getpass() (or read "
     "sys.stdin); the kernel asks the front end, as an ordinary cell would, and answers with "
-    "ask_reply() on the channel (only a job with ask=True asks: a cell the kernel waits on)",
+    "ask_reply() on the channel (only a job with waited=True asks: a cell the kernel waits on)",
     MSG_VALUES: "a sweep's leader -> kernel: a batch of its children's messages, a list of "
     "(index, kind, body, number of buffers) with every buffer after it in order; kind is a "
     "worker kind (phases are left out) or started (body: pid), dropped or exit (bodies as the "
@@ -207,7 +207,10 @@ class RunPayload(_RunRequired, total=False):
     ``linger`` (seconds): once its outcome is sent, the worker waits at most
     this long for :data:`LET_GO` before it exits.  ``cell_label`` names the
     cell in tracebacks (``Cell In[5]``), and ``cell_labels`` the notebook cells
-    whose functions and classes came by value, by file name.
+    whose functions and classes came by value, by file name.  ``waited``: the
+    kernel waits on this cell (not a background job's, not a sweep's), so
+    ``input()`` asks the front end through the kernel (``ask``) and the cell's
+    widgets are shown as the kernel's own (``comm``).
     """
 
     display_source: str
@@ -233,6 +236,7 @@ class RunPayload(_RunRequired, total=False):
     linger: float
     cell_label: str
     cell_labels: dict[str, str]
+    waited: bool
 
 
 class _ResultRequired(TypedDict):

@@ -1247,8 +1247,7 @@ class Job:
         if self.lingers:
             body["linger"] = LINGER_SECONDS
             if self._waited and "sweep" not in body:  # input() asks the kernel (and the front end),
-                body["ask"] = True  # and the kernel shows the widgets the cell makes, as its own
-                body["widgets"] = True
+                body["waited"] = True  # and the kernel shows the widgets the cell makes, as its own
         return body
 
     @property

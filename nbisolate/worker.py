@@ -732,9 +732,8 @@ def _run(
     ns = main.__dict__
     for hook in job.get("startup", ()):
         __import__(hook)
-    if job.get("ask"):
+    if job.get("waited"):  # the kernel waits on this cell: it asks the front end, shows the widgets
         _let_ask(chan)
-    if job.get("widgets"):
         display_worker.relay_widgets()
     # Small inputs load at once: the kernel hears of the start and load with the next message.
     small = not buffers and not job.get("shared") and len(job["data"]) < _HOLD_BELOW
