@@ -60,7 +60,7 @@ from typing import Any
 import cloudpickle
 from cloudpickle import cloudpickle as _cp
 
-from . import openfiles
+from . import openfiles, widgetrelay
 from .inplace import dispatch_registry
 from .travel import CACHED_FUNCTION
 
@@ -494,6 +494,8 @@ class Pickler(cloudpickle.Pickler):
         # write what came from there as a token: anyone else (the kernel shipping a class
         # that came back from an earlier worker to a new one) sends it by value again.
         self.returning = returning
+        # The notebook's widgets go to a worker by their model's id (widgetrelay.reduction).
+        self.widget_class = None if returning else widgetrelay.widget_class()
         self.modules: set[str] = set()
         self.cells: set[str] = set()  # the notebook cells whose text went with their code
 

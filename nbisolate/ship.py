@@ -176,7 +176,7 @@ class FastPickler(byvalue.Pickler):
         elif kind is not _ModuleType and kind is not _BuiltinType:
             if kind.__reduce__ is _EXCEPTION_REDUCE and rebuilt_without_init(kind):
                 return exception_reduction(obj)
-            if not self.returning and widgetrelay.is_widget(obj):  # the page's widget, by id
+            if self.widget_class is not None and issubclass(kind, self.widget_class):  # the page's, by id
                 return widgetrelay.reduction(obj)
             return NotImplemented
         how = route(obj)
@@ -442,6 +442,7 @@ def dill_pickler_class() -> type:
                 super().__init__(file, *args, **kwds)
                 self._notebook = (main, names, returning)
                 self._by_value: byvalue.Pickler | None = None
+                self._widget = None if returning else widgetrelay.widget_class()
 
             def notebook_reduction(self, obj: Any) -> Any:
                 """A notebook function or class as the fast path writes it; NotImplemented otherwise."""
@@ -467,7 +468,7 @@ def dill_pickler_class() -> type:
                     return exception_reduction(obj)
                 if kind is contextvars.ContextVar:
                     return byvalue.reduce_context_var(obj, self._notebook[2])
-                if not self._notebook[2] and widgetrelay.is_widget(obj):
+                if self._widget is not None and issubclass(kind, self._widget):
                     return widgetrelay.reduction(obj)
                 if kind in openfiles.FILE_TYPES:  # the same file at the same place, never truncated
                     try:

@@ -22,7 +22,7 @@ a comm of the same id (:func:`reduction`, :func:`in_worker`): what the cell sets
 cell runs, and ``bar`` is the notebook's own object again after it.
 
 Standard library only at import: both sides import it (the worker to name :func:`rebuild`,
-the kernel's pickler to ask :func:`is_widget`).
+the kernel's pickler to ask :func:`widget_class`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["RELAYED", "TWINS", "in_worker", "is_widget", "rebuild", "reduction", "relay", "widget_on"]
+__all__ = ["RELAYED", "TWINS", "in_worker", "rebuild", "reduction", "relay", "widget_class", "widget_on"]
 
 _SKIP = ("_model_", "_view_")  # the model's and view's names: the class has them
 
@@ -47,11 +47,12 @@ def synced_traits(widget: Any) -> dict[str, Any]:
     return {name: getattr(widget, name) for name in widget.keys if name == "_view_count" or not name.startswith(_SKIP)}
 
 
-def is_widget(obj: Any) -> bool:
-    """An ipywidgets widget (without importing ipywidgets: no notebook that has none holds one)."""
-    module = sys.modules.get("ipywidgets.widgets.widget")
-    widget = getattr(module, "Widget", None)
-    return widget is not None and issubclass(type(obj), widget)  # (a proxy's __class__ may block)
+def widget_class() -> type | None:
+    """ipywidgets' ``Widget``, or None where it was never imported (no notebook that has not
+    imported it holds a widget). A pickler asks once, then ``issubclass(type(obj), it)`` of each
+    object: a proxy's ``__class__`` (``isinstance``) may block."""
+    widget = getattr(sys.modules.get("ipywidgets.widgets.widget"), "Widget", None)
+    return widget if isinstance(widget, type) else None
 
 
 def reduction(widget: Any) -> tuple[Any, ...]:
