@@ -547,6 +547,28 @@ def relay_widgets() -> None:
             setattr(module, name, value)
 
 
+def widget_handlers() -> dict[str, Any]:
+    """What the cell registered to run on the widgets the kernel shows (``on_click``, ``observe``),
+    one result a widget (``widgetrelay.HANDLERS`` and its model's id): they come back with the
+    cell's results and run in the kernel when the page clicks or drags, as an ordinary cell's."""
+    module = sys.modules.get("ipywidgets.widgets.widget")
+    instances = getattr(module, "_instances", None)
+    if not _relayed or not isinstance(instances, dict):
+        return {}
+    from .widgetrelay import HANDLERS, handlers_of
+
+    found = {}
+    for model_id, widget in list(instances.items()):
+        if model_id in _relayed:
+            try:
+                handlers = handlers_of(widget)
+            except Exception:  # an ipywidgets or traitlets unlike the ones known: they stay here
+                continue
+            if handlers:
+                found[HANDLERS + model_id] = handlers
+    return found
+
+
 def _widgets_relayed() -> bool:
     """Widgets made now are shown in the notebook: relayed, and made by ``comm.create_comm``."""
     create = getattr(sys.modules.get("comm"), "create_comm", None)

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import replace
 from typing import Any
 
-from . import attributes, backends, byvalue, inplace, openfiles, rng, settings, ship
+from . import attributes, backends, byvalue, inplace, openfiles, rng, settings, ship, widgetrelay
 from .backends import Backend, Launch, RunHandle
 from .errors import IsolateError, IsolateTimeout, RemoteError, ShipError, WorkerCrashed
 from .events import Event
@@ -853,6 +853,7 @@ class CellRun:
         self.phases["return"] = body.get("dump_seconds", 0.0) + (time.perf_counter() - t0)
         self._apply_in_place(values, body.get("mutated") or (), body.get("inside") or {})
         self._apply_function_state(values)
+        handlers = {name: values.pop(name) for name in list(values) if name.startswith(widgetrelay.HANDLERS)}
         value = values.pop(RESULT, None)
         set_attributes = {name: values.pop(name) for name in list(values) if attributes.chain_of(name)}
         if body.get("result_bundle") is not None:
@@ -863,6 +864,7 @@ class CellRun:
                 f"rebuilding it in the kernel raised {type(exc).__name__}: "
                 f"{safe_str(exc)}{_raised_in(exc)}"
             )
+        lost = {n: self.skipped.pop(n) for n in list(self.skipped) if n.startswith(widgetrelay.HANDLERS)}
         for name, why in self.skipped.items():
             what = "the value of the last expression" if name == RESULT else attributes.describe(name)
             self.sink.stream(
@@ -875,6 +877,15 @@ class CellRun:
             self.sink.stream("stderr", f"nbisolate: {name!r} ({kind}) stayed in the worker: it is {what}.\n")
             self.skipped[name] = why
         self.namespace.update(values)
+        for name, found in handlers.items():  # on the kernel's widgets, now the cell's are bound
+            try:
+                problem = widgetrelay.take_handlers(name, found)
+            except Exception as exc:
+                problem = f"{type(exc).__name__}: {safe_str(exc)}"
+            if problem:
+                lost[name] = problem
+        for name, why in lost.items():
+            self._note_handlers(name, why)
         byvalue.release_referents()  # copies that only weak references held are gone, as they would be
         deleted = body.get("deleted") or ()
         for name in deleted:  # `del name` in the cell: gone here too
@@ -898,6 +909,15 @@ class CellRun:
             Event("applied", {"returned": self.returned, "skipped": self.skipped, "phases": self.phases})
         )
         return value
+
+    def _note_handlers(self, name: str, why: str) -> None:
+        what, why = widgetrelay.describe(name, self.namespace, why)
+        self.sink.stream(
+            "stderr",
+            f"nbisolate: {what} could not come back: {why.rstrip('.')}. The widget shows and keeps "
+            "its values, but the page's clicks and changes run nothing there; register them in a "
+            "normal cell.\n",
+        )
 
     def _apply_in_place(
         self, values: dict[str, Any], mutated: Iterable[str], inside: Mapping[str, Any] | None = None

@@ -21,6 +21,12 @@ a comm of the same id (:func:`reduction`, :func:`in_worker`): what the cell sets
 (``bar.value = epoch`` in a training loop) reaches the kernel's widget and the page as the
 cell runs, and ``bar`` is the notebook's own object again after it.
 
+What the cell registers to run on its widgets (``button.on_click(go)``, ``slider.observe(show,
+"value")``, a ``link`` between two) comes back with its results (:func:`handlers_of` in the worker,
+:func:`take_handlers` in the kernel) and is registered on the kernel's widget for each model: the
+page's click or drag runs it in the kernel, as it runs an ordinary cell's, with the notebook's
+names. A widget's own methods (``interact``'s update) stay the worker's.
+
 Standard library only at import: both sides import it (the worker to name :func:`rebuild`,
 the kernel's pickler to ask :func:`widget_class`).
 """
@@ -28,11 +34,15 @@ the kernel's pickler to ask :func:`widget_class`).
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-__all__ = ["RELAYED", "TWINS", "in_worker", "rebuild", "reduction", "relay", "widget_class", "widget_on"]
+__all__ = [
+    "HANDLERS", "RELAYED", "TWINS", "handlers_of", "in_worker", "rebuild", "reduction", "relay", "take_handlers",
+    "widget_class", "widget_on",
+]
 
 _SKIP = ("_model_", "_view_")  # the model's and view's names: the class has them
 
@@ -225,3 +235,84 @@ def _silenced(comm: Any) -> Iterator[None]:
 
 def _silent(*args: Any, **kwargs: Any) -> None:
     pass
+
+
+HANDLERS = "\x00handlers "
+"""Starts the name of a result that holds the callbacks the cell registered on a widget, then its
+model's id (no variable is named so)."""
+
+
+def handlers_of(widget: Any) -> dict[str, Any] | None:
+    """In the worker: what the cell registered to run on ``widget`` (None: nothing): the functions
+    each of its ``CallbackDispatcher`` calls (``on_click``, ``on_msg``...), by attribute, and under
+    ``observe`` each trait observer as ``(name, type, handler)``. Not the handlers its class
+    declares (``@observe``: the kernel's widget has its own), nor the widget's own methods, which
+    belong to its class (``interact``'s ``update``)."""
+    from ipywidgets.widgets.widget import CallbackDispatcher
+    from traitlets import EventHandler
+
+    widget_type = widget_class()
+    found: dict[str, Any] = {}
+
+    def travels(handler: Any) -> bool:
+        owner = getattr(handler, "__self__", None)
+        return not isinstance(handler, EventHandler) and not (
+            owner is not None and widget_type is not None and issubclass(type(owner), widget_type)
+        )
+
+    for where in (vars(widget), getattr(widget, "_trait_values", {})):
+        for attr, value in where.items():
+            if isinstance(value, CallbackDispatcher):
+                mine = [callback for callback in value.callbacks if travels(callback)]
+                if mine:
+                    found[attr] = mine
+    observers = [
+        (name, kind, handler)
+        for name, kinds in getattr(widget, "_trait_notifiers", {}).items()
+        for kind, handlers in kinds.items()
+        for handler in handlers
+        if travels(handler)
+    ]
+    if observers:
+        found[_OBSERVE] = observers
+    return found or None
+
+
+_OBSERVE = "observe"  # (no CallbackDispatcher is named so: it is a method of every widget)
+
+
+def take_handlers(name: str, found: dict[str, Any]) -> str | None:
+    """In the kernel: register what a cell registered on a widget (``name``: :data:`HANDLERS` and
+    its model's id) on the kernel's widget for that model. What could not be taken, else None."""
+    model_id = name[len(HANDLERS):]
+    widget = TWINS.get(model_id) or _kernel_widget(model_id)
+    if widget is None:
+        return f"the kernel has no widget for its model {model_id}"
+    missing = []
+    for attr, callbacks in found.items():
+        if attr == _OBSERVE:
+            for trait, kind, handler in callbacks:
+                widget.observe(handler, names=trait, type=kind)
+            continue
+        dispatcher = getattr(widget, attr, None)
+        if not hasattr(dispatcher, "register_callback"):
+            missing.append(attr)
+            continue
+        for callback in callbacks:
+            dispatcher.register_callback(callback)
+    if missing:
+        return f"the kernel's {type(widget).__name__} has no {', '.join(missing)}"
+    return None
+
+
+def describe(name: str, namespace: Mapping[str, Any], why: str) -> tuple[str, str]:
+    """What a :data:`HANDLERS` result is, and ``why`` it did not come back, in a person's words:
+    the widget by the variable that holds it, where one does (``press._click_handlers[0]``)."""
+    model_id = name[len(HANDLERS):]
+    widget = TWINS.get(model_id) or _kernel_widget(model_id)
+    held = [key for key, value in namespace.items() if widget is not None and value is widget and key[:1] != "_"]
+    label = held[0] if held else f"its widget {model_id}"
+    kind = f" ({type(widget).__name__})" if widget is not None else ""
+    where = held[0] if held else "handlers"
+    why = re.sub(r"\['(\w+)'\]", r".\1", why.removeprefix("builtins.dict: ").replace(name, where))
+    return f"what the cell registered to run on {label}{kind}", why

@@ -859,6 +859,7 @@ def _run(
     behind = pools.left_behind(out)
     for name in behind:
         del out[name]
+    out.update(display_worker.widget_handlers())  # last: the widgets they name come back first
     shipped = ship.dumps(out, skip_failures=True, main=ns, returning=True)
     shipped, too_big = _fit_result(out, shipped, job.get("max_result"), ns)
     _say_running_threads(threads, {name: ns.get(name) for name in behind})

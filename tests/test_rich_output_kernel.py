@@ -589,6 +589,109 @@ def test_interact_shows_as_in_an_ordinary_cell_and_its_widget_comes_back(kernel)
     assert kernel.value("(shown.widget.model_id, shown.widget.children[0].value)") == (shown[0], 3)
 
 
+def _page_sends(kernel, comm_id: str, data: dict) -> list[tuple]:
+    """Send what the page sends when a person clicks or drags a widget; what the front end then
+    gets back (the kernel's messages under that request, until it is idle again), in order."""
+    kc = kernel.kc
+    msg = kc.session.msg("comm_msg", {"comm_id": comm_id, "data": data})
+    kc.session.send(kc.shell_channel.socket, msg)
+    seen = []
+    while True:
+        reply = kc.get_iopub_msg(timeout=30)
+        if reply["parent_header"].get("msg_id") != msg["header"]["msg_id"]:
+            continue
+        kind, content = reply["msg_type"], reply["content"]
+        if kind == "status":
+            if content["execution_state"] == "idle":
+                return seen
+        elif kind == "stream":
+            seen.append(("stream", content["name"], content["text"]))
+        elif kind == "comm_msg":
+            state = content["data"].get("state", {})
+            if "msg_id" in state:  # an Output widget takes the output of this request, or stops
+                state = dict(state, msg_id="this request" if state["msg_id"] == msg["header"]["msg_id"] else state["msg_id"])
+            seen.append(("update", "model" if content["comm_id"] == comm_id else "other", state))
+        else:
+            seen.append((kind,))
+
+
+CALLBACKS = cell(
+    """
+    import ipywidgets as widgets
+    clicks, seen = [], []
+    button = widgets.Button(description="go")
+    out = widgets.Output()
+    def go(b):
+        clicks.append(b.description)
+        with out:
+            print("clicked", len(clicks))
+    button.on_click(go)
+    slider = widgets.IntSlider()
+    slider.observe(lambda change: seen.append(change["new"]), "value")
+    twin = widgets.IntSlider()
+    pair = widgets.link((slider, "value"), (twin, "value"))
+    display(button, out, slider, twin)
+    """
+)
+
+
+def test_what_a_cell_registers_on_its_widgets_runs_when_the_page_clicks(kernel):
+    """``on_click``, ``observe`` and ``link`` registered in an isolated cell: the page's click and
+    drag run them in the kernel, with the notebook's names, and the front end gets what it gets
+    from an ordinary cell's widgets (the printout into the Output widget, the linked slider)."""
+    if not _relays_widgets(kernel):
+        pytest.skip("ipywidgets 8.0 makes ipykernel's Comm itself: its widgets stay in the worker")
+    seen = {}
+    for how, prefix in (("ordinary", ""), ("isolated", "%%isolate --quiet\n")):
+        res = kernel.run(prefix + CALLBACKS)
+        assert res.stderr == "", res.stderr
+        button, slider = kernel.value("button.model_id"), kernel.value("slider.model_id")
+        clicked = _page_sends(kernel, button, {"method": "custom", "content": {"event": "click"}})
+        dragged = _page_sends(kernel, slider, {"method": "update", "state": {"value": 7}, "buffer_paths": []})
+        state = kernel.value("(clicks, seen, twin.value, pair.source[0] is slider, button._click_handlers.callbacks == [go])")
+        seen[how] = (clicked, [m for m in dragged if m[0] != "update" or m[1] != "other"], state)
+    assert seen["isolated"] == seen["ordinary"], seen
+    clicked, _, state = seen["isolated"]
+    assert ("stream", "stdout", "clicked 1\n") in clicked and ("update", "other", {"msg_id": "this request"}) in clicked
+    assert state == (["go"], [7], 7, True, True)
+
+
+def test_a_notebook_widget_keeps_what_the_cell_registered_on_it(kernel):
+    """A slider made in a normal cell, observed in an isolated one: the observer runs in the kernel
+    when the page drags it, once, and the notebook's slider is still the same object."""
+    if not _relays_widgets(kernel):
+        pytest.skip("ipywidgets 8.0 makes ipykernel's Comm itself: its widgets stay in the worker")
+    kernel.run("import ipywidgets as widgets\nknob = widgets.IntSlider()\nmoves = []\nknob_id = id(knob)")
+    kernel.run("%%isolate --quiet\nknob.observe(lambda change: moves.append(change['new']), 'value')")
+    _page_sends(kernel, kernel.value("knob.model_id"), {"method": "update", "state": {"value": 4}, "buffer_paths": []})
+    assert kernel.value("(moves, id(knob) == knob_id)") == ([4], True)
+
+
+def test_a_callback_that_cannot_come_back_is_named_and_the_rest_arrive(kernel):
+    """A click handler holding a database connection cannot leave the worker: the cell says so,
+    and its widget and its other variables come back."""
+    if not _relays_widgets(kernel):
+        pytest.skip("ipywidgets 8.0 makes ipykernel's Comm itself: its widgets stay in the worker")
+    code = cell(
+        """
+        import ipywidgets as widgets, sqlite3
+        def counter():
+            db = sqlite3.connect(":memory:")
+            return lambda b: db.execute("select 1")
+        press = widgets.Button(description="count")
+        press.on_click(counter())
+        kept = 5
+        """
+    )
+    res = kernel.run("%%isolate --quiet\n" + code)
+    assert (
+        "nbisolate: what the cell registered to run on press (Button) could not come back: "
+        "press._click_handlers[0].<closure db>: sqlite3.Connection"
+    ) in res.stderr, res.stderr
+    assert "register them in a normal cell" in res.stderr, res.stderr
+    assert kernel.value("(kept, press.description, press._click_handlers.callbacks)") == (5, "count", [])
+
+
 def test_a_notebook_progress_bar_is_the_notebooks_widget_bar(kernel):
     """``from tqdm.notebook import tqdm`` draws its widget bar, as in an ordinary cell (it drew
     tqdm's text bar when widgets could not leave the worker)."""
