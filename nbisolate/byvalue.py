@@ -272,6 +272,42 @@ def _rebuild_class(token: str | None, name: str | None, maker: Any, *args: Any) 
     return cls
 
 
+_TRAIT_BOOKKEEPING = frozenset({
+    "_descriptors", "_instance_inits", "_traits", "_static_immutable_initial_values",
+    "_trait_default_generators", "_all_trait_default_generators",
+})
+"""What traitlets' metaclass computes for a ``HasTraits`` class from its body and its bases: the
+descriptors of every trait and handler, the library's among them."""
+
+
+def _has_trait_bookkeeping(cls: type) -> bool:
+    """A class made by traitlets' metaclass (a notebook's widget, a ``HasTraits`` subclass)."""
+    module = sys.modules.get("traitlets.traitlets")
+    meta = getattr(module, "MetaHasDescriptors", None)
+    return isinstance(meta, type) and isinstance(cls, meta)
+
+
+def _without_trait_bookkeeping(rest: list[Any]) -> list[Any]:
+    """A traitlets class's state (cloudpickle's ``(state, slotstate)``, then its setter) without
+    what its metaclass computes, which is computed again where it loads
+    (:func:`_set_traitlets_class_state`). Copied, it took the handlers the library's classes
+    declare (ipywidgets' ``Widget._comm_changed``) by value, as functions no name reaches, with
+    their module's globals: a widget subclass defined in a cell carried ipywidgets' registry of
+    every widget of the process, and made each of them again on the other side."""
+    (clsdict, slotstate), *others = rest
+    kept = {name: value for name, value in clsdict.items() if name not in _TRAIT_BOOKKEEPING}
+    listitems, dictitems, _setter = (others + [None, None, None])[:3]
+    return [(kept, slotstate), listitems, dictitems, _set_traitlets_class_state]
+
+
+def _set_traitlets_class_state(cls: type, state: tuple[dict[str, Any], dict[str, Any]]) -> type:
+    """cloudpickle's ``_class_setstate``, then traitlets' metaclass's own setup over the class as
+    it now is (its traits named, its handlers and defaults found, its bases' included)."""
+    _cp._class_setstate(cls, state)
+    cls.setup_class(dict(vars(cls)))  # type: ignore[attr-defined]
+    return cls
+
+
 def _single_dispatch(func: types.FunctionType) -> tuple[Any, tuple[tuple[Any, Any], ...]] | None:
     """The function and the implementations a ``functools.singledispatch`` function was made of,
     or None for any other function."""
@@ -568,6 +604,8 @@ class Pickler(cloudpickle.Pickler):
             # class on the way back. Slots must exist when the class is made.
             type_kwargs = dict(args[3], __slots__=obj.__dict__["__slots__"])
             args = (*args[:3], type_kwargs, *args[4:])
+        if rest and _has_trait_bookkeeping(obj):
+            rest = _without_trait_bookkeeping(rest)
         return (_rebuild_class, (_token(obj), self.notebook_name(obj), maker, *args), *rest)
 
     @staticmethod

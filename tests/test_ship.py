@@ -57,6 +57,36 @@ def test_local_functions_and_classes_go_by_value_with_their_globals():
     assert type(out["obj"]) is out["cls"]
 
 
+def test_a_traitlets_class_travels_without_what_its_metaclass_computes():
+    """A widget class defined in a notebook travels by value; what traitlets' metaclass computes
+    from it (its bases' descriptors, the library's own handlers among them) does not: copied, it
+    carried ipywidgets' ``_comm_changed`` by value with its module's registry of every widget.
+    It is computed again on loading, so the class's own trait and handler still work there."""
+    widgets = pytest.importorskip("ipywidgets")
+    traitlets = pytest.importorskip("traitlets")
+
+    def make():
+        class Counter(widgets.Button):
+            clicks = traitlets.Int(0)
+
+            @traitlets.observe("clicks")
+            def _show(self, change):
+                self.description = f"clicked {change['new']}"
+
+        return Counter
+
+    Counter = make()
+    others = [widgets.IntSlider() for _ in range(3)]  # the process's widgets, in ipywidgets' registry
+    s, out = roundtrip({"cls": Counter})
+    assert b"_comm_changed" not in s.data and len(s.data) < 4000, len(s.data)
+    button = out["cls"](description="count")
+    button.clicks = 2
+    assert button.description == "clicked 2"
+    assert "clicks" in out["cls"].class_trait_names() and "description" in out["cls"].class_trait_names()
+    for widget in [*others, button]:
+        widget.close()
+
+
 def test_arrays_travel_out_of_band_and_sizes_count_them():
     arr = np.arange(100_000, dtype=np.float64)
     s, out = roundtrip({"arr": arr})
