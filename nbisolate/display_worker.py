@@ -706,10 +706,11 @@ def _adapt_widgets(module: Any) -> None:
     def __reduce_ex__(self: Any, protocol: Any) -> Any:
         # Back in the kernel, a widget of its class on the kernel's comm for its model (a new
         # one if the kernel never opened it), with its synced traits: nbisolate.widgetrelay.
-        from .widgetrelay import rebuild, synced_traits
+        from .widgetrelay import own_attributes, rebuild, synced_traits
 
         comm_id = getattr(self.comm, "comm_id", None)
-        return rebuild, (type(self), comm_id if comm_id in _relayed else None, synced_traits(self))
+        own = own_attributes(self) or None
+        return rebuild, (type(self), comm_id if comm_id in _relayed else None, synced_traits(self), own)
 
     __init__._nbisolate = True  # type: ignore[attr-defined]
     __init__.__doc__ = original_init.__doc__

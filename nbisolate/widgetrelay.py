@@ -186,11 +186,22 @@ def _take(twin: Any, data: dict[str, Any], buffers: list[Any]) -> None:
         twin.set_state(state)
 
 
-def rebuild(cls: type, comm_id: str | None, traits: dict[str, Any]) -> Any:
+def rebuild(cls: type, comm_id: str | None, traits: dict[str, Any], own: dict[str, Any] | None = None) -> Any:
     """In the kernel: the widget a cell bound. Its twin (:data:`TWINS`) when the kernel made one,
     else a widget of its class on the kernel's comm for its model, else (the kernel never opened
     it) a new widget. ``traits`` are its synced traits, widgets among them already rebuilt (they
-    travel the same way), so a slider comes back with its own layout and style."""
+    travel the same way), so a slider comes back with its own layout and style; ``own`` its other
+    attributes (:func:`own_attributes`), set on it as the cell left them."""
+    widget = _rebuilt(cls, comm_id, traits)
+    for name, value in (own or {}).items():
+        try:
+            setattr(widget, name, value)
+        except Exception:
+            pass  # (a read-only property of its class: the kernel's stands)
+    return widget
+
+
+def _rebuilt(cls: type, comm_id: str | None, traits: dict[str, Any]) -> Any:
     twin = (TWINS.get(comm_id) or _kernel_widget(comm_id)) if comm_id is not None else None
     if twin is not None and type(twin) is cls:
         return twin  # (the notebook's own object, for one it sent: as after an ordinary cell)
@@ -203,9 +214,33 @@ def rebuild(cls: type, comm_id: str | None, traits: dict[str, Any]) -> Any:
         if twin is None:
             raise
         # A class not made from its traits alone (ipywidgets' interactive takes its function):
-        # the kernel's widget of the model's registered class, on the model the page shows.
+        # the kernel's widget for the model the page shows becomes one of that class (a subclass
+        # of its model's registered class), its attributes set by rebuild, so that its methods
+        # work in the kernel (interactive's update runs the function when the page drags).
         _kernel_widget_registered(twin)
+        if issubclass(cls, type(twin)):
+            try:
+                twin.__class__ = cls
+            except TypeError:
+                pass
         return twin
+
+
+_INTERNAL = ("_trait_", "_cross_validation_lock", "_model_id", "_property_lock", "_holding_sync",
+             "_states_to_send", "_nbisolate")
+
+
+def own_attributes(widget: Any) -> dict[str, Any]:
+    """A widget's attributes beside its traits (``interactive``'s function, a slider's ``_kwarg``,
+    a subclass's counter): not traitlets' and ipywidgets' bookkeeping, nor its callbacks
+    (:func:`handlers_of`)."""
+    from ipywidgets.widgets.widget import CallbackDispatcher
+
+    return {
+        name: value
+        for name, value in vars(widget).items()
+        if not name.startswith(_INTERNAL) and not isinstance(value, CallbackDispatcher)
+    }
 
 
 def _kernel_widget_registered(twin: Any) -> None:
@@ -246,19 +281,20 @@ def handlers_of(widget: Any) -> dict[str, Any] | None:
     """In the worker: what the cell registered to run on ``widget`` (None: nothing): the functions
     each of its ``CallbackDispatcher`` calls (``on_click``, ``on_msg``...), by attribute, and under
     ``observe`` each trait observer as ``(name, type, handler)``. Not the handlers its class
-    declares (``@observe``: the kernel's widget has its own), nor the widget's own methods, which
-    belong to its class (``interact``'s ``update``)."""
+    declares (``@observe``: the kernel's widget has its own), nor ipywidgets' wiring of the widget
+    to itself. Another widget's method (``interact``'s ``update`` on its sliders) travels as that
+    widget's, which :func:`rebuild` makes in the kernel."""
     from ipywidgets.widgets.widget import CallbackDispatcher
     from traitlets import EventHandler
 
-    widget_type = widget_class()
     found: dict[str, Any] = {}
 
     def travels(handler: Any) -> bool:
-        owner = getattr(handler, "__self__", None)
-        return not isinstance(handler, EventHandler) and not (
-            owner is not None and widget_type is not None and issubclass(type(owner), widget_type)
-        )
+        if isinstance(handler, EventHandler):
+            return False
+        if getattr(handler, "__self__", None) is widget:  # ipywidgets' own wiring of it stays
+            return not str(getattr(handler, "__module__", "")).startswith("ipywidgets")
+        return True
 
     for where in (vars(widget), getattr(widget, "_trait_values", {})):
         for attr, value in where.items():
@@ -292,14 +328,16 @@ def take_handlers(name: str, found: dict[str, Any]) -> str | None:
     for attr, callbacks in found.items():
         if attr == _OBSERVE:
             for trait, kind, handler in callbacks:
-                widget.observe(handler, names=trait, type=kind)
+                if handler not in widget._trait_notifiers.get(trait, {}).get(kind, ()):
+                    widget.observe(handler, names=trait, type=kind)
             continue
         dispatcher = getattr(widget, attr, None)
         if not hasattr(dispatcher, "register_callback"):
             missing.append(attr)
             continue
         for callback in callbacks:
-            dispatcher.register_callback(callback)
+            if callback not in dispatcher.callbacks:  # (its class's __init__ ran again here)
+                dispatcher.register_callback(callback)
     if missing:
         return f"the kernel's {type(widget).__name__} has no {', '.join(missing)}"
     return None

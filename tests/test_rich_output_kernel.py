@@ -569,7 +569,7 @@ def test_with_an_output_widget_the_cells_output_goes_into_it(kernel):
 def test_interact_shows_as_in_an_ordinary_cell_and_its_widget_comes_back(kernel):
     """``interact`` opens the same models and shows the function's output in its Output widget; the
     function comes back with its ``widget``: ipywidgets' ``interactive`` cannot be made from its
-    traits alone, so it is the kernel's widget for the model shown."""
+    traits alone, so it is the kernel's widget for the model shown, made an ``interactive``."""
     if not _relays_widgets(kernel):
         pytest.skip("ipywidgets 8.0 makes ipykernel's Comm itself: its widgets stay in the worker")
     code = cell(
@@ -586,7 +586,9 @@ def test_interact_shows_as_in_an_ordinary_cell_and_its_widget_comes_back(kernel)
     assert opened == [m[2] for m in _widget_traffic(ordinary) if m[0] == "open"] and "SliderStyleModel" in opened
     assert res.stdout == ordinary.stdout == "x is 3\n" and res.stderr == "", res.stderr
     shown = [d["data"][WIDGET_MIME]["model_id"] for d in displays(res) if WIDGET_MIME in d["data"]]
-    assert kernel.value("(shown.widget.model_id, shown.widget.children[0].value)") == (shown[0], 3)
+    assert kernel.value("(shown.widget.model_id, shown.widget.children[0].value, type(shown.widget).__name__)") == (
+        shown[0], 3, "interactive"
+    )
 
 
 def _page_sends(kernel, comm_id: str, data: dict) -> list[tuple]:
@@ -654,6 +656,58 @@ def test_what_a_cell_registers_on_its_widgets_runs_when_the_page_clicks(kernel):
     clicked, _, state = seen["isolated"]
     assert ("stream", "stdout", "clicked 1\n") in clicked and ("update", "other", {"msg_id": "this request"}) in clicked
     assert state == (["go"], [7], 7, True, True)
+
+
+INTERACTIVE = cell(
+    """
+    import ipywidgets as widgets
+    from ipywidgets import interact, interact_manual, IntSlider
+    def show(x, y=2):
+        print("x is", x, "y is", y)
+        return x * y
+    show = interact(show, x=IntSlider(value=3, max=10), y=(0, 5))
+    @interact_manual(n=4)
+    def twice(n):
+        print("twice", 2 * n)
+    class Counter(widgets.Button):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.n = 0
+            self.on_click(self.bump)
+        def bump(self, b):
+            self.n += 1
+            self.description = f"clicked {self.n}"
+    counter = Counter(description="count")
+    counter.n = 5
+    display(counter)
+    """
+)
+
+
+def test_interact_and_a_widget_class_of_the_cell_answer_the_page_as_in_an_ordinary_cell(kernel):
+    """After the cell, dragging ``interact``'s slider runs its function again into its Output,
+    ``interact_manual``'s button runs it once, and a widget class of the cell's own (which
+    registers its method in ``__init__``) counts on from where the cell left it: the same messages
+    to the page as an ordinary cell's, run in the kernel."""
+    if not _relays_widgets(kernel):
+        pytest.skip("ipywidgets 8.0 makes ipykernel's Comm itself: its widgets stay in the worker")
+    seen = {}
+    for how, prefix in (("ordinary", ""), ("isolated", "%%isolate --quiet\n")):
+        res = kernel.run(prefix + INTERACTIVE)
+        assert res.stderr == "", res.stderr
+        drag = {"method": "update", "state": {"value": 7}, "buffer_paths": []}
+        click = {"method": "custom", "content": {"event": "click"}}
+        seen[how] = (
+            _page_sends(kernel, kernel.value("show.widget.children[0].model_id"), drag),
+            _page_sends(kernel, kernel.value("twice.widget.manual_button.model_id"), click),
+            _page_sends(kernel, kernel.value("counter.model_id"), click),
+            kernel.value("(type(show.widget).__name__, show.widget.result, counter.n, len(counter._click_handlers.callbacks))"),
+        )
+    assert seen["isolated"] == seen["ordinary"], seen
+    dragged, pressed, counted, state = seen["isolated"]
+    assert ("stream", "stdout", "x is 7 y is 2\n") in dragged and ("stream", "stdout", "twice 8\n") in pressed
+    assert counted == [("update", "model", {"description": "clicked 6"})]
+    assert state == ("interactive", 14, 6, 1)
 
 
 def test_a_notebook_widget_keeps_what_the_cell_registered_on_it(kernel):
