@@ -68,14 +68,26 @@ def widget_class() -> type | None:
 def reduction(widget: Any) -> tuple[Any, ...]:
     """In the kernel: how the notebook's ``widget`` travels to a worker (:func:`in_worker`)."""
     comm = getattr(widget, "comm", None)
-    return in_worker, (type(widget), getattr(comm, "comm_id", None), synced_traits(widget))
+    own = own_attributes(widget) or None
+    return in_worker, (type(widget), getattr(comm, "comm_id", None), synced_traits(widget), own)
 
 
-def in_worker(cls: type, comm_id: str | None, traits: dict[str, Any]) -> Any:
-    """In the worker: the notebook's widget ``comm_id`` (display_worker.widget_from_kernel)."""
+def in_worker(cls: type, comm_id: str | None, traits: dict[str, Any], own: dict[str, Any] | None = None) -> Any:
+    """In the worker: the notebook's widget ``comm_id`` (display_worker.widget_from_kernel), with
+    its attributes beside its traits as the notebook has them."""
     from .display_worker import widget_from_kernel
 
-    return widget_from_kernel(cls, comm_id, traits)
+    return _set_own(widget_from_kernel(cls, comm_id, traits), own)
+
+
+def _set_own(widget: Any, own: dict[str, Any] | None) -> Any:
+    for name, value in (own or {}).items():
+        try:
+            setattr(widget, name, value)
+        except Exception:
+            pass  # (a read-only property of its class: this side's stands)
+    return widget
+
 
 RELAYED: dict[str, Any] = {}
 """The kernel's comms for the widgets isolated cells made, by id; like a kernel's own widgets'
@@ -192,13 +204,7 @@ def rebuild(cls: type, comm_id: str | None, traits: dict[str, Any], own: dict[st
     it) a new widget. ``traits`` are its synced traits, widgets among them already rebuilt (they
     travel the same way), so a slider comes back with its own layout and style; ``own`` its other
     attributes (:func:`own_attributes`), set on it as the cell left them."""
-    widget = _rebuilt(cls, comm_id, traits)
-    for name, value in (own or {}).items():
-        try:
-            setattr(widget, name, value)
-        except Exception:
-            pass  # (a read-only property of its class: the kernel's stands)
-    return widget
+    return _set_own(_rebuilt(cls, comm_id, traits), own)
 
 
 def _rebuilt(cls: type, comm_id: str | None, traits: dict[str, Any]) -> Any:

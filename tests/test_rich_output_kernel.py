@@ -712,13 +712,32 @@ def test_interact_and_a_widget_class_of_the_cell_answer_the_page_as_in_an_ordina
 
 def test_a_notebook_widget_keeps_what_the_cell_registered_on_it(kernel):
     """A slider made in a normal cell, observed in an isolated one: the observer runs in the kernel
-    when the page drags it, once, and the notebook's slider is still the same object."""
+    when the page drags it, once, and the notebook's slider is still the same object, with what
+    the cell set beside its traits (``knob.step_count``), as after an ordinary cell."""
     if not _relays_widgets(kernel):
         pytest.skip("ipywidgets 8.0 makes ipykernel's Comm itself: its widgets stay in the worker")
-    kernel.run("import ipywidgets as widgets\nknob = widgets.IntSlider()\nmoves = []\nknob_id = id(knob)")
-    kernel.run("%%isolate --quiet\nknob.observe(lambda change: moves.append(change['new']), 'value')")
+    kernel.run(cell(
+        """
+        import ipywidgets as widgets
+        class Knob(widgets.IntSlider):
+            step_count = 0
+        knob = Knob()
+        knob.step_count = 5
+        moves = []
+        knob_id = id(knob)
+        """
+    ))
+    res = kernel.run(cell(
+        """
+        %%isolate --quiet
+        knob.observe(lambda change: moves.append(change['new']), 'value')
+        counted = knob.step_count
+        knob.step_count += 1
+        """
+    ))
+    assert res.stderr == "", res.stderr
     _page_sends(kernel, kernel.value("knob.model_id"), {"method": "update", "state": {"value": 4}, "buffer_paths": []})
-    assert kernel.value("(moves, id(knob) == knob_id)") == ([4], True)
+    assert kernel.value("(moves, id(knob) == knob_id, counted, knob.step_count)") == ([4], True, 5, 6)
 
 
 def test_a_callback_that_cannot_come_back_is_named_and_the_rest_arrive(kernel):
