@@ -271,6 +271,8 @@ class ResultBody(_ResultRequired, total=False):
     among ``names``, ``deleted`` and ``mutated``, those that begin with
     :data:`nbisolate.attributes.PREFIX` are attributes the cell set, deleted or
     changed in place on a module, class or function, to set on the notebook's own;
+    those that begin with :data:`nbisolate.widgetrelay.HANDLERS` are what the
+    cell registered on a widget the kernel shows, to register on the kernel's;
     ``rng`` the worker's global random states after the cell; ``settings`` what
     the cell changed of the settings, the environment, the working directory
     and ``sys.path``, when the run asked (``settings_back``);
