@@ -231,6 +231,9 @@ class Job:
                     self.outputs[index]["output"] = output
             else:
                 self.keep(output, display_id)
+        elif kind == "error_output" and isinstance(data, dict):
+            self.keep({"output_type": "error", "ename": data.get("ename", ""), "evalue": data.get("evalue", ""),
+                       "traceback": list(data.get("traceback") or ())})
         elif kind == "clear_output":
             self.outputs.clear()
             self._displays.clear()

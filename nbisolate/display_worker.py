@@ -52,7 +52,7 @@ from binascii import b2a_hex
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .protocol import MSG_COMM
+from .protocol import MSG_COMM, MSG_ERROR_OUTPUT
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 WIDGET_ADVICE = (
@@ -666,9 +666,7 @@ def _adapt_widget_output(module: Any) -> None:
         if not relayed(self):
             return original_exit(self, etype, evalue, tb)
         if etype is not None:
-            import traceback
-
-            traceback.print_exception(etype, evalue, tb)
+            _show_exception(evalue if evalue is not None else etype(), tb)
         _flush_streams()
         depth = self.__dict__.get("_nbisolate_depth", 1) - 1
         self.__dict__["_nbisolate_depth"] = depth
@@ -678,6 +676,17 @@ def _adapt_widget_output(module: Any) -> None:
 
     __enter__._nbisolate = True  # type: ignore[attr-defined]
     output.__enter__, output.__exit__ = __enter__, __exit__
+
+
+def _show_exception(exc: BaseException, tb: Any) -> None:
+    """Show ``exc`` as IPython shows one in an ordinary cell (an error output where the cell's
+    output goes now), and go on."""
+    from . import worker
+
+    exc.__traceback__ = tb
+    _flush_streams()
+    text = worker.shown_traceback(exc)
+    _send(MSG_ERROR_OUTPUT, {"ename": type(exc).__name__, "evalue": str(exc), "traceback": text.splitlines()})
 
 
 def _adapt_widgets(module: Any) -> None:

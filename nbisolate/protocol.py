@@ -26,6 +26,7 @@ MSG_DISPLAY = "display"
 MSG_COMM = "comm"
 MSG_UPDATE_DISPLAY = "update_display"
 MSG_CLEAR_OUTPUT = "clear_output"
+MSG_ERROR_OUTPUT = "error_output"
 MSG_SYSEXIT = "sysexit"
 MSG_RESULT = "result"
 MSG_ERROR = "error"
@@ -43,6 +44,9 @@ KINDS: dict[str, str] = {
     "target_name) with its buffers; the kernel sends it on from a comm of the same id",
     MSG_UPDATE_DISPLAY: "worker -> kernel: an update of an earlier display by its display id",
     MSG_CLEAR_OUTPUT: "worker -> kernel: {wait}, clear the cell's output",
+    MSG_ERROR_OUTPUT: "worker -> kernel: {ename, evalue, traceback}, an exception the cell's code "
+    "showed and went on (one raised inside ``with out:``), shown as IPython shows one: an error "
+    "output, where the cell's output goes then; not the cell's error",
     MSG_SYSEXIT: "worker -> kernel: SysExitBody, the cell called sys.exit()",
     MSG_RESULT: "worker -> kernel, last: ResultBody with the results' buffers or, when they add "
     "up to 1 MB, pull={spans} instead: the kernel copies them out of the waiting worker "

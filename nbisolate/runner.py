@@ -678,7 +678,7 @@ class CellRun:
             return
         if kind == "stream":
             self.sink.stream(*event.data)
-        elif kind in ("display", "update_display", "clear_output"):
+        elif kind in ("display", "update_display", "clear_output", "error_output"):
             self.sink.display(kind, event.data)
         elif kind == "comm":  # a widget the cell made: a sink that cannot show it drops it
             relay = getattr(self.sink, "comm", None)

@@ -13,6 +13,14 @@ import sys
 from typing import Any
 
 
+def _shown(data: dict[str, Any]) -> BaseException:
+    """An exception the worker's cell showed and went on (``error_output``), to show here: of a
+    class named as its own was, its traceback the worker's."""
+    lines = list(data.get("traceback") or ())
+    kind = type(str(data.get("ename") or "Exception"), (Exception,), {"_render_traceback_": lambda self: lines})
+    return kind(data.get("evalue", ""))
+
+
 class StdSink:
     """Where a cell's output goes: the kernel's own streams and display machinery."""
 
@@ -44,8 +52,14 @@ class StdSink:
         except ImportError:  # pragma: no cover - IPython is a dependency
             get_ipython = None  # type: ignore[assignment]
         if get_ipython is None or get_ipython() is None:
-            if kind != "clear_output":
+            if kind == "error_output":
+                print("\n".join(data.get("traceback") or ()), file=sys.stderr)
+            elif kind != "clear_output":
                 print(data.get("data", {}).get("text/plain", ""))
+            return
+        if kind == "error_output":  # as IPython shows an exception the code showed and went on
+            shown = _shown(data)
+            get_ipython().showtraceback((type(shown), shown, None))
             return
         if kind == "clear_output":
             clear_output(wait=bool(data.get("wait")))

@@ -600,6 +600,18 @@ def _cell_traceback(
     return "\n".join(parts)
 
 
+_naming: tuple[str, str | None, dict[str, str] | None] | None = None
+"""The running cell's file name, label and the notebook cells' labels (:func:`_cell_traceback`)."""
+
+
+def shown_traceback(exc: BaseException) -> str:
+    """``exc``'s traceback as the cell's own error's would show (for an exception the cell's code
+    shows and goes on, as ``with out:`` does)."""
+    if _naming is None:
+        return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return _cell_traceback(exc, *_naming)
+
+
 def _one_traceback(exc: BaseException, filename: str, label: str, cells: dict[str, str]) -> str:
     tb = exc.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename != filename:
@@ -616,8 +628,9 @@ def _one_traceback(exc: BaseException, filename: str, label: str, cells: dict[st
     ]
     for frame in frames:
         lineno = frame.lineno or 0
-        if frame.filename == filename:
-            out.append(f"{_CYAN}{label}{_RESET}, line {lineno}")
+        if frame.filename == filename:  # (a function of the cell's own is named, as IPython does)
+            inside = "" if frame.name == "<module>" else f", in {_CYAN}{frame.name}(){_RESET}"
+            out.append(f"{_CYAN}{label}{_RESET}, line {lineno}{inside}")
         elif frame.filename in cells:
             out.append(f"{_CYAN}{cells[frame.filename]}{_RESET}, line {lineno}, in {_CYAN}{frame.name}(){_RESET}")
         else:
@@ -770,7 +783,9 @@ def _run(
         attributes.patch(_patch_loaders(job["patches"], ns))
     chan.phase("load", time.perf_counter() - t1, hold=small)  # type: ignore[attr-defined]
 
+    global _naming
     filename = job["filename"]
+    _naming = (filename, job.get("cell_label"), job.get("cell_labels"))
     shown = job.get("display_source", job["source"])
     linecache.cache[filename] = (len(shown), None, shown.splitlines(True), filename)
     body, tail = compiled or compile_job(job)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -564,6 +565,51 @@ def test_with_an_output_widget_the_cells_output_goes_into_it(kernel):
     res = kernel.run("%%isolate --quiet\n" + code)
     assert sequence(res) == sequence(ordinary), (sequence(res), sequence(ordinary))
     assert ("into the widget", "yes") in sequence(res) and ("stream", "inside\n") in sequence(res)
+
+
+def test_an_exception_inside_an_output_widget_shows_there_as_an_error_and_the_cell_goes_on(kernel):
+    """``with out:`` around a failing call: IPython shows the exception as an error output while the
+    widget takes the cell's output, and the cell goes on, as in an ordinary cell; its traceback
+    names the cell's function as IPython does (``Cell In[n], line k, in fail()``)."""
+    if not _relays_widgets(kernel):
+        pytest.skip("ipywidgets 8.0 makes ipykernel's Comm itself: its widgets stay in the worker")
+    code = cell(
+        """
+        import ipywidgets as widgets
+        out = widgets.Output()
+        display(out)
+        def fail():
+            raise ValueError("inside the widget")
+        with out:
+            print("before")
+            fail()
+        went_on = True
+        """
+    )
+
+    def sequence(res) -> list[tuple]:
+        request = res.reply["parent_header"]["msg_id"]
+        seen = []
+        for msg in res.messages:
+            kind, content = msg["msg_type"], msg["content"]
+            state = content.get("data", {}).get("state") if kind == "comm_msg" else None
+            if state and "msg_id" in state:
+                seen.append(("into the widget", state["msg_id"] == request))
+            elif kind == "stream":
+                seen.append((kind, content["text"]))
+            elif kind == "error":
+                seen.append((kind, content["ename"], content["evalue"]))
+        return seen
+
+    ordinary = kernel.run(code)
+    res = kernel.run("%%isolate --quiet\n" + code)
+    assert sequence(res) == sequence(ordinary) == [
+        ("into the widget", True), ("stream", "before\n"), ("error", "ValueError", "inside the widget"),
+        ("into the widget", False),
+    ], (sequence(res), sequence(ordinary))
+    shown = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(res.of("error")[0]["content"]["traceback"]))
+    assert "line 6, in fail()" in shown and "ValueError: inside the widget" in shown, shown
+    assert res.ok and kernel.value("went_on") is True
 
 
 def test_interact_shows_as_in_an_ordinary_cell_and_its_widget_comes_back(kernel):
