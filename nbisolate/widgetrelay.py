@@ -25,7 +25,9 @@ What the cell registers to run on its widgets (``button.on_click(go)``, ``slider
 "value")``, a ``link`` between two) comes back with its results (:func:`handlers_of` in the worker,
 :func:`take_handlers` in the kernel) and is registered on the kernel's widget for each model: the
 page's click or drag runs it in the kernel, as it runs an ordinary cell's, with the notebook's
-names. A widget's own methods (``interact``'s update) stay the worker's.
+names. Another widget's method among them (``interact``'s update, on its sliders) comes back as that
+widget's, which :func:`rebuild` makes of the worker's class, with its attributes beside its traits
+(:func:`own_attributes`), so that dragging the slider runs the function again.
 
 Standard library only at import: both sides import it (the worker to name :func:`rebuild`,
 the kernel's pickler to ask :func:`widget_class`).
@@ -40,8 +42,8 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 __all__ = [
-    "HANDLERS", "RELAYED", "TWINS", "handlers_of", "in_worker", "rebuild", "reduction", "relay", "take_handlers",
-    "widget_class", "widget_on",
+    "HANDLERS", "RELAYED", "TWINS", "describe", "handlers_of", "in_worker", "own_attributes", "rebuild", "reduction",
+    "relay", "take_handlers", "widget_class", "widget_on",
 ]
 
 _SKIP = ("_model_", "_view_")  # the model's and view's names: the class has them

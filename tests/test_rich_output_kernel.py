@@ -498,10 +498,7 @@ def test_a_widget_the_cell_binds_comes_back_on_the_model_it_shows(kernel):
     after = kernel.run("bar.value = 1")
     assert [(m["content"]["comm_id"], m["content"]["data"]["state"]) for m in after.of("comm_msg")] == [(shown[0], {"value": 1})]
     # the front end moves it (as a slider's drag would): the kernel's widget takes the change
-    kc = kernel.kc
-    kc.session.send(kc.shell_channel.socket, kc.session.msg("comm_msg", {
-        "comm_id": shown[0], "data": {"method": "update", "state": {"value": 2}, "buffer_paths": []},
-    }))
+    _page_sends(kernel, shown[0], drag(2))
     assert wait_until(lambda: kernel.value("bar.value") == 2, 10)
 
 
@@ -637,6 +634,15 @@ def test_interact_shows_as_in_an_ordinary_cell_and_its_widget_comes_back(kernel)
     )
 
 
+CLICK = {"method": "custom", "content": {"event": "click"}}
+"""What the page sends when a person clicks a button."""
+
+
+def drag(value: int) -> dict:
+    """What the page sends when a person drags a slider to ``value``."""
+    return {"method": "update", "state": {"value": value}, "buffer_paths": []}
+
+
 def _page_sends(kernel, comm_id: str, data: dict) -> list[tuple]:
     """Send what the page sends when a person clicks or drags a widget; what the front end then
     gets back (the kernel's messages under that request, until it is idle again), in order."""
@@ -693,9 +699,8 @@ def test_what_a_cell_registers_on_its_widgets_runs_when_the_page_clicks(kernel):
     for how, prefix in (("ordinary", ""), ("isolated", "%%isolate --quiet\n")):
         res = kernel.run(prefix + CALLBACKS)
         assert res.stderr == "", res.stderr
-        button, slider = kernel.value("button.model_id"), kernel.value("slider.model_id")
-        clicked = _page_sends(kernel, button, {"method": "custom", "content": {"event": "click"}})
-        dragged = _page_sends(kernel, slider, {"method": "update", "state": {"value": 7}, "buffer_paths": []})
+        clicked = _page_sends(kernel, kernel.value("button.model_id"), CLICK)
+        dragged = _page_sends(kernel, kernel.value("slider.model_id"), drag(7))
         state = kernel.value("(clicks, seen, twin.value, pair.source[0] is slider, button._click_handlers.callbacks == [go])")
         seen[how] = (clicked, [m for m in dragged if m[0] != "update" or m[1] != "other"], state)
     assert seen["isolated"] == seen["ordinary"], seen
@@ -741,12 +746,10 @@ def test_interact_and_a_widget_class_of_the_cell_answer_the_page_as_in_an_ordina
     for how, prefix in (("ordinary", ""), ("isolated", "%%isolate --quiet\n")):
         res = kernel.run(prefix + INTERACTIVE)
         assert res.stderr == "", res.stderr
-        drag = {"method": "update", "state": {"value": 7}, "buffer_paths": []}
-        click = {"method": "custom", "content": {"event": "click"}}
         seen[how] = (
-            _page_sends(kernel, kernel.value("show.widget.children[0].model_id"), drag),
-            _page_sends(kernel, kernel.value("twice.widget.manual_button.model_id"), click),
-            _page_sends(kernel, kernel.value("counter.model_id"), click),
+            _page_sends(kernel, kernel.value("show.widget.children[0].model_id"), drag(7)),
+            _page_sends(kernel, kernel.value("twice.widget.manual_button.model_id"), CLICK),
+            _page_sends(kernel, kernel.value("counter.model_id"), CLICK),
             kernel.value("(type(show.widget).__name__, show.widget.result, counter.n, len(counter._click_handlers.callbacks))"),
         )
     assert seen["isolated"] == seen["ordinary"], seen
@@ -782,7 +785,7 @@ def test_a_notebook_widget_keeps_what_the_cell_registered_on_it(kernel):
         """
     ))
     assert res.stderr == "", res.stderr
-    _page_sends(kernel, kernel.value("knob.model_id"), {"method": "update", "state": {"value": 4}, "buffer_paths": []})
+    _page_sends(kernel, kernel.value("knob.model_id"), drag(4))
     assert kernel.value("(moves, id(knob) == knob_id, counted, knob.step_count)") == ([4], True, 5, 6)
 
 
