@@ -302,7 +302,7 @@ def _describe_failure(name: str, value: Any, exc: BaseException) -> tuple[str, s
 
 
 def _attempt(
-    pickler_factory: Any, values: Mapping[str, Any], names: Sequence[str]
+    pickler_factory: Any, values: Mapping[str, Any], names: Sequence[str], shared: Sequence[Any] = ()
 ) -> tuple[Shipment | None, str | None, BaseException | None]:
     """Serialize ``names`` in one pickler; on failure, the name that failed and why.
 
@@ -315,6 +315,8 @@ def _attempt(
     file = io.BytesIO()
     buffers: list[pickle.PickleBuffer] = []
     pickler = pickler_factory(file, buffer_callback=buffers.append)
+    if shared:  # written as memo references (BINGET n): no cost for the objects not among them
+        pickler.memo = {id(obj): (i, obj) for i, obj in enumerate(shared)}  # (see _unpickler)
     sizes: dict[str, int] = {}
     seconds: dict[str, float] = {}
     oob: dict[str, int] = {}
@@ -538,6 +540,7 @@ def dumps(
     main: MutableMapping[str, Any] | None = None,
     uses: Iterable[str] = (),
     returning: bool = False,
+    shared: Sequence[Any] = (),
 ) -> Shipment:
     """Serialize named values in one pass, preserving sharing between them.
 
@@ -550,6 +553,10 @@ def dumps(
     ``uses``: the identifiers the code uses, so re-imported modules bring the
     submodules it names.  ``returning``: a worker's results going back to the
     kernel that sent its inputs, so what came from there goes back as itself.
+    ``shared``: objects, all different, that the other side has as well
+    (a worker's inputs, the notebook's own objects): a value that is or holds
+    one of them is written as a reference to it, read back with the same
+    ``shared`` there (:func:`loads`), so ``y = data`` is the notebook's ``data``.
     """
     names = list(values)
     skipped: dict[str, str] = {}
@@ -569,7 +576,7 @@ def dumps(
             if state is not None:  # the process's own environ, sys.path...: the other side's own
                 ready[name] = _ProcessState(*state)
     while True:
-        shipment, failed, exc = _attempt(fast, ready, todo)
+        shipment, failed, exc = _attempt(fast, ready, todo, shared)
         if shipment is not None:
             shipment.skipped = skipped
             return shipment
@@ -676,6 +683,7 @@ def loads(
     *,
     starts: Sequence[Sequence[int]] | None = None,
     failed: dict[str, BaseException] | None = None,
+    shared: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """Rebuild the values written by :func:`dumps`, in order and with one memo.
 
@@ -684,43 +692,122 @@ def loads(
     interpreter's ``__main__``.  With ``starts`` (:attr:`Shipment.starts`) and a
     ``failed`` dict, a value whose rebuilding raises (a ``__setstate__`` that
     fails here) is left out and named in ``failed``, and loading goes on with
-    the next one from where it starts; without them the first failure raises.
+    the next one from where it starts; a value that shares an object with one
+    that failed is left out too, and says so. Without them the first failure
+    raises. ``shared``: this side's objects for those :func:`dumps` was given,
+    in the same order.
     """
     names = list(names)
-    file = io.BytesIO(data)
-
-    def unpickler(first_buffer: int) -> Any:
-        parts = buffers[first_buffer:] if first_buffer else buffers
-        if engine == "dill":
-            import dill
-
-            return dill.Unpickler(file, buffers=parts, ignore=True)
-        return pickle.Unpickler(file, buffers=parts)
-
-    current = unpickler(0)
+    current: Any = _unpickler(data, 0, buffers, 0, list(shared), engine)
     out: dict[str, Any] = {}
+    lost: set[int] = set()  # memo places of objects inside values that could not be rebuilt
     with byvalue.loads_into(main):
         for i, name in enumerate(names):
             try:
                 out[name] = current.load()
+                continue
             except Exception as exc:
                 if failed is None or starts is None or len(starts) != len(names):
                     raise
-                if failed and isinstance(exc, pickle.UnpicklingError) and "memo" in str(exc).lower():
-                    # It refers to something written inside a value that failed before it.
+                if isinstance(exc, _SharesLost):
                     exc = pickle.UnpicklingError(
-                        f"it shares objects with {', '.join(map(repr, failed))}, which could "
-                        "not be rebuilt"
+                        f"it shares objects with {', '.join(map(repr, failed))}, which could not be rebuilt"
                     )
                 failed[name] = exc
-                if i + 1 < len(names):
-                    # What loaded before stays in the memo; the next value starts afresh.
-                    memo = current.memo
-                    offset, first_buffer = starts[i + 1]
-                    file.seek(offset)
-                    current = unpickler(first_buffer)
-                    current.memo = memo
+            if i + 1 == len(names):
+                break
+            # The next value starts afresh, with every memo place it may refer to: what loaded
+            # before, and nothing for what the failed value would have made (lost: a value
+            # that refers to it cannot be rebuilt either).
+            offset, first_buffer = starts[i + 1][:2]
+            had = current.memo.copy()
+            places = len(shared) + _memoized(data, 0, offset)
+            lost |= {place for place in range(places) if place not in had}
+            end = starts[i + 2][0] if i + 2 < len(names) else len(data)
+            if _refers_to(data, offset, end, lost):
+                current = _Skip(had)
+            else:
+                known = [had.get(place) for place in range(places)]
+                current = _unpickler(data, offset, buffers, first_buffer, known, engine)
     return out
+
+
+class _SharesLost(Exception):
+    """A value refers to an object inside one that could not be rebuilt."""
+
+
+class _Skip:
+    """Stands for the unpickler of a value that refers to a lost object (see :func:`loads`)."""
+
+    def __init__(self, memo: dict[int, Any]) -> None:
+        self.memo = memo  # what loaded before it, for the value after it
+
+    def load(self) -> Any:
+        raise _SharesLost()
+
+
+class _Unpickler(pickle.Unpickler):
+    """The C unpickler, whose memo starts with objects this side has (``known``, by place)."""
+
+    def __init__(self, file: Any, *, buffers: Any, known: Sequence[Any]) -> None:
+        super().__init__(file, buffers=buffers)
+        self._known = known
+
+    def persistent_load(self, pid: Any) -> Any:
+        return self._known[pid]
+
+
+def _unpickler(
+    data: bytes | memoryview, offset: int, buffers: Sequence[Any], first_buffer: int, known: list[Any], engine: str
+) -> Any:
+    """An unpickler of ``data`` from ``offset`` and of ``buffers`` from ``first_buffer``, whose memo
+    holds ``known`` at its places 0 on. The C unpickler takes no memo set from outside (it would
+    write its own entries over it): a small pickle read first puts them there."""
+    parts = buffers[first_buffer:] if first_buffer else buffers
+    rest = memoryview(data)[offset:] if offset else data
+    if engine == "dill":
+        import dill
+
+        unpickler = dill.Unpickler(io.BytesIO(rest), buffers=parts, ignore=True)
+        unpickler.memo = dict(enumerate(known))  # (a Python unpickler: its memo is a dict)
+        return unpickler
+    if not known:
+        return _Unpickler(io.BytesIO(rest), buffers=parts, known=known)
+    unpickler = _Unpickler(io.BytesIO(_memo_prelude(len(known)) + bytes(rest)), buffers=parts, known=known)
+    unpickler.load()
+    return unpickler
+
+
+def _memo_prelude(count: int) -> bytes:
+    """A pickle that puts the ``count`` objects ``persistent_load`` gives for 0 to ``count - 1``
+    into the memo, at those places, and returns None."""
+    one = [pickle.BININT + i.to_bytes(4, "little", signed=True) + pickle.BINPERSID + pickle.MEMOIZE + pickle.POP
+           for i in range(count)]
+    return pickle.PROTO + bytes([5]) + b"".join(one) + pickle.NONE + pickle.STOP
+
+
+def _memoized(data: bytes | memoryview, start: int, end: int) -> int:
+    """How many memo places the pickles in ``data[start:end]`` make (read only after a failure)."""
+    import pickletools
+
+    count, file = 0, io.BytesIO(memoryview(data)[start:end])
+    while file.tell() < end - start:
+        for op, arg, _ in pickletools.genops(file):
+            if op.name == "MEMOIZE":
+                count += 1
+            elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                count = max(count, int(arg) + 1)
+    return count
+
+
+def _refers_to(data: bytes | memoryview, start: int, end: int, places: set[int]) -> bool:
+    """Whether the pickle in ``data[start:end]`` refers to any of the memo ``places``."""
+    import pickletools
+
+    file = io.BytesIO(memoryview(data)[start:end])
+    return any(
+        op.name in ("GET", "BINGET", "LONG_BINGET") and int(arg) in places for op, arg, _ in pickletools.genops(file)
+    )
 
 
 # -- large buffers copied straight between the kernel and a worker ----------------------------

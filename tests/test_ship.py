@@ -223,6 +223,46 @@ def test_a_value_that_cannot_be_rebuilt_is_named_and_the_rest_loads():
         ship.loads(s.names, s.data, s.buffers, s.engine)
 
 
+def test_after_a_value_that_failed_the_next_keeps_its_own_sharing():
+    """A value loaded after one that could not be rebuilt, holding one dict twice, is rebuilt with
+    it twice (its memo places were taken by others' once, and it was dropped as sharing objects
+    with the failed one)."""
+    fragile = _Fragile()
+    fragile.data = [1, 2]
+    twice = {"n": 2}
+    values = {"first": [["inner"], {"k": "v"}], "fragile": fragile, "after": [["new"], twice, twice], "last": [7]}
+    s = ship.dumps(values)
+    failed: dict[str, BaseException] = {}
+    with _Fragile.failing():
+        out = ship.loads(s.names, s.data, s.buffers, s.engine, starts=s.starts, failed=failed)
+    assert list(failed) == ["fragile"], failed
+    assert out["after"] == [["new"], twice, twice] and out["after"][1] is out["after"][2]
+    assert out["first"] == values["first"] and out["last"] == [7]
+
+
+def test_objects_both_sides_have_travel_as_references_to_this_sides_own():
+    """``shared`` objects (a worker's inputs, which the kernel has): a value that is one, or holds
+    one, is written as a reference and loads as the loading side's own object, before and after a
+    value that cannot be rebuilt; everything else travels as before."""
+    import numpy as np
+
+    data, arr = [1, 2, 3], np.arange(100_000)
+    fragile = _Fragile()
+    fragile.data = np.zeros(10)
+    values = {"y": data, "pair": (data, arr), "fragile": fragile, "z": arr, "own": [data, [4]]}
+    s = ship.dumps(values, skip_failures=True, returning=True, shared=[data, arr])
+    assert s.sizes["z"] < 100 and not s.buffers[1:], s.sizes  # the array went as a reference, not 800 kB
+    here_data, here_arr = ["the kernel's"], np.zeros(3)
+    failed: dict[str, BaseException] = {}
+    with _Fragile.failing():
+        out = ship.loads(
+            s.names, s.data, s.buffers, s.engine, starts=s.starts, failed=failed, shared=[here_data, here_arr]
+        )
+    assert list(failed) == ["fragile"]
+    assert out["y"] is here_data and out["pair"][0] is here_data and out["pair"][1] is here_arr
+    assert out["z"] is here_arr and out["own"][0] is here_data and out["own"][1] == [4]
+
+
 def test_a_value_sharing_objects_with_one_that_failed_says_so():
     inner = {"k": [1, 2, 3]}
     part = _Fragile()
