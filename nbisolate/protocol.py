@@ -277,6 +277,9 @@ class ResultBody(_ResultRequired, total=False):
     changed in place on a module, class or function, to set on the notebook's own;
     those that begin with :data:`nbisolate.widgetrelay.HANDLERS` are what the
     cell registered on a widget the kernel shows, to register on the kernel's;
+    ``kept`` (a cell the kernel waits on) the inputs the cell left as they were,
+    in order, whose objects the results refer to as the notebook's own
+    (``shared`` in :func:`nbisolate.ship.loads`: ``y = data`` is ``data``);
     ``rng`` the worker's global random states after the cell; ``settings`` what
     the cell changed of the settings, the environment, the working directory
     and ``sys.path``, when the run asked (``settings_back``);
@@ -288,6 +291,7 @@ class ResultBody(_ResultRequired, total=False):
 
     pull: dict[str, Any]
     transfer: dict[str, Any]
+    kept: list[str]
 
 
 class _ErrorRequired(TypedDict):

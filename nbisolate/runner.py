@@ -290,6 +290,7 @@ class CellRun:
         self.phases: dict[str, float] = {}
         self.plan: Plan | None = None
         self.shipment: ship.Shipment | None = None
+        self.sent: dict[str, Any] = {}  # the inputs as they were sent (the notebook's own objects)
         self.launch: Launch | None = None
         self.handle: RunHandle | None = None
         self.interrupted = False
@@ -423,11 +424,8 @@ class CellRun:
         tell = tell or self._notify
         t1 = time.perf_counter()
         sent = set(self.shared.names) if self.shared is not None else set()
-        shipment = ship.dumps(
-            {name: self.namespace[name] for name in plan.inputs if name not in sent},
-            main=self.main_namespace,
-            uses=plan.names,
-        )
+        self.sent = {name: self.namespace[name] for name in plan.inputs if name not in sent}
+        shipment = ship.dumps(self.sent, main=self.main_namespace, uses=plan.names)
         self.phases["serialize"] = time.perf_counter() - t1
         tell(Event("phase", ("serialize", self.phases["serialize"])))
         tell(Event("shipped", _shipped(shipment, self.namespace, self.shared)))
@@ -832,6 +830,7 @@ class CellRun:
             values = ship.loads(
                 body["names"], data, buffers, body["engine"],
                 self.main_namespace, starts=body.get("starts"), failed=broken,
+                shared=[self.sent.get(name) for name in body.get("kept") or ()],  # the notebook's own
             )
         except MemoryError:
             raise _one_paragraph(
@@ -923,14 +922,22 @@ class CellRun:
         self, values: dict[str, Any], mutated: Iterable[str], inside: Mapping[str, Any] | None = None
     ) -> None:
         """Inputs the cell changed in place: the notebook's own objects take the change, and so
-        do the objects inside them that stayed there (``inside``: see :func:`inplace.keep_identities`)."""
+        do the objects inside them that stayed there (``inside``: see :func:`inplace.keep_identities`);
+        another name the cell bound to a changed input (``data.append(4); y = data``) is the
+        notebook's object too."""
         originals = {n: self.namespace[n] for n in mutated if n in values and n in self.namespace}
         swap = {id(values[n]): obj for n, obj in originals.items()}
         if inside:
             inplace.keep_identities(originals, values, inside, swap)
+        took: dict[int, Any] = {}
         for name, original in originals.items():
-            if inplace.apply_in_place(original, values[name], swap):
+            copy = values[name]
+            if inplace.apply_in_place(original, copy, swap):
                 values[name] = original
+                took[id(copy)] = original
+        for name, value in values.items():
+            if name not in originals and id(value) in took:
+                values[name] = took[id(value)]
 
     def _apply_function_state(self, values: dict[str, Any]) -> None:
         """What notebook functions keep that the cell changed (``def log(x, seen=[])`` then

@@ -685,7 +685,11 @@ def compile_job(job: dict[str, Any]) -> tuple[types.CodeType, types.CodeType | N
 
 
 def _fit_result(
-    values: dict[str, Any], shipped: Any, max_result: int | None, main: dict[str, Any] | None = None
+    values: dict[str, Any],
+    shipped: Any,
+    max_result: int | None,
+    main: dict[str, Any] | None = None,
+    shared: list[Any] | None = None,
 ) -> tuple[Any, set[str]]:
     """Leave out the largest results until the rest fits the limit; returns the names left out.
 
@@ -718,7 +722,7 @@ def _fit_result(
         size = format_bytes(shipped.sizes.get(name, 0))
         skipped[name] = f"its {size} (of {format_bytes(total)} in all) is {why}"
         rest = {n: v for n, v in values.items() if n in shipped.names and n != name}
-        shipped = ship.dumps(rest, skip_failures=True, main=main, returning=True)
+        shipped = ship.dumps(rest, skip_failures=True, main=main, returning=True, shared=shared or ())
         shipped.skipped = {**skipped, **shipped.skipped}
     return shipped, left_out
 
@@ -768,6 +772,9 @@ def _run(
     known = set(ns)
     ns.update(ship.loads(job["inputs"], job["data"], buffers, job["engine"], ns))
     del buffers
+    # The inputs as they arrived: a result that is or holds one the cell left as it was goes back
+    # as the notebook's own object (y = data, pair = (data, 1)), where the notebook still has it.
+    arrived = {name: ns[name] for name in job["inputs"] if name in ns} if job.get("waited") else {}
     watch = job.get("watch")
     if watch is not None:  # and what the inputs' functions brought along: they may change it
         inputs = set(job["inputs"])
@@ -875,8 +882,10 @@ def _run(
     for name in behind:
         del out[name]
     out.update(display_worker.widget_handlers())  # last: the widgets they name come back first
-    shipped = ship.dumps(out, skip_failures=True, main=ns, returning=True)
-    shipped, too_big = _fit_result(out, shipped, job.get("max_result"), ns)
+    kept = _kept_inputs(ns, arrived, mutated)
+    shared = [arrived[name] for name in kept]
+    shipped = ship.dumps(out, skip_failures=True, main=ns, returning=True, shared=shared)
+    shipped, too_big = _fit_result(out, shipped, job.get("max_result"), ns, shared)
     _say_running_threads(threads, {name: ns.get(name) for name in behind})
     if RESULT in shipped.skipped and RESULT not in too_big:
         bundle = display_worker.result_bundle(value)  # the kernel's formatter, or _fallback_bundle
@@ -903,7 +912,27 @@ def _run(
         "files": files,
         "dump_seconds": time.perf_counter() - t3,
     }
+    if kept:
+        body["kept"] = kept
     _send_result(chan, body, shipped.buffers, ship)
+
+
+_ATOMS = (int, float, bool, complex, type(None))
+"""Written whole by the pickler wherever they are (never memo references): nothing to keep."""
+
+
+def _kept_inputs(ns: dict[str, Any], arrived: dict[str, Any], mutated: list[str]) -> list[str]:
+    """The inputs whose objects go back as references to the notebook's own: still bound to the
+    object that arrived, not changed by the cell (a changed one goes back whole, and the
+    notebook's object takes the change), one name for each object."""
+    kept, seen = [], set()
+    changed = set(mutated)
+    for name, obj in arrived.items():
+        if name in changed or ns.get(name) is not obj or type(obj) in _ATOMS or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        kept.append(name)
+    return kept
 
 
 def _say_running_threads(before: set[int | None], bound: dict[str, Any]) -> None:

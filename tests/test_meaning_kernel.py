@@ -1742,3 +1742,38 @@ def test_a_thread_waiting_on_a_queue_gets_what_an_isolated_cell_put(kernel):
     )
     isolated(kernel, "work.put('job 1')")
     assert kernel.value("(consumer.join(10), got, consumer.is_alive())") == (None, ["job 1"], False)
+
+
+# -- a notebook object the cell binds again is that object ---------------------------------
+
+
+IDENTITY_CELLS = [
+    ("y = data\npair = (data, 1)\nd = {'k': arr}\nbox = Box(); box.ref = data\nz = arr",
+     "(y is data, pair[0] is data, d['k'] is arr, box.ref is data, z is arr)"),
+    ("data.append(4)\ny = data", "(y is data, data)"),
+    ("w = arr\nw[0] = 99", "(w is arr, int(arr[0]))"),
+    ("y = data\ny.append(5)", "(y is data, data)"),
+]
+
+
+def test_a_notebook_object_the_cell_binds_again_is_that_object(kernel):
+    """``y = data`` binds the notebook's own list, as in an ordinary cell (``y.append`` changes
+    ``data`` afterwards), also inside what the cell builds (``pair = (data, 1)``), and after the
+    cell changed it in place; an array bound again goes back as a reference, not as a copy."""
+    setup = "import numpy as np\ndata = [1, 2, 3]\narr = np.arange(5)\nclass Box: pass"
+    seen = {}
+    for how, prefix in (("ordinary", ""), ("isolated", "%%isolate --quiet\n")):
+        kernel.run(setup)
+        seen[how] = []
+        for code, probe in IDENTITY_CELLS:
+            res = kernel.run(prefix + code)
+            assert res.stderr == "", res.stderr
+            seen[how].append(kernel.value(probe))
+        kernel.run("y.append(6)")
+        seen[how].append(kernel.value("data[-1]"))
+    assert seen["isolated"] == seen["ordinary"], seen
+    assert seen["isolated"][0] == (True, True, True, True, True)
+    kernel.run("big = np.zeros(20_000_000)")  # 160 MB: bound again, it goes back as a reference
+    kernel.run("%%isolate --quiet\nsame = big\ntotal = float(big.sum())")
+    assert kernel.value("(same is big, total)") == (True, 0.0)
+    kernel.run("del big, same")
