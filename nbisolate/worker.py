@@ -882,7 +882,7 @@ def _run(
     for name in behind:
         del out[name]
     out.update(display_worker.widget_handlers())  # last: the widgets they name come back first
-    kept = _kept_inputs(ns, arrived, mutated)
+    kept = _kept_inputs(ns, arrived, mutated, same, job["outputs"])
     shared = [arrived[name] for name in kept]
     shipped = ship.dumps(out, skip_failures=True, main=ns, returning=True, shared=shared)
     shipped, too_big = _fit_result(out, shipped, job.get("max_result"), ns, shared)
@@ -921,14 +921,20 @@ _ATOMS = (int, float, bool, complex, type(None))
 """Written whole by the pickler wherever they are (never memo references): nothing to keep."""
 
 
-def _kept_inputs(ns: dict[str, Any], arrived: dict[str, Any], mutated: list[str]) -> list[str]:
+def _kept_inputs(
+    ns: dict[str, Any], arrived: dict[str, Any], mutated: list[str], same: list[str], outputs: list[str]
+) -> list[str]:
     """The inputs whose objects go back as references to the notebook's own: still bound to the
     object that arrived, not changed by the cell (a changed one goes back whole, and the
-    notebook's object takes the change), one name for each object."""
+    notebook's object takes the change), one name for each object. Not a large input (too
+    large to watch) that the cell binds again under its own name (``rows.append(x)`` then
+    ``rows = rows``): it asks for it back as it is now."""
     kept, seen = [], set()
-    changed = set(mutated)
+    changed, unchanged, bound = set(mutated), set(same), set(outputs)
     for name, obj in arrived.items():
         if name in changed or ns.get(name) is not obj or type(obj) in _ATOMS or id(obj) in seen:
+            continue
+        if name in bound and name not in unchanged:
             continue
         seen.add(id(obj))
         kept.append(name)

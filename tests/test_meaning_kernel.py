@@ -1776,4 +1776,7 @@ def test_a_notebook_object_the_cell_binds_again_is_that_object(kernel):
     kernel.run("big = np.zeros(20_000_000)")  # 160 MB: bound again, it goes back as a reference
     kernel.run("%%isolate --quiet\nsame = big\ntotal = float(big.sum())")
     assert kernel.value("(same is big, total)") == (True, 0.0)
+    # Too large to watch, changed by a method call: bound again under its own name, it comes back.
+    kernel.run("%%isolate --quiet\nbig.fill(7)\nbig = big")
+    assert kernel.value("float(big[0])") == 7.0
     kernel.run("del big, same")
