@@ -39,6 +39,7 @@ import threading
 import time
 import traceback
 import types
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -774,7 +775,7 @@ def _run(
     del buffers
     # The inputs as they arrived: a result that is or holds one the cell left as it was goes back
     # as the notebook's own object (y = data, pair = (data, 1)), where the notebook still has it.
-    arrived = {name: ns[name] for name in job["inputs"] if name in ns} if job.get("waited") else {}
+    arrived = _as_arrived(ns, job["inputs"]) if job.get("waited") else {}
     watch = job.get("watch")
     if watch is not None:  # and what the inputs' functions brought along: they may change it
         inputs = set(job["inputs"])
@@ -882,8 +883,7 @@ def _run(
     for name in behind:
         del out[name]
     out.update(display_worker.widget_handlers())  # last: the widgets they name come back first
-    kept = _kept_inputs(ns, arrived, mutated, same, job["outputs"])
-    shared = [arrived[name] for name in kept]
+    kept, shared = _kept_inputs(ns, arrived, mutated, same, job["outputs"])
     shipped = ship.dumps(out, skip_failures=True, main=ns, returning=True, shared=shared)
     shipped, too_big = _fit_result(out, shipped, job.get("max_result"), ns, shared)
     _say_running_threads(threads, {name: ns.get(name) for name in behind})
@@ -921,24 +921,42 @@ _ATOMS = (int, float, bool, complex, type(None))
 """Written whole by the pickler wherever they are (never memo references): nothing to keep."""
 
 
+def _as_arrived(ns: dict[str, Any], inputs: list[str]) -> dict[str, Any]:
+    """Each input's object as it arrived, held weakly where it can be (a cell that deletes a large
+    input to make room frees it, as it would in the notebook), else itself (a list, a dict)."""
+    arrived: dict[str, Any] = {}
+    for name in inputs:
+        if name in ns:
+            obj = ns[name]
+            try:
+                arrived[name] = (weakref.ref(obj), None)
+            except TypeError:
+                arrived[name] = (None, obj)
+    return arrived
+
+
 def _kept_inputs(
     ns: dict[str, Any], arrived: dict[str, Any], mutated: list[str], same: list[str], outputs: list[str]
-) -> list[str]:
-    """The inputs whose objects go back as references to the notebook's own: still bound to the
-    object that arrived, not changed by the cell (a changed one goes back whole, and the
-    notebook's object takes the change), one name for each object. Not a large input (too
-    large to watch) that the cell binds again under its own name (``rows.append(x)`` then
-    ``rows = rows``): it asks for it back as it is now."""
-    kept, seen = [], set()
+) -> tuple[list[str], list[Any]]:
+    """The inputs whose objects go back as references to the notebook's own, and those objects:
+    still bound to the object that arrived, not changed by the cell (a changed one goes back
+    whole, and the notebook's object takes the change), one name for each object. Not a large
+    input (too large to watch) that the cell binds again under its own name (``rows.append(x)``
+    then ``rows = rows``): it asks for it back as it is now."""
+    kept: list[str] = []
+    objects: list[Any] = []
+    seen: set[int] = set()
     changed, unchanged, bound = set(mutated), set(same), set(outputs)
-    for name, obj in arrived.items():
-        if name in changed or ns.get(name) is not obj or type(obj) in _ATOMS or id(obj) in seen:
+    for name, (ref, strong) in arrived.items():
+        obj = ref() if ref is not None else strong
+        if obj is None or name in changed or ns.get(name) is not obj or type(obj) in _ATOMS or id(obj) in seen:
             continue
         if name in bound and name not in unchanged:
             continue
         seen.add(id(obj))
         kept.append(name)
-    return kept
+        objects.append(obj)
+    return kept, objects
 
 
 def _say_running_threads(before: set[int | None], bound: dict[str, Any]) -> None:
