@@ -361,4 +361,5 @@ def describe(name: str, namespace: Mapping[str, Any], why: str) -> tuple[str, st
     kind = f" ({type(widget).__name__})" if widget is not None else ""
     where = held[0] if held else "handlers"
     why = re.sub(r"\['(\w+)'\]", r".\1", why.removeprefix("builtins.dict: ").replace(name, where))
+    why = why.split(" Fix: ")[0]  # (the fix for an input: a callback is made again in a normal cell)
     return f"what the cell registered to run on {label}{kind}", why
