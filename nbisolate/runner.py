@@ -800,6 +800,7 @@ class CellRun:
 
     def done(self, error: BaseException | None) -> None:
         """Tell listeners, once, that the run is over: ``Event("done", exception or None)``."""
+        self.sent = {}  # (see outcome)
         if not self._done_sent:
             self._done_sent = True
             self._notify(Event("done", error))
@@ -807,6 +808,9 @@ class CellRun:
     # -- outcome ----------------------------------------------------------------
     def outcome(self) -> Any:
         """Apply the results to the namespace and return the cell's value, or raise."""
+        # The run lets go of the inputs it sent (a run may live on until the cyclic GC finds it,
+        # and must not keep a variable the notebook deletes); the results may refer to them.
+        sent, self.sent = self.sent, {}
         if self._failed is not None and self._final is None and self._exit is None:
             raise self._failed
         if self._final is None:
@@ -830,7 +834,7 @@ class CellRun:
             values = ship.loads(
                 body["names"], data, buffers, body["engine"],
                 self.main_namespace, starts=body.get("starts"), failed=broken,
-                shared=[self.sent.get(name) for name in body.get("kept") or ()],  # the notebook's own
+                shared=[sent.get(name) for name in body.get("kept") or ()],  # the notebook's own
             )
         except MemoryError:
             raise _one_paragraph(
