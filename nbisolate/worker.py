@@ -775,7 +775,8 @@ def _run(
     del buffers
     # The inputs as they arrived: a result that is or holds one the cell left as it was goes back
     # as the notebook's own object (y = data, pair = (data, 1)), where the notebook still has it.
-    arrived = _as_arrived(ns, job["inputs"]) if job.get("waited") else {}
+    # (Only where they are watched: an input changed unseen would come back as the unchanged one.)
+    arrived = _as_arrived(ns, job["inputs"]) if job.get("waited") and job.get("watch") is not None else {}
     watch = job.get("watch")
     if watch is not None:  # and what the inputs' functions brought along: they may change it
         inputs = set(job["inputs"])
