@@ -315,8 +315,9 @@ def _attempt(
     file = io.BytesIO()
     buffers: list[pickle.PickleBuffer] = []
     pickler = pickler_factory(file, buffer_callback=buffers.append)
-    if shared:  # written as memo references (BINGET n): no cost for the objects not among them
-        pickler.memo = {id(obj): (i, obj) for i, obj in enumerate(shared)}  # (see _unpickler)
+    if shared:  # written as memo references (BINGET n): no cost for the objects not among them;
+        file.write(_memo_prelude(len(shared)))  # the other side's own take those places first
+        pickler.memo = {id(obj): (i, obj) for i, obj in enumerate(shared)}
     sizes: dict[str, int] = {}
     seconds: dict[str, float] = {}
     oob: dict[str, int] = {}
@@ -698,7 +699,7 @@ def loads(
     in the same order.
     """
     names = list(names)
-    current: Any = _unpickler(data, 0, buffers, 0, list(shared), engine)
+    current: Any = _unpickler(data, 0, buffers, 0, list(shared), engine, prelude=bool(shared))
     out: dict[str, Any] = {}
     lost: set[int] = set()  # memo places of objects inside values that could not be rebuilt
     with byvalue.loads_into(main):
@@ -721,7 +722,7 @@ def loads(
             # that refers to it cannot be rebuilt either).
             offset, first_buffer = starts[i + 1][:2]
             had = current.memo.copy()
-            places = len(shared) + _memoized(data, 0, offset)
+            places = _memoized(data, 0, offset)  # (the shared objects' places among them)
             lost |= {place for place in range(places) if place not in had}
             end = starts[i + 2][0] if i + 2 < len(names) else len(data)
             if _refers_to(data, offset, end, lost):
@@ -758,22 +759,34 @@ class _Unpickler(pickle.Unpickler):
 
 
 def _unpickler(
-    data: bytes | memoryview, offset: int, buffers: Sequence[Any], first_buffer: int, known: list[Any], engine: str
+    data: bytes | memoryview,
+    offset: int,
+    buffers: Sequence[Any],
+    first_buffer: int,
+    known: list[Any],
+    engine: str,
+    prelude: bool = False,
 ) -> Any:
     """An unpickler of ``data`` from ``offset`` and of ``buffers`` from ``first_buffer``, whose memo
     holds ``known`` at its places 0 on. The C unpickler takes no memo set from outside (it would
-    write its own entries over it): a small pickle read first puts them there."""
+    write its own entries over it): a small pickle read first puts them there (:func:`_memo_prelude`:
+    at the start of ``data`` with ``prelude``, as :func:`dumps` writes it, else made here)."""
     parts = buffers[first_buffer:] if first_buffer else buffers
     rest = memoryview(data)[offset:] if offset else data
     if engine == "dill":
         import dill
 
         unpickler = dill.Unpickler(io.BytesIO(rest), buffers=parts, ignore=True)
-        unpickler.memo = dict(enumerate(known))  # (a Python unpickler: its memo is a dict)
+        if prelude:
+            unpickler.persistent_load = known.__getitem__
+            unpickler.load()
+        else:
+            unpickler.memo = dict(enumerate(known))  # (a Python unpickler: its memo is a dict)
         return unpickler
     if not known:
         return _Unpickler(io.BytesIO(rest), buffers=parts, known=known)
-    unpickler = _Unpickler(io.BytesIO(_memo_prelude(len(known)) + bytes(rest)), buffers=parts, known=known)
+    file = io.BytesIO(rest) if prelude else io.BytesIO(_memo_prelude(len(known)) + bytes(rest))
+    unpickler = _Unpickler(file, buffers=parts, known=known)
     unpickler.load()
     return unpickler
 
