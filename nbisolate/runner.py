@@ -880,15 +880,7 @@ class CellRun:
             self.sink.stream("stderr", f"nbisolate: {name!r} ({kind}) stayed in the worker: it is {what}.\n")
             self.skipped[name] = why
         self.namespace.update(values)
-        for name, found in handlers.items():  # on the kernel's widgets, now the cell's are bound
-            try:
-                problem = widgetrelay.take_handlers(name, found)
-            except Exception as exc:
-                problem = f"{type(exc).__name__}: {safe_str(exc)}"
-            if problem:
-                lost[name] = problem
-        for name, why in lost.items():
-            self._note_handlers(name, why)
+        self._take_handlers(handlers, lost)  # on the kernel's widgets, now the cell's are bound
         byvalue.release_referents()  # copies that only weak references held are gone, as they would be
         deleted = body.get("deleted") or ()
         for name in deleted:  # `del name` in the cell: gone here too
@@ -913,14 +905,24 @@ class CellRun:
         )
         return value
 
-    def _note_handlers(self, name: str, why: str) -> None:
-        what, why = widgetrelay.describe(name, self.namespace, why)
-        self.sink.stream(
-            "stderr",
-            f"nbisolate: {what} could not come back: {why.rstrip('.')}. The widget shows and keeps "
-            "its values, but the page's clicks and changes run nothing there; register them in a "
-            "normal cell.\n",
-        )
+    def _take_handlers(self, handlers: Mapping[str, Any], lost: dict[str, str]) -> None:
+        """Register what the cell registered on its widgets on the kernel's widgets
+        (:func:`widgetrelay.take_handlers`), and name what could not come back (``lost``: why)."""
+        for name, found in handlers.items():
+            try:
+                problem = widgetrelay.take_handlers(name, found)
+            except Exception as exc:
+                problem = f"{type(exc).__name__}: {safe_str(exc)}"
+            if problem:
+                lost[name] = problem
+        for name, why in lost.items():
+            what, why = widgetrelay.describe(name, self.namespace, why)
+            self.sink.stream(
+                "stderr",
+                f"nbisolate: {what} could not come back: {why.rstrip('.')}. The widget shows and keeps "
+                "its values, but the page's clicks and changes run nothing there; register them in a "
+                "normal cell.\n",
+            )
 
     def _apply_in_place(
         self, values: dict[str, Any], mutated: Iterable[str], inside: Mapping[str, Any] | None = None
