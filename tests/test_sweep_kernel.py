@@ -166,7 +166,13 @@ def test_interrupt_ends_running_and_held_workers_and_binds_nothing(fresh_kernel:
             return True
         return len([c for c in children if not gone(c.pid)]) <= SPARES
 
-    assert wait_until(only_the_spare_left, 10)
+    def left() -> list[tuple[int, str, str]]:  # what a failure says it found
+        try:
+            return [(c.pid, c.name(), c.status()) for c in psutil.Process(template).children() if not gone(c.pid)]
+        except psutil.Error:
+            return []
+
+    assert wait_until(only_the_spare_left, 10), (f"the template's children {left()}", f"the values' {pids}")
     assert k.value("'swept' in globals()") is False
     assert k.run("%%isolate --over n=range(3)\nafter = n * 2").ok
     assert k.value("after") == [0, 2, 4]
